@@ -1,0 +1,321 @@
+"""``Allocator``: the core API over the Redis ledger.
+
+Every change of free capacity goes through one Lua script (``allocator/lua``); this module only
+builds script arguments, calls them and turns replies into models or named errors. Reads
+(capacity, listings) are plain Redis reads inside MULTI so each host is seen consistently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import redis
+
+from . import embedded
+from .config import Settings
+from .errors import AllocationNotFound, from_code
+from .keys import Keys
+from .models import (
+    Allocation,
+    AllocationRequest,
+    Capacity,
+    GpuCapacity,
+    HostCapacity,
+    HostSpec,
+    Resources,
+    Usage,
+    parse,
+)
+from .scripts import Scripts
+
+ResourcesLike = Resources | Mapping[str, Any]
+
+
+def new_allocation_id() -> str:
+    return "alloc-" + uuid.uuid4().hex[:16]
+
+
+class Allocator:
+    """Allocate and release GPU memory, CPU cores and RAM across a fleet of hosts.
+
+    ``Allocator(redis_url=..., namespace=...)``; with no URL (and no ``ALLOCATOR_REDIS_URL``) a
+    private redis-server is started for this process. ``clock`` returns seconds since the epoch
+    and overrides the Redis server clock (for tests and simulations).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "alloc",
+        *,
+        client: redis.Redis | None = None,
+        clock: Callable[[], float] | None = None,
+        scan_cap: int = 2048,
+        record_retention_s: int = 86400,
+    ) -> None:
+        if client is None:
+            client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.scripts = Scripts(client)
+        self.clock = clock
+        self.scan_cap = scan_cap
+        self.record_retention_s = record_retention_s
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Allocator:
+        """Builds an Allocator from ``ALLOCATOR_*`` variables; keyword arguments win."""
+        s = Settings.from_env()
+        kwargs: dict[str, Any] = {
+            "redis_url": s.redis_url,
+            "namespace": s.namespace,
+            "scan_cap": s.scan_cap,
+            "record_retention_s": s.record_retention_s,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # -- script plumbing -------------------------------------------------------------------
+
+    def _now_arg(self) -> str:
+        return "" if self.clock is None else str(int(self.clock() * 1000))
+
+    def _call(self, name: str, *args: object) -> Any:
+        raw = self.scripts[name](keys=self.keys.ledger_keys(), args=[self.keys.prefix, self._now_arg(), *args])
+        return json.loads(raw)
+
+    @staticmethod
+    def _raise_unless_ok(res: dict[str, Any]) -> dict[str, Any]:
+        if not res.get("ok", True):
+            raise from_code(res["code"], res["message"], res.get("details") or None)
+        return res
+
+    # -- hosts -------------------------------------------------------------------------------
+
+    def register_host(self, host: HostSpec | Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Adds a host or updates its inventory; existing grants stay valid.
+
+        Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
+        """
+        spec = parse(HostSpec, host if host is not None else fields)
+        payload = spec.model_dump()
+        payload["cores"] = payload.pop("cpu_cores")
+        return self._call("register_host", json.dumps(payload))
+
+    def drain_host(self, host_id: str) -> None:
+        """No new placements on the host; what runs there keeps its resources."""
+        self._raise_unless_ok(self._call("drain_host", host_id, "drain"))
+
+    def resume_host(self, host_id: str) -> None:
+        """Undo ``drain_host``."""
+        self._raise_unless_ok(self._call("drain_host", host_id, "resume"))
+
+    def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
+        """Removes a host; refused while it holds allocations unless ``force`` (which ends them)."""
+        res = self._raise_unless_ok(self._call("remove_host", host_id, "1" if force else "0"))
+        return list(res.get("released") or [])
+
+    # -- allocations -------------------------------------------------------------------------
+
+    def build_request(self, resources: ResourcesLike | None = None, **fields: Any) -> AllocationRequest:
+        """Validates a request; ``InvalidRequest`` names the first bad field."""
+        data = {k: v for k, v in fields.items() if v is not None or k == "ttl_seconds"}
+        data["resources"] = parse(Resources, resources if resources is not None else {}, "resources.")
+        return parse(AllocationRequest, data)
+
+    def _place_payload(self, req: AllocationRequest, allocation_id: str, dry_run: bool) -> str:
+        r = req.resources
+        payload: dict[str, Any] = {
+            "id": allocation_id,
+            "task_id": req.task_id or "",
+            "task_type": req.task_type or "",
+            "owner": req.owner or "",
+            "priority": int(req.priority),
+            "strategy": req.strategy.scan_mode,
+            "strategy_name": req.strategy.value,
+            "gpus": r.gpus,
+            "gpu_mem": r.gpu_memory_mb or 0,
+            "cpu_millis": r.cpu_millis,
+            "exclusive": r.exclusive_cores,
+            "ram": r.ram_mb,
+            "ttl_ms": int(req.ttl_seconds * 1000) if req.ttl_seconds else 0,
+            "metadata": json.dumps(req.metadata),
+            "request": req.model_dump_json(),
+            "scan_cap": self.scan_cap,
+            "dry_run": dry_run,
+        }
+        if r.gpu_model:
+            payload["models"] = {m: True for m in r.gpu_model}
+        if req.selector:
+            payload["selector"] = req.selector
+        return json.dumps(payload)
+
+    def submit(self, req: AllocationRequest) -> Allocation:
+        """Places a validated request now or raises ``InsufficientResources`` with the reason.
+
+        Idempotent by ``allocation_id``: repeating it returns the allocation made the first time.
+        """
+        allocation_id = req.allocation_id or new_allocation_id()
+        t0 = time.perf_counter()
+        res = self._raise_unless_ok(self._call("place", self._place_payload(req, allocation_id, False)))
+        alloc = Allocation.from_record(res["alloc"])
+        alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
+        return alloc
+
+    def allocate(self, resources: ResourcesLike | None = None, **fields: Any) -> Allocation:
+        """Allocates now (fail fast). Fields: priority, strategy, ttl_seconds, selector, metadata,
+        task_id, task_type, owner, allocation_id. Raises ``InvalidRequest`` or ``InsufficientResources``.
+        """
+        return self.submit(self.build_request(resources, **fields))
+
+    def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
+        """Where the request would be placed now (host, gpus, cores), or None; changes nothing."""
+        req = self.build_request(resources, **fields)
+        res = self._call("place", self._place_payload(req, req.allocation_id or new_allocation_id(), True))
+        if not res.get("ok"):
+            return None
+        return {"host_id": res["host"], "gpus": res.get("gpus") or [], "cores": res.get("cores") or []}
+
+    def release(self, allocation_id: str, *, reason: str = "released") -> Allocation:
+        """Ends an allocation; releasing it again is harmless and returns the same record."""
+        res = self._raise_unless_ok(self._call("release", allocation_id, reason))
+        return Allocation.from_record(res["alloc"])
+
+    def get(self, allocation_id: str) -> Allocation | None:
+        rec = self.redis.hgetall(self.keys.alloc(allocation_id))
+        return Allocation.from_record(rec) if rec else None
+
+    def require(self, allocation_id: str) -> Allocation:
+        alloc = self.get(allocation_id)
+        if alloc is None:
+            raise AllocationNotFound(f"allocation {allocation_id} not found")
+        return alloc
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        task_id: str | None = None,
+        host_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[Allocation]:
+        """Allocations, newest first; finished ones stay listed for the retention period."""
+        if host_id is not None and state in (None, "active"):
+            ids: Iterable[str] = self.redis.smembers(self.keys.host_allocs(host_id))
+        elif state == "active":
+            ids = self.redis.zrevrange(self.keys.active, 0, -1)
+        else:
+            ids = self.redis.zrevrange(self.keys.allocs, 0, -1)
+        out: list[Allocation] = []
+        pipe = self.redis.pipeline(transaction=False)
+        ids = list(ids)
+        for i in ids:
+            pipe.hgetall(self.keys.alloc(i))
+        for rec in pipe.execute():
+            if not rec:
+                continue
+            a = Allocation.from_record(rec)
+            if state is not None and a.state != state:
+                continue
+            if task_id is not None and a.task_id != task_id:
+                continue
+            if host_id is not None and a.host_id != host_id:
+                continue
+            out.append(a)
+            if len(out) >= limit:
+                break
+        out.sort(key=lambda a: a.created_at, reverse=True)
+        return out
+
+    def expire(self, *, batch: int = 500) -> list[str]:
+        """Releases every allocation whose TTL has passed (in bounded batches); returns their ids."""
+        expired: list[str] = []
+        while True:
+            res = self._call("expire", batch, self.record_retention_s * 1000)
+            ids = res.get("expired") or []
+            expired.extend(ids)
+            if len(ids) < batch and res.get("purged", 0) < batch:
+                return expired
+
+    # -- capacity ----------------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        """Totals, allocated, available and utilisation per resource, per host and for the fleet."""
+        host_ids = self.redis.zrange(self.keys.hosts, 0, -1)
+        pipe = self.redis.pipeline(transaction=True)
+        for h in host_ids:
+            pipe.hgetall(self.keys.host(h))
+            pipe.scard(self.keys.host_allocs(h))
+        replies = pipe.execute() if host_ids else []
+        hosts = [
+            _host_capacity(h, replies[2 * i], int(replies[2 * i + 1]))
+            for i, h in enumerate(host_ids)
+            if replies[2 * i]
+        ]
+
+        def fleet(attr: str) -> Usage:
+            return Usage.of(
+                sum(getattr(x, attr).total for x in hosts),
+                sum(getattr(x, attr).allocated for x in hosts),
+                sum(getattr(x, attr).available for x in hosts),
+            )
+
+        return Capacity(
+            hosts=hosts,
+            host_count=len(hosts),
+            gpu_count=sum(len(x.gpus) for x in hosts),
+            gpus_idle=sum(x.gpus_idle for x in hosts),
+            gpu_memory_mb=fleet("gpu_memory_mb"),
+            cpu_cores=fleet("cpu_cores"),
+            ram_mb=fleet("ram_mb"),
+            active_allocations=int(self.redis.zcard(self.keys.active)),
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Atomic copy of the whole ledger (hosts, indexes, active allocations); for checks."""
+        return json.loads(self.scripts["snapshot"](keys=self.keys.ledger_keys(), args=[self.keys.prefix, ""]))
+
+    def destroy(self) -> int:
+        """Deletes every key of this namespace (tests, benchmarks, decommissioning)."""
+        n = 0
+        for key in self.redis.scan_iter(match=self.keys.pattern(), count=1000):
+            n += self.redis.delete(key)
+        return n
+
+
+def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity:
+    gpus: list[GpuCapacity] = []
+    for pos in range(int(h.get("ngpu", 0))):
+        p = f"g{pos}:"
+        total, ext, used = int(h[p + "total"]), int(h[p + "ext"]), int(h[p + "used"])
+        gpus.append(
+            GpuCapacity(
+                index=int(h[p + "idx"]),
+                uuid=h[p + "uuid"],
+                model=h[p + "model"],
+                memory=Usage.of(total, used, max(0, total - ext - used)),
+                holders=int(h[p + "n"]),
+            )
+        )
+    cores = json.loads(h.get("cores") or "[]") or []
+    ncores = len(cores) if isinstance(cores, list) else 0
+    cfree, shared = int(h["cfree"]), int(h["shared"])
+    cpu_avail = max(0, cfree * 1000 - shared) / 1000
+    ram, ram_used = int(h["ram"]), int(h["ram_used"])
+    return HostCapacity(
+        host_id=host_id,
+        state=h["state"],
+        labels=json.loads(h.get("labels") or "{}") or {},
+        gpus=gpus,
+        gpu_memory_mb=Usage.of(
+            sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus), sum(g.memory.available for g in gpus)
+        ),
+        gpus_idle=sum(1 for g in gpus if g.holders == 0),
+        cpu_cores=Usage.of(ncores, ncores - cpu_avail, cpu_avail),
+        ram_mb=Usage.of(ram, ram_used, max(0, ram - ram_used)),
+        active_allocations=active,
+    )

@@ -1,0 +1,104 @@
+"""One exception root for the allocator; each subclass carries its default message and code.
+
+Error codes returned by the Lua scripts (``{"ok": false, "code": ...}``) map to these classes in
+``from_code``. ``InvalidRequest`` is also a ``ValueError`` so that code written against the seed
+APIs (``except ValueError``) keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AllocatorError(Exception):
+    """Root of every error the allocator raises on purpose."""
+
+    code = "ALLOCATOR_ERROR"
+    default_message = "allocator error"
+
+    def __init__(self, message: str | None = None, *, details: dict[str, Any] | None = None) -> None:
+        self.message = message or self.default_message
+        self.details = details or {}
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class InvalidRequest(AllocatorError, ValueError):
+    """A request field is malformed; nothing was changed."""
+
+    code = "INVALID_REQUEST"
+    default_message = "invalid request"
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}", details={"field": field, "reason": reason})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+class Refused(AllocatorError):
+    """A valid request that cannot be granted now."""
+
+    code = "REFUSED"
+    default_message = "request refused"
+
+
+class InsufficientResources(Refused, ValueError):
+    """Nothing in the fleet can hold the request right now (the message says which resource)."""
+
+    code = "NO_FIT"
+    default_message = "insufficient resources"
+
+    def __init__(self, message: str | None = None, *, code: str = "NO_FIT", details: dict[str, Any] | None = None) -> None:
+        self.code = code
+        super().__init__(message, details=details)
+
+
+class NotFound(AllocatorError):
+    code = "NOT_FOUND"
+    default_message = "not found"
+
+
+class AllocationNotFound(NotFound):
+    code = "ALLOCATION_NOT_FOUND"
+    default_message = "allocation not found"
+
+
+class HostNotFound(NotFound):
+    code = "HOST_NOT_FOUND"
+    default_message = "host not found"
+
+
+class HostBusy(Refused):
+    code = "HOST_BUSY"
+    default_message = "host still holds active allocations"
+
+
+class LedgerCorrupt(AllocatorError):
+    """A script found the ledger inconsistent; it wrote nothing. Report it: this is a bug."""
+
+    code = "LEDGER_CORRUPT"
+    default_message = "ledger inconsistent"
+
+
+_BY_CODE: dict[str, type[AllocatorError]] = {
+    "ALLOCATION_NOT_FOUND": AllocationNotFound,
+    "HOST_NOT_FOUND": HostNotFound,
+    "HOST_BUSY": HostBusy,
+    "LEDGER_CORRUPT": LedgerCorrupt,
+}
+
+
+def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> AllocatorError:
+    """The exception for an error code returned by a ledger script."""
+    if code.startswith("INSUFFICIENT_") or code == "NO_FIT":
+        return InsufficientResources(message, code=code, details=details)
+    cls = _BY_CODE.get(code, AllocatorError)
+    return cls(message, details=details)

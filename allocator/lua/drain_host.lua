@@ -1,0 +1,25 @@
+--[[ drain_host: stop (or resume) new placements on a host; running allocations are untouched.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume".
+Returns JSON {ok, state} or {ok=false, code="HOST_NOT_FOUND"}.
+]]
+--- @include "ledger"
+
+local now = now_ms()
+local h = ARGV[3]
+local hk = host_key(h)
+local state = rcall('HGET', hk, 'state')
+if not state then
+  return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
+end
+local target = 'draining'
+if ARGV[4] == 'resume' then target = 'ready' end
+if state ~= target then
+  rcall('HSET', hk, 'state', target)
+  -- reindex_host compares against the previous schedulability, which it reads from parked/state;
+  -- walk every GPU since schedulability changed.
+  local touched_all = nil
+  reindex_host(h, touched_all)
+  emit('host_' .. (target == 'ready' and 'resumed' or 'draining'), h, now, '{}')
+end
+return cjson.encode({ok = true, state = target})

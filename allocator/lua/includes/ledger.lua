@@ -1,0 +1,216 @@
+--[[ Shared helpers for the ledger scripts (inlined by the loader, see allocator/scripts.py).
+
+Every script receives the same fixed KEYS (built by allocator/keys.py):
+  KEYS[1]  hosts     ZSET host id -> registration ordinal (all hosts)
+  KEYS[2]  gpu_idx   ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with free > 0)
+  KEYS[3]  gpu_idle  ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with no holder)
+  KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> ord*1024+pos (schedulable GPUs with free > 0)
+  KEYS[5]  cpu_idx   ZSET host -> free CPU millicores  (schedulable hosts)
+  KEYS[6]  ram_idx   ZSET host -> free RAM MiB         (schedulable hosts)
+  KEYS[7]  allocs    ZSET allocation id -> created ms  (every record still kept)
+  KEYS[8]  active    ZSET allocation id -> created ms  (active allocations)
+  KEYS[9]  expiry    ZSET allocation id -> deadline ms (active allocations with a TTL)
+  KEYS[10] done      ZSET allocation id -> ended ms    (finished records awaiting purge)
+  KEYS[11] events    STREAM outbox, one entry per ledger change
+  KEYS[12] seq       HASH counters (host ordinals)
+and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
+Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
+key a script touches lives in the same cluster slot.
+
+A host is schedulable when its state is "ready" and it is not parked. A host is parked while its
+free CPU or free RAM is zero: its GPUs then leave the GPU indexes so they cannot crowd out
+candidates on other hosts during a bounded scan.
+]]
+local rcall = redis.call
+local K_HOSTS, K_GPU_IDX, K_GPU_IDLE, K_GPU_ORD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_CPU_IDX, K_RAM_IDX, K_ALLOCS, K_ACTIVE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_EXPIRY, K_DONE, K_EVENTS, K_SEQ = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local PREFIX = ARGV[1]
+
+local function now_ms()
+  local o = ARGV[2]
+  if o ~= nil and o ~= '' then return tonumber(o) end
+  local t = rcall('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function host_key(h) return PREFIX .. 'host:' .. h end
+local function host_allocs_key(h) return PREFIX .. 'host_allocs:' .. h end
+local function alloc_key(id) return PREFIX .. 'alloc:' .. id end
+local function gpu_member(h, pos) return h .. '#' .. pos end
+
+local function emit(kind, subject, now, data)
+  rcall('XADD', K_EVENTS, '*', 'type', kind, 'id', subject, 'ts', tostring(now), 'data', data)
+end
+
+-- Free CPU in millicores: exclusive cores still free, minus what the shared pool has lent out.
+local function cpu_free(cfree, shared)
+  local v = tonumber(cfree) * 1000 - tonumber(shared)
+  if v < 0 then return 0 end
+  return v
+end
+
+local function ram_free(ram, used)
+  local v = tonumber(ram) - tonumber(used)
+  if v < 0 then return 0 end
+  return v
+end
+
+-- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
+local function host_state(h)
+  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels')
+  if not f[1] then return nil end
+  return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
+          ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
+          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5])}
+end
+
+local function gpu_state(h, pos)
+  local p = 'g' .. pos .. ':'
+  local f = rcall('HMGET', host_key(h), p .. 'idx', p .. 'uuid', p .. 'model', p .. 'total', p .. 'ext', p .. 'used', p .. 'n')
+  if not f[1] then return nil end
+  local free = tonumber(f[4]) - tonumber(f[5]) - tonumber(f[6])
+  if free < 0 then free = 0 end
+  return {pos = pos, idx = tonumber(f[1]), uuid = f[2], model = f[3], total = tonumber(f[4]),
+          ext = tonumber(f[5]), used = tonumber(f[6]), n = tonumber(f[7]), free = free}
+end
+
+local function reindex_gpu(h, pos, schedulable, ord)
+  local m = gpu_member(h, pos)
+  local g = gpu_state(h, pos)
+  if schedulable and g and g.free > 0 then
+    rcall('ZADD', K_GPU_IDX, g.free, m)
+    rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
+    if g.n == 0 then rcall('ZADD', K_GPU_IDLE, g.free, m) else rcall('ZREM', K_GPU_IDLE, m) end
+  else
+    rcall('ZREM', K_GPU_IDX, m)
+    rcall('ZREM', K_GPU_ORD, m)
+    rcall('ZREM', K_GPU_IDLE, m)
+  end
+end
+
+-- Brings the indexes and the parked flag of host h in line with its fields. touched lists the
+-- GPU positions that changed; nil means all of them (used when schedulability itself changed).
+local function reindex_host(h, touched)
+  local s = host_state(h)
+  if not s then return end
+  local parked = (s.cpu <= 0) or (s.ramf <= 0)
+  local schedulable = (s.state == 'ready') and not parked
+  local was = (s.state == 'ready') and not s.parked
+  rcall('HSET', host_key(h), 'parked', parked and '1' or '0')
+  if schedulable ~= was then touched = nil end
+  if touched == nil then
+    for pos = 0, s.ngpu - 1 do reindex_gpu(h, pos, schedulable, s.ord) end
+  else
+    for _, pos in ipairs(touched) do reindex_gpu(h, pos, schedulable, s.ord) end
+  end
+  if schedulable then
+    rcall('ZADD', K_CPU_IDX, s.cpu, h)
+    rcall('ZADD', K_RAM_IDX, s.ramf, h)
+  else
+    rcall('ZREM', K_CPU_IDX, h)
+    rcall('ZREM', K_RAM_IDX, h)
+  end
+end
+
+local function decode_list(s)
+  if s == nil or s == false or s == '' then return {} end
+  local v = cjson.decode(s)
+  if type(v) ~= 'table' then return {} end
+  return v
+end
+
+-- Position of each core id in the host's core list ("cores" field), so grants survive a
+-- capacity update that reorders or removes cores.
+local function core_positions(cores)
+  local p = {}
+  for i, c in ipairs(cores) do p[tostring(c)] = i end
+  return p
+end
+
+-- Returns what allocation id holds on its host. Counters are clamped at zero: a capacity update
+-- may have removed a GPU or core that the grant still names.
+local function return_grant(id, a)
+  local h = a.host
+  local hk = host_key(h)
+  if rcall('EXISTS', hk) == 0 then return end
+  local touched = {}
+  local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
+  for _, g in ipairs(decode_list(a.gpus)) do
+    local pos = tonumber(g.pos)
+    if pos < ngpu and rcall('HGET', hk, 'g' .. pos .. ':uuid') == g.uuid then
+      local used = tonumber(rcall('HINCRBY', hk, 'g' .. pos .. ':used', -tonumber(g.memory_mb)))
+      if used < 0 then rcall('HSET', hk, 'g' .. pos .. ':used', 0) end
+      local n = tonumber(rcall('HINCRBY', hk, 'g' .. pos .. ':n', -1))
+      if n < 0 then rcall('HSET', hk, 'g' .. pos .. ':n', 0) end
+      touched[#touched + 1] = pos
+    end
+  end
+  local cores = decode_list(a.cores)
+  if #cores > 0 then
+    local f = rcall('HMGET', hk, 'cores', 'cmap')
+    local pos = core_positions(decode_list(f[1]))
+    local map = f[2]
+    local back = 0
+    for _, c in ipairs(cores) do
+      local i = pos[tostring(c)]
+      if i and string.sub(map, i, i) == '0' then
+        map = string.sub(map, 1, i - 1) .. '1' .. string.sub(map, i + 1)
+        back = back + 1
+      end
+    end
+    rcall('HSET', hk, 'cmap', map)
+    rcall('HINCRBY', hk, 'cfree', back)
+  end
+  local shared = tonumber(a.shared_millis or 0)
+  if shared > 0 then
+    local v = tonumber(rcall('HINCRBY', hk, 'shared', -shared))
+    if v < 0 then rcall('HSET', hk, 'shared', 0) end
+  end
+  local ram = tonumber(a.ram_mb or 0)
+  if ram > 0 then
+    local v = tonumber(rcall('HINCRBY', hk, 'ram_used', -ram))
+    if v < 0 then rcall('HSET', hk, 'ram_used', 0) end
+  end
+  rcall('SREM', host_allocs_key(h), id)
+  reindex_host(h, touched)
+end
+
+local function read_alloc(id)
+  local flat = rcall('HGETALL', alloc_key(id))
+  if #flat == 0 then return nil end
+  local a = {}
+  for i = 1, #flat, 2 do a[flat[i]] = flat[i + 1] end
+  return a
+end
+
+-- Ends an active allocation: gives its resources back and records why. Idempotent: an allocation
+-- that is no longer active is returned unchanged with changed = false.
+local function finish_alloc(id, reason, now)
+  local a = read_alloc(id)
+  if not a then return nil, false end
+  if a.state ~= 'active' then return a, false end
+  return_grant(id, a)
+  local state = 'released'
+  if reason == 'failed' then state = 'failed' end
+  rcall('HSET', alloc_key(id), 'state', state, 'released', now, 'reason', reason)
+  rcall('ZREM', K_ACTIVE, id)
+  rcall('ZREM', K_EXPIRY, id)
+  rcall('ZADD', K_DONE, now, id)
+  a.state, a.released, a.reason = state, tostring(now), reason
+  emit(reason, id, now, cjson.encode({host = a.host, task_id = a.task_id}))
+  return a, true
+end
+
+-- Releases at most limit allocations whose TTL has passed; returns their ids.
+local function reap_expired(now, limit)
+  local ids = rcall('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do finish_alloc(id, 'expired', now) end
+  return ids
+end
+
+local function alloc_to_list(a)
+  local out = {}
+  for k, v in pairs(a) do out[#out + 1] = k; out[#out + 1] = v end
+  return out
+end

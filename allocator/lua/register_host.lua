@@ -1,0 +1,80 @@
+--[[ register_host: add a host, or update its capacity without breaking what it already grants.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
+ARGV[3] host JSON {id, labels{}, cores[], ram_mb, gpus[{index, uuid, model, memory_mb, used_mb}]}.
+Usage (GPU memory, cores, RAM held) is recomputed from the host's active allocations, so an update
+can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
+A draining host stays draining; any other state becomes "ready".
+Returns JSON {created, ord, state}.
+]]
+--- @include "ledger"
+
+local now = now_ms()
+local spec = cjson.decode(ARGV[3])
+local h = spec.id
+local hk = host_key(h)
+local created = rcall('EXISTS', hk) == 0
+local ord
+local state = 'ready'
+local old_ngpu = 0
+if created then
+  ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
+  rcall('ZADD', K_HOSTS, ord, h)
+else
+  local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu')
+  ord = tonumber(f[1])
+  if f[2] == 'draining' then state = 'draining' end
+  old_ngpu = tonumber(f[3])
+end
+
+-- Usage held by active allocations, keyed by GPU uuid and core id.
+local gpu_used, gpu_n, core_held = {}, {}, {}
+local shared, ram_used = 0, 0
+for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state')
+  if f[5] == 'active' then
+    for _, g in ipairs(decode_list(f[1])) do
+      gpu_used[g.uuid] = (gpu_used[g.uuid] or 0) + tonumber(g.memory_mb)
+      gpu_n[g.uuid] = (gpu_n[g.uuid] or 0) + 1
+    end
+    for _, c in ipairs(decode_list(f[2])) do core_held[tostring(c)] = true end
+    shared = shared + tonumber(f[3] or 0)
+    ram_used = ram_used + tonumber(f[4] or 0)
+  end
+end
+
+local cores = spec.cores or {}
+local cmap, cfree = {}, 0
+for i, c in ipairs(cores) do
+  if core_held[tostring(c)] then cmap[i] = '0' else cmap[i] = '1'; cfree = cfree + 1 end
+end
+
+local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
+  'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
+  'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now}
+if created then
+  fields[#fields + 1] = 'registered'; fields[#fields + 1] = now
+end
+for pos0, g in ipairs(spec.gpus or {}) do
+  local p = 'g' .. (pos0 - 1) .. ':'
+  local vals = {'idx', g.index, 'uuid', g.uuid, 'model', g.model, 'total', g.memory_mb,
+                'ext', g.used_mb or 0, 'used', gpu_used[g.uuid] or 0, 'n', gpu_n[g.uuid] or 0}
+  for i = 1, #vals, 2 do
+    fields[#fields + 1] = p .. vals[i]; fields[#fields + 1] = vals[i + 1]
+  end
+end
+-- Drop the fields and index members of GPUs beyond the new count.
+for pos = #(spec.gpus or {}), old_ngpu - 1 do
+  local p = 'g' .. pos .. ':'
+  rcall('HDEL', hk, p .. 'idx', p .. 'uuid', p .. 'model', p .. 'total', p .. 'ext', p .. 'used', p .. 'n')
+  local m = gpu_member(h, pos)
+  rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_IDLE, m)
+end
+rcall('HSET', hk, unpack(fields))
+reindex_host(h, nil)
+if created then
+  emit('host_registered', h, now, ARGV[3])
+else
+  emit('host_updated', h, now, ARGV[3])
+end
+return cjson.encode({created = created, ord = ord, state = state})

@@ -1,0 +1,31 @@
+--[[ remove_host: take a host out of the ledger.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
+Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
+allocations end with reason "host_removed" first.
+Returns JSON {ok, released[]} or {ok=false, code, message}.
+]]
+--- @include "ledger"
+
+local now = now_ms()
+local h = ARGV[3]
+local hk = host_key(h)
+if rcall('EXISTS', hk) == 0 then
+  return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
+end
+local ids = rcall('SMEMBERS', host_allocs_key(h))
+if #ids > 0 and ARGV[4] ~= '1' then
+  return cjson.encode({ok = false, code = 'HOST_BUSY',
+    message = 'host ' .. h .. ' still holds ' .. #ids .. ' active allocation(s); drain it or remove with force'})
+end
+for _, id in ipairs(ids) do finish_alloc(id, 'host_removed', now) end
+local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
+for pos = 0, ngpu - 1 do
+  local m = gpu_member(h, pos)
+  rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_IDLE, m)
+end
+rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_HOSTS, h)
+rcall('DEL', hk, host_allocs_key(h))
+emit('host_removed', h, now, '{}')
+if #ids == 0 then return cjson.encode({ok = true, released = {}, n = 0}) end
+return cjson.encode({ok = true, released = ids, n = #ids})

@@ -1,0 +1,31 @@
+--[[ snapshot: read-only, atomic copy of hosts, indexes and active allocations, for invariant checks
+and tests. Its cost grows with the fleet: do not call it on a hot path.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] unused.
+Returns JSON {hosts{id={field=value}}, allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
+cpu_idx{}, ram_idx{}, expiry{}, active[]}.
+]]
+--- @include "ledger"
+
+local function zmap(key)
+  local flat = rcall('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = tonumber(flat[i + 1]) end
+  return m
+end
+local function hmap(key)
+  local flat = rcall('HGETALL', key)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+
+local out = {hosts = {}, allocs = {}, host_allocs = {}}
+for _, h in ipairs(rcall('ZRANGE', K_HOSTS, 0, -1)) do
+  out.hosts[h] = hmap(host_key(h))
+  out.host_allocs[h] = rcall('SMEMBERS', host_allocs_key(h))
+end
+for _, id in ipairs(rcall('ZRANGE', K_ACTIVE, 0, -1)) do out.allocs[id] = hmap(alloc_key(id)) end
+out.gpu_idx, out.gpu_idle, out.gpu_ord = zmap(K_GPU_IDX), zmap(K_GPU_IDLE), zmap(K_GPU_ORD)
+out.cpu_idx, out.ram_idx, out.expiry = zmap(K_CPU_IDX), zmap(K_RAM_IDX), zmap(K_EXPIRY)
+return cjson.encode(out)

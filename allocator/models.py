@@ -1,0 +1,477 @@
+"""Request and result models (pydantic) shared by every entry point.
+
+Request fields follow the seed tool (``gpus``, ``gpu_memory_mb``, ``cpu_cores``, ``ram_mb``);
+memory fields also take unit strings. Invalid values raise ``InvalidRequest`` naming the field
+(see ``parse``), never a bare pydantic error.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequest
+from .units import parse_cpu_millis, parse_memory_mb
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+ID_RULE = "1-128 characters: letters, digits and . _ : @ / -, starting with a letter or digit"
+
+
+class Priority(enum.IntEnum):
+    """Task priority; ``critical`` may use a reserve kept back from the others."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: object, field: str = "priority") -> Priority:
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, bool):
+            raise InvalidRequest(field, f"expected low/normal/high/critical or 0..3, got {value!r}")
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+            n = int(value)
+            if 0 <= n <= 3:
+                return cls(n)
+            raise InvalidRequest(field, f"must be between 0 (low) and 3 (critical), got {n}")
+        if isinstance(value, str) and value.strip().upper() in cls.__members__:
+            return cls[value.strip().upper()]
+        raise InvalidRequest(field, f"expected low/normal/high/critical or 0..3, got {value!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Strategy(str, enum.Enum):
+    """Placement strategy. ``priority`` places like best_fit (preemption comes with the queue)."""
+
+    FIRST_FIT = "first_fit"
+    BEST_FIT = "best_fit"
+    WORST_FIT = "worst_fit"
+    PRIORITY = "priority"
+
+    @classmethod
+    def parse(cls, value: object, field: str = "strategy") -> Strategy:
+        if isinstance(value, Strategy):
+            return value
+        if isinstance(value, str):
+            v = value.strip().lower().replace("-", "_")
+            if v == "spread":
+                return cls.WORST_FIT
+            for s in cls:
+                if s.value == v:
+                    return s
+        raise InvalidRequest(field, f"expected one of first_fit, best_fit, worst_fit (spread), priority; got {value!r}")
+
+    @property
+    def scan_mode(self) -> str:
+        """The index walk the place script uses for this strategy."""
+        return {"first_fit": "first", "worst_fit": "worst"}.get(self.value, "best")
+
+
+def _check_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise InvalidRequest(field, f"{value!r} is not a valid id ({ID_RULE})")
+    return value
+
+
+def parse_selector(value: object, field: str = "selector") -> dict[str, list[str]] | None:
+    """Label selector: {"cluster": "a"}, {"cluster": ["a", "b"]} or "cluster=a|b,zone=z1"."""
+    if value is None or value == {} or value == "":
+        return None
+    if isinstance(value, str):
+        out: dict[str, list[str]] = {}
+        for part in value.split(","):
+            if "=" not in part:
+                raise InvalidRequest(field, f"{part!r} is not label=value (alternatives with |)")
+            k, v = part.split("=", 1)
+            out[k.strip()] = [x.strip() for x in v.split("|") if x.strip()]
+        value = out
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, f"expected a mapping of label to value(s), got {type(value).__name__}")
+    sel: dict[str, list[str]] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise InvalidRequest(field, f"label names must be non-empty strings, got {k!r}")
+        vals = [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
+        if not isinstance(vals, list) or not vals or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in vals):
+            raise InvalidRequest(f"{field}.{k}", f"expected a value or a non-empty list of values, got {v!r}")
+        sel[k] = [str(x) for x in vals]
+    return sel
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: object, prefix: str = "") -> M:
+    """Validates ``data`` into ``model``; the first problem becomes an ``InvalidRequest``."""
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else (prefix.rstrip(".") or model.__name__)
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):
+            raise InvalidRequest(field, cause.reason) from None
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        elif err["type"] == "missing":
+            reason = "required field is missing"
+        raise InvalidRequest(field, reason) from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    """What one task needs on one host.
+
+    ``gpus`` GPUs each with ``gpu_memory_mb`` MiB free (a GPU may be shared by memory), or whole
+    GPUs when ``gpu_memory_mb`` is omitted. Integer ``cpu_cores`` are pinned exclusive cores;
+    fractional ones come from the host's shared pool (Kubernetes' static CPU manager policy).
+    """
+
+    gpus: int = Field(0, ge=0, le=64, description="Number of GPUs, all on one host.")
+    gpu_memory_mb: int | None = Field(None, description="MiB per GPU (number or '20Gi'); omit for whole GPUs.")
+    gpu_model: list[str] | None = Field(None, description="Allowed GPU models, e.g. 'V100M16|V100M32'.")
+    cpu_cores: float = Field(1.0, description="Cores: integers are exclusive core ids, fractions shared (e.g. 0.5 or '500m').")
+    ram_mb: int = Field(0, description="RAM in MiB (number or '32Gi').")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: object) -> object:
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise InvalidRequest("gpus", f"must be a whole number of GPUs, got {v!r}")
+        if isinstance(v, float):
+            return int(v)
+        return v
+
+    @field_validator("gpu_memory_mb", mode="before")
+    @classmethod
+    def _gpu_mem(cls, v: object) -> object:
+        return None if v is None else parse_memory_mb(v, "gpu_memory_mb")
+
+    @field_validator("ram_mb", mode="before")
+    @classmethod
+    def _ram(cls, v: object) -> object:
+        return parse_memory_mb(v, "ram_mb")
+
+    @field_validator("cpu_cores", mode="before")
+    @classmethod
+    def _cpu(cls, v: object) -> object:
+        return parse_cpu_millis(v, "cpu_cores") / 1000
+
+    @field_validator("gpu_model", mode="before")
+    @classmethod
+    def _models(cls, v: object) -> object:
+        if v is None or v == "":
+            return None
+        items = v.split("|") if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            raise InvalidRequest("gpu_model", f"expected a model name, 'A|B', or a list of names, got {v!r}")
+        return [x.strip() for x in items]
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Resources:
+        if self.gpu_memory_mb == 0:
+            if self.gpus > 0:
+                raise InvalidRequest("gpu_memory_mb", "must be positive; omit it to ask for whole GPUs")
+            self.gpu_memory_mb = None
+        elif self.gpu_memory_mb is not None and self.gpus == 0:
+            self.gpus = 1
+        if self.gpu_model and self.gpus == 0:
+            raise InvalidRequest("gpu_model", "a GPU model was given but no GPUs were requested")
+        return self
+
+    @property
+    def cpu_millis(self) -> int:
+        return round(self.cpu_cores * 1000)
+
+    @property
+    def exclusive_cores(self) -> bool:
+        """Whole numbers of cores are pinned to exclusive core ids."""
+        return self.cpu_millis % 1000 == 0
+
+
+class AllocationRequest(_Strict):
+    """A complete allocation request: resources plus scheduling and bookkeeping fields."""
+
+    resources: Resources
+    priority: Priority = Priority.NORMAL
+    strategy: Strategy = Strategy.BEST_FIT
+    ttl_seconds: float | None = Field(3600, description="Lease length; None = no expiry.")
+    selector: dict[str, list[str]] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    task_id: str | None = None
+    task_type: str | None = None
+    owner: str | None = None
+    allocation_id: str | None = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _prio(cls, v: object) -> object:
+        return Priority.parse(v)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, v: object) -> object:
+        return Strategy.parse(v if v is not None else "best_fit")
+
+    @field_validator("selector", mode="before")
+    @classmethod
+    def _selector(cls, v: object) -> object:
+        return parse_selector(v)
+
+    @field_validator("ttl_seconds", mode="before")
+    @classmethod
+    def _ttl(cls, v: object) -> object:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > 10 * 365 * 86400:
+            raise InvalidRequest("ttl_seconds", f"must be a positive number of seconds (or null for none), got {v!r}")
+        return v
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v: object) -> object:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise InvalidRequest("metadata", f"expected a JSON object, got {type(v).__name__}")
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest("metadata", f"must be JSON-serialisable: {exc}") from None
+        return v
+
+    @field_validator("task_id", "task_type", "owner", mode="before")
+    @classmethod
+    def _text(cls, v: object, info: Any) -> object:
+        if v is None:
+            return None
+        if not isinstance(v, (str, int)) or isinstance(v, bool) or len(str(v)) > 256 or not str(v).strip():
+            raise InvalidRequest(info.field_name, f"expected a non-empty string of at most 256 characters, got {v!r}")
+        return str(v)
+
+    @field_validator("allocation_id", mode="before")
+    @classmethod
+    def _alloc_id(cls, v: object) -> object:
+        return None if v is None else _check_id(v, "allocation_id")
+
+
+class GpuSpec(_Strict):
+    """One GPU of a host as the inventory reports it."""
+
+    index: int = Field(ge=0)
+    uuid: str | None = None
+    model: str = "GPU"
+    memory_mb: int = Field(description="Total memory in MiB (number or '16Gi').")
+    used_mb: int = Field(0, description="Memory used by processes the allocator does not manage.")
+
+    @field_validator("memory_mb", "used_mb", mode="before")
+    @classmethod
+    def _mem(cls, v: object, info: Any) -> object:
+        return parse_memory_mb(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _positive(self) -> GpuSpec:
+        if self.memory_mb <= 0:
+            raise InvalidRequest("memory_mb", "a GPU must have some memory")
+        return self
+
+
+class HostSpec(_Strict):
+    """A host's inventory: what ``register_host`` records (and updates on re-registration)."""
+
+    id: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpu_cores: list[int] = Field(default_factory=list, description="Core ids the allocator may grant (an int n means 0..n-1).")
+    ram_mb: int = 0
+    gpus: list[GpuSpec] = Field(default_factory=list)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id(cls, v: object) -> object:
+        return _check_id(v, "id")
+
+    @field_validator("cpu_cores", mode="before")
+    @classmethod
+    def _cores(cls, v: object) -> object:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 0:
+                raise InvalidRequest("cpu_cores", f"must not be negative, got {v}")
+            return list(range(v))
+        return v
+
+    @field_validator("ram_mb", mode="before")
+    @classmethod
+    def _ram(cls, v: object) -> object:
+        return parse_memory_mb(v, "ram_mb")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: object) -> object:
+        if v is None:
+            return {}
+        if isinstance(v, dict):
+            return {str(k): str(x) for k, x in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> HostSpec:
+        if len(set(self.cpu_cores)) != len(self.cpu_cores) or any(c < 0 for c in self.cpu_cores):
+            raise InvalidRequest("cpu_cores", "core ids must be distinct non-negative integers")
+        self.labels.setdefault("cluster", "default")
+        indexes = [g.index for g in self.gpus]
+        if len(set(indexes)) != len(indexes):
+            raise InvalidRequest("gpus", "GPU indexes must be distinct")
+        for g in self.gpus:
+            if g.uuid is None:
+                g.uuid = f"{self.id}-gpu{g.index}"
+        if len({g.uuid for g in self.gpus}) != len(self.gpus):
+            raise InvalidRequest("gpus", "GPU uuids must be distinct")
+        self.gpus.sort(key=lambda g: g.index)
+        return self
+
+
+def _ts(ms: str | int | None) -> datetime | None:
+    if ms in (None, "", "0", 0):
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+
+
+def _json_list(text: str | None) -> list[Any]:
+    """cjson encodes an empty Lua table as {}; read that as an empty list."""
+    if not text:
+        return []
+    v = json.loads(text)
+    return v if isinstance(v, list) else []
+
+
+class GpuGrant(BaseModel):
+    index: int
+    uuid: str
+    model: str
+    memory_mb: int
+
+
+class Allocation(BaseModel):
+    """One allocation as the ledger holds it."""
+
+    allocation_id: str
+    state: str
+    host_id: str
+    gpus: list[GpuGrant]
+    cpu_cores: list[int] = Field(description="Exclusive core ids granted.")
+    cpu_shared: float = Field(description="Cores from the shared pool (fractional requests).")
+    ram_mb: int
+    priority: str
+    strategy: str | None = None
+    task_id: str | None = None
+    task_type: str | None = None
+    owner: str | None = None
+    created_at: datetime
+    activated_at: datetime | None = None
+    released_at: datetime | None = None
+    expires_at: datetime | None = None
+    ttl_seconds: float | None = None
+    release_reason: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    request: dict[str, Any] = Field(default_factory=dict)
+    allocation_time_ms: float | None = None
+
+    @property
+    def gpu_memory_mb(self) -> int:
+        return sum(g.memory_mb for g in self.gpus)
+
+    @property
+    def cpu_total(self) -> float:
+        return len(self.cpu_cores) + self.cpu_shared
+
+    @classmethod
+    def from_record(cls, rec: dict[str, str]) -> Allocation:
+        """Builds the model from the flat string record a script returns or HGETALL reads."""
+        ttl_ms = int(rec.get("ttl_ms") or 0)
+        return cls(
+            allocation_id=rec["id"],
+            state=rec["state"],
+            host_id=rec["host"],
+            gpus=[GpuGrant(**{k: g[k] for k in ("index", "uuid", "model", "memory_mb")}) for g in _json_list(rec.get("gpus"))],
+            cpu_cores=_json_list(rec.get("cores")),
+            cpu_shared=int(rec.get("shared_millis") or 0) / 1000,
+            ram_mb=int(rec.get("ram_mb") or 0),
+            priority=Priority(int(rec.get("priority") or 1)).label,
+            strategy=rec.get("strategy"),
+            task_id=rec.get("task_id") or None,
+            task_type=rec.get("task_type") or None,
+            owner=rec.get("owner") or None,
+            created_at=_ts(rec["created"]),
+            activated_at=_ts(rec.get("activated")),
+            released_at=_ts(rec.get("released")),
+            expires_at=_ts(rec.get("expires")),
+            ttl_seconds=ttl_ms / 1000 if ttl_ms else None,
+            release_reason=rec.get("reason") or None,
+            metadata=json.loads(rec.get("metadata") or "{}") or {},
+            request=json.loads(rec.get("request") or "{}") or {},
+        )
+
+
+class Usage(BaseModel):
+    """Totals of one resource: ``total = allocated + available + unmanaged``."""
+
+    total: float
+    allocated: float
+    available: float
+    unmanaged: float = Field(0, description="Held by processes the allocator does not manage.")
+    utilization_pct: float
+
+    @classmethod
+    def of(cls, total: float, allocated: float, available: float) -> Usage:
+        unmanaged = max(0.0, total - allocated - available)
+        pct = 100.0 * (total - available) / total if total else 0.0
+        return cls(total=total, allocated=allocated, available=available, unmanaged=unmanaged, utilization_pct=round(pct, 2))
+
+
+class GpuCapacity(BaseModel):
+    index: int
+    uuid: str
+    model: str
+    memory: Usage
+    holders: int
+
+
+class HostCapacity(BaseModel):
+    host_id: str
+    state: str
+    labels: dict[str, str]
+    gpus: list[GpuCapacity]
+    gpu_memory_mb: Usage
+    gpus_idle: int
+    cpu_cores: Usage
+    ram_mb: Usage
+    active_allocations: int
+
+
+class Capacity(BaseModel):
+    """Fleet figures plus one entry per host."""
+
+    hosts: list[HostCapacity]
+    host_count: int
+    gpu_count: int
+    gpus_idle: int
+    gpu_memory_mb: Usage
+    cpu_cores: Usage
+    ram_mb: Usage
+    active_allocations: int

@@ -1,0 +1,57 @@
+"""Loads the Lua scripts of ``allocator/lua`` and registers them once per Redis client.
+
+Scripts may include shared helpers with a line ``--- @include "name"`` (file
+``lua/includes/<name>.lua``), as BullMQ's scripts do; each include is inlined once.
+redis-py's ``Script`` objects run EVALSHA and reload the source on NOSCRIPT, so a Redis restart
+or ``SCRIPT FLUSH`` is transparent.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+import redis
+
+_INCLUDE = re.compile(r'^---[ \t]*@include[ \t]+"([\w-]+)"[ \t]*$', re.MULTILINE)
+
+SCRIPT_NAMES = (
+    "register_host",
+    "drain_host",
+    "remove_host",
+    "place",
+    "release",
+    "expire",
+    "snapshot",
+    "noop",
+)
+
+
+def _read(rel: str) -> str:
+    return resources.files("allocator").joinpath("lua", rel).read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=None)
+def source(name: str) -> str:
+    """The script ``name`` with its includes inlined."""
+    seen: set[str] = set()
+
+    def expand(match: re.Match[str]) -> str:
+        inc = match.group(1)
+        if inc in seen:
+            return ""
+        seen.add(inc)
+        return _INCLUDE.sub(expand, _read(f"includes/{inc}.lua"))
+
+    return _INCLUDE.sub(expand, _read(f"{name}.lua"))
+
+
+class Scripts:
+    """The registered scripts for one Redis client, by name."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._scripts = {name: client.register_script(source(name)) for name in SCRIPT_NAMES}
+
+    def __getitem__(self, name: str):  # -> redis.commands.core.Script
+        return self._scripts[name]

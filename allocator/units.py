@@ -1,0 +1,89 @@
+"""Parsing of memory sizes and CPU amounts as users write them.
+
+Memory is kept in MiB (integers, rounded up so a request never gets less than it asked for).
+A bare number is MiB. Binary suffixes Ki/Mi/Gi/Ti (optionally followed by "B") are powers of 1024;
+decimal suffixes K/M/G/T (optionally "B") are powers of 1000 bytes, as in Kubernetes. A lower-case
+"m" alone is refused: in Kubernetes quantities it means "milli", which makes no sense for memory.
+
+CPU is kept in millicores. Numbers and numeric strings are cores ("2", "0.5"); "500m" is
+millicores, as in Kubernetes. The smallest unit is one millicore.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+from .errors import InvalidRequest
+
+_MEM = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_MIB = 1024 * 1024
+_FACTORS_BYTES = {
+    "": _MIB,
+    "KI": 1024, "KIB": 1024, "MI": _MIB, "MIB": _MIB, "GI": 1024**3, "GIB": 1024**3,
+    "TI": 1024**4, "TIB": 1024**4,
+    "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+    "T": 1000**4, "TB": 1000**4,
+}
+
+
+def parse_memory_mb(value: object, field: str = "memory") -> int:
+    """MiB in ``value`` (int/float MiB or a unit string), rounded up; errors name ``field``."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidRequest(field, f"expected a size such as 4096, '512Mi' or '4Gi', got {value!r}")
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+        if value < 0:
+            raise InvalidRequest(field, f"must not be negative, got {value!r}")
+        return int(math.ceil(value))
+    if not isinstance(value, str):
+        raise InvalidRequest(field, f"expected a number or a string, got {type(value).__name__}")
+    m = _MEM.match(value)
+    if not m:
+        raise InvalidRequest(field, f"cannot read {value!r} as a size; use e.g. 512Mi, 4Gi, 2G, 1.5GiB or a number of MiB")
+    number, unit = m.group(1), m.group(2)
+    if unit == "m":
+        raise InvalidRequest(field, f"{value!r}: 'm' means milli; write Mi (MiB) or M (megabytes)")
+    factor = _FACTORS_BYTES.get(unit.upper())
+    if factor is None:
+        raise InvalidRequest(field, f"unknown unit {unit!r} in {value!r}; use Ki, Mi, Gi, Ti, K, M, G or T")
+    amount = Decimal(number) * factor
+    return int(math.ceil(amount / _MIB))
+
+
+def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
+    """Millicores in ``value`` (cores as number/string, or '500m'); errors name ``field``."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidRequest(field, f"expected a number of cores such as 2 or '0.5', got {value!r}")
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+        cores = Decimal(str(value))
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("m"):
+                cores = Decimal(text[:-1]) / 1000
+            else:
+                cores = Decimal(text)
+        except InvalidOperation:
+            raise InvalidRequest(field, f"cannot read {value!r} as CPU cores; use e.g. 2, '0.5' or '500m'") from None
+        if not cores.is_finite():
+            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+    else:
+        raise InvalidRequest(field, f"expected a number or a string, got {type(value).__name__}")
+    if cores < 0:
+        raise InvalidRequest(field, f"must not be negative, got {value!r}")
+    millis = cores * 1000
+    if millis != millis.to_integral_value():
+        raise InvalidRequest(field, f"{value!r} is finer than one millicore (0.001 cores)")
+    return int(millis)
+
+
+def format_mb(mb: int) -> str:
+    """Human form of a MiB amount, for messages and tables."""
+    if mb >= 1024 and mb % 1024 == 0:
+        return f"{mb // 1024}Gi"
+    return f"{mb}Mi"

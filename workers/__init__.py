@@ -1,0 +1,1 @@
+"""RQ worker class and job-side helpers (GPU/core pinning, release after the job)."""
