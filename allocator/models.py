@@ -119,10 +119,14 @@ def parse(model: type[M], data: object, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else (prefix.rstrip(".") or model.__name__)
+        loc = [str(p) for p in err["loc"]]
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, InvalidRequest):
-            raise InvalidRequest(field, cause.reason) from None
+            # A validator named the field itself; nest it under where pydantic found the error.
+            if loc and (cause.field == loc[-1] or cause.field.startswith(loc[-1] + ".")):
+                loc = loc[:-1]
+            raise InvalidRequest(prefix + ".".join([*loc, cause.field]), cause.reason) from None
+        field = prefix + ".".join(loc) if loc else (prefix.rstrip(".") or model.__name__)
         reason = err["msg"]
         if err["type"] == "extra_forbidden":
             reason = "unknown field"

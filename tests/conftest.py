@@ -119,8 +119,8 @@ def alloc_any(server_url: str, clock: FakeClock) -> Iterator[Allocator]:
 
 def ledger_dump(a: Allocator) -> dict[str, bytes]:
     """Every key of the namespace with its DUMP, to prove a call changed nothing."""
-    kwargs = dict(a.redis.connection_pool.connection_kwargs)
-    kwargs["decode_responses"] = False
-    raw = redis.Redis(**kwargs)
+    pool = a.redis.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    raw = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
     keys = sorted(raw.scan_iter(match=a.keys.pattern(), count=1000))
     return {k: raw.dump(k) for k in keys}

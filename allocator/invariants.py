@@ -1,0 +1,103 @@
+"""Checks that a ledger snapshot is consistent: nothing oversubscribed, nothing held twice,
+indexes in step with the hosts. Used by the tests, the soak run and operators (after an incident).
+
+It works on ``Allocator.snapshot()`` (one atomic read) so concurrent writers cannot produce
+false alarms. It returns the violations found instead of raising, so a checker can report all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+
+def _list(text: str | None) -> list[Any]:
+    v = json.loads(text) if text else []
+    return v if isinstance(v, list) else []
+
+
+def check(snap: dict[str, Any]) -> list[str]:
+    """All violations of the ledger invariants in ``snap`` (empty when consistent)."""
+    bad: list[str] = []
+    hosts: dict[str, dict[str, str]] = snap["hosts"] or {}
+    allocs: dict[str, dict[str, str]] = snap["allocs"] or {}
+    gpu_mem: dict[tuple[str, str], int] = defaultdict(int)
+    gpu_n: dict[tuple[str, str], int] = defaultdict(int)
+    cores_by_host: dict[str, dict[int, str]] = defaultdict(dict)
+    shared: dict[str, int] = defaultdict(int)
+    ram: dict[str, int] = defaultdict(int)
+    on_host: dict[str, set[str]] = defaultdict(set)
+    for aid, a in allocs.items():
+        h = a["host"]
+        on_host[h].add(aid)
+        if a.get("state") != "active":
+            bad.append(f"{aid}: in the active set but state is {a.get('state')}")
+        for g in _list(a.get("gpus")):
+            gpu_mem[(h, g["uuid"])] += int(g["memory_mb"])
+            gpu_n[(h, g["uuid"])] += 1
+        for c in _list(a.get("cores")):
+            if c in cores_by_host[h]:
+                bad.append(f"{h}: core {c} held by {cores_by_host[h][c]} and {aid}")
+            cores_by_host[h][c] = aid
+        shared[h] += int(a.get("shared_millis") or 0)
+        ram[h] += int(a.get("ram_mb") or 0)
+        expires = int(a.get("expires") or 0)
+        in_expiry = aid in (snap["expiry"] or {})
+        if (expires > 0) != in_expiry:
+            bad.append(f"{aid}: expiry index out of step (expires={expires}, indexed={in_expiry})")
+    for h, f in hosts.items():
+        bad.extend(_check_host(h, f, snap, gpu_mem, gpu_n, cores_by_host[h], shared[h], ram[h]))
+        held = set(snap["host_allocs"].get(h) or [])
+        if held != on_host[h]:
+            bad.append(f"{h}: host allocation set {sorted(held)} != active allocations {sorted(on_host[h])}")
+    return bad
+
+
+def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[tuple[str, str], int],
+                gpu_n: dict[tuple[str, str], int], held_cores: dict[int, str], shared: int, ram: int) -> list[str]:
+    bad: list[str] = []
+    cfree, sh = int(f["cfree"]), int(f["shared"])
+    cpu_free = max(0, cfree * 1000 - sh)
+    ram_free = max(0, int(f["ram"]) - int(f["ram_used"]))
+    schedulable = f["state"] == "ready" and cpu_free > 0 and ram_free > 0
+    if sh != shared:
+        bad.append(f"{h}: shared pool lends {sh} millicores, allocations hold {shared}")
+    if sh > cfree * 1000:
+        bad.append(f"{h}: shared pool {sh} exceeds free cores {cfree}")
+    if int(f["ram_used"]) != ram:
+        bad.append(f"{h}: ram_used {f['ram_used']} != allocations' {ram}")
+    if ram > int(f["ram"]):
+        bad.append(f"{h}: RAM oversubscribed {ram} > {f['ram']}")
+    cores = _list(f.get("cores"))
+    cmap = f.get("cmap", "")
+    taken = {c for c, ch in zip(cores, cmap) if ch == "0"}
+    if taken != {c for c in held_cores if c in set(cores)}:
+        bad.append(f"{h}: core map marks {sorted(taken)} taken, allocations hold {sorted(held_cores)}")
+    if cmap.count("1") != cfree:
+        bad.append(f"{h}: cfree {cfree} != free cores in map {cmap.count('1')}")
+    for pos in range(int(f["ngpu"])):
+        p = f"g{pos}:"
+        uuid, total, ext = f[p + "uuid"], int(f[p + "total"]), int(f[p + "ext"])
+        used, n = int(f[p + "used"]), int(f[p + "n"])
+        if used != gpu_mem[(h, uuid)] or n != gpu_n[(h, uuid)]:
+            bad.append(f"{h} GPU {pos}: used {used}/{n} holders != allocations {gpu_mem[(h, uuid)]}/{gpu_n[(h, uuid)]}")
+        if used + ext > total:
+            bad.append(f"{h} GPU {pos}: oversubscribed {used}+{ext} > {total}")
+        free = max(0, total - ext - used)
+        m = f"{h}#{pos}"
+        want_idx = free if schedulable and free > 0 else None
+        if (snap["gpu_idx"] or {}).get(m) != want_idx:
+            bad.append(f"{h} GPU {pos}: gpu_idx has {(snap['gpu_idx'] or {}).get(m)}, expected {want_idx}")
+        want_idle = free if schedulable and free > 0 and n == 0 else None
+        if (snap["gpu_idle"] or {}).get(m) != want_idle:
+            bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
+        if (m in (snap["gpu_ord"] or {})) != (want_idx is not None):
+            bad.append(f"{h} GPU {pos}: gpu_ord membership out of step")
+    want_cpu = cpu_free if schedulable else None
+    if (snap["cpu_idx"] or {}).get(h) != want_cpu:
+        bad.append(f"{h}: cpu_idx has {(snap['cpu_idx'] or {}).get(h)}, expected {want_cpu}")
+    want_ram = ram_free if schedulable else None
+    if (snap["ram_idx"] or {}).get(h) != want_ram:
+        bad.append(f"{h}: ram_idx has {(snap['ram_idx'] or {}).get(h)}, expected {want_ram}")
+    return bad

@@ -1,0 +1,23 @@
+"""Capacity figures per host and for the fleet."""
+
+
+def test_capacity_per_resource_host_and_fleet(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
+                            gpus=[{"index": 0, "memory_mb": "40Gi"}, {"index": 1, "memory_mb": "40Gi"}])
+    alloc_any.register_host(id="h2", cpu_cores=8, ram_mb="64Gi")
+    alloc_any.allocate({"gpu_memory_mb": "20Gi", "cpu_cores": 4, "ram_mb": "32Gi"})
+    alloc_any.allocate({"cpu_cores": "0.5", "ram_mb": "16Gi"}, selector={"cluster": "default"}, strategy="worst_fit")
+    cap = alloc_any.capacity()
+    assert (cap.host_count, cap.gpu_count, cap.gpus_idle, cap.active_allocations) == (2, 2, 1, 2)
+    assert cap.gpu_memory_mb.model_dump() == {"total": 81920, "allocated": 20480, "available": 61440,
+                                              "unmanaged": 0, "utilization_pct": 25.0}
+    assert (cap.cpu_cores.total, cap.cpu_cores.allocated, cap.cpu_cores.available) == (16, 4.5, 11.5)
+    assert cap.ram_mb.utilization_pct == 37.5
+    h1, h2 = cap.hosts
+    assert (h1.host_id, h1.cpu_cores.available, h1.active_allocations) == ("h1", 4, 1)
+    assert (h2.host_id, h2.cpu_cores.available, h2.ram_mb.available) == ("h2", 7.5, 49152)
+
+
+def test_empty_fleet_has_zero_capacity(alloc_any):
+    cap = alloc_any.capacity()
+    assert cap.host_count == 0 and cap.gpu_memory_mb.total == 0 and cap.gpu_memory_mb.utilization_pct == 0

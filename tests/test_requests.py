@@ -1,0 +1,117 @@
+"""Request validation: every invalid value names its field and the reason."""
+
+import pytest
+
+from allocator import InvalidRequest, Priority, Resources, Strategy
+from allocator.models import AllocationRequest, HostSpec, parse, parse_selector
+
+
+def test_gpu_memory_without_gpu_count_means_one_gpu():
+    r = parse(Resources, {"gpu_memory_mb": "20Gi", "cpu_cores": 4, "ram_mb": "32Gi"})
+    assert (r.gpus, r.gpu_memory_mb, r.cpu_millis, r.ram_mb) == (1, 20480, 4000, 32768)
+
+
+def test_gpus_without_memory_means_whole_gpus():
+    r = parse(Resources, {"gpus": 2})
+    assert r.gpus == 2 and r.gpu_memory_mb is None
+
+
+def test_integer_cores_are_exclusive_and_fractions_shared():
+    assert parse(Resources, {"cpu_cores": 2}).exclusive_cores
+    assert not parse(Resources, {"cpu_cores": "0.5"}).exclusive_cores
+
+
+def test_gpu_model_constraint_accepts_alternatives():
+    assert parse(Resources, {"gpus": 1, "gpu_model": "V100M16|V100M32"}).gpu_model == ["V100M16", "V100M32"]
+
+
+def test_zero_gpu_memory_without_gpus_is_a_cpu_task():
+    r = parse(Resources, {"gpu_memory_mb": 0, "cpu_cores": 2})
+    assert r.gpus == 0 and r.gpu_memory_mb is None
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason_part"),
+    [
+        ({"gpus": -1}, "resources.gpus", "greater than or equal"),
+        ({"gpus": 1.5}, "resources.gpus", "whole number"),
+        ({"gpus": 65}, "resources.gpus", "less than or equal"),
+        ({"gpus": 1, "gpu_memory_mb": 0}, "resources.gpu_memory_mb", "omit it"),
+        ({"gpu_memory_mb": "lots"}, "resources.gpu_memory_mb", "cannot read"),
+        ({"ram_mb": "-3Gi"}, "resources.ram_mb", "cannot read"),
+        ({"cpu_cores": "-1"}, "resources.cpu_cores", "negative"),
+        ({"gpu_model": "A100"}, "resources.gpu_model", "no GPUs"),
+        ({"gpu_model": 7, "gpus": 1}, "resources.gpu_model", "model name"),
+        ({"cores": 2}, "resources.cores", "unknown field"),
+    ],
+)
+def test_bad_resources_name_the_field(data, field, reason_part):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(Resources, data, "resources.")
+    assert exc.value.field == field
+    assert reason_part in exc.value.reason
+
+
+@pytest.mark.parametrize(("value", "expected"), [("low", 0), ("HIGH", 2), (3, 3), ("1", 1), (Priority.NORMAL, 1)])
+def test_priority_by_name_or_number(value, expected):
+    assert Priority.parse(value) == expected
+
+
+@pytest.mark.parametrize("value", [4, -1, "urgent", True, 1.5, None])
+def test_bad_priority_is_refused(value):
+    with pytest.raises(InvalidRequest) as exc:
+        Priority.parse(value)
+    assert exc.value.field == "priority"
+
+
+def test_strategy_spread_is_worst_fit():
+    assert Strategy.parse("spread") is Strategy.WORST_FIT
+    assert Strategy.parse("best-fit") is Strategy.BEST_FIT
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"strategy": "random"}, "strategy"),
+        ({"ttl_seconds": 0}, "ttl_seconds"),
+        ({"ttl_seconds": -5}, "ttl_seconds"),
+        ({"ttl_seconds": "soon"}, "ttl_seconds"),
+        ({"metadata": "x"}, "metadata"),
+        ({"metadata": {"f": object()}}, "metadata"),
+        ({"allocation_id": "bad id#"}, "allocation_id"),
+        ({"task_id": ""}, "task_id"),
+        ({"selector": {"cluster": []}}, "selector.cluster"),
+        ({"selector": "cluster"}, "selector"),
+    ],
+)
+def test_bad_request_fields_name_the_field(data, field):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, **data})
+    assert exc.value.field == field
+
+
+def test_selector_string_form():
+    assert parse_selector("cluster=a|b, zone=z1") == {"cluster": ["a", "b"], "zone": ["z1"]}
+
+
+def test_host_spec_defaults_cluster_label_and_gpu_uuids():
+    h = parse(HostSpec, {"id": "h1", "cpu_cores": 4, "ram_mb": "16Gi", "gpus": [{"index": 1, "memory_mb": "16Gi"}, {"index": 0, "memory_mb": "16Gi"}]})
+    assert h.labels == {"cluster": "default"}
+    assert h.cpu_cores == [0, 1, 2, 3]
+    assert [g.uuid for g in h.gpus] == ["h1-gpu0", "h1-gpu1"]
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"id": "a#b"}, "id"),
+        ({"id": "h", "cpu_cores": [1, 1]}, "cpu_cores"),
+        ({"id": "h", "gpus": [{"index": 0, "memory_mb": 0}]}, "memory_mb"),
+        ({"id": "h", "gpus": [{"index": 0, "memory_mb": 10}, {"index": 0, "memory_mb": 10}]}, "gpus"),
+        ({"id": "h", "ram_mb": "x"}, "ram_mb"),
+    ],
+)
+def test_bad_host_specs_name_the_field(data, field):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(HostSpec, data)
+    assert exc.value.field.endswith(field)

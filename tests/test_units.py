@@ -1,0 +1,78 @@
+"""Memory and CPU amounts as users write them."""
+
+import pytest
+
+from allocator import InvalidRequest
+from allocator.units import parse_cpu_millis, parse_memory_mb
+
+
+@pytest.mark.parametrize(
+    ("text", "mib"),
+    [
+        (2048, 2048),
+        (0, 0),
+        (1.5, 2),  # rounded up: never grant less than asked
+        ("512Mi", 512),
+        ("512MiB", 512),
+        ("4Gi", 4096),
+        ("1.5GiB", 1536),
+        ("1Ti", 1024 * 1024),
+        ("2G", 1908),  # 2e9 bytes = 1907.35 MiB, rounded up
+        ("2GB", 1908),
+        ("1000M", 954),  # 1e9 bytes
+        ("1024Ki", 1),
+        (" 8 Gi ", 8192),
+        ("300", 300),
+    ],
+)
+def test_memory_sizes_parse_to_mib(text, mib):
+    assert parse_memory_mb(text) == mib
+
+
+@pytest.mark.parametrize(
+    ("value", "reason_part"),
+    [
+        ("-1Gi", "cannot read"),
+        (-5, "negative"),
+        ("4Xi", "unknown unit"),
+        ("512m", "milli"),
+        ("lots", "cannot read"),
+        ("", "cannot read"),
+        (None, "expected a size"),
+        (True, "expected a size"),
+        (float("nan"), "finite"),
+        ([1], "expected a number or a string"),
+    ],
+)
+def test_bad_memory_sizes_name_the_field_and_reason(value, reason_part):
+    with pytest.raises(InvalidRequest) as exc:
+        parse_memory_mb(value, "ram_mb")
+    assert exc.value.field == "ram_mb"
+    assert reason_part in exc.value.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "millis"),
+    [(2, 2000), (0.5, 500), ("0.5", 500), ("2.5", 2500), ("500m", 500), ("1", 1000), (0, 0), ("0.001", 1)],
+)
+def test_cpu_amounts_parse_to_millicores(value, millis):
+    assert parse_cpu_millis(value) == millis
+
+
+@pytest.mark.parametrize(
+    ("value", "reason_part"),
+    [
+        ("-1", "negative"),
+        (-0.5, "negative"),
+        ("0.0005", "millicore"),
+        ("two", "cannot read"),
+        ("inf", "finite"),
+        (None, "expected a number of cores"),
+        ({"n": 1}, "expected a number or a string"),
+    ],
+)
+def test_bad_cpu_amounts_name_the_field_and_reason(value, reason_part):
+    with pytest.raises(InvalidRequest) as exc:
+        parse_cpu_millis(value, "cpu_cores")
+    assert exc.value.field == "cpu_cores"
+    assert reason_part in exc.value.reason
