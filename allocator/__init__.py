@@ -12,9 +12,11 @@ from .errors import (
     Refused,
 )
 from .models import Allocation, AllocationRequest, Capacity, GpuSpec, HostSpec, Priority, Resources, Strategy
+from .seeds import AllocationManager, ResourceAllocator, allocate_resources
 
 __all__ = [
     "Allocation",
+    "AllocationManager",
     "AllocationNotFound",
     "AllocationRequest",
     "Allocator",
@@ -29,7 +31,9 @@ __all__ = [
     "NotFound",
     "Priority",
     "Refused",
+    "ResourceAllocator",
     "Resources",
     "Strategy",
+    "allocate_resources",
 ]
 __version__ = "0.1.0"

@@ -181,9 +181,14 @@ class Allocator:
         return {"host_id": res["host"], "gpus": res.get("gpus") or [], "cores": res.get("cores") or []}
 
     def release(self, allocation_id: str, *, reason: str = "released") -> Allocation:
-        """Ends an allocation; releasing it again is harmless and returns the same record."""
+        """Ends an allocation; releasing it again is harmless and returns the same record.
+
+        ``released_now`` on the result tells whether this call did the release (False on a repeat).
+        """
         res = self._raise_unless_ok(self._call("release", allocation_id, reason))
-        return Allocation.from_record(res["alloc"])
+        alloc = Allocation.from_record(res["alloc"])
+        alloc.released_now = bool(res.get("changed"))
+        return alloc
 
     def get(self, allocation_id: str) -> Allocation | None:
         rec = self.redis.hgetall(self.keys.alloc(allocation_id))
@@ -204,7 +209,7 @@ class Allocator:
         limit: int = 1000,
     ) -> list[Allocation]:
         """Allocations, newest first; finished ones stay listed for the retention period."""
-        if host_id is not None and state in (None, "active"):
+        if host_id is not None and state == "active":
             ids: Iterable[str] = self.redis.smembers(self.keys.host_allocs(host_id))
         elif state == "active":
             ids = self.redis.zrevrange(self.keys.active, 0, -1)

@@ -395,6 +395,7 @@ class Allocation(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     allocation_time_ms: float | None = None
+    released_now: bool | None = Field(None, description="Set by release: whether that call ended it.")
 
     @property
     def gpu_memory_mb(self) -> int:

@@ -1,0 +1,489 @@
+"""The seed-compatible layers (allocator/seeds.py): the seeds' examples, result shapes and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import pytest
+
+from allocator import seeds
+from allocator.errors import InsufficientResources, InvalidRequest
+from allocator.seeds import AllocationManager, ResourceAllocator, allocate_resources
+
+from .conftest import ledger_dump
+
+TOOL_SUCCESS_KEYS = {"success", "allocation_id", "task_id", "resources", "queue_position", "estimated_start_time", "metadata"}
+TOOL_RESOURCE_KEYS = {"gpu_id", "gpu_memory_mb", "cpu_cores", "ram_mb"}
+TOOL_FAILURE_KEYS = {"success", "task_id", "allocation_id", "error", "queue_position", "estimated_start_time"}
+SEED_REQUIREMENTS = {"gpu_memory_mb": 2048, "cpu_cores": 2, "ram_mb": 4096, "priority": 1}
+
+
+def iso(clock) -> str:
+    return datetime.fromtimestamp(clock(), tz=timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
+def seed_tool_host(a) -> None:
+    """Sized so that seed 004's example leaves exactly its printed available_resources."""
+    a.register_host(id="h1", cpu_cores=10, ram_mb=20480, gpus=[{"index": 0, "model": "T4", "memory_mb": 10240}])
+
+
+def quick_start_manager(a) -> AllocationManager:
+    return AllocationManager(a, total_cpu=16.0, total_memory=32768, total_workers=10)
+
+
+# -- allocate_resources (seed 004) ------------------------------------------------------------------
+
+
+def test_tool_seed_example_returns_the_seed_result(alloc, clock):
+    seed_tool_host(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, "best_fit", allocator=alloc)
+    assert r["success"] is True and r["task_id"] == "task_123"
+    assert {k: r["resources"][k] for k in TOOL_RESOURCE_KEYS} == {
+        "gpu_id": "gpu_0", "gpu_memory_mb": 2048, "cpu_cores": [0, 1], "ram_mb": 4096,
+    }
+    assert r["queue_position"] == 0
+    assert r["estimated_start_time"] == iso(clock)
+    assert r["metadata"]["available_resources"] == {"gpu_memory_mb": 8192, "cpu_cores": 8, "ram_mb": 16384}
+
+
+def test_tool_success_has_every_seed_key(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
+    assert TOOL_SUCCESS_KEYS <= r.keys()
+    assert TOOL_RESOURCE_KEYS <= r["resources"].keys()
+    assert {"allocation_time_ms", "available_resources"} <= r["metadata"].keys()
+    assert isinstance(r["metadata"]["allocation_time_ms"], float)
+
+
+def test_tool_records_task_id_and_task_type_on_the_allocation(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("task_123", "rendering", SEED_REQUIREMENTS, allocator=alloc)
+    a = alloc.get(r["allocation_id"])
+    assert (a.task_id, a.task_type, a.priority) == ("task_123", "rendering", "normal")
+
+
+def test_tool_accepts_a_priority_name(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "processing", {"cpu_cores": 1, "priority": "critical"}, allocator=alloc)
+    assert alloc.get(r["allocation_id"]).priority == "critical"
+
+
+def test_tool_without_gpu_memory_reports_no_gpu(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "processing", {"cpu_cores": 2, "ram_mb": 1024}, allocator=alloc)
+    assert r["resources"]["gpu_id"] is None and r["resources"]["gpu_memory_mb"] == 0
+
+
+def test_tool_fractional_cpu_reports_the_shared_amount(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "processing", {"cpu_cores": 0.5}, allocator=alloc)
+    assert r["resources"]["cpu_cores"] == 0.5
+    assert r["metadata"]["available_resources"]["cpu_cores"] == 9.5
+
+
+def test_tool_refusal_is_a_structured_error(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("task_9", "ml_inference", {"cpu_cores": 1, "ram_mb": 999_999}, allocator=alloc)
+    assert r.keys() == TOOL_FAILURE_KEYS
+    assert r["success"] is False and r["allocation_id"] is None and r["task_id"] == "task_9"
+    assert r["queue_position"] is None and r["estimated_start_time"] is None
+    assert r["error"]["code"] == "INSUFFICIENT_RAM"
+    assert r["error"]["field"] == "resource_requirements.ram_mb"
+    assert "999999 MiB" in r["error"]["message"]
+
+
+def test_tool_refusal_changes_nothing(alloc):
+    seed_tool_host(alloc)
+    before = ledger_dump(alloc)
+    allocate_resources("t", "ml_inference", {"gpu_memory_mb": 99_999}, allocator=alloc)
+    assert ledger_dump(alloc) == before
+
+
+def test_tool_unknown_requirement_is_a_structured_error(alloc):
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1, "vram": 4}, allocator=alloc)
+    assert r["success"] is False
+    assert r["error"] == {"code": "INVALID_REQUEST", "message": "resource_requirements.vram: unknown field",
+                          "field": "resource_requirements.vram"}
+
+
+def test_tool_bad_memory_string_names_its_field(alloc):
+    r = allocate_resources("t", "ml_inference", {"gpu_memory_mb": "lots"}, allocator=alloc)
+    assert r["error"]["field"] == "resource_requirements.gpu_memory_mb"
+
+
+def test_tool_bad_priority_names_its_field(alloc):
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1, "priority": 7}, allocator=alloc)
+    assert r["error"]["field"] == "resource_requirements.priority"
+
+
+def test_tool_bad_strategy_names_allocation_strategy(alloc):
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1}, "random_fit", allocator=alloc)
+    assert r["error"]["field"] == "allocation_strategy"
+
+
+def test_tool_requirements_that_are_not_a_dict_are_a_structured_error(alloc):
+    r = allocate_resources("t", "ml_inference", ["cpu", 2], allocator=alloc)  # type: ignore[arg-type]
+    assert r["success"] is False and r["error"]["field"] == "resource_requirements"
+
+
+def test_tool_bad_task_id_is_a_structured_error(alloc):
+    r = allocate_resources(["not", "an", "id"], "ml_inference", {"cpu_cores": 1}, allocator=alloc)  # type: ignore[arg-type]
+    assert r["success"] is False and r["error"]["field"] == "task_id"
+
+
+def test_tool_ttl_seconds_expires_the_allocation(alloc, clock):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 2, "ttl_seconds": 60}, allocator=alloc)
+    clock.advance(61)
+    assert alloc.expire() == [r["allocation_id"]]
+    assert alloc.get(r["allocation_id"]).release_reason == "expired"
+
+
+def test_tool_uses_the_default_allocator_when_none_is_given(alloc, monkeypatch):
+    seed_tool_host(alloc)
+    monkeypatch.setattr(seeds, "_default", alloc)
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1})
+    assert alloc.get(r["allocation_id"]) is not None
+
+
+# -- AllocationManager (seed 000) -------------------------------------------------------------------
+
+
+def test_manager_quick_start_allocates_and_releases(alloc):
+    manager = quick_start_manager(alloc)
+    allocation = manager.request_resources(
+        job_id="feature-dev-001", mcp_servers=["filesystem", "github", "database"], workers=4,
+        priority="high", ttl_seconds=7200,
+    )
+    assert allocation["status"] == "active"
+    assert {k: allocation["resources"][k] for k in ("cpu", "memory", "workers")} == {"cpu": 4.0, "memory": 8192, "workers": 4}
+    released = manager.release_resources(allocation["allocation_id"])
+    assert (released["status"], released["workers_released"], released["cpu_freed"], released["memory_freed"]) == (
+        "released", 4, 4.0, 8192,
+    )
+
+
+def test_manager_request_result_has_every_seed_key(alloc, clock):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=2, priority="high", ttl_seconds=7200)
+    assert {"allocation_id", "status", "job_id", "mcp_servers", "workers_allocated", "resources", "ttl_seconds",
+            "created_at"} <= r.keys()
+    assert (r["job_id"], r["ttl_seconds"], r["created_at"]) == ("job-001", 7200, iso(clock))
+
+
+def test_manager_names_workers_after_the_job(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=2)
+    assert [w["worker_id"] for w in r["workers_allocated"]] == ["worker-job-001-000", "worker-job-001-001"]
+    first = r["workers_allocated"][0]
+    assert {k: first[k] for k in ("cpu", "memory", "status", "host_id")} == {
+        "cpu": 1.0, "memory": 2048, "status": "active", "host_id": "local",
+    }
+
+
+def test_manager_echoes_mcp_servers_as_requested_without_endpoints(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem", "github"])
+    assert r["mcp_servers"] == [
+        {"name": "filesystem", "endpoint": None, "status": "requested"},
+        {"name": "github", "endpoint": None, "status": "requested"},
+    ]
+
+
+def test_manager_capacity_matches_the_seed_example(alloc):
+    manager = quick_start_manager(alloc)
+    manager.request_resources("job-001", ["filesystem"], workers=4)
+    cap = manager.get_capacity()
+    assert {k: cap[k] for k in ("total_cpu", "total_memory", "total_workers", "allocated_cpu", "allocated_memory",
+                                 "allocated_workers", "available_cpu", "available_memory", "available_workers",
+                                 "running_mcp_servers", "active_allocations")} == {
+        "total_cpu": 16.0, "total_memory": 32768, "total_workers": 10, "allocated_cpu": 4.0,
+        "allocated_memory": 8192, "allocated_workers": 4, "available_cpu": 12.0, "available_memory": 24576,
+        "available_workers": 6, "running_mcp_servers": [], "active_allocations": 1,
+    }
+
+
+def test_manager_capacity_reports_gpu_totals(alloc):
+    alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
+    manager = AllocationManager(alloc)
+    manager.request_resources("job-1", workers=1, gpus=1, gpu_memory_mb=4096)
+    cap = manager.get_capacity()
+    assert (cap["total_gpus"], cap["total_gpu_memory"], cap["allocated_gpu_memory"], cap["available_gpu_memory"]) == (
+        2, 32768, 4096, 28672,
+    )
+
+
+def test_manager_refuses_workers_beyond_total_workers_with_the_seed_message(alloc):
+    manager = quick_start_manager(alloc)
+    manager.request_resources("job-001", ["filesystem"], workers=4)
+    r = manager.request_resources("job-002", ["filesystem"], workers=10)
+    assert r["status"] == "failed"
+    assert r["error"] == "Insufficient workers: requested 10, available 6"
+    assert r["allocation_id"].startswith("alloc-") and manager.get_allocation(r["allocation_id"]) is None
+
+
+def test_manager_seed_error_example_reports_all_ten_workers_available(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=20)
+    assert r["error"] == "Insufficient workers: requested 20, available 10"
+
+
+def test_manager_counts_available_workers_on_the_largest_single_host(alloc):
+    alloc.register_host(id="a", cpu_cores=4, ram_mb=16384)
+    alloc.register_host(id="b", cpu_cores=4, ram_mb=16384)
+    manager = AllocationManager(alloc)
+    r = manager.request_resources("job-001", workers=6)
+    assert r["error"] == "Insufficient workers: requested 6, available 4"
+    assert manager.get_capacity()["available_workers"] == 4
+
+
+def test_manager_worker_slots_are_bounded_by_memory_too(alloc):
+    alloc.register_host(id="a", cpu_cores=8, ram_mb=4096)
+    manager = AllocationManager(alloc)
+    r = manager.request_resources("job-001", workers=3)
+    assert r["error"] == "Insufficient workers: requested 3, available 2"
+
+
+def test_manager_fractional_worker_cpu_adds_up_in_millicores(alloc):
+    alloc.register_host(id="a", cpu_cores=4, ram_mb=8192)
+    manager = AllocationManager(alloc, worker_cpu=0.1, worker_memory=256)
+    r = manager.request_resources("job-001", workers=3)
+    assert r["resources"]["cpu"] == 0.3 and r["resources"]["memory"] == 768
+
+
+def test_manager_adds_explicit_resources_to_the_workers(alloc):
+    alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}])
+    manager = AllocationManager(alloc)
+    r = manager.request_resources("job-1", workers=2, gpus=1, gpu_memory_mb=4096, cpu_cores=1, ram_mb="1Gi")
+    assert (r["resources"]["cpu"], r["resources"]["memory"], r["resources"]["gpu_memory_mb"]) == (3.0, 5120, 4096)
+    assert r["resources"]["gpus"][0]["index"] == 0
+
+
+def test_manager_unknown_resource_keyword_fails_without_raising(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-1", workers=1, disk_gb=10)
+    assert r["status"] == "failed" and "disk_gb" in r["error"]
+
+
+def test_manager_bad_priority_fails_without_raising(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-1", ["filesystem"], workers=1, priority="urgent")
+    assert r["status"] == "failed" and r["error"].startswith("priority:")
+
+
+def test_manager_negative_workers_fail_without_raising(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-1", workers=-1)
+    assert r["status"] == "failed" and r["error"].startswith("workers:")
+
+
+def test_manager_records_the_task_type_from_metadata(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("task-feature-auth", ["filesystem"], workers=2,
+                                  metadata={"master": "development", "task_type": "feature_implementation"})
+    assert alloc.get(r["allocation_id"]).task_type == "feature_implementation"
+
+
+def test_manager_release_of_unknown_allocation_is_an_error_result(alloc):
+    manager = quick_start_manager(alloc)
+    assert manager.release_resources("nonexistent-id") == {"status": "error", "error": "Allocation nonexistent-id not found"}
+
+
+def test_manager_release_result_has_every_seed_key(alloc, clock):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=4, ttl_seconds=10_000)
+    clock.advance(7200)
+    released = manager.release_resources(r["allocation_id"])
+    assert {"status", "allocation_id", "job_id", "workers_released", "cpu_freed", "memory_freed", "released_at",
+            "duration_seconds"} <= released.keys()
+    assert (released["job_id"], released["released_at"], released["duration_seconds"]) == ("job-001", iso(clock), 7200)
+
+
+def test_manager_second_release_reports_released_and_frees_nothing(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=4)
+    manager.release_resources(r["allocation_id"])
+    again = manager.release_resources(r["allocation_id"])
+    assert again["status"] == "released" and again["already_released"] is True
+    assert (again["workers_released"], again["cpu_freed"], again["memory_freed"]) == (0, 0.0, 0)
+    assert manager.get_capacity()["available_cpu"] == 16.0
+
+
+def test_manager_get_allocation_has_the_seed_shape(alloc, clock):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem", "github"], workers=4, priority="high", ttl_seconds=7200,
+                                  metadata={"task_type": "feature"})
+    clock.advance(3600)
+    d = manager.get_allocation(r["allocation_id"])
+    assert {"allocation_id", "job_id", "state", "priority", "resources", "mcp_servers", "workers", "timestamps",
+            "ttl_seconds", "is_expired", "metadata"} <= d.keys()
+    assert (d["job_id"], d["state"], d["priority"], d["ttl_seconds"], d["is_expired"]) == ("job-001", "active", "high", 7200, False)
+    assert {k: d["resources"][k] for k in ("cpu_allocated", "memory_allocated", "workers")} == {
+        "cpu_allocated": 4.0, "memory_allocated": 8192, "workers": 4,
+    }
+    assert d["timestamps"]["age_seconds"] == 3600 and d["timestamps"]["released_at"] is None
+    assert d["metadata"] == {"task_type": "feature"} and len(d["workers"]) == 4
+
+
+def test_manager_get_allocation_of_unknown_id_is_none(alloc):
+    assert quick_start_manager(alloc).get_allocation("nonexistent-id") is None
+
+
+def test_manager_lists_allocations_by_state_and_job(alloc):
+    manager = quick_start_manager(alloc)
+    a = manager.request_resources("job-001", ["filesystem"], workers=1)
+    b = manager.request_resources("job-002", ["filesystem"], workers=2)
+    manager.release_resources(a["allocation_id"])
+    assert [x["allocation_id"] for x in manager.list_allocations(state="active")] == [b["allocation_id"]]
+    assert [x["allocation_id"] for x in manager.list_allocations(job_id="job-001")] == [a["allocation_id"]]
+    assert manager.list_allocations(job_id="job-002")[0].keys() == {
+        "allocation_id", "job_id", "state", "priority", "workers", "age_seconds", "is_expired",
+    }
+
+
+def test_manager_cleanup_releases_allocations_past_their_ttl(alloc, clock):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("security-scan-001", ["filesystem"], workers=4, ttl_seconds=1800)
+    clock.advance(1801)
+    assert manager.cleanup_expired_allocations() == [r["allocation_id"]]
+    d = manager.get_allocation(r["allocation_id"])
+    assert d["state"] == "released" and d["is_expired"] is True
+    assert manager.get_capacity()["allocated_workers"] == 0
+
+
+def test_manager_cleanup_leaves_allocations_within_their_ttl(alloc, clock):
+    manager = quick_start_manager(alloc)
+    manager.request_resources("job-001", ["filesystem"], workers=1, ttl_seconds=1800)
+    clock.advance(1799)
+    assert manager.cleanup_expired_allocations() == []
+
+
+def test_manager_without_totals_registers_no_host(alloc):
+    AllocationManager(alloc)
+    assert alloc.capacity().host_count == 0
+
+
+# -- ResourceAllocator (seed 002) -------------------------------------------------------------------
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_resource_allocator_usage_matches_the_seed_example(alloc):
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    run(ra.allocate_resources({"cpu": "1", "memory": "2Gi"}))
+    run(ra.allocate_resources({"cpu": "2", "memory": "4Gi"}))
+    assert ra.get_resource_usage() == {
+        "total_cpu": 8.0, "allocated_cpu": 3.0, "available_cpu": 5.0, "cpu_utilization": 37.5,
+        "total_memory_mb": 16384, "allocated_memory_mb": 6144, "available_memory_mb": 10240,
+        "memory_utilization": 37.5, "active_allocations": 2,
+    }
+
+
+def test_resource_allocator_check_availability_is_true_when_it_fits(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    assert run(ra.check_availability({"cpu": "2", "memory": "4Gi"})) is True
+
+
+def test_resource_allocator_check_availability_is_false_when_it_does_not_fit(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    assert run(ra.check_availability({"cpu": "2", "memory": "9Gi"})) is False
+
+
+def test_resource_allocator_check_availability_changes_nothing(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    before = ledger_dump(alloc)
+    run(ra.check_availability({"cpu": "0.5", "memory": "512Mi"}))
+    assert ledger_dump(alloc) == before
+
+
+def test_resource_allocator_check_availability_reads_invalid_limits_as_false(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    assert run(ra.check_availability({"cpu": "two", "memory": "1Gi"})) is False
+
+
+def test_resource_allocator_allocation_is_a_dict_of_strings(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    allocation = run(ra.allocate_resources({"cpu": "0.5", "memory": "512Mi"}))
+    assert all(isinstance(v, str) for v in allocation.values())
+    assert (allocation["cpu"], allocation["memory"], allocation["memory_mb"]) == ("0.5", "512Mi", "512")
+    assert alloc.get(allocation["allocation_id"]).cpu_shared == 0.5
+
+
+def test_resource_allocator_reads_decimal_gigabytes_as_kubernetes_does(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    allocation = run(ra.allocate_resources({"cpu": "1", "memory": "2G"}))
+    assert allocation["memory_mb"] == "1908"
+
+
+def test_resource_allocator_refusal_raises_value_error(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    with pytest.raises(ValueError, match="insufficient CPU") as info:
+        run(ra.allocate_resources({"cpu": "5", "memory": "1Gi"}))
+    assert isinstance(info.value, InsufficientResources)
+
+
+def test_resource_allocator_unknown_limit_raises_naming_it(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    with pytest.raises(InvalidRequest, match="resource_limits.gpu"):
+        run(ra.allocate_resources({"cpu": "1", "memory": "1Gi", "gpu": "1"}))
+
+
+def test_resource_allocator_release_frees_the_resources(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    allocation = run(ra.allocate_resources({"cpu": "2", "memory": "4Gi"}))
+    run(ra.release_resources(allocation))
+    assert ra.get_resource_usage()["allocated_cpu"] == 0.0 and ra.get_active_allocations() == {}
+
+
+def test_resource_allocator_second_release_is_harmless(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    allocation = run(ra.allocate_resources({"cpu": "2", "memory": "4Gi"}))
+    run(ra.release_resources(allocation))
+    before = ledger_dump(alloc)
+    run(ra.release_resources(allocation))
+    assert ledger_dump(alloc) == before
+
+
+def test_resource_allocator_release_of_unknown_id_is_ignored(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    assert run(ra.release_resources({"allocation_id": "alloc-gone"})) is None
+
+
+def test_resource_allocator_lists_only_its_own_allocations(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    mine = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    alloc.allocate({"cpu_cores": 1})
+    listed = ra.get_active_allocations()
+    assert list(listed) == [mine["allocation_id"]]
+    assert (listed[mine["allocation_id"]]["cpu"], listed[mine["allocation_id"]]["memory"]) == ("1", "1Gi")
+
+
+def test_resource_allocator_allocations_have_no_ttl(alloc, clock):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    allocation = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    clock.advance(48 * 3600)
+    assert alloc.expire() == [] and alloc.get(allocation["allocation_id"]).state == "active"
+
+
+def test_resource_allocator_cleanup_releases_only_allocations_older_than_max_age(alloc, clock):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    old = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    clock.advance(23 * 3600)
+    young = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    clock.advance(2 * 3600)
+    assert run(ra.cleanup_expired_allocations(max_age_hours=24)) == 1
+    assert list(ra.get_active_allocations()) == [young["allocation_id"]]
+    assert alloc.get(old["allocation_id"]).release_reason == "expired"
+
+
+def test_resource_allocator_registers_whole_cores_of_a_fractional_total(alloc):
+    ra = ResourceAllocator(total_cpu=2.5, total_memory_gb=4, allocator=alloc, register=True)
+    assert ra.get_resource_usage()["total_cpu"] == 2.0
+
+
+def test_resource_allocator_with_an_allocator_registers_no_host_by_default(alloc):
+    ResourceAllocator(allocator=alloc)
+    assert alloc.capacity().host_count == 0

@@ -1,0 +1,198 @@
+"""Hypothesis drives the ledger and a plain-Python model of it side by side.
+
+The model knows nothing about indexes or scan order: it only says whether *some* host could take
+a request. The ledger must then grant it (no false refusals on a small fleet), the grant must be
+legal in the model (nothing oversubscribed, no core twice), and every figure must agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+from allocator import Allocator, InsufficientResources
+from allocator.invariants import check
+
+from .conftest import FakeClock
+
+
+@dataclass
+class MGpu:
+    uuid: str
+    model: str
+    total: int
+    used: int = 0
+    holders: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+@dataclass
+class MHost:
+    id: str
+    cores: list[int]
+    ram: int
+    gpus: list[MGpu]
+    taken: set[int] = field(default_factory=set)
+    shared: int = 0
+    ram_used: int = 0
+
+    @property
+    def cpu_free(self) -> int:
+        return (len(self.cores) - len(self.taken)) * 1000 - self.shared
+
+    def gpu_candidates(self, req: dict) -> list[MGpu]:
+        models = req.get("gpu_model")
+        ok = []
+        for g in self.gpus:
+            if models and g.model not in models.split("|"):
+                continue
+            if "gpu_memory_mb" in req and g.free >= req["gpu_memory_mb"]:
+                ok.append(g)
+            elif "gpu_memory_mb" not in req and g.holders == 0 and g.free > 0:
+                ok.append(g)
+        return ok
+
+    def fits(self, req: dict) -> bool:
+        if self.cpu_free <= 0 or self.ram - self.ram_used <= 0:
+            return False  # a host with no free CPU or RAM takes no new work (it is parked)
+        if self.cpu_free < req["cpu_millis"] or self.ram - self.ram_used < req["ram_mb"]:
+            return False
+        return len(self.gpu_candidates(req)) >= req.get("gpus", 0)
+
+
+MODELS = ["T4", "A100"]
+requests = st.fixed_dictionaries(
+    {"cpu_millis": st.sampled_from([500, 1000, 2000, 3000, 250]), "ram_mb": st.integers(1, 6).map(lambda x: x * 1024)},
+    optional={"gpus": st.integers(1, 2), "gpu_memory_mb": st.integers(1, 16).map(lambda x: x * 1024),
+              "gpu_model": st.sampled_from(["T4", "A100", "T4|A100"])},
+)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    held = Bundle("held")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.a = Allocator(REDIS_URL, namespace="test-sm-" + uuid.uuid4().hex[:10], clock=self.clock)
+        self.hosts: dict[str, MHost] = {}
+        self.grants: dict[str, dict] = {}
+
+    @initialize(n_hosts=st.integers(1, 3), data=st.data())
+    def fleet(self, n_hosts: int, data: st.DataObject) -> None:
+        for i in range(n_hosts):
+            ngpu = data.draw(st.integers(0, 3))
+            gpus = [MGpu(f"h{i}-gpu{g}", data.draw(st.sampled_from(MODELS)), data.draw(st.sampled_from([8192, 16384]))) for g in range(ngpu)]
+            h = MHost(f"h{i}", list(range(data.draw(st.integers(1, 4)))), data.draw(st.sampled_from([4096, 8192])), gpus)
+            self.hosts[h.id] = h
+            self.a.register_host(id=h.id, cpu_cores=h.cores, ram_mb=h.ram,
+                                 gpus=[{"index": k, "uuid": g.uuid, "model": g.model, "memory_mb": g.total} for k, g in enumerate(gpus)])
+
+    @rule(target=held, req=requests, strategy=st.sampled_from(["best_fit", "first_fit", "worst_fit", "priority"]),
+          ttl=st.sampled_from([None, 30, 120]))
+    def allocate(self, req: dict, strategy: str, ttl: int | None):
+        resources = {"cpu_cores": req["cpu_millis"] / 1000, "ram_mb": req["ram_mb"]}
+        for k in ("gpus", "gpu_memory_mb", "gpu_model"):
+            if k in req:
+                resources[k] = req[k]
+        if "gpu_model" in req and "gpus" not in req and "gpu_memory_mb" not in req:
+            resources["gpus"] = req["gpus"] = 1
+        if "gpu_memory_mb" in req and "gpus" not in req:
+            req["gpus"] = 1
+        feasible = any(h.fits(req) for h in self.hosts.values())
+        try:
+            x = self.a.allocate(resources, strategy=strategy, ttl_seconds=ttl)
+        except InsufficientResources:
+            assert not feasible, f"refused although a host fits {req}"
+            return multiple()  # nothing to hand on
+        assert feasible, f"granted {req} although no host fits"
+        self._apply(x, req)
+        return x.allocation_id
+
+    def _apply(self, x, req: dict) -> None:
+        h = self.hosts[x.host_id]
+        assert h.fits(req)
+        assert len(x.gpus) == req.get("gpus", 0)
+        for g in x.gpus:
+            mg = next(m for m in h.gpus if m.uuid == g.uuid)
+            assert mg in h.gpu_candidates(req)
+            mg.used += g.memory_mb
+            mg.holders += 1
+        assert not (set(x.cpu_cores) & h.taken) and set(x.cpu_cores) <= set(h.cores)
+        h.taken |= set(x.cpu_cores)
+        h.shared += round(x.cpu_shared * 1000)
+        h.ram_used += x.ram_mb
+        self.grants[x.allocation_id] = {"host": h.id, "gpus": [(g.uuid, g.memory_mb) for g in x.gpus],
+                                        "cores": set(x.cpu_cores), "shared": round(x.cpu_shared * 1000), "ram": x.ram_mb,
+                                        "expires": x.expires_at.timestamp() if x.expires_at else None}
+
+    def _free(self, aid: str) -> None:
+        g = self.grants.pop(aid, None)
+        if g is None:
+            return
+        h = self.hosts[g["host"]]
+        for u, mem in g["gpus"]:
+            mg = next(m for m in h.gpus if m.uuid == u)
+            mg.used -= mem
+            mg.holders -= 1
+        h.taken -= g["cores"]
+        h.shared -= g["shared"]
+        h.ram_used -= g["ram"]
+
+    @rule(aid=consumes(held))
+    def release(self, aid):
+        self.a.release(aid)
+        self.a.release(aid)
+        self._free(aid)
+
+    @rule(seconds=st.sampled_from([10, 60, 200]))
+    def time_passes(self, seconds: int):
+        self.clock.advance(seconds)
+        expired = set(self.a.expire())
+        due = {aid for aid, g in self.grants.items() if g["expires"] is not None and g["expires"] <= self.clock.now}
+        assert expired == due
+        for aid in due:
+            self._free(aid)
+
+    @invariant()
+    def figures_agree(self):
+        cap = self.a.capacity()
+        by_id = {h.host_id: h for h in cap.hosts}
+        for h in self.hosts.values():
+            c = by_id[h.id]
+            assert c.cpu_cores.available == max(0, h.cpu_free) / 1000
+            assert c.ram_mb.available == h.ram - h.ram_used
+            assert [g.memory.available for g in c.gpus] == [m.free for m in h.gpus]
+        assert cap.active_allocations == len(self.grants)
+        assert check(self.a.snapshot()) == []
+
+    def teardown(self):
+        self.a.destroy()
+        self.a.redis.close()
+
+
+REDIS_URL = ""
+
+
+def test_ledger_matches_a_plain_python_model(redis_url):
+    global REDIS_URL
+    REDIS_URL = redis_url
+    run_state_machine_as_test(LedgerMachine, settings=settings(
+        max_examples=60, stateful_step_count=30, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
