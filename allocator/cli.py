@@ -1,9 +1,73 @@
-"""Command line (typer + rich). Later issues add the full command set."""
+"""Command line (typer + rich). The full command set (allocate, queue, top, tool, ...) builds on this."""
+
 from __future__ import annotations
 
+import uuid
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from .client import Allocator
+from .config import Settings
+from .errors import InsufficientResources
 
 app = typer.Typer(help="rq-allocator: GPU memory, CPU core and RAM allocation for queued tasks.", no_args_is_help=True)
+console = Console()
+
+EXAMPLE_FLEET = [
+    {"id": "gpu-a", "labels": {"cluster": "lab"}, "cpu_cores": 16, "ram_mb": "128Gi",
+     "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi"}, {"index": 1, "model": "A100", "memory_mb": "40Gi"}]},
+    {"id": "gpu-b", "labels": {"cluster": "lab"}, "cpu_cores": 8, "ram_mb": "64Gi",
+     "gpus": [{"index": 0, "model": "T4", "memory_mb": "16Gi"}]},
+]
+
+
+@app.callback()
+def _root() -> None:
+    """rq-allocator command line."""
+
+
+@app.command()
+def example(
+    redis_url: str = typer.Option(None, envvar="ALLOCATOR_REDIS_URL", help="Redis URL; unset = a private embedded redis-server."),
+) -> None:
+    """Register a two-host fleet, allocate and release on it, and show capacity at each step."""
+    namespace = "example-" + uuid.uuid4().hex[:8]
+    a = Allocator(redis_url or Settings.from_env().redis_url, namespace=namespace)
+    try:
+        for host in EXAMPLE_FLEET:
+            a.register_host(host)
+        console.print(f"[bold]Fleet[/] registered in namespace {namespace!r}")
+        _capacity_table(a)
+        train = a.allocate({"gpus": 1, "gpu_memory_mb": "20Gi", "cpu_cores": 4, "ram_mb": "32Gi"},
+                           priority="high", task_type="finetune", task_id="train-1")
+        infer = a.allocate({"gpu_memory_mb": "2Gi", "cpu_cores": 2, "ram_mb": "4Gi"}, task_type="ml_inference", task_id="task_123")
+        for x in (train, infer):
+            gpus = ", ".join(f"GPU {g.index} ({g.model}, {g.memory_mb} MiB)" for g in x.gpus)
+            console.print(f"[green]placed[/] {x.task_id} -> {x.host_id}: {gpus}; cores {x.cpu_cores}; "
+                          f"{x.ram_mb} MiB RAM in {x.allocation_time_ms} ms")
+        try:
+            a.allocate({"gpu_memory_mb": "48Gi"})
+        except InsufficientResources as exc:
+            console.print(f"[yellow]refused[/] 48Gi on one GPU: {exc}")
+        _capacity_table(a)
+        for x in (train, infer):
+            a.release(x.allocation_id)
+        console.print("[bold]released both[/]")
+        _capacity_table(a)
+    finally:
+        a.destroy()
+
+
+def _capacity_table(a: Allocator) -> None:
+    cap = a.capacity()
+    t = Table("host", "GPU memory MiB (free/total)", "cores (free/total)", "RAM MiB (free/total)", "allocations")
+    for h in cap.hosts:
+        t.add_row(h.host_id, f"{h.gpu_memory_mb.available:.0f}/{h.gpu_memory_mb.total:.0f}",
+                  f"{h.cpu_cores.available:g}/{h.cpu_cores.total:g}", f"{h.ram_mb.available:.0f}/{h.ram_mb.total:.0f}",
+                  str(h.active_allocations))
+    console.print(t)
 
 
 def main() -> None:
