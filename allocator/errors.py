@@ -81,6 +81,13 @@ class HostBusy(Refused):
     default_message = "host still holds active allocations"
 
 
+class Recovering(Refused):
+    """The ledger is being rebuilt from the durable history; placements resume when it is done."""
+
+    code = "RECOVERING"
+    default_message = "the ledger is being rebuilt; try again shortly"
+
+
 class LedgerCorrupt(AllocatorError):
     """A script found the ledger inconsistent; it wrote nothing. Report it: this is a bug."""
 
@@ -93,6 +100,7 @@ _BY_CODE: dict[str, type[AllocatorError]] = {
     "HOST_NOT_FOUND": HostNotFound,
     "HOST_BUSY": HostBusy,
     "LEDGER_CORRUPT": LedgerCorrupt,
+    "RECOVERING": Recovering,
 }
 
 

@@ -1,8 +1,11 @@
 """Allocate, release, expire: idempotency, TTLs on an injected clock, records and events."""
 
+import json
+
 import pytest
 
 from allocator import AllocationNotFound, InsufficientResources, InvalidRequest
+from allocator.errors import Recovering
 
 from .conftest import ledger_dump
 
@@ -131,3 +134,11 @@ def test_every_change_appends_an_outbox_event(alloc_any):
     events = alloc_any.redis.xrange(alloc_any.keys.events)
     assert [(e["type"], e["id"]) for _, e in events] == [
         ("host_registered", "h1"), ("allocated", x.allocation_id), ("released", x.allocation_id)]
+    assert json.loads(events[-1][1]["data"])["reason"] == "released"
+
+
+def test_no_placement_while_the_ledger_is_recovering(alloc_any):
+    one_gpu_host(alloc_any)
+    alloc_any.redis.hset(alloc_any.keys.seq, "recovering", "1")
+    with pytest.raises(Recovering):
+        alloc_any.allocate({"gpu_memory_mb": "1Gi"})

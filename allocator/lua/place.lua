@@ -6,6 +6,7 @@ ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|
         cpu_millis, exclusive (bool), ram, ttl_ms (0 = none), selector{label=[values]} or absent,
         metadata (JSON text), request (JSON text), scan_cap, dry_run (bool)}.
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
+While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.
 Before placing it reaps up to 8 expired allocations. All checks happen before the first write;
 a refusal writes nothing.
 Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
@@ -18,6 +19,10 @@ local now = now_ms()
 
 local existing = read_alloc(req.id)
 if existing then return cjson.encode({ok = true, existing = true, alloc = existing}) end
+if rcall('HGET', K_SEQ, 'recovering') == '1' then
+  return cjson.encode({ok = false, code = 'RECOVERING', details = {},
+    message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'})
+end
 if not req.dry_run then reap_expired(now, 8) end
 
 local k = req.gpus
@@ -253,6 +258,7 @@ local expires = 0
 if req.ttl_ms > 0 then expires = now + req.ttl_ms end
 local rec = {id = req.id, task_id = req.task_id, task_type = req.task_type, owner = req.owner,
   priority = tostring(req.priority), strategy = req.strategy_name, state = 'active', host = h,
+  host_gen = tostring(s.gen),
   gpus = cjson.encode(grants), cores = cjson.encode(core_ids), shared_millis = tostring(shared),
   ram_mb = tostring(req.ram), created = tostring(now), activated = tostring(now),
   ttl_ms = tostring(req.ttl_ms), expires = tostring(expires), metadata = req.metadata,
@@ -261,6 +267,8 @@ rcall('HSET', alloc_key(req.id), unpack(alloc_to_list(rec)))
 rcall('ZADD', K_ALLOCS, now, req.id)
 rcall('ZADD', K_ACTIVE, now, req.id)
 if expires > 0 then rcall('ZADD', K_EXPIRY, expires, req.id) end
-emit('allocated', req.id, now, cjson.encode({host = h, task_id = req.task_id, task_type = req.task_type,
-  gpus = grants, cores = core_ids, shared_millis = shared, ram_mb = req.ram, priority = req.priority}))
+emit('allocated', req.id, now, cjson.encode({host = h, host_gen = s.gen, task_id = req.task_id,
+  task_type = req.task_type, owner = req.owner, priority = req.priority, strategy = req.strategy_name,
+  gpus = grants, cores = core_ids, shared_millis = shared, ram_mb = req.ram, ttl_ms = req.ttl_ms,
+  expires = expires, created = now, metadata = req.metadata, request = req.request}))
 return cjson.encode({ok = true, alloc = rec})

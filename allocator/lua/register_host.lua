@@ -4,7 +4,8 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] host JSON {id, labels{}, cores[], ram_mb, gpus[{index, uuid, model, memory_mb, used_mb}]}.
 Usage (GPU memory, cores, RAM held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
-A draining host stays draining; any other state becomes "ready".
+A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
+the next generation (field gen), which fences grants made before it was lost.
 Returns JSON {created, ord, state}.
 ]]
 --- @include "ledger"
@@ -17,14 +18,19 @@ local created = rcall('EXISTS', hk) == 0
 local ord
 local state = 'ready'
 local old_ngpu = 0
+local gen = 1
 if created then
   ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
   rcall('ZADD', K_HOSTS, ord, h)
 else
-  local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu')
+  local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu', 'gen')
   ord = tonumber(f[1])
   if f[2] == 'draining' then state = 'draining' end
   old_ngpu = tonumber(f[3])
+  gen = tonumber(f[4] or 1)
+  -- A host declared lost comes back under a new generation: grants made under the old one are
+  -- stale (workers compare the generation before starting a job).
+  if f[2] == 'lost' then gen = gen + 1 end
 end
 
 -- Usage held by active allocations, keyed by GPU uuid and core id.
@@ -51,7 +57,7 @@ end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
   'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
-  'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now}
+  'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen}
 if created then
   fields[#fields + 1] = 'registered'; fields[#fields + 1] = now
 end
@@ -77,4 +83,4 @@ if created then
 else
   emit('host_updated', h, now, ARGV[3])
 end
-return cjson.encode({created = created, ord = ord, state = state})
+return cjson.encode({created = created, ord = ord, state = state, gen = gen})

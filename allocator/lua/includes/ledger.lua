@@ -58,11 +58,11 @@ end
 
 -- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
 local function host_state(h)
-  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels')
+  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen')
   if not f[1] then return nil end
   return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
           ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
-          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5])}
+          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1)}
 end
 
 local function gpu_state(h, pos)
@@ -198,7 +198,8 @@ local function finish_alloc(id, reason, now)
   rcall('ZREM', K_EXPIRY, id)
   rcall('ZADD', K_DONE, now, id)
   a.state, a.released, a.reason = state, tostring(now), reason
-  emit(reason, id, now, cjson.encode({host = a.host, task_id = a.task_id}))
+  emit('released', id, now, cjson.encode({host = a.host, task_id = a.task_id, state = state, reason = reason,
+    created = tonumber(a.created), activated = tonumber(a.activated or a.created)}))
   return a, true
 end
 
