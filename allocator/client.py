@@ -15,9 +15,9 @@ from typing import Any
 
 import redis
 
-from . import embedded
+from . import embedded, queue
 from .config import Settings
-from .errors import AllocationNotFound, from_code
+from .errors import AllocationNotFound, InvalidRequest, from_code
 from .keys import Keys
 from .models import (
     Allocation,
@@ -27,6 +27,7 @@ from .models import (
     HostCapacity,
     HostSpec,
     Resources,
+    Strategy,
     Usage,
     parse,
 )
@@ -56,6 +57,7 @@ class Allocator:
         clock: Callable[[], float] | None = None,
         scan_cap: int = 2048,
         record_retention_s: int = 86400,
+        pass_depth: int = 100,
     ) -> None:
         if client is None:
             client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
@@ -65,6 +67,8 @@ class Allocator:
         self.clock = clock
         self.scan_cap = scan_cap
         self.record_retention_s = record_retention_s
+        self.pass_depth = pass_depth
+        self._rq_connection: redis.Redis | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Allocator:
@@ -75,6 +79,7 @@ class Allocator:
             "namespace": s.namespace,
             "scan_cap": s.scan_cap,
             "record_retention_s": s.record_retention_s,
+            "pass_depth": s.pass_depth,
         }
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -104,7 +109,7 @@ class Allocator:
         spec = parse(HostSpec, host if host is not None else fields)
         payload = spec.model_dump()
         payload["cores"] = payload.pop("cpu_cores")
-        return self._call("register_host", json.dumps(payload))
+        return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap)
 
     def drain_host(self, host_id: str) -> None:
         """No new placements on the host; what runs there keeps its resources."""
@@ -112,7 +117,7 @@ class Allocator:
 
     def resume_host(self, host_id: str) -> None:
         """Undo ``drain_host``."""
-        self._raise_unless_ok(self._call("drain_host", host_id, "resume"))
+        self._raise_unless_ok(self._call("drain_host", host_id, "resume", self.pass_depth, self.scan_cap))
 
     def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
         """Removes a host; refused while it holds allocations unless ``force`` (which ends them)."""
@@ -143,6 +148,8 @@ class Allocator:
             "exclusive": r.exclusive_cores,
             "ram": r.ram_mb,
             "ttl_ms": int(req.ttl_seconds * 1000) if req.ttl_seconds else 0,
+            "expected_ms": int(req.expected_duration * 1000) if req.expected_duration else 0,
+            "preempt": req.strategy is Strategy.PRIORITY,
             "metadata": json.dumps(req.metadata),
             "request": req.model_dump_json(),
             "scan_cap": self.scan_cap,
@@ -166,11 +173,20 @@ class Allocator:
         alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
         return alloc
 
-    def allocate(self, resources: ResourcesLike | None = None, **fields: Any) -> Allocation:
-        """Allocates now (fail fast). Fields: priority, strategy, ttl_seconds, selector, metadata,
-        task_id, task_type, owner, allocation_id. Raises ``InvalidRequest`` or ``InsufficientResources``.
+    def allocate(self, resources: ResourcesLike | None = None, *, on_busy: str = "fail", **fields: Any) -> Allocation:
+        """Allocates now. Fields: priority, strategy, ttl_seconds, expected_duration, selector,
+        metadata, task_id, task_type, owner, allocation_id.
+
+        ``on_busy="fail"`` (default) raises ``InsufficientResources`` with the reason when the
+        request does not fit now; ``on_busy="queue"`` puts it in line instead and returns the
+        allocation in state ``pending`` with its ``queue_position`` (see ``Allocator.task``).
         """
-        return self.submit(self.build_request(resources, **fields))
+        if on_busy not in ("fail", "queue"):
+            raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
+        req = self.build_request(resources, **fields)
+        if on_busy == "queue":
+            return queue.submit_lease(self, req)
+        return self.submit(req)
 
     def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
         """Where the request would be placed now (host, gpus, cores), or None; changes nothing."""
@@ -185,8 +201,10 @@ class Allocator:
 
         ``released_now`` on the result tells whether this call did the release (False on a repeat).
         """
-        res = self._raise_unless_ok(self._call("release", allocation_id, reason))
+        res = self._raise_unless_ok(self._call("release", allocation_id, reason, self.pass_depth, self.scan_cap))
         alloc = Allocation.from_record(res["alloc"])
+        if alloc.state == "pending":
+            return self.cancel(allocation_id)
         alloc.released_now = bool(res.get("changed"))
         return alloc
 
@@ -240,11 +258,51 @@ class Allocator:
         """Releases every allocation whose TTL has passed (in bounded batches); returns their ids."""
         expired: list[str] = []
         while True:
-            res = self._call("expire", batch, self.record_retention_s * 1000)
+            res = self._call("expire", batch, self.record_retention_s * 1000, self.pass_depth, self.scan_cap)
             ids = res.get("expired") or []
             expired.extend(ids)
             if len(ids) < batch and res.get("purged", 0) < batch:
                 return expired
+
+    # -- queue -------------------------------------------------------------------------------
+
+    @property
+    def rq_connection(self) -> redis.Redis:
+        """A client for RQ on the same server: RQ needs raw bytes (decode_responses=False)."""
+        if self._rq_connection is None:
+            pool = self.redis.connection_pool
+            kwargs = {**pool.connection_kwargs, "decode_responses": False}
+            self._rq_connection = redis.Redis(
+                connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            )
+        return self._rq_connection
+
+    def enqueue(self, func: Any, *args: Any, resources: ResourcesLike | None = None, **kwargs: Any) -> queue.Task:
+        """Queues a function task (an RQ job) that runs on a worker of the host it is placed on.
+
+        Allocation fields (priority, strategy, ttl_seconds, expected_duration, selector,
+        metadata, task_id, task_type, owner) are taken from ``kwargs``; RQ options
+        (job_timeout, result_ttl, failure_ttl, ttl, description, meta, on_success, on_failure,
+        on_stopped, retry) too; everything else goes to ``func``.
+        """
+        return queue.enqueue(self, func, args, resources, kwargs)
+
+    def task(self, task_id: str) -> queue.Task:
+        """A handle on a queued task or allocation (position, state, allocation, wait)."""
+        return queue.Task(self, task_id)
+
+    def cancel(self, task_id: str) -> Allocation:
+        """Cancels a task: a pending one leaves the line; a running one is stopped and released."""
+        return queue.cancel(self, task_id)
+
+    def schedule(self) -> list[str]:
+        """Runs one scheduling pass now (the scheduler does this on its tick); returns placed ids."""
+        res = self._call("schedule", self.pass_depth, self.scan_cap)
+        return list(res.get("placed") or [])
+
+    def position(self, task_id: str) -> int | None:
+        """Global place in line (1 = next), 0 once placed, None for an unknown id."""
+        return queue.position(self, task_id)
 
     # -- capacity ----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ class Settings:
     database_url: str | None = None
     scan_cap: int = 2048
     record_retention_s: int = 86400
+    pass_depth: int = 100
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -25,4 +26,5 @@ class Settings:
             database_url=e.get("ALLOCATOR_DATABASE_URL") or None,
             scan_cap=int(e.get("ALLOCATOR_SCAN_CAP") or 2048),
             record_retention_s=int(e.get("ALLOCATOR_RECORD_RETENTION_S") or 86400),
+            pass_depth=int(e.get("ALLOCATOR_PASS_DEPTH") or 100),
         )

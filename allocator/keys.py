@@ -73,6 +73,25 @@ class Keys:
     def seq(self) -> str:
         return self._k("seq")
 
+    @property
+    def ends(self) -> str:
+        """Active allocations by expected end (duration hint, else TTL): backfill and ETA."""
+        return self._k("ends")
+
+    @property
+    def byprio(self) -> str:
+        """Active allocations by priority, newest first within one: preemption candidates."""
+        return self._k("byprio")
+
+    @property
+    def pending(self) -> str:
+        """Queued tasks in global order: priority, then requeued-at-front, then arrival."""
+        return self._k("pending")
+
+    def task(self, task_id: str) -> str:
+        """A queued task's scheduling fields (plain hash, readable by Lua)."""
+        return self._k("task:" + task_id)
+
     def host(self, host_id: str) -> str:
         return self._k("host:" + host_id)
 
@@ -97,8 +116,48 @@ class Keys:
             self.done,
             self.events,
             self.seq,
+            self.ends,
+            self.byprio,
+            self.pending,
         ]
 
     def pattern(self) -> str:
         """Glob matching every key of the namespace (for SCAN in cleanup and tests)."""
         return "{" + self.namespace.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "}:*"
+
+    # -- durable history (allocator/history) -------------------------------------------------
+
+    @property
+    def recorder_group(self) -> str:
+        """Consumer group of the history recorder on the outbox stream (a group name, not a key)."""
+        return "recorder"
+
+    @property
+    def recorder(self) -> str:
+        """HASH: the recorder's progress (last commit, events written, last error) for operators."""
+        return self._k("recorder")
+
+    @property
+    def durations(self) -> str:
+        """HASH: task_type -> JSON {p50_ms, p80_ms, mean_ms, n, updated_ms}, from the history."""
+        return self._k("durations")
+
+    # -- host agent and reaper (allocator/agent) --------------------------------------------
+
+    @property
+    def heartbeats(self) -> str:
+        """ZSET host id -> last heartbeat ms (Redis server time); only hosts an agent serves."""
+        return self._k("heartbeats")
+
+    @property
+    def reclaim(self) -> str:
+        """ZSET host id -> ms: lost (or returned) hosts still holding grants the reaper must free."""
+        return self._k("reclaim")
+
+    def host_pids(self, host_id: str) -> str:
+        """HASH pid -> allocation id of the work horses on a host (written by the worker)."""
+        return self._k("host_pids:" + host_id)
+
+    def host_inventory(self, host_id: str) -> str:
+        """STRING JSON: the host's last published inventory (names, utilisation, MIG), with a TTL."""
+        return self._k("inventory:" + host_id)

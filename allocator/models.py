@@ -216,6 +216,7 @@ class AllocationRequest(_Strict):
     priority: Priority = Priority.NORMAL
     strategy: Strategy = Strategy.BEST_FIT
     ttl_seconds: float | None = Field(3600, description="Lease length; None = no expiry.")
+    expected_duration: float | None = Field(None, description="Expected run time in seconds (backfill and ETA).")
     selector: dict[str, list[str]] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     task_id: str | None = None
@@ -245,6 +246,17 @@ class AllocationRequest(_Strict):
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > 10 * 365 * 86400:
             raise InvalidRequest("ttl_seconds", f"must be a positive number of seconds (or null for none), got {v!r}")
+        return v
+
+    @field_validator("expected_duration", mode="before")
+    @classmethod
+    def _expected(cls, v: object) -> object:
+        if v is None:
+            return None
+        if hasattr(v, "total_seconds"):
+            v = v.total_seconds()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > 10 * 365 * 86400:
+            raise InvalidRequest("expected_duration", f"must be a positive number of seconds, got {v!r}")
         return v
 
     @field_validator("metadata", mode="before")
@@ -375,8 +387,8 @@ class Allocation(BaseModel):
     """One allocation as the ledger holds it."""
 
     allocation_id: str
-    state: str
-    host_id: str
+    state: str = Field(description="pending, active, released, failed or cancelled.")
+    host_id: str | None = Field(None, description="None while pending.")
     gpus: list[GpuGrant]
     cpu_cores: list[int] = Field(description="Exclusive core ids granted.")
     cpu_shared: float = Field(description="Cores from the shared pool (fractional requests).")
@@ -396,6 +408,9 @@ class Allocation(BaseModel):
     request: dict[str, Any] = Field(default_factory=dict)
     allocation_time_ms: float | None = None
     released_now: bool | None = Field(None, description="Set by release: whether that call ended it.")
+    kind: str = Field("lease", description="lease (direct allocation) or job (function task).")
+    queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed.")
+    requeues: int = 0
 
     @property
     def gpu_memory_mb(self) -> int:
@@ -412,7 +427,7 @@ class Allocation(BaseModel):
         return cls(
             allocation_id=rec["id"],
             state=rec["state"],
-            host_id=rec["host"],
+            host_id=rec.get("host") or None,
             gpus=[GpuGrant(**{k: g[k] for k in ("index", "uuid", "model", "memory_mb")}) for g in _json_list(rec.get("gpus"))],
             cpu_cores=_json_list(rec.get("cores")),
             cpu_shared=int(rec.get("shared_millis") or 0) / 1000,
@@ -430,6 +445,9 @@ class Allocation(BaseModel):
             release_reason=rec.get("reason") or None,
             metadata=json.loads(rec.get("metadata") or "{}") or {},
             request=json.loads(rec.get("request") or "{}") or {},
+            kind=rec.get("kind") or "lease",
+            queue_position=0 if rec.get("state") not in (None, "pending") else None,
+            requeues=int(rec.get("requeues") or 0),
         )
 
 

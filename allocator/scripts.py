@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Any
 from importlib import resources
 
 import redis
@@ -25,6 +26,16 @@ SCRIPT_NAMES = (
     "expire",
     "snapshot",
     "noop",
+    "submit",
+    "schedule",
+    "cancel",
+    "requeue",
+    "recovery",
+    "restore_allocation",
+    "trim_outbox",
+    "heartbeat",
+    "mark_lost",
+    "grant_check",
 )
 
 
@@ -51,7 +62,13 @@ class Scripts:
     """The registered scripts for one Redis client, by name."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._scripts = {name: client.register_script(source(name)) for name in SCRIPT_NAMES}
+        self._client = client
+        self._scripts: dict[str, Any] = {}
 
-    def __getitem__(self, name: str):  # -> redis.commands.core.Script
-        return self._scripts[name]
+    def __getitem__(self, name: str) -> Any:  # a redis.commands.core.Script
+        script = self._scripts.get(name)
+        if script is None:
+            if name not in SCRIPT_NAMES:
+                raise KeyError(f"unknown ledger script {name!r}")
+            script = self._scripts[name] = self._client.register_script(source(name))
+        return script

@@ -1,9 +1,12 @@
 --[[ drain_host: stop (or resume) new placements on a host; running allocations are untouched.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
-ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume".
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume",
+ARGV[5] scheduling pass depth after a resume (0 = none), ARGV[6] scan cap.
 Returns JSON {ok, state} or {ok=false, code="HOST_NOT_FOUND"}.
 ]]
 --- @include "ledger"
+--- @include "placement"
+--- @include "queue"
 
 local now = now_ms()
 local h = ARGV[3]
@@ -21,5 +24,6 @@ if state ~= target then
   local touched_all = nil
   reindex_host(h, touched_all)
   emit('host_' .. (target == 'ready' and 'resumed' or 'draining'), h, now, '{}')
+  if target == 'ready' then schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
 end
 return cjson.encode({ok = true, state = target})

@@ -1,7 +1,8 @@
 --[[ register_host: add a host, or update its capacity without breaking what it already grants.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
-ARGV[3] host JSON {id, labels{}, cores[], ram_mb, gpus[{index, uuid, model, memory_mb, used_mb}]}.
+ARGV[3] host JSON {id, labels{}, cores[], ram_mb, gpus[{index, uuid, model, memory_mb, used_mb}]},
+ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
 Usage (GPU memory, cores, RAM held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
@@ -9,6 +10,8 @@ the next generation (field gen), which fences grants made before it was lost.
 Returns JSON {created, ord, state}.
 ]]
 --- @include "ledger"
+--- @include "placement"
+--- @include "queue"
 
 local now = now_ms()
 local spec = cjson.decode(ARGV[3])
@@ -83,4 +86,5 @@ if created then
 else
   emit('host_updated', h, now, ARGV[3])
 end
+schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
 return cjson.encode({created = created, ord = ord, state = state, gen = gen})

@@ -12,7 +12,10 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[9]  expiry    ZSET allocation id -> deadline ms (active allocations with a TTL)
   KEYS[10] done      ZSET allocation id -> ended ms    (finished records awaiting purge)
   KEYS[11] events    STREAM outbox, one entry per ledger change
-  KEYS[12] seq       HASH counters (host ordinals)
+  KEYS[12] seq       HASH counters (host ordinals, task sequence) and flags (recovering)
+  KEYS[13] ends      ZSET allocation id -> expected end ms (duration hint, else TTL)
+  KEYS[14] byprio    ZSET allocation id -> priority*1e13 + (1e13-1-start ms): preemption order
+  KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
 and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
@@ -25,6 +28,7 @@ local rcall = redis.call
 local K_HOSTS, K_GPU_IDX, K_GPU_IDLE, K_GPU_ORD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_CPU_IDX, K_RAM_IDX, K_ALLOCS, K_ACTIVE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_EXPIRY, K_DONE, K_EVENTS, K_SEQ = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_ENDS, K_BYPRIO, K_PENDING = KEYS[13], KEYS[14], KEYS[15]
 local PREFIX = ARGV[1]
 
 local function now_ms()
@@ -196,7 +200,14 @@ local function finish_alloc(id, reason, now)
   rcall('HSET', alloc_key(id), 'state', state, 'released', now, 'reason', reason)
   rcall('ZREM', K_ACTIVE, id)
   rcall('ZREM', K_EXPIRY, id)
+  rcall('ZREM', K_ENDS, id)
+  rcall('ZREM', K_BYPRIO, id)
   rcall('ZADD', K_DONE, now, id)
+  local tk = PREFIX .. 'task:' .. id
+  if rcall('EXISTS', tk) == 1 then
+    rcall('HSET', tk, 'state', 'done')
+    rcall('PEXPIRE', tk, 86400000)
+  end
   a.state, a.released, a.reason = state, tostring(now), reason
   emit('released', id, now, cjson.encode({host = a.host, task_id = a.task_id, state = state, reason = reason,
     created = tonumber(a.created), activated = tonumber(a.activated or a.created)}))

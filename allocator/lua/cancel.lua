@@ -1,0 +1,42 @@
+--[[ cancel: a pending task leaves the line and nothing is allocated; an active one is released
+with reason "cancelled" (the caller then stops its RQ job). Then a scheduling pass.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task/allocation id, ARGV[4] pass depth,
+ARGV[5] scan cap.
+Returns JSON {ok, was ("pending"|"active"|state), worker (RQ worker name running it, if any)}
+or {ok=false, code="ALLOCATION_NOT_FOUND"}.
+]]
+--- @include "ledger"
+--- @include "placement"
+--- @include "queue"
+
+local now = now_ms()
+local id = ARGV[3]
+local state = rcall('HGET', alloc_key(id), 'state')
+if not state then
+  return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})
+end
+local t = read_task(id)
+local worker = nil
+if state == 'pending' then
+  rcall('ZREM', K_PENDING, id)
+  rcall('HSET', alloc_key(id), 'state', 'cancelled', 'released', now, 'reason', 'cancelled')
+  rcall('ZADD', K_DONE, now, id)
+  if t then
+    rcall('HSET', task_key(id), 'state', 'cancelled')
+    rcall('PEXPIRE', task_key(id), 86400000)
+    if t.kind == 'job' then
+      rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
+    end
+  end
+  emit('cancelled', id, now, '{}')
+elseif state == 'active' then
+  finish_alloc(id, 'cancelled', now)
+  if t and t.kind == 'job' then
+    local f = rcall('HMGET', t.rq_prefix .. 'job:' .. id, 'status', 'worker_name', 'origin')
+    if f[1] == 'started' then worker = f[2] else rcall('LREM', t.rq_prefix .. 'queue:' .. (f[3] or ''), 0, id) end
+    rcall('HSET', task_key(id), 'state', 'cancelled')
+  end
+end
+local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+return cjson.encode({ok = true, was = state, worker = worker, placed = placed})

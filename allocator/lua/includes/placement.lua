@@ -1,0 +1,290 @@
+--[[ Placement: find a host and GPUs/cores for a request, and grant them.
+Used by place.lua (direct allocation) and by the scheduling pass (queued tasks).
+
+try_place(req, now) -> {host, gpus = grants, cores = core ids, newmap, shared} or nil, refusal
+  req: the place payload (see place.lua); optional req.exclude (a host id to skip) and
+  req.only (the only host allowed), used by backfill around a reservation.
+grant(req, p, now) -> the allocation record written for placement p (writes everything).
+]]
+
+local PAGE = 64
+
+local function fmt_cores(millis)
+  return string.format('%g', millis / 1000)
+end
+
+local function largest(idx)
+  local top = rcall('ZREVRANGE', idx, 0, 0, 'WITHSCORES')
+  if #top == 0 then return 0 end
+  return tonumber(top[2])
+end
+
+local function labels_match(selector, labels_json)
+  local labels = cjson.decode(labels_json or '{}')
+  for key, allowed in pairs(selector) do
+    local v = labels[key]
+    if v == nil then return false end
+    local hit = false
+    for _, a in ipairs(allowed) do if tostring(v) == a then hit = true; break end end
+    if not hit then return false end
+  end
+  return true
+end
+
+-- Whether GPU g can take one GPU of req (memory, whole, model).
+local function gpu_fits(req, g)
+  if not g then return false end
+  if req.gpu_mem == 0 then
+    if g.n ~= 0 or g.free <= 0 then return false end
+  elseif g.free < req.gpu_mem then
+    return false
+  end
+  if req.models then return req.models[g.model] == true end
+  return true
+end
+
+-- Static checks of a host for req: state, selector, exclusions (not free capacity).
+local function host_eligible(req, h, s)
+  if s == nil or s.state ~= 'ready' then return false end
+  if req.exclude and h == req.exclude then return false end
+  if req.only and h ~= req.only then return false end
+  if req.selector and not labels_match(req.selector, s.labels) then return false end
+  return true
+end
+
+local function pick_on_host(req, h, s, pos, mode)
+  local k = req.gpus
+  if k == 1 and pos ~= nil then
+    local g = gpu_state(h, pos)
+    if gpu_fits(req, g) then return {g} end
+    return nil
+  end
+  local cands = {}
+  for p = 0, s.ngpu - 1 do
+    local g = gpu_state(h, p)
+    if gpu_fits(req, g) then cands[#cands + 1] = g end
+  end
+  if #cands < k then return nil end
+  if mode == 'best' then
+    table.sort(cands, function(a, b) if a.free ~= b.free then return a.free < b.free end return a.pos < b.pos end)
+  elseif mode == 'worst' then
+    table.sort(cands, function(a, b) if a.free ~= b.free then return a.free > b.free end return a.pos < b.pos end)
+  end
+  local out = {}
+  for i = 1, k do out[i] = cands[i] end
+  return out
+end
+
+-- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
+-- stopped at the cap (as opposed to running out of candidates).
+local function scan(req, mode)
+  local k = req.gpus
+  local whole = (req.gpu_mem == 0)
+  local cap = req.scan_cap
+  local seen, offset = 0, 0
+  local tried, host_cache = {}, {}
+  local function host_ok(h)
+    local c = host_cache[h]
+    if c ~= nil then return c end
+    local s = host_state(h)
+    local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram
+    if ok then host_cache[h] = s else host_cache[h] = false end
+    return host_cache[h]
+  end
+  while seen < cap do
+    local members
+    if req.only then
+      -- Only one host allowed: look at it directly.
+      if offset > 0 then return nil, false end
+      if k == 0 then members = {req.only} else
+        local s = host_state(req.only)
+        members = {}
+        if s then for p = 0, s.ngpu - 1 do members[#members + 1] = gpu_member(req.only, p) end end
+      end
+    elseif k > 0 then
+      local idx, lo = K_GPU_IDX, req.gpu_mem
+      if whole then idx, lo = K_GPU_IDLE, 1 end
+      if mode == 'best' then
+        members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, PAGE)
+      elseif mode == 'worst' then
+        members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, PAGE)
+      else
+        members = rcall('ZRANGE', K_GPU_ORD, offset, offset + PAGE - 1)
+      end
+    else
+      if mode == 'best' then
+        members = rcall('ZRANGEBYSCORE', K_CPU_IDX, req.cpu_millis, '+inf', 'LIMIT', offset, PAGE)
+      elseif mode == 'worst' then
+        members = rcall('ZREVRANGEBYSCORE', K_CPU_IDX, '+inf', req.cpu_millis, 'LIMIT', offset, PAGE)
+      else
+        members = rcall('ZRANGE', K_HOSTS, offset, offset + PAGE - 1)
+      end
+    end
+    if #members == 0 then return nil, false end
+    for _, m in ipairs(members) do
+      seen = seen + 1
+      local h, pos = m, nil
+      if k > 0 then
+        local cut = string.find(m, '#[^#]*$')
+        h, pos = string.sub(m, 1, cut - 1), tonumber(string.sub(m, cut + 1))
+      end
+      if not tried[h] then
+        local s = host_ok(h)
+        if s then
+          if k == 0 then return h, s, {} end
+          local gs = pick_on_host(req, h, s, pos, mode)
+          if gs then return h, s, gs end
+        end
+        if k ~= 1 or not s then tried[h] = true end
+      end
+      if seen >= cap then return nil, true end
+    end
+    offset = offset + #members
+  end
+  return nil, true
+end
+
+local function refusal(req, capped)
+  local k = req.gpus
+  local whole = (req.gpu_mem == 0)
+  local code, msg
+  local details = {}
+  if k > 0 and whole and largest(K_GPU_IDLE) == 0 then
+    code = 'INSUFFICIENT_GPUS'
+    msg = 'insufficient GPUs: requested ' .. k .. ' whole GPU(s), no idle GPU on a schedulable host'
+  elseif k > 0 and not whole and largest(K_GPU_IDX) < req.gpu_mem then
+    local top = largest(K_GPU_IDX)
+    details.largest_free_gpu_memory_mb = top
+    code = 'INSUFFICIENT_GPU_MEMORY'
+    msg = 'insufficient GPU memory: requested ' .. req.gpu_mem .. ' MiB per GPU, largest free ' .. top .. ' MiB'
+  elseif largest(K_CPU_IDX) < req.cpu_millis then
+    local top = largest(K_CPU_IDX)
+    details.largest_free_cpu_cores = top / 1000
+    code = 'INSUFFICIENT_CPU'
+    msg = 'insufficient CPU: requested ' .. fmt_cores(req.cpu_millis) .. ' cores, largest free ' .. fmt_cores(top) .. ' cores'
+  elseif largest(K_RAM_IDX) < req.ram then
+    local top = largest(K_RAM_IDX)
+    details.largest_free_ram_mb = top
+    code = 'INSUFFICIENT_RAM'
+    msg = 'insufficient RAM: requested ' .. req.ram .. ' MiB, largest free ' .. top .. ' MiB'
+  else
+    code = 'NO_FIT'
+    local what = {}
+    if k > 0 then
+      local per = whole and 'whole' or (req.gpu_mem .. ' MiB free')
+      what[#what + 1] = k .. ' GPU(s) (' .. per .. ')'
+    end
+    what[#what + 1] = fmt_cores(req.cpu_millis) .. ' cores'
+    what[#what + 1] = req.ram .. ' MiB RAM'
+    msg = 'no host has ' .. table.concat(what, ', ') .. ' free at once'
+    if req.models then msg = msg .. ' on the requested GPU models' end
+    if req.selector then msg = msg .. ' among hosts matching the selector' end
+  end
+  if capped then
+    details.scan_cap_reached = true
+    msg = msg .. ' (stopped after ' .. req.scan_cap .. ' candidates)'
+  end
+  return {ok = false, code = code, message = msg, details = details}
+end
+
+-- Exclusive core ids for req on host h (the lowest free ones) and the new core map; nil, nil
+-- when req takes no exclusive cores.
+local function pick_cores(req, h)
+  if not req.exclusive or req.cpu_millis <= 0 then return {}, nil end
+  local need = req.cpu_millis / 1000
+  local f = rcall('HMGET', host_key(h), 'cores', 'cmap')
+  local cores = decode_list(f[1])
+  local map = f[2]
+  local ids, chars = {}, {}
+  for i = 1, #map do
+    local ch = string.sub(map, i, i)
+    if ch == '1' and #ids < need then
+      ids[#ids + 1] = cores[i]
+      ch = '0'
+    end
+    chars[i] = ch
+  end
+  if #ids < need then return nil, nil end
+  return ids, table.concat(chars)
+end
+
+local function try_place(req, now)
+  local mode = req.strategy
+  local h, s, gs = scan(req, mode)
+  local capped = false
+  if not h then
+    capped = s
+    if mode == 'first' and capped then
+      h, s, gs = scan(req, 'best')
+      if not h then capped = s end
+    end
+  end
+  if not h then return nil, refusal(req, capped) end
+  local core_ids, newmap = pick_cores(req, h)
+  if core_ids == nil then
+    return nil, {ok = false, code = 'LEDGER_CORRUPT', details = {},
+                 message = 'free core count disagrees with core map on host ' .. h}
+  end
+  local grants = {}
+  for i, g in ipairs(gs) do
+    local mem = req.gpu_mem
+    if mem == 0 then mem = g.free end
+    grants[i] = {pos = g.pos, index = g.idx, uuid = g.uuid, model = g.model, memory_mb = mem}
+  end
+  local shared = 0
+  if not req.exclusive then shared = req.cpu_millis end
+  return {host = h, gen = s.gen, gpus = grants, cores = core_ids, newmap = newmap, shared = shared}
+end
+
+-- Expected end of an allocation that starts now: the task's duration hint, else its TTL.
+local function expected_end(req, now)
+  local ms = tonumber(req.expected_ms or 0)
+  if ms <= 0 then ms = tonumber(req.ttl_ms or 0) end
+  if ms <= 0 then return nil end
+  return now + ms
+end
+
+local function prio_score(priority, created)
+  return priority * 1e13 + (1e13 - 1 - created)
+end
+
+local function grant(req, p, now)
+  local h = p.host
+  local hk = host_key(h)
+  local touched = {}
+  for i, g in ipairs(p.gpus) do
+    rcall('HINCRBY', hk, 'g' .. g.pos .. ':used', g.memory_mb)
+    rcall('HINCRBY', hk, 'g' .. g.pos .. ':n', 1)
+    touched[i] = g.pos
+  end
+  if p.newmap then
+    rcall('HSET', hk, 'cmap', p.newmap)
+    rcall('HINCRBY', hk, 'cfree', -#p.cores)
+  end
+  if p.shared > 0 then rcall('HINCRBY', hk, 'shared', p.shared) end
+  if req.ram > 0 then rcall('HINCRBY', hk, 'ram_used', req.ram) end
+  rcall('SADD', host_allocs_key(h), req.id)
+  reindex_host(h, touched)
+
+  local created = tonumber(req.created or now)
+  local expires = 0
+  if req.ttl_ms > 0 then expires = now + req.ttl_ms end
+  local rec = {id = req.id, task_id = req.task_id, task_type = req.task_type, owner = req.owner,
+    priority = tostring(req.priority), strategy = req.strategy_name, state = 'active', host = h,
+    host_gen = tostring(p.gen), gpus = cjson.encode(p.gpus), cores = cjson.encode(p.cores),
+    shared_millis = tostring(p.shared), ram_mb = tostring(req.ram), created = tostring(created),
+    activated = tostring(now), ttl_ms = tostring(req.ttl_ms), expires = tostring(expires),
+    metadata = req.metadata, request = req.request, kind = req.kind or 'lease'}
+  rcall('HSET', alloc_key(req.id), unpack(alloc_to_list(rec)))
+  rcall('ZADD', K_ALLOCS, created, req.id)
+  rcall('ZADD', K_ACTIVE, created, req.id)
+  if expires > 0 then rcall('ZADD', K_EXPIRY, expires, req.id) end
+  local ends = expected_end(req, now)
+  if ends then rcall('ZADD', K_ENDS, ends, req.id) end
+  rcall('ZADD', K_BYPRIO, prio_score(req.priority, now), req.id)
+  emit('allocated', req.id, now, cjson.encode({host = h, host_gen = p.gen, task_id = req.task_id,
+    task_type = req.task_type, owner = req.owner, priority = req.priority, strategy = req.strategy_name,
+    gpus = p.gpus, cores = p.cores, shared_millis = p.shared, ram_mb = req.ram, ttl_ms = req.ttl_ms,
+    expires = expires, created = created, metadata = req.metadata, request = req.request, kind = rec.kind}))
+  return rec
+end

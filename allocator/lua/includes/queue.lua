@@ -1,0 +1,211 @@
+--[[ The queue: pending tasks in one global order, the scheduling pass (EASY backfill), dispatch
+of function tasks to their host's RQ queue, and preemption. Needs includes "ledger" and
+"placement".
+
+A task is either a function task (kind "job": an RQ job whose id is the allocation id) or a
+queued direct request (kind "lease"). Its scheduling fields live in the hash task:<id>
+(kind, priority, seq, front, payload = the place request JSON, rq_prefix, rq_queue = the RQ
+queue it waits in, host_queue_prefix, state = pending | placed | preempting | done | cancelled).
+Order: K_PENDING score = (3 - priority) * 2^42 + (front and 0 or 2^41) + seq.
+RQ keys (rq:queue:<name>, rq:job:<id>, rq:queues) are not in the namespace's hash tag: the
+queue scripts need a single Redis server (RQ itself does not support Cluster).
+]]
+
+local function task_key(id) return PREFIX .. 'task:' .. id end
+
+local function pending_score(priority, front, seq)
+  local s = (3 - priority) * 4398046511104 + seq
+  if not front then s = s + 2199023255552 end
+  return s
+end
+
+local function read_task(id)
+  local f = rcall('HMGET', task_key(id), 'kind', 'payload', 'rq_prefix', 'rq_queue', 'host_queue_prefix', 'state', 'seq', 'priority')
+  if not f[1] then return nil end
+  return {kind = f[1], payload = f[2], rq_prefix = f[3], rq_queue = f[4], hq_prefix = f[5], state = f[6],
+          seq = tonumber(f[7]), priority = tonumber(f[8])}
+end
+
+-- Moves a function task's RQ job from its waiting queue to the host's queue, with origin, so
+-- rq-dashboard and RQ's registries see it where it is.
+local function dispatch(id, t, h)
+  if t.kind ~= 'job' then return end
+  local hq = t.hq_prefix .. h
+  rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
+  rcall('RPUSH', t.rq_prefix .. 'queue:' .. hq, id)
+  rcall('HSET', t.rq_prefix .. 'job:' .. id, 'origin', hq)
+  rcall('SADD', t.rq_prefix .. 'queues', t.rq_prefix .. 'queue:' .. hq)
+end
+
+-- Puts a task back in line. Preempted tasks go to the front of their priority, keeping their
+-- original sequence (so they stay in arrival order among themselves).
+local function requeue_task(id, t, now, front)
+  rcall('HSET', task_key(id), 'state', 'pending', 'front', front and '1' or '0')
+  rcall('PERSIST', task_key(id))
+  rcall('ZADD', K_PENDING, pending_score(t.priority, front, t.seq), id)
+  rcall('HSET', alloc_key(id), 'state', 'pending', 'host', '', 'gpus', '[]', 'cores', '[]',
+        'shared_millis', '0', 'activated', '', 'released', '')
+  rcall('HINCRBY', alloc_key(id), 'requeues', 1)
+  rcall('ZREM', K_DONE, id)
+  if t.kind == 'job' then
+    local job = t.rq_prefix .. 'job:' .. id
+    local origin = rcall('HGET', job, 'origin')
+    if origin and origin ~= t.rq_queue then
+      rcall('LREM', t.rq_prefix .. 'queue:' .. origin, 0, id)
+      for _, reg in ipairs({'failed', 'wip', 'canceled', 'finished'}) do
+        rcall('ZREM', t.rq_prefix .. reg .. ':' .. origin, id)
+      end
+    end
+    rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
+    if front then
+      rcall('LPUSH', t.rq_prefix .. 'queue:' .. t.rq_queue, id)
+    else
+      rcall('RPUSH', t.rq_prefix .. 'queue:' .. t.rq_queue, id)
+    end
+    rcall('HSET', job, 'origin', t.rq_queue, 'status', 'queued')
+  end
+  emit('requeued', id, now, cjson.encode({front = front}))
+end
+
+-- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
+-- and holders, starting from now and adding back what given allocations would free.
+local function sim_host(req, h)
+  local s = host_state(h)
+  if not host_eligible(req, h, s) then return nil end
+  local gpus = {}
+  for p = 0, s.ngpu - 1 do
+    local g = gpu_state(h, p)
+    gpus[g.uuid] = {free = g.free, n = g.n, model = g.model}
+  end
+  return {cpu = s.cpu, ram = s.ramf, gpus = gpus}
+end
+
+local function sim_add(sim, id)
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb')
+  for _, g in ipairs(decode_list(f[1])) do
+    local sg = sim.gpus[g.uuid]
+    if sg then sg.free = sg.free + tonumber(g.memory_mb); sg.n = sg.n - 1 end
+  end
+  sim.cpu = sim.cpu + #decode_list(f[2]) * 1000 + tonumber(f[3] or 0)
+  sim.ram = sim.ram + tonumber(f[4] or 0)
+end
+
+local function sim_fits(req, sim)
+  if sim.cpu < req.cpu_millis or sim.ram < req.ram then return false end
+  local n = 0
+  for _, g in pairs(sim.gpus) do
+    if gpu_fits(req, {free = g.free, n = g.n, model = g.model}) then n = n + 1 end
+  end
+  return n >= req.gpus
+end
+
+-- Walks allocations in the order given by walk(offset) (a page of ids), adding each back to a
+-- simulation of its host; returns the host where req first fits, the ids that must go there,
+-- and the last id's score. Bounded by limit allocations.
+local function first_fit_after(req, ids_scores, limit)
+  local sims, freed = {}, {}
+  for i = 1, math.min(#ids_scores, 2 * limit), 2 do
+    local id, score = ids_scores[i], tonumber(ids_scores[i + 1])
+    local h = rcall('HGET', alloc_key(id), 'host')
+    if h and h ~= '' then
+      if sims[h] == nil then sims[h] = sim_host(req, h) or false; freed[h] = {} end
+      local sim = sims[h]
+      if sim then
+        sim_add(sim, id)
+        freed[h][#freed[h] + 1] = id
+        if sim_fits(req, sim) then return h, freed[h], score end
+      end
+    end
+  end
+  return nil
+end
+
+-- EASY reservation for the first blocked task: the host and the time (shadow) at which it will
+-- fit, from the expected ends of running allocations.
+local function reserve(req, now, limit)
+  local ids = rcall('ZRANGE', K_ENDS, 0, limit - 1, 'WITHSCORES')
+  local h, _, shadow = first_fit_after(req, ids, limit)
+  if not h then return nil end
+  if shadow < now then shadow = now end
+  return {host = h, shadow = shadow}
+end
+
+-- Priority preemption: lower-priority allocations, newest first, until req fits on one host.
+local function preempt_for(req, now, limit)
+  local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
+  local h, victims = first_fit_after(req, ids, limit)
+  if not h then return nil end
+  for _, v in ipairs(victims) do
+    local a = finish_alloc(v, 'preempted', now)
+    local t = read_task(v)
+    if t and t.kind == 'job' then
+      local job = t.rq_prefix .. 'job:' .. v
+      local f = rcall('HMGET', job, 'status', 'worker_name')
+      if f[1] == 'started' and f[2] then
+        -- The worker stops the horse, then requeues the task (see requeue.lua).
+        rcall('HSET', task_key(v), 'state', 'preempting')
+        rcall('PERSIST', task_key(v))
+        rcall('PUBLISH', t.rq_prefix .. 'pubsub:' .. f[2], cjson.encode({command = 'stop-job', job_id = v}))
+      else
+        requeue_task(v, t, now, true)
+      end
+    elseif t then
+      rcall('HSET', task_key(v), 'state', 'done')
+    end
+  end
+  emit('preempted', req.id, now, cjson.encode({host = h, victims = victims}))
+  return h
+end
+
+-- One scheduling pass over the first depth pending tasks: place what fits; the first blocked
+-- task gets a reservation; later tasks may start only where they do not delay it.
+local function schedule_pass(now, depth, scan_cap)
+  if depth <= 0 then return {} end
+  if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
+  local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
+  local placed = {}
+  local resv = nil
+  local blocked = false
+  for _, id in ipairs(ids) do
+    local t = read_task(id)
+    if not t then
+      rcall('ZREM', K_PENDING, id)
+    else
+      local req = cjson.decode(t.payload)
+      req.id = id
+      req.scan_cap = scan_cap
+      local p = nil
+      if not blocked then
+        p = try_place(req, now)
+        if not p and req.preempt then
+          if preempt_for(req, now, 128) then p = try_place(req, now) end
+        end
+        if not p then
+          blocked = true
+          resv = reserve(req, now, 256)
+        end
+      elseif resv then
+        req.exclude = resv.host
+        p = try_place(req, now)
+        local ends = expected_end(req, now)
+        if not p and ends and ends <= resv.shadow then
+          req.exclude, req.only = nil, resv.host
+          p = try_place(req, now)
+        end
+      else
+        -- The head is blocked and no release in sight frees enough for it: others may run
+        -- (there is nothing they could delay).
+        p = try_place(req, now)
+      end
+      if p then
+        req.created = rcall('HGET', alloc_key(id), 'created')
+        grant(req, p, now)
+        rcall('ZREM', K_PENDING, id)
+        rcall('HSET', task_key(id), 'state', 'placed')
+        dispatch(id, t, p.host)
+        placed[#placed + 1] = id
+      end
+    end
+  end
+  return placed
+end

@@ -1,0 +1,30 @@
+--[[ recovery: open or close the recovery gate around `allocator recover`.
+KEYS: the ledger's fixed keys (see includes/ledger.lua).
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
+ARGV[3] "begin" | "end", ARGV[4] JSON object recorded in the event (counts, who, why).
+While the field "recovering" of KEYS[12] (seq) is "1", place refuses with RECOVERING, so nothing
+new is placed while the active allocations are rebuilt from the durable history. "begin" sets
+the field, "end" clears it and stamps "recovered_at". Each change appends recovery_started /
+recovery_finished to the outbox; a repeat changes nothing.
+Returns JSON {ok=true, recovering, changed}.
+]]
+--- @include "ledger"
+
+local now = now_ms()
+local action = ARGV[3]
+local details = ARGV[4]
+if details == nil or details == '' then details = '{}' end
+local was = rcall('HGET', K_SEQ, 'recovering') == '1'
+if action == 'begin' then
+  if was then return cjson.encode({ok = true, recovering = true, changed = false}) end
+  rcall('HSET', K_SEQ, 'recovering', '1', 'recovery_started', now)
+  emit('recovery_started', 'ledger', now, details)
+  return cjson.encode({ok = true, recovering = true, changed = true})
+elseif action == 'end' then
+  if not was then return cjson.encode({ok = true, recovering = false, changed = false}) end
+  rcall('HDEL', K_SEQ, 'recovering')
+  rcall('HSET', K_SEQ, 'recovered_at', now)
+  emit('recovery_finished', 'ledger', now, details)
+  return cjson.encode({ok = true, recovering = false, changed = true})
+end
+return cjson.encode({ok = false, code = 'INVALID_REQUEST', message = 'action must be begin or end, got ' .. tostring(action)})

@@ -1,0 +1,158 @@
+--[[ restore_allocation: put active allocations read from the durable history back into the ledger
+after Redis lost its data (allocator recover). Only while the recovery gate is open.
+KEYS: the ledger's fixed keys (see includes/ledger.lua); KEYS[13] (ends) and KEYS[14] (byprio)
+are filled when the ledger has them.
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
+ARGV[3] JSON list of records {id, task_id, task_type, owner, priority (0..3), strategy, host,
+        host_gen, gpus[{pos, index, uuid, model, memory_mb}], cores[], shared_millis, ram_mb,
+        created, activated (ms), ttl_ms, expires (ms, 0 = none), metadata (JSON text),
+        request (JSON text), kind}.
+For each record:
+- an allocation id the ledger already holds is left alone ("existing"), so a rerun is harmless;
+- on a registered host the grant is checked against what is free (GPU by uuid, since a
+  re-registration may reorder GPUs; exclusive cores; shared pool; RAM) and applied exactly as a
+  placement would ("restored"); a grant that no longer fits is written as ended with reason
+  "recovery_conflict" and a released event, so history closes it ("conflicts");
+- on a host not registered yet the record and the host's allocation set are written and nothing
+  else ("deferred"): register_host recomputes a host's usage from its active allocations, so the
+  grant is counted when the agent registers the host.
+An expired lease is restored as it was; the next placement or expire() reaps it with a released
+event. Each restored record appends a "restored" event.
+Returns JSON {ok=true, restored[], deferred[], existing[], conflicts[{id, reason}]}
+        | {ok=false, code="NOT_RECOVERING", message}.
+]]
+--- @include "ledger"
+
+local now = now_ms()
+if rcall('HGET', K_SEQ, 'recovering') ~= '1' then
+  return cjson.encode({ok = false, code = 'NOT_RECOVERING',
+    message = 'allocations can be restored only while the recovery gate is open (allocator recover)'})
+end
+local K_ENDS_MAYBE, K_BYPRIO_MAYBE = KEYS[13], KEYS[14]
+
+local restored, deferred, existing, conflicts = {}, {}, {}, {}
+
+-- Where each grant of r lies on host h now, or nil and the reason it does not fit.
+local function check_grant(r, h, s)
+  local hk = host_key(h)
+  local pos_by_uuid = {}
+  for p = 0, s.ngpu - 1 do
+    local u = rcall('HGET', hk, 'g' .. p .. ':uuid')
+    if u then pos_by_uuid[u] = p end
+  end
+  local gpus = {}
+  for i, g in ipairs(r.gpus) do
+    local p = pos_by_uuid[g.uuid]
+    if p == nil then return nil, 'GPU ' .. tostring(g.uuid) .. ' is not on host ' .. h end
+    local st = gpu_state(h, p)
+    if st.free < tonumber(g.memory_mb) then
+      return nil, 'GPU ' .. g.uuid .. ' has ' .. st.free .. ' MiB free, the grant holds ' .. g.memory_mb
+    end
+    gpus[i] = {pos = p, index = st.idx, uuid = g.uuid, model = st.model, memory_mb = tonumber(g.memory_mb)}
+  end
+  local newmap = nil
+  if #r.cores > 0 then
+    local f = rcall('HMGET', hk, 'cores', 'cmap')
+    local at = core_positions(decode_list(f[1]))
+    local chars = {}
+    for i = 1, #f[2] do chars[i] = string.sub(f[2], i, i) end
+    for _, c in ipairs(r.cores) do
+      local i = at[tostring(c)]
+      if i == nil then return nil, 'core ' .. tostring(c) .. ' is not on host ' .. h end
+      if chars[i] ~= '1' then return nil, 'core ' .. tostring(c) .. ' on host ' .. h .. ' is already held' end
+      chars[i] = '0'
+    end
+    newmap = table.concat(chars)
+  end
+  local shared = tonumber(r.shared_millis or 0)
+  if (s.cfree - #r.cores) * 1000 - s.shared - shared < 0 then
+    return nil, 'host ' .. h .. ' has too little free CPU for the grant'
+  end
+  if s.ramf < tonumber(r.ram_mb or 0) then
+    return nil, 'host ' .. h .. ' has ' .. s.ramf .. ' MiB RAM free, the grant holds ' .. r.ram_mb
+  end
+  return {gpus = gpus, newmap = newmap, shared = shared}
+end
+
+local function apply_grant(r, h, g)
+  local hk = host_key(h)
+  local touched = {}
+  for i, x in ipairs(g.gpus) do
+    rcall('HINCRBY', hk, 'g' .. x.pos .. ':used', x.memory_mb)
+    rcall('HINCRBY', hk, 'g' .. x.pos .. ':n', 1)
+    touched[i] = x.pos
+  end
+  if g.newmap then
+    rcall('HSET', hk, 'cmap', g.newmap)
+    rcall('HINCRBY', hk, 'cfree', -#r.cores)
+  end
+  if g.shared > 0 then rcall('HINCRBY', hk, 'shared', g.shared) end
+  local ram = tonumber(r.ram_mb or 0)
+  if ram > 0 then rcall('HINCRBY', hk, 'ram_used', ram) end
+  rcall('SADD', host_allocs_key(h), r.id)
+  reindex_host(h, touched)
+end
+
+local function record(r, gpus, state)
+  local created = tonumber(r.created)
+  local activated = tonumber(r.activated or created)
+  local rec = {id = r.id, task_id = r.task_id or '', task_type = r.task_type or '', owner = r.owner or '',
+    priority = tostring(r.priority), strategy = r.strategy or '', state = state, host = r.host,
+    host_gen = tostring(r.host_gen or 1), gpus = cjson.encode(gpus), cores = cjson.encode(r.cores),
+    shared_millis = tostring(r.shared_millis or 0), ram_mb = tostring(r.ram_mb or 0),
+    created = tostring(created), activated = tostring(activated), ttl_ms = tostring(r.ttl_ms or 0),
+    expires = tostring(r.expires or 0), metadata = r.metadata or '{}', request = r.request or '{}',
+    kind = r.kind or 'lease'}
+  if state ~= 'active' then
+    rec.released = tostring(now)
+    rec.reason = 'recovery_conflict'
+  end
+  rcall('HSET', alloc_key(r.id), unpack(alloc_to_list(rec)))
+  rcall('ZADD', K_ALLOCS, created, r.id)
+  if state == 'active' then
+    rcall('ZADD', K_ACTIVE, created, r.id)
+    local expires = tonumber(r.expires or 0)
+    if expires > 0 then
+      rcall('ZADD', K_EXPIRY, expires, r.id)
+      if K_ENDS_MAYBE then rcall('ZADD', K_ENDS_MAYBE, expires, r.id) end
+    end
+    if K_BYPRIO_MAYBE then
+      rcall('ZADD', K_BYPRIO_MAYBE, tonumber(r.priority) * 1e13 + (1e13 - 1 - activated), r.id)
+    end
+  else
+    rcall('ZADD', K_DONE, now, r.id)
+  end
+  return rec
+end
+
+for _, r in ipairs(cjson.decode(ARGV[3])) do
+  r.gpus = decode_list(r.gpus)
+  r.cores = decode_list(r.cores)
+  if rcall('EXISTS', alloc_key(r.id)) == 1 then
+    existing[#existing + 1] = r.id
+  else
+    local s = host_state(r.host)
+    if s == nil then
+      record(r, r.gpus, 'active')
+      rcall('SADD', host_allocs_key(r.host), r.id)
+      deferred[#deferred + 1] = r.id
+      emit('restored', r.id, now, cjson.encode({host = r.host, deferred = true}))
+    else
+      local g, why = check_grant(r, r.host, s)
+      if g then
+        apply_grant(r, r.host, g)
+        record(r, g.gpus, 'active')
+        restored[#restored + 1] = r.id
+        emit('restored', r.id, now, cjson.encode({host = r.host, deferred = false}))
+      else
+        record(r, r.gpus, 'released')
+        conflicts[#conflicts + 1] = {id = r.id, reason = why}
+        emit('released', r.id, now, cjson.encode({host = r.host, task_id = r.task_id or '', state = 'released',
+          reason = 'recovery_conflict', detail = why, created = tonumber(r.created),
+          activated = tonumber(r.activated or r.created)}))
+      end
+    end
+  end
+end
+-- cjson encodes an empty table as {}; callers read {} as an empty list.
+return cjson.encode({ok = true, restored = restored, deferred = deferred, existing = existing, conflicts = conflicts})

@@ -1,0 +1,178 @@
+"""The queue: function tasks (RQ jobs) and queued direct requests in one priority order.
+
+Pending function tasks are RQ jobs waiting in one RQ queue per priority (``<ns>.critical``,
+``<ns>.high``, ``<ns>.normal``, ``<ns>.low``), so rq-dashboard shows them; the order the
+scheduler uses is the sorted set ``Keys.pending`` (priority, then requeued-at-front, then
+arrival), which also gives every task its global position in O(log n). When the scheduling pass
+(Lua, see ``lua/includes/queue.lua``) places a task, the same script grants its resources and
+moves its RQ job to the host's queue ``<ns>.host.<host_id>`` with ``origin`` updated; the
+host's ``workers.ResourceWorker`` runs it with the GPUs and cores pinned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from rq import Queue
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+
+from .errors import AllocationNotFound, InvalidRequest
+from .models import Allocation, AllocationRequest, Priority
+
+if TYPE_CHECKING:
+    from .client import Allocator
+
+RQ_PREFIX = "rq:"
+RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "description", "meta",
+              "retry", "on_success", "on_failure", "on_stopped", "depends_on_nothing"}
+ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "selector", "metadata",
+                "task_id", "task_type", "owner"}
+
+
+def pending_queue_name(namespace: str, priority: Priority) -> str:
+    """RQ queue where a task of this priority waits (visible in rq-dashboard)."""
+    return f"{namespace}.{priority.label}"
+
+
+def host_queue_name(namespace: str, host_id: str) -> str:
+    """RQ queue a host's workers listen on."""
+    return f"{namespace}.host.{host_id}"
+
+
+def parse_host_queue(name: str) -> tuple[str, str] | None:
+    """(namespace, host id) of a host queue name, or None: lets plain ``rq worker`` flags work."""
+    ns, sep, host = name.partition(".host.")
+    return (ns, host) if sep and ns and host else None
+
+
+def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str) -> str:
+    return json.dumps({
+        "kind": kind,
+        "payload": a._place_payload(req, task_id, False),
+        "rq_prefix": RQ_PREFIX,
+        "rq_queue": pending_queue_name(a.keys.namespace, req.priority),
+        "host_queue_prefix": host_queue_name(a.keys.namespace, ""),
+    })
+
+
+def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str) -> dict[str, Any]:
+    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind), a.pass_depth, a.scan_cap))
+
+
+def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:
+    """Queues a direct allocation request; it is granted in line like any task."""
+    from .client import new_allocation_id
+
+    task_id = req.allocation_id or new_allocation_id()
+    t0 = time.perf_counter()
+    res = _submit(a, req, task_id, "lease")
+    alloc = a.require(task_id)
+    alloc.queue_position = int(res["position"])
+    if alloc.state == "active":
+        alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
+    return alloc
+
+
+def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwargs: dict[str, Any]) -> Task:
+    """Creates the RQ job in its priority queue, then submits it to the scheduler."""
+    from .client import new_allocation_id
+
+    alloc_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ALLOC_FIELDS}
+    rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
+    task_id = kwargs.pop("job_id", None) or new_allocation_id()
+    req = a.build_request(resources, allocation_id=task_id, **alloc_fields)
+    if "job_timeout" in rq_opts:
+        rq_opts["timeout"] = rq_opts.pop("job_timeout")
+    q = Queue(pending_queue_name(a.keys.namespace, req.priority), connection=a.rq_connection)
+    job = q.create_job(func, args=args, kwargs=kwargs, job_id=task_id, **rq_opts)
+    pipe = a.rq_connection.pipeline()
+    q.enqueue_job(job, pipeline=pipe)
+    pipe.execute()
+    _submit(a, req, task_id, "job")
+    return Task(a, task_id)
+
+
+def cancel(a: Allocator, task_id: str) -> Allocation:
+    """Cancels a pending task (nothing allocated) or stops a running one (released)."""
+    res = a._raise_unless_ok(a._call("cancel", task_id, a.pass_depth, a.scan_cap))
+    try:
+        job = Job.fetch(task_id, connection=a.rq_connection)
+    except NoSuchJobError:
+        job = None
+    if job is not None:
+        if res.get("worker"):
+            try:
+                send_stop_job_command(a.rq_connection, task_id)
+            except InvalidJobOperation:
+                pass
+        elif job.get_status() not in ("finished", "failed", "stopped", "canceled"):
+            try:
+                job.cancel()
+            except InvalidJobOperation:
+                pass
+    return a.require(task_id)
+
+
+def position(a: Allocator, task_id: str) -> int | None:
+    rank = a.redis.zrank(a.keys.pending, task_id)
+    if rank is not None:
+        return int(rank) + 1
+    return 0 if a.redis.exists(a.keys.alloc(task_id)) else None
+
+
+class Task:
+    """Handle on one queued task: its RQ job, state, global position and allocation."""
+
+    def __init__(self, allocator: Allocator, task_id: str) -> None:
+        self.allocator = allocator
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"Task({self.id!r}, state={self.state!r}, position={self.position!r})"
+
+    @property
+    def job(self) -> Job | None:
+        """The RQ job (None for a queued direct request)."""
+        try:
+            return Job.fetch(self.id, connection=self.allocator.rq_connection)
+        except NoSuchJobError:
+            return None
+
+    @property
+    def state(self) -> str:
+        """pending, active, released, failed or cancelled (the allocation's state)."""
+        state = self.allocator.redis.hget(self.allocator.keys.alloc(self.id), "state")
+        if state is None:
+            raise AllocationNotFound(f"task {self.id} not found")
+        return str(state)
+
+    @property
+    def position(self) -> int | None:
+        """Global place in line: 1 = next to start; 0 once placed or running."""
+        return position(self.allocator, self.id)
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """The grant once placed (None while pending)."""
+        a = self.allocator.get(self.id)
+        return a if a is not None and a.host_id else None
+
+    def wait_for_placement(self, timeout: float = 30.0, poll: float = 0.02) -> Allocation:
+        """Blocks until the task is placed; raises TimeoutError (the task stays queued)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            a = self.allocator.get(self.id)
+            if a is not None and a.host_id:
+                return a
+            if a is not None and a.state == "cancelled":
+                raise InvalidRequest("task_id", f"task {self.id} was cancelled")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"task {self.id} not placed within {timeout} s (position {self.position})")
+            time.sleep(poll)
+
+    def cancel(self) -> Allocation:
+        return cancel(self.allocator, self.id)

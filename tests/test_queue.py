@@ -1,0 +1,175 @@
+"""The queue: one priority order for all tasks, positions, waiting, EASY backfill, preemption, cancel."""
+
+import pytest
+
+from allocator import InvalidRequest
+
+WHOLE = {"gpus": 1, "cpu_cores": 1}
+
+
+def one_gpu_host(a, host_id="h1"):
+    a.register_host(id=host_id, cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+
+
+def queued(a, priority="normal", resources=WHOLE, **kw):
+    return a.allocate(resources, on_busy="queue", priority=priority, **kw)
+
+
+def test_a_request_that_fits_is_placed_at_once(alloc):
+    one_gpu_host(alloc)
+    x = queued(alloc)
+    assert (x.state, x.host_id, x.queue_position) == ("active", "h1", 0)
+
+
+def test_waiting_tasks_are_ordered_by_priority_then_arrival(alloc):
+    one_gpu_host(alloc)
+    holder = alloc.allocate(WHOLE)
+    low = queued(alloc, "low")
+    n1 = queued(alloc, "normal")
+    n2 = queued(alloc, "normal")
+    high = queued(alloc, "high")
+    crit = queued(alloc, 3)
+    assert [alloc.position(x.allocation_id) for x in (crit, high, n1, n2, low)] == [1, 2, 3, 4, 5]
+    assert low.state == "pending" and low.host_id is None
+
+
+def test_positions_move_up_as_tasks_ahead_start(alloc):
+    one_gpu_host(alloc)
+    holder = alloc.allocate(WHOLE)
+    first, second, third = queued(alloc), queued(alloc), queued(alloc)
+    alloc.release(holder.allocation_id)
+    assert alloc.get(first.allocation_id).state == "active"
+    assert [alloc.position(x.allocation_id) for x in (first, second, third)] == [0, 1, 2]
+    alloc.release(first.allocation_id)
+    assert [alloc.position(x.allocation_id) for x in (second, third)] == [0, 1]
+
+
+def test_a_waiting_task_starts_when_resources_free(alloc):
+    one_gpu_host(alloc)
+    holder = alloc.allocate({"gpu_memory_mb": "12Gi"})
+    waiting = queued(alloc, resources={"gpu_memory_mb": "8Gi"})
+    assert waiting.state == "pending"
+    released = alloc.release(holder.allocation_id)
+    assert released.state == "released"
+    placed = alloc.get(waiting.allocation_id)
+    assert (placed.state, placed.host_id, placed.gpus[0].memory_mb) == ("active", "h1", 8192)
+
+
+def test_waiting_tasks_start_when_a_host_joins(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    waiting = queued(alloc)
+    one_gpu_host(alloc, "h2")
+    assert alloc.get(waiting.allocation_id).host_id == "h2"
+
+
+def test_expired_lease_frees_room_for_the_queue(alloc, clock):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE, ttl_seconds=60)
+    waiting = queued(alloc)
+    clock.advance(61)
+    alloc.schedule()
+    assert alloc.get(waiting.allocation_id).state == "active"
+
+
+def two_gpu_host_with_two_small_tasks(a):
+    a.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
+                    gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    small_a = a.allocate(WHOLE, expected_duration=100)
+    small_b = a.allocate(WHOLE, expected_duration=100)
+    return small_a, small_b
+
+
+def test_a_large_high_priority_task_is_not_starved_by_small_ones(alloc):
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    late_small = queued(alloc, "normal", WHOLE, expected_duration=1000)
+    alloc.release(small_a.allocation_id)
+    # The big task holds a reservation on h1 from when small_b is expected to end: the long small
+    # task may not take the GPU small_a left, or the big one would wait 1000 s more.
+    assert alloc.get(late_small.allocation_id).state == "pending"
+    alloc.release(small_b.allocation_id)
+    assert alloc.get(big.allocation_id).state == "active"
+    assert alloc.position(late_small.allocation_id) == 1
+
+
+def test_a_short_task_backfills_when_it_ends_before_the_reservation(alloc, clock):
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    short = queued(alloc, "normal", WHOLE, expected_duration=50)
+    alloc.release(small_a.allocation_id)
+    assert alloc.get(short.allocation_id).state == "active"
+    assert alloc.get(big.allocation_id).state == "pending"
+
+
+def test_backfill_onto_another_host_is_always_allowed(alloc):
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    one_gpu_host(alloc, "h2")  # joins while big waits for h1
+    late_small = queued(alloc, "normal", WHOLE, expected_duration=1000)
+    assert alloc.get(late_small.allocation_id).host_id == "h2"
+
+
+def test_priority_strategy_preempts_lower_priority_work(alloc):
+    one_gpu_host(alloc)
+    low = alloc.allocate(WHOLE, priority="low")
+    urgent = queued(alloc, "high", strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "active"
+    victim = alloc.get(low.allocation_id)
+    assert (victim.state, victim.release_reason) == ("released", "preempted")
+
+
+def test_preemption_never_touches_equal_or_higher_priority(alloc):
+    one_gpu_host(alloc)
+    peer = alloc.allocate(WHOLE, priority="high")
+    urgent = queued(alloc, "high", strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(peer.allocation_id).state == "active"
+
+
+def test_preemption_takes_the_newest_low_priority_work_first(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
+                        gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    old = alloc.allocate(WHOLE, priority="low")
+    clock.advance(10)
+    new = alloc.allocate(WHOLE, priority="low")
+    queued(alloc, "critical", strategy="priority")
+    assert alloc.get(new.allocation_id).release_reason == "preempted"
+    assert alloc.get(old.allocation_id).state == "active"
+
+
+def test_cancelling_a_pending_task_allocates_nothing_and_moves_the_line(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    a, b = queued(alloc), queued(alloc)
+    cancelled = alloc.cancel(a.allocation_id)
+    assert (cancelled.state, cancelled.release_reason) == ("cancelled", "cancelled")
+    assert alloc.position(b.allocation_id) == 1
+    assert alloc.capacity().active_allocations == 1
+
+
+def test_cancelling_a_placed_lease_releases_it(alloc):
+    one_gpu_host(alloc)
+    x = alloc.allocate(WHOLE)
+    assert alloc.cancel(x.allocation_id).release_reason == "cancelled"
+    assert alloc.capacity().gpus_idle == 1
+
+
+def test_releasing_a_pending_request_cancels_it(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    waiting = queued(alloc)
+    assert alloc.release(waiting.allocation_id).state == "cancelled"
+
+
+def test_on_busy_must_be_fail_or_queue(alloc):
+    with pytest.raises(InvalidRequest, match="on_busy"):
+        alloc.allocate(WHOLE, on_busy="wait")
+
+
+def test_queued_requests_are_idempotent_by_id(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    a1 = queued(alloc, allocation_id="req-1")
+    a2 = queued(alloc, allocation_id="req-1")
+    assert a1.allocation_id == a2.allocation_id and alloc.redis.zcard(alloc.keys.pending) == 1
