@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import worker_cli
 from .client import Allocator
 from .config import Settings
 from .errors import InsufficientResources
@@ -68,6 +69,10 @@ def _capacity_table(a: Allocator) -> None:
                   f"{h.cpu_cores.available:g}/{h.cpu_cores.total:g}", f"{h.ram_mb.available:.0f}/{h.ram_mb.total:.0f}",
                   str(h.active_allocations))
     console.print(t)
+
+
+app.command("worker")(worker_cli.worker)
+app.command("scheduler")(worker_cli.scheduler)
 
 
 def main() -> None:

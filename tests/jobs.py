@@ -1,0 +1,41 @@
+"""Functions the worker tests run as RQ jobs (importable by worker subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def report_environment() -> dict:
+    return {
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "ALLOCATOR_ALLOCATION_ID": os.environ.get("ALLOCATOR_ALLOCATION_ID"),
+        "affinity": sorted(os.sched_getaffinity(0)),
+    }
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def fail() -> None:
+    raise RuntimeError("task failed on purpose")
+
+
+def sleep_for(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def kill_own_horse() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_until_file(path: str, limit: float = 30.0) -> str:
+    """Runs until ``path`` exists (or ``limit`` seconds): a job the test can preempt mid-run."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "done"

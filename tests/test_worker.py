@@ -1,0 +1,181 @@
+"""Function tasks run on a real RQ worker of their host, pinned to their grant, and are released
+on every outcome. Workers run in subprocesses in burst mode (they quit when the queue is empty)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rq.job import Job
+
+from allocator.queue import host_queue_name
+
+from . import jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def run_worker(a, host: str, *, plain_rq: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    url = "redis://{host}:{port}/{db}".format(**a.redis.connection_pool.connection_kwargs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALLOCATOR_REDIS_URL": url, "ALLOCATOR_NAMESPACE": a.keys.namespace}
+    if plain_rq:
+        cmd = [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--url", url,
+               "--worker-class", "workers.ResourceWorker", host_queue_name(a.keys.namespace, host)]
+    else:
+        cmd = [sys.executable, "-m", "allocator", "worker", "--host", host, "--burst"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def gpu_host(a, host="h1"):
+    a.register_host(id=host, cpu_cores=CORES, ram_mb="8Gi",
+                    gpus=[{"index": 0, "uuid": "GPU-11111111", "model": "T4", "memory_mb": "16Gi"},
+                          {"index": 1, "uuid": "GPU-22222222", "model": "T4", "memory_mb": "16Gi"}])
+
+
+def test_job_runs_on_its_host_with_gpus_and_cores_pinned(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.report_environment, resources={"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1})
+    grant = task.wait_for_placement(timeout=5)
+    assert task.job.origin == host_queue_name(alloc.keys.namespace, "h1")
+    run_worker(alloc, "h1")
+    job = Job.fetch(task.id, connection=alloc.rq_connection)
+    assert job.get_status() == "finished"
+    assert job.return_value() == {
+        "CUDA_VISIBLE_DEVICES": grant.gpus[0].uuid,
+        "OMP_NUM_THREADS": "1",
+        "ALLOCATOR_ALLOCATION_ID": task.id,
+        "affinity": grant.cpu_cores,
+    }
+    assert alloc.get(task.id).state == "released"
+
+
+def test_plain_rq_worker_with_the_worker_class_works(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 2, 3, resources={"cpu_cores": 1})
+    proc = run_worker(alloc, "h1", plain_rq=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert task.job.return_value() == 5
+    assert alloc.get(task.id).release_reason == "released"
+
+
+def test_failed_job_is_released_as_failed(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.fail, resources={"cpu_cores": 1})
+    run_worker(alloc, "h1")
+    assert task.job.get_status() == "failed"
+    assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("failed", "failed")
+    assert alloc.capacity().cpu_cores.allocated == 0
+
+
+def test_timed_out_job_is_released(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_for, 30, resources={"cpu_cores": 1}, job_timeout=1)
+    run_worker(alloc, "h1")
+    assert task.job.get_status() == "failed"
+    assert alloc.get(task.id).state == "failed"
+
+
+def test_killed_work_horse_is_released(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.kill_own_horse, resources={"gpus": 1})
+    run_worker(alloc, "h1")
+    assert task.job.get_status() == "failed"
+    assert alloc.capacity().gpus_idle == 2
+
+
+def test_waiting_job_runs_after_the_one_ahead_releases(alloc):
+    gpu_host(alloc)
+    first = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 2})
+    second = alloc.enqueue(jobs.add, 2, 2, resources={"gpus": 2})
+    assert (first.position, second.position) == (0, 1)
+    run_worker(alloc, "h1")  # runs first; its release places second on the same host queue
+    assert first.job.return_value() == 2 and second.job.return_value() == 4
+    assert alloc.capacity().gpus_idle == 2
+
+
+def test_pending_job_waits_in_its_priority_queue_visible_to_rq(alloc):
+    gpu_host(alloc)
+    alloc.allocate({"gpus": 2})
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, priority="high")
+    assert task.state == "pending" and task.position == 1
+    assert task.job.origin == f"{alloc.keys.namespace}.high"
+    assert alloc.rq_connection.lrange(f"rq:queue:{alloc.keys.namespace}.high", 0, -1) == [task.id.encode()]
+
+
+def test_cancelled_pending_job_never_runs(alloc):
+    gpu_host(alloc)
+    alloc.allocate({"gpus": 2})
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    task.cancel()
+    assert task.job.get_status() == "canceled"
+    assert task.state == "cancelled"
+
+
+def test_preempted_job_that_had_not_started_goes_back_to_the_front(alloc):
+    gpu_host(alloc)
+    low = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 2}, priority="low")
+    assert low.state == "active"
+    urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    assert urgent.state == "active"
+    assert low.state == "pending" and low.position == 1
+    assert low.job.origin == f"{alloc.keys.namespace}.low"
+    alloc.release(urgent.allocation_id)
+    assert low.state == "active"
+    run_worker(alloc, "h1")
+    assert low.job.return_value() == 2
+
+
+def start_worker(a, host: str) -> subprocess.Popen:
+    url = "redis://{host}:{port}/{db}".format(**a.redis.connection_pool.connection_kwargs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALLOCATOR_REDIS_URL": url, "ALLOCATOR_NAMESPACE": a.keys.namespace}
+    return subprocess.Popen([sys.executable, "-m", "allocator", "worker", "--host", host], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_running_job_preempted_is_stopped_and_requeued_at_the_front(alloc, tmp_path):
+    gpu_host(alloc)
+    flag = tmp_path / "go"
+    low = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 2}, priority="low")
+    later_low = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 2}, priority="low")
+    worker = start_worker(alloc, "h1")
+    try:
+        wait_until(lambda: low.job.get_status() == "started")
+        urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+        assert alloc.get(urgent.allocation_id).state == "active"
+        wait_until(lambda: low.state == "pending")
+        assert alloc.get(low.id).requeues == 1
+        assert (low.position, later_low.position) == (1, 2)  # front of its queue, ahead of later work
+        flag.touch()
+        alloc.release(urgent.allocation_id)
+        wait_until(lambda: low.job.get_status() == "finished")
+        assert low.job.return_value() == "done"
+    finally:
+        worker.terminate()
+        worker.wait(10)
+
+
+def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_until_file, str(tmp_path / "never"), resources={"gpus": 1})
+    worker = start_worker(alloc, "h1")
+    try:
+        wait_until(lambda: task.job.get_status() == "started")
+        assert task.cancel().release_reason == "cancelled"
+        wait_until(lambda: task.job.get_status() in ("stopped", "failed"))
+        assert alloc.capacity().gpus_idle == 2
+    finally:
+        worker.terminate()
+        worker.wait(10)
