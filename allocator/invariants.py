@@ -46,6 +46,16 @@ def check(snap: dict[str, Any]) -> list[str]:
         in_expiry = aid in (snap["expiry"] or {})
         if (expires > 0) != in_expiry:
             bad.append(f"{aid}: expiry index out of step (expires={expires}, indexed={in_expiry})")
+    for name in ("byprio", "ends"):
+        extra = set(snap.get(name) or {}) - set(allocs)
+        if extra:
+            bad.append(f"{name} index holds allocations that are not active: {sorted(extra)[:5]}")
+    missing = set(allocs) - set(snap.get("byprio") or {})
+    if missing:
+        bad.append(f"active allocations missing from byprio: {sorted(missing)[:5]}")
+    for tid, state in (snap.get("pending") or {}).items():
+        if state != "pending":
+            bad.append(f"{tid}: in the pending line but its allocation is {state}")
     for h, f in hosts.items():
         bad.extend(_check_host(h, f, snap, gpu_mem, gpu_n, cores_by_host[h], shared[h], ram[h]))
         held = set(snap["host_allocs"].get(h) or [])

@@ -316,6 +316,7 @@ class HostSpec(_Strict):
     cpu_cores: list[int] = Field(default_factory=list, description="Core ids the allocator may grant (an int n means 0..n-1).")
     ram_mb: int = 0
     gpus: list[GpuSpec] = Field(default_factory=list)
+    reserve_gpus: int = Field(0, ge=0, description="Whole GPUs kept idle for critical-priority work only.")
 
     @field_validator("id", mode="before")
     @classmethod

@@ -86,3 +86,63 @@ def test_four_processes_never_oversubscribe_and_leave_everything_free(redis_url)
         assert cap.gpus_idle == cap.gpu_count
     finally:
         a.destroy()
+
+
+def queue_client(url: str, namespace: str, seed: int, ops: int, out: mp.Queue) -> None:
+    rng = random.Random(seed)
+    a = Allocator(url, namespace=namespace)
+    mine: list[str] = []
+    counts = {"queued": 0, "cancelled": 0, "released": 0}
+    for _ in range(ops):
+        r = rng.random()
+        if mine and r < 0.35:
+            aid = mine.pop(rng.randrange(len(mine)))
+            a.release(aid)  # releases a placed one, cancels a pending one
+            counts["released"] += 1
+        elif mine and r < 0.45:
+            a.cancel(mine.pop(rng.randrange(len(mine))))
+            counts["cancelled"] += 1
+        else:
+            x = a.allocate(random_request(rng), on_busy="queue", priority=rng.choice(["low", "normal", "high", "critical"]),
+                           strategy=rng.choice(["best_fit", "first_fit", "priority"]), expected_duration=rng.choice([None, 5, 50]))
+            mine.append(x.allocation_id)
+            counts["queued"] += 1
+    for aid in mine:
+        a.release(aid)
+    out.put(counts)
+
+
+def scheduler_replica(url: str, namespace: str, stop: mp.Event) -> None:
+    a = Allocator(url, namespace=namespace)
+    while not stop.is_set():
+        a.schedule()
+
+
+def test_queue_clients_and_two_schedulers_keep_the_ledger_consistent(redis_url):
+    namespace = "test-qconc-" + uuid.uuid4().hex[:8]
+    a = Allocator(redis_url, namespace=namespace)
+    try:
+        for h in FLEET:
+            a.register_host(h)
+        ctx = mp.get_context("fork")
+        out: mp.Queue = ctx.Queue()
+        stop = ctx.Event()
+        schedulers = [ctx.Process(target=scheduler_replica, args=(redis_url, namespace, stop)) for _ in range(2)]
+        clients = [ctx.Process(target=queue_client, args=(redis_url, namespace, seed, 400, out)) for seed in range(3)]
+        for p in schedulers + clients:
+            p.start()
+        while any(p.is_alive() for p in clients):
+            violations = check(a.snapshot())
+            assert violations == [], violations[:5]
+        stop.set()
+        for p in clients + schedulers:
+            p.join(30)
+            assert p.exitcode == 0
+        counts = [out.get(timeout=5) for _ in clients]
+        assert sum(c["queued"] for c in counts) > 300
+        assert check(a.snapshot()) == []
+        cap = a.capacity()
+        assert cap.active_allocations == 0 and a.redis.zcard(a.keys.pending) == 0
+        assert cap.gpus_idle == cap.gpu_count and cap.cpu_cores.allocated == 0
+    finally:
+        a.destroy()

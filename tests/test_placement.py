@@ -164,3 +164,23 @@ def test_dry_run_reports_where_without_allocating(alloc_any):
     assert alloc_any.would_fit({"gpu_memory_mb": "20Gi"})["host_id"] == "h2"
     assert alloc_any.would_fit({"gpu_memory_mb": "60Gi"}) is None
     assert alloc_any.capacity().active_allocations == 0
+
+
+def test_critical_reserve_keeps_idle_gpus_for_critical_work(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", reserve_gpus=1,
+                            gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    first = alloc_any.allocate({"gpus": 1}, priority="high")
+    with pytest.raises(InsufficientResources):
+        alloc_any.allocate({"gpus": 1}, priority="high")
+    with pytest.raises(InsufficientResources):
+        alloc_any.allocate({"gpus": 2, "gpu_memory_mb": "1Gi"}, priority="normal")
+    critical = alloc_any.allocate({"gpus": 1}, priority="critical")
+    alloc_any.release(first.allocation_id)
+    with pytest.raises(InsufficientResources):  # GPU 0 is the one idle GPU left: the reserve
+        alloc_any.allocate({"gpu_memory_mb": "1Gi"}, priority="low")
+    alloc_any.release(critical.allocation_id)
+    shared = alloc_any.allocate({"gpu_memory_mb": "1Gi"}, priority="low")
+    # That GPU is in use now (not idle), so more low work may share it without touching the reserve.
+    assert alloc_any.allocate({"gpu_memory_mb": "1Gi"}, priority="low").gpus[0].index == shared.gpus[0].index
+    with pytest.raises(InsufficientResources):
+        alloc_any.allocate({"gpus": 1}, priority="normal")

@@ -1,7 +1,7 @@
 --[[ register_host: add a host, or update its capacity without breaking what it already grants.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
-ARGV[3] host JSON {id, labels{}, cores[], ram_mb, gpus[{index, uuid, model, memory_mb, used_mb}]},
+ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uuid, model, memory_mb, used_mb}]},
 ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
 Usage (GPU memory, cores, RAM held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
@@ -60,7 +60,8 @@ end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
   'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
-  'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen}
+  'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen,
+  'reserve_gpus', spec.reserve_gpus or 0}
 if created then
   fields[#fields + 1] = 'registered'; fields[#fields + 1] = now
 end

@@ -62,11 +62,12 @@ end
 
 -- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
 local function host_state(h)
-  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen')
+  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen', 'reserve_gpus')
   if not f[1] then return nil end
   return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
           ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
-          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1)}
+          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1),
+          reserve = tonumber(f[11] or 0)}
 end
 
 local function gpu_state(h, pos)

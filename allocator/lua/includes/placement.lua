@@ -52,12 +52,29 @@ local function host_eligible(req, h, s)
   return true
 end
 
+-- How many idle GPUs of host h a request may take: all of them for critical requests, else all
+-- but the host's critical reserve (reserve_gpus whole GPUs kept idle for critical work).
+local function idle_allowance(req, h, s)
+  if s.reserve <= 0 or req.priority >= 3 then return nil end
+  if s.idle == nil then
+    local idle = 0
+    for p = 0, s.ngpu - 1 do
+      local g = gpu_state(h, p)
+      if g.n == 0 then idle = idle + 1 end
+    end
+    s.idle = idle
+  end
+  return s.idle - s.reserve
+end
+
 local function pick_on_host(req, h, s, pos, mode)
   local k = req.gpus
+  local allowance = idle_allowance(req, h, s)
   if k == 1 and pos ~= nil then
     local g = gpu_state(h, pos)
-    if gpu_fits(req, g) then return {g} end
-    return nil
+    if not gpu_fits(req, g) then return nil end
+    if allowance ~= nil and g.n == 0 and allowance < 1 then return nil end
+    return {g}
   end
   local cands = {}
   for p = 0, s.ngpu - 1 do
@@ -70,9 +87,15 @@ local function pick_on_host(req, h, s, pos, mode)
   elseif mode == 'worst' then
     table.sort(cands, function(a, b) if a.free ~= b.free then return a.free > b.free end return a.pos < b.pos end)
   end
-  local out = {}
-  for i = 1, k do out[i] = cands[i] end
-  return out
+  local out, idle_used = {}, 0
+  for _, g in ipairs(cands) do
+    if allowance == nil or g.n > 0 or idle_used < allowance then
+      if g.n == 0 then idle_used = idle_used + 1 end
+      out[#out + 1] = g
+      if #out == k then return out end
+    end
+  end
+  return nil
 end
 
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
