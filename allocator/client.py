@@ -63,6 +63,7 @@ class Allocator:
             client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
         self.redis = client
         self.keys = Keys(namespace)
+        self._ledger_keys = self.keys.ledger_keys()
         self.scripts = Scripts(client)
         self.clock = clock
         self.scan_cap = scan_cap
@@ -90,7 +91,7 @@ class Allocator:
         return "" if self.clock is None else str(int(self.clock() * 1000))
 
     def _call(self, name: str, *args: object) -> Any:
-        raw = self.scripts[name](keys=self.keys.ledger_keys(), args=[self.keys.prefix, self._now_arg(), *args])
+        raw = self.scripts[name](keys=self._ledger_keys, args=[self.keys.prefix, self._now_arg(), *args])
         return json.loads(raw)
 
     @staticmethod
@@ -150,8 +151,6 @@ class Allocator:
             "ttl_ms": int(req.ttl_seconds * 1000) if req.ttl_seconds else 0,
             "expected_ms": int(req.expected_duration * 1000) if req.expected_duration else 0,
             "preempt": req.strategy is Strategy.PRIORITY,
-            "metadata": json.dumps(req.metadata),
-            "request": req.model_dump_json(),
             "scan_cap": self.scan_cap,
             "dry_run": dry_run,
         }
@@ -168,10 +167,17 @@ class Allocator:
         """
         allocation_id = req.allocation_id or new_allocation_id()
         t0 = time.perf_counter()
-        res = self._raise_unless_ok(self._call("place", self._place_payload(req, allocation_id, False)))
+        res = self._raise_unless_ok(self._call("place", *self.place_args(req, allocation_id)))
         alloc = Allocation.from_record(res["alloc"])
+        if not res.get("existing"):
+            # The script does not echo back what the caller sent: fill it in from the request.
+            alloc.request, alloc.metadata = req.model_dump(mode="json"), req.metadata
         alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
         return alloc
+
+    def place_args(self, req: AllocationRequest, allocation_id: str, dry_run: bool = False) -> tuple[str, str, str]:
+        """ARGV of place.lua after the prefix and clock: payload, request JSON, metadata JSON."""
+        return self._place_payload(req, allocation_id, dry_run), req.model_dump_json(), json.dumps(req.metadata)
 
     def allocate(self, resources: ResourcesLike | None = None, *, on_busy: str = "fail", **fields: Any) -> Allocation:
         """Allocates now. Fields: priority, strategy, ttl_seconds, expected_duration, selector,
@@ -191,7 +197,7 @@ class Allocator:
     def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
         """Where the request would be placed now (host, gpus, cores), or None; changes nothing."""
         req = self.build_request(resources, **fields)
-        res = self._call("place", self._place_payload(req, req.allocation_id or new_allocation_id(), True))
+        res = self._call("place", *self.place_args(req, req.allocation_id or new_allocation_id(), True))
         if not res.get("ok"):
             return None
         return {"host_id": res["host"], "gpus": res.get("gpus") or [], "cores": res.get("cores") or []}
@@ -217,6 +223,13 @@ class Allocator:
         if alloc is None:
             raise AllocationNotFound(f"allocation {allocation_id} not found")
         return alloc
+
+    def grant_is_current(self, allocation_id: str) -> bool:
+        """Whether the allocation may start work now: active, on a host that is not lost, under
+        the host's current generation (fencing; ``allocator.agent.check_grant`` gives the reason)."""
+        from .agent.fencing import grant_is_current
+
+        return grant_is_current(self, allocation_id)
 
     def list(
         self,

@@ -60,7 +60,8 @@ def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str) ->
 
 
 def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str) -> dict[str, Any]:
-    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind), a.pass_depth, a.scan_cap))
+    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind), a.pass_depth, a.scan_cap,
+                                      req.model_dump_json(), json.dumps(req.metadata)))
 
 
 def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:

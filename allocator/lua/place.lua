@@ -4,8 +4,8 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|"worst"|"first"),
         strategy_name, gpus, gpu_mem (MiB per GPU, 0 = whole GPUs), models{name=true} or absent,
         cpu_millis, exclusive (bool), ram, ttl_ms (0 = none), expected_ms (0 = unknown),
-        selector{label=[values]} or absent, metadata (JSON text), request (JSON text), scan_cap,
-        dry_run (bool)}.
+        preempt (bool), selector{label=[values]} or absent, scan_cap, dry_run (bool)},
+ARGV[4] the validated request as JSON text, ARGV[5] metadata as JSON text (both stored as given).
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
 While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.
 Before placing it reaps up to 8 expired allocations. All checks happen before the first write;
@@ -17,10 +17,12 @@ Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
 --- @include "placement"
 
 local req = cjson.decode(ARGV[3])
+req.request, req.metadata = ARGV[4], ARGV[5]
 local now = now_ms()
 
-local existing = read_alloc(req.id)
-if existing then return cjson.encode({ok = true, existing = true, alloc = existing}) end
+if rcall('EXISTS', alloc_key(req.id)) == 1 then
+  return cjson.encode({ok = true, existing = true, alloc = read_alloc(req.id)})
+end
 if rcall('HGET', K_SEQ, 'recovering') == '1' then
   return cjson.encode({ok = false, code = 'RECOVERING', details = {},
     message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'})

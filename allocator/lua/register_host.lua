@@ -61,7 +61,7 @@ end
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
   'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
   'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen,
-  'reserve_gpus', spec.reserve_gpus or 0}
+  'reserve_gpus', spec.reserve_gpus or 0, 'cver', tostring(now) .. '-' .. rcall('HINCRBY', K_SEQ, 'cver', 1)}
 if created then
   fields[#fields + 1] = 'registered'; fields[#fields + 1] = now
 end

@@ -3,7 +3,8 @@ pass so it starts at once when it fits and nothing ahead of it is waiting.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task JSON {kind ("job"|"lease"),
         payload (the place request JSON, see place.lua; it carries id and priority),
-        rq_prefix, rq_queue, host_queue_prefix}, ARGV[4] pass depth, ARGV[5] scan cap.
+        rq_prefix, rq_queue, host_queue_prefix}, ARGV[4] pass depth, ARGV[5] scan cap,
+ARGV[6] the validated request as JSON text, ARGV[7] metadata as JSON text.
 Idempotent by id: an id that exists is not queued again.
 Returns JSON {ok, state, position (0 = placed), placed[]}.
 ]]
@@ -14,6 +15,7 @@ Returns JSON {ok, state, position (0 = placed), placed[]}.
 local now = now_ms()
 local t = cjson.decode(ARGV[3])
 local req = cjson.decode(t.payload)
+req.request, req.metadata = ARGV[6], ARGV[7]
 local id = req.id
 local existing = rcall('HGET', alloc_key(id), 'state')
 if not existing then
@@ -29,7 +31,8 @@ if not existing then
   rcall('ZADD', K_ALLOCS, now, id)
   rcall('ZADD', K_PENDING, pending_score(req.priority, false, seq), id)
   emit('submitted', id, now, cjson.encode({kind = t.kind, priority = req.priority, task_id = req.task_id,
-    task_type = req.task_type, owner = req.owner, request = req.request, expected_ms = req.expected_ms or 0}))
+    task_type = req.task_type, owner = req.owner, expected_ms = req.expected_ms or 0}),
+    {'request', req.request, 'metadata', req.metadata})
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
 local state = rcall('HGET', alloc_key(id), 'state')

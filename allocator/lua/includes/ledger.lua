@@ -43,8 +43,13 @@ local function host_allocs_key(h) return PREFIX .. 'host_allocs:' .. h end
 local function alloc_key(id) return PREFIX .. 'alloc:' .. id end
 local function gpu_member(h, pos) return h .. '#' .. pos end
 
-local function emit(kind, subject, now, data)
-  rcall('XADD', K_EVENTS, '*', 'type', kind, 'id', subject, 'ts', tostring(now), 'data', data)
+-- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
+local function emit(kind, subject, now, data, extra)
+  if extra and #extra > 0 then
+    rcall('XADD', K_EVENTS, '*', 'type', kind, 'id', subject, 'ts', tostring(now), 'data', data, unpack(extra))
+  else
+    rcall('XADD', K_EVENTS, '*', 'type', kind, 'id', subject, 'ts', tostring(now), 'data', data)
+  end
 end
 
 -- Free CPU in millicores: exclusive cores still free, minus what the shared pool has lent out.
@@ -102,7 +107,7 @@ local function reindex_host(h, touched)
   local parked = (s.cpu <= 0) or (s.ramf <= 0)
   local schedulable = (s.state == 'ready') and not parked
   local was = (s.state == 'ready') and not s.parked
-  rcall('HSET', host_key(h), 'parked', parked and '1' or '0')
+  if parked ~= s.parked then rcall('HSET', host_key(h), 'parked', parked and '1' or '0') end
   if schedulable ~= was then touched = nil end
   if touched == nil then
     for pos = 0, s.ngpu - 1 do reindex_gpu(h, pos, schedulable, s.ord) end
@@ -153,13 +158,20 @@ local function return_grant(id, a)
   end
   local cores = decode_list(a.cores)
   if #cores > 0 then
-    local f = rcall('HMGET', hk, 'cores', 'cmap')
-    local pos = core_positions(decode_list(f[1]))
-    local map = f[2]
+    local f = rcall('HMGET', hk, 'cmap', 'cver')
+    local map = f[1]
+    local positions
+    if a.cver and a.cver ~= '' and a.cver == f[2] then
+      -- The core list is the one the grant was made against: positions are still right.
+      positions = decode_list(a.cpos)
+    else
+      local pos = core_positions(decode_list(rcall('HGET', hk, 'cores')))
+      positions = {}
+      for _, c in ipairs(cores) do positions[#positions + 1] = pos[tostring(c)] or 0 end
+    end
     local back = 0
-    for _, c in ipairs(cores) do
-      local i = pos[tostring(c)]
-      if i and string.sub(map, i, i) == '0' then
+    for _, i in ipairs(positions) do
+      if i > 0 and string.sub(map, i, i) == '0' then
         map = string.sub(map, 1, i - 1) .. '1' .. string.sub(map, i + 1)
         back = back + 1
       end

@@ -7,7 +7,7 @@ try_place(req, now) -> {host, gpus = grants, cores = core ids, newmap, shared} o
 grant(req, p, now) -> the allocation record written for placement p (writes everything).
 ]]
 
-local PAGE = 64
+local FIRST_PAGE, PAGE = 4, 64
 
 local function fmt_cores(millis)
   return string.format('%g', millis / 1000)
@@ -105,6 +105,7 @@ local function scan(req, mode)
   local whole = (req.gpu_mem == 0)
   local cap = req.scan_cap
   local seen, offset = 0, 0
+  local page = FIRST_PAGE  -- most requests fit on an early candidate: fetch a few first
   local tried, host_cache = {}, {}
   local function host_ok(h)
     local c = host_cache[h]
@@ -128,19 +129,19 @@ local function scan(req, mode)
       local idx, lo = K_GPU_IDX, req.gpu_mem
       if whole then idx, lo = K_GPU_IDLE, 1 end
       if mode == 'best' then
-        members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, PAGE)
+        members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, page)
       elseif mode == 'worst' then
-        members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, PAGE)
+        members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page)
       else
-        members = rcall('ZRANGE', K_GPU_ORD, offset, offset + PAGE - 1)
+        members = rcall('ZRANGE', K_GPU_ORD, offset, offset + page - 1)
       end
     else
       if mode == 'best' then
-        members = rcall('ZRANGEBYSCORE', K_CPU_IDX, req.cpu_millis, '+inf', 'LIMIT', offset, PAGE)
+        members = rcall('ZRANGEBYSCORE', K_CPU_IDX, req.cpu_millis, '+inf', 'LIMIT', offset, page)
       elseif mode == 'worst' then
-        members = rcall('ZREVRANGEBYSCORE', K_CPU_IDX, '+inf', req.cpu_millis, 'LIMIT', offset, PAGE)
+        members = rcall('ZREVRANGEBYSCORE', K_CPU_IDX, '+inf', req.cpu_millis, 'LIMIT', offset, page)
       else
-        members = rcall('ZRANGE', K_HOSTS, offset, offset + PAGE - 1)
+        members = rcall('ZRANGE', K_HOSTS, offset, offset + page - 1)
       end
     end
     if #members == 0 then return nil, false end
@@ -163,6 +164,7 @@ local function scan(req, mode)
       if seen >= cap then return nil, true end
     end
     offset = offset + #members
+    page = PAGE
   end
   return nil, true
 end
@@ -210,25 +212,26 @@ local function refusal(req, capped)
   return {ok = false, code = code, message = msg, details = details}
 end
 
--- Exclusive core ids for req on host h (the lowest free ones) and the new core map; nil, nil
--- when req takes no exclusive cores.
+-- Exclusive core ids for req on host h (the lowest free ones), their positions in the host's
+-- core list, the new core map and the core list version; ids = nil when the map disagrees with
+-- the free count; ids = {} when req takes no exclusive cores.
 local function pick_cores(req, h)
-  if not req.exclusive or req.cpu_millis <= 0 then return {}, nil end
+  if not req.exclusive or req.cpu_millis <= 0 then return {}, {}, nil, nil end
   local need = req.cpu_millis / 1000
-  local f = rcall('HMGET', host_key(h), 'cores', 'cmap')
+  local f = rcall('HMGET', host_key(h), 'cores', 'cmap', 'cver')
   local cores = decode_list(f[1])
   local map = f[2]
-  local ids, chars = {}, {}
-  for i = 1, #map do
-    local ch = string.sub(map, i, i)
-    if ch == '1' and #ids < need then
-      ids[#ids + 1] = cores[i]
-      ch = '0'
-    end
-    chars[i] = ch
+  local ids, pos = {}, {}
+  local at = 1
+  while #ids < need do
+    local i = string.find(map, '1', at, true)
+    if not i then return nil end
+    ids[#ids + 1] = cores[i]
+    pos[#pos + 1] = i
+    map = string.sub(map, 1, i - 1) .. '0' .. string.sub(map, i + 1)
+    at = i + 1
   end
-  if #ids < need then return nil, nil end
-  return ids, table.concat(chars)
+  return ids, pos, map, f[3] or '0'
 end
 
 local function try_place(req, now)
@@ -243,7 +246,7 @@ local function try_place(req, now)
     end
   end
   if not h then return nil, refusal(req, capped) end
-  local core_ids, newmap = pick_cores(req, h)
+  local core_ids, core_pos, newmap, cver = pick_cores(req, h)
   if core_ids == nil then
     return nil, {ok = false, code = 'LEDGER_CORRUPT', details = {},
                  message = 'free core count disagrees with core map on host ' .. h}
@@ -256,7 +259,8 @@ local function try_place(req, now)
   end
   local shared = 0
   if not req.exclusive then shared = req.cpu_millis end
-  return {host = h, gen = s.gen, gpus = grants, cores = core_ids, newmap = newmap, shared = shared}
+  return {host = h, gen = s.gen, state = s, gpus = grants, cores = core_ids, cpos = core_pos, cver = cver,
+          newmap = newmap, shared = shared, free = gs}
 end
 
 -- Expected end of an allocation that starts now: the task's duration hint, else its TTL.
@@ -271,14 +275,34 @@ local function prio_score(priority, created)
   return priority * 1e13 + (1e13 - 1 - created)
 end
 
+-- Index update after a grant on a host that stays schedulable: computed from what the scan
+-- read, without reading the host back. A host that becomes parked is reindexed in full.
+local function index_after_grant(req, p)
+  local h, s = p.host, p.state
+  local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
+  if s.parked or s.state ~= 'ready' or cpu <= 0 or ram <= 0 then
+    reindex_host(h, nil)
+    return
+  end
+  for i, g in ipairs(p.gpus) do
+    local m = gpu_member(h, g.pos)
+    local free = p.free[i].free - g.memory_mb
+    if free > 0 then rcall('ZADD', K_GPU_IDX, free, m) else
+      rcall('ZREM', K_GPU_IDX, m)
+      rcall('ZREM', K_GPU_ORD, m)
+    end
+    rcall('ZREM', K_GPU_IDLE, m)
+  end
+  rcall('ZADD', K_CPU_IDX, cpu, h)
+  rcall('ZADD', K_RAM_IDX, ram, h)
+end
+
 local function grant(req, p, now)
   local h = p.host
   local hk = host_key(h)
-  local touched = {}
-  for i, g in ipairs(p.gpus) do
+  for _, g in ipairs(p.gpus) do
     rcall('HINCRBY', hk, 'g' .. g.pos .. ':used', g.memory_mb)
     rcall('HINCRBY', hk, 'g' .. g.pos .. ':n', 1)
-    touched[i] = g.pos
   end
   if p.newmap then
     rcall('HSET', hk, 'cmap', p.newmap)
@@ -287,27 +311,40 @@ local function grant(req, p, now)
   if p.shared > 0 then rcall('HINCRBY', hk, 'shared', p.shared) end
   if req.ram > 0 then rcall('HINCRBY', hk, 'ram_used', req.ram) end
   rcall('SADD', host_allocs_key(h), req.id)
-  reindex_host(h, touched)
+  index_after_grant(req, p)
 
   local created = tonumber(req.created or now)
   local expires = 0
   if req.ttl_ms > 0 then expires = now + req.ttl_ms end
+  local gpus_json, cores_json = cjson.encode(p.gpus), cjson.encode(p.cores)
   local rec = {id = req.id, task_id = req.task_id, task_type = req.task_type, owner = req.owner,
     priority = tostring(req.priority), strategy = req.strategy_name, state = 'active', host = h,
-    host_gen = tostring(p.gen), gpus = cjson.encode(p.gpus), cores = cjson.encode(p.cores),
-    shared_millis = tostring(p.shared), ram_mb = tostring(req.ram), created = tostring(created),
-    activated = tostring(now), ttl_ms = tostring(req.ttl_ms), expires = tostring(expires),
-    metadata = req.metadata, request = req.request, kind = req.kind or 'lease'}
-  rcall('HSET', alloc_key(req.id), unpack(alloc_to_list(rec)))
+    host_gen = tostring(p.gen), gpus = gpus_json, cores = cores_json, cpos = cjson.encode(p.cpos),
+    cver = p.cver or '', shared_millis = tostring(p.shared), ram_mb = tostring(req.ram),
+    created = tostring(created), activated = tostring(now), ttl_ms = tostring(req.ttl_ms),
+    expires = tostring(expires), kind = req.kind or 'lease'}
+  local fields = alloc_to_list(rec)
+  -- request and metadata arrive as raw JSON text (place) or are already on the record (queued
+  -- tasks): stored and streamed as they are, never re-encoded.
+  local extra = {}
+  if req.request then
+    fields[#fields + 1] = 'request'; fields[#fields + 1] = req.request
+    fields[#fields + 1] = 'metadata'; fields[#fields + 1] = req.metadata
+    extra = {'request', req.request, 'metadata', req.metadata}
+  end
+  rcall('HSET', alloc_key(req.id), unpack(fields))
   rcall('ZADD', K_ALLOCS, created, req.id)
   rcall('ZADD', K_ACTIVE, created, req.id)
   if expires > 0 then rcall('ZADD', K_EXPIRY, expires, req.id) end
   local ends = expected_end(req, now)
   if ends then rcall('ZADD', K_ENDS, ends, req.id) end
   rcall('ZADD', K_BYPRIO, prio_score(req.priority, now), req.id)
-  emit('allocated', req.id, now, cjson.encode({host = h, host_gen = p.gen, task_id = req.task_id,
-    task_type = req.task_type, owner = req.owner, priority = req.priority, strategy = req.strategy_name,
-    gpus = p.gpus, cores = p.cores, shared_millis = p.shared, ram_mb = req.ram, ttl_ms = req.ttl_ms,
-    expires = expires, created = created, metadata = req.metadata, request = req.request, kind = rec.kind}))
+  emit('allocated', req.id, now, '{"host":' .. cjson.encode(h) .. ',"host_gen":' .. p.gen ..
+    ',"task_id":' .. cjson.encode(req.task_id) .. ',"task_type":' .. cjson.encode(req.task_type) ..
+    ',"owner":' .. cjson.encode(req.owner) .. ',"priority":' .. req.priority ..
+    ',"strategy":' .. cjson.encode(req.strategy_name or '') .. ',"gpus":' .. gpus_json ..
+    ',"cores":' .. cores_json .. ',"shared_millis":' .. p.shared .. ',"ram_mb":' .. req.ram ..
+    ',"ttl_ms":' .. req.ttl_ms .. ',"expires":' .. expires .. ',"created":' .. created ..
+    ',"kind":"' .. rec.kind .. '"}', extra)
   return rec
 end
