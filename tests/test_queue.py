@@ -173,3 +173,14 @@ def test_queued_requests_are_idempotent_by_id(alloc):
     a1 = queued(alloc, allocation_id="req-1")
     a2 = queued(alloc, allocation_id="req-1")
     assert a1.allocation_id == a2.allocation_id and alloc.redis.zcard(alloc.keys.pending) == 1
+
+
+def test_history_estimate_for_the_task_type_outranks_the_hint_for_backfill(alloc):
+    alloc.redis.hset(alloc.keys.durations, "quick", '{"p50_ms": 20000, "p80_ms": 30000, "n": 40}')
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    # The submitter hints 1000 s, but tasks of this type have taken at most ~30 s: it backfills.
+    short = queued(alloc, "normal", WHOLE, expected_duration=1000, task_type="quick")
+    alloc.release(small_a.allocation_id)
+    assert alloc.get(short.allocation_id).state == "active"
+    assert alloc.get(big.allocation_id).state == "pending"

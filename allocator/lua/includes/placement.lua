@@ -263,11 +263,26 @@ local function try_place(req, now)
           newmap = newmap, shared = shared, free = gs}
 end
 
--- Expected end of an allocation that starts now: the task's duration hint, else its TTL.
-local function expected_end(req, now)
+-- Expected run time of a task: the history's p80 for its task type (written by the recorder to
+-- the durations hash), else the task's own hint, else its TTL; nil when none is known. p80
+-- rather than p50: a reservation computed from an underestimate lets backfill delay the head.
+local function expected_ms(req)
+  if req.task_type and req.task_type ~= '' then
+    local est = rcall('HGET', PREFIX .. 'durations', req.task_type)
+    if est then
+      local ok, e = pcall(cjson.decode, est)
+      if ok and type(e) == 'table' and tonumber(e.p80_ms or 0) > 0 then return tonumber(e.p80_ms) end
+    end
+  end
   local ms = tonumber(req.expected_ms or 0)
   if ms <= 0 then ms = tonumber(req.ttl_ms or 0) end
   if ms <= 0 then return nil end
+  return ms
+end
+
+local function expected_end(req, now)
+  local ms = expected_ms(req)
+  if not ms then return nil end
   return now + ms
 end
 
