@@ -296,7 +296,9 @@ class Allocator:
         Allocation fields (priority, strategy, ttl_seconds, expected_duration, selector,
         metadata, task_id, task_type, owner) are taken from ``kwargs``; RQ options
         (job_timeout, result_ttl, failure_ttl, ttl, description, meta, on_success, on_failure,
-        on_stopped, retry) too; everything else goes to ``func``.
+        on_stopped, retry) too, and ``on_host_lost`` ("requeue", the default, or "fail": what
+        happens to the task if its host is declared lost while it holds the grant); everything
+        else goes to ``func``.
         """
         return queue.enqueue(self, func, args, resources, kwargs)
 

@@ -88,6 +88,11 @@ class Recovering(Refused):
     default_message = "the ledger is being rebuilt; try again shortly"
 
 
+class HostLost(Refused):
+    code = "HOST_LOST"
+    default_message = "host is lost; it must register again"
+
+
 class LedgerCorrupt(AllocatorError):
     """A script found the ledger inconsistent; it wrote nothing. Report it: this is a bug."""
 
@@ -99,6 +104,7 @@ _BY_CODE: dict[str, type[AllocatorError]] = {
     "ALLOCATION_NOT_FOUND": AllocationNotFound,
     "HOST_NOT_FOUND": HostNotFound,
     "HOST_BUSY": HostBusy,
+    "HOST_LOST": HostLost,
     "LEDGER_CORRUPT": LedgerCorrupt,
     "RECOVERING": Recovering,
 }

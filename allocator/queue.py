@@ -49,9 +49,10 @@ def parse_host_queue(name: str) -> tuple[str, str] | None:
     return (ns, host) if sep and ns and host else None
 
 
-def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str) -> str:
+def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue") -> str:
     return json.dumps({
         "kind": kind,
+        "on_host_lost": on_host_lost,
         "payload": a._place_payload(req, task_id, False),
         "rq_prefix": RQ_PREFIX,
         "rq_queue": pending_queue_name(a.keys.namespace, req.priority),
@@ -59,8 +60,8 @@ def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str) ->
     })
 
 
-def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str) -> dict[str, Any]:
-    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind), a.pass_depth, a.scan_cap,
+def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue") -> dict[str, Any]:
+    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind, on_host_lost), a.pass_depth, a.scan_cap,
                                       req.model_dump_json(), json.dumps(req.metadata)))
 
 
@@ -85,6 +86,9 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     alloc_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ALLOC_FIELDS}
     rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
     task_id = kwargs.pop("job_id", None) or new_allocation_id()
+    on_host_lost = kwargs.pop("on_host_lost", "requeue")
+    if on_host_lost not in ("requeue", "fail"):
+        raise InvalidRequest("on_host_lost", f"expected 'requeue' or 'fail', got {on_host_lost!r}")
     req = a.build_request(resources, allocation_id=task_id, **alloc_fields)
     if "job_timeout" in rq_opts:
         rq_opts["timeout"] = rq_opts.pop("job_timeout")
@@ -93,7 +97,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     pipe = a.rq_connection.pipeline()
     q.enqueue_job(job, pipeline=pipe)
     pipe.execute()
-    _submit(a, req, task_id, "job")
+    _submit(a, req, task_id, "job", on_host_lost)
     return Task(a, task_id)
 
 

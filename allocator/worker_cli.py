@@ -48,22 +48,28 @@ def scheduler(
     redis_url: str = typer.Option(None, envvar="ALLOCATOR_REDIS_URL", help=REDIS_URL_HELP),
     namespace: str = typer.Option(None, envvar="ALLOCATOR_NAMESPACE", help="Key namespace (default alloc)."),
     once: bool = typer.Option(False, "--once", help="Run one pass and exit."),
+    grace: float = typer.Option(20.0, help="Seconds without heartbeat before a host is declared lost (0 = no reaper)."),
 ) -> None:
-    """Periodic scheduling passes and TTL expiry. Several replicas at once are safe: each pass
-    is one atomic script."""
+    """Periodic scheduling passes, TTL expiry and lost-host reclaim. Several replicas at once are
+    safe: each pass and each reclaim is one atomic script."""
     settings = Settings.from_env()
     a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
     if not (redis_url or settings.redis_url):
         raise typer.BadParameter("a scheduler needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
-    run_scheduler(a, interval, threading.Event(), once=once)
+    run_scheduler(a, interval, threading.Event(), once=once, grace_s=grace or None)
 
 
-def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once: bool = False) -> None:
-    """The scheduler loop: expire leases, then place what fits; until ``stop`` is set."""
+def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once: bool = False,
+                  grace_s: float | None = 20.0) -> None:
+    """The scheduler loop: reclaim lost hosts, expire leases, then place what fits; until ``stop``."""
+    from .agent.reaper import reap_lost_hosts
+
     log = logging.getLogger("allocator.scheduler")
     while not stop.is_set():
         started = time.monotonic()
         try:
+            if grace_s:
+                reap_lost_hosts(a, grace_s)
             expired = a.expire()
             placed = a.schedule()
             if expired or placed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import redis
@@ -98,10 +99,15 @@ class ResourceWorker(Worker):
     def _after(self, job: Job) -> None:
         """Release (or requeue when preempted) whatever the job's outcome was."""
         a = self.allocator
+        if self.horse_pid:
+            a.redis.hdel(a.keys.host_pids(self.host_id), str(self.horse_pid))
         task_state = a.redis.hget(a.keys.task(job.id), "state")
         if task_state == "preempting":
             a._call("requeue", job.id, a.pass_depth, a.scan_cap)
             return
+        current = a.get(job.id)
+        if current is None or current.state != "active" or current.host_id != self.host_id:
+            return  # released meanwhile (cancelled, expired, host lost and requeued elsewhere)
         status = job.get_status(refresh=True)
         reason = "released" if status == "finished" else "failed"
         a.release(job.id, reason=reason)
@@ -111,6 +117,9 @@ class ResourceWorker(Worker):
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         if self._grant is not None:
             apply(self._grant)
+            # The GPU memory watchdog maps processes to grants through this hash.
+            keys = self.allocator.keys
+            self.allocator.redis.hset(keys.host_pids(self.host_id), str(os.getpid()), self._grant.allocation_id)
         super().main_work_horse(job, queue)
 
 

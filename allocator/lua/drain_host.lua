@@ -15,6 +15,11 @@ local state = rcall('HGET', hk, 'state')
 if not state then
   return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
 end
+if state == 'lost' then
+  -- A lost host comes back only by registering again (which starts a new generation and so
+  -- fences its old grants); drain/resume must not revive it under the old one.
+  return cjson.encode({ok = false, code = 'HOST_LOST', message = 'host ' .. h .. ' is lost; its agent must register it again'})
+end
 local target = 'draining'
 if ARGV[4] == 'resume' then target = 'ready' end
 if state ~= target then

@@ -6,7 +6,8 @@ ARGV[4] grace ms, ARGV[5] most allocations to release in this call.
 Re-checks inside the script that the heartbeat is still older than the grace (the agent may have
 beaten since the reaper looked), then: state "lost" (field lost_at), out of every index, one
 "host_lost" outbox event, and the host leaves the heartbeats set (its agent must register again,
-which starts a new generation). Then releases, with reason "host_lost", the host's stale grants:
+which starts a new generation). Then releases, with reason "host_lost", the host's stale grants
+(function tasks are requeued at the front or failed by their on_host_lost policy):
 all of its active allocations while it is lost, or those of an older generation when it has
 already come back. At most ARGV[5] per call; when some remain the host stays in the reclaim set
 and the reaper calls again. A host that no longer exists is dropped from both sets.
@@ -14,6 +15,8 @@ Returns JSON {ok, lost, declared, released[], remaining, gen, last_heartbeat}
             or {ok=false, code="HOST_NOT_FOUND", message}.
 ]]
 --- @include "ledger"
+--- @include "placement"
+--- @include "queue"
 
 local K_HEARTBEATS, K_RECLAIM = KEYS[#KEYS - 1], KEYS[#KEYS]
 local now = now_ms()
@@ -49,7 +52,10 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
   if stale then
     if #released < limit then
       local _, changed = finish_alloc(id, 'host_lost', now)
-      if changed then released[#released + 1] = id end
+      if changed then
+        released[#released + 1] = id
+        after_host_lost(id, now)
+      end
     else
       remaining = remaining + 1
     end

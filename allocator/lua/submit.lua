@@ -3,7 +3,8 @@ pass so it starts at once when it fits and nothing ahead of it is waiting.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task JSON {kind ("job"|"lease"),
         payload (the place request JSON, see place.lua; it carries id and priority),
-        rq_prefix, rq_queue, host_queue_prefix}, ARGV[4] pass depth, ARGV[5] scan cap,
+        rq_prefix, rq_queue, host_queue_prefix, on_host_lost ("requeue"|"fail")}, ARGV[4] pass depth,
+        ARGV[5] scan cap,
 ARGV[6] the validated request as JSON text, ARGV[7] metadata as JSON text.
 Idempotent by id: an id that exists is not queued again.
 Returns JSON {ok, state, position (0 = placed), placed[]}.
@@ -23,7 +24,7 @@ if not existing then
   local seq = tonumber(rcall('HINCRBY', K_SEQ, 'task_seq', 1))
   rcall('HSET', task_key(id), 'kind', t.kind, 'payload', t.payload, 'rq_prefix', t.rq_prefix or '',
         'rq_queue', t.rq_queue or '', 'host_queue_prefix', t.host_queue_prefix or '', 'state', 'pending',
-        'seq', seq, 'priority', req.priority, 'front', '0')
+        'seq', seq, 'priority', req.priority, 'front', '0', 'on_host_lost', t.on_host_lost or 'requeue')
   rcall('HSET', alloc_key(id), 'id', id, 'state', 'pending', 'kind', t.kind, 'task_id', req.task_id,
         'task_type', req.task_type, 'owner', req.owner, 'priority', tostring(req.priority),
         'strategy', req.strategy_name, 'created', tostring(now), 'ttl_ms', tostring(req.ttl_ms),

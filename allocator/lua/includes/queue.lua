@@ -67,6 +67,26 @@ local function requeue_task(id, t, now, front)
   emit('requeued', id, now, cjson.encode({front = front}))
 end
 
+-- A task whose host was declared lost: a function task goes back to the front of its priority
+-- (policy "requeue", the default, as Slurm requeues on node failure) or fails (policy "fail":
+-- its RQ job is marked failed); a queued direct request just ends (reason host_lost).
+local function after_host_lost(id, now)
+  local t = read_task(id)
+  if not t or t.kind ~= 'job' then return end
+  if (rcall('HGET', task_key(id), 'on_host_lost') or 'requeue') == 'requeue' then
+    requeue_task(id, t, now, true)
+    return
+  end
+  local job = t.rq_prefix .. 'job:' .. id
+  local origin = rcall('HGET', job, 'origin')
+  if origin then
+    rcall('LREM', t.rq_prefix .. 'queue:' .. origin, 0, id)
+    rcall('ZADD', t.rq_prefix .. 'failed:' .. origin, math.floor(now / 1000) + 31536000, id)
+  end
+  rcall('HSET', job, 'status', 'failed', 'exc_info', 'host lost')
+  rcall('HSET', alloc_key(id), 'state', 'failed')
+end
+
 -- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
 -- and holders, starting from now and adding back what given allocations would free.
 local function sim_host(req, h)

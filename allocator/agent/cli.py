@@ -1,0 +1,237 @@
+"""Typer commands ``allocator agent``, ``allocator hosts`` and ``allocator reaper``.
+
+``register(app)`` adds them to the main CLI (``allocator/cli.py``). Exit codes follow the rest of
+the CLI: 2 for invalid input (a malformed inventory file, a bad label), 1 for other failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..client import Allocator
+from ..config import Settings
+from ..errors import AllocatorError, InvalidRequest
+from .daemon import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_GRANULARITY_MB, DEFAULT_INTERVAL_S, Agent
+from .hosts import host_rows
+from .providers import InventoryProvider, LocalProvider
+from .reaper import DEFAULT_GRACE_S, DEFAULT_REAPER_INTERVAL_S, run_reaper
+from .static import StaticProvider
+from .watchdog import Watchdog
+
+console = Console()
+err = Console(stderr=True)
+
+REDIS_HELP = "Redis URL of the fleet's ledger (required: an agent on a private Redis serves no one)."
+
+
+def parse_labels(values: list[str] | None) -> dict[str, str]:
+    """``["cluster=a,zone=z1", "rack=r7"]`` -> {"cluster": "a", "zone": "z1", "rack": "r7"}."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        for part in v.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise InvalidRequest("labels", f"{part!r} is not key=value")
+            k, val = part.split("=", 1)
+            if not k.strip():
+                raise InvalidRequest("labels", f"{part!r} has an empty key")
+            out[k.strip()] = val.strip()
+    return out
+
+
+def _allocator(redis_url: str | None, namespace: str | None) -> Allocator:
+    s = Settings.from_env()
+    url = redis_url or s.redis_url
+    if not url:
+        err.print("[red]error:[/] no Redis URL: pass --redis-url or set ALLOCATOR_REDIS_URL")
+        raise typer.Exit(2)
+    return Allocator(url, namespace=namespace or s.namespace)
+
+
+def _signals(stop: threading.Event, abort: threading.Event) -> None:
+    """First SIGTERM/SIGINT: stop (drain, then deregister). Second: stop waiting for running work."""
+
+    def handler(signum: int, _frame: object) -> None:
+        (abort if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def agent_command(
+    inventory: Optional[str] = typer.Option(
+        None, "--inventory",
+        help="Static inventory: JSON/YAML file of simulated hosts, or an OpenB node-list CSV.",
+    ),
+    nvml: bool = typer.Option(
+        True, "--nvml/--no-nvml",
+        help="This machine's GPUs through NVML (no driver: zero GPUs, a warning).",
+    ),
+    use_psutil: bool = typer.Option(
+        True, "--psutil/--no-psutil",
+        help="This machine's cores (affinity, cgroup quota) and RAM.",
+    ),
+    host_id: Optional[str] = typer.Option(
+        None, "--host-id",
+        help="Host id for this machine (default: the hostname).",
+    ),
+    interval: float = typer.Option(
+        DEFAULT_INTERVAL_S, "--interval", envvar="ALLOCATOR_HEARTBEAT_INTERVAL_S",
+        help="Seconds between rounds (inventory + heartbeat).",
+    ),
+    labels: Optional[list[str]] = typer.Option(
+        None, "--labels",
+        help="k=v[,k=v] labels added to every host (cluster, zone, ...); repeatable.",
+    ),
+    enforce: bool = typer.Option(
+        False, "--enforce",
+        help="Stop processes over their GPU memory grant (SIGTERM, then SIGKILL).",
+    ),
+    kill_grace: float = typer.Option(
+        5.0, "--kill-grace",
+        help="Seconds between SIGTERM and SIGKILL with --enforce.",
+    ),
+    drain_timeout: float = typer.Option(
+        DEFAULT_DRAIN_TIMEOUT_S, "--drain-timeout",
+        help="On SIGTERM: seconds to let running work finish before it is released (<0: wait for it).",
+    ),
+    granularity: int = typer.Option(
+        DEFAULT_GRANULARITY_MB, "--granularity-mb",
+        help="Unmanaged GPU memory is rounded up to this many MiB.",
+    ),
+    metrics_port: int = typer.Option(
+        0, "--metrics-port",
+        help="Serve Prometheus metrics on this port (0: off).",
+    ),
+    once: bool = typer.Option(
+        False, "--once",
+        help="One round, print its report as JSON, exit (hosts stay registered).",
+    ),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help=REDIS_HELP),
+    namespace: Optional[str] = typer.Option(
+        None, "--namespace", envvar="ALLOCATOR_NAMESPACE",
+        help="Key namespace.",
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """Host agent: publish inventory and heartbeats, keep capacity truthful, watch GPU memory grants."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        extra = parse_labels(labels)
+        provider: InventoryProvider
+        if inventory:
+            provider = StaticProvider(inventory)
+        else:
+            provider = LocalProvider(host_id, nvml=nvml, use_psutil=use_psutil)
+    except InvalidRequest as exc:
+        err.print(f"[red]invalid input:[/] {exc}")
+        raise typer.Exit(2) from None
+    a = _allocator(redis_url, namespace)
+    agent = Agent(a, provider, interval_s=interval, labels=extra, granularity_mb=granularity,
+                  watchdog=Watchdog(a, enforce=enforce, kill_grace_s=kill_grace),
+                  drain_timeout_s=None if drain_timeout < 0 else drain_timeout)
+    if once:
+        rep = agent.run_once()
+        console.print_json(json.dumps(rep.__dict__))
+        return
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    stop, abort = threading.Event(), threading.Event()
+    _signals(stop, abort)
+    logging.getLogger(__name__).info("agent serving %s every %.1f s", inventory or agent_host_label(provider), interval)
+    agent.run(stop)
+    released = agent.shutdown(abort)
+    logging.getLogger(__name__).info("agent stopped; hosts deregistered (%d allocation(s) released)", len(released))
+
+
+def agent_host_label(provider: InventoryProvider) -> str:
+    return f"host {provider.host_id}" if isinstance(provider, LocalProvider) else type(provider).__name__
+
+
+def hosts_command(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help=REDIS_HELP),
+    namespace: Optional[str] = typer.Option(
+        None, "--namespace", envvar="ALLOCATOR_NAMESPACE",
+        help="Key namespace.",
+    ),
+) -> None:
+    """Hosts with state, heartbeat age, GPUs and free capacity."""
+    a = _allocator(redis_url, namespace)
+    try:
+        rows = host_rows(a)
+    except AllocatorError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    t = Table("host", "state", "gen", "heartbeat", "GPUs", "GPU MiB free/total", "cores free/total",
+              "RAM MiB free/total", "allocs", title=f"{len(rows)} host(s)")
+    colour = {"ready": "green", "draining": "yellow", "lost": "red"}
+    for r in rows:
+        if r.heartbeat_age_s is not None:
+            beat = f"{r.heartbeat_age_s:.1f} s ago"
+        elif r.state == "lost" and r.lost_since_s is not None:
+            beat = f"lost {r.lost_since_s:.0f} s ago"
+        else:
+            beat = "no agent"
+        gpus = f"{r.gpus} x {r.gpu_models}" if r.gpus else "-"
+        t.add_row(r.host_id, f"[{colour.get(r.state, 'white')}]{r.state}[/]", str(r.gen), beat, gpus,
+                  f"{r.gpu_memory_free_mb:.0f}/{r.gpu_memory_total_mb:.0f}", f"{r.cpu_free:g}/{r.cpu_total:g}",
+                  f"{r.ram_free_mb:.0f}/{r.ram_total_mb:.0f}", str(r.allocations))
+    console.print(t)
+
+
+def reaper_command(
+    grace: float = typer.Option(
+        DEFAULT_GRACE_S, "--grace", envvar="ALLOCATOR_HOST_GRACE_S",
+        help="Seconds without heartbeat before a host is lost.",
+    ),
+    interval: float = typer.Option(
+        DEFAULT_REAPER_INTERVAL_S, "--interval",
+        help="Seconds between reaper passes.",
+    ),
+    expire: bool = typer.Option(
+        True, "--expire/--no-expire",
+        help="Also release allocations past their TTL.",
+    ),
+    metrics_port: int = typer.Option(
+        0, "--metrics-port",
+        help="Serve Prometheus metrics on this port (0: off).",
+    ),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help=REDIS_HELP),
+    namespace: Optional[str] = typer.Option(
+        None, "--namespace", envvar="ALLOCATOR_NAMESPACE",
+        help="Key namespace.",
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> None:
+    """Reaper alone (``allocator scheduler`` also runs it): lost hosts and expired leases."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = _allocator(redis_url, namespace)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    stop, abort = threading.Event(), threading.Event()
+    _signals(stop, abort)
+    run_reaper(a, grace, interval, stop, expire_leases=expire)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``agent``, ``hosts`` and ``reaper`` to the main CLI."""
+    app.command("agent")(agent_command)
+    app.command("hosts")(hosts_command)
+    app.command("reaper")(reaper_command)

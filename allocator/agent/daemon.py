@@ -1,0 +1,233 @@
+"""The host agent: publishes inventory and heartbeats, keeps the ledger's capacity truthful.
+
+One ``Agent`` serves the hosts of one provider: this machine (``LocalProvider``) or a simulated
+fleet (``StaticProvider``, e.g. all 1,213 OpenB hosts from one process). Each round it:
+
+1. reads the inventory (NVML/psutil or the file);
+2. maps GPU processes to allocations (``watchdog.read_grants`` / ``attribute``), which gives each
+   GPU's unmanaged memory (used by processes the allocator does not manage) and any overuse;
+3. registers a host whose capacity changed (``register_host``: grants stay intact, unmanaged
+   memory is not grantable); unchanged hosts cost nothing here;
+4. heartbeats every host in batches (server time, ``heartbeat.lua``) with its inventory JSON; a
+   host the reaper declared lost, or that was removed, is registered again (a lost one under a
+   new generation, so its stale grants are refused) and heartbeated;
+5. hands overuse to the watchdog (event, metric, and with ``--enforce`` SIGTERM/SIGKILL).
+
+``shutdown`` (SIGTERM) drains every host (no new placements), keeps heartbeating while running
+work finishes, for at most ``drain_timeout_s``, then deregisters: the host is removed and what
+still runs there is released with reason ``host_removed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from ..client import Allocator
+from ..errors import AllocatorError, HostNotFound, InvalidRequest
+from . import _redis
+from .inventory import HostInventory, host_spec
+from .metrics import AGENT_HOSTS, AGENT_LAST_HEARTBEAT, AGENT_REGISTRATIONS, AGENT_ROUND
+from .providers import InventoryProvider
+from .watchdog import Attribution, Watchdog, attribute, read_grants
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 5.0
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+#: Unmanaged GPU memory is rounded up to this many MiB before it is compared and registered.
+DEFAULT_GRANULARITY_MB = 256
+HEARTBEAT_BATCH = 500
+
+
+@dataclass
+class RoundReport:
+    """What one agent round did, with its timings in milliseconds."""
+
+    hosts: int = 0
+    registered: list[str] = field(default_factory=list)
+    reregistered: list[str] = field(default_factory=list)  # were lost or missing
+    overuse: int = 0
+    events: int = 0
+    inventory_ms: float = 0.0
+    register_ms: float = 0.0
+    heartbeat_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Agent:
+    """Publishes the inventory and heartbeat of a provider's hosts; see the module docstring."""
+
+    def __init__(
+        self,
+        allocator: Allocator,
+        provider: InventoryProvider,
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        labels: dict[str, str] | None = None,
+        granularity_mb: int = DEFAULT_GRANULARITY_MB,
+        watchdog: Watchdog | None = None,
+        drain_timeout_s: float | None = DEFAULT_DRAIN_TIMEOUT_S,
+        heartbeat_batch: int = HEARTBEAT_BATCH,
+    ) -> None:
+        self.allocator = allocator
+        self.provider = provider
+        self.interval_s = interval_s
+        self.labels = dict(labels or {})
+        self.granularity_mb = granularity_mb
+        self.watchdog = watchdog if watchdog is not None else Watchdog(allocator)
+        self.drain_timeout_s = drain_timeout_s
+        self.heartbeat_batch = heartbeat_batch
+        self._registered: dict[str, dict[str, Any]] = {}  # host -> payload last registered
+        self._inventory: dict[str, str] = {}  # host -> inventory JSON of the last round
+        self._cache: dict[str, tuple[HostInventory, dict[str, Any]]] = {}  # host -> (inventory, spec)
+        self.hosts: list[str] = []
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def run_once(self) -> RoundReport:
+        """One round: inventory, attribution, registration of changes, heartbeat, watchdog."""
+        rep = RoundReport()
+        t0 = time.perf_counter()
+        invs = self.provider.hosts()
+        rep.hosts = len(invs)
+        self.hosts = [i.host_id for i in invs]
+        AGENT_HOSTS.set(len(invs))
+        watched = {i.host_id for i in invs if i.has_processes} | self.watchdog.tracked_hosts
+        maps, grants = read_grants(self.allocator, [h for h in self.hosts if h in watched])
+        attributions = {i.host_id: attribute(i, maps.get(i.host_id, {}), grants) for i in invs if i.host_id in watched}
+        t1 = time.perf_counter()
+        specs: dict[str, dict[str, Any]] = {}
+        for inv in invs:
+            att = attributions.get(inv.host_id)
+            cached = self._cache.get(inv.host_id)
+            if att is None and cached is not None and cached[0] is inv:
+                specs[inv.host_id] = cached[1]  # same inventory object as last round (static file unchanged)
+                continue
+            specs[inv.host_id] = host_spec(inv, unmanaged_mb=att.unmanaged_mb if att else None,
+                                           labels=self.labels, granularity_mb=self.granularity_mb)
+            self._inventory[inv.host_id] = self._inventory_json(inv, att, specs[inv.host_id])
+            self._cache[inv.host_id] = (inv, specs[inv.host_id])
+        invalid: set[str] = set()
+        for h, spec in specs.items():
+            if self._registered.get(h) != spec:
+                if self._register(h, spec, "changed" if h in self._registered else "new"):
+                    rep.registered.append(h)
+                else:
+                    invalid.add(h)
+        t2 = time.perf_counter()
+        again = self._heartbeat(self.hosts)
+        for h in again:
+            if h not in invalid and self._register(h, specs[h], "returned"):
+                rep.reregistered.append(h)
+        if rep.reregistered:
+            self._heartbeat(rep.reregistered)
+        t3 = time.perf_counter()
+        for inv in invs:
+            if inv.host_id in watched:
+                over = attributions[inv.host_id].overuse
+                rep.overuse += len(over)
+                rep.events += len(self.watchdog.observe(inv.host_id, over))
+        t4 = time.perf_counter()
+        rep.inventory_ms = round((t1 - t0) * 1000, 3)
+        rep.register_ms = round((t2 - t1) * 1000, 3)
+        rep.heartbeat_ms = round((t3 - t2) * 1000, 3)
+        rep.total_ms = round((t4 - t0) * 1000, 3)
+        AGENT_ROUND.observe(t4 - t0)
+        return rep
+
+    def _register(self, host_id: str, spec: dict[str, Any], reason: str) -> bool:
+        try:
+            res = self.allocator.register_host(spec)
+        except InvalidRequest as exc:
+            log.error("host %s not registered, its inventory is invalid: %s", host_id, exc)
+            return False
+        self._registered[host_id] = spec
+        AGENT_REGISTRATIONS.labels(reason=reason).inc()
+        if reason == "returned":
+            log.warning("host %s was declared lost or removed; registered again (generation %s)", host_id, res.get("gen"))
+        return True
+
+    def _inventory_json(self, inv: HostInventory, att: Attribution | None, spec: dict[str, Any]) -> str:
+        un = att.unmanaged_mb if att else {}
+        return json.dumps({"host": inv.host_id, "labels": spec["labels"], "cpu_cores": len(inv.cpu_cores),
+                           "ram_mb": inv.ram_mb, "gpus": [g.describe(un.get(g.uuid)) for g in inv.gpus], **inv.info},
+                          separators=(",", ":"))
+
+    def _heartbeat(self, hosts: list[str]) -> list[str]:
+        """Heartbeats ``hosts`` in batches; returns those that must be registered again."""
+        ttl_ms = int(max(3 * self.interval_s, 1.0) * 1000)
+        again: list[str] = []
+        for i in range(0, len(hosts), self.heartbeat_batch):
+            args: list[object] = [ttl_ms]
+            for h in hosts[i: i + self.heartbeat_batch]:
+                args += [h, self._inventory.get(h, "")]
+            r = _redis.call(self.allocator, "heartbeat", [self.allocator.keys.heartbeats], *args)
+            again += _redis.as_list(r.get("lost")) + _redis.as_list(r.get("missing"))
+            AGENT_LAST_HEARTBEAT.set(int(r["now"]) / 1000)
+        return again
+
+    # -- the daemon --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds every ``interval_s`` until ``stop`` is set. Redis and provider errors are logged
+        and the next round retries: an agent that exits on a blip would get its host declared lost."""
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                rep = self.run_once()
+                log.debug("round: %s", rep)
+            except (redis.RedisError, AllocatorError, OSError) as exc:
+                log.error("agent round failed: %s", exc)
+            stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
+
+    def shutdown(self, abort: threading.Event | None = None) -> list[str]:
+        """Drain, wait for running work (heartbeating) up to ``drain_timeout_s`` (None = no limit)
+        or until ``abort`` is set, then deregister every host. Returns the allocation ids released
+        because they were still running."""
+        hosts = list(self.hosts)
+        for h in hosts:
+            try:
+                self.allocator.drain_host(h)
+            except HostNotFound:
+                pass
+        deadline = None if self.drain_timeout_s is None else time.monotonic() + self.drain_timeout_s
+        abort = abort or threading.Event()
+        last_beat = float("-inf")
+        while not abort.is_set() and self._busy(hosts):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if now - last_beat >= self.interval_s:  # still alive: the reaper must not reclaim running work
+                try:
+                    self._heartbeat(hosts)
+                except redis.RedisError as exc:
+                    log.error("heartbeat while draining failed: %s", exc)
+                last_beat = now
+            left = float("inf") if deadline is None else deadline - time.monotonic()
+            abort.wait(max(0.0, min(0.2, self.interval_s, left)))
+        released: list[str] = []
+        for h in hosts:
+            try:
+                released += self.allocator.remove_host(h, force=True)
+            except HostNotFound:
+                pass
+            self.allocator.redis.zrem(self.allocator.keys.heartbeats, h)
+            self.allocator.redis.delete(self.allocator.keys.host_inventory(h))
+            self._registered.pop(h, None)
+        if released:
+            log.warning("deregistered with %d allocation(s) still running; released (reason host_removed)", len(released))
+        self.provider.close()
+        return released
+
+    def _busy(self, hosts: list[str]) -> bool:
+        pipe = self.allocator.redis.pipeline(transaction=False)
+        for h in hosts:
+            pipe.scard(self.allocator.keys.host_allocs(h))
+        return any(n > 0 for n in pipe.execute()) if hosts else False

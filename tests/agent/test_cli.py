@@ -1,0 +1,74 @@
+"""``allocator agent --once``, ``allocator hosts`` and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from allocator.cli import app
+
+from .helpers import host
+
+runner = CliRunner()
+
+
+def _args(a, redis_url):
+    return ["--redis-url", redis_url, "--namespace", a.keys.namespace]
+
+
+def test_agent_once_registers_the_inventory_and_prints_the_round(live_alloc, inventory, redis_url):
+    inventory.write([host("c1"), host("c2")])
+    r = runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path), "--labels", "cluster=lab,zone=z1",
+                            *_args(live_alloc, redis_url)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["registered"] == ["c1", "c2"]
+    assert live_alloc.capacity().hosts[0].labels["zone"] == "z1"
+
+
+def test_hosts_lists_state_heartbeat_and_free_capacity(live_alloc, inventory, redis_url):
+    inventory.write([host("c1")])
+    runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path), *_args(live_alloc, redis_url)])
+    live_alloc.register_host(id="manual", cpu_cores=2, ram_mb="4Gi")
+    live_alloc.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": 2}, selector="gpu_model=T4")
+    r = runner.invoke(app, ["hosts", "--json", *_args(live_alloc, redis_url)])
+    assert r.exit_code == 0, r.output
+    c1, manual = json.loads(r.stdout)
+    assert (c1["host_id"], c1["state"], c1["gen"], c1["gpus"], c1["gpu_models"]) == ("c1", "ready", 1, 1, "T4")
+    assert 0 <= c1["heartbeat_age_s"] < 60 and manual["heartbeat_age_s"] is None
+    assert (c1["gpu_memory_free_mb"], c1["cpu_free"], c1["allocations"]) == (12288, 6, 1)
+    table = runner.invoke(app, ["hosts", *_args(live_alloc, redis_url)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "c1" in table.stdout and "no agent" in table.stdout
+
+
+def test_malformed_inventory_exits_2_naming_the_field(live_alloc, inventory, redis_url):
+    inventory.write([host("c1", gpus=[{"index": 0, "memory_mb": "16Gx"}])])
+    r = runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path), *_args(live_alloc, redis_url)])
+    assert r.exit_code == 2
+    assert "hosts[0].gpus[0].memory_mb" in r.output
+    assert live_alloc.capacity().host_count == 0
+
+
+def test_bad_label_exits_2(live_alloc, inventory, redis_url):
+    inventory.write([host("c1")])
+    r = runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path), "--labels", "zone",
+                            *_args(live_alloc, redis_url)])
+    assert r.exit_code == 2 and "labels" in r.output
+
+
+def test_agent_without_a_redis_url_exits_2(inventory):
+    inventory.write([host("c1")])
+    r = runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path)], env={"ALLOCATOR_REDIS_URL": ""})
+    assert r.exit_code == 2 and "Redis URL" in r.output
+
+
+def test_host_rows_show_a_lost_host_and_since_when(alloc, make_agent, clock):
+    from allocator.agent import reap_lost_hosts
+    from allocator.agent.hosts import host_rows
+
+    make_agent([host("c1")]).run_once()
+    clock.advance(2)
+    reap_lost_hosts(alloc, 1.0)
+    clock.advance(3)
+    (row,) = host_rows(alloc)
+    assert (row.state, row.heartbeat_age_s, row.lost_since_s, row.gen) == ("lost", None, 3.0, 1)

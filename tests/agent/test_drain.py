@@ -1,0 +1,78 @@
+"""Stopping an agent: drain (no new placements), let running work finish, then deregister."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from allocator import InsufficientResources
+
+from .helpers import events, host, wait_for
+
+
+def _state(alloc, h="h1"):
+    return alloc.redis.hget(alloc.keys.host(h), "state")
+
+
+def test_shutdown_of_an_idle_agent_deregisters_its_hosts(alloc, make_agent):
+    agent = make_agent([host("h1"), host("h2")])
+    agent.run_once()
+    assert agent.shutdown() == []
+    assert alloc.capacity().host_count == 0
+    assert alloc.redis.zcard(alloc.keys.heartbeats) == 0
+    assert alloc.redis.exists(alloc.keys.host_inventory("h1")) == 0
+    assert [e["id"] for e in events(alloc, "host_removed")] == ["h1", "h2"]
+
+
+def test_shutdown_drains_and_waits_for_running_work(alloc, make_agent):
+    agent = make_agent([host("h1")], drain_timeout_s=None)
+    agent.run_once()
+    x = alloc.allocate({"cpu_cores": 1})
+    out: list[list[str]] = []
+    t = threading.Thread(target=lambda: out.append(agent.shutdown()))
+    t.start()
+    wait_for(lambda: _state(alloc) == "draining")
+    with pytest.raises(InsufficientResources):
+        alloc.allocate({"cpu_cores": 1})
+    assert alloc.get(x.allocation_id).state == "active"
+    alloc.release(x.allocation_id)  # the running work finishes
+    t.join(10)
+    assert not t.is_alive() and out == [[]]
+    assert alloc.capacity().host_count == 0
+
+
+def test_work_still_running_after_the_drain_timeout_is_released(alloc, make_agent):
+    agent = make_agent([host("h1")], drain_timeout_s=0)
+    agent.run_once()
+    x = alloc.allocate({"cpu_cores": 1})
+    assert agent.shutdown() == [x.allocation_id]
+    assert alloc.get(x.allocation_id).release_reason == "host_removed"
+    assert alloc.capacity().host_count == 0
+
+
+def test_a_second_signal_stops_waiting(alloc, make_agent):
+    agent = make_agent([host("h1")], drain_timeout_s=None)
+    agent.run_once()
+    x = alloc.allocate({"cpu_cores": 1})
+    abort = threading.Event()
+    abort.set()
+    assert agent.shutdown(abort) == [x.allocation_id]
+
+
+def test_draining_host_keeps_heartbeating(alloc, make_agent, clock):
+    from allocator.agent import reap_lost_hosts
+
+    agent = make_agent([host("h1")], drain_timeout_s=None, interval_s=0.01)
+    agent.run_once()
+    x = alloc.allocate({"cpu_cores": 1})
+    t = threading.Thread(target=agent.shutdown)
+    t.start()
+    wait_for(lambda: _state(alloc) == "draining")
+    clock.advance(5)
+    beat = clock() * 1000
+    wait_for(lambda: alloc.redis.zscore(alloc.keys.heartbeats, "h1") == beat)
+    assert reap_lost_hosts(alloc, 1.0) == []  # draining is not lost
+    alloc.release(x.allocation_id)
+    t.join(10)
+    assert not t.is_alive()

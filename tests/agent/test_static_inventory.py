@@ -1,0 +1,122 @@
+"""Static inventory files: formats, the OpenB CSV, clear errors naming the field, live reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from allocator.agent import InvalidInventory, StaticProvider, load_inventory_file
+from allocator.agent.static import parse_inventory
+
+from .helpers import host
+
+OPENB_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "openb" / "openb_node_list_gpu_node.csv"
+
+
+def test_yaml_file_gives_hosts_with_units_and_defaults(inventory):
+    inventory.write({"defaults": {"labels": {"cluster": "sim", "zone": "z1"}},
+                     "hosts": [host("a", labels={"zone": "z2"}), host("b", gpus=[])]})
+    a, b = load_inventory_file(inventory.path)
+    assert (a.host_id, a.cpu_cores, a.ram_mb) == ("a", list(range(8)), 32768)
+    assert a.labels == {"cluster": "sim", "zone": "z2"}
+    assert [(g.index, g.uuid, g.memory_mb) for g in a.gpus] == [(0, "a-gpu0", 16384)]
+    assert b.gpus == [] and b.labels == {"cluster": "sim", "zone": "z1"}
+
+
+def test_json_file_is_read_like_yaml(tmp_path):
+    p = tmp_path / "fleet.json"
+    p.write_text(json.dumps([host("a")]))
+    assert [h.host_id for h in load_inventory_file(p)] == ["a"]
+
+
+def test_listed_processes_count_in_gpu_used_memory():
+    (h,) = parse_inventory([host("a", gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": "1Gi",
+                                              "processes": [{"pid": 10, "used_mb": "2Gi"}, {"pid": 11}]}])])
+    g = h.gpus[0]
+    assert g.used_mb == 3072 and [(p.pid, p.used_mb) for p in g.processes] == [(10, 2048), (11, None)]
+
+
+def test_mig_devices_become_units_with_their_own_index_and_uuid():
+    (h,) = parse_inventory([host("a", gpus=[{"index": 1, "model": "A100", "memory_mb": "40Gi", "mig_devices": [
+        {"uuid": "MIG-x", "profile": "3g.20gb", "memory_mb": "20Gi"}, {"profile": "2g.10gb", "memory_mb": "10Gi"}]}])])
+    assert [(g.index, g.uuid, g.model, g.memory_mb, g.parent_uuid) for g in h.gpus] == [
+        (200, "MIG-x", "A100 MIG 3g.20gb", 20480, "a-gpu1"), (201, "a-gpu1-mig1", "A100 MIG 2g.10gb", 10240, "a-gpu1")]
+
+
+def test_openb_csv_gives_the_1213_hosts():
+    if not OPENB_CSV.is_file():
+        pytest.skip(f"OpenB data not found at {OPENB_CSV}")
+    hosts = load_inventory_file(OPENB_CSV)
+    assert len(hosts) == 1213
+    first = hosts[0]
+    assert (first.host_id, len(first.cpu_cores), first.ram_mb, len(first.gpus), first.gpus[0].model,
+            first.gpus[0].memory_mb) == ("openb-node-0000", 64, 262144, 2, "P100", 16384)
+
+
+@pytest.mark.parametrize("doc, field", [
+    ([host("a", gpus=[{"index": 0, "memory_mb": "lots"}])], "hosts[0].gpus[0].memory_mb"),
+    ([host("a"), host("b", gpus=[{"index": 0}])], "hosts[1].gpus[0].memory_mb"),
+    ([host("a", cpus=4)], "hosts[0].cpus"),
+    ([{"id": "a", "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
+    ([host("bad id")], "hosts[0].id"),
+    ([host("a"), host("a")], "hosts[1].id"),
+    ([host("a", gpus=[{"index": 0, "memory_mb": 100}, {"index": 0, "memory_mb": 100}])], "hosts[0].gpus"),
+    ([host("a", gpus=[{"index": 0, "memory_mb": 100, "processes": [{"pid": 0}]}])], "hosts[0].gpus[0].processes[0].pid"),
+    ([host("a", gpus=[{"index": 0, "memory_mb": 100, "used_mb": 200}])], "hosts[0].gpus"),
+    ({"servers": []}, "hosts"),
+])
+def test_malformed_inventory_names_the_field(doc, field):
+    with pytest.raises(InvalidInventory) as e:
+        parse_inventory(doc, "fleet.yaml")
+    assert e.value.field == field
+    assert str(e.value).startswith(f"fleet.yaml: {field}: ")
+
+
+def test_unparsable_yaml_names_the_line(tmp_path):
+    p = tmp_path / "fleet.yaml"
+    p.write_text("hosts:\n  - id: a\n    labels: {zone: [\n")
+    with pytest.raises(InvalidInventory, match=r"fleet.yaml: line \d+ column \d+: not valid YAML"):
+        load_inventory_file(p)
+
+
+def test_unparsable_json_names_the_line(tmp_path):
+    p = tmp_path / "fleet.json"
+    p.write_text('{"hosts": [\n  {"id": "a",}\n]}')
+    with pytest.raises(InvalidInventory, match=r"fleet.json: line 2 column \d+: not valid JSON"):
+        load_inventory_file(p)
+
+
+def test_csv_without_the_openb_columns_is_refused(tmp_path):
+    p = tmp_path / "nodes.csv"
+    p.write_text("name,cpus\nx,4\n")
+    with pytest.raises(InvalidInventory, match="header: missing column"):
+        load_inventory_file(p)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(InvalidInventory, match="no such file"):
+        StaticProvider(tmp_path / "nope.yaml")
+
+
+def test_provider_rereads_the_file_when_it_changes(inventory):
+    inventory.write([host("a")])
+    p = StaticProvider(inventory.path)
+    assert [h.host_id for h in p.hosts()] == ["a"]
+    inventory.write([host("a"), host("b")])
+    assert [h.host_id for h in p.hosts()] == ["a", "b"]
+
+
+def test_a_bad_edit_keeps_the_last_good_inventory(inventory, caplog):
+    inventory.write([host("a")])
+    p = StaticProvider(inventory.path)
+    inventory.write([host("a", gpus=[{"index": 0}])])
+    assert [h.host_id for h in p.hosts()] == ["a"]
+    assert "hosts[0].gpus[0].memory_mb" in caplog.text
+
+
+def test_the_example_inventory_is_valid():
+    hosts = load_inventory_file(Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml")
+    assert [h.host_id for h in hosts] == ["sim-a100", "sim-mig", "sim-t4"]
+    assert [g.index for g in hosts[1].gpus] == [100, 101, 102]
