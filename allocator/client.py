@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -319,6 +320,29 @@ class Allocator:
         """Global place in line (1 = next), 0 once placed, None for an unknown id."""
         return queue.position(self, task_id)
 
+    def estimated_start_time(self, task_id: str) -> datetime | None:
+        """When the task is expected to start (``allocator.eta``): its activation once placed;
+        for a pending task the scheduler tick's cached estimate when fresh, else computed now.
+        None for an unknown or cancelled id, or when no estimate is possible."""
+        from .eta import engine_for, to_datetime
+
+        return to_datetime(engine_for(self).estimate_ms(task_id))
+
+    def estimated_start_times(self) -> dict[str, datetime | None]:
+        """Estimated start of every pending task (the tick's cache when fresh, else computed now)."""
+        from .eta import engine_for, to_datetime
+
+        return {tid: to_datetime(ms) for tid, ms in engine_for(self).estimate_all_ms().items()}
+
+    def refresh_estimated_start_times(self) -> dict[str, Any]:
+        """Computes every pending task's estimate and stores them for readers (the scheduler
+        tick calls this); returns the cost figures."""
+        from .eta import engine_for
+
+        r = engine_for(self).refresh()
+        return {"pending": r.pending, "read_ms": round(r.read_ms, 1), "sim_ms": round(r.sim_ms, 1),
+                "events": r.events, "passes": r.passes}
+
     # -- capacity ----------------------------------------------------------------------------
 
     def capacity(self) -> Capacity:
@@ -352,6 +376,17 @@ class Allocator:
             ram_mb=fleet("ram_mb"),
             active_allocations=int(self.redis.zcard(self.keys.active)),
         )
+
+    def now_ms(self) -> int:
+        """The ledger's clock: the injected one, else the Redis server's."""
+        if self.clock is not None:
+            return int(self.clock() * 1000)
+        sec, usec = self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    def record_event(self, kind: str, subject: str, data: dict[str, Any]) -> None:
+        """Appends an event that changes no capacity (a job started or finished) to the outbox."""
+        self.redis.xadd(self.keys.events, {"type": kind, "id": subject, "ts": str(self.now_ms()), "data": json.dumps(data)})
 
     def snapshot(self) -> dict[str, Any]:
         """Atomic copy of the whole ledger (hosts, indexes, active allocations); for checks."""

@@ -49,6 +49,9 @@ def scheduler(
     namespace: str = typer.Option(None, envvar="ALLOCATOR_NAMESPACE", help="Key namespace (default alloc)."),
     once: bool = typer.Option(False, "--once", help="Run one pass and exit."),
     grace: float = typer.Option(20.0, help="Seconds without heartbeat before a host is declared lost (0 = no reaper)."),
+    database_url: str = typer.Option(None, envvar="ALLOCATOR_DATABASE_URL",
+                                     help="History database (unset = the SQLite file in ALLOCATOR_STATE_DIR)."),
+    recorder: bool = typer.Option(True, "--recorder/--no-recorder", help="Also record the outbox into the history."),
 ) -> None:
     """Periodic scheduling passes, TTL expiry and lost-host reclaim. Several replicas at once are
     safe: each pass and each reclaim is one atomic script."""
@@ -56,7 +59,16 @@ def scheduler(
     a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
     if not (redis_url or settings.redis_url):
         raise typer.BadParameter("a scheduler needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
-    run_scheduler(a, interval, threading.Event(), once=once, grace_s=grace or None)
+    stop_recorder = None
+    if recorder and not once:
+        from .history.recorder import start_recorder
+
+        _, _, stop_recorder = start_recorder(a, database_url)
+    try:
+        run_scheduler(a, interval, threading.Event(), once=once, grace_s=grace or None)
+    finally:
+        if stop_recorder is not None:
+            stop_recorder.set()
 
 
 def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once: bool = False,
@@ -65,6 +77,7 @@ def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once:
     from .agent.reaper import reap_lost_hosts
 
     log = logging.getLogger("allocator.scheduler")
+    eta_due = 0.0
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -76,6 +89,15 @@ def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once:
                 log.info("expired %d, placed %d", len(expired), len(placed))
         except redis.RedisError as exc:
             log.warning("scheduling pass failed: %s", exc)
+        if started >= eta_due:
+            # Estimated start times for readers (allocator.eta); when computing them takes longer
+            # than the interval, they are refreshed every 2x their cost instead of every tick.
+            eta_started = time.monotonic()
+            try:
+                a.refresh_estimated_start_times()
+            except redis.RedisError as exc:
+                log.warning("ETA refresh failed: %s", exc)
+            eta_due = started + max(interval, 2 * (time.monotonic() - eta_started))
         if once:
             return
         stop.wait(max(0.0, interval - (time.monotonic() - started)))

@@ -52,6 +52,8 @@ class ResourceWorker(Worker):
             return
         assert alloc is not None
         self._grant = self._grant_for(alloc)
+        self.allocator.record_event("started", job.id, {"host": self.host_id, "worker": self.name,
+                                                        "started": self.allocator.now_ms()})
         try:
             super().execute_job(job, queue)
         finally:
@@ -109,6 +111,8 @@ class ResourceWorker(Worker):
         if current is None or current.state != "active" or current.host_id != self.host_id:
             return  # released meanwhile (cancelled, expired, host lost and requeued elsewhere)
         status = job.get_status(refresh=True)
+        a.record_event("finished", job.id, {"host": self.host_id, "status": str(status),
+                                            "outcome": "ok" if status == "finished" else str(status)})
         reason = "released" if status == "finished" else "failed"
         a.release(job.id, reason=reason)
 

@@ -1,7 +1,7 @@
 --[[ restore_allocation: put active allocations read from the durable history back into the ledger
 after Redis lost its data (allocator recover). Only while the recovery gate is open.
-KEYS: the ledger's fixed keys (see includes/ledger.lua); KEYS[13] (ends) and KEYS[14] (byprio)
-are filled when the ledger has them.
+KEYS: the ledger's fixed keys (see includes/ledger.lua); the ends and byprio indexes are filled
+with includes/placement.lua's expected_end and prio_score, exactly as a placement fills them.
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] JSON list of records {id, task_id, task_type, owner, priority (0..3), strategy, host,
         host_gen, gpus[{pos, index, uuid, model, memory_mb}], cores[], shared_millis, ram_mb,
@@ -22,13 +22,13 @@ Returns JSON {ok=true, restored[], deferred[], existing[], conflicts[{id, reason
         | {ok=false, code="NOT_RECOVERING", message}.
 ]]
 --- @include "ledger"
+--- @include "placement"
 
 local now = now_ms()
 if rcall('HGET', K_SEQ, 'recovering') ~= '1' then
   return cjson.encode({ok = false, code = 'NOT_RECOVERING',
     message = 'allocations can be restored only while the recovery gate is open (allocator recover)'})
 end
-local K_ENDS_MAYBE, K_BYPRIO_MAYBE = KEYS[13], KEYS[14]
 
 local restored, deferred, existing, conflicts = {}, {}, {}, {}
 
@@ -112,22 +112,26 @@ local function record(r, gpus, state)
   if state == 'active' then
     rcall('ZADD', K_ACTIVE, created, r.id)
     local expires = tonumber(r.expires or 0)
-    if expires > 0 then
-      rcall('ZADD', K_EXPIRY, expires, r.id)
-      if K_ENDS_MAYBE then rcall('ZADD', K_ENDS_MAYBE, expires, r.id) end
-    end
-    if K_BYPRIO_MAYBE then
-      rcall('ZADD', K_BYPRIO_MAYBE, tonumber(r.priority) * 1e13 + (1e13 - 1 - activated), r.id)
-    end
+    if expires > 0 then rcall('ZADD', K_EXPIRY, expires, r.id) end
+    -- Same expected end and preemption order as a placement (includes/placement.lua).
+    local ends = expected_end({task_type = r.task_type, expected_ms = r.expected_ms, ttl_ms = r.ttl_ms}, activated)
+    if ends then rcall('ZADD', K_ENDS, ends, r.id) end
+    rcall('ZADD', K_BYPRIO, prio_score(tonumber(r.priority), activated), r.id)
   else
     rcall('ZADD', K_DONE, now, r.id)
   end
   return rec
 end
 
+-- Lists arrive as JSON lists, or as JSON text of one; an empty list may come as {}.
+local function as_list(v)
+  if type(v) == 'table' then return v end
+  return decode_list(v)
+end
+
 for _, r in ipairs(cjson.decode(ARGV[3])) do
-  r.gpus = decode_list(r.gpus)
-  r.cores = decode_list(r.cores)
+  r.gpus = as_list(r.gpus)
+  r.cores = as_list(r.cores)
   if rcall('EXISTS', alloc_key(r.id)) == 1 then
     existing[#existing + 1] = r.id
   else

@@ -1,0 +1,272 @@
+"""Folding outbox events into history rows: pure functions, no I/O.
+
+The recorder stores every event as it came (table ``events``) and folds the ones it knows into
+``allocations``, ``placements`` and ``hosts``. Events normally arrive in stream order; when they
+do not (a stale consumer's entries claimed by another), a change of state is applied only when the
+event is newer than the last one the row has seen, and fields that never change once known
+(submission time, task type, ...) are filled in whichever order they come.
+
+Event types (the ``type`` field; ``data`` is JSON):
+- allocation life: submitted, allocated, released, cancelled, requeued, started, finished;
+- hosts: host_registered, host_updated, host_draining, host_resumed, host_lost, host_removed;
+- anything else (preempted, restored, recovery_*, types added later) is kept in ``events`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .db import dt_to_ms, ms_to_dt
+
+ALLOCATION_EVENTS = frozenset({"submitted", "allocated", "released", "cancelled", "requeued", "started", "finished"})
+HOST_EVENTS = frozenset({"host_registered", "host_updated", "host_draining", "host_resumed", "host_lost", "host_removed"})
+HOST_STATE_BY_EVENT = {"host_draining": "draining", "host_resumed": "ready", "host_lost": "lost", "host_removed": "removed"}
+
+
+def parse_stream_id(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One outbox entry, decoded. ``data`` is the parsed JSON (``{"raw": text}`` if it was not JSON),
+    with any further fields of the entry (e.g. ``request``, ``metadata``) parsed into it."""
+
+    stream_id: str
+    ms: int
+    seq: int
+    type: str
+    subject: str
+    ts: datetime | None
+    data: Any
+
+    @classmethod
+    def parse(cls, stream_id: str, fields: dict[str, str]) -> OutboxEvent:
+        raw = fields.get("data")
+        data: Any
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"raw": raw}
+        extra = {k: v for k, v in fields.items() if k not in ("type", "id", "ts", "data")}
+        if extra:
+            # Scripts may carry large JSON texts (request, metadata) as fields beside data.
+            if not isinstance(data, dict):
+                data = {"data": data}
+            for k, v in extra.items():
+                try:
+                    data[k] = json.loads(v)
+                except (TypeError, ValueError):
+                    data[k] = v
+        ts_field = fields.get("ts")
+        try:
+            ts = ms_to_dt(ts_field)
+        except ValueError:
+            ts = None
+        ms, seq = parse_stream_id(stream_id)
+        return cls(stream_id, ms, seq, fields.get("type") or "unknown", fields.get("id") or "", ts or ms_to_dt(ms), data)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.ms, self.seq
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """``data`` as a mapping (empty when the event carried something else)."""
+        return self.data if isinstance(self.data, dict) else {}
+
+    def row(self, namespace: str, recorded_at: datetime) -> dict[str, Any]:
+        """The ``events`` table row."""
+        return {"namespace": namespace, "stream_id": self.stream_id, "stream_ms": self.ms, "stream_seq": self.seq,
+                "type": self.type[:64], "subject": self.subject[:256], "ts": self.ts, "data": self.data,
+                "recorded_at": recorded_at}
+
+
+def _list(v: Any) -> list[Any]:
+    """cjson encodes an empty Lua table as {}; anything that is not a list is an empty list."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return []
+    return v if isinstance(v, list) else []
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    """A JSON object given as text (the ledger passes metadata/request as JSON text) or as a dict."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v) if v else {}
+        except ValueError:
+            return {"raw": v}
+    return v if isinstance(v, dict) else {}
+
+
+def _int(v: Any, default: int | None = 0) -> int | None:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return default
+
+
+def _text(v: Any) -> str | None:
+    return str(v) if v not in (None, "") else None
+
+
+def _is_newer(ev: OutboxEvent, row: dict[str, Any]) -> bool:
+    last = row.get("last_event_id")
+    return last is None or ev.position > parse_stream_id(last)
+
+
+def _touch(ev: OutboxEvent, row: dict[str, Any]) -> None:
+    if _is_newer(ev, row):
+        row["last_event_id"] = ev.stream_id
+    first = row.get("first_event_id")
+    if first is None or ev.position < parse_stream_id(first):
+        row["first_event_id"] = ev.stream_id
+
+
+def new_allocation(namespace: str, allocation_id: str) -> dict[str, Any]:
+    return {"namespace": namespace, "allocation_id": allocation_id, "task_id": None, "task_type": None, "owner": None,
+            "priority": None, "strategy": None, "kind": None, "state": "pending", "release_reason": None,
+            "outcome": None, "host_id": None, "host_gen": None, "gpus": [], "gpu_count": 0, "gpu_memory_mb": 0,
+            "cores": [], "cpu_millis": 0, "ram_mb": 0, "ttl_ms": None, "expires_at": None, "request": {},
+            "metadata": {}, "submitted_at": None, "placed_at": None, "started_at": None, "finished_at": None,
+            "released_at": None, "wait_ms": None, "run_ms": None, "requeues": 0, "first_event_id": None,
+            "last_event_id": None, "updated_at": None}
+
+
+def _fill(row: dict[str, Any], d: dict[str, Any], *names: str) -> None:
+    """Copies the task's descriptive fields from an event when it has them."""
+    for name in names:
+        v = _text(d.get(name))
+        if v is not None:
+            row[name] = v[:256]
+
+
+def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
+    """Applies one allocation-life event to the row (a dict of ``allocations`` columns)."""
+    d = ev.fields
+    newer = _is_newer(ev, row)
+    kind = ev.type
+    if kind == "submitted":
+        row["submitted_at"] = ev.ts
+        _fill(row, d, "task_id", "task_type", "owner", "kind")
+        if d.get("priority") is not None:
+            row["priority"] = _int(d.get("priority"), None)
+        if d.get("request"):
+            row["request"] = _obj(d.get("request"))
+    elif kind == "allocated":
+        _fill(row, d, "task_id", "task_type", "owner", "strategy", "kind")
+        if d.get("priority") is not None:
+            row["priority"] = _int(d.get("priority"), None)
+        if d.get("request"):
+            row["request"] = _obj(d.get("request"))
+        if d.get("metadata"):
+            row["metadata"] = _obj(d.get("metadata"))
+        if row["submitted_at"] is None:
+            row["submitted_at"] = ms_to_dt(d.get("created")) or ev.ts
+        if newer or row["placed_at"] is None:
+            gpus = _list(d.get("gpus"))
+            cores = _list(d.get("cores"))
+            row.update(
+                host_id=_text(d.get("host")), host_gen=_int(d.get("host_gen"), None), gpus=gpus, gpu_count=len(gpus),
+                gpu_memory_mb=sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)), cores=cores,
+                cpu_millis=len(cores) * 1000 + (_int(d.get("shared_millis")) or 0), ram_mb=_int(d.get("ram_mb")) or 0,
+                ttl_ms=_int(d.get("ttl_ms"), None), expires_at=ms_to_dt(d.get("expires")), placed_at=ev.ts,
+            )
+        if newer:
+            row.update(state="active", released_at=None, release_reason=None)
+    elif kind == "released":
+        if row["host_id"] is None:
+            row["host_id"] = _text(d.get("host"))
+        _fill(row, d, "task_id")
+        if row["placed_at"] is None:
+            row["placed_at"] = ms_to_dt(d.get("activated"))
+        if row["submitted_at"] is None:
+            row["submitted_at"] = ms_to_dt(d.get("created"))
+        if newer:
+            row.update(state=_text(d.get("state")) or "released", release_reason=_text(d.get("reason")), released_at=ev.ts)
+    elif kind == "cancelled":
+        if newer and row["state"] not in ("released", "failed"):
+            row.update(state="cancelled", release_reason="cancelled", released_at=ev.ts)
+    elif kind == "requeued":
+        row["requeues"] = (row.get("requeues") or 0) + 1
+        if newer:
+            row.update(state="pending", released_at=None, release_reason=None, started_at=None, finished_at=None, outcome=None)
+    elif kind == "started":
+        if newer or row["started_at"] is None:
+            row["started_at"] = ms_to_dt(d.get("started")) or ev.ts
+    elif kind == "finished":
+        if newer or row["outcome"] is None:
+            row["outcome"] = _text(d.get("outcome") or d.get("status"))
+            row["finished_at"] = ev.ts
+    _touch(ev, row)
+    derive_durations(row)
+
+
+def derive_durations(row: dict[str, Any]) -> None:
+    """wait = placed - submitted (0 when placed at once); run = released - started (or - placed)."""
+    placed, submitted = dt_to_ms(row.get("placed_at")), dt_to_ms(row.get("submitted_at"))
+    row["wait_ms"] = None if placed is None else max(0, placed - submitted) if submitted is not None else 0
+    released = dt_to_ms(row.get("released_at"))
+    began = dt_to_ms(row.get("started_at")) or placed
+    row["run_ms"] = max(0, released - began) if released is not None and began is not None else None
+
+
+def placement_key(ev: OutboxEvent) -> int | None:
+    """The placement an event belongs to: its placement time in ms."""
+    if ev.type == "allocated":
+        return dt_to_ms(ev.ts)
+    if ev.type == "released":
+        return _int(ev.fields.get("activated"), None)
+    return None
+
+
+def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str, Any], placed_ms: int) -> dict[str, Any]:
+    """Applies an allocated/released event to the ``placements`` row of that placement."""
+    if row is None:
+        row = {"namespace": alloc["namespace"], "allocation_id": alloc["allocation_id"], "placed_ms": placed_ms,
+               "host_id": alloc["host_id"], "owner": alloc["owner"], "task_type": alloc["task_type"],
+               "gpu_count": 0, "gpu_memory_mb": 0, "cpu_millis": 0, "ram_mb": 0, "placed_at": ms_to_dt(placed_ms),
+               "released_at": None, "release_reason": None}
+    if ev.type == "allocated" or row["gpu_count"] == row["cpu_millis"] == row["ram_mb"] == 0:
+        for k in ("host_id", "owner", "task_type", "gpu_count", "gpu_memory_mb", "cpu_millis", "ram_mb"):
+            row[k] = alloc[k]
+    if ev.type == "released":
+        row["released_at"] = ev.ts
+        row["release_reason"] = _text(ev.fields.get("reason"))
+    return row
+
+
+def new_host(namespace: str, host_id: str) -> dict[str, Any]:
+    return {"namespace": namespace, "host_id": host_id, "state": "ready", "labels": {}, "spec": {}, "gpu_count": 0,
+            "gpu_memory_mb": 0, "cpu_cores": 0, "ram_mb": 0, "registered_at": None, "updated_at": None,
+            "removed_at": None, "last_event_id": None}
+
+
+def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
+    """Applies one host event to the row (a dict of ``hosts`` columns)."""
+    newer = _is_newer(ev, row)
+    if ev.type in ("host_registered", "host_updated"):
+        if row["registered_at"] is None or ev.type == "host_registered":
+            row["registered_at"] = row["registered_at"] or ev.ts
+        if newer:
+            spec = ev.fields
+            gpus = _list(spec.get("gpus"))
+            row.update(spec=spec, labels=spec.get("labels") if isinstance(spec.get("labels"), dict) else {},
+                       gpu_count=len(gpus), gpu_memory_mb=sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)),
+                       cpu_cores=len(_list(spec.get("cores"))), ram_mb=_int(spec.get("ram_mb")) or 0, updated_at=ev.ts)
+            if row["state"] in ("removed", "lost"):
+                row["state"], row["removed_at"] = "ready", None
+    elif newer:
+        row["state"] = HOST_STATE_BY_EVENT.get(ev.type, row["state"])
+        row["updated_at"] = ev.ts
+        if ev.type == "host_removed":
+            row["removed_at"] = ev.ts
+    if newer:
+        row["last_event_id"] = ev.stream_id

@@ -1,0 +1,156 @@
+"""``allocator recover``: rebuild the ledger's active allocations from the history after Redis
+lost its data.
+
+Steps, with placements refused throughout (the recovery gate, ``recovery.lua``):
+
+1. open the gate: ``place`` answers RECOVERING, so nothing new lands on capacity that is about to
+   be claimed back by allocations that already run;
+2. re-register the hosts the history knows and the ledger does not (skipped with
+   ``restore_hosts=False`` when the agents re-register them; either order works, because a host
+   registration recomputes usage from the allocations already restored on it);
+3. restore every allocation the history has as active, in placement order, in batches
+   (``restore_allocation.lua``): grants are re-checked against what is free, and one that no
+   longer fits is closed with reason ``recovery_conflict`` instead of oversubscribing;
+4. check the ledger invariants on an atomic snapshot; only a consistent ledger closes the gate.
+
+What the recorder had not written when Redis lost its data cannot come back: allocations placed
+in that window are unknown (their owners get ALLOCATION_NOT_FOUND on release) and allocations
+released in that window come back as active until released again or their TTL ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from .. import invariants
+from ..client import Allocator
+from ..errors import AllocatorError
+from .db import dt_to_ms
+from .models import allocations as A
+from .models import hosts as H
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryFailed(AllocatorError):
+    """The rebuilt ledger is not consistent; placements stay refused until an operator looks."""
+
+    code = "RECOVERY_FAILED"
+    default_message = "recovery left the ledger inconsistent; placements stay refused"
+
+
+@dataclass
+class RecoveryReport:
+    restored: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    hosts_restored: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"restored": len(self.restored), "deferred": len(self.deferred), "existing": len(self.existing),
+                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored}
+
+
+def _script(a: Allocator, name: str, *args: object) -> dict[str, Any]:
+    raw = a.scripts[name](keys=a.keys.ledger_keys(), args=[a.keys.prefix, a._now_arg(), *args])
+    res = json.loads(raw)
+    if not res.get("ok", True):
+        raise AllocatorError(res.get("message"), details={"code": res.get("code")})
+    return res
+
+
+def _ids(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def begin(a: Allocator, reason: str = "allocator recover") -> bool:
+    """Opens the recovery gate (placements refused); True if this call opened it."""
+    return bool(_script(a, "recovery", "begin", json.dumps({"reason": reason}))["changed"])
+
+
+def finish(a: Allocator, report: RecoveryReport | None = None) -> bool:
+    """Closes the recovery gate; True if this call closed it."""
+    details = report.as_dict() if report else {}
+    return bool(_script(a, "recovery", "end", json.dumps(details))["changed"])
+
+
+def is_recovering(a: Allocator) -> bool:
+    return a.redis.hget(a.keys.seq, "recovering") == "1"
+
+
+def restore_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The restore_allocation payload for one ``allocations`` row."""
+    cores = row["cores"] if isinstance(row["cores"], list) else []
+    placed = dt_to_ms(row["placed_at"])
+    return {
+        "id": row["allocation_id"], "task_id": row["task_id"] or "", "task_type": row["task_type"] or "",
+        "owner": row["owner"] or "", "priority": row["priority"] if row["priority"] is not None else 1,
+        "strategy": row["strategy"] or "", "host": row["host_id"], "host_gen": row["host_gen"] or 1,
+        "gpus": row["gpus"] if isinstance(row["gpus"], list) else [], "cores": cores,
+        "shared_millis": max(0, int(row["cpu_millis"] or 0) - 1000 * len(cores)), "ram_mb": int(row["ram_mb"] or 0),
+        "created": dt_to_ms(row["submitted_at"]) or placed, "activated": placed, "ttl_ms": int(row["ttl_ms"] or 0),
+        "expires": dt_to_ms(row["expires_at"]) or 0, "metadata": json.dumps(row["metadata"] or {}),
+        "request": json.dumps(row["request"] or {}), "kind": row["kind"] or "lease",
+    }
+
+
+def restore_hosts(a: Allocator, engine: Engine) -> list[str]:
+    """Registers hosts the history knows (not removed or lost) that the ledger lacks."""
+    q = select(H).where(H.c.namespace == a.keys.namespace, H.c.state.in_(("ready", "draining")))
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(q).mappings()]
+    done: list[str] = []
+    for r in rows:
+        if a.redis.exists(a.keys.host(r["host_id"])):
+            continue
+        spec = dict(r["spec"] or {})
+        spec = {"id": r["host_id"], "labels": spec.get("labels") or {}, "cpu_cores": spec.get("cores") or [],
+                "ram_mb": spec.get("ram_mb") or 0, "gpus": spec.get("gpus") or []}
+        a.register_host(spec)
+        if r["state"] == "draining":
+            a.drain_host(r["host_id"])
+        done.append(r["host_id"])
+    return done
+
+
+def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> RecoveryReport:
+    """Restores the history's active allocations (the gate must be open)."""
+    report = RecoveryReport()
+    q = (select(A).where(A.c.namespace == a.keys.namespace, A.c.state == "active")
+         .order_by(A.c.placed_at, A.c.allocation_id))
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(q).mappings()]
+    for i in range(0, len(rows), batch):
+        payload = [restore_record(r) for r in rows[i:i + batch] if r["host_id"] and r["placed_at"]]
+        if not payload:
+            continue
+        res = _script(a, "restore_allocation", json.dumps(payload))
+        report.restored += _ids(res.get("restored"))
+        report.deferred += _ids(res.get("deferred"))
+        report.existing += _ids(res.get("existing"))
+        report.conflicts += _ids(res.get("conflicts"))
+    return report
+
+
+def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, batch: int = 200) -> RecoveryReport:
+    """The whole procedure (see the module docstring). Raises ``RecoveryFailed`` and leaves the
+    gate closed to placements if the rebuilt ledger breaks an invariant."""
+    begin(a)
+    report = RecoveryReport()
+    if with_hosts:
+        report.hosts_restored = restore_hosts(a, engine)
+    restored = restore_allocations(a, engine, batch=batch)
+    report.restored, report.deferred = restored.restored, restored.deferred
+    report.existing, report.conflicts = restored.existing, restored.conflicts
+    violations = invariants.check(a.snapshot())
+    if violations:
+        raise RecoveryFailed(details={"violations": violations[:50], **report.as_dict()})
+    finish(a, report)
+    log.info("recovered ledger %s: %s", a.keys.namespace, report.as_dict())
+    return report

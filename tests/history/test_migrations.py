@@ -1,0 +1,85 @@
+"""The Alembic migrations and the models agree, and the schema goes up, down and up again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.engine import URL
+from typer.testing import CliRunner
+
+from allocator.cli import app
+from allocator.history import migrate
+from allocator.history.db import HistoryError, make_engine, resolve_url
+from allocator.history.models import Base
+
+TABLES = {"allocations", "events", "hosts", "placements"}
+
+
+def _tables(url: URL) -> set[str]:
+    e = make_engine(url)
+    try:
+        return set(inspect(e).get_table_names()) - {"alembic_version"}
+    finally:
+        e.dispose()
+
+
+def test_there_is_a_single_head() -> None:
+    assert len(migrate.heads()) == 1
+
+
+def test_migrations_produce_exactly_the_models(empty_database_url: URL) -> None:
+    migrate.upgrade(empty_database_url)
+    e = make_engine(empty_database_url)
+    try:
+        with e.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    finally:
+        e.dispose()
+    assert diff == []
+
+
+def test_upgrade_downgrade_upgrade_round_trip(empty_database_url: URL) -> None:
+    migrate.upgrade(empty_database_url)
+    assert _tables(empty_database_url) == TABLES and migrate.current(empty_database_url) == migrate.head()
+    migrate.downgrade(empty_database_url, "base")
+    assert _tables(empty_database_url) == set() and migrate.current(empty_database_url) is None
+    migrate.upgrade(empty_database_url)
+    assert _tables(empty_database_url) == TABLES and migrate.current(empty_database_url) == migrate.head()
+
+
+def test_cli_db_upgrade_and_current(empty_database_url: URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # works from any directory: no alembic.ini to find
+    url = empty_database_url.render_as_string(hide_password=False)
+    r = CliRunner().invoke(app, ["db", "upgrade", "--database-url", url])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["db", "current", "--database-url", url])
+    assert r.exit_code == 0 and f"revision {migrate.head()}" in r.output
+
+
+def test_no_url_means_a_sqlite_file_in_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALLOCATOR_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("ALLOCATOR_DATABASE_URL", raising=False)
+    assert resolve_url(None).database == str(tmp_path / "state" / "history.sqlite3")
+    r = CliRunner().invoke(app, ["db", "upgrade"])
+    assert r.exit_code == 0, r.output
+    assert _tables(resolve_url(None)) == TABLES
+
+
+def test_plain_postgres_urls_use_psycopg3() -> None:
+    assert resolve_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
+    assert resolve_url("postgres://u:secret@h/db").drivername == "postgresql+psycopg"
+    assert "secret" not in resolve_url("postgres://u:secret@h/db").render_as_string(hide_password=True)
+
+
+def test_an_unmigrated_postgres_is_refused_with_the_fix(empty_database_url: URL) -> None:
+    if empty_database_url.get_backend_name() == "sqlite":
+        e = migrate.open_engine(empty_database_url.render_as_string(hide_password=False))  # the fallback migrates itself
+        assert migrate.current(engine=e) == migrate.head()
+        e.dispose()
+        return
+    with pytest.raises(HistoryError, match="allocator db upgrade"):
+        migrate.open_engine(empty_database_url.render_as_string(hide_password=False))
