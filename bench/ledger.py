@@ -1,0 +1,581 @@
+"""Ledger benchmark: allocations per second and allocate latency against a trivial EVALSHA.
+
+For each fleet (16 hosts, the 1,213 OpenB hosts, 5,000 hosts x 8 GPUs) the fleet is registered in
+a fresh namespace, then for 1 and 4 client processes:
+
+- ``trivial``: each process calls the ``noop`` script (EVALSHA, same 12 KEYS and ARGV shape as the
+  ledger scripts, through the same ``Allocator._call`` plumbing) back to back for ``--seconds``;
+- ``ledger``: each process keeps a window of ``--window`` held allocations: it allocates a random
+  request from a realistic mix with ``Allocator.allocate`` and, once the window is full, releases
+  the oldest with ``Allocator.release``. The window is filled before the clock starts and emptied
+  after it stops, so the timed part is steady state.
+- ``script`` (diagnostic, ``--no-script-only`` skips it): the same loop calling the ``place`` and
+  ``release`` scripts directly with pre-built JSON payloads, i.e. without the pydantic validation
+  and reply parsing of the Python API, to split the cost between Lua and the client.
+
+Machines are noisy, so the headline figures are ratios against the trivial EVALSHA measured in the
+same run: allocs/s / trivial calls/s, and allocate p50 at each fleet / allocate p50 at 16 hosts.
+
+    .venv/bin/python bench/ledger.py --seconds 5 --json bench-ledger.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import redis  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from allocator.client import Allocator, new_allocation_id  # noqa: E402
+from allocator.errors import InsufficientResources  # noqa: E402
+from allocator.models import Allocation  # noqa: E402
+from allocator.scripts import SCRIPT_NAMES, source  # noqa: E402
+
+try:
+    from bench import fleets  # python -m bench.ledger
+except ImportError:  # python bench/ledger.py
+    import fleets  # type: ignore[no-redef]
+
+GIB = 1024
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+# -- goals (issue text) ---------------------------------------------------------------------
+GOAL_RATIO = 0.5  # allocs/s >= half the trivial EVALSHA calls/s (4 clients, 5,000 hosts)
+GOAL_P99_MS = 2.0  # allocate p99 < 2 ms (4 clients, 5,000 hosts)
+GOAL_SCALE = 1.5  # allocate p50 at 5,000 hosts <= 1.5 x allocate p50 at 16 hosts
+
+
+# -- request mix ----------------------------------------------------------------------------
+
+def make_requests(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """``n`` requests: 70% 1 GPU with 2-32 GiB, 15% 2 GPUs with 2-16 GiB each, 15% CPU only.
+
+    Cores (exclusive) 1/2/4/8 with weights 4/3/2/1 (mean 2.6); RAM 4/8/16/32/64 GiB with weights
+    3/3/2/1/1 (mean 16.4 GiB). Moderate, so refusals stay rare even on 16 hosts with 4 clients.
+    """
+    out = []
+    for _ in range(n):
+        cores = rng.choices([1, 2, 4, 8], weights=[4, 3, 2, 1])[0]
+        ram = rng.choices([4, 8, 16, 32, 64], weights=[3, 3, 2, 1, 1])[0] * GIB
+        r = rng.random()
+        if r < 0.15:
+            out.append({"cpu_cores": cores, "ram_mb": ram})
+        elif r < 0.30:
+            out.append({"gpus": 2, "gpu_memory_mb": rng.randint(2, 16) * GIB, "cpu_cores": cores, "ram_mb": ram})
+        else:
+            out.append({"gpus": 1, "gpu_memory_mb": rng.randint(2, 32) * GIB, "cpu_cores": cores, "ram_mb": ram})
+    return out
+
+
+# -- worker processes -------------------------------------------------------------------------
+
+@dataclass
+class PhaseConfig:
+    kind: str  # "trivial" | "ledger" | "script"
+    redis_url: str
+    namespace: str
+    seconds: float
+    window: int
+    strategy: str
+    seed: int
+
+
+def _worker(cfg: PhaseConfig, wid: int, barrier: Any, out: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Process.terminate() ends a worker at once
+    try:
+        out.put((wid, _run_worker(cfg, wid, barrier)))
+    except BaseException as exc:  # report, never hang the parent
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+        out.put((wid, {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any) -> dict[str, Any]:
+    alloc = Allocator(redis_url=cfg.redis_url, namespace=cfg.namespace)
+    rng = random.Random(cfg.seed * 1009 + wid)
+    perf = time.perf_counter
+    call = alloc._call
+    lat_a: list[float] = []
+    lat_r: list[float] = []
+    allocs = refusals = releases = 0
+
+    if cfg.kind == "trivial":
+        # The same plumbing as Allocator._call (KEYS list, prefix and clock ARGV, Script.__call__),
+        # minus its json.loads: noop.lua returns the integer 1, which _call cannot decode.
+        noop_script = alloc.scripts["noop"]
+        keys = alloc.keys
+
+        def noop() -> Any:
+            return noop_script(keys=keys.ledger_keys(), args=[keys.prefix, alloc._now_arg()])
+
+        for _ in range(50):
+            noop()
+        barrier.wait(timeout=120)
+        t0 = perf()
+        end = t0 + cfg.seconds
+        e = t0
+        while e < end:
+            s = perf()
+            noop()
+            e = perf()
+            lat_a.append(e - s)
+        return {"calls": len(lat_a), "elapsed": e - t0, "lat_a": lat_a}
+
+    reqs = make_requests(rng, 4096)
+    nreq = len(reqs)
+    window: deque[str] = deque()
+
+    if cfg.kind == "ledger":
+        strategy = cfg.strategy
+
+        def do_alloc(i: int) -> str | None:
+            try:
+                return alloc.allocate(reqs[i % nreq], strategy=strategy).allocation_id
+            except InsufficientResources:
+                return None
+
+        def do_release(aid: str) -> None:
+            alloc.release(aid)
+
+    else:  # "script": the Lua scripts with pre-built payloads, no pydantic on the hot path
+        tmpls = [
+            alloc._place_payload(alloc.build_request(r, strategy=cfg.strategy), "@@ID@@", False) for r in reqs
+        ]
+
+        def do_alloc(i: int) -> str | None:
+            aid = new_allocation_id()
+            res = call("place", tmpls[i % nreq].replace("@@ID@@", aid, 1))
+            return aid if res.get("ok") else None
+
+        def do_release(aid: str) -> None:
+            call("release", aid, "released")
+
+    i = 0
+    while len(window) < cfg.window and i < 20 * cfg.window:  # fill the window, untimed
+        aid = do_alloc(i)
+        i += 1
+        if aid is not None:
+            window.append(aid)
+    barrier.wait(timeout=120)
+    t0 = perf()
+    end = t0 + cfg.seconds
+    e = t0
+    while e < end:
+        if len(window) >= cfg.window:
+            aid = window.popleft()
+            s = perf()
+            do_release(aid)
+            e = perf()
+            lat_r.append(e - s)
+            releases += 1
+        s = perf()
+        aid = do_alloc(i)
+        e = perf()
+        i += 1
+        lat_a.append(e - s)
+        if aid is None:
+            refusals += 1
+        else:
+            allocs += 1
+            window.append(aid)
+    elapsed = e - t0
+    while window:  # empty the window, untimed
+        do_release(window.popleft())
+    return {"allocs": allocs, "refusals": refusals, "releases": releases, "elapsed": elapsed,
+            "lat_a": lat_a, "lat_r": lat_r}
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile in ms (``values`` in seconds, sorted)."""
+    if not values:
+        return float("nan")
+    k = max(0, min(len(values) - 1, int(round(q / 100 * len(values) + 0.5)) - 1))
+    return values[k] * 1000
+
+
+def server_stats(r: redis.Redis) -> dict[str, float]:
+    cs = r.info("commandstats")
+    ev = cs.get("cmdstat_evalsha", {})
+    cpu = r.info("cpu")
+    return {"evalsha_calls": float(ev.get("calls", 0)), "evalsha_usec": float(ev.get("usec", 0)),
+            "cpu": float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0)), "t": time.perf_counter()}
+
+
+def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    barrier = ctx.Barrier(clients + 1)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(cfg, w, barrier, out), daemon=True) for w in range(clients)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        try:
+            barrier.wait(timeout=180)  # every worker is connected and warmed up (window filled)
+        except Exception:
+            pass
+        before = server_stats(r)
+        time.sleep(cfg.seconds)
+        # Workers finish their last call and then release their windows; take the server counters
+        # right after the timed part so the untimed clean-up is (mostly) outside them.
+        after = server_stats(r)
+        deadline = time.monotonic() + cfg.seconds + 120
+        while len(results) < clients:
+            wid, res = out.get(timeout=max(1.0, deadline - time.monotonic()))
+            results[wid] = res
+        for p in procs:
+            p.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    errors = [res["error"] for res in results.values() if "error" in res]
+    if errors:
+        raise RuntimeError(f"{cfg.kind} worker failed: {errors[0]}")
+
+    lat_a = sorted(x for res in results.values() for x in res["lat_a"])
+    lat_r = sorted(x for res in results.values() for x in res.get("lat_r", []))
+    d_calls = after["evalsha_calls"] - before["evalsha_calls"]
+    d_usec = after["evalsha_usec"] - before["evalsha_usec"]
+    wall = after["t"] - before["t"]
+    summary: dict[str, Any] = {
+        "kind": cfg.kind,
+        "clients": clients,
+        "a_p50_ms": pct(lat_a, 50),
+        "a_p99_ms": pct(lat_a, 99),
+        "a_mean_ms": (sum(lat_a) / len(lat_a) * 1000) if lat_a else float("nan"),
+        "server_us_per_evalsha": (d_usec / d_calls) if d_calls else float("nan"),
+        "server_evalsha_calls": int(d_calls),
+        "redis_cpu_pct": 100 * (after["cpu"] - before["cpu"]) / wall if wall > 0 else float("nan"),
+    }
+    if cfg.kind == "trivial":
+        summary["calls"] = sum(res["calls"] for res in results.values())
+        summary["calls_per_s"] = sum(res["calls"] / res["elapsed"] for res in results.values())
+        summary["client_calls"] = summary["calls"]
+    else:
+        summary["allocs"] = sum(res["allocs"] for res in results.values())
+        summary["refusals"] = sum(res["refusals"] for res in results.values())
+        summary["releases"] = sum(res["releases"] for res in results.values())
+        summary["allocs_per_s"] = sum(res["allocs"] / res["elapsed"] for res in results.values())
+        summary["ledger_calls_per_s"] = sum(
+            (res["allocs"] + res["refusals"] + res["releases"]) / res["elapsed"] for res in results.values()
+        )
+        summary["r_p50_ms"] = pct(lat_r, 50)
+        summary["r_p99_ms"] = pct(lat_r, 99)
+        summary["client_calls"] = summary["allocs"] + summary["refusals"] + summary["releases"]
+    # The Redis server is shared: the EVALSHA counters are ours only if their count matches.
+    summary["server_stats_clean"] = bool(d_calls) and abs(d_calls - summary["client_calls"]) <= max(
+        50, 0.03 * summary["client_calls"]
+    )
+    return summary
+
+
+# -- client-side cost of the Python API (no Redis) ------------------------------------------
+
+def client_overhead(alloc: Allocator, strategy: str, n: int = 3000) -> dict[str, float]:
+    """Microseconds per call of the Python parts of allocate/release (validation, payload, parsing)."""
+    reqs = make_requests(random.Random(7), 512)
+    # One real allocation, only to get a record of the shape ``place`` returns.
+    req = alloc.build_request(reqs[0], strategy=strategy)
+    aid = new_allocation_id()
+    res = alloc._call("place", alloc._place_payload(req, aid, False))
+    rec = res["alloc"] if res.get("ok") else None
+    if rec is not None:
+        alloc._call("release", aid, "released")
+    t0 = time.perf_counter()
+    for i in range(n):
+        r = alloc.build_request(reqs[i % 512], strategy=strategy)
+        alloc._place_payload(r, new_allocation_id(), False)
+    build_us = (time.perf_counter() - t0) / n * 1e6
+    parse_us = float("nan")
+    if rec is not None:
+        raw = json.dumps({"ok": True, "alloc": rec})
+        t0 = time.perf_counter()
+        for _ in range(n):
+            Allocation.from_record(json.loads(raw)["alloc"])
+        parse_us = (time.perf_counter() - t0) / n * 1e6
+    return {"request_build_us": build_us, "reply_parse_us": parse_us}
+
+
+# -- fleets ------------------------------------------------------------------------------------
+
+def load_fleets(names: list[str], args: argparse.Namespace) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(key, label, hosts) per fleet; a missing OpenB directory skips that fleet with a message."""
+    out = []
+    for name in names:
+        if name == "small":
+            out.append(("small", f"{args.small_hosts} hosts", fleets.small_fleet(args.small_hosts)))
+        elif name == "openb":
+            d = fleets.openb_dir(args.openb_dir)
+            try:
+                hosts = fleets.openb_fleet(d)
+            except FileNotFoundError as exc:
+                console.print(f"[yellow]skipping the OpenB fleet: {exc} (set --openb-dir or ALLOCATOR_OPENB_DIR)")
+                continue
+            out.append(("openb", f"OpenB {len(hosts):,} hosts", hosts))
+        elif name == "synthetic":
+            out.append(("synthetic", f"{args.synthetic_hosts:,} hosts x {args.gpus} GPUs",
+                        fleets.synthetic_fleet(args.synthetic_hosts, gpus=args.gpus)))
+        else:
+            raise SystemExit(f"unknown fleet {name!r} (small, openb, synthetic)")
+    return out
+
+
+def register_fleet(alloc: Allocator, label: str, hosts: list[dict[str, Any]]) -> float:
+    with Progress(TextColumn("register [bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(label, total=len(hosts))
+        t0 = time.perf_counter()
+        for i, h in enumerate(hosts, 1):
+            alloc.register_host(h)
+            if i % 50 == 0 or i == len(hosts):
+                progress.update(task, completed=i)
+        return time.perf_counter() - t0
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def fmt(v: float, nd: int = 2) -> str:
+    return "-" if v is None or v != v else f"{v:,.{nd}f}"
+
+
+def print_results(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overhead: dict[str, float]) -> None:
+    t = Table(title="Ledger: Allocator.allocate/release vs trivial EVALSHA (same run)", show_lines=False)
+    for col in ("fleet", "clients", "allocs/s", "alloc p50 ms", "alloc p99 ms", "release p50/p99 ms",
+                "refusals", "trivial calls/s", "trivial p50/p99 ms", "allocs/s ÷ trivial", "p50 vs 16 hosts"):
+        t.add_column(col, justify="left" if col == "fleet" else "right")
+    for row in rows:
+        L, T = row["ledger"], row["trivial"]
+        t.add_row(row["fleet"], str(row["clients"]), fmt(L["allocs_per_s"], 0), fmt(L["a_p50_ms"], 3),
+                  fmt(L["a_p99_ms"], 3), f"{fmt(L['r_p50_ms'], 3)} / {fmt(L['r_p99_ms'], 3)}",
+                  f"{L['refusals']} / {L['allocs'] + L['refusals']}", fmt(T["calls_per_s"], 0),
+                  f"{fmt(T['a_p50_ms'], 3)} / {fmt(T['a_p99_ms'], 3)}", fmt(row["ratio"], 3),
+                  fmt(row.get("scale_p50"), 2) + "x")
+    console.print(t)
+
+    d = Table(title="Diagnostics (server µs/EVALSHA from INFO commandstats; '*' = shared server, counts disagree)")
+    for col in ("fleet", "clients", "ledger calls/s ÷ trivial", "script-only allocs/s", "script-only ÷ trivial",
+                "place p50/p99 ms", "server µs: ledger / trivial", "server µs vs 16 hosts",
+                "redis CPU %: ledger / trivial"):
+        d.add_column(col, justify="left" if col == "fleet" else "right")
+    for row in rows:
+        L, T, S = row["ledger"], row["trivial"], row.get("script")
+
+        def srv(x: dict[str, Any]) -> str:
+            return fmt(x["server_us_per_evalsha"], 1) + ("" if x["server_stats_clean"] else "*")
+
+        d.add_row(row["fleet"], str(row["clients"]), fmt(L["ledger_calls_per_s"] / T["calls_per_s"], 3),
+                  fmt(S["allocs_per_s"], 0) if S else "-", fmt(S["allocs_per_s"] / T["calls_per_s"], 3) if S else "-",
+                  f"{fmt(S['a_p50_ms'], 3)} / {fmt(S['a_p99_ms'], 3)}" if S else "-",
+                  f"{srv(L)} / {srv(T)}", fmt(row.get("scale_p50_server"), 2) + "x",
+                  f"{fmt(L['redis_cpu_pct'], 0)} / {fmt(T['redis_cpu_pct'], 0)}")
+    console.print(d)
+
+    f = Table(title="Fleets")
+    for col in ("fleet", "hosts", "GPUs", "GPU memory TiB", "cores", "RAM TiB", "register s", "hosts/s", "destroy s"):
+        f.add_column(col, justify="left" if col == "fleet" else "right")
+    for fi in fleet_info:
+        f.add_row(fi["fleet"], f"{fi['hosts']:,}", f"{fi['gpus']:,}", fmt(fi["gpu_memory_mb"] / 2**20, 1),
+                  f"{fi['cpu_cores']:,}", fmt(fi["ram_mb"] / 2**20, 1), fmt(fi["register_s"], 2),
+                  fmt(fi["hosts"] / fi["register_s"], 0), fmt(fi.get("destroy_s"), 2))
+    console.print(f)
+    console.print(f"Client-side Python per allocate (validation + payload, no Redis): "
+                  f"{overhead['request_build_us']:.0f} µs; reply parsing (Allocation.from_record): "
+                  f"{overhead['reply_parse_us']:.0f} µs")
+
+
+def evaluate_goals(rows: list[dict[str, Any]], big_label: str | None, base_label: str | None) -> list[dict[str, Any]]:
+    goals = []
+    big4 = next((r for r in rows if r["fleet"] == big_label and r["clients"] == 4), None)
+    if big4:
+        goals.append({"goal": f"4 clients, {big_label}: allocs/s ≥ {GOAL_RATIO} x trivial EVALSHA calls/s",
+                      "value": big4["ratio"], "met": big4["ratio"] >= GOAL_RATIO})
+        goals.append({"goal": f"4 clients, {big_label}: allocate p99 < {GOAL_P99_MS} ms",
+                      "value": big4["ledger"]["a_p99_ms"], "met": big4["ledger"]["a_p99_ms"] < GOAL_P99_MS})
+    for r in rows:
+        if r["fleet"] == big_label and r.get("scale_p50") is not None:
+            goals.append({"goal": f"{r['clients']} client(s): allocate p50 at {big_label} ≤ {GOAL_SCALE} x at {base_label}",
+                          "value": r["scale_p50"], "met": r["scale_p50"] <= GOAL_SCALE})
+    return goals
+
+
+def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overhead: dict[str, float],
+             goals: list[dict[str, Any]]) -> str:
+    out = ["| fleet | clients | allocs/s | allocate p50 / p99 ms | release p50 / p99 ms | refused | "
+           "trivial calls/s | trivial p50 / p99 ms | allocs/s ÷ trivial | allocate p50 vs 16 hosts |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        L, T = row["ledger"], row["trivial"]
+        out.append(f"| {row['fleet']} | {row['clients']} | {fmt(L['allocs_per_s'], 0)} | {fmt(L['a_p50_ms'], 3)} / "
+                   f"{fmt(L['a_p99_ms'], 3)} | {fmt(L['r_p50_ms'], 3)} / {fmt(L['r_p99_ms'], 3)} | "
+                   f"{L['refusals']} of {L['allocs'] + L['refusals']:,} | {fmt(T['calls_per_s'], 0)} | "
+                   f"{fmt(T['a_p50_ms'], 3)} / {fmt(T['a_p99_ms'], 3)} | **{fmt(row['ratio'], 3)}** | "
+                   f"{fmt(row.get('scale_p50'), 2)}x |")
+    out += ["", "| fleet | clients | (allocate + release calls)/s ÷ trivial | script-only allocs/s | script-only ÷ trivial | "
+            "place script p50 / p99 ms | server µs per EVALSHA: ledger / trivial | server µs vs 16 hosts | "
+            "Redis CPU %: ledger / trivial |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        L, T, S = row["ledger"], row["trivial"], row.get("script")
+        star = lambda x: "" if x["server_stats_clean"] else "*"  # noqa: E731
+        out.append(f"| {row['fleet']} | {row['clients']} | {fmt(L['ledger_calls_per_s'] / T['calls_per_s'], 3)} | "
+                   + (f"{fmt(S['allocs_per_s'], 0)} | {fmt(S['allocs_per_s'] / T['calls_per_s'], 3)} | "
+                      f"{fmt(S['a_p50_ms'], 3)} / {fmt(S['a_p99_ms'], 3)} | " if S else "- | - | - | ")
+                   + f"{fmt(L['server_us_per_evalsha'], 1)}{star(L)} / {fmt(T['server_us_per_evalsha'], 1)}{star(T)} | "
+                   f"{fmt(row.get('scale_p50_server'), 2)}x | {fmt(L['redis_cpu_pct'], 0)} / {fmt(T['redis_cpu_pct'], 0)} |")
+    out += ["", "| fleet | hosts | GPUs | cores | register s | hosts/s | destroy s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for fi in fleet_info:
+        out.append(f"| {fi['fleet']} | {fi['hosts']:,} | {fi['gpus']:,} | {fi['cpu_cores']:,} | {fmt(fi['register_s'], 2)} | "
+                   f"{fmt(fi['hosts'] / fi['register_s'], 0)} | {fmt(fi.get('destroy_s'), 2)} |")
+    out += ["", f"Client-side Python per allocate, no Redis: request validation + payload "
+            f"{overhead.get('request_build_us', float('nan')):.0f} µs, reply parsing "
+            f"{overhead.get('reply_parse_us', float('nan')):.0f} µs.", ""]
+    for g in goals:
+        out.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['goal']} (measured {g['value']:.3f})")
+    return "\n".join(out) + "\n"
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per phase (default 5)")
+    ap.add_argument("--clients", default="1,4", help="client process counts (default 1,4)")
+    ap.add_argument("--window", type=int, default=50, help="held allocations per client (default 50)")
+    ap.add_argument("--strategy", default="best_fit", help="first_fit | best_fit | worst_fit (default best_fit)")
+    ap.add_argument("--fleets", default="small,openb,synthetic", help="comma list of small, openb, synthetic")
+    ap.add_argument("--small-hosts", type=int, default=16)
+    ap.add_argument("--synthetic-hosts", type=int, default=5000)
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per synthetic host (default 8)")
+    ap.add_argument("--openb-dir", default=None, help="OpenB data directory (default $ALLOCATOR_OPENB_DIR or ../shared/data/openb)")
+    ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL") or "redis://127.0.0.1:6379/0")
+    ap.add_argument("--no-script-only", action="store_true", help="skip the diagnostic script-only phase")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    ap.add_argument("--markdown", dest="md_path", default=None, help="write the result tables as Markdown to this file")
+    args = ap.parse_args(argv)
+
+    # Ctrl-C (and SIGTERM) raise KeyboardInterrupt even when started from a script that ignores
+    # SIGINT, so the namespaces are always destroyed.
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    clients_list = [int(x) for x in args.clients.split(",") if x.strip()]
+    fleet_list = load_fleets([x.strip() for x in args.fleets.split(",") if x.strip()], args)
+    r = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    server = r.info("server")
+    run_id = uuid.uuid4().hex[:8]
+    live: list[Allocator] = []
+    rows: list[dict[str, Any]] = []
+    fleet_info: list[dict[str, Any]] = []
+    overhead: dict[str, float] = {}
+    console.print(f"Redis {server.get('redis_version')} at {args.redis_url}; {os.cpu_count()} CPUs; "
+                  f"{args.seconds:g} s per phase; window {args.window}/client; strategy {args.strategy}; run {run_id}")
+    t_start = time.perf_counter()
+    try:
+        for fi, (_key, label, hosts) in enumerate(fleet_list):
+            ns = f"bench-ledger-{run_id}-{fi}"
+            alloc = Allocator(redis_url=args.redis_url, namespace=ns)
+            live.append(alloc)
+            for name in SCRIPT_NAMES:  # loaded once, so no worker pays a NOSCRIPT round trip
+                r.script_load(source(name))
+            reg_s = register_fleet(alloc, label, hosts)
+            info = {"fleet": label, "namespace": ns, **fleets.describe(hosts), "register_s": reg_s}
+            console.print(f"[bold]{label}[/]: registered {len(hosts):,} hosts in {reg_s:.2f} s "
+                          f"({len(hosts) / reg_s:,.0f} hosts/s)")
+            if not overhead:
+                overhead = client_overhead(alloc, args.strategy)
+            for n in clients_list:
+                base = PhaseConfig("trivial", args.redis_url, ns, args.seconds, args.window, args.strategy, args.seed)
+                row: dict[str, Any] = {"fleet": label, "clients": n}
+                kinds = ["trivial", "ledger"] + ([] if args.no_script_only else ["script"])
+                for kind in kinds:
+                    with console.status(f"{label}: {n} client(s), {kind} for {args.seconds:g} s"):
+                        cfg = PhaseConfig(**{**base.__dict__, "kind": kind})
+                        row[kind] = run_phase(cfg, n, r)
+                row["ratio"] = row["ledger"]["allocs_per_s"] / row["trivial"]["calls_per_s"]
+                L, T = row["ledger"], row["trivial"]
+                console.print(f"  {n} client(s): {L['allocs_per_s']:,.0f} allocs/s (p50 {L['a_p50_ms']:.3f} ms, "
+                              f"p99 {L['a_p99_ms']:.3f} ms, {L['refusals']} refused), trivial {T['calls_per_s']:,.0f} "
+                              f"calls/s (p50 {T['a_p50_ms']:.3f} ms) -> ratio {row['ratio']:.3f}")
+                rows.append(row)
+            t0 = time.perf_counter()
+            info["destroyed_keys"] = alloc.destroy()
+            info["destroy_s"] = time.perf_counter() - t0
+            live.remove(alloc)
+            fleet_info.append(info)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted; cleaning up")
+        return 130
+    finally:
+        for a in live:
+            try:
+                a.destroy()
+            except Exception as exc:  # pragma: no cover - best effort
+                console.print(f"[red]could not destroy {a.keys.namespace}: {exc}")
+
+    base_label = next((lbl for key, lbl, _ in fleet_list if key == "small"), None)
+    big_label = next((lbl for key, lbl, _ in fleet_list if key == "synthetic"), None)
+    for row in rows:
+        ref = next((x for x in rows if x["fleet"] == base_label and x["clients"] == row["clients"]), None)
+        if ref:
+            row["scale_p50"] = row["ledger"]["a_p50_ms"] / ref["ledger"]["a_p50_ms"]
+            row["scale_p50_server"] = row["ledger"]["server_us_per_evalsha"] / ref["ledger"]["server_us_per_evalsha"]
+
+    print_results(rows, fleet_info, overhead)
+    goals = evaluate_goals(rows, big_label, base_label)
+    for g in goals:
+        mark = "[green]MET[/]" if g["met"] else "[red]MISSED[/]"
+        console.print(f"{mark}  {g['goal']}: {g['value']:.3f}")
+    total = time.perf_counter() - t_start
+    console.print(f"total {total:.0f} s")
+
+    if args.md_path:
+        Path(args.md_path).write_text(markdown(rows, fleet_info, overhead, goals))
+        console.print(f"wrote {args.md_path}")
+    if args.json_path:
+        doc = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "args": vars(args),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "redis_version": server.get("redis_version")},
+            "fleets": fleet_info,
+            "client_overhead_us": overhead,
+            "results": rows,
+            "goals": goals,
+            "total_s": total,
+        }
+        Path(args.json_path).write_text(json.dumps(doc, indent=2, default=str))
+        console.print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
