@@ -1,0 +1,117 @@
+"""What every CLI command shares: connection options, exit codes, JSON output, error reporting.
+
+Exit codes: 0 done; 1 refused (does not fit, not found, Redis unreachable); 2 invalid input
+(including a missing Redis URL). Results go to stdout; progress, logs and errors to stderr, so
+``--json`` output can always be piped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, Optional
+
+import redis
+import typer
+from rich.console import Console
+
+from .client import Allocator
+from .config import Settings
+from .errors import AllocatorError, InvalidRequest, NotFound, Refused
+
+EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+REDIS_URL = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help="Redis URL (ALLOCATOR_REDIS_URL).",
+                         show_default=False)
+NAMESPACE = typer.Option(None, "--namespace", envvar="ALLOCATOR_NAMESPACE", help="Key namespace (ALLOCATOR_NAMESPACE, default alloc).",
+                         show_default=False)
+AS_JSON = typer.Option(False, "--json", help="Print JSON instead of tables.")
+
+#: Option names to show for request fields in CLI error messages.
+FIELD_OPTIONS = {
+    "resource_requirements.gpu_memory_mb": "--gpu-memory",
+    "resource_requirements.cpu_cores": "--cpu-cores",
+    "resource_requirements.ram_mb": "--ram",
+    "resource_requirements.gpus": "--gpus",
+    "resource_requirements.gpu_model": "--gpu-model",
+    "resource_requirements.priority": "--priority",
+    "resource_requirements.ttl_seconds": "--ttl",
+    "resource_requirements.selector": "--selector",
+    "allocation_strategy": "--strategy",
+    "expected_duration": "--expected-duration",
+    "task_id": "TASK_ID",
+    "task_type": "--task-type",
+}
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        from urllib.parse import urlsplit, urlunsplit
+
+        u = urlsplit(url)
+        if u.password:
+            netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+            return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+    except ValueError:
+        return "<redis url>"
+    return url
+
+
+def settings_url(redis_url: Optional[str]) -> Optional[str]:
+    return redis_url or Settings.from_env().redis_url
+
+
+def open_allocator(redis_url: Optional[str], namespace: Optional[str], *, as_json: bool = False) -> Allocator:
+    """The Allocator the command works on; a shared Redis is required (no embedded default here:
+    a private server would show an empty fleet and vanish with the command)."""
+    url = settings_url(redis_url)
+    if not url:
+        fail(EXIT_INVALID, "NOT_CONFIGURED", "no Redis configured: set ALLOCATOR_REDIS_URL or --redis-url "
+             "(to try things on this machine alone, run `allocator demo`)", "redis_url", as_json=as_json)
+    ns = namespace or Settings.from_env().namespace
+    return Allocator.from_env(redis_url=url, namespace=ns)
+
+
+def print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, default=_jsonable, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "isoformat"):
+        return o.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def fail(code: int, error_code: str, message: str, field: Optional[str] = None, *, as_json: bool = False) -> NoReturn:
+    """Reports an error (stderr; also stdout as JSON with --json) and exits with ``code``."""
+    if as_json:
+        print_json({"success": False, "error": {"code": error_code, "message": message, "field": field}})
+    label = "invalid" if code == EXIT_INVALID else "refused"
+    err.print(f"[bold red]{label}:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def reporting(as_json: bool = False, url: Optional[str] = None) -> Iterator[None]:
+    """Maps allocator errors to messages and exit codes (2 invalid, 1 refused/unavailable)."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        field = FIELD_OPTIONS.get(exc.field, exc.field)
+        fail(EXIT_INVALID, exc.code, f"{field}: {exc.reason}", exc.field, as_json=as_json)
+    except (Refused, NotFound) as exc:
+        fail(EXIT_REFUSED, exc.code, exc.message, as_json=as_json)
+    except AllocatorError as exc:
+        fail(EXIT_REFUSED, exc.code, exc.message, as_json=as_json)
+    except redis.RedisError as exc:
+        where = f" at {redacted(url)}" if url else ""
+        fail(EXIT_REFUSED, "BACKEND_UNAVAILABLE", f"Redis unavailable{where}: {exc}", as_json=as_json)

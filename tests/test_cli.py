@@ -1,0 +1,299 @@
+"""The command line: every command, its --json output and its exit codes (0 done, 1 refused or
+not found, 2 invalid input), through typer's runner; ``python -m allocator`` through a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from allocator import Allocator
+from allocator.cli import app
+
+from .conftest import ledger_dump
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = ["allocate", "task_123", "--task-type", "ml_inference", "--gpu-memory", "2048", "--cpu-cores", "2", "--ram", "4Gi",
+        "--priority", "high", "--strategy", "best_fit"]
+
+
+@pytest.fixture
+def real(redis_url: str) -> Iterator[Allocator]:
+    """An Allocator on its own namespace with the server's clock (the CLI uses the server's clock too)."""
+    a = Allocator(redis_url, namespace="test-" + uuid.uuid4().hex[:12])
+    a.register_host(id="h1", cpu_cores=10, ram_mb=20480, gpus=[{"index": 0, "model": "T4", "memory_mb": 10240}])
+    yield a
+    a.destroy()
+    a.redis.close()
+
+
+@pytest.fixture
+def cli(real: Allocator):
+    runner = CliRunner()
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    env = {"ALLOCATOR_REDIS_URL": url, "ALLOCATOR_NAMESPACE": real.keys.namespace, "COLUMNS": "200"}
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, list(args), env=env, input=input)
+
+    return invoke
+
+
+def as_json(res) -> object:
+    return json.loads(res.stdout)
+
+
+# -- allocate -----------------------------------------------------------------------------------
+
+
+def test_allocate_prints_the_seed_004_result(cli):
+    res = cli(*SEED, "--json")
+    assert res.exit_code == 0, res.output
+    r = as_json(res)
+    assert (r["success"], r["task_id"], r["queue_position"]) == (True, "task_123", 0)
+    assert {k: r["resources"][k] for k in ("gpu_id", "gpu_memory_mb", "cpu_cores", "ram_mb")} == {
+        "gpu_id": "gpu_0", "gpu_memory_mb": 2048, "cpu_cores": [0, 1], "ram_mb": 4096}
+    assert r["metadata"]["available_resources"] == {"gpu_memory_mb": 8192, "cpu_cores": 8, "ram_mb": 16384}
+
+
+def test_allocate_summarises_the_placement_without_json(cli):
+    res = cli(*SEED)
+    assert res.exit_code == 0 and "placed task_123 -> h1 GPU0" in res.stdout
+
+
+def test_allocate_that_does_not_fit_is_refused_with_exit_1_and_changes_nothing(cli, real):
+    cli("allocate", "a", "--gpu-memory", "9000")
+    before = ledger_dump(real)
+    res = cli("allocate", "b", "--gpu-memory", "4096")
+    assert res.exit_code == 1
+    assert "insufficient GPU memory" in res.stderr
+    assert ledger_dump(real) == before
+
+
+def test_allocate_queue_waits_in_line_and_reports_its_position(cli):
+    cli("allocate", "a", "--gpu-memory", "9000")
+    res = cli("allocate", "b", "--gpu-memory", "4096", "--queue", "--json")
+    assert res.exit_code == 0
+    r = as_json(res)
+    assert (r["queue_position"], r["metadata"]["state"]) == (1, "pending")
+    assert "queued c at position 2" in cli("allocate", "c", "--gpu-memory", "4096", "--queue").stdout
+
+
+def test_allocate_wait_blocks_until_placed(cli, real):
+    first = as_json(cli("allocate", "a", "--gpu-memory", "9000", "--json"))
+    threading.Timer(0.5, real.release, args=(first["allocation_id"],)).start()
+    started = time.monotonic()
+    res = cli("allocate", "b", "--gpu-memory", "4096", "--wait", "--timeout", "20", "--json")
+    assert res.exit_code == 0, res.output
+    assert as_json(res)["queue_position"] == 0 and as_json(res)["resources"]["gpu_id"] == "gpu_0"
+    assert time.monotonic() - started >= 0.4
+
+
+def test_allocate_wait_timeout_exits_1_and_leaves_the_request_queued(cli, real):
+    cli("allocate", "a", "--gpu-memory", "9000")
+    res = cli("allocate", "b", "--gpu-memory", "4096", "--wait", "--timeout", "0.3")
+    assert res.exit_code == 1 and "stays in line at position 1" in res.stderr
+    assert real.redis.zcard(real.keys.pending) == 1
+
+
+def test_allocate_that_no_host_could_ever_hold_is_refused_even_with_queue(cli, real):
+    before = ledger_dump(real)
+    res = cli("allocate", "big", "--gpus", "2", "--queue")
+    assert res.exit_code == 1 and "no host could ever hold 2 GPUs" in res.stderr
+    assert ledger_dump(real) == before
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--gpu-memory", "lots"], "--gpu-memory"),
+    (["--cpu-cores", "-2"], "--cpu-cores"),
+    (["--ram", "4 parsecs"], "--ram"),
+    (["--priority", "urgent"], "--priority"),
+    (["--strategy", "random"], "--strategy"),
+    (["--metadata", "{oops"], "--metadata"),
+    (["--metadata", "[1, 2]"], "metadata"),
+    (["--selector", "no-equals-sign"], "--selector"),
+])
+def test_invalid_allocate_options_exit_2_naming_the_option(cli, real, args, option):
+    before = ledger_dump(real)
+    res = cli("allocate", "t", *args)
+    assert res.exit_code == 2, res.output
+    assert option in res.stderr
+    assert ledger_dump(real) == before
+
+
+def test_invalid_input_with_json_prints_the_error_document(cli):
+    res = cli("allocate", "t", "--gpu-memory", "lots", "--json")
+    assert res.exit_code == 2
+    assert as_json(res)["error"]["field"] == "resource_requirements.gpu_memory_mb"
+
+
+def test_typer_usage_errors_exit_2(cli):
+    assert cli("allocate").exit_code == 2
+    assert cli("allocate", "t", "--gpus", "two").exit_code == 2
+
+
+def test_no_redis_configured_is_invalid_input(real):
+    res = CliRunner().invoke(app, ["capacity"], env={"ALLOCATOR_REDIS_URL": ""})
+    assert res.exit_code == 2 and "no Redis configured" in res.stderr
+
+
+def test_unreachable_redis_is_refused_with_exit_1():
+    res = CliRunner().invoke(app, ["capacity", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 1 and "Redis unavailable" in res.stderr
+
+
+# -- release, show, list, cancel ----------------------------------------------------------------
+
+
+def test_release_frees_the_allocation_and_a_repeat_is_harmless(cli, real):
+    aid = as_json(cli(*SEED, "--json"))["allocation_id"]
+    res = cli("release", aid, "--json")
+    assert res.exit_code == 0 and as_json(res)["state"] == "released" and as_json(res)["released_now"] is True
+    again = cli("release", aid)
+    assert again.exit_code == 0 and "already released" in again.stdout
+    assert real.capacity().active_allocations == 0
+
+
+def test_release_of_an_unknown_allocation_exits_1(cli):
+    res = cli("release", "alloc-nope")
+    assert res.exit_code == 1 and "not found" in res.stderr
+
+
+def test_show_prints_one_allocation(cli):
+    aid = as_json(cli(*SEED, "--json"))["allocation_id"]
+    d = as_json(cli("show", aid, "--json"))
+    assert (d["allocation_id"], d["state"], d["host_id"], d["cpu_cores"]) == (aid, "active", "h1", [0, 1])
+    assert d["estimated_start_time"]
+    table = cli("show", aid)
+    assert table.exit_code == 0 and "ml_inference" in table.stdout
+
+
+def test_show_of_a_queued_request_gives_its_position(cli):
+    cli("allocate", "a", "--gpu-memory", "9000")
+    aid = as_json(cli("allocate", "b", "--gpu-memory", "4096", "--queue", "--json"))["allocation_id"]
+    d = as_json(cli("show", aid, "--json"))
+    assert (d["state"], d["queue_position"]) == ("pending", 1)
+    assert "queue_position" in cli("show", aid).stdout
+
+
+def test_show_of_an_unknown_id_exits_1(cli):
+    assert cli("show", "alloc-nope").exit_code == 1
+    assert as_json(cli("show", "alloc-nope", "--json"))["error"]["code"] == "ALLOCATION_NOT_FOUND"
+
+
+def test_list_filters_by_state(cli):
+    aid = as_json(cli(*SEED, "--json"))["allocation_id"]
+    cli("allocate", "other", "--cpu-cores", "1")
+    cli("release", aid)
+    rows = as_json(cli("list", "--state", "released", "--json"))
+    assert [r["allocation_id"] for r in rows] == [aid]
+    assert len(as_json(cli("list", "--json"))) == 2
+    assert "2 allocation(s)" in cli("list").stdout
+
+
+def test_list_with_an_unknown_state_exits_2(cli):
+    assert cli("list", "--state", "zombie").exit_code == 2
+
+
+def test_cancel_takes_a_queued_request_out_of_line(cli, real):
+    cli("allocate", "a", "--gpu-memory", "9000")
+    aid = as_json(cli("allocate", "b", "--gpu-memory", "4096", "--queue", "--json"))["allocation_id"]
+    res = cli("cancel", aid, "--json")
+    assert res.exit_code == 0 and as_json(res)["state"] == "cancelled"
+    assert real.redis.zcard(real.keys.pending) == 0
+
+
+def test_cancel_of_an_unknown_task_exits_1(cli):
+    assert cli("cancel", "nope").exit_code == 1
+
+
+# -- capacity, queue, top -----------------------------------------------------------------------
+
+
+def test_capacity_reports_fleet_and_hosts(cli):
+    cli(*SEED)
+    cap = as_json(cli("capacity", "--json"))
+    assert (cap["host_count"], cap["gpu_memory_mb"]["allocated"], cap["cpu_cores"]["available"]) == (1, 2048, 8)
+    table = cli("capacity")
+    assert table.exit_code == 0 and "h1" in table.stdout and "1 active allocation" in table.stdout
+
+
+def test_queue_lists_pending_tasks_with_positions_and_etas(cli):
+    cli("allocate", "a", "--gpu-memory", "9000", "--expected-duration", "60")
+    cli("allocate", "low", "--gpu-memory", "4096", "--priority", "low", "--queue")
+    cli("allocate", "high", "--gpu-memory", "4096", "--priority", "high", "--queue")
+    q = as_json(cli("queue", "--json"))
+    assert q["count"] == 2
+    assert [(r["position"], r["name"], r["priority"]) for r in q["pending"]] == [(1, "high", "high"), (2, "low", "low")]
+    assert q["pending"][0]["estimated_start_time"] is not None  # after the running lease's expected end
+    table = cli("queue")
+    assert table.exit_code == 0 and "2 pending" in table.stdout
+
+
+def test_top_once_renders_hosts_gpus_and_the_queue_head(cli):
+    cli(*SEED)
+    cli("allocate", "waiting", "--gpu-memory", "9000", "--queue")
+    res = cli("top", "--once")
+    assert res.exit_code == 0
+    for text in ("h1", "GPU0", "T4", "%", "queue", "waiting"):
+        assert text in res.stdout
+    snap = as_json(cli("top", "--json"))
+    assert snap["pending_total"] == 1 and snap["capacity"]["gpu_count"] == 1
+
+
+def test_top_refreshes_until_interrupted(cli, monkeypatch):
+    import allocator.live as live
+
+    calls = {"n": 0}
+    real_sleep = time.sleep
+
+    def sleep(s: float) -> None:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        real_sleep(0.01)
+
+    monkeypatch.setattr(live.time, "sleep", sleep)
+    res = cli("top", "--interval", "0.1")
+    assert res.exit_code == 0 and calls["n"] == 3
+
+
+# -- tool, services, python -m ------------------------------------------------------------------
+
+
+def test_tool_reads_the_request_on_stdin(cli):
+    req = {"tool": "resource_allocator", "params": {"task_id": "task_123", "task_type": "ml_inference",
+                                                    "resource_requirements": {"gpu_memory_mb": 2048, "cpu_cores": 2, "ram_mb": 4096}}}
+    res = cli("tool", input=json.dumps(req))
+    assert res.exit_code == 0 and as_json(res)["resources"]["gpu_id"] == "gpu_0"
+    bad = cli("tool", input='{"tool": "nope"}')
+    assert bad.exit_code == 2 and as_json(bad)["error"]["code"] == "UNKNOWN_TOOL"
+
+
+@pytest.mark.parametrize("command", ["worker", "scheduler", "agent", "mcp", "demo", "top", "queue", "tool"])
+def test_service_and_interactive_commands_have_help(command):
+    res = CliRunner().invoke(app, [command, "--help"])
+    assert res.exit_code == 0 and "Usage" in res.stdout
+
+
+def test_python_m_allocator_is_the_same_cli(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    env = {**os.environ, "ALLOCATOR_REDIS_URL": url, "ALLOCATOR_NAMESPACE": real.keys.namespace, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "allocator", *SEED, "--json"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resources"]["cpu_cores"] == [0, 1]
+    helptext = subprocess.run([sys.executable, "-m", "allocator", "--help"], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=60).stdout
+    for command in ("allocate", "release", "show", "list", "capacity", "queue", "top", "cancel", "tool", "mcp", "demo",
+                    "worker", "scheduler", "agent"):
+        assert command in helptext
