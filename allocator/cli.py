@@ -8,7 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import worker_cli
+from . import cli_commands, demo, live, tool_cli, worker_cli
+from .agent import cli as agent_cli
+from .api import cli as api_cli
+from .history import cli as history_cli
 from .client import Allocator
 from .config import Settings
 from .errors import InsufficientResources
@@ -73,6 +76,13 @@ def _capacity_table(a: Allocator) -> None:
 
 app.command("worker")(worker_cli.worker)
 app.command("scheduler")(worker_cli.scheduler)
+agent_cli.register(app)  # agent, hosts, reaper
+history_cli.register(app)  # db, history, usage, recover, recorder, estimates
+api_cli.register(app)  # api (HTTP + WebSocket + /metrics)
+cli_commands.register(app)  # allocate, release, show, list, capacity, queue, cancel
+tool_cli.register(app)  # tool, mcp
+live.register(app)  # top
+demo.register(app)  # demo
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ builds script arguments, calls them and turns replies into models or named error
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import redis
 
 from . import embedded, queue
+from . import services as _services
 from .config import Settings
 from .errors import AllocationNotFound, InvalidRequest, from_code
 from .keys import Keys
@@ -39,6 +41,67 @@ ResourcesLike = Resources | Mapping[str, Any]
 
 def new_allocation_id() -> str:
     return "alloc-" + uuid.uuid4().hex[:16]
+
+
+#: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
+MAX_CORE_ID = 1 << 20
+#: Deepest nesting accepted in request metadata (JSON objects and arrays).
+MAX_DEPTH = 64
+
+
+def check_text(value: Any, field: str, _depth: int = 0) -> None:
+    """Refuses text the ledger and the history cannot carry: a lone UTF-16 surrogate (which
+    JSON input such as ``"\\ud800"`` can produce) is not valid Unicode and has no UTF-8 form, so
+    Redis and the Lua scripts cannot take it; a NUL character is refused by Postgres (text and
+    JSONB), so the history could not record the allocation. Walks dicts and lists; the error
+    names the field (or key) where the bad text is. Deeper than ``MAX_DEPTH`` is refused too."""
+    if _depth > MAX_DEPTH:
+        raise InvalidRequest(field, f"nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(field, f"contains text that is not valid Unicode (a lone surrogate at position {exc.start})") from None
+        if "\x00" in value:
+            raise InvalidRequest(field, f"contains a NUL character (at position {value.index(chr(0))})")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            check_text(k, field, _depth + 1)
+            check_text(v, f"{field}.{k}" if isinstance(k, str) and _utf8(k) else field, _depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_text(v, f"{field}.{i}", _depth + 1)
+
+
+def check_id(value: Any, field: str, max_len: int = 256) -> None:
+    """An id (or short name) used in a key or a script argument: a non-empty string of at most
+    ``max_len`` characters that ``check_text`` accepts."""
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
+        raise InvalidRequest(field, f"expected a non-empty string of at most {max_len} characters, got {shown}")
+    check_text(value, field)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def _check_host_input(data: Any) -> None:
+    """What ``HostSpec`` would turn into something huge or unreadable by the scripts."""
+    if not isinstance(data, Mapping):
+        return
+    check_text(dict(data), "host")
+    cores = data.get("cpu_cores")
+    if isinstance(cores, int) and not isinstance(cores, bool) and cores > MAX_CORE_ID:
+        raise InvalidRequest("cpu_cores", f"at most {MAX_CORE_ID} cores, got {cores}")
+    if isinstance(cores, (list, tuple)):
+        for c in cores:
+            if isinstance(c, int) and not isinstance(c, bool) and not 0 <= c < MAX_CORE_ID:
+                raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
 
 
 class Allocator:
@@ -98,6 +161,8 @@ class Allocator:
     @staticmethod
     def _raise_unless_ok(res: dict[str, Any]) -> dict[str, Any]:
         if not res.get("ok", True):
+            if res["code"] == "UNKNOWN_SERVICE":  # a bad name in the request, not a lack of capacity
+                raise InvalidRequest("services", res["message"])
             raise from_code(res["code"], res["message"], res.get("details") or None)
         return res
 
@@ -108,8 +173,12 @@ class Allocator:
 
         Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
         """
-        spec = parse(HostSpec, host if host is not None else fields)
+        data = host if host is not None else fields
+        if not isinstance(data, HostSpec):
+            _check_host_input(data)
+        spec = parse(HostSpec, data)
         payload = spec.model_dump()
+        payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")
         return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap)
 
@@ -131,6 +200,12 @@ class Allocator:
     def build_request(self, resources: ResourcesLike | None = None, **fields: Any) -> AllocationRequest:
         """Validates a request; ``InvalidRequest`` names the first bad field."""
         data = {k: v for k, v in fields.items() if v is not None or k == "ttl_seconds"}
+        # Text that is not valid Unicode (or holds NUL) and nesting deeper than MAX_DEPTH are
+        # refused before the models see them: their own error messages would carry the bad text,
+        # and thousands of levels exhaust the recursion of json and pydantic.
+        check_text(resources, "resources")
+        for name, value in data.items():
+            check_text(value, name)
         data["resources"] = parse(Resources, resources if resources is not None else {}, "resources.")
         return parse(AllocationRequest, data)
 
@@ -149,12 +224,16 @@ class Allocator:
             "cpu_millis": r.cpu_millis,
             "exclusive": r.exclusive_cores,
             "ram": r.ram_mb,
-            "ttl_ms": int(req.ttl_seconds * 1000) if req.ttl_seconds else 0,
+            "ttl_ms": max(1, math.ceil(req.ttl_seconds * 1000)) if req.ttl_seconds else 0,
             "expected_ms": int(req.expected_duration * 1000) if req.expected_duration else 0,
             "preempt": req.strategy is Strategy.PRIORITY,
             "scan_cap": self.scan_cap,
             "dry_run": dry_run,
         }
+        if r.workers:
+            payload["slots"] = r.workers
+        if req.services:
+            payload["services"] = req.services
         if r.gpu_model:
             payload["models"] = {m: True for m in r.gpu_model}
         if req.selector:
@@ -191,6 +270,8 @@ class Allocator:
         if on_busy not in ("fail", "queue"):
             raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
         req = self.build_request(resources, **fields)
+        if req.services:
+            _services.check_names(self, req.services)  # a queued request must not wait for a name no host offers
         if on_busy == "queue":
             return queue.submit_lease(self, req)
         return self.submit(req)
@@ -203,19 +284,29 @@ class Allocator:
             return None
         return {"host_id": res["host"], "gpus": res.get("gpus") or [], "cores": res.get("cores") or []}
 
-    def release(self, allocation_id: str, *, reason: str = "released") -> Allocation:
+    def release(self, allocation_id: str, *, reason: str = "released", placement: str | None = None) -> Allocation:
         """Ends an allocation; releasing it again is harmless and returns the same record.
 
         ``released_now`` on the result tells whether this call did the release (False on a repeat).
+        ``placement`` (a token from ``claim_grant``, "<host>|<host_gen>|<activated>|<requeues>") releases
+        only that placement: a worker whose run outlived its grant (host declared lost, task
+        placed again meanwhile) then frees nothing of the new placement.
         """
-        res = self._raise_unless_ok(self._call("release", allocation_id, reason, self.pass_depth, self.scan_cap))
+        check_id(allocation_id, "allocation_id")
+        check_id(reason, "reason", 64)
+        res = self._raise_unless_ok(self._call("release", allocation_id, reason, self.pass_depth, self.scan_cap,
+                                               placement or ""))
         alloc = Allocation.from_record(res["alloc"])
+        if res.get("stale"):
+            alloc.released_now = False
+            return alloc
         if alloc.state == "pending":
             return self.cancel(allocation_id)
         alloc.released_now = bool(res.get("changed"))
         return alloc
 
     def get(self, allocation_id: str) -> Allocation | None:
+        check_id(allocation_id, "allocation_id")
         rec = self.redis.hgetall(self.keys.alloc(allocation_id))
         return Allocation.from_record(rec) if rec else None
 
@@ -228,6 +319,7 @@ class Allocator:
     def grant_is_current(self, allocation_id: str) -> bool:
         """Whether the allocation may start work now: active, on a host that is not lost, under
         the host's current generation (fencing; ``allocator.agent.check_grant`` gives the reason)."""
+        check_id(allocation_id, "allocation_id")
         from .agent.fencing import grant_is_current
 
         return grant_is_current(self, allocation_id)
@@ -309,6 +401,7 @@ class Allocator:
 
     def cancel(self, task_id: str) -> Allocation:
         """Cancels a task: a pending one leaves the line; a running one is stopped and released."""
+        check_id(task_id, "task_id")
         return queue.cancel(self, task_id)
 
     def schedule(self) -> list[str]:
@@ -318,6 +411,7 @@ class Allocator:
 
     def position(self, task_id: str) -> int | None:
         """Global place in line (1 = next), 0 once placed, None for an unknown id."""
+        check_id(task_id, "task_id")
         return queue.position(self, task_id)
 
     def estimated_start_time(self, task_id: str) -> datetime | None:
@@ -375,6 +469,7 @@ class Allocator:
             cpu_cores=fleet("cpu_cores"),
             ram_mb=fleet("ram_mb"),
             active_allocations=int(self.redis.zcard(self.keys.active)),
+            worker_slots=fleet("worker_slots"),
         )
 
     def now_ms(self) -> int:
@@ -387,6 +482,15 @@ class Allocator:
     def record_event(self, kind: str, subject: str, data: dict[str, Any]) -> None:
         """Appends an event that changes no capacity (a job started or finished) to the outbox."""
         self.redis.xadd(self.keys.events, {"type": kind, "id": subject, "ts": str(self.now_ms()), "data": json.dumps(data)})
+
+    def services(self, host_id: str | None = None) -> list[_services.ServiceInstance]:
+        """Named service instances (state, port, endpoint, references), of one host or all."""
+        return _services.instances(self, host_id)
+
+    def service_endpoints(self, allocation_id: str, *, wait_s: float = 0.0) -> list[_services.ServiceInstance]:
+        """The service instances an allocation holds, after waiting up to ``wait_s`` seconds for
+        all of them to be running. Raises ``ServiceFailed`` if the allocation failed meanwhile."""
+        return _services.wait_for_services(self, allocation_id, wait_s)
 
     def snapshot(self) -> dict[str, Any]:
         """Atomic copy of the whole ledger (hosts, indexes, active allocations); for checks."""
@@ -419,6 +523,7 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
     cfree, shared = int(h["cfree"]), int(h["shared"])
     cpu_avail = max(0, cfree * 1000 - shared) / 1000
     ram, ram_used = int(h["ram"]), int(h["ram_used"])
+    slots, slots_used = int(h.get("slots") or 0), int(h.get("slots_used") or 0)
     return HostCapacity(
         host_id=host_id,
         state=h["state"],
@@ -431,4 +536,5 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
         cpu_cores=Usage.of(ncores, ncores - cpu_avail, cpu_avail),
         ram_mb=Usage.of(ram, ram_used, max(0, ram - ram_used)),
         active_allocations=active,
+        worker_slots=Usage.of(slots, slots_used, max(0, slots - slots_used)),
     )

@@ -28,6 +28,8 @@ def check(snap: dict[str, Any]) -> list[str]:
     shared: dict[str, int] = defaultdict(int)
     ram: dict[str, int] = defaultdict(int)
     on_host: dict[str, set[str]] = defaultdict(set)
+    slots: dict[str, int] = defaultdict(int)
+    svc_refs: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for aid, a in allocs.items():
         h = a["host"]
         on_host[h].add(aid)
@@ -42,6 +44,9 @@ def check(snap: dict[str, Any]) -> list[str]:
             cores_by_host[h][c] = aid
         shared[h] += int(a.get("shared_millis") or 0)
         ram[h] += int(a.get("ram_mb") or 0)
+        slots[h] += int(a.get("slots") or 0)
+        for name in _list(a.get("services")):
+            svc_refs[h][name] += 1
         expires = int(a.get("expires") or 0)
         in_expiry = aid in (snap["expiry"] or {})
         if (expires > 0) != in_expiry:
@@ -58,6 +63,7 @@ def check(snap: dict[str, Any]) -> list[str]:
             bad.append(f"{tid}: in the pending line but its allocation is {state}")
     for h, f in hosts.items():
         bad.extend(_check_host(h, f, snap, gpu_mem, gpu_n, cores_by_host[h], shared[h], ram[h]))
+        bad.extend(_check_slots_and_services(h, f, snap, slots[h], svc_refs[h]))
         held = set(snap["host_allocs"].get(h) or [])
         if held != on_host[h]:
             bad.append(f"{h}: host allocation set {sorted(held)} != active allocations {sorted(on_host[h])}")
@@ -110,4 +116,33 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
     want_ram = ram_free if schedulable else None
     if (snap["ram_idx"] or {}).get(h) != want_ram:
         bad.append(f"{h}: ram_idx has {(snap['ram_idx'] or {}).get(h)}, expected {want_ram}")
+    return bad
+
+
+def _check_slots_and_services(h: str, f: dict[str, str], snap: dict[str, Any], slots: int,
+                              refs: dict[str, int]) -> list[str]:
+    """Worker slots held = the allocations' slots <= the host's; each service instance is referenced
+    exactly by the active allocations naming it, and holds one port of the pool, held by no other
+    (a pool narrowed by a re-registration may leave a running instance outside it until it stops)."""
+    bad: list[str] = []
+    used, total = int(f.get("slots_used") or 0), int(f.get("slots") or 0)
+    if used != slots:
+        bad.append(f"{h}: slots_used {used} != allocations' {slots}")
+    if slots > total:
+        bad.append(f"{h}: worker slots oversubscribed {slots} > {total}")
+    entries = {n: json.loads(v) for n, v in ((snap.get("services") or {}).get(h) or {}).items()}
+    ports = dict((snap.get("service_ports") or {}).get(h) or {})
+    for name, n in refs.items():
+        if name not in entries:
+            bad.append(f"{h}: service {name} is held by {n} allocation(s) but has no instance")
+    for name, e in entries.items():
+        if int(e.get("refs") or 0) != refs.get(name, 0):
+            bad.append(f"{h}: service {name} counts {e.get('refs')} reference(s), allocations hold {refs.get(name, 0)}")
+        if e.get("state") not in ("starting", "running", "stopping"):
+            bad.append(f"{h}: service {name} in unknown state {e.get('state')}")
+        port = str(e.get("port"))
+        if ports.pop(port, None) != name:
+            bad.append(f"{h}: service {name} on port {port}, which the port pool does not assign to it")
+    if ports:
+        bad.append(f"{h}: ports {sorted(ports)} assigned to no service instance")
     return bad

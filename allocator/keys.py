@@ -88,6 +88,12 @@ class Keys:
         """Queued tasks in global order: priority, then requeued-at-front, then arrival."""
         return self._k("pending")
 
+    @property
+    def eta(self) -> str:
+        """HASH: pending task id -> estimated start ms ("" = none), written by the scheduler tick
+        (``allocator.eta``), plus ``_at`` (when computed, ms), ``_cost_ms`` and ``_pending``."""
+        return self._k("eta")
+
     def task(self, task_id: str) -> str:
         """A queued task's scheduling fields (plain hash, readable by Lua)."""
         return self._k("task:" + task_id)
@@ -161,3 +167,45 @@ class Keys:
     def host_inventory(self, host_id: str) -> str:
         """STRING JSON: the host's last published inventory (names, utilisation, MIG), with a TTL."""
         return self._k("inventory:" + host_id)
+
+    # -- HTTP/WebSocket API and its metrics (allocator/api) ---------------------------------
+
+    @property
+    def api_stats(self) -> str:
+        """HASH: outbox counts for /metrics (tally_outbox.lua: cursor, events, placements,
+        releases, latency and ETA-error buckets) and refusals|<reason> counted by the API."""
+        return self._k("api_stats")
+
+    @property
+    def eta_predictions(self) -> str:
+        """HASH task id -> first predicted start ms the API reported, until the task starts
+        (then its error is counted in api_stats) or leaves the line."""
+        return self._k("eta_predictions")
+
+    # -- worker slots and shared named services (allocator/services.py, agent/services.py) ----
+
+    def svc(self, host_id: str) -> str:
+        """HASH service name -> JSON {port, refs, state, since, idle_since, pid, endpoint, error}:
+        the named service instances of a host (state starting|running|stopping)."""
+        return self._k("svc:" + host_id)
+
+    def svc_ports(self, host_id: str) -> str:
+        """HASH port -> service name: the ports of the host's service pool handed out."""
+        return self._k("svc_ports:" + host_id)
+
+    def svc_catalog(self, host_id: str) -> str:
+        """HASH service name -> JSON {idle_timeout_s, start_timeout_s}: what the host's agent can run."""
+        return self._k("svc_catalog:" + host_id)
+
+    def svc_wake(self, host_id: str) -> str:
+        """LIST (at most one token): pushed when the host's service supervisor has work to do."""
+        return self._k("svc_wake:" + host_id)
+
+    def svc_owner(self, host_id: str) -> str:
+        """STRING with a TTL: the token of the one service supervisor acting for the host."""
+        return self._k("svc_owner:" + host_id)
+
+    @property
+    def svc_names(self) -> str:
+        """ZSET service name -> number of hosts whose catalog offers it (unknown names are refused)."""
+        return self._k("svc_names")

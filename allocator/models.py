@@ -108,6 +108,29 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
     return sel
 
 
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_service_names(value: object, field: str = "services") -> list[str] | None:
+    """Service names as a list (duplicates dropped, order kept); None/[] = no services.
+
+    Names only: what runs for a name comes from the operator's catalog on the host, never from
+    the request."""
+    if value is None or value == [] or value == ():
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise InvalidRequest(field, f"expected a list of service names, got {value!r}")
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str) or not SERVICE_NAME.match(v):
+            raise InvalidRequest(field, f"{v!r} is not a service name (1-64 letters, digits, . _ -, starting with a letter or digit)")
+        if v not in out:
+            out.append(v)
+    if len(out) > 64:
+        raise InvalidRequest(field, f"at most 64 services per request, got {len(out)}")
+    return out
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -152,12 +175,13 @@ class Resources(_Strict):
     gpu_model: list[str] | None = Field(None, description="Allowed GPU models, e.g. 'V100M16|V100M32'.")
     cpu_cores: float = Field(1.0, description="Cores: integers are exclusive core ids, fractions shared (e.g. 0.5 or '500m').")
     ram_mb: int = Field(0, description="RAM in MiB (number or '32Gi').")
+    workers: int = Field(0, ge=0, le=100_000, description="Worker slots of the host (counted apart from CPU and RAM).")
 
-    @field_validator("gpus", mode="before")
+    @field_validator("gpus", "workers", mode="before")
     @classmethod
-    def _gpus(cls, v: object) -> object:
+    def _whole(cls, v: object, info: Any) -> object:
         if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-            raise InvalidRequest("gpus", f"must be a whole number of GPUs, got {v!r}")
+            raise InvalidRequest(info.field_name, f"must be a whole number, got {v!r}")
         if isinstance(v, float):
             return int(v)
         return v
@@ -223,6 +247,12 @@ class AllocationRequest(_Strict):
     task_type: str | None = None
     owner: str | None = None
     allocation_id: str | None = None
+    services: list[str] | None = Field(None, description="Shared named services (catalog names) to start or reuse on the host.")
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _services(cls, v: object) -> object:
+        return parse_service_names(v)
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -317,6 +347,24 @@ class HostSpec(_Strict):
     ram_mb: int = 0
     gpus: list[GpuSpec] = Field(default_factory=list)
     reserve_gpus: int = Field(0, ge=0, description="Whole GPUs kept idle for critical-priority work only.")
+    worker_slots: int | None = Field(None, ge=0, description="Worker slots offered; None = one per core.")
+    service_ports: tuple[int, int] = Field((9000, 9099), description="Port pool (first, last) for shared services.")
+
+    @field_validator("service_ports", mode="before")
+    @classmethod
+    def _ports(cls, v: object) -> object:
+        if isinstance(v, str) and "-" in v:
+            lo, _, hi = v.partition("-")
+            v = (lo.strip(), hi.strip())
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise InvalidRequest("service_ports", f"expected 'first-last' or [first, last], got {v!r}")
+        try:
+            lo, hi = int(v[0]), int(v[1])
+        except (TypeError, ValueError):
+            raise InvalidRequest("service_ports", f"expected two port numbers, got {v!r}") from None
+        if not 1 <= lo <= hi <= 65535:
+            raise InvalidRequest("service_ports", f"need 1 <= first <= last <= 65535, got {lo}-{hi}")
+        return (lo, hi)
 
     @field_validator("id", mode="before")
     @classmethod
@@ -360,6 +408,8 @@ class HostSpec(_Strict):
         if len({g.uuid for g in self.gpus}) != len(self.gpus):
             raise InvalidRequest("gpus", "GPU uuids must be distinct")
         self.gpus.sort(key=lambda g: g.index)
+        if self.worker_slots is None:
+            self.worker_slots = len(self.cpu_cores)
         return self
 
 
@@ -412,6 +462,9 @@ class Allocation(BaseModel):
     kind: str = Field("lease", description="lease (direct allocation) or job (function task).")
     queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed.")
     requeues: int = 0
+    workers: int = Field(0, description="Worker slots held.")
+    services: list[str] = Field(default_factory=list, description="Shared named services held (one reference each).")
+    error: str | None = Field(None, description="Why a failed allocation failed (e.g. a service did not start).")
 
     @property
     def gpu_memory_mb(self) -> int:
@@ -449,6 +502,9 @@ class Allocation(BaseModel):
             kind=rec.get("kind") or "lease",
             queue_position=0 if rec.get("state") not in (None, "pending") else None,
             requeues=int(rec.get("requeues") or 0),
+            workers=int(rec.get("slots") or 0),
+            services=_json_list(rec.get("services")),
+            error=rec.get("error") or None,
         )
 
 
@@ -486,6 +542,7 @@ class HostCapacity(BaseModel):
     cpu_cores: Usage
     ram_mb: Usage
     active_allocations: int
+    worker_slots: Usage = Field(default_factory=lambda: Usage.of(0, 0, 0))
 
 
 class Capacity(BaseModel):
@@ -499,3 +556,4 @@ class Capacity(BaseModel):
     cpu_cores: Usage
     ram_mb: Usage
     active_allocations: int
+    worker_slots: Usage = Field(default_factory=lambda: Usage.of(0, 0, 0))

@@ -36,6 +36,11 @@ SCRIPT_NAMES = (
     "heartbeat",
     "mark_lost",
     "grant_check",
+    "claim_grant",  # workers: one run per placement
+    "place_on",  # allocator/api: commit a policy's choice
+    "tally_outbox",  # allocator/api: outbox counts for /metrics
+    "service_catalog",  # allocator/services: what a host's agent can run
+    "service_state",  # allocator/agent/services: a named service started, failed, stopped
 )
 
 

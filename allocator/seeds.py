@@ -23,12 +23,16 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
-from .errors import AllocationNotFound, InsufficientResources, InvalidRequest
-from .models import Allocation, Capacity, HostCapacity
+from .errors import AllocationNotFound, InsufficientResources, InvalidRequest, Refused
+from .models import Allocation, AllocationRequest, Capacity, HostCapacity
+from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
+
+if TYPE_CHECKING:
+    from .agent.services import ServiceSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -145,34 +149,144 @@ def _tool_failure(task_id: object, code: str, message: str, field: str | None) -
     }
 
 
-def _tool_success(a: Allocation, cap: Capacity) -> dict[str, Any]:
-    """Seed 004's result, plus host_id, per-GPU detail and cpu_shared as extra keys."""
+def _available(cap: Capacity) -> dict[str, Any]:
+    return {
+        "gpu_memory_mb": _num(cap.gpu_memory_mb.available),
+        "cpu_cores": _num(cap.cpu_cores.available),
+        "ram_mb": _num(cap.ram_mb.available),
+    }
+
+
+def _eta(allocator: Allocator, alloc: Allocation) -> datetime | None:
+    """When the task starts: its activation time once placed; the ETA estimate while pending.
+
+    The estimate comes from ``Allocator.estimated_start_time`` (allocator/eta.py) when that
+    exists; None (shown as null) when it does not or cannot tell.
+    """
+    if alloc.state != "pending":
+        return alloc.activated_at or alloc.created_at
+    estimate = getattr(allocator, "estimated_start_time", None)
+    if estimate is None:
+        return None
+    try:
+        return estimate(alloc.allocation_id)
+    except Exception as exc:  # an estimate must never break an allocation reply
+        log.warning("no ETA for %s: %s", alloc.allocation_id, exc)
+        return None
+
+
+def _requested(alloc: Allocation) -> dict[str, Any]:
+    """What a pending request asks for, from its stored request (nothing is granted yet)."""
+    r = alloc.request.get("resources") if isinstance(alloc.request, dict) else None
+    r = r if isinstance(r, dict) else {}
+    gpus, per_gpu = int(r.get("gpus") or 0), int(r.get("gpu_memory_mb") or 0)
+    return {"gpus": gpus, "gpu_memory_mb": gpus * per_gpu, "cpu_cores": r.get("cpu_cores", 0), "ram_mb": int(r.get("ram_mb") or 0)}
+
+
+def tool_result(allocator: Allocator, alloc: Allocation, cap: Capacity | None = None) -> dict[str, Any]:
+    """Seed 004's success result for an allocation, placed or still in line.
+
+    Extra keys beyond the seed: ``resources.host_id``, ``resources.gpus`` (per-GPU detail),
+    ``resources.cpu_shared``, ``metadata.task_type``, ``metadata.expires_at`` and
+    ``metadata.state`` (active, or pending while queued). A pending request has no GPU or core
+    ids yet: ``gpu_id`` is null, ``cpu_cores`` is [], and the memory figures are what it asks for.
+    """
+    cap = cap if cap is not None else allocator.capacity()
+    meta = {
+        "allocation_time_ms": alloc.allocation_time_ms,
+        "available_resources": _available(cap),
+        "task_type": alloc.task_type,
+        "expires_at": _iso(alloc.expires_at),
+        "state": alloc.state,
+    }
+    if alloc.state == "pending":
+        want = _requested(alloc)
+        position = alloc.queue_position or allocator.position(alloc.allocation_id)
+        resources = {"gpu_id": None, "gpu_memory_mb": want["gpu_memory_mb"], "cpu_cores": [], "ram_mb": want["ram_mb"],
+                     "host_id": None, "gpus": [], "cpu_shared": 0}
+    else:
+        position = 0
+        resources = {
+            "gpu_id": f"gpu_{alloc.gpus[0].index}" if alloc.gpus else None,
+            "gpu_memory_mb": alloc.gpu_memory_mb,
+            "cpu_cores": list(alloc.cpu_cores) if alloc.cpu_shared == 0 else _num(alloc.cpu_shared),
+            "ram_mb": alloc.ram_mb,
+            "host_id": alloc.host_id,
+            "gpus": [g.model_dump() for g in alloc.gpus],
+            "cpu_shared": _num(alloc.cpu_shared),
+        }
     return {
         "success": True,
-        "allocation_id": a.allocation_id,
-        "task_id": a.task_id,
-        "resources": {
-            "gpu_id": f"gpu_{a.gpus[0].index}" if a.gpus else None,
-            "gpu_memory_mb": a.gpu_memory_mb,
-            "cpu_cores": list(a.cpu_cores) if a.cpu_shared == 0 else _num(a.cpu_shared),
-            "ram_mb": a.ram_mb,
-            "host_id": a.host_id,
-            "gpus": [g.model_dump() for g in a.gpus],
-            "cpu_shared": _num(a.cpu_shared),
-        },
-        "queue_position": 0,
-        "estimated_start_time": _iso(a.created_at),
-        "metadata": {
-            "allocation_time_ms": a.allocation_time_ms,
-            "available_resources": {
-                "gpu_memory_mb": _num(cap.gpu_memory_mb.available),
-                "cpu_cores": _num(cap.cpu_cores.available),
-                "ram_mb": _num(cap.ram_mb.available),
-            },
-            "task_type": a.task_type,
-            "expires_at": _iso(a.expires_at),
-        },
+        "allocation_id": alloc.allocation_id,
+        "task_id": alloc.task_id,
+        "resources": resources,
+        "queue_position": position,
+        "estimated_start_time": _iso(_eta(allocator, alloc)),
+        "metadata": meta,
     }
+
+
+def could_ever_fit(cap: Capacity, req: AllocationRequest) -> bool:
+    """Whether some host could hold the request once everything on it is released.
+
+    A queued request that no host can ever hold would wait forever, so the queueing entry points
+    refuse it at once instead (with the ledger's reason). Advisory: read from one capacity
+    snapshot; the ledger stays the judge of every placement.
+    """
+    r = req.resources
+    for h in cap.hosts:
+        if h.state == "lost":
+            continue
+        if req.selector and any(h.labels.get(k) not in vals for k, vals in req.selector.items()):
+            continue
+        if r.cpu_cores > h.cpu_cores.total or r.ram_mb > h.ram_mb.total or r.workers > h.worker_slots.total:
+            continue
+        if r.gpus:
+            usable = [g for g in h.gpus if not r.gpu_model or g.model in r.gpu_model]
+            if r.gpu_memory_mb is not None:
+                usable = [g for g in usable if g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb]
+            if len(usable) < r.gpus:
+                continue
+        return True
+    return False
+
+
+def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
+    """Why no host could ever hold the request (for one ``could_ever_fit`` rejected)."""
+    r = req.resources
+    hosts = [h for h in cap.hosts if h.state != "lost"]
+    if not hosts:
+        return InsufficientResources("no host is registered", code="NO_FIT")
+    if r.gpus:
+        model = f" of model {'|'.join(r.gpu_model)}" if r.gpu_model else ""
+        sizes = [g.memory.total - g.memory.unmanaged for h in hosts for g in h.gpus
+                 if not r.gpu_model or g.model in r.gpu_model]
+        if r.gpu_memory_mb is not None and (not sizes or max(sizes) < r.gpu_memory_mb):
+            largest = f"the largest has {_num(max(sizes))} MiB" if sizes else "there is none"
+            return InsufficientResources(f"no GPU{model} could ever hold {r.gpu_memory_mb} MiB: {largest}",
+                                         code="INSUFFICIENT_GPU_MEMORY")
+
+        def usable(h: HostCapacity) -> int:
+            return sum(1 for g in h.gpus if (not r.gpu_model or g.model in r.gpu_model)
+                       and (r.gpu_memory_mb is None or g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb))
+        most = max(usable(h) for h in hosts)
+        if most < r.gpus:
+            each = f" with {r.gpu_memory_mb} MiB each" if r.gpu_memory_mb else ""
+            return InsufficientResources(f"no host could ever hold {r.gpus} GPUs{each}{model}: at most {most} on one host",
+                                         code="INSUFFICIENT_GPUS")
+    most_cpu = max(h.cpu_cores.total for h in hosts)
+    if r.cpu_cores > most_cpu:
+        return InsufficientResources(f"no host could ever hold {_num(r.cpu_cores)} cores: the largest has {_num(most_cpu)}",
+                                     code="INSUFFICIENT_CPU")
+    most_ram = max(h.ram_mb.total for h in hosts)
+    if r.ram_mb > most_ram:
+        return InsufficientResources(f"no host could ever hold {r.ram_mb} MiB RAM: the largest has {_num(most_ram)} MiB",
+                                     code="INSUFFICIENT_RAM")
+    where = f" matching selector {req.selector}" if req.selector else ""
+    return InsufficientResources(f"no host{where} could ever hold all of this request at once", code="NO_FIT")
+
+
+ON_BUSY = ("queue", "fail")
 
 
 def allocate_resources(
@@ -181,28 +295,46 @@ def allocate_resources(
     resource_requirements: Mapping[str, Any],
     allocation_strategy: str = "best_fit",
     *,
+    on_busy: str = "queue",
     allocator: Allocator | None = None,
+    owner: str | None = None,
+    expected_duration: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    allocation_id: str | None = None,
 ) -> dict[str, Any]:
-    """Seed 004's tool: allocate now and return its result dict; never raises for bad input.
+    """Seed 004's tool: allocate (or queue) and return its result dict; never raises for bad input.
 
     ``resource_requirements``: gpu_memory_mb (per GPU), cpu_cores, ram_mb, priority (0..3 or
     low/normal/high/critical), and optionally gpus, gpu_model, ttl_seconds (default 3600, the
     core's lease; null = none) and selector. In the result, ``resources.gpu_memory_mb`` is the
     total granted over all GPUs and ``resources.cpu_cores`` lists the pinned core ids — for a
     fractional request (e.g. 0.5) it is the amount lent from the host's shared pool instead, as a
-    number, because no core id is dedicated. Placement is immediate (fail fast): a success has
-    ``queue_position`` 0 and ``estimated_start_time`` = now; a request that does not fit returns
-    ``success: False`` with the ledger's reason rather than a queue slot.
+    number, because no core id is dedicated.
+
+    ``on_busy="queue"`` (the seed's behaviour, default here): a request that does not fit now
+    waits in line and the result says ``queue_position`` (>= 1) and ``estimated_start_time`` (null
+    when unknown); one that no host could ever hold is refused at once. ``on_busy="fail"``:
+    refused unless it fits now. A placed request has ``queue_position`` 0 and its start time. A
+    refusal is ``success: False`` with the ledger's reason.
     """
     a = allocator if allocator is not None else default_allocator()
     try:
+        if on_busy not in ON_BUSY:
+            raise InvalidRequest("on_busy", f"expected 'queue' or 'fail', got {on_busy!r}")
         resources, options = _split_requirements(resource_requirements)
-        alloc = a.allocate(resources, task_id=task_id, task_type=task_type, strategy=allocation_strategy, **options)
+        fields = dict(task_id=task_id, task_type=task_type, strategy=allocation_strategy, owner=owner,
+                      expected_duration=expected_duration, metadata=metadata, allocation_id=allocation_id, **options)
+        if on_busy == "queue":
+            cap, req = a.capacity(), a.build_request(resources, **fields)
+            if not could_ever_fit(cap, req):
+                raise never_fits(cap, req)  # it would wait forever: refuse now, changing nothing
+        alloc = a.allocate(resources, on_busy=on_busy, **fields)
     except InvalidRequest as exc:
-        return _tool_failure(task_id, exc.code, exc.message, _tool_field(exc.field))
-    except InsufficientResources as exc:
+        field = _tool_field(exc.field)
+        return _tool_failure(task_id, exc.code, f"{field}: {exc.reason}", field)
+    except Refused as exc:
         return _tool_failure(task_id, exc.code, exc.message, _ledger_field(exc.code))
-    return _tool_success(alloc, a.capacity())
+    return tool_result(a, alloc)
 
 
 # -- seed 000: AllocationManager -------------------------------------------------------------------
@@ -235,20 +367,22 @@ def _task_type(metadata: dict[str, Any] | None) -> str | None:
 
 
 def _host_slots(h: HostCapacity, worker_millis: int, worker_mb: int) -> int:
-    """Worker-sized slots in one host's free CPU/RAM (a request never spans hosts)."""
+    """Workers one host can take now: its free worker slots, bounded by worker-sized shares of its
+    free CPU/RAM (a request never spans hosts)."""
     if h.state != "ready":
         return 0
-    slots = round(h.cpu_cores.available * 1000) // worker_millis
+    slots = min(int(h.worker_slots.available), round(h.cpu_cores.available * 1000) // worker_millis)
     if worker_mb > 0:
         slots = min(slots, int(h.ram_mb.available) // worker_mb)
     return int(slots)
 
 
-def _host_total_slots(h: HostCapacity, worker_millis: int, worker_mb: int) -> int:
-    slots = round(h.cpu_cores.total * 1000) // worker_millis
-    if worker_mb > 0:
-        slots = min(slots, int(h.ram_mb.total) // worker_mb)
-    return int(slots)
+def _running_names(allocator: Allocator) -> list[str]:
+    names: list[str] = []
+    for inst in sorted((i for i in allocator.services() if i.state == "running"), key=lambda i: i.port):
+        if inst.name not in names:
+            names.append(inst.name)
+    return names
 
 
 class AllocationManager:
@@ -256,10 +390,19 @@ class AllocationManager:
 
     ``AllocationManager(total_cpu=16.0, total_memory=32768, total_workers=10)`` registers one host
     (``host_id``, int(total_cpu) cores, total_memory MiB) — the seed's quick start. With an
-    ``allocator`` and no totals it uses the hosts already registered. A worker is ``worker_cpu``
-    cores and ``worker_memory`` MiB; a request's workers all land on one host. ``total_workers``
-    caps the workers held at once; the ledger cannot see that cap, so it is checked before placing
-    and two managers racing may exceed it (CPU and RAM accounting stay exact).
+    ``allocator`` and no totals it uses the hosts already registered. A worker is one worker slot
+    of a host plus ``worker_cpu`` cores and ``worker_memory`` MiB, all taken atomically by the
+    ledger; a request's workers all land on one host. ``total_workers`` is the slot count of the
+    host the manager registers (default: one per core); fleet hosts get theirs from their agent.
+
+    MCP servers are the ledger's shared named services (docs/services.md): each name must be in
+    the catalog of some host; ``services`` (a catalog, a mapping or a YAML/JSON path) makes this
+    manager run the services of its own host ``host_id`` in a background thread (in a fleet the
+    host agents run them); ``service_ports`` is that host's port pool (default 9000-9099).
+    ``request_resources`` waits up to ``service_wait_s`` for its servers to be running and returns
+    their endpoints; servers still starting then are listed with status "starting" and endpoint
+    None (``get_allocation`` shows the endpoint once it is up). A server that fails to start fails
+    the allocation, which frees everything it took. ``close()`` stops the manager's services.
     """
 
     def __init__(
@@ -272,8 +415,15 @@ class AllocationManager:
         host_id: str = "local",
         worker_cpu: float = 1.0,
         worker_memory: int = 2048,
+        services: ServiceCatalog | Mapping[str, Any] | str | None = None,
+        service_ports: str | tuple[int, int] | None = None,
+        service_address: str = "localhost",
+        service_wait_s: float = 30.0,
     ) -> None:
         self.allocator = allocator if allocator is not None else default_allocator()
+        self.host_id = host_id
+        self.service_wait_s = service_wait_s
+        self._supervisor: ServiceSupervisor | None = None
         self.total_workers = total_workers
         self.worker_millis = parse_cpu_millis(worker_cpu, "worker_cpu")
         self.worker_memory = parse_memory_mb(worker_memory, "worker_memory")
@@ -282,7 +432,24 @@ class AllocationManager:
         if total_workers is not None and (isinstance(total_workers, bool) or total_workers < 0):
             raise InvalidRequest("total_workers", f"must be a whole number >= 0, got {total_workers!r}")
         if total_cpu is not None or total_memory is not None:
-            self.allocator.register_host(id=host_id, cpu_cores=int(total_cpu or 0), ram_mb=total_memory or 0)
+            host: dict[str, Any] = {"id": host_id, "cpu_cores": int(total_cpu or 0), "ram_mb": total_memory or 0,
+                                    "worker_slots": total_workers}
+            if service_ports is not None:
+                host["service_ports"] = service_ports
+            self.allocator.register_host(host)
+        if services is not None:
+            from .agent.services import ServiceSupervisor
+
+            self._supervisor = ServiceSupervisor(self.allocator, host_id, ServiceCatalog.load(services),
+                                                 address=service_address, exit_when_host_gone=True)
+            self._supervisor.publish()
+            self._supervisor.start()
+
+    def close(self) -> None:
+        """Stops the services this manager runs and withdraws its catalog (no-op without one)."""
+        if self._supervisor is not None:
+            self._supervisor.close(withdraw=True)
+            self._supervisor = None
 
     @property
     def worker_cpu(self) -> float:
@@ -299,10 +466,13 @@ class AllocationManager:
         millis = parse_cpu_millis(extra.get("cpu_cores", 0)) + workers * self.worker_millis
         out["cpu_cores"] = millis / 1000
         out["ram_mb"] = parse_memory_mb(extra.get("ram_mb", 0), "ram_mb") + workers * self.worker_memory
+        out["workers"] = workers
         return out
 
-    def _failed(self, allocation_id: str, job_id: object, message: str, code: str) -> dict[str, Any]:
-        return {"allocation_id": allocation_id, "status": "failed", "error": message, "job_id": job_id, "error_code": code}
+    def _failed(self, allocation_id: str, job_id: object, message: str, code: str, field: str | None = None) -> dict[str, Any]:
+        """Seed 000's failure shape, plus ``error_code`` and ``error_field`` (the bad field, if any)."""
+        return {"allocation_id": allocation_id, "status": "failed", "error": message, "job_id": job_id,
+                "error_code": code, "error_field": field}
 
     def _workers_message(self, requested: int) -> str | None:
         """Seed wording when the worker count is what does not fit; None when it fits."""
@@ -324,9 +494,10 @@ class AllocationManager:
         """Reserves ``workers`` workers (plus explicit gpus/gpu_memory_mb/cpu_cores/ram_mb) for a job.
 
         Returns seed 000's shape with status "active", or status "failed" and the reason (never
-        raises for bad input). MCP servers are recorded and echoed with ``endpoint: None`` and
-        status "requested": starting them (ports, endpoints) is a later issue. A refused request
-        leaves no record, so its allocation_id is not found afterwards.
+        raises for bad input). ``mcp_servers`` are started (or shared) on the allocation's host and
+        their endpoints returned, waiting up to ``service_wait_s`` (see the class docstring). A
+        refused request leaves no record, so its allocation_id is not found afterwards; one whose
+        server failed to start stays readable in state "failed".
         """
         allocation_id = new_allocation_id()
         try:
@@ -335,8 +506,6 @@ class AllocationManager:
             wanted = self._resources(n, resources)
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidRequest("metadata", f"expected a JSON object, got {type(metadata).__name__}")
-            if n and self.total_workers is not None and (msg := self._workers_message(n)):
-                return self._failed(allocation_id, job_id, msg, "INSUFFICIENT_WORKERS")
             alloc = self.allocator.allocate(
                 wanted,
                 allocation_id=allocation_id,
@@ -345,11 +514,19 @@ class AllocationManager:
                 priority=priority,
                 ttl_seconds=ttl_seconds,
                 metadata={**(metadata or {}), SEED_KEY: self._seed_record(n, servers)},
+                services=servers,
             )
-        except InvalidRequest as exc:
+            if servers:
+                wait_for_services(self.allocator, alloc.allocation_id, self.service_wait_s)
+                alloc = self.allocator.require(alloc.allocation_id)
+        except ServiceFailed as exc:
             return self._failed(allocation_id, job_id, exc.message, exc.code)
+        except InvalidRequest as exc:
+            if exc.field == "services":  # the seed calls them mcp_servers
+                exc = InvalidRequest("mcp_servers", exc.reason)
+            return self._failed(allocation_id, job_id, exc.message, exc.code, exc.field)
         except InsufficientResources as exc:
-            msg = (self._workers_message(n) if n else None) or exc.message
+            msg = exc.message if exc.code == "INSUFFICIENT_SERVICE_PORTS" else (self._workers_message(n) if n else None) or exc.message
             return self._failed(allocation_id, job_id, msg, "INSUFFICIENT_WORKERS" if msg != exc.message else exc.code)
         return self._request_result(alloc)
 
@@ -381,17 +558,24 @@ class AllocationManager:
         return {
             "cpu": a.cpu_total,
             "memory": a.ram_mb,
-            "workers": int(info.get("workers", 0)),
+            "workers": a.workers or int(info.get("workers", 0)),
             "gpus": [g.model_dump() for g in a.gpus],
             "gpu_memory_mb": a.gpu_memory_mb,
             "cpu_core_ids": list(a.cpu_cores),
             "host_id": a.host_id,
         }
 
-    @staticmethod
-    def _servers(a: Allocation) -> list[dict[str, Any]]:
-        status = "requested" if a.state == "active" else a.state
-        return [{"name": s, "endpoint": None, "status": status} for s in _seed_info(a).get("mcp_servers", [])]
+    def _servers(self, a: Allocation) -> list[dict[str, Any]]:
+        """Seed 000's MCP server entries (name, endpoint, status, plus server_name, port, host_id)."""
+        names = a.services or list(_seed_info(a).get("mcp_servers", []))
+        got = held(self.allocator, a) if a.state == "active" else [None] * len(names)
+        out = []
+        for name, inst in zip(names, got):
+            live = inst is not None and inst.state == "running"
+            out.append({"name": name, "server_name": name, "endpoint": inst.endpoint if live else None,
+                        "status": inst.state if inst is not None else a.state,
+                        "port": inst.port if inst is not None else None, "host_id": a.host_id})
+        return out
 
     @staticmethod
     def _workers(a: Allocation) -> list[dict[str, Any]]:
@@ -407,7 +591,7 @@ class AllocationManager:
                 "endpoint": None,
                 "host_id": a.host_id,
             }
-            for i in range(int(info.get("workers", 0)))
+            for i in range(a.workers or int(info.get("workers", 0)))
         ]
 
     # -- release -----------------------------------------------------------------------------
@@ -428,7 +612,7 @@ class AllocationManager:
             "status": "released",
             "allocation_id": a.allocation_id,
             "job_id": a.task_id,
-            "workers_released": 0 if repeat else int(_seed_info(a).get("workers", 0)),
+            "workers_released": 0 if repeat else a.workers or int(_seed_info(a).get("workers", 0)),
             "cpu_freed": 0.0 if repeat else a.cpu_total,
             "memory_freed": 0 if repeat else a.ram_mb,
             "gpu_memory_freed": 0 if repeat else a.gpu_memory_mb,
@@ -443,39 +627,29 @@ class AllocationManager:
     def _active(self) -> list[Allocation]:
         return self.allocator.list(state="active")
 
-    def _allocated_workers(self) -> int:
-        return sum(int(_seed_info(a).get("workers", 0)) for a in self._active() if _seed_info(a).get("api") == MANAGER_API)
-
     def _available_workers(self, cap: Capacity) -> int:
-        slots = max((_host_slots(h, self.worker_millis, self.worker_memory) for h in cap.hosts), default=0)
-        if self.total_workers is None:
-            return slots
-        return max(0, min(slots, self.total_workers - self._allocated_workers()))
-
-    def _total_workers(self, cap: Capacity) -> int:
-        if self.total_workers is not None:
-            return self.total_workers
-        return sum(_host_total_slots(h, self.worker_millis, self.worker_memory) for h in cap.hosts)
+        return max((_host_slots(h, self.worker_millis, self.worker_memory) for h in cap.hosts), default=0)
 
     def get_capacity(self) -> dict[str, Any]:
         """Seed 000's capacity figures for the whole fleet, plus GPU totals.
 
-        available_workers counts worker-sized slots on the single freest host (a request's
-        workers never span hosts), capped by total_workers minus the workers held.
-        ``running_mcp_servers`` stays empty until MCP servers are really started.
+        total/allocated_workers are the fleet's worker slots; available_workers is what the single
+        freest host can take now (free slots, bounded by its free CPU and RAM in worker-sized
+        shares: a request's workers never span hosts). ``running_mcp_servers``: names of the
+        services running (each once, in port order).
         """
         cap = self.allocator.capacity()
         return {
             "total_cpu": float(cap.cpu_cores.total),
             "total_memory": _num(cap.ram_mb.total),
-            "total_workers": self._total_workers(cap),
+            "total_workers": int(cap.worker_slots.total),
             "allocated_cpu": float(cap.cpu_cores.allocated),
             "allocated_memory": _num(cap.ram_mb.allocated),
-            "allocated_workers": self._allocated_workers(),
+            "allocated_workers": int(cap.worker_slots.allocated),
             "available_cpu": float(cap.cpu_cores.available),
             "available_memory": _num(cap.ram_mb.available),
             "available_workers": self._available_workers(cap),
-            "running_mcp_servers": [],
+            "running_mcp_servers": _running_names(self.allocator),
             "active_allocations": cap.active_allocations,
             "total_gpu_memory": _num(cap.gpu_memory_mb.total),
             "allocated_gpu_memory": _num(cap.gpu_memory_mb.allocated),
@@ -498,7 +672,7 @@ class AllocationManager:
             "resources": {
                 "cpu_allocated": a.cpu_total,
                 "memory_allocated": a.ram_mb,
-                "workers": int(info.get("workers", 0)),
+                "workers": a.workers or int(info.get("workers", 0)),
                 "gpus": [g.model_dump() for g in a.gpus],
                 "gpu_memory_allocated": a.gpu_memory_mb,
                 "host_id": a.host_id,
@@ -525,7 +699,7 @@ class AllocationManager:
                 "job_id": a.task_id,
                 "state": a.state,
                 "priority": a.priority,
-                "workers": int(_seed_info(a).get("workers", 0)),
+                "workers": a.workers or int(_seed_info(a).get("workers", 0)),
                 "age_seconds": _age_seconds(a, now),
                 "is_expired": _is_expired(a, now),
             }
@@ -660,4 +834,4 @@ class ResourceAllocator:
         return len(old)
 
 
-__all__ = ["AllocationManager", "ResourceAllocator", "allocate_resources", "default_allocator"]
+__all__ = ["AllocationManager", "ResourceAllocator", "allocate_resources", "could_ever_fit", "default_allocator", "never_fits", "tool_result"]

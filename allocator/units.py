@@ -17,8 +17,13 @@ from decimal import Decimal, InvalidOperation
 
 from .errors import InvalidRequest
 
-_MEM = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_MEM = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]*)\s*$")
 _MIB = 1024 * 1024
+#: Largest memory amount accepted (1 EiB in MiB). The ledger's Lua scripts hold numbers as
+#: doubles and print them with 14 significant digits, so every amount must stay far below 1e14.
+MAX_MEMORY_MB = 1 << 40
+#: Largest CPU amount accepted (about a million cores), for the same reason.
+MAX_CPU_MILLIS = 1_000_000_000
 _FACTORS_BYTES = {
     "": _MIB,
     "KI": 1024, "KIB": 1024, "MI": _MIB, "MIB": _MIB, "GI": 1024**3, "GIB": 1024**3,
@@ -28,38 +33,50 @@ _FACTORS_BYTES = {
 }
 
 
+def _show(value: object) -> str:
+    """The value as messages quote it, cut short: error messages never echo kilobytes of input."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "...'"
+
+
 def parse_memory_mb(value: object, field: str = "memory") -> int:
     """MiB in ``value`` (int/float MiB or a unit string), rounded up; errors name ``field``."""
     if isinstance(value, bool) or value is None:
-        raise InvalidRequest(field, f"expected a size such as 4096, '512Mi' or '4Gi', got {value!r}")
+        raise InvalidRequest(field, f"expected a size such as 4096, '512Mi' or '4Gi', got {_show(value)}")
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+            raise InvalidRequest(field, f"must be a finite number, got {_show(value)}")
         if value < 0:
-            raise InvalidRequest(field, f"must not be negative, got {value!r}")
-        return int(math.ceil(value))
+            raise InvalidRequest(field, f"must not be negative, got {_show(value)}")
+        return _bounded_mb(int(math.ceil(value)), value, field)
     if not isinstance(value, str):
         raise InvalidRequest(field, f"expected a number or a string, got {type(value).__name__}")
     m = _MEM.match(value)
     if not m:
-        raise InvalidRequest(field, f"cannot read {value!r} as a size; use e.g. 512Mi, 4Gi, 2G, 1.5GiB or a number of MiB")
+        raise InvalidRequest(field, f"cannot read {_show(value)} as a size; use e.g. 512Mi, 4Gi, 2G, 1.5GiB or a number of MiB")
     number, unit = m.group(1), m.group(2)
     if unit == "m":
-        raise InvalidRequest(field, f"{value!r}: 'm' means milli; write Mi (MiB) or M (megabytes)")
+        raise InvalidRequest(field, f"{_show(value)}: 'm' means milli; write Mi (MiB) or M (megabytes)")
     factor = _FACTORS_BYTES.get(unit.upper())
     if factor is None:
-        raise InvalidRequest(field, f"unknown unit {unit!r} in {value!r}; use Ki, Mi, Gi, Ti, K, M, G or T")
+        raise InvalidRequest(field, f"unknown unit {unit!r} in {_show(value)}; use Ki, Mi, Gi, Ti, K, M, G or T")
     amount = Decimal(number) * factor
-    return int(math.ceil(amount / _MIB))
+    return _bounded_mb(int(math.ceil(amount / _MIB)), value, field)
+
+
+def _bounded_mb(mb: int, value: object, field: str) -> int:
+    if mb > MAX_MEMORY_MB:
+        raise InvalidRequest(field, f"{_show(value)} is more than the largest size accepted ({MAX_MEMORY_MB} MiB)")
+    return mb
 
 
 def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
     """Millicores in ``value`` (cores as number/string, or '500m'); errors name ``field``."""
     if isinstance(value, bool) or value is None:
-        raise InvalidRequest(field, f"expected a number of cores such as 2 or '0.5', got {value!r}")
+        raise InvalidRequest(field, f"expected a number of cores such as 2 or '0.5', got {_show(value)}")
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+            raise InvalidRequest(field, f"must be a finite number, got {_show(value)}")
         cores = Decimal(str(value))
     elif isinstance(value, str):
         text = value.strip()
@@ -69,16 +86,18 @@ def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
             else:
                 cores = Decimal(text)
         except InvalidOperation:
-            raise InvalidRequest(field, f"cannot read {value!r} as CPU cores; use e.g. 2, '0.5' or '500m'") from None
+            raise InvalidRequest(field, f"cannot read {_show(value)} as CPU cores; use e.g. 2, '0.5' or '500m'") from None
         if not cores.is_finite():
-            raise InvalidRequest(field, f"must be a finite number, got {value!r}")
+            raise InvalidRequest(field, f"must be a finite number, got {_show(value)}")
     else:
         raise InvalidRequest(field, f"expected a number or a string, got {type(value).__name__}")
     if cores < 0:
-        raise InvalidRequest(field, f"must not be negative, got {value!r}")
+        raise InvalidRequest(field, f"must not be negative, got {_show(value)}")
+    if cores > Decimal(MAX_CPU_MILLIS) / 1000:  # compared first: 1e999999 * 1000 would overflow
+        raise InvalidRequest(field, f"{_show(value)} is more than the largest CPU amount accepted ({MAX_CPU_MILLIS // 1000} cores)")
     millis = cores * 1000
     if millis != millis.to_integral_value():
-        raise InvalidRequest(field, f"{value!r} is finer than one millicore (0.001 cores)")
+        raise InvalidRequest(field, f"{_show(value)} is finer than one millicore (0.001 cores)")
     return int(millis)
 
 

@@ -12,6 +12,7 @@ from allocator.errors import InsufficientResources, InvalidRequest
 from allocator.seeds import AllocationManager, ResourceAllocator, allocate_resources
 
 from .conftest import ledger_dump
+from .service_helpers import catalog, free_ports
 
 TOOL_SUCCESS_KEYS = {"success", "allocation_id", "task_id", "resources", "queue_position", "estimated_start_time", "metadata"}
 TOOL_RESOURCE_KEYS = {"gpu_id", "gpu_memory_mb", "cpu_cores", "ram_mb"}
@@ -20,6 +21,7 @@ SEED_REQUIREMENTS = {"gpu_memory_mb": 2048, "cpu_cores": 2, "ram_mb": 4096, "pri
 
 
 def iso(clock) -> str:
+    """The seeds' timestamp text for ``clock()`` (any callable returning epoch seconds)."""
     return datetime.fromtimestamp(clock(), tz=timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
@@ -29,7 +31,10 @@ def seed_tool_host(a) -> None:
 
 
 def quick_start_manager(a) -> AllocationManager:
-    return AllocationManager(a, total_cpu=16.0, total_memory=32768, total_workers=10)
+    """The seed's quick start, with a catalog of tiny real services for its MCP server names
+    (filesystem, github, database) run by the manager on a free port range."""
+    return AllocationManager(a, total_cpu=16.0, total_memory=32768, total_workers=10,
+                             services=catalog(), service_ports=free_ports(10))
 
 
 # -- allocate_resources (seed 004) ------------------------------------------------------------------
@@ -112,6 +117,13 @@ def test_tool_bad_memory_string_names_its_field(alloc):
     assert r["error"]["field"] == "resource_requirements.gpu_memory_mb"
 
 
+def test_tool_error_message_names_the_field_as_the_caller_wrote_it(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1e308}, allocator=alloc)
+    assert r["error"]["field"] == "resource_requirements.cpu_cores"
+    assert r["error"]["message"].startswith("resource_requirements.cpu_cores: ")
+
+
 def test_tool_bad_priority_names_its_field(alloc):
     r = allocate_resources("t", "ml_inference", {"cpu_cores": 1, "priority": 7}, allocator=alloc)
     assert r["error"]["field"] == "resource_requirements.priority"
@@ -145,6 +157,68 @@ def test_tool_uses_the_default_allocator_when_none_is_given(alloc, monkeypatch):
     monkeypatch.setattr(seeds, "_default", alloc)
     r = allocate_resources("t", "ml_inference", {"cpu_cores": 1})
     assert alloc.get(r["allocation_id"]) is not None
+
+
+def fill_the_gpu(a, **fields) -> str:
+    """Takes 9000 of the seed host's 10240 MiB of GPU memory."""
+    return a.allocate({"gpu_memory_mb": 9000, "cpu_cores": 1}, **fields).allocation_id
+
+
+def test_tool_queues_a_request_that_must_wait_by_default(alloc):
+    seed_tool_host(alloc)
+    fill_the_gpu(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
+    assert r["success"] is True and r["queue_position"] == 1
+    assert r["resources"]["gpu_id"] is None and r["resources"]["cpu_cores"] == []
+    assert r["resources"]["gpu_memory_mb"] == 2048 and r["metadata"]["state"] == "pending"
+    assert alloc.get(r["allocation_id"]).state == "pending"
+
+
+def test_tool_queued_request_reports_its_estimated_start_time(alloc, clock):
+    seed_tool_host(alloc)
+    fill_the_gpu(alloc, expected_duration=60)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
+    assert r["estimated_start_time"] == iso(lambda: clock() + 60)
+
+
+def test_tool_queued_request_is_granted_when_capacity_frees(alloc, clock):
+    seed_tool_host(alloc)
+    busy = fill_the_gpu(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
+    clock.advance(5)
+    alloc.release(busy)
+    placed = seeds.tool_result(alloc, alloc.get(r["allocation_id"]))
+    assert (placed["queue_position"], placed["resources"]["gpu_id"], placed["metadata"]["state"]) == (0, "gpu_0", "active")
+    assert placed["estimated_start_time"] == iso(clock)
+
+
+def test_tool_on_busy_fail_refuses_what_does_not_fit_now(alloc):
+    seed_tool_host(alloc)
+    fill_the_gpu(alloc)
+    before = ledger_dump(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, on_busy="fail", allocator=alloc)
+    assert r["success"] is False and r["error"]["code"] == "INSUFFICIENT_GPU_MEMORY"
+    assert "largest free 1240 MiB" in r["error"]["message"]
+    assert ledger_dump(alloc) == before
+
+
+def test_tool_refuses_at_once_what_no_host_could_ever_hold(alloc):
+    seed_tool_host(alloc)
+    before = ledger_dump(alloc)
+    r = allocate_resources("t", "ml_inference", {"gpus": 2, "cpu_cores": 1}, allocator=alloc)
+    assert r["success"] is False and r["error"]["code"] == "INSUFFICIENT_GPUS"
+    assert r["error"]["message"] == "no host could ever hold 2 GPUs: at most 1 on one host"
+    assert ledger_dump(alloc) == before
+
+
+def test_tool_with_no_host_registered_is_refused(alloc):
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1}, allocator=alloc)
+    assert r["success"] is False and r["error"]["message"] == "no host is registered"
+
+
+def test_tool_bad_on_busy_names_its_field(alloc):
+    r = allocate_resources("t", "ml_inference", {"cpu_cores": 1}, on_busy="wait", allocator=alloc)  # type: ignore[arg-type]
+    assert r["error"]["field"] == "on_busy"
 
 
 # -- AllocationManager (seed 000) -------------------------------------------------------------------
@@ -182,12 +256,13 @@ def test_manager_names_workers_after_the_job(alloc):
     }
 
 
-def test_manager_echoes_mcp_servers_as_requested_without_endpoints(alloc):
+def test_manager_starts_mcp_servers_and_returns_their_endpoints(alloc):
     manager = quick_start_manager(alloc)
     r = manager.request_resources("job-001", ["filesystem", "github"])
-    assert r["mcp_servers"] == [
-        {"name": "filesystem", "endpoint": None, "status": "requested"},
-        {"name": "github", "endpoint": None, "status": "requested"},
+    first = int(alloc.redis.hget(alloc.keys.host("local"), "port_lo"))  # the pool's lowest port
+    assert [(s["name"], s["status"], s["endpoint"]) for s in r["mcp_servers"]] == [
+        ("filesystem", "running", f"http://localhost:{first}"),
+        ("github", "running", f"http://localhost:{first + 1}"),
     ]
 
 
@@ -200,7 +275,7 @@ def test_manager_capacity_matches_the_seed_example(alloc):
                                  "running_mcp_servers", "active_allocations")} == {
         "total_cpu": 16.0, "total_memory": 32768, "total_workers": 10, "allocated_cpu": 4.0,
         "allocated_memory": 8192, "allocated_workers": 4, "available_cpu": 12.0, "available_memory": 24576,
-        "available_workers": 6, "running_mcp_servers": [], "active_allocations": 1,
+        "available_workers": 6, "running_mcp_servers": ["filesystem"], "active_allocations": 1,
     }
 
 
@@ -258,6 +333,12 @@ def test_manager_adds_explicit_resources_to_the_workers(alloc):
     r = manager.request_resources("job-1", workers=2, gpus=1, gpu_memory_mb=4096, cpu_cores=1, ram_mb="1Gi")
     assert (r["resources"]["cpu"], r["resources"]["memory"], r["resources"]["gpu_memory_mb"]) == (3.0, 5120, 4096)
     assert r["resources"]["gpus"][0]["index"] == 0
+
+
+def test_manager_invalid_request_names_the_field(alloc):
+    manager = quick_start_manager(alloc)
+    r = manager.request_resources("job-001", ["filesystem"], workers=1, cpu_cores="lots")
+    assert (r["status"], r["error_code"], r["error_field"]) == ("failed", "INVALID_REQUEST", "cpu_cores")
 
 
 def test_manager_unknown_resource_keyword_fails_without_raising(alloc):

@@ -19,8 +19,11 @@ from rich.table import Table
 from ..client import Allocator
 from ..config import Settings
 from ..errors import AllocatorError, InvalidRequest
+from ..models import HostSpec, parse
+from ..services import ServiceCatalog
 from .daemon import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_GRANULARITY_MB, DEFAULT_INTERVAL_S, Agent
 from .hosts import host_rows
+from .orphans import DEFAULT_ORPHAN_CHECK_S
 from .providers import InventoryProvider, LocalProvider
 from .reaper import DEFAULT_GRACE_S, DEFAULT_REAPER_INTERVAL_S, run_reaper
 from .static import StaticProvider
@@ -112,6 +115,26 @@ def agent_command(
         0, "--metrics-port",
         help="Serve Prometheus metrics on this port (0: off).",
     ),
+    services: Optional[str] = typer.Option(
+        None, "--services", envvar="ALLOCATOR_SERVICES",
+        help="Service catalog (YAML/JSON: name -> command with {port}, health, idle_timeout_s) this host runs on demand.",
+    ),
+    service_address: Optional[str] = typer.Option(
+        None, "--service-address", envvar="ALLOCATOR_SERVICE_ADDRESS",
+        help="Address in service endpoints (http://ADDRESS:port); default: the hostname.",
+    ),
+    service_ports: Optional[str] = typer.Option(
+        None, "--service-ports", envvar="ALLOCATOR_SERVICE_PORTS",
+        help="Port pool for named services, FIRST-LAST (default 9000-9099).",
+    ),
+    worker_slots: Optional[int] = typer.Option(
+        None, "--worker-slots", envvar="ALLOCATOR_WORKER_SLOTS",
+        help="Worker slots per host (default: RQ workers on the host queue, else one per core).",
+    ),
+    orphan_check: float = typer.Option(
+        DEFAULT_ORPHAN_CHECK_S, "--orphan-check",
+        help="Seconds between checks for runs whose worker died on this machine (their grants are freed; 0: off).",
+    ),
     once: bool = typer.Option(
         False, "--once",
         help="One round, print its report as JSON, exit (hosts stay registered).",
@@ -127,6 +150,10 @@ def agent_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         extra = parse_labels(labels)
+        catalog = ServiceCatalog.load(services)
+        ports = parse(HostSpec, {"id": "x", "service_ports": service_ports}).service_ports if service_ports else None
+        if worker_slots is not None and worker_slots < 0:
+            raise InvalidRequest("worker_slots", f"must not be negative, got {worker_slots}")
         provider: InventoryProvider
         if inventory:
             provider = StaticProvider(inventory)
@@ -138,7 +165,9 @@ def agent_command(
     a = _allocator(redis_url, namespace)
     agent = Agent(a, provider, interval_s=interval, labels=extra, granularity_mb=granularity,
                   watchdog=Watchdog(a, enforce=enforce, kill_grace_s=kill_grace),
-                  drain_timeout_s=None if drain_timeout < 0 else drain_timeout)
+                  drain_timeout_s=None if drain_timeout < 0 else drain_timeout,
+                  services=catalog, service_address=service_address, worker_slots=worker_slots, service_ports=ports,
+                  orphan_check_s=orphan_check)
     if once:
         rep = agent.run_once()
         console.print_json(json.dumps(rep.__dict__))

@@ -11,7 +11,15 @@ fleet (``StaticProvider``, e.g. all 1,213 OpenB hosts from one process). Each ro
 4. heartbeats every host in batches (server time, ``heartbeat.lua``) with its inventory JSON; a
    host the reaper declared lost, or that was removed, is registered again (a lost one under a
    new generation, so its stale grants are refused) and heartbeated;
-5. hands overuse to the watchdog (event, metric, and with ``--enforce`` SIGTERM/SIGKILL).
+5. hands overuse to the watchdog (event, metric, and with ``--enforce`` SIGTERM/SIGKILL);
+6. with a service catalog (``services``): publishes it for each host and runs the host's named
+   services (``agent/services.py``; in ``run`` each host's supervisor is a thread woken by the
+   placement, in ``run_once`` it reconciles once);
+7. every ``orphan_check_s``, frees the grants of runs whose worker died on this machine while
+   their host stayed alive (``orphans.py``; the reaper acts only on lost hosts).
+
+Worker slots registered per host: ``worker_slots`` when given, else the number of RQ workers
+listening on the host's queue (``allocator worker -n N``) when there are any, else one per core.
 
 ``shutdown`` (SIGTERM) drains every host (no new placements), keeps heartbeating while running
 work finishes, for at most ``drain_timeout_s``, then deregisters: the host is removed and what
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,10 +40,14 @@ import redis
 
 from ..client import Allocator
 from ..errors import AllocatorError, HostNotFound, InvalidRequest
+from ..queue import host_queue_name
+from ..services import ServiceCatalog
 from . import _redis
 from .inventory import HostInventory, host_spec
 from .metrics import AGENT_HOSTS, AGENT_LAST_HEARTBEAT, AGENT_REGISTRATIONS, AGENT_ROUND
+from .orphans import DEFAULT_ORPHAN_CHECK_S, OrphanReaper
 from .providers import InventoryProvider
+from .services import ServiceSupervisor
 from .watchdog import Attribution, Watchdog, attribute, read_grants
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,7 @@ class RoundReport:
     reregistered: list[str] = field(default_factory=list)  # were lost or missing
     overuse: int = 0
     events: int = 0
+    orphans_released: list[str] = field(default_factory=list)  # runs whose worker died
     inventory_ms: float = 0.0
     register_ms: float = 0.0
     heartbeat_ms: float = 0.0
@@ -75,6 +89,11 @@ class Agent:
         watchdog: Watchdog | None = None,
         drain_timeout_s: float | None = DEFAULT_DRAIN_TIMEOUT_S,
         heartbeat_batch: int = HEARTBEAT_BATCH,
+        services: ServiceCatalog | None = None,
+        service_address: str | None = None,
+        worker_slots: int | None = None,
+        service_ports: tuple[int, int] | None = None,
+        orphan_check_s: float = DEFAULT_ORPHAN_CHECK_S,
     ) -> None:
         self.allocator = allocator
         self.provider = provider
@@ -84,10 +103,17 @@ class Agent:
         self.watchdog = watchdog if watchdog is not None else Watchdog(allocator)
         self.drain_timeout_s = drain_timeout_s
         self.heartbeat_batch = heartbeat_batch
+        self.orphans = OrphanReaper(allocator, every_s=orphan_check_s)
         self._registered: dict[str, dict[str, Any]] = {}  # host -> payload last registered
         self._inventory: dict[str, str] = {}  # host -> inventory JSON of the last round
         self._cache: dict[str, tuple[HostInventory, dict[str, Any]]] = {}  # host -> (inventory, spec)
         self.hosts: list[str] = []
+        self.services = services if services is not None and len(services) else None
+        self.service_address = service_address or socket.gethostname()
+        self.worker_slots = worker_slots
+        self.service_ports = service_ports
+        self.supervisors: dict[str, ServiceSupervisor] = {}
+        self._threaded = False
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -114,6 +140,8 @@ class Agent:
                                            labels=self.labels, granularity_mb=self.granularity_mb)
             self._inventory[inv.host_id] = self._inventory_json(inv, att, specs[inv.host_id])
             self._cache[inv.host_id] = (inv, specs[inv.host_id])
+        for h, extra in self._host_extras(list(specs)).items():
+            specs[h] = {**specs[h], **extra}  # a new dict: cached specs stay as they were
         invalid: set[str] = set()
         for h, spec in specs.items():
             if self._registered.get(h) != spec:
@@ -128,12 +156,17 @@ class Agent:
                 rep.reregistered.append(h)
         if rep.reregistered:
             self._heartbeat(rep.reregistered)
+        if self.services is not None:
+            self._supervise(set(rep.registered) | set(rep.reregistered), invalid)
         t3 = time.perf_counter()
         for inv in invs:
             if inv.host_id in watched:
                 over = attributions[inv.host_id].overuse
                 rep.overuse += len(over)
                 rep.events += len(self.watchdog.observe(inv.host_id, over))
+        orphans = self.orphans.maybe_check(self.hosts)
+        if orphans is not None:
+            rep.orphans_released = orphans.released + orphans.requeued
         t4 = time.perf_counter()
         rep.inventory_ms = round((t1 - t0) * 1000, 3)
         rep.register_ms = round((t2 - t1) * 1000, 3)
@@ -141,6 +174,43 @@ class Agent:
         rep.total_ms = round((t4 - t0) * 1000, 3)
         AGENT_ROUND.observe(t4 - t0)
         return rep
+
+    def _host_extras(self, hosts: list[str]) -> dict[str, dict[str, Any]]:
+        """Worker slots and service port pool to register per host (see the module docstring)."""
+        out: dict[str, dict[str, Any]] = {h: {} for h in hosts}
+        if self.service_ports is not None:
+            for h in hosts:
+                out[h]["service_ports"] = list(self.service_ports)
+        if self.worker_slots is not None:
+            for h in hosts:
+                out[h]["worker_slots"] = self.worker_slots
+        elif hosts:
+            ns = self.allocator.keys.namespace
+            pipe = self.allocator.redis.pipeline(transaction=False)
+            for h in hosts:
+                pipe.scard("rq:workers:" + host_queue_name(ns, h))
+            for h, n in zip(hosts, pipe.execute()):
+                if n:
+                    out[h]["worker_slots"] = int(n)
+        return {h: x for h, x in out.items() if x}
+
+    def _supervise(self, registered: set[str], invalid: set[str]) -> None:
+        """Publishes the catalog of newly (re)registered hosts and runs their service supervisors."""
+        assert self.services is not None
+        for h in self.hosts:
+            if h in invalid:
+                continue
+            sup = self.supervisors.get(h)
+            if sup is None:
+                sup = self.supervisors[h] = ServiceSupervisor(self.allocator, h, self.services,
+                                                              address=self.service_address)
+                registered.add(h)
+            if h in registered:
+                sup.publish()
+            if self._threaded:
+                sup.start()
+            else:
+                sup.reconcile()
 
     def _register(self, host_id: str, spec: dict[str, Any], reason: str) -> bool:
         try:
@@ -178,6 +248,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Rounds every ``interval_s`` until ``stop`` is set. Redis and provider errors are logged
         and the next round retries: an agent that exits on a blip would get its host declared lost."""
+        self._threaded = True
         while not stop.is_set():
             t0 = time.monotonic()
             try:
@@ -213,6 +284,9 @@ class Agent:
             left = float("inf") if deadline is None else deadline - time.monotonic()
             abort.wait(max(0.0, min(0.2, self.interval_s, left)))
         released: list[str] = []
+        for sup in self.supervisors.values():
+            sup.close(withdraw=True)  # stops the host's services
+        self.supervisors.clear()
         for h in hosts:
             try:
                 released += self.allocator.remove_host(h, force=True)

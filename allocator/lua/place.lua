@@ -34,4 +34,5 @@ if not p then return cjson.encode(refused) end
 if req.dry_run then
   return cjson.encode({ok = true, dry_run = true, host = p.host, gpus = p.gpus, cores = p.cores})
 end
-return cjson.encode({ok = true, alloc = grant(req, p, now)})
+local rec = grant(req, p, now)
+return cjson.encode({ok = true, alloc = rec})

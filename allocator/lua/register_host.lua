@@ -1,9 +1,10 @@
 --[[ register_host: add a host, or update its capacity without breaking what it already grants.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
-ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uuid, model, memory_mb, used_mb}]},
+ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uuid, model, memory_mb, used_mb}],
+        worker_slots (absent/null = one per core), service_ports [first, last] (absent = 9000-9099)},
 ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
-Usage (GPU memory, cores, RAM held) is recomputed from the host's active allocations, so an update
+Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost.
@@ -38,10 +39,12 @@ end
 
 -- Usage held by active allocations, keyed by GPU uuid and core id.
 local gpu_used, gpu_n, core_held = {}, {}, {}
-local shared, ram_used = 0, 0
+local shared, ram_used, slots_used, svc_refs = 0, 0, 0, {}
 for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
-  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state')
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state', 'slots', 'services')
   if f[5] == 'active' then
+    slots_used = slots_used + tonumber(f[6] or 0)
+    for _, name in ipairs(decode_list(f[7])) do svc_refs[name] = (svc_refs[name] or 0) + 1 end
     for _, g in ipairs(decode_list(f[1])) do
       gpu_used[g.uuid] = (gpu_used[g.uuid] or 0) + tonumber(g.memory_mb)
       gpu_n[g.uuid] = (gpu_n[g.uuid] or 0) + 1
@@ -61,7 +64,13 @@ end
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
   'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
   'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen,
-  'reserve_gpus', spec.reserve_gpus or 0, 'cver', tostring(now) .. '-' .. rcall('HINCRBY', K_SEQ, 'cver', 1)}
+  'reserve_gpus', spec.reserve_gpus or 0, 'cver', tostring(now) .. '-' .. rcall('HINCRBY', K_SEQ, 'cver', 1),
+  'slots', tonumber(spec.worker_slots) or #cores, 'slots_used', slots_used}
+local ports = spec.service_ports
+if type(ports) == 'table' and tonumber(ports[1]) and tonumber(ports[2]) then
+  fields[#fields + 1] = 'port_lo'; fields[#fields + 1] = tonumber(ports[1])
+  fields[#fields + 1] = 'port_hi'; fields[#fields + 1] = tonumber(ports[2])
+end
 if created then
   fields[#fields + 1] = 'registered'; fields[#fields + 1] = now
 end
@@ -81,6 +90,17 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_IDLE, m)
 end
 rcall('HSET', hk, unpack(fields))
+-- Service references follow the active allocations too.
+local svc = rcall('HGETALL', svc_key(h))
+for i = 1, #svc, 2 do
+  local e = cjson.decode(svc[i + 1])
+  local refs = svc_refs[svc[i]] or 0
+  if tonumber(e.refs) ~= refs then
+    if refs == 0 then e.idle_since = now else e.idle_since = 0 end
+    e.refs = refs
+    rcall('HSET', svc_key(h), svc[i], cjson.encode(e))
+  end
+end
 reindex_host(h, nil)
 if created then
   emit('host_registered', h, now, ARGV[3])

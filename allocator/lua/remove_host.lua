@@ -2,7 +2,7 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
-allocations end with reason "host_removed" first.
+allocations end with reason "host_removed" first. Its service catalog and instances are dropped.
 Returns JSON {ok, released[]} or {ok=false, code, message}.
 ]]
 --- @include "ledger"
@@ -26,6 +26,7 @@ for pos = 0, ngpu - 1 do
 end
 rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_HOSTS, h)
 rcall('DEL', hk, host_allocs_key(h))
+drop_host_services(h)
 emit('host_removed', h, now, '{}')
 if #ids == 0 then return cjson.encode({ok = true, released = {}, n = 0}) end
 return cjson.encode({ok = true, released = ids, n = #ids})

@@ -3,7 +3,8 @@ and tests. Its cost grows with the fleet: do not call it on a hot path.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] unused.
 Returns JSON {hosts{id={field=value}}, allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
-cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, pending{id=allocation state}}.
+cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, pending{id=allocation state},
+services{host={name=entry JSON}}, service_ports{host={port=name}}}.
 ]]
 --- @include "ledger"
 
@@ -20,10 +21,12 @@ local function hmap(key)
   return m
 end
 
-local out = {hosts = {}, allocs = {}, host_allocs = {}}
+local out = {hosts = {}, allocs = {}, host_allocs = {}, services = {}, service_ports = {}}
 for _, h in ipairs(rcall('ZRANGE', K_HOSTS, 0, -1)) do
   out.hosts[h] = hmap(host_key(h))
   out.host_allocs[h] = rcall('SMEMBERS', host_allocs_key(h))
+  out.services[h] = hmap(svc_key(h))
+  out.service_ports[h] = hmap(svc_ports_key(h))
 end
 for _, id in ipairs(rcall('ZRANGE', K_ACTIVE, 0, -1)) do out.allocs[id] = hmap(alloc_key(id)) end
 out.gpu_idx, out.gpu_idle, out.gpu_ord = zmap(K_GPU_IDX), zmap(K_GPU_IDLE), zmap(K_GPU_ORD)

@@ -22,7 +22,14 @@ key a script touches lives in the same cluster slot.
 
 A host is schedulable when its state is "ready" and it is not parked. A host is parked while its
 free CPU or free RAM is zero: its GPUs then leave the GPU indexes so they cannot crowd out
-candidates on other hosts during a bounded scan.
+candidates on other hosts during a bounded scan. Worker slots (host fields slots, slots_used) are
+checked only for requests that ask for slots and never park a host.
+
+Shared named services of host h (see docs/services.md): svc:<h> HASH name -> JSON {port, refs,
+state (starting|running|stopping), since, idle_since, pid, endpoint, error}; svc_ports:<h> HASH
+port -> name (the pool is the host fields port_lo..port_hi); svc_catalog:<h> HASH name -> JSON
+(what the host's agent can run); svc_names ZSET name -> number of hosts offering it; svc_wake:<h>
+LIST with at most one token, pushed when the host's service supervisor has something to do.
 ]]
 local rcall = redis.call
 local K_HOSTS, K_GPU_IDX, K_GPU_IDLE, K_GPU_ORD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -42,6 +49,11 @@ local function host_key(h) return PREFIX .. 'host:' .. h end
 local function host_allocs_key(h) return PREFIX .. 'host_allocs:' .. h end
 local function alloc_key(id) return PREFIX .. 'alloc:' .. id end
 local function gpu_member(h, pos) return h .. '#' .. pos end
+local function svc_key(h) return PREFIX .. 'svc:' .. h end
+local function svc_ports_key(h) return PREFIX .. 'svc_ports:' .. h end
+local function svc_catalog_key(h) return PREFIX .. 'svc_catalog:' .. h end
+local function svc_wake_key(h) return PREFIX .. 'svc_wake:' .. h end
+local K_SVC_NAMES = PREFIX .. 'svc_names'
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
@@ -67,12 +79,13 @@ end
 
 -- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
 local function host_state(h)
-  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen', 'reserve_gpus')
+  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen', 'reserve_gpus',
+                  'slots', 'slots_used')
   if not f[1] then return nil end
   return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
           ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
           labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1),
-          reserve = tonumber(f[11] or 0)}
+          reserve = tonumber(f[11] or 0), slotf = ram_free(f[12] or 0, f[13] or 0)}
 end
 
 local function gpu_state(h, pos)
@@ -138,6 +151,51 @@ local function core_positions(cores)
   return p
 end
 
+local function wake_services(h)
+  local k = svc_wake_key(h)
+  rcall('LPUSH', k, '1')
+  rcall('LTRIM', k, 0, 0)
+end
+
+-- Drops one reference to each named service instance of host h (an allocation ended); an
+-- instance left with none records since when it is idle (its agent stops it after its timeout).
+local function drop_services(h, names)
+  local k = svc_key(h)
+  local wake = false
+  for _, name in ipairs(names) do
+    local raw = rcall('HGET', k, name)
+    if raw then
+      local e = cjson.decode(raw)
+      e.refs = (tonumber(e.refs) or 0) - 1
+      if e.refs <= 0 then
+        e.refs, e.idle_since, wake = 0, now_ms(), true
+      end
+      rcall('HSET', k, name, cjson.encode(e))
+    end
+  end
+  if wake then wake_services(h) end
+end
+
+-- Forgets a service instance of host h and frees its port.
+local function remove_service(h, name, e)
+  rcall('HDEL', svc_key(h), name)
+  if e and e.port then
+    local pk, port = svc_ports_key(h), tostring(e.port)
+    if rcall('HGET', pk, port) == name then rcall('HDEL', pk, port) end
+  end
+end
+
+-- A host leaves the ledger: its catalog is withdrawn and its service instances forgotten (the
+-- supervisor, woken, stops what it still runs).
+local function drop_host_services(h)
+  local ck = svc_catalog_key(h)
+  for _, name in ipairs(rcall('HKEYS', ck)) do
+    if tonumber(rcall('ZINCRBY', K_SVC_NAMES, -1, name)) <= 0 then rcall('ZREM', K_SVC_NAMES, name) end
+  end
+  if rcall('EXISTS', svc_key(h)) == 1 then wake_services(h) end
+  rcall('DEL', ck, svc_key(h), svc_ports_key(h))
+end
+
 -- Returns what allocation id holds on its host. Counters are clamped at zero: a capacity update
 -- may have removed a GPU or core that the grant still names.
 local function return_grant(id, a)
@@ -189,6 +247,12 @@ local function return_grant(id, a)
     local v = tonumber(rcall('HINCRBY', hk, 'ram_used', -ram))
     if v < 0 then rcall('HSET', hk, 'ram_used', 0) end
   end
+  local slots = tonumber(a.slots or 0)
+  if slots > 0 then
+    local v = tonumber(rcall('HINCRBY', hk, 'slots_used', -slots))
+    if v < 0 then rcall('HSET', hk, 'slots_used', 0) end
+  end
+  if a.services and a.services ~= '' then drop_services(h, decode_list(a.services)) end
   rcall('SREM', host_allocs_key(h), id)
   reindex_host(h, touched)
 end

@@ -3,7 +3,8 @@ Used by place.lua (direct allocation) and by the scheduling pass (queued tasks).
 
 try_place(req, now) -> {host, gpus = grants, cores = core ids, newmap, shared} or nil, refusal
   req: the place payload (see place.lua); optional req.exclude (a host id to skip) and
-  req.only (the only host allowed), used by backfill around a reservation.
+  req.only (the only host allowed), used by backfill around a reservation. Optional req.slots
+  (worker slots) and req.services (names): only requests that carry them pay for their checks.
 grant(req, p, now) -> the allocation record written for placement p (writes everything).
 ]]
 
@@ -98,8 +99,31 @@ local function pick_on_host(req, h, s, pos, mode)
   return nil
 end
 
+-- Whether host h can serve req.services: every name in its catalog, and a free port of its pool
+-- for each one not running there yet. Returns nil when it can, else 'catalog' or 'ports' and the
+-- number of free ports.
+local function services_fit(req, h)
+  local names = req.services
+  local cat = rcall('HMGET', svc_catalog_key(h), unpack(names))
+  for i = 1, #names do if not cat[i] then return 'catalog', 0 end end
+  local cur = rcall('HMGET', svc_key(h), unpack(names))
+  local new = 0
+  for i = 1, #names do if not cur[i] then new = new + 1 end end
+  if new == 0 then return nil, 0 end
+  local f = rcall('HMGET', host_key(h), 'port_lo', 'port_hi')
+  local lo, hi = tonumber(f[1] or 9000), tonumber(f[2] or 9099)
+  local free = hi - lo + 1
+  for _, port in ipairs(rcall('HKEYS', svc_ports_key(h))) do
+    local n = tonumber(port)
+    if n and n >= lo and n <= hi then free = free - 1 end
+  end
+  if free < new then return 'ports', free end
+  return nil, free
+end
+
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
--- stopped at the cap (as opposed to running out of candidates).
+-- stopped at the cap (as opposed to running out of candidates). Hosts that had the CPU and RAM
+-- but not the worker slots or services are noted in req.short (for the refusal's reason).
 local function scan(req, mode)
   local k = req.gpus
   local whole = (req.gpu_mem == 0)
@@ -112,6 +136,20 @@ local function scan(req, mode)
     if c ~= nil then return c end
     local s = host_state(h)
     local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram
+    if ok and req.slots and s.slotf < req.slots then
+      ok = false
+      local short = req.short
+      if short.slots == nil or s.slotf > short.slots then short.slots = s.slotf end
+    end
+    if ok and req.services then
+      local why, free = services_fit(req, h)
+      if why then
+        ok = false
+        local short = req.short
+        short[why] = true
+        if why == 'ports' and (short.free_ports == nil or free > short.free_ports) then short.free_ports = free end
+      end
+    end
     if ok then host_cache[h] = s else host_cache[h] = false end
     return host_cache[h]
   end
@@ -192,6 +230,19 @@ local function refusal(req, capped)
     details.largest_free_ram_mb = top
     code = 'INSUFFICIENT_RAM'
     msg = 'insufficient RAM: requested ' .. req.ram .. ' MiB, largest free ' .. top .. ' MiB'
+  elseif req.short and req.short.slots then
+    details.largest_free_worker_slots = req.short.slots
+    code = 'INSUFFICIENT_WORKERS'
+    msg = 'insufficient worker slots: requested ' .. req.slots .. ', largest free ' .. req.short.slots ..
+      ' on a host with the CPU and RAM'
+  elseif req.short and req.short.ports then
+    details.largest_free_service_ports = req.short.free_ports
+    code = 'INSUFFICIENT_SERVICE_PORTS'
+    msg = 'no free service port: the request needs a port for each service not yet running on the host, ' ..
+      'largest free ' .. req.short.free_ports .. ' port(s) in a host pool'
+  elseif req.short and req.short.catalog then
+    code = 'NO_FIT'
+    msg = 'no host with the free capacity offers all of the services ' .. table.concat(req.services, ', ')
   else
     code = 'NO_FIT'
     local what = {}
@@ -235,6 +286,19 @@ local function pick_cores(req, h)
 end
 
 local function try_place(req, now)
+  if req.slots == 0 then req.slots = nil end
+  if req.services then
+    if #req.services == 0 then req.services = nil else
+      for _, name in ipairs(req.services) do
+        local n = rcall('ZSCORE', K_SVC_NAMES, name)
+        if not n or tonumber(n) <= 0 then
+          return nil, {ok = false, code = 'UNKNOWN_SERVICE', details = {service = name},
+                       message = "unknown service '" .. name .. "': no host's catalog offers it"}
+        end
+      end
+    end
+  end
+  if req.slots or req.services then req.short = {} end
   local mode = req.strategy
   local h, s, gs = scan(req, mode)
   local capped = false
@@ -290,6 +354,42 @@ local function prio_score(priority, created)
   return priority * 1e13 + (1e13 - 1 - created)
 end
 
+-- Takes one reference to each of req.services on host h: a running (or stopping) instance is
+-- shared; a new one gets the lowest free port of the host's pool and state "starting", and the
+-- host's supervisor is woken to start it. services_fit checked the ports in the same script.
+local function take_services(req, h, now)
+  local k = svc_key(h)
+  local used, lo, hi = nil, 9000, 9099
+  local wake = false
+  for _, name in ipairs(req.services) do
+    local raw = rcall('HGET', k, name)
+    local e
+    if raw then
+      e = cjson.decode(raw)
+      e.refs = (tonumber(e.refs) or 0) + 1
+      e.idle_since = 0
+    else
+      if used == nil then
+        used = {}
+        for _, port in ipairs(rcall('HKEYS', svc_ports_key(h))) do used[port] = true end
+        local f = rcall('HMGET', host_key(h), 'port_lo', 'port_hi')
+        lo, hi = tonumber(f[1] or 9000), tonumber(f[2] or 9099)
+      end
+      local port = nil
+      for n = lo, hi do
+        if not used[tostring(n)] then port = n; break end
+      end
+      if not port then error('LEDGER_CORRUPT: no free service port on host ' .. h .. ' after the check') end
+      used[tostring(port)] = true
+      rcall('HSET', svc_ports_key(h), port, name)
+      e = {port = port, refs = 1, state = 'starting', since = now, idle_since = 0, pid = 0, endpoint = '', error = ''}
+      wake = true
+    end
+    rcall('HSET', k, name, cjson.encode(e))
+  end
+  if wake then wake_services(h) end
+end
+
 -- Index update after a grant on a host that stays schedulable: computed from what the scan
 -- read, without reading the host back. A host that becomes parked is reindexed in full.
 local function index_after_grant(req, p)
@@ -325,6 +425,8 @@ local function grant(req, p, now)
   end
   if p.shared > 0 then rcall('HINCRBY', hk, 'shared', p.shared) end
   if req.ram > 0 then rcall('HINCRBY', hk, 'ram_used', req.ram) end
+  if req.slots then rcall('HINCRBY', hk, 'slots_used', req.slots) end
+  if req.services then take_services(req, h, now) end
   rcall('SADD', host_allocs_key(h), req.id)
   index_after_grant(req, p)
 
@@ -338,6 +440,12 @@ local function grant(req, p, now)
     cver = p.cver or '', shared_millis = tostring(p.shared), ram_mb = tostring(req.ram),
     created = tostring(created), activated = tostring(now), ttl_ms = tostring(req.ttl_ms),
     expires = tostring(expires), kind = req.kind or 'lease'}
+  local held = ''
+  if req.slots then rec.slots = tostring(req.slots); held = ',"slots":' .. req.slots end
+  if req.services then
+    rec.services = cjson.encode(req.services)
+    held = held .. ',"services":' .. rec.services
+  end
   local fields = alloc_to_list(rec)
   -- request and metadata arrive as raw JSON text (place) or are already on the record (queued
   -- tasks): stored and streamed as they are, never re-encoded.
@@ -360,6 +468,6 @@ local function grant(req, p, now)
     ',"strategy":' .. cjson.encode(req.strategy_name or '') .. ',"gpus":' .. gpus_json ..
     ',"cores":' .. cores_json .. ',"shared_millis":' .. p.shared .. ',"ram_mb":' .. req.ram ..
     ',"ttl_ms":' .. req.ttl_ms .. ',"expires":' .. expires .. ',"created":' .. created ..
-    ',"kind":"' .. rec.kind .. '"}', extra)
+    ',"kind":"' .. rec.kind .. '"' .. held .. '}', extra)
   return rec
 end

@@ -97,21 +97,23 @@ local function sim_host(req, h)
     local g = gpu_state(h, p)
     gpus[g.uuid] = {free = g.free, n = g.n, model = g.model}
   end
-  return {cpu = s.cpu, ram = s.ramf, gpus = gpus}
+  return {cpu = s.cpu, ram = s.ramf, gpus = gpus, slots = s.slotf}
 end
 
 local function sim_add(sim, id)
-  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb')
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots')
   for _, g in ipairs(decode_list(f[1])) do
     local sg = sim.gpus[g.uuid]
     if sg then sg.free = sg.free + tonumber(g.memory_mb); sg.n = sg.n - 1 end
   end
   sim.cpu = sim.cpu + #decode_list(f[2]) * 1000 + tonumber(f[3] or 0)
   sim.ram = sim.ram + tonumber(f[4] or 0)
+  sim.slots = sim.slots + tonumber(f[5] or 0)
 end
 
 local function sim_fits(req, sim)
   if sim.cpu < req.cpu_millis or sim.ram < req.ram then return false end
+  if req.slots and sim.slots < req.slots then return false end
   local n = 0
   for _, g in pairs(sim.gpus) do
     if gpu_fits(req, {free = g.free, n = g.n, model = g.model}) then n = n + 1 end
@@ -208,7 +210,8 @@ local function schedule_pass(now, depth, scan_cap)
         req.exclude = resv.host
         p = try_place(req, now)
         local ends = expected_end(req, now)
-        if not p and ends and ends <= resv.shadow then
+        -- A request pinned to one node (req.only) may backfill only onto that node.
+        if not p and ends and ends <= resv.shadow and (req.only == nil or req.only == resv.host) then
           req.exclude, req.only = nil, resv.host
           p = try_place(req, now)
         end
@@ -219,6 +222,7 @@ local function schedule_pass(now, depth, scan_cap)
       end
       if p then
         req.created = rcall('HGET', alloc_key(id), 'created')
+        req.kind = t.kind
         grant(req, p, now)
         rcall('ZREM', K_PENDING, id)
         rcall('HSET', task_key(id), 'state', 'placed')

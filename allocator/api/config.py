@@ -1,0 +1,67 @@
+"""Operator settings of the API server, from ``ALLOCATOR_*`` variables or ``allocator api`` flags.
+
+Everything that decides what remote callers may do lives here and only here: the bearer token,
+the registry of function tasks they may submit by name, and the modules policies may be loaded
+from. Nothing a caller sends can widen these.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+BUILTIN_POLICY_MODULE = "allocator.api.policies"
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (text or "").split(",") if p.strip())
+
+
+def _float(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
+    raw = env.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """What the API process allows and how it paces itself.
+
+    ``token``: bearer token required on every route but /health and /metrics (None = open; the
+    value is never logged or shown in a repr). ``tasks`` / ``tasks_file``: the task registry
+    (see ``allocator.api.tasks``). ``policy_modules``: module prefixes a ``policy_rule_uri``
+    given as a dotted path may name, besides the built-ins and the ``allocator.policies`` entry
+    points (which the operator installed, so they are trusted).
+    """
+
+    token: str | None = field(default=None, repr=False)
+    tasks: str | None = None
+    tasks_file: str | None = None
+    policy_modules: tuple[str, ...] = ()
+    poll_interval_s: float = 0.1
+    progress_interval_s: float = 5.0
+    policy_timeout_s: float = 10.0
+    policy_attempts: int = 3
+    tally_interval_s: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> ApiConfig:
+        e = os.environ if env is None else env
+        values: dict[str, object] = {
+            "token": e.get("ALLOCATOR_API_TOKEN") or None,
+            "tasks": e.get("ALLOCATOR_TASKS") or None,
+            "tasks_file": e.get("ALLOCATOR_TASKS_FILE") or None,
+            "policy_modules": _split(e.get("ALLOCATOR_POLICY_MODULES")),
+            "poll_interval_s": _float(e, "ALLOCATOR_API_POLL_S", 0.1),
+            "progress_interval_s": _float(e, "ALLOCATOR_API_PROGRESS_S", 5.0),
+            "policy_timeout_s": _float(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0),
+            "policy_attempts": int(_float(e, "ALLOCATOR_POLICY_ATTEMPTS", 3)),
+            "tally_interval_s": _float(e, "ALLOCATOR_API_TALLY_S", 1.0),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values["policy_modules"], str):
+            values["policy_modules"] = _split(values["policy_modules"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def allowed_policy_modules(self) -> tuple[str, ...]:
+        return (BUILTIN_POLICY_MODULE, *self.policy_modules)

@@ -1,0 +1,269 @@
+"""REST endpoints against a real uvicorn server and the real Redis: each route, errors, auth."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from rq.job import Job
+
+from allocator.queue import host_queue_name
+
+from .conftest import TOKEN, LiveApi, wait_until
+
+
+def err(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert {"code", "message", "field"} <= set(body["error"])
+    return body["error"]
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+
+def test_routes_need_the_token_but_health_and_metrics_stay_open(api: LiveApi) -> None:
+    anon = api.client(auth=False)
+    for method, path in [("GET", "/v1/capacity"), ("GET", "/v1/hosts"), ("POST", "/v1/allocations"),
+                         ("GET", "/v1/allocations"), ("GET", "/v1/tasks"), ("DELETE", "/v1/allocations/x")]:
+        r = anon.request(method, path, json={} if method == "POST" else None)
+        assert r.status_code == 401, (method, path, r.text)
+        assert err(r)["code"] == "UNAUTHORIZED"
+        assert r.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.get(api.url + "/v1/capacity", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    basic = httpx.get(api.url + "/v1/capacity", headers={"Authorization": "Basic " + TOKEN})
+    assert basic.status_code == 401
+    assert TOKEN not in wrong.text
+    assert anon.get("/health").json() == {"status": "ok", "redis": True, "namespace": api.allocator.keys.namespace}
+    assert anon.get("/metrics").status_code == 200
+    assert api.client().get("/v1/capacity").status_code == 200
+
+
+def test_no_token_configured_means_open(api_factory) -> None:
+    api = api_factory(token=None)
+    assert api.client(auth=False).get("/v1/capacity").status_code == 200
+
+
+def test_openapi_schema_documents_routes_and_bearer_auth(api: LiveApi) -> None:
+    schema = api.client(auth=False).get("/openapi.json").json()
+    paths = schema["paths"]
+    for p in ["/v1/capacity", "/v1/hosts", "/v1/hosts/{host_id}", "/v1/allocations", "/v1/allocations/{allocation_id}",
+              "/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/position", "/v1/tasks/registry", "/health", "/metrics"]:
+        assert p in paths, p
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "ErrorBody" in schema["components"]["schemas"]
+
+
+# -- capacity and hosts ---------------------------------------------------------------------
+
+
+def test_capacity_and_hosts(api: LiveApi) -> None:
+    c = api.client()
+    cap = c.get("/v1/capacity").json()
+    assert cap["host_count"] == 3 and cap["gpu_count"] == 5
+    assert cap["gpu_memory_mb"]["total"] == 2 * 40960 + 3 * 16384
+    hosts = c.get("/v1/hosts").json()
+    assert [h["host_id"] for h in hosts] == ["gpu-a", "gpu-b", "gpu-c"]
+    assert hosts[2]["cluster"] == "edge" and hosts[0]["heartbeat_age_s"] is None
+    api.allocator.redis.zadd(api.allocator.keys.heartbeats, {"gpu-a": 0})
+    h = c.get("/v1/hosts/gpu-a").json()
+    assert h["gpus"][1]["model"] == "A100" and h["heartbeat_age_s"] > 0
+    r = c.get("/v1/hosts/nope")
+    assert r.status_code == 404 and err(r)["code"] == "HOST_NOT_FOUND"
+
+
+def test_register_drain_resume_remove_host(api: LiveApi) -> None:
+    c = api.client()
+    r = c.put("/v1/hosts/gpu-d", json={"labels": {"cluster": "edge"}, "cpu_cores": 4, "ram_mb": "8Gi",
+                                       "gpus": [{"index": 0, "model": "L4", "memory_mb": "24Gi"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["gpu_memory_mb"]["total"] == 24576 and r.json()["cluster"] == "edge"
+    bad = c.put("/v1/hosts/gpu-d", json={"gpus": [{"index": 0, "memory_mb": "lots"}]})
+    assert bad.status_code == 422 and err(bad)["field"].startswith("gpus.0.memory_mb")
+    assert c.post("/v1/hosts/gpu-d/drain").json()["state"] == "draining"
+    assert c.post("/v1/hosts/gpu-d/resume").json()["state"] == "ready"
+    a = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "L4"}}).json()
+    busy = c.delete("/v1/hosts/gpu-d")
+    assert busy.status_code == 409 and err(busy)["code"] == "HOST_BUSY"
+    forced = c.delete("/v1/hosts/gpu-d", params={"force": "true"})
+    assert forced.json() == {"host_id": "gpu-d", "released": [a["allocation_id"]]}
+    assert c.get("/v1/hosts/gpu-d").status_code == 404
+    assert c.post("/v1/hosts/nope/drain").status_code == 404
+
+
+# -- allocations ----------------------------------------------------------------------------
+
+
+def test_allocate_get_list_release(api: LiveApi) -> None:
+    c = api.client()
+    r = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_memory_mb": "20Gi", "cpu_cores": 4, "ram_mb": "32Gi"},
+                                        "priority": "high", "task_id": "train-1", "metadata": {"team": "vision"}})
+    assert r.status_code == 201, r.text
+    a = r.json()
+    assert a["state"] == "active" and a["host_id"] == "gpu-a" and a["gpus"][0]["memory_mb"] == 20480
+    assert a["priority"] == "high" and len(a["cpu_cores"]) == 4 and a["metadata"] == {"team": "vision"}
+    assert api.allocator.get(a["allocation_id"]).host_id == "gpu-a"
+    assert c.get(f"/v1/allocations/{a['allocation_id']}").json()["task_id"] == "train-1"
+    listed = c.get("/v1/allocations", params={"state": "active"}).json()
+    assert [x["allocation_id"] for x in listed] == [a["allocation_id"]]
+    assert c.get("/v1/allocations", params={"host_id": "gpu-b"}).json() == []
+    rel = c.delete(f"/v1/allocations/{a['allocation_id']}").json()
+    assert rel["state"] == "released" and rel["released_now"] is True
+    again = c.delete(f"/v1/allocations/{a['allocation_id']}").json()
+    assert again["state"] == "released" and again["released_now"] is False
+    assert api.allocator.capacity().gpu_memory_mb.allocated == 0
+    missing = c.get("/v1/allocations/alloc-nope")
+    assert missing.status_code == 404 and err(missing)["code"] == "ALLOCATION_NOT_FOUND"
+    assert c.delete("/v1/allocations/alloc-nope").status_code == 404
+
+
+def test_allocate_is_idempotent_by_allocation_id(api: LiveApi) -> None:
+    c = api.client()
+    body = {"resources": {"gpu_memory_mb": "4Gi"}, "allocation_id": "my-lease-1"}
+    first, second = c.post("/v1/allocations", json=body).json(), c.post("/v1/allocations", json=body).json()
+    assert first["allocation_id"] == second["allocation_id"] == "my-lease-1"
+    assert first["gpus"] == second["gpus"] and len(api.allocator.list(state="active")) == 1
+
+
+def test_refusal_and_invalid_input_change_nothing(api: LiveApi) -> None:
+    c = api.client()
+    before = api.ledger()
+    r = c.post("/v1/allocations", json={"resources": {"gpu_memory_mb": "48Gi"}})
+    assert r.status_code == 409
+    e = err(r)
+    assert e["code"] == "INSUFFICIENT_GPU_MEMORY" and "largest free 40960 MiB" in e["message"]
+    for body, field in [({"resources": {"gpus": -1}}, "resources.gpus"),
+                        ({"resources": {"ram_mb": "12 parsecs"}}, "resources.ram_mb"),
+                        ({"resources": {"gpus": 1}, "priority": "urgent"}, "priority"),
+                        ({"resources": {"cpu_cores": "0.0001"}}, "resources.cpu_cores"),
+                        ({"resources": {}, "surprise": 1}, "surprise"),
+                        ({"selector": "cluster"}, "selector"),
+                        ({"ttl_seconds": -5}, "ttl_seconds")]:
+        r = c.post("/v1/allocations", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert err(r)["field"] == field, (body, r.json())
+    r = c.post("/v1/allocations", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and err(r)["code"] == "MALFORMED_JSON"
+    assert api.ledger() == before
+
+
+def test_allocate_queue_then_placed_on_release(api: LiveApi) -> None:
+    c = api.client()
+    big = c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}}).json()
+    r = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "on_busy": "queue"})
+    assert r.status_code == 202
+    q = r.json()
+    assert q["state"] == "pending" and q["queue_position"] == 1
+    pos = c.get(f"/v1/tasks/{q['allocation_id']}/position").json()
+    assert pos["position"] == 1 and pos["state"] == "pending" and pos["allocation"] is None
+    assert [e["task_id"] for e in c.get("/v1/tasks").json()] == [q["allocation_id"]]
+    c.delete(f"/v1/allocations/{big['allocation_id']}")
+    placed = c.get(f"/v1/tasks/{q['allocation_id']}").json()
+    assert placed["state"] == "active" and placed["position"] == 0 and placed["allocation"]["host_id"] == "gpu-a"
+
+
+def test_would_fit_changes_nothing(api: LiveApi) -> None:
+    c = api.client()
+    before = api.ledger()
+    fit = c.post("/v1/allocations/check", json={"resources": {"gpus": 1, "gpu_memory_mb": "30Gi"}}).json()
+    assert fit["fits"] is True and fit["host_id"] == "gpu-a"
+    assert c.post("/v1/allocations/check", json={"resources": {"gpus": 3}}).json() == {"fits": False, "host_id": None,
+                                                                                       "gpus": [], "cores": []}
+    assert api.ledger() == before
+
+
+# -- queued function tasks ------------------------------------------------------------------
+
+
+def test_submit_registered_task_position_and_cancel(api: LiveApi) -> None:
+    c = api.client()
+    reg = {t["name"]: t for t in c.get("/v1/tasks/registry").json()}
+    assert "add" in reg and "function" not in reg["add"] and "target" not in reg["add"]
+    r = c.post("/v1/tasks", json={"task": "add", "args": [2, 3], "resources": {"gpus": 1, "gpu_model": "T4"},
+                                  "job_id": "add-1"})
+    assert r.status_code == 202, r.text
+    t = r.json()
+    assert t["task_id"] == "add-1" and t["task"] == "add" and t["state"] == "active" and t["position"] == 0
+    assert t["allocation"]["host_id"] == "gpu-b" and t["job_status"] == "queued"
+    job = Job.fetch("add-1", connection=api.allocator.rq_connection)
+    assert job.func_name == "tests.api.task_funcs.add" and job.args == (2, 3)
+    assert job.origin == host_queue_name(api.allocator.keys.namespace, "gpu-b")
+    # The same job id again returns the task as it is (no second job).
+    assert c.post("/v1/tasks", json={"task": "add", "args": [9, 9], "job_id": "add-1"}).json()["task_id"] == "add-1"
+    # A task that must wait: every A100 is taken.
+    c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}})
+    w = c.post("/v1/tasks", json={"task": "add", "kwargs": {"x": 1, "y": 2}, "resources": {"gpus": 1, "gpu_model": "A100"},
+                                  "priority": "low"}).json()
+    assert w["state"] == "pending" and w["position"] == 1 and w["job_status"] == "queued"
+    assert c.get(f"/v1/tasks/{w['task_id']}/position").json()["position"] == 1
+    cancelled = c.delete(f"/v1/tasks/{w['task_id']}").json()
+    assert cancelled["state"] == "cancelled" and cancelled["position"] == 0
+    assert api.allocator.redis.zcard(api.allocator.keys.pending) == 0
+    assert c.delete("/v1/tasks/nope").status_code == 404
+    assert c.get("/v1/tasks/nope").status_code == 404
+
+
+def test_only_registered_tasks_and_plain_arguments(api: LiveApi) -> None:
+    c = api.client()
+    before = api.ledger()
+    for body, code, field in [
+        ({"task": "os.system", "args": ["true"]}, "UNKNOWN_TASK", "task"),
+        ({"task": "tests.api.task_funcs:add", "args": [1, 2]}, "UNKNOWN_TASK", "task"),
+        ({"task": "add", "kwargs": {"priority": 1}}, "INVALID_REQUEST", "kwargs.priority"),
+        ({"task": "add", "kwargs": {"job_timeout": 1}}, "INVALID_REQUEST", "kwargs.job_timeout"),
+        ({"task": "add", "resources": {"gpus": "two"}}, "INVALID_REQUEST", "resources.gpus"),
+    ]:
+        r = c.post("/v1/tasks", json=body)
+        assert r.status_code == 422, (body, r.text)
+        e = err(r)
+        assert (e["code"], e["field"]) == (code, field), e
+    assert "registered tasks: " in c.post("/v1/tasks", json={"task": "nope"}).json()["error"]["message"]
+    assert api.ledger() == before
+
+
+def test_unknown_route_and_method_use_the_error_shape(api: LiveApi) -> None:
+    c = api.client()
+    assert err(c.get("/v1/nothing-here"))["code"] == "NOT_FOUND"
+    r = c.patch("/v1/capacity")
+    assert r.status_code == 405 and err(r)["code"] == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize("path", ["/v1/allocations/a%2Fb", "/v1/tasks/%20"])
+def test_odd_ids_are_not_found_not_errors(api: LiveApi, path: str) -> None:
+    assert api.client().get(path).status_code == 404
+
+
+def test_eta_is_reported_and_recorded_for_pending_tasks(api: LiveApi) -> None:
+    c = api.client()
+    c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}, "expected_duration": 60})
+    w = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "on_busy": "queue"}).json()
+    status = c.get(f"/v1/tasks/{w['allocation_id']}").json()
+    if getattr(api.allocator, "estimated_start_time", None) is None:
+        assert status["estimated_start_time"] is None
+        return
+    eta = wait_until(lambda: c.get(f"/v1/tasks/{w['allocation_id']}").json()["estimated_start_time"], what="an ETA")
+    assert eta is not None
+    assert api.allocator.redis.hget(api.allocator.keys.eta_predictions, w["allocation_id"]) is not None
+
+
+def test_health_reports_degraded_redis() -> None:
+    from allocator import Allocator
+    from allocator.api.config import ApiConfig
+
+    from .conftest import start_server
+
+    a = Allocator("redis://127.0.0.1:1/0", namespace="unreachable")
+    server = start_server(a, ApiConfig(token=None, tally_interval_s=30))
+    try:
+        r = httpx.get(server.url + "/health")
+        assert r.status_code == 503 and r.json()["redis"] is False
+        m = httpx.get(server.url + "/metrics")
+        assert m.status_code == 200 and "allocator_redis_up 0.0" in m.text
+    finally:
+        server.stop()
+
+
+def test_function_task_placed_by_the_pass_keeps_kind_job(api: LiveApi) -> None:
+    t = api.client().post("/v1/tasks", json={"task": "add", "args": [1, 1], "resources": {"gpus": 1}}).json()
+    assert t["state"] == "active"
+    assert api.allocator.get(t["task_id"]).kind == "job"

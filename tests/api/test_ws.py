@@ -1,0 +1,199 @@
+"""WebSocket /ws/allocate: seed-003 messages, waiting in line with position updates, placement,
+cancellation by disconnect, auth, and bad messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from .conftest import AUTH, LiveApi, wait_until
+
+
+def message(policy: str = "best_fit", inputs: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    msg = {"adhoc": True, "policy_rule_uri": policy, "clusters": [], "filter": {}, "search": {},
+           "inputs": inputs if inputs is not None else {"resources": {"gpus": 1}}, "parameters": {}, "settings": {}}
+    msg.update(fields)
+    return msg
+
+
+def open_ws(api: LiveApi, auth: bool = True) -> ClientConnection:
+    return connect(api.ws_url, additional_headers=AUTH if auth else {}, open_timeout=5)
+
+
+def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def until(ws: ClientConnection, kind: str, timeout: float = 5.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Frames up to and including the first of type ``kind``."""
+    seen = []
+    while True:
+        m = recv(ws, timeout)
+        seen.append(m)
+        if m["type"] == kind:
+            return m, seen
+        assert m["type"] != "error", m
+
+
+def closed_code(ws: ClientConnection) -> int:
+    with pytest.raises(ConnectionClosed) as info:
+        ws.recv(timeout=5)
+    return info.value.rcvd.code if info.value.rcvd else -1
+
+
+def fill_a100s(api: LiveApi) -> str:
+    a = api.client().post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}, "expected_duration": 120})
+    assert a.status_code == 201
+    return a.json()["allocation_id"]
+
+
+def test_builtin_strategy_places_at_once(api: LiveApi) -> None:
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_memory_mb": "10Gi"}, "task_id": "infer-1"},
+                                   clusters=["lab"])))
+        accepted = recv(ws)
+        assert accepted["type"] == "accepted" and accepted["policy"] == "best_fit"
+        placed = recv(ws)
+        assert placed["type"] == "placed"
+        assert placed["placement"] == {"cluster_id": "lab", "node_id": "gpu-b", "gpus": ["0"]}
+        alloc = placed["allocation"]
+        assert alloc["state"] == "active" and alloc["allocation_id"] == accepted["allocation_id"]
+        assert alloc["task_id"] == "infer-1" and alloc["metadata"]["policy_rule_uri"] == "best_fit"
+        assert closed_code(ws) == 1000
+    held = api.allocator.get(accepted["allocation_id"])
+    assert held.state == "active" and held.host_id == "gpu-b" and held.gpus[0].memory_mb == 10240
+
+
+def test_filter_restricts_candidates(api: LiveApi) -> None:
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("worst_fit", {"resources": {"gpus": 1, "gpu_memory_mb": "1Gi"}}, filter={"cluster": "edge"})))
+        placed, _ = until(ws, "placed")
+        assert placed["placement"]["node_id"] == "gpu-c" and placed["placement"]["cluster_id"] == "edge"
+
+
+def test_request_waits_streams_position_then_is_placed(api: LiveApi) -> None:
+    blocker = fill_a100s(api)
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}},
+                                   settings={"progress_interval_s": 0.2})))
+        accepted = recv(ws)
+        queued = recv(ws)
+        assert queued["type"] == "queued" and queued["position"] == 1
+        assert queued["allocation_id"] == accepted["allocation_id"]
+        assert "estimated_start_time" in queued
+        assert api.allocator.get(accepted["allocation_id"]).state == "pending"
+        # A keep-alive position frame arrives while nothing changes.
+        assert recv(ws)["type"] == "position"
+        # A lower-priority request joining behind does not move this one.
+        api.client().post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "on_busy": "queue",
+                                                   "priority": "low"})
+        api.client().delete(f"/v1/allocations/{blocker}")
+        placed, frames = until(ws, "placed")
+        assert placed["placement"]["node_id"] == "gpu-a" and placed["allocation"]["state"] == "active"
+        assert all(f["position"] == 1 for f in frames if f["type"] == "position")
+        assert closed_code(ws) == 1000
+    assert api.allocator.get(accepted["allocation_id"]).state == "active"
+
+
+def test_disconnect_before_placement_cancels(api: LiveApi) -> None:
+    blocker = fill_a100s(api)
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}})))
+        accepted = recv(ws)
+        assert recv(ws)["type"] == "queued"
+    a = api.allocator
+    wait_until(lambda: a.get(accepted["allocation_id"]).state == "cancelled", what="the request to be cancelled")
+    assert a.redis.zcard(a.keys.pending) == 0
+    api.client().delete(f"/v1/allocations/{blocker}")
+    assert a.get(accepted["allocation_id"]).state == "cancelled"
+    assert a.capacity().gpu_memory_mb.allocated == 0
+
+
+def test_cancel_message_cancels(api: LiveApi) -> None:
+    fill_a100s(api)
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}})))
+        accepted = recv(ws)
+        assert recv(ws)["type"] == "queued"
+        ws.send(json.dumps({"type": "cancel"}))
+        wait_until(lambda: api.allocator.get(accepted["allocation_id"]).state == "cancelled", what="cancel")
+
+
+def test_fail_when_busy_and_timeout_settings(api: LiveApi) -> None:
+    fill_a100s(api)
+    before = api.ledger()
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}}, settings={"on_busy": "fail"})))
+        err, _ = until(ws, "error")
+        assert err["error"]["code"] == "NO_FIT"
+        assert closed_code(ws) == 4409
+    assert api.ledger() == before
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}}, settings={"timeout_s": 0.3})))
+        accepted = recv(ws)
+        err, frames = until(ws, "error")
+        assert frames[0]["type"] == "queued" and {f["type"] for f in frames[1:-1]} <= {"position"}
+        assert err["error"]["code"] == "TIMEOUT"
+        assert closed_code(ws) == 4409
+    assert api.allocator.get(accepted["allocation_id"]).state == "cancelled"
+
+
+def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        open_ws(api, auth=False)
+    assert info.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        connect(api.ws_url, additional_headers={"Authorization": "Bearer wrong"}, open_timeout=5)
+
+
+@pytest.mark.parametrize("raw, code, field, close", [
+    ("{not json", "MALFORMED_JSON", None, 4400),
+    (json.dumps(message(adhoc=False)), "INVALID_REQUEST", "adhoc", 4422),
+    (json.dumps({k: v for k, v in message().items() if k != "inputs"}), "INVALID_REQUEST", "inputs", 4422),
+    (json.dumps(message(inputs={"resources": {"gpus": "many"}})), "INVALID_REQUEST", "inputs.resources.gpus", 4422),
+    (json.dumps(message(inputs={"resources": {"ram_mb": "3 bananas"}})), "INVALID_REQUEST", "inputs.resources.ram_mb", 4422),
+    (json.dumps(message(search={"q": "fast gpus"})), "INVALID_REQUEST", "search", 4422),
+    (json.dumps(message(settings={"on_busy": "panic"})), "INVALID_REQUEST", "settings.on_busy", 4422),
+    (json.dumps(message(filter="zone")), "INVALID_REQUEST", "filter", 4422),
+    (json.dumps(message(clusters=["mars"])), "NO_CANDIDATES", "clusters", 4422),
+    (json.dumps(message(policy="no_such_policy")), "POLICY_ERROR", "policy_rule_uri", 4422),
+    (json.dumps(message(policy="os:system")), "POLICY_ERROR", "policy_rule_uri", 4422),
+    (json.dumps(message(policy="subprocess.Popen")), "POLICY_ERROR", "policy_rule_uri", 4422),
+    (json.dumps(message(policy="tests.api.policy_plugins:Missing")), "POLICY_ERROR", "policy_rule_uri", 4422),
+])
+def test_bad_messages_get_a_clear_error_and_change_nothing(api: LiveApi, raw: str, code: str, field: str | None,
+                                                           close: int) -> None:
+    before = api.ledger()
+    with open_ws(api) as ws:
+        ws.send(raw)
+        err = recv(ws)
+        assert err["type"] == "error", err
+        assert err["error"]["code"] == code and err["error"]["field"] == field, err
+        assert closed_code(ws) == close
+    assert api.ledger() == before
+
+
+def test_disallowed_module_is_never_imported(api: LiveApi) -> None:
+    """A dotted path outside ALLOCATOR_POLICY_MODULES is refused before anything is imported
+    (the server runs in this process, so sys.modules would show the import)."""
+    import sys
+
+    name = "tests.api.forbidden_policy"
+    assert name not in sys.modules
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message(policy=f"{name}:Policy")))
+        err = recv(ws)
+        assert err["error"]["code"] == "POLICY_ERROR" and err["error"]["field"] == "policy_rule_uri"
+        assert "not allowed" in err["error"]["message"] and "ALLOCATOR_POLICY_MODULES" in err["error"]["message"]
+    assert name not in sys.modules
+
+
+def test_binary_frame_is_read_as_json_text(api: LiveApi) -> None:
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit")).encode())
+        placed, _ = until(ws, "placed")
+        assert placed["allocation"]["state"] == "active"
