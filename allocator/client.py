@@ -104,6 +104,17 @@ def _check_host_input(data: Any) -> None:
                 raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
 
 
+def _check_host_spec(spec: HostSpec) -> None:
+    """Numbers the ledger scripts keep exactly (far below 1e14) and an inventory that adds up."""
+    if spec.reserve_gpus > len(spec.gpus):
+        raise InvalidRequest("reserve_gpus", f"{spec.reserve_gpus} reserved but the host has {len(spec.gpus)} GPU(s)")
+    for i, g in enumerate(spec.gpus):
+        if g.index >= MAX_CORE_ID:
+            raise InvalidRequest(f"gpus.{i}.index", f"must be below {MAX_CORE_ID}, got {g.index}")
+        if g.used_mb > g.memory_mb:
+            raise InvalidRequest(f"gpus.{i}.used_mb", f"{g.used_mb} MiB in use is more than the GPU's {g.memory_mb} MiB")
+
+
 class Allocator:
     """Allocate and release GPU memory, CPU cores and RAM across a fleet of hosts.
 
@@ -177,6 +188,7 @@ class Allocator:
         if not isinstance(data, HostSpec):
             _check_host_input(data)
         spec = parse(HostSpec, data)
+        _check_host_spec(spec)
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")

@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 
 def start_redis_server(extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen[bytes], str]:
-    """Starts a private redis-server; returns (url, process, data dir). The caller stops it."""
+    """Starts a private redis-server; returns (url, process, data dir). The caller stops it.
+    ``extra_args`` go to redis-server after the defaults (e.g. ``["--appendonly", "yes"]``); with
+    ``--requirepass`` the URL returned has no password in it: the caller adds what it chose."""
     exe = find_redis_server()
     if exe is None:
         raise AllocatorError(
@@ -56,6 +58,8 @@ def start_redis_server(extra_args: list[str] | None = None) -> tuple[str, subpro
     while True:
         try:
             redis.Redis.from_url(url, socket_timeout=0.5).ping()
+            return url, proc, data_dir
+        except redis.AuthenticationError:  # up, and wants the password the caller gave (--requirepass)
             return url, proc, data_dir
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
@@ -159,6 +160,11 @@ class Task:
     def position(self) -> int | None:
         """Global place in line: 1 = next to start; 0 once placed or running."""
         return position(self.allocator, self.id)
+
+    @property
+    def estimated_start_time(self) -> datetime | None:
+        """When the task is expected to start (see ``Allocator.estimated_start_time``)."""
+        return self.allocator.estimated_start_time(self.id)
 
     @property
     def allocation(self) -> Allocation | None:

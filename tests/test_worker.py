@@ -179,3 +179,19 @@ def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_work_horse_pid_is_mapped_to_its_grant_while_it_runs(alloc, tmp_path):
+    gpu_host(alloc)
+    flag = tmp_path / "go"
+    task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1})
+    worker = start_worker(alloc, "h1")
+    try:
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
+        assert list(alloc.redis.hgetall(alloc.keys.host_pids("h1")).values()) == [task.id]
+        flag.touch()
+        wait_until(lambda: task.job.get_status() == "finished")
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0)
+    finally:
+        worker.terminate()
+        worker.wait(10)

@@ -12,6 +12,7 @@ import signal
 import threading
 from typing import Optional
 
+import redis
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -202,6 +203,9 @@ def hosts_command(
         rows = host_rows(a)
     except AllocatorError as exc:
         err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    except redis.RedisError as exc:  # unreachable, wrong password, TLS refused: a message, not a traceback
+        err.print(f"[red]error:[/] Redis: {exc}")
         raise typer.Exit(1) from None
     if as_json:
         console.print_json(json.dumps([r.to_dict() for r in rows]))

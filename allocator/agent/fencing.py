@@ -9,13 +9,15 @@ current generation (the record's ``host_gen``). Anything else is refused with th
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 from ..client import Allocator
 from ..errors import Refused
 from . import _redis
 
-#: Reasons ``check_grant`` gives, besides "ok".
+#: Reasons ``check_grant`` gives, besides "ok" (``claim_grant`` adds "wrong_host" and "already_claimed").
 REASONS = ("not_found", "not_active", "host_missing", "host_lost", "stale_generation")
 
 
@@ -36,6 +38,8 @@ class GrantStatus:
     host_state: str | None = None
     gen: int | None = None
     host_gen: int | None = None
+    token: str | None = None  # claim_grant: the placement "<host>|<host_gen>|<activated ms>|<requeues>"
+    claimed_by: str | None = None
 
 
 def check_grant(allocator: Allocator, allocation_id: str) -> GrantStatus:
@@ -45,6 +49,33 @@ def check_grant(allocator: Allocator, allocation_id: str) -> GrantStatus:
         allocation_id=allocation_id, current=bool(r.get("current")), reason=str(r.get("reason")),
         state=r.get("state"), host_id=r.get("host"), host_state=r.get("host_state"),
         gen=r.get("gen"), host_gen=r.get("host_gen"),
+    )
+
+
+def placement_token(host: str | None, host_gen: str | None, activated: str | None, requeues: str | None) -> str:
+    """The name of one placement of an allocation, as ``claim_grant.lua`` and ``release.lua`` build it
+    from the record's fields ``host``, ``host_gen``, ``activated`` and ``requeues``."""
+    return f"{host or ''}|{host_gen or '1'}|{activated or ''}|{requeues or '0'}"
+
+
+#: Record fields ``placement_token`` is built from, in its argument order.
+PLACEMENT_FIELDS = ("host", "host_gen", "activated", "requeues")
+
+
+def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: str, *,
+                node: str | None = None, pid: int | None = None) -> GrantStatus:
+    """``check_grant`` for a worker about to start the job, which also claims the placement:
+    each placement (host, generation, activation time) is claimed once, so a second copy of the
+    same queue entry (popped by a worker before its host was declared lost) cannot start a
+    second run of it. The claim records the worker's machine (``node``, default this hostname)
+    and ``pid`` (default this process), so the host's agent can tell when the worker died. ``token`` names the placement; pass it to ``Allocator.release(...,
+    placement=token)`` so the end of this run frees only this placement."""
+    r = _redis.call(allocator, "claim_grant", [], allocation_id, worker, host_id,
+                    socket.gethostname() if node is None else node, os.getpid() if pid is None else pid)
+    return GrantStatus(
+        allocation_id=allocation_id, current=bool(r.get("current")), reason=str(r.get("reason")),
+        state=r.get("state"), host_id=r.get("host"), host_state=r.get("host_state"),
+        gen=r.get("gen"), host_gen=r.get("host_gen"), token=r.get("token"), claimed_by=r.get("claimed_by"),
     )
 
 

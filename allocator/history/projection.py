@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from .db import dt_to_ms, ms_to_dt
+from .models import ENDED_STATES
 
 ALLOCATION_EVENTS = frozenset({"submitted", "allocated", "released", "cancelled", "requeued", "started", "finished"})
 HOST_EVENTS = frozenset({"host_registered", "host_updated", "host_draining", "host_resumed", "host_lost", "host_removed"})
@@ -205,6 +206,8 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
         if newer or row["outcome"] is None:
             row["outcome"] = _text(d.get("outcome") or d.get("status"))
             row["finished_at"] = ev.ts
+        if newer and d.get("state") in ENDED_STATES:  # the reaper failing a task by its on_host_lost policy
+            row["state"] = d["state"]
     _touch(ev, row)
     derive_durations(row)
 

@@ -97,6 +97,7 @@ def restore_record(row: dict[str, Any]) -> dict[str, Any]:
         "created": dt_to_ms(row["submitted_at"]) or placed, "activated": placed, "ttl_ms": int(row["ttl_ms"] or 0),
         "expires": dt_to_ms(row["expires_at"]) or 0, "metadata": json.dumps(row["metadata"] or {}),
         "request": json.dumps(row["request"] or {}), "kind": row["kind"] or "lease",
+        "requeues": int(row.get("requeues") or 0),
     }
 
 

@@ -7,7 +7,8 @@ Re-checks inside the script that the heartbeat is still older than the grace (th
 beaten since the reaper looked), then: state "lost" (field lost_at), out of every index, one
 "host_lost" outbox event, and the host leaves the heartbeats set (its agent must register again,
 which starts a new generation). Then releases, with reason "host_lost", the host's stale grants
-(function tasks are requeued at the front or failed by their on_host_lost policy):
+(function tasks are requeued at the front or failed by their on_host_lost policy; a failed one
+gets a "finished" event with state "failed", as its released event said "released"):
 all of its active allocations while it is lost, or those of an older generation when it has
 already come back. At most ARGV[5] per call; when some remain the host stays in the reclaim set
 and the reaper calls again. A host that no longer exists is dropped from both sets.
@@ -55,6 +56,11 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
       if changed then
         released[#released + 1] = id
         after_host_lost(id, now)
+        if rcall('HGET', alloc_key(id), 'state') == 'failed' then
+          -- Policy "fail" turned the record to failed after its released event: say so in the
+          -- outbox too, or the history would keep it as released.
+          emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
+        end
       end
     else
       remaining = remaining + 1

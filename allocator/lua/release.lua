@@ -2,9 +2,13 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] allocation id,
 ARGV[4] reason ("released" | "failed" | "preempted" | ...), ARGV[5] scheduling pass depth
-(0 = none), ARGV[6] scan cap. Freed capacity goes to waiting tasks in the same call.
+(0 = none), ARGV[6] scan cap, ARGV[7] optional placement token "<host>|<host_gen>|<activated>|<requeues>"
+(see claim_grant.lua): when given, only that placement is released; if the allocation is active
+under another placement (its task was requeued and placed again while an old run went on), the
+call changes nothing and reports stale = true (likewise while it waits in line again).
+Freed capacity goes to waiting tasks in the same call.
 A second release of the same id changes nothing and reports changed = false.
-Returns JSON {ok=true, changed, alloc{...}} or {ok=false, code="ALLOCATION_NOT_FOUND", message}.
+Returns JSON {ok=true, changed, stale?, alloc{...}} or {ok=false, code="ALLOCATION_NOT_FOUND", message}.
 ]]
 --- @include "ledger"
 --- @include "placement"
@@ -12,6 +16,14 @@ Returns JSON {ok=true, changed, alloc{...}} or {ok=false, code="ALLOCATION_NOT_F
 
 local now = now_ms()
 local id = ARGV[3]
+local want = ARGV[7]
+if want ~= nil and want ~= '' then
+  local f = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'requeues')
+  local token = (f[2] or '') .. '|' .. (f[3] or '1') .. '|' .. (f[4] or '') .. '|' .. (f[5] or '0')
+  if f[1] == 'pending' or (f[1] == 'active' and token ~= want) then
+    return cjson.encode({ok = true, changed = false, stale = true, alloc = read_alloc(id), placed = {}})
+  end
+end
 local a, changed = finish_alloc(id, ARGV[4], now)
 if not a then
   return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})

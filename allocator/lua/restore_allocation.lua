@@ -6,7 +6,7 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] JSON list of records {id, task_id, task_type, owner, priority (0..3), strategy, host,
         host_gen, gpus[{pos, index, uuid, model, memory_mb}], cores[], shared_millis, ram_mb,
         created, activated (ms), ttl_ms, expires (ms, 0 = none), metadata (JSON text),
-        request (JSON text), kind}.
+        request (JSON text), kind, requeues}.
 For each record:
 - an allocation id the ledger already holds is left alone ("existing"), so a rerun is harmless;
 - on a registered host the grant is checked against what is free (GPU by uuid, since a
@@ -102,7 +102,7 @@ local function record(r, gpus, state)
     shared_millis = tostring(r.shared_millis or 0), ram_mb = tostring(r.ram_mb or 0),
     created = tostring(created), activated = tostring(activated), ttl_ms = tostring(r.ttl_ms or 0),
     expires = tostring(r.expires or 0), metadata = r.metadata or '{}', request = r.request or '{}',
-    kind = r.kind or 'lease'}
+    kind = r.kind or 'lease', requeues = tostring(r.requeues or 0)}
   if state ~= 'active' then
     rec.released = tostring(now)
     rec.reason = 'recovery_conflict'

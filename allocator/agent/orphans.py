@@ -1,0 +1,154 @@
+"""Runs orphaned by a dead worker: the agent frees their grants.
+
+A worker parent releases a job's allocation after its work horse ends. If the parent itself dies
+(``kill -9``, the OOM killer, a crash) nobody would: the grant stays held until its TTL (an hour
+by default, never for ``ttl_seconds=None``), although the host and its agent are fine, so the
+reaper never steps in. The agent runs on the worker's machine and can see its processes, so it
+closes that gap.
+
+A worker claims each placement before it starts the job (``claim_grant.lua``); the claim records
+the worker's machine and pid. Each check, for the allocations of the agent's hosts that a worker
+on this machine claimed, and the work horses in ``Keys.host_pids(host)`` (pid -> allocation id):
+
+- the worker parent alive, or any of the run's work horses alive: nothing to do (an orphaned
+  horse keeps running, and keeps its grant, until it exits);
+- neither alive: the run is over and nobody will release it. The allocation is released with the
+  placement the worker claimed (so a newer placement of the same task is never touched):
+  reason ``released`` when the RQ job finished, ``failed`` otherwise, after a ``finished`` outbox
+  event with ``worker_lost: true``; a task that was being preempted is requeued instead, as its
+  worker would have done. Dead horses leave the pid map.
+
+A pid that exists is taken as alive (a reused pid only delays the release). Zombies count as
+dead. Claims made on another machine are left to that machine's agent. The RQ job of an
+interrupted run keeps status ``started`` until RQ's own maintenance (a worker of the same queue)
+moves it to the failed registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import psutil
+
+from ..client import Allocator
+from ..queue import RQ_PREFIX
+from .fencing import PLACEMENT_FIELDS, placement_token
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORPHAN_CHECK_S = 5.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this machine (zombies are dead)."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.ZombieProcess:
+        return False
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+@dataclass
+class OrphanReport:
+    released: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    running_without_worker: list[str] = field(default_factory=list)  # horse alive, parent dead
+
+
+class OrphanReaper:
+    """Finds and frees runs whose worker died on this machine (see the module docstring)."""
+
+    def __init__(self, allocator: Allocator, *, every_s: float = DEFAULT_ORPHAN_CHECK_S, node: str | None = None) -> None:
+        self.allocator = allocator
+        self.every_s = every_s
+        self.node = node or socket.gethostname()
+        self._next = 0.0
+        self._not_jobs: set[str] = set()  # leases: never claimed by a worker, skipped after one look
+
+    def maybe_check(self, hosts: Iterable[str]) -> OrphanReport | None:
+        """``check`` at most every ``every_s`` seconds (``every_s`` <= 0: never)."""
+        if self.every_s <= 0 or time.monotonic() < self._next:
+            return None
+        self._next = time.monotonic() + self.every_s
+        return self.check(hosts)
+
+    def check(self, hosts: Iterable[str]) -> OrphanReport:
+        a = self.allocator
+        hosts = list(hosts)
+        rep = OrphanReport()
+        if not hosts:
+            return rep
+        pipe = a.redis.pipeline(transaction=False)
+        for h in hosts:
+            pipe.smembers(a.keys.host_allocs(h))
+            pipe.hgetall(a.keys.host_pids(h))
+        replies = pipe.execute()
+        horses: dict[str, list[tuple[str, int]]] = {}  # allocation id -> [(host, pid)]
+        active: set[str] = set()
+        for i, h in enumerate(hosts):
+            active.update(replies[2 * i])
+            for pid, aid in replies[2 * i + 1].items():
+                if pid.isdigit():
+                    horses.setdefault(aid, []).append((h, int(pid)))
+        self._not_jobs &= active
+        ids = sorted((active - self._not_jobs) | set(horses))
+        if not ids:
+            return rep
+        fields = ("state", *PLACEMENT_FIELDS, "kind", "claim", "claimed_node", "claimed_pid")
+        pipe = a.redis.pipeline(transaction=False)
+        for aid in ids:
+            pipe.hmget(a.keys.alloc(aid), *fields)
+            pipe.hget(a.keys.task(aid), "state")
+        rows = pipe.execute()
+        for n, aid in enumerate(ids):
+            rec = dict(zip(fields, rows[2 * n]))
+            task_state = rows[2 * n + 1]
+            if rec["kind"] != "job" and rec["state"] is not None and aid not in horses:
+                self._not_jobs.add(aid)
+                continue
+            if not rec["claim"] or rec["claimed_node"] != self.node:
+                continue  # not started by a worker, or by one on another machine
+            worker_pid = int(rec["claimed_pid"]) if (rec["claimed_pid"] or "").isdigit() else 0
+            if pid_alive(worker_pid):
+                continue
+            runs = horses.get(aid, [])
+            if any(pid_alive(pid) for _, pid in runs):
+                rep.running_without_worker.append(aid)
+                continue
+            self._settle(aid, rec, task_state, runs, rep)
+        return rep
+
+    def _settle(self, aid: str, rec: dict[str, str | None], task_state: str | None, runs: list[tuple[str, int]],
+                rep: OrphanReport) -> None:
+        """The worker and every horse of the run are gone: do what the worker would have done."""
+        a = self.allocator
+        for h, pid in runs:
+            a.redis.hdel(a.keys.host_pids(h), str(pid))
+        if task_state == "preempting":
+            res = a._call("requeue", aid, a.pass_depth, a.scan_cap)
+            if res.get("requeued"):
+                rep.requeued.append(aid)
+                log.warning("job %s: its worker died while it was being preempted; requeued", aid)
+            return
+        token = placement_token(*(rec[f] for f in PLACEMENT_FIELDS))
+        if rec["state"] != "active" or token != rec["claim"]:
+            return  # already ended, or placed again since that run: not this run's to release
+        status = a.rq_connection.hget(f"{RQ_PREFIX}job:{aid}", "status")
+        status = status.decode() if isinstance(status, bytes) else status
+        outcome = "ok" if status == "finished" else (status or "lost")
+        a.record_event("finished", aid, {"host": rec["host"], "status": str(status), "outcome": outcome,
+                                         "worker_lost": True})
+        res = a.release(aid, reason="released" if status == "finished" else "failed", placement=rec["claim"])
+        if res.released_now:
+            rep.released.append(aid)
+            log.warning("job %s on %s: its worker (pid %s) died; allocation released (job %s)", aid, rec["host"],
+                        rec["claimed_pid"], status or "gone")

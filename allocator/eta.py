@@ -1,0 +1,917 @@
+"""Estimated start times: the pending line simulated against the expected releases.
+
+The engine reads one snapshot of the ledger (hosts, active allocations with their start times and
+expected ends, the pending line with each task's place request, the duration estimates) and runs
+a discrete-event simulation of what the scheduler will do: a scheduling pass now, then after each
+expected release a pass again, each pass being a Python mirror of the Lua pass
+(``lua/includes/queue.lua``) over a Python mirror of the placement walk
+(``lua/includes/placement.lua``):
+
+- the walk: best fit over the free-GPU-memory index from the requested memory up, worst fit from
+  the top down, first fit in registration order (falling back to best fit when the bounded walk
+  stops at ``scan_cap``), whole GPUs over the idle-GPU index, CPU-only requests over the CPU index;
+  parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs by the same
+  rule; GPU models; label selectors; the critical reserve of idle GPUs;
+- the pass: the first ``pass_depth`` tasks in line (priority, then front, then arrival); the first
+  task that does not fit (after trying preemption when its strategy is ``priority``) gets an EASY
+  reservation from the allocations' expected ends (the ``ends`` index, first 256); later tasks start
+  on other hosts, or on the reserved host only when their expected end is before the shadow time;
+  a pass that placed something is repeated at the same instant (what the scheduler's tick does a
+  moment later), so a pass depth of 1 is strict FIFO without backfill.
+
+Two notions of duration are kept apart. The pass's own view (reservation order, shadow time,
+backfill test) is exactly what the Lua reads: the ``ends`` index for running allocations, and for
+tasks the history's p80 per task type, else the hint, else the TTL. The *simulated release* of a
+running allocation or of a task started in the simulation uses the engine's estimate: the history
+estimate for the task type (``Keys.durations``, statistic ``stat``, p50 by default), else the
+task's hint (``expected_ms``), else its TTL, capped by its TTL deadline. An allocation already past
+its expected end is assumed to run as long again as it has so far, beyond that end
+(``overdue_factor``): long-running outliers of a heavy-tailed type are likely to keep running.
+Allocations with no estimate at all never end in the simulation, and tasks that only they could
+make room for get no estimate (``None``).
+
+Cost: the snapshot is one pipelined read (consistent: ``WATCH`` on the outbox stream, retried);
+payloads of pending tasks and records of active allocations are cached per id, since they do not
+change while a task waits or an allocation runs. The simulation keeps the free-capacity indexes in
+``SortedList`` s, so a walk costs O(log n) plus the members it looks at; and a request shape that
+fitted nowhere is not walked again until a host it could use gains capacity. See
+``docs/benchmarks.md`` (ETA) for the measured cost at 10,000 pending tasks on 1,213 hosts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import redis
+from sortedcontainers import SortedList
+
+if TYPE_CHECKING:
+    from .client import Allocator
+
+#: Statistic of the history estimate used for simulated run times (see docs/benchmarks.md, ETA).
+DEFAULT_STAT = "p50"
+#: An allocation past its expected end is assumed to run this many times its overrun longer.
+DEFAULT_OVERDUE_FACTOR = 1.0
+#: The cache written by the scheduler tick is used while younger than this (seconds).
+DEFAULT_MAX_AGE_S = 5.0
+
+RESERVE_LIMIT = 256  # reserve(req, now, 256) in queue.lua
+PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
+BAND = 4398046511104  # 2^42: pending score per priority band
+BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
+
+_ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "expires",
+                 "task_type", "kind", "state")
+_TASK_FIELDS = ("kind", "payload", "seq", "state")
+_META = ("_at", "_cost_ms", "_pending")
+
+
+def to_datetime(ms: int | float | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+# -- the simulated ledger ------------------------------------------------------------------------
+
+class _Gpu:
+    __slots__ = ("pos", "uuid", "model", "cap", "used", "n", "member", "ordscore")
+
+    def __init__(self, pos: int, uuid: str, model: str, cap: int, used: int, n: int, member: str, ordscore: int):
+        self.pos, self.uuid, self.model, self.cap, self.used, self.n = pos, uuid, model, cap, used, n
+        self.member, self.ordscore = member, ordscore
+
+    @property
+    def free(self) -> int:
+        v = self.cap - self.used
+        return v if v > 0 else 0
+
+
+class _Host:
+    __slots__ = ("id", "ord", "ready", "labels", "reserve", "cfree", "shared", "ram", "ram_used", "gpus",
+                 "indexed")
+
+    def __init__(self, hid: str, h: dict[str, str]) -> None:
+        self.id = hid
+        self.ord = int(h.get("ord") or 0)
+        self.ready = h.get("state") == "ready"
+        self.labels = json.loads(h.get("labels") or "{}") or {}
+        self.reserve = int(h.get("reserve_gpus") or 0)
+        self.cfree = int(h.get("cfree") or 0)
+        self.shared = int(h.get("shared") or 0)
+        self.ram = int(h.get("ram") or 0)
+        self.ram_used = int(h.get("ram_used") or 0)
+        self.gpus: list[_Gpu] = []
+        for p in range(int(h.get("ngpu") or 0)):
+            k = f"g{p}:"
+            self.gpus.append(_Gpu(p, h.get(k + "uuid", ""), h.get(k + "model", ""),
+                                  int(h.get(k + "total") or 0) - int(h.get(k + "ext") or 0),
+                                  int(h.get(k + "used") or 0), int(h.get(k + "n") or 0),
+                                  f"{hid}#{p}", self.ord * 1024 + p))
+        self.indexed = False
+
+    @property
+    def cpu(self) -> int:
+        v = self.cfree * 1000 - self.shared
+        return v if v > 0 else 0
+
+    @property
+    def ramf(self) -> int:
+        v = self.ram - self.ram_used
+        return v if v > 0 else 0
+
+
+class _Req:
+    """A pending task's place request (the payload JSON of ``Keys.task(id)``)."""
+
+    __slots__ = ("id", "priority", "mode", "gpus", "gpu_mem", "models", "cpu_millis", "exclusive", "ram",
+                 "ttl_ms", "expected_ms", "preempt", "selector", "task_type", "kind", "seq", "shape")
+
+    def __init__(self, tid: str, payload: dict[str, Any], kind: str, seq: int) -> None:
+        self.id = tid
+        self.priority = int(payload.get("priority", 1))
+        self.mode = payload.get("strategy") or "best"
+        self.gpus = int(payload.get("gpus") or 0)
+        self.gpu_mem = int(payload.get("gpu_mem") or 0)
+        models = payload.get("models")
+        self.models = frozenset(models) if models else None
+        self.cpu_millis = int(payload.get("cpu_millis") or 0)
+        self.exclusive = bool(payload.get("exclusive"))
+        self.ram = int(payload.get("ram") or 0)
+        self.ttl_ms = int(payload.get("ttl_ms") or 0)
+        self.expected_ms = int(payload.get("expected_ms") or 0)
+        self.preempt = bool(payload.get("preempt"))
+        sel = payload.get("selector")
+        self.selector = {k: [str(x) for x in v] for k, v in sel.items()} if sel else None
+        self.task_type = payload.get("task_type") or ""
+        self.kind = kind
+        self.seq = seq
+        self.shape = (self.gpus, self.gpu_mem, self.models, self.cpu_millis, self.ram,
+                      json.dumps(self.selector, sort_keys=True) if self.selector else None,
+                      self.priority >= 3)
+
+
+class _Alloc:
+    __slots__ = ("id", "host", "grants", "cores", "shared", "ram", "priority", "kind", "start", "release",
+                 "pass_end", "byprio", "alive")
+
+    def __init__(self, aid: str, host: str, grants: list[tuple[int, str, int]], cores: int, shared: int, ram: int,
+                 priority: int, kind: str, start: int, release: float | None, pass_end: float | None) -> None:
+        self.id, self.host, self.grants, self.cores, self.shared, self.ram = aid, host, grants, cores, shared, ram
+        self.priority, self.kind, self.start, self.release, self.pass_end = priority, kind, start, release, pass_end
+        self.byprio = priority * 10**13 + (10**13 - 1 - start)
+        self.alive = True
+
+
+@dataclass
+class Snapshot:
+    """What the simulation starts from: a consistent read of the ledger (see ``read_snapshot``)."""
+
+    now: int
+    hosts: dict[str, dict[str, str]]
+    allocs: list[dict[str, Any]]  # {id, host, grants [(pos, uuid, MiB)], cores (count), shared, ram, priority,
+    #                                kind, start, task_type, expires, end (the ends index)}
+    pending: list[tuple[str, float, str, str, int]]  # (id, score, payload JSON, kind, seq), in line order
+    durations: dict[str, dict[str, Any]]
+    pass_depth: int = 100
+    scan_cap: int = 2048
+    recovering: bool = False
+    complete: bool = True  # False when the line was read only up to a rank (one task's estimate)
+    read_ms: float = 0.0
+
+
+def _hist(durations: dict[str, dict[str, Any]], task_type: str | None, key: str) -> int | None:
+    if not task_type:
+        return None
+    e = durations.get(task_type)
+    if not isinstance(e, dict):
+        return None
+    try:
+        v = float(e.get(key) or 0)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if v > 0 else None
+
+
+class Simulation:
+    """The ledger and the pass, in memory; ``run`` returns each pending task's simulated start."""
+
+    def __init__(self, snap: Snapshot, *, stat: str = DEFAULT_STAT, overdue_factor: float = DEFAULT_OVERDUE_FACTOR,
+                 reqs: dict[str, _Req] | None = None):
+        self.now = snap.now
+        self.depth = snap.pass_depth
+        self.cap = snap.scan_cap
+        self.durations = snap.durations
+        self.stat_key = stat + "_ms"
+        self.overdue_factor = overdue_factor
+        self.hosts: dict[str, _Host] = {}
+        self.by_ord: list[_Host] = []
+        self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
+        self.gpu_idx: SortedList = SortedList()
+        self.gpu_idle: SortedList = SortedList()
+        self.gpu_ord: SortedList = SortedList()
+        self.cpu_idx: SortedList = SortedList()
+        self._gidx: dict[str, int] = {}
+        self._gidle: dict[str, int] = {}
+        self._gord: set[str] = set()
+        self._cpu: dict[str, int] = {}
+        self.allocs: dict[str, _Alloc] = {}
+        self.ends: SortedList = SortedList()  # (pass_end, id): the `ends` index
+        self.byprio: SortedList = SortedList()  # (score, id): preemption order
+        self.releases: list[tuple[float, int, str]] = []
+        self._n = 0
+        self.pending: SortedList = SortedList()  # (score, id)
+        self.score: dict[str, float] = {}
+        self.tasks: dict[str, _Req] = {}
+        self.started: dict[str, int] = {}
+        self.freed: list[str] = []  # hosts that gained capacity, in order
+        self._nofit: dict[tuple[Any, ...], int] = {}  # shape -> len(freed) when it last fitted nowhere
+        self.passes = 0
+        self.events = 0
+        for hid, h in snap.hosts.items():
+            host = _Host(hid, h)
+            self.hosts[hid] = host
+            for g in host.gpus:
+                self.gpu_of[g.member] = (host, g)
+        self.by_ord = sorted(self.hosts.values(), key=lambda x: (x.ord, x.id))
+        for host in self.hosts.values():
+            self._reindex(host, None)
+        for a in snap.allocs:
+            self._add_running(a)
+        reqs = {} if reqs is None else reqs
+        for tid, score, payload, kind, seq in snap.pending:
+            req = reqs.get(tid)
+            if req is None:
+                try:
+                    req = reqs[tid] = _Req(tid, json.loads(payload), kind, seq)
+                except (ValueError, TypeError, AttributeError):
+                    continue
+            self.tasks[tid] = req
+            self.score[tid] = score
+            self.pending.add((score, tid))
+
+    # -- durations -----------------------------------------------------------------------------
+
+    def pass_ms(self, req: _Req) -> int | None:
+        """expected_ms(req) of placement.lua: history p80, else the hint, else the TTL."""
+        v = _hist(self.durations, req.task_type, "p80_ms")
+        if v:
+            return v
+        if req.expected_ms > 0:
+            return req.expected_ms
+        if req.ttl_ms > 0:
+            return req.ttl_ms
+        return None
+
+    def run_ms(self, task_type: str | None, hint_ms: int, ttl_ms: int) -> int | None:
+        """The simulated run time: history estimate (``stat``), else the hint, else the TTL."""
+        v = _hist(self.durations, task_type, self.stat_key)
+        if not v and hint_ms > 0:
+            v = hint_ms
+        if ttl_ms > 0 and (not v or v > ttl_ms):
+            v = ttl_ms
+        return v or None
+
+    def _add_running(self, a: dict[str, Any]) -> None:
+        start = int(a["start"])
+        expires = int(a.get("expires") or 0)
+        est = _hist(self.durations, a.get("task_type"), self.stat_key)
+        if est:
+            release: float | None = start + est
+        else:
+            release = a.get("end")  # the ends index: hint, else TTL
+        if expires > 0 and (release is None or release > expires):
+            release = expires
+        if release is not None and release <= self.now and not (expires > 0 and release >= expires):
+            # Running past its expected end: assume it runs as long again as it has overrun.
+            release = self.now + max(1000.0, self.overdue_factor * (self.now - release))
+        if release is not None and release < self.now:
+            release = self.now
+        al = _Alloc(a["id"], a["host"], a["grants"], a["cores"], a["shared"], a["ram"],
+                    a["priority"], a.get("kind") or "lease", start, release, a.get("end"))
+        self._track(al)
+
+    def _track(self, al: _Alloc) -> None:
+        self.allocs[al.id] = al
+        if al.pass_end is not None:
+            self.ends.add((al.pass_end, al.id))
+        self.byprio.add((al.byprio, al.id))
+        if al.release is not None:
+            self._n += 1
+            heapq.heappush(self.releases, (al.release, self._n, al.id))
+
+    # -- indexes (reindex_host / reindex_gpu of ledger.lua) --------------------------------------
+
+    def _reindex(self, h: _Host, touched: Iterable[_Gpu] | None) -> None:
+        schedulable = h.ready and h.cpu > 0 and h.ramf > 0
+        if schedulable != h.indexed:
+            touched = None
+        h.indexed = schedulable
+        for g in (h.gpus if touched is None else touched):
+            m = g.member
+            free = g.free
+            old = self._gidx.pop(m, None)
+            if old is not None:
+                self.gpu_idx.remove((old, m))
+            old = self._gidle.pop(m, None)
+            if old is not None:
+                self.gpu_idle.remove((old, m))
+            if schedulable and free > 0:
+                self._gidx[m] = free
+                self.gpu_idx.add((free, m))
+                if m not in self._gord:
+                    self._gord.add(m)
+                    self.gpu_ord.add((g.ordscore, m))
+                if g.n == 0:
+                    self._gidle[m] = free
+                    self.gpu_idle.add((free, m))
+            elif m in self._gord:
+                self._gord.discard(m)
+                self.gpu_ord.remove((g.ordscore, m))
+        old = self._cpu.pop(h.id, None)
+        if old is not None:
+            self.cpu_idx.remove((old, h.id))
+        if schedulable:
+            self._cpu[h.id] = h.cpu
+            self.cpu_idx.add((h.cpu, h.id))
+
+    # -- placement (placement.lua) -----------------------------------------------------------------
+
+    @staticmethod
+    def _gpu_fits(req: _Req, free: int, n: int, model: str) -> bool:
+        if req.gpu_mem == 0:
+            if n != 0 or free <= 0:
+                return False
+        elif free < req.gpu_mem:
+            return False
+        if req.models is not None:
+            return model in req.models
+        return True
+
+    @staticmethod
+    def _labels_match(selector: dict[str, list[str]], labels: dict[str, Any]) -> bool:
+        for key, allowed in selector.items():
+            v = labels.get(key)
+            if v is None or str(v) not in allowed:
+                return False
+        return True
+
+    def _eligible(self, req: _Req, h: _Host | None, exclude: str | None, only: str | None) -> bool:
+        if h is None or not h.ready:
+            return False
+        if exclude is not None and h.id == exclude:
+            return False
+        if only is not None and h.id != only:
+            return False
+        if req.selector and not self._labels_match(req.selector, h.labels):
+            return False
+        return True
+
+    @staticmethod
+    def _allowance(req: _Req, h: _Host) -> int | None:
+        if h.reserve <= 0 or req.priority >= 3:
+            return None
+        return sum(1 for g in h.gpus if g.n == 0) - h.reserve
+
+    def _pick(self, req: _Req, h: _Host, pos: int | None, mode: str) -> list[_Gpu] | None:
+        k = req.gpus
+        allowance = self._allowance(req, h)
+        if k == 1 and pos is not None:
+            g = h.gpus[pos] if pos < len(h.gpus) else None
+            if g is None or not self._gpu_fits(req, g.free, g.n, g.model):
+                return None
+            if allowance is not None and g.n == 0 and allowance < 1:
+                return None
+            return [g]
+        cands = [g for g in h.gpus if self._gpu_fits(req, g.free, g.n, g.model)]
+        if len(cands) < k:
+            return None
+        if mode == "best":
+            cands.sort(key=lambda g: (g.free, g.pos))
+        elif mode == "worst":
+            cands.sort(key=lambda g: (-g.free, g.pos))
+        out: list[_Gpu] = []
+        idle_used = 0
+        for g in cands:
+            if allowance is None or g.n > 0 or idle_used < allowance:
+                if g.n == 0:
+                    idle_used += 1
+                out.append(g)
+                if len(out) == k:
+                    return out
+        return None
+
+    def _members(self, req: _Req, mode: str, only: str | None) -> Iterable[tuple[str, int | None]]:
+        k = req.gpus
+        if only is not None:
+            if k == 0:
+                return [(only, None)]
+            h = self.hosts.get(only)
+            return [(only, g.pos) for g in h.gpus] if h else []
+        if k > 0:
+            gof = self.gpu_of
+            if req.gpu_mem == 0:
+                idx, lo = self.gpu_idle, 1
+            else:
+                idx, lo = self.gpu_idx, req.gpu_mem
+            if mode == "best":
+                it = idx.irange((lo, ""))
+            elif mode == "worst":
+                it = idx.irange((lo, ""), reverse=True)
+            else:
+                it = iter(self.gpu_ord)
+            return ((gof[m][0].id, gof[m][1].pos) for _, m in it)
+        if mode == "best":
+            return ((h, None) for _, h in self.cpu_idx.irange((req.cpu_millis, "")))
+        if mode == "worst":
+            return ((h, None) for _, h in self.cpu_idx.irange((req.cpu_millis, ""), reverse=True))
+        return ((h.id, None) for h in self.by_ord)
+
+    def _scan(self, req: _Req, mode: str, exclude: str | None, only: str | None
+              ) -> tuple[tuple[_Host, list[_Gpu]] | None, bool]:
+        k = req.gpus
+        cap = self.cap
+        seen = 0
+        tried: set[str] = set()
+        ok: dict[str, _Host | None] = {}
+        for hid, pos in self._members(req, mode, only):
+            seen += 1
+            if hid not in tried:
+                if hid in ok:
+                    s = ok[hid]
+                else:
+                    h = self.hosts.get(hid)
+                    s = h if (self._eligible(req, h, exclude, only) and h.cpu >= req.cpu_millis
+                              and h.ramf >= req.ram) else None
+                    ok[hid] = s
+                if s is not None:
+                    if k == 0:
+                        return (s, []), False
+                    gs = self._pick(req, s, pos, mode)
+                    if gs:
+                        return (s, gs), False
+                if k != 1 or s is None:
+                    tried.add(hid)
+            if seen >= cap:
+                return None, True
+        return None, False
+
+    def _could_fit(self, req: _Req, h: _Host) -> bool:
+        """A necessary condition for req to fit on h (used to revalidate a no-fit)."""
+        if not self._eligible(req, h, None, None) or h.cpu < req.cpu_millis or h.ramf < req.ram:
+            return False
+        return sum(1 for g in h.gpus if self._gpu_fits(req, g.free, g.n, g.model)) >= req.gpus
+
+    def _fits_nowhere(self, req: _Req, exclude: str | None = None) -> bool:
+        """Whether a walk for req (skipping host exclude) is known to find nothing: it found
+        nothing before, and no host it may use has gained capacity it could fit in since.
+        (Placements only take capacity away, so a walk that ran out of candidates stays empty.)"""
+        if exclude is not None and self._fits_nowhere(req):
+            return True
+        key = (req.shape, exclude)
+        at = self._nofit.get(key)
+        if at is None:
+            return False
+        freed = self.freed
+        for i in range(at, len(freed)):
+            hid = freed[i]
+            if hid != exclude:
+                h = self.hosts.get(hid)
+                if h is not None and self._could_fit(req, h):
+                    del self._nofit[key]
+                    return False
+        self._nofit[key] = len(freed)
+        return True
+
+    def try_place(self, req: _Req, exclude: str | None = None, only: str | None = None
+                  ) -> tuple[_Host, list[_Gpu]] | None:
+        if only is None and self._fits_nowhere(req, exclude):
+            return None
+        mode = req.mode
+        found, capped = self._scan(req, mode, exclude, only)
+        if found is None and mode == "first" and capped:
+            found, capped = self._scan(req, "best", exclude, only)
+        if found is None and not capped and only is None:
+            # Not capped: the walk ran out of candidates, which placements cannot change.
+            self._nofit[(req.shape, exclude)] = len(self.freed)
+        return found
+
+    def _grant(self, req: _Req, placement: tuple[_Host, list[_Gpu]], now: int) -> None:
+        h, gs = placement
+        grants = []
+        for g in gs:
+            mem = req.gpu_mem if req.gpu_mem else g.free
+            g.used += mem
+            g.n += 1
+            grants.append((g.pos, g.uuid, mem))
+        cores = shared = 0
+        if req.exclusive:
+            if req.cpu_millis > 0:
+                cores = req.cpu_millis // 1000
+                h.cfree -= cores
+        else:
+            shared = req.cpu_millis
+            h.shared += shared
+        h.ram_used += req.ram
+        self._reindex(h, gs)
+        pe = self.pass_ms(req)
+        run = self.run_ms(req.task_type, req.expected_ms, req.ttl_ms)
+        self._track(_Alloc(req.id, h.id, grants, cores, shared, req.ram, req.priority, req.kind, now,
+                           None if run is None else now + run, None if pe is None else now + pe))
+
+    def _finish(self, aid: str) -> _Alloc | None:
+        al = self.allocs.pop(aid, None)
+        if al is None or not al.alive:
+            return None
+        al.alive = False
+        if al.pass_end is not None:
+            self.ends.discard((al.pass_end, aid))
+        self.byprio.discard((al.byprio, aid))
+        h = self.hosts.get(al.host)
+        if h is None:
+            return al
+        touched = []
+        for pos, uuid, mem in al.grants:
+            if pos < len(h.gpus) and h.gpus[pos].uuid == uuid:
+                g = h.gpus[pos]
+                g.used = max(0, g.used - mem)
+                g.n = max(0, g.n - 1)
+                touched.append(g)
+        h.cfree += al.cores
+        h.shared = max(0, h.shared - al.shared)
+        h.ram_used = max(0, h.ram_used - al.ram)
+        self._reindex(h, touched)
+        self.freed.append(h.id)
+        return al
+
+    # -- reservation and preemption (queue.lua) ----------------------------------------------------
+
+    def _first_fit_after(self, req: _Req, ids: Iterable[tuple[float, str]], limit: int
+                         ) -> tuple[str, list[str], float] | None:
+        sims: dict[str, Any] = {}
+        freed: dict[str, list[str]] = {}
+        for i, (score, aid) in enumerate(ids):
+            if i >= limit:
+                break
+            al = self.allocs.get(aid)
+            if al is None:
+                continue
+            hid = al.host
+            if hid not in sims:
+                h = self.hosts.get(hid)
+                if self._eligible(req, h, None, None):
+                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}]
+                else:
+                    sims[hid] = None
+                freed[hid] = []
+            sim = sims[hid]
+            if sim is None:
+                continue
+            for _pos, uuid, mem in al.grants:
+                sg = sim[2].get(uuid)
+                if sg is not None:
+                    sg[0] += mem
+                    sg[1] -= 1
+            sim[0] += al.cores * 1000 + al.shared
+            sim[1] += al.ram
+            freed[hid].append(aid)
+            if sim[0] >= req.cpu_millis and sim[1] >= req.ram:
+                n = sum(1 for f, c, m in sim[2].values() if self._gpu_fits(req, f, c, m))
+                if n >= req.gpus:
+                    return hid, freed[hid], score
+        return None
+
+    def _reserve(self, req: _Req, now: int) -> tuple[str, float] | None:
+        r = self._first_fit_after(req, iter(self.ends), RESERVE_LIMIT)
+        if r is None:
+            return None
+        return r[0], max(r[2], now)
+
+    def _preempt_for(self, req: _Req, now: int) -> bool:
+        bound = req.priority * 10**13
+        cands = self.byprio.irange(maximum=(bound, ""), inclusive=(True, False))
+        r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
+        if r is None:
+            return False
+        for victim in r[1]:
+            al = self._finish(victim)
+            if al is not None and al.kind == "job":
+                t = self.tasks.get(victim)
+                if t is not None:  # back to the front of its priority, original sequence kept
+                    self.score[victim] = (3 - t.priority) * BAND + t.seq
+                    self.pending.add((self.score[victim], victim))
+        return True
+
+    # -- the pass ------------------------------------------------------------------------------
+
+    def _pass(self, now: int) -> int:
+        self.passes += 1
+        ids = [tid for _, tid in self.pending.islice(0, self.depth)]
+        placed = 0
+        blocked: _Req | None = None
+        resv: tuple[str, float] | None = None
+        resv_done = False
+        for tid in ids:
+            req = self.tasks[tid]
+            p = None
+            if blocked is None:
+                p = self.try_place(req)
+                if p is None and req.preempt and self._preempt_for(req, now):
+                    p = self.try_place(req)
+                if p is None:
+                    blocked = req
+            else:
+                if req.cpu_millis > 0 and req.ram > 0 and self._fits_nowhere(req):
+                    continue  # cannot start anywhere, reserved host included
+                if not resv_done:
+                    resv, resv_done = self._reserve(blocked, now), True
+                if resv is not None:
+                    p = self.try_place(req, exclude=resv[0])
+                    if p is None:
+                        pe = self.pass_ms(req)
+                        if pe is not None and now + pe <= resv[1]:
+                            p = self.try_place(req, only=resv[0])
+                else:
+                    p = self.try_place(req)
+            if p is not None:
+                self._grant(req, p, now)
+                self.pending.discard((self.score[tid], tid))
+                self.started.setdefault(tid, now)  # a preempted and restarted job keeps its first start
+                placed += 1
+        return placed
+
+    def _settle(self, now: int) -> None:
+        for _ in range(10_000):
+            if not self.pending or self._pass(now) == 0:
+                return
+
+    def run(self, targets: set[str] | None = None, *, max_events: int | None = None) -> dict[str, int | None]:
+        """Simulates until every target (default: every pending task) has started or nothing
+        more is expected to end; returns id -> simulated start ms (None: no estimate)."""
+        want = set(self.tasks) if targets is None else {t for t in targets if t in self.tasks}
+        left = set(want)
+        budget = max_events if max_events is not None else 20 * (len(self.allocs) + len(self.tasks)) + 1000
+        now = self.now
+        # Allocations expected to end by now (TTL due, overdue handled at load) end first.
+        while self.releases and self.releases[0][0] <= now:
+            _, _, aid = heapq.heappop(self.releases)
+            self._finish(aid)
+        self._settle(now)
+        left -= self.started.keys()
+        while left and self.releases and budget > 0:
+            t, _, aid = heapq.heappop(self.releases)
+            al = self.allocs.get(aid)
+            if al is None or not al.alive or al.release != t:
+                continue
+            budget -= 1
+            self.events += 1
+            now = int(t)
+            self._finish(aid)
+            self._settle(now)
+            if self.started:
+                left -= self.started.keys()
+        return {tid: self.started.get(tid) for tid in want}
+
+
+# -- reading the ledger ------------------------------------------------------------------------
+
+class _Cache:
+    """Per-id caches of what does not change: payloads of pending tasks, records of running ones."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.tasks: dict[str, tuple[str, str, int]] = {}
+        self.reqs: dict[str, _Req] = {}
+        self.allocs: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.limit = limit
+
+    def trim(self, pending: set[str], active: set[str]) -> None:
+        if len(self.tasks) > self.limit:
+            self.tasks = {k: v for k, v in self.tasks.items() if k in pending}
+            self.reqs = {k: v for k, v in self.reqs.items() if k in pending}
+        if len(self.allocs) > self.limit:
+            self.allocs = {k: v for k, v in self.allocs.items() if k in active}
+
+
+def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | None:
+    """An active allocation record as the simulation needs it (None if it is not active)."""
+    if f.get("state") != "active" or not f.get("host"):
+        return None
+    try:
+        gpus = json.loads(f.get("gpus") or "[]")
+        cores = json.loads(f.get("cores") or "[]")
+    except ValueError:
+        return None
+    try:
+        grants = [(int(g["pos"]), str(g["uuid"]), int(g["memory_mb"])) for g in gpus]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return {
+        "id": aid, "host": f["host"], "grants": grants,
+        "cores": len(cores) if isinstance(cores, list) else 0, "shared": int(f.get("shared_millis") or 0),
+        "ram": int(f.get("ram_mb") or 0), "priority": int(f.get("priority") or 1), "kind": f.get("kind"),
+        "start": int(f.get("activated") or 0) or int(10**13 - 1 - (score - int(score // 10**13) * 10**13)),
+        "task_type": f.get("task_type"), "expires": int(f.get("expires") or 0),
+    }
+
+
+def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache | None = None,
+                  attempts: int = 5) -> Snapshot:
+    """A consistent read of what the simulation needs (``WATCH`` on the outbox stream; every
+    ledger script appends to it, so an unchanged stream means an unchanged ledger). With
+    ``upto_rank`` the line is read only that far (enough for the tasks up to that rank)."""
+    t0 = time.perf_counter()
+    k = a.keys
+    cache = cache if cache is not None else _Cache()
+    stop = -1 if upto_rank is None else max(0, upto_rank)
+    for attempt in range(attempts):
+        pipe = a.redis.pipeline(transaction=True)
+        try:
+            if attempt < attempts - 1:
+                pipe.watch(k.events)
+                reader: Any = pipe
+            else:
+                reader = a.redis  # last try: no isolation; inconsistencies are tolerated below
+            host_ids = reader.zrange(k.hosts, 0, -1)
+            pending = reader.zrange(k.pending, 0, stop, withscores=True)
+            byprio = reader.zrange(k.byprio, 0, -1, withscores=True)
+            if reader is pipe:
+                pipe.multi()
+            else:
+                pipe = a.redis.pipeline(transaction=False)
+            for h in host_ids:
+                pipe.hgetall(k.host(h))
+            new_allocs = [aid for aid, score in byprio if cache.allocs.get(aid, (None,))[0] != score]
+            for aid in new_allocs:
+                pipe.hmget(k.alloc(aid), *_ALLOC_FIELDS)
+            new_tasks = [tid for tid, _ in pending if tid not in cache.tasks]
+            for tid in new_tasks:
+                pipe.hmget(k.task(tid), *_TASK_FIELDS)
+            pipe.zrange(k.ends, 0, -1, withscores=True)
+            pipe.hgetall(k.durations)
+            pipe.hget(k.seq, "recovering")
+            pipe.time()
+            res = pipe.execute()
+            break
+        except redis.WatchError:
+            continue
+        finally:
+            pipe.reset()
+    i = 0
+    hosts: dict[str, dict[str, str]] = {}
+    for h in host_ids:
+        if res[i]:
+            hosts[h] = res[i]
+        i += 1
+    byprio_score = dict(byprio)
+    for aid in new_allocs:
+        rec = _parse_alloc(aid, dict(zip(_ALLOC_FIELDS, res[i])), byprio_score[aid])
+        i += 1
+        if rec is not None:
+            cache.allocs[aid] = (byprio_score[aid], rec)
+    for tid in new_tasks:
+        f = dict(zip(_TASK_FIELDS, res[i]))
+        i += 1
+        if f.get("payload") and f.get("state") in ("pending", None):
+            cache.tasks[tid] = (f["payload"], f.get("kind") or "lease", int(f.get("seq") or 0))
+    ends = dict(res[i])
+    durations_raw = res[i + 1] or {}
+    recovering = res[i + 2] == "1"
+    srv = res[i + 3]
+    if a.clock is not None:
+        now = int(a.clock() * 1000)
+    else:
+        now = int(srv[0]) * 1000 + int(srv[1]) // 1000
+    durations: dict[str, dict[str, Any]] = {}
+    for t, v in durations_raw.items():
+        try:
+            e = json.loads(v)
+        except ValueError:
+            continue
+        if isinstance(e, dict):
+            durations[t] = e
+    allocs = []
+    for aid, score in byprio:
+        rec = cache.allocs.get(aid, (None, None))[1]
+        if rec is None:
+            continue
+        allocs.append({**rec, "end": ends.get(aid)})
+    pend = []
+    for tid, score in pending:
+        t = cache.tasks.get(tid)
+        if t is not None:
+            pend.append((tid, score, t[0], t[1], t[2]))
+    cache.trim({p[0] for p in pend}, {x["id"] for x in allocs})
+    return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations,
+                    pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
+                    complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000)
+
+
+# -- the engine and its cache ------------------------------------------------------------------
+
+@dataclass
+class EtaResult:
+    now: int
+    starts: dict[str, int | None]
+    pending: int
+    read_ms: float
+    sim_ms: float
+    events: int
+    passes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cost_ms(self) -> float:
+        return self.read_ms + self.sim_ms
+
+
+class EtaEngine:
+    """Estimated start times for one allocator (one namespace)."""
+
+    def __init__(self, allocator: Allocator, *, stat: str = DEFAULT_STAT,
+                 overdue_factor: float = DEFAULT_OVERDUE_FACTOR, max_age_s: float = DEFAULT_MAX_AGE_S) -> None:
+        if stat not in ("p50", "p80", "mean"):
+            raise ValueError(f"stat must be p50, p80 or mean, got {stat!r}")
+        self.a = allocator
+        self.stat = stat
+        self.overdue_factor = overdue_factor
+        self.max_age_s = max_age_s
+        self._cache = _Cache()
+
+    def simulate(self, snap: Snapshot, targets: set[str] | None = None) -> EtaResult:
+        t0 = time.perf_counter()
+        sim = Simulation(snap, stat=self.stat, overdue_factor=self.overdue_factor, reqs=self._cache.reqs)
+        starts = {} if snap.recovering else sim.run(targets)
+        if snap.recovering:
+            starts = {p[0]: None for p in snap.pending if targets is None or p[0] in targets}
+        return EtaResult(now=snap.now, starts=starts, pending=len(snap.pending), read_ms=snap.read_ms,
+                         sim_ms=(time.perf_counter() - t0) * 1000, events=sim.events, passes=sim.passes)
+
+    def compute_all(self) -> EtaResult:
+        """Every pending task's estimate from a fresh snapshot."""
+        return self.simulate(read_snapshot(self.a, cache=self._cache))
+
+    def compute_one(self, task_id: str) -> int | None:
+        """One pending task's estimate: the line is read and simulated only as far as it needs
+        (the tasks ahead of it and the pass window behind it)."""
+        rank = self.a.redis.zrank(self.a.keys.pending, task_id)
+        if rank is None:
+            return None
+        snap = read_snapshot(self.a, upto_rank=int(rank) + self.a.pass_depth, cache=self._cache)
+        return self.simulate(snap, {task_id}).starts.get(task_id)
+
+    # -- the cache the scheduler tick writes -------------------------------------------------------
+
+    def refresh(self) -> EtaResult:
+        """Computes every estimate and stores them in ``Keys.eta`` (replaced atomically)."""
+        r = self.compute_all()
+        mapping: dict[str, str] = {tid: ("" if ms is None else str(ms)) for tid, ms in r.starts.items()}
+        mapping.update({"_at": str(r.now), "_cost_ms": f"{r.cost_ms:.1f}", "_pending": str(r.pending)})
+        pipe = self.a.redis.pipeline(transaction=True)
+        pipe.delete(self.a.keys.eta)
+        pipe.hset(self.a.keys.eta, mapping=mapping)
+        pipe.execute()
+        return r
+
+    def _now_ms(self) -> int:
+        if self.a.clock is not None:
+            return int(self.a.clock() * 1000)
+        s, us = self.a.redis.time()
+        return int(s) * 1000 + int(us) // 1000
+
+    def _fresh(self, at: str | None) -> bool:
+        return bool(at) and self._now_ms() - int(at) <= self.max_age_s * 1000  # type: ignore[arg-type]
+
+    def estimate_ms(self, task_id: str) -> int | None:
+        """Start (ms) of a task: activation once placed; for a pending one the tick's cached
+        estimate when fresh, else computed now; None for unknown, cancelled or unplaceable ones."""
+        k = self.a.keys
+        pipe = self.a.redis.pipeline(transaction=False)
+        pipe.hmget(k.alloc(task_id), "state", "activated")
+        pipe.hmget(k.eta, task_id, "_at")
+        (state, activated), (cached, at) = pipe.execute()
+        if state is None:
+            return None
+        if state != "pending":
+            return int(activated) if activated else None
+        if cached is not None and self._fresh(at):
+            return int(cached) if cached else None
+        return self.compute_one(task_id)
+
+    def estimate_all_ms(self) -> dict[str, int | None]:
+        raw = self.a.redis.hgetall(self.a.keys.eta)
+        if self._fresh(raw.get("_at")):
+            return {tid: (int(v) if v else None) for tid, v in raw.items() if tid not in _META}
+        return self.compute_all().starts
+
+
+def engine_for(a: Allocator) -> EtaEngine:
+    """The allocator's engine (created on first use; keeps the per-id read caches)."""
+    eng = a.__dict__.get("_eta_engine")
+    if eng is None:
+        eng = EtaEngine(a)
+        a.__dict__["_eta_engine"] = eng
+    return eng

@@ -1,0 +1,264 @@
+"""Estimated start times (allocator/eta.py) on small scenarios whose answers can be worked out by
+hand, and a check that the engine's simulation matches what the real ledger then does."""
+
+import json
+import random
+import threading
+from datetime import datetime, timezone
+
+import pytest
+
+from allocator import Allocator
+from allocator.eta import EtaEngine
+from allocator.worker_cli import run_scheduler
+
+T0 = 1_800_000_000.0  # the FakeClock's start (tests/conftest.py)
+WHOLE = {"gpus": 1, "cpu_cores": 1}
+
+
+def at(seconds: float) -> datetime:
+    """T0 + seconds, as the estimates are returned."""
+    return datetime.fromtimestamp(T0 + seconds, tz=timezone.utc)
+
+
+def gpu_host(a, host_id="h1", n=1, mem="16Gi", model="GPU", **kw):
+    a.register_host(id=host_id, cpu_cores=16, ram_mb="64Gi",
+                    gpus=[{"index": i, "memory_mb": mem, "model": model} for i in range(n)], **kw)
+
+
+def queued(a, resources=WHOLE, **kw):
+    x = a.allocate(resources, on_busy="queue", **kw)
+    assert x.state == "pending"
+    return x.allocation_id
+
+
+def eta(a, task_id):
+    return a.estimated_start_time(task_id)
+
+
+def test_a_waiting_task_starts_when_the_holder_is_expected_to_end(alloc):
+    gpu_host(alloc)
+    holder = alloc.allocate(WHOLE, expected_duration=100)
+    first = queued(alloc, expected_duration=50)
+    second = queued(alloc, expected_duration=50)
+    assert eta(alloc, holder.allocation_id) == at(0)  # running: its activation
+    assert eta(alloc, first) == at(100)
+    assert eta(alloc, second) == at(150)  # after first's 50 s
+    assert alloc.estimated_start_times() == {first: at(100), second: at(150)}
+    assert alloc.task(second).estimated_start_time == at(150)
+
+
+def test_history_estimate_outranks_the_hint_and_ttl_is_the_last_resort(alloc):
+    alloc.redis.hset(alloc.keys.durations, "train", json.dumps({"p50_ms": 30000, "p80_ms": 45000, "mean_ms": 40000, "n": 9}))
+    gpu_host(alloc, "h1")
+    gpu_host(alloc, "h2")
+    alloc.allocate(WHOLE, task_type="train", expected_duration=1000, selector="host=h1")
+    alloc.allocate(WHOLE, ttl_seconds=600, selector="host=h2")
+    on_h1 = queued(alloc, selector="host=h1")
+    on_h2 = queued(alloc, selector="host=h2")
+    assert eta(alloc, on_h1) == at(30)  # history p50 of "train", not the 1000 s hint
+    assert eta(alloc, on_h2) == at(600)  # no history, no hint: the TTL
+    assert EtaEngine(alloc, stat="p80").compute_one(on_h1) == (T0 + 45) * 1000
+
+
+@pytest.fixture(autouse=True)
+def _host_label(monkeypatch):
+    """Hosts get a label host=<id> so tests can pin requests with a selector."""
+    real = Allocator.register_host
+
+    def register(self, host=None, **fields):
+        spec = dict(host or fields)
+        spec.setdefault("labels", {})["host"] = spec["id"]
+        return real(self, spec)
+
+    monkeypatch.setattr(Allocator, "register_host", register)
+
+
+def test_an_allocation_past_its_expected_end_is_assumed_to_overrun_as_long_again(alloc, clock):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    clock.advance(150)  # 50 s late
+    waiting = queued(alloc)
+    assert eta(alloc, waiting) == at(200)
+
+
+def test_higher_priority_goes_first_whatever_the_arrival(alloc):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    normal = queued(alloc, expected_duration=50)
+    high = queued(alloc, priority="high", expected_duration=50)
+    assert (eta(alloc, high), eta(alloc, normal)) == (at(100), at(150))
+
+
+def test_gpu_memory_is_shared_whole_gpus_are_not(alloc):
+    gpu_host(alloc)
+    alloc.allocate({"gpu_memory_mb": "12Gi"}, expected_duration=100)
+    a = queued(alloc, {"gpu_memory_mb": "8Gi"}, expected_duration=100)
+    b = queued(alloc, {"gpu_memory_mb": "8Gi"}, expected_duration=100)
+    whole = queued(alloc, WHOLE, expected_duration=10)
+    assert (eta(alloc, a), eta(alloc, b)) == (at(100), at(100))  # both fit in 16 GiB together
+    assert eta(alloc, whole) == at(200)  # needs the GPU with no holder
+
+
+def test_easy_backfill_lets_short_tasks_ahead_but_never_delays_the_reservation(alloc):
+    gpu_host(alloc, n=2)
+    alloc.allocate(WHOLE, expected_duration=100)
+    alloc.allocate(WHOLE, expected_duration=300)
+    big = queued(alloc, {"gpus": 2, "cpu_cores": 2}, priority="high", expected_duration=200)
+    short = queued(alloc, expected_duration=150)  # 100 + 150 <= 300: backfills at 100
+    long = queued(alloc, expected_duration=1000)  # would delay big: waits until big is done
+    assert (eta(alloc, big), eta(alloc, short), eta(alloc, long)) == (at(300), at(100), at(500))
+
+
+def test_gpu_models_and_selectors_are_respected(alloc):
+    gpu_host(alloc, "fast", model="A100", mem="40Gi")
+    gpu_host(alloc, "slow", model="T4")
+    alloc.allocate(WHOLE, expected_duration=500, selector="host=fast")
+    alloc.allocate(WHOLE, expected_duration=100, selector="host=slow")
+    needs_a100 = queued(alloc, {"gpus": 1, "gpu_model": "A100"})
+    anything = queued(alloc, WHOLE)
+    pinned = queued(alloc, WHOLE, selector="host=fast", priority="low")
+    # The T4 frees first, but the A100 task holds out for the A100; the next one takes the T4.
+    assert (eta(alloc, needs_a100), eta(alloc, anything)) == (at(500), at(100))
+    assert eta(alloc, pinned) == at(500 + 3600)  # after needs_a100's TTL (1 h, no hint)
+
+
+def test_the_critical_reserve_is_kept_idle_for_critical_work(alloc):
+    gpu_host(alloc, n=2, reserve_gpus=1)
+    alloc.allocate(WHOLE, expected_duration=100)
+    normal = queued(alloc, WHOLE, expected_duration=10)
+    assert eta(alloc, normal) == at(100)  # GPU 1 is idle but reserved
+    crit = alloc.allocate(WHOLE, on_busy="queue", priority="critical")
+    assert crit.state == "active" and eta(alloc, crit.allocation_id) == at(0)
+
+
+def test_pass_depth_one_is_strict_fifo_with_head_of_line_blocking(alloc, clock):
+    fifo = Allocator(client=alloc.redis, namespace=alloc.keys.namespace, clock=clock, pass_depth=1)
+    gpu_host(fifo, n=2)
+    fifo.allocate(WHOLE, expected_duration=100)
+    big = queued(fifo, {"gpus": 2, "cpu_cores": 2}, expected_duration=50)
+    small = fifo.allocate(WHOLE, on_busy="queue", expected_duration=10)
+    assert small.state == "pending"  # a GPU is free, but the head of the line is blocked
+    assert (eta(fifo, big), eta(fifo, small.allocation_id)) == (at(100), at(150))
+    # A pass with the default depth lets the small task backfill at once (it ends before the head
+    # can start), which pass depth 1 never does.
+    assert fifo.schedule() == []
+    assert alloc.schedule() == [small.allocation_id]
+
+
+def test_the_simulation_preempts_like_the_priority_strategy(alloc, clock):
+    gpu_host(alloc, n=2)
+    high = alloc.allocate(WHOLE, priority="high", expected_duration=100)
+    low = alloc.allocate(WHOLE, priority="low", expected_duration=1000)
+    urgent = queued(alloc, {"gpus": 2, "cpu_cores": 2}, priority="high", strategy="priority")
+    # Preempting the low task alone is not enough now; once the high one ends, it is.
+    assert eta(alloc, urgent) == at(100)
+    clock.advance(100)
+    alloc.release(high.allocation_id)
+    assert alloc.get(urgent).activated_at == at(100)
+    assert alloc.get(low.allocation_id).release_reason == "preempted"
+
+
+def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end
+    assert eta(alloc, "nope") is None
+    stuck = queued(alloc)
+    assert eta(alloc, stuck) is None
+    too_big = queued(alloc, {"gpus": 4})
+    assert eta(alloc, too_big) is None
+    alloc.cancel(stuck)
+    assert eta(alloc, stuck) is None
+
+
+def test_the_scheduler_tick_caches_estimates_and_readers_use_them_while_fresh(alloc, clock):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    waiting = queued(alloc)
+    run_scheduler(alloc, 1.0, threading.Event(), once=True, grace_s=None)
+    cache = alloc.redis.hgetall(alloc.keys.eta)
+    assert cache[waiting] == str(int((T0 + 100) * 1000)) and cache["_at"] == str(int(T0 * 1000))
+    assert float(cache["_cost_ms"]) >= 0 and cache["_pending"] == "1"
+    # Readers take the cached value while it is fresh (proved by planting a different one) ...
+    alloc.redis.hset(alloc.keys.eta, waiting, str(int((T0 + 42) * 1000)))
+    assert eta(alloc, waiting) == at(42)
+    assert alloc.estimated_start_times() == {waiting: at(42)}
+    # ... and compute it again once it is older than the engine's max age (5 s).
+    clock.advance(6)
+    assert eta(alloc, waiting) == at(100)
+
+
+def test_estimated_start_is_the_activation_once_placed(alloc, clock):
+    gpu_host(alloc)
+    holder = alloc.allocate(WHOLE, expected_duration=100)
+    waiting = queued(alloc)
+    clock.advance(80)  # ends early
+    alloc.release(holder.allocation_id)
+    assert eta(alloc, waiting) == at(80)
+    assert eta(alloc, holder.allocation_id) == at(0)
+
+
+# -- the simulation mirrors the ledger ------------------------------------------------------------
+
+def _random_scenario(a, rng):
+    models = ["A", "B"]
+    for i in range(5):
+        n = rng.choice([1, 2, 4])
+        a.register_host(id=f"h{i}", cpu_cores=rng.choice([4, 8, 16]), ram_mb=rng.choice([16384, 65536]),
+                        labels={"zone": rng.choice(["x", "y"])},
+                        gpus=[{"index": g, "memory_mb": rng.choice([16384, 24576]), "model": models[i % 2]}
+                              for g in range(n)])
+    hints: dict[str, int] = {}
+    for j in range(40):
+        kind = rng.random()
+        if kind < 0.45:
+            res = {"gpus": 1, "gpu_memory_mb": rng.choice([4096, 8192, 12288]), "cpu_cores": rng.choice([0.5, 1, 2])}
+        elif kind < 0.8:
+            res = {"gpus": rng.choice([1, 1, 2, 4]), "cpu_cores": rng.choice([1, 2, 3])}
+        else:
+            res = {"gpus": 0, "cpu_cores": rng.choice([1, 2.5, 4]), "ram_mb": rng.choice([1024, 8192])}
+        if res["gpus"] and rng.random() < 0.2:
+            res["gpu_model"] = rng.choice(models)
+        res.setdefault("ram_mb", rng.choice([0, 2048, 8192]))
+        hint_ms = rng.randint(5_000, 400_000) * 10 + j % 10  # distinct ends, almost surely
+        x = a.allocate(res, on_busy="queue", expected_duration=hint_ms / 1000, ttl_seconds=None,
+                       priority=rng.choice(["low", "normal", "high"]),
+                       strategy=rng.choice(["best_fit", "first_fit", "worst_fit", "priority"]),
+                       selector=("zone=x" if rng.random() < 0.15 else None), allocation_id=f"t{j:02d}")
+        hints[x.allocation_id] = int(hint_ms / 1000 * 1000)  # what the client sends, truncated to ms
+    return hints
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_simulated_starts_are_what_the_ledger_does_when_durations_are_exact(alloc, clock, seed):
+    rng = random.Random(seed)
+    hints = _random_scenario(alloc, rng)
+    while alloc.schedule():
+        pass
+    predicted = alloc.estimated_start_times()
+    assert predicted, "the scenario should leave tasks waiting"
+    # Play it forward: every allocation ends exactly at activation + hint; after each release
+    # the scheduler runs until it places nothing more (as the tick would).
+    import heapq
+
+    started: dict[str, int] = {}
+    ends: list[tuple[int, str]] = []
+
+    def collect():
+        for tid in hints:
+            if tid not in started:
+                rec = alloc.get(tid)
+                if rec.state == "active":
+                    started[tid] = round(rec.activated_at.timestamp() * 1000)
+                    heapq.heappush(ends, (started[tid] + hints[tid], tid))
+
+    collect()
+    while ends:
+        t, tid = heapq.heappop(ends)
+        clock.now = (t + 0.25) / 1000  # the allocator truncates clock() * 1000 to whole ms
+        alloc.release(tid)
+        while alloc.schedule():
+            pass
+        collect()
+    actual = {tid: (None if tid not in started else at((started[tid] - T0 * 1000) / 1000)) for tid in predicted}
+    assert actual == predicted
