@@ -76,8 +76,9 @@ def allocate(
     if metadata is not None:
         try:
             meta = json.loads(metadata)
-        except ValueError as exc:
-            fail(EXIT_INVALID, InvalidRequest.code, f"--metadata: not valid JSON ({exc})", "metadata", as_json=as_json)
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+            fail(EXIT_INVALID, InvalidRequest.code, f"--metadata: not valid JSON ({type(exc).__name__})", "metadata",
+                 as_json=as_json)
     a = open_allocator(redis_url, namespace, as_json=as_json)
     with reporting(as_json, settings_url(redis_url)):
         res = seeds.allocate_resources(

@@ -342,11 +342,16 @@ def allocate_resources(
 _MANAGER_RESOURCES = ("gpus", "gpu_memory_mb", "gpu_model", "cpu_cores", "ram_mb")
 
 
+MAX_WORKERS = 100_000  # far above any fleet; bounds the arithmetic on untrusted input
+
+
 def _check_workers(workers: object) -> int:
     if workers is None:
         return 0
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise InvalidRequest("workers", f"expected a whole number of workers >= 0, got {workers!r}")
+    if workers > MAX_WORKERS:
+        raise InvalidRequest("workers", f"at most {MAX_WORKERS} workers per request, got {workers}")
     return workers
 
 

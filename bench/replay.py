@@ -228,6 +228,7 @@ class Replay:
         self.eta_on = eta
         self.progress = 0
         self.max_events = 0
+        self.detail = False
         self.extra_engines = {s: EtaEngine(self.a, stat=s) for s in eta_stats}
         self.out: dict[str, Outcome] = {}
         self.by_alloc: dict[str, str] = {}  # allocation id -> task name
@@ -490,6 +491,12 @@ class Replay:
         for s in self.extra_engines:
             res[f"eta_{s}"] = eta_accuracy([(o.submit, o.start, o.etas.get(s), o.at_once) for o in self.out.values()])
         res["series"] = self.series
+        if self.detail:
+            res["detail"] = [
+                {"name": n, "priority": self.task_of[n].priority, "type": self.task_of[n].task_type, "submit": o.submit,
+                 "start": o.start, "eta": o.eta, "etas": o.etas, "at_once": o.at_once, "preempted": o.preempted,
+                 "duration": self.task_of[n].duration_ms, "gpus": self.task_of[n].resources["gpus"]}
+                for n, o in self.out.items()]
         return res
 
 
@@ -676,7 +683,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         pol = POLICIES[name]
         r = Replay(pol, tasks, hosts, args.redis_url, eta=not args.no_eta,
                    eta_stats=stats if name in (args.eta_stats_policies or "").split(",") else ())
-        r.progress, r.max_events = args.progress, args.max_events
+        r.progress, r.max_events, r.detail = args.progress, args.max_events, args.detail
         res = r.run()
         results.append(res)
         raw[pol.label] = [(o.submit, o.start, o.eta) for o in r.out.values() if o.start is not None and not o.at_once]
@@ -718,6 +725,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eta-stats-policies", default="best_fit")
     ap.add_argument("--progress", type=int, default=0, help="print progress every N events (stderr)")
     ap.add_argument("--max-events", type=int, default=0, help="stop each policy after N events (profiling)")
+    ap.add_argument("--detail", action="store_true", help="per-task rows in the JSON (for analysis)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--img-dir", default=str(Path(__file__).resolve().parent.parent / "docs" / "img"))

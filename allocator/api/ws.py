@@ -130,7 +130,7 @@ class Session:
         """Validates the message and builds the policy run (in a thread: it may import a module)."""
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
             raise MalformedBody(f"the message is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidRequest("message", "expected a JSON object")

@@ -11,8 +11,9 @@ from allocator.agent import InvalidInventory, StaticProvider, load_inventory_fil
 from allocator.agent.static import parse_inventory
 
 from .helpers import host
+from bench.fleets import openb_dir
 
-OPENB_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "openb" / "openb_node_list_gpu_node.csv"
+OPENB_CSV = openb_dir() / "openb_node_list_gpu_node.csv"
 
 
 def test_yaml_file_gives_hosts_with_units_and_defaults(inventory):

@@ -33,7 +33,7 @@ GRACE_S = 1.5
 TICK_S = 0.1
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 15.0, step: float = 0.02, what: str = "condition") -> Any:
+def wait_for(pred: Callable[[], Any], timeout: float = 40.0, step: float = 0.02, what: str = "condition") -> Any:
     """Polls ``pred`` until it returns something truthy; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -236,9 +236,6 @@ def test_deep_nesting_is_refused_by_name(fleet: Allocator, where: str) -> None:
     assert ledger_dump(fleet) == before
 
 
-@pytest.mark.xfail(reason="allocator/seeds.py AllocationManager._resources multiplies an unchecked worker count "
-                          "(10**400 * worker millicores / 1000 raises OverflowError); reported to the seeds/CLI owner",
-                   raises=OverflowError, strict=False)
 def test_seed000_a_huge_worker_count_is_refused_by_name(fleet: Allocator) -> None:
     res = AllocationManager(fleet).request_resources("job-huge", [], 10**400, "normal")
     assert res["status"] == "failed" and res.get("error_code") == "INVALID_REQUEST"

@@ -115,9 +115,9 @@ def test_paused_host_its_popped_queue_entry_never_runs_a_stale_or_second_run(
                 signal_tree(p.pid, signal.SIGCONT)
             wait_for(lambda: "not started: already_claimed" in procs.log("w1") + procs.log("w2")
                      or len(starts(runs_dir, "t")) > 1, what="the second entry refused")
-        wait_for(lambda: starts(runs_dir, "t"), timeout=15, what="the task's run")
+        wait_for(lambda: starts(runs_dir, "t"), timeout=40, what="the task's run")
         (runs_dir / "t.go").touch()
-        wait_for(lambda: alloc_state(a, t.id)[0] == "released", timeout=15, what="the task released")
+        wait_for(lambda: alloc_state(a, t.id)[0] == "released", timeout=40, what="the task released")
     assert len(starts(runs_dir, "t")) == len(ends(runs_dir, "t")) == 1
     assert _host(a, "h1") == ("ready", "2")
     released = [e["data"]["reason"] for e in events_of(a, t.id, "released")]
@@ -163,7 +163,7 @@ def test_paused_host_its_running_job_releases_nothing_of_the_new_placement(
                  what="the old run's worker done")
         hold(lambda: alloc_state(a, t.id)[0] == "active", 0.5, what="the second run's grant")
         (runs_dir / f"t-{second['pid']}.go").touch()
-        wait_for(lambda: alloc_state(a, t.id)[0] == "released", timeout=15, what="second run released")
+        wait_for(lambda: alloc_state(a, t.id)[0] == "released", timeout=40, what="second run released")
     assert len(ends(runs_dir, "t")) == 2
     released = [e["data"]["reason"] for e in events_of(a, t.id, "released")]
     assert released == ["host_lost", "released"]

@@ -152,14 +152,24 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (cert, key), made with ``cryptography``."""
-    crypto = pytest.importorskip("cryptography", reason="the TLS test makes its certificate with `cryptography`")
+    """A self-signed certificate for 127.0.0.1 (cert, key), made with ``cryptography`` when it is
+    installed, else with the ``openssl`` command."""
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("the TLS test needs `cryptography` or the `openssl` command to make a certificate")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                        "-keyout", str(key_path), "-out", str(cert_path), "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        return cert_path, key_path
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    del crypto
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -171,7 +181,6 @@ def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                            serialization.NoEncryption()))
