@@ -188,6 +188,20 @@ local function schedule_pass(now, depth, scan_cap)
   local placed = {}
   local resv = nil
   local blocked = false
+  -- Within one pass free capacity only shrinks (placements take, nothing gives back except a
+  -- preemption, which clears this), so a request shape that did not fit will not fit later in
+  -- the same pass: a line of many alike tasks costs one failed walk, not one per task.
+  local refused = {}
+  local function attempt(req)
+    local shape = table.concat({req.gpus, req.gpu_mem, req.cpu_millis, tostring(req.exclusive), req.ram,
+      req.strategy, req.priority, req.slots or 0, cjson.encode(req.models or false),
+      cjson.encode(req.selector or false), cjson.encode(req.services or false), req.exclude or '',
+      req.only or ''}, '|')
+    if refused[shape] then return nil end
+    local p = try_place(req, now)
+    if not p then refused[shape] = true end
+    return p
+  end
   for _, id in ipairs(ids) do
     local t = read_task(id)
     if not t then
@@ -198,27 +212,31 @@ local function schedule_pass(now, depth, scan_cap)
       req.scan_cap = scan_cap
       local p = nil
       if not blocked then
-        p = try_place(req, now)
+        p = attempt(req)
         if not p and req.preempt then
-          if preempt_for(req, now, 128) then p = try_place(req, now) end
+          if preempt_for(req, now, 128) then
+            refused = {}
+            p = attempt(req)
+          end
         end
         if not p then
           blocked = true
           resv = reserve(req, now, 256)
         end
       elseif resv then
+        local only = req.only
         req.exclude = resv.host
-        p = try_place(req, now)
+        p = attempt(req)
         local ends = expected_end(req, now)
         -- A request pinned to one node (req.only) may backfill only onto that node.
-        if not p and ends and ends <= resv.shadow and (req.only == nil or req.only == resv.host) then
+        if not p and ends and ends <= resv.shadow and (only == nil or only == resv.host) then
           req.exclude, req.only = nil, resv.host
-          p = try_place(req, now)
+          p = attempt(req)
         end
       else
         -- The head is blocked and no release in sight frees enough for it: others may run
         -- (there is nothing they could delay).
-        p = try_place(req, now)
+        p = attempt(req)
       end
       if p then
         req.created = rcall('HGET', alloc_key(id), 'created')
