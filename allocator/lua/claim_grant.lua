@@ -20,35 +20,11 @@ reason is "ok", "not_found", "not_active", "wrong_host", "host_missing", "host_l
 "stale_generation" or "already_claimed".
 ]]
 --- @include "ledger"
+--- @include "fencing"
 
 local id, worker, my_host, node, pid = ARGV[3], ARGV[4], ARGV[5], ARGV[6] or '', ARGV[7] or ''
-local a = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'claim', 'claimed_by', 'requeues')
-if not a[1] then
-  return cjson.encode({current = false, reason = 'not_found'})
-end
-local out = {current = false, state = a[1], host = a[2], host_gen = tonumber(a[3] or 1)}
-if a[1] ~= 'active' then
-  out.reason = 'not_active'
-  return cjson.encode(out)
-end
-if my_host ~= nil and my_host ~= '' and a[2] ~= my_host then
-  out.reason = 'wrong_host'
-  return cjson.encode(out)
-end
-local hf = rcall('HMGET', host_key(a[2]), 'state', 'gen')
-if not hf[1] then
-  out.reason = 'host_missing'
-  return cjson.encode(out)
-end
-out.host_state, out.gen = hf[1], tonumber(hf[2] or 1)
-if hf[1] == 'lost' then
-  out.reason = 'host_lost'
-  return cjson.encode(out)
-end
-if out.gen ~= out.host_gen then
-  out.reason = 'stale_generation'
-  return cjson.encode(out)
-end
+local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues'})
+if out.reason ~= nil then return cjson.encode(out) end
 local token = a[2] .. '|' .. (a[3] or '1') .. '|' .. (a[4] or '') .. '|' .. (a[7] or '0')
 out.token = token
 if a[5] == token then

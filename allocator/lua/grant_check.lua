@@ -10,28 +10,8 @@ Returns JSON {current, reason, state, host, host_state, gen, host_gen}; reason i
 "not_found", "not_active", "host_missing", "host_lost" or "stale_generation".
 ]]
 --- @include "ledger"
+--- @include "fencing"
 
-local id = ARGV[3]
-local a = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen')
-if not a[1] then
-  return cjson.encode({current = false, reason = 'not_found'})
-end
-local out = {current = false, state = a[1], host = a[2], host_gen = tonumber(a[3] or 1)}
-if a[1] ~= 'active' then
-  out.reason = 'not_active'
-  return cjson.encode(out)
-end
-local hf = rcall('HMGET', host_key(a[2]), 'state', 'gen')
-if not hf[1] then
-  out.reason = 'host_missing'
-  return cjson.encode(out)
-end
-out.host_state, out.gen = hf[1], tonumber(hf[2] or 1)
-if hf[1] == 'lost' then
-  out.reason = 'host_lost'
-elseif out.gen ~= out.host_gen then
-  out.reason = 'stale_generation'
-else
-  out.current, out.reason = true, 'ok'
-end
+local out = grant_status(ARGV[3], nil)
+if out.reason == nil then out.current, out.reason = true, 'ok' end
 return cjson.encode(out)
