@@ -1,5 +1,5 @@
---[[ submit: put a task (function task or queued direct request) in line, then run a scheduling
-pass so it starts at once when it fits and nothing ahead of it is waiting.
+--[[ submit: put a task (function task or queued direct request) in line, then try to start it
+(submit_pass: at once when it fits and does not delay the head of the line).
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task JSON {kind ("job"|"lease"),
         payload (the place request JSON, see place.lua; it carries id and priority),
@@ -19,8 +19,9 @@ local req = cjson.decode(t.payload)
 req.request, req.metadata = ARGV[6], ARGV[7]
 local id = req.id
 local existing = rcall('HGET', alloc_key(id), 'state')
+local reaped = {}
 if not existing then
-  reap_expired(now, 8)
+  reaped = reap_expired(now, 8)
   local seq = tonumber(rcall('HINCRBY', K_SEQ, 'task_seq', 1))
   rcall('HSET', task_key(id), 'kind', t.kind, 'payload', t.payload, 'rq_prefix', t.rq_prefix or '',
         'rq_queue', t.rq_queue or '', 'host_queue_prefix', t.host_queue_prefix or '', 'state', 'pending',
@@ -35,7 +36,7 @@ if not existing then
     task_type = req.task_type, owner = req.owner, expected_ms = req.expected_ms or 0}),
     {'request', req.request, 'metadata', req.metadata})
 end
-local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local placed = submit_pass(id, now, tonumber(ARGV[4]), tonumber(ARGV[5]), #reaped > 0)
 local state = rcall('HGET', alloc_key(id), 'state')
 local rank = rcall('ZRANK', K_PENDING, id)
 local position = 0

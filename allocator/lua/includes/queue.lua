@@ -179,75 +179,100 @@ local function preempt_for(req, now, limit)
   return h
 end
 
--- One scheduling pass over the first depth pending tasks: place what fits; the first blocked
--- task gets a reservation; later tasks may start only where they do not delay it.
+-- State of one scheduling pass. Within a pass free capacity only shrinks (placements take,
+-- nothing gives back except a preemption, which clears the memo), so a request shape that did
+-- not fit will not fit later in the same pass: a line of many alike tasks costs one failed walk.
+local function new_pass()
+  return {blocked = false, resv = nil, refused = {}}
+end
+
+local function attempt(st, req, now)
+  local shape = table.concat({req.gpus, req.gpu_mem, req.cpu_millis, tostring(req.exclusive), req.ram,
+    req.strategy, req.priority, req.slots or 0, cjson.encode(req.models or false),
+    cjson.encode(req.selector or false), cjson.encode(req.services or false), req.exclude or '',
+    req.only or ''}, '|')
+  if st.refused[shape] then return nil end
+  local p = try_place(req, now)
+  if not p then st.refused[shape] = true end
+  return p
+end
+
+-- Tries one pending task under the pass's state; places and dispatches it when allowed. The
+-- first task that does not fit blocks: it gets the reservation, and later tasks may start only
+-- where they do not delay it (EASY backfill).
+local function consider(st, id, t, now, scan_cap)
+  local req = cjson.decode(t.payload)
+  req.id = id
+  req.scan_cap = scan_cap
+  local p = nil
+  if not st.blocked then
+    p = attempt(st, req, now)
+    if not p and req.preempt then
+      if preempt_for(req, now, 128) then
+        st.refused = {}
+        p = attempt(st, req, now)
+      end
+    end
+    if not p then
+      st.blocked = true
+      st.resv = reserve(req, now, 256)
+    end
+  elseif st.resv then
+    local only = req.only
+    req.exclude = st.resv.host
+    p = attempt(st, req, now)
+    local ends = expected_end(req, now)
+    -- A request pinned to one node (req.only) may backfill only onto that node.
+    if not p and ends and ends <= st.resv.shadow and (only == nil or only == st.resv.host) then
+      req.exclude, req.only = nil, st.resv.host
+      p = attempt(st, req, now)
+    end
+  else
+    -- The head is blocked and no release in sight frees enough for it: others may run
+    -- (there is nothing they could delay).
+    p = attempt(st, req, now)
+  end
+  if not p then return false end
+  req.created = rcall('HGET', alloc_key(id), 'created')
+  req.kind = t.kind
+  grant(req, p, now)
+  rcall('ZREM', K_PENDING, id)
+  rcall('HSET', task_key(id), 'state', 'placed')
+  dispatch(id, t, p.host)
+  return true
+end
+
+-- One scheduling pass over the first depth pending tasks, in order.
 local function schedule_pass(now, depth, scan_cap)
   if depth <= 0 then return {} end
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
-  local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
   local placed = {}
-  local resv = nil
-  local blocked = false
-  -- Within one pass free capacity only shrinks (placements take, nothing gives back except a
-  -- preemption, which clears this), so a request shape that did not fit will not fit later in
-  -- the same pass: a line of many alike tasks costs one failed walk, not one per task.
-  local refused = {}
-  local function attempt(req)
-    local shape = table.concat({req.gpus, req.gpu_mem, req.cpu_millis, tostring(req.exclusive), req.ram,
-      req.strategy, req.priority, req.slots or 0, cjson.encode(req.models or false),
-      cjson.encode(req.selector or false), cjson.encode(req.services or false), req.exclude or '',
-      req.only or ''}, '|')
-    if refused[shape] then return nil end
-    local p = try_place(req, now)
-    if not p then refused[shape] = true end
-    return p
-  end
-  for _, id in ipairs(ids) do
+  local st = new_pass()
+  for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, depth - 1)) do
     local t = read_task(id)
     if not t then
       rcall('ZREM', K_PENDING, id)
-    else
-      local req = cjson.decode(t.payload)
-      req.id = id
-      req.scan_cap = scan_cap
-      local p = nil
-      if not blocked then
-        p = attempt(req)
-        if not p and req.preempt then
-          if preempt_for(req, now, 128) then
-            refused = {}
-            p = attempt(req)
-          end
-        end
-        if not p then
-          blocked = true
-          resv = reserve(req, now, 256)
-        end
-      elseif resv then
-        local only = req.only
-        req.exclude = resv.host
-        p = attempt(req)
-        local ends = expected_end(req, now)
-        -- A request pinned to one node (req.only) may backfill only onto that node.
-        if not p and ends and ends <= resv.shadow and (only == nil or only == resv.host) then
-          req.exclude, req.only = nil, resv.host
-          p = attempt(req)
-        end
-      else
-        -- The head is blocked and no release in sight frees enough for it: others may run
-        -- (there is nothing they could delay).
-        p = attempt(req)
-      end
-      if p then
-        req.created = rcall('HGET', alloc_key(id), 'created')
-        req.kind = t.kind
-        grant(req, p, now)
-        rcall('ZREM', K_PENDING, id)
-        rcall('HSET', task_key(id), 'state', 'placed')
-        dispatch(id, t, p.host)
-        placed[#placed + 1] = id
-      end
+    elseif consider(st, id, t, now, scan_cap) then
+      placed[#placed + 1] = id
     end
   end
   return placed
+end
+
+-- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
+-- expired leases), so the tasks ahead of the new one still do not fit: only the new task can
+-- start, and only where it does not delay the head of the line. One task instead of depth.
+local function submit_pass(id, now, depth, scan_cap, reaped)
+  if depth <= 0 then return {} end
+  if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
+  local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
+  if reaped or head == nil or head == id then return schedule_pass(now, depth, scan_cap) end
+  local ht, t = read_task(head), read_task(id)
+  if not ht or not t then return schedule_pass(now, depth, scan_cap) end
+  local st = new_pass()
+  local hreq = cjson.decode(ht.payload)
+  hreq.id, hreq.scan_cap = head, scan_cap
+  st.blocked, st.resv = true, reserve(hreq, now, 256)
+  if consider(st, id, t, now, scan_cap) then return {id} end
+  return {}
 end
