@@ -201,13 +201,15 @@ class Simulation:
     """The ledger and the pass, in memory; ``run`` returns each pending task's simulated start."""
 
     def __init__(self, snap: Snapshot, *, stat: str = DEFAULT_STAT, overdue_factor: float = DEFAULT_OVERDUE_FACTOR,
-                 reqs: dict[str, _Req] | None = None):
+                 reqs: dict[str, _Req] | None = None, use_prior: bool = True, ladder: bool = False):
         self.now = snap.now
         self.depth = snap.pass_depth
         self.cap = snap.scan_cap
         self.durations = snap.durations
         self.stat_key = stat + "_ms"
         self.overdue_factor = overdue_factor
+        self.prior = self._prior() if use_prior else None
+        self.ladder = ladder
         self.hosts: dict[str, _Host] = {}
         self.by_ord: list[_Host] = []
         self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
@@ -268,22 +270,58 @@ class Simulation:
         return None
 
     def run_ms(self, task_type: str | None, hint_ms: int, ttl_ms: int) -> int | None:
-        """The simulated run time: history estimate (``stat``), else the hint, else the TTL."""
+        """The simulated run time: history estimate (``stat``) for the task type, else the hint,
+        else the estimate over all task types (``prior``), else the TTL; never beyond the TTL."""
         v = _hist(self.durations, task_type, self.stat_key)
         if not v and hint_ms > 0:
             v = hint_ms
+        if not v:
+            v = self.prior
         if ttl_ms > 0 and (not v or v > ttl_ms):
             v = ttl_ms
         return v or None
 
+    def _prior(self) -> int | None:
+        """The n-weighted median of the statistic over all task types in the history."""
+        pts = []
+        for e in self.durations.values():
+            try:
+                v, n = float(e.get(self.stat_key) or 0), float(e.get("n") or 1)
+            except (TypeError, ValueError, AttributeError):
+                continue
+            if v > 0 and n > 0:
+                pts.append((v, n))
+        if not pts:
+            return None
+        pts.sort()
+        half, acc = sum(n for _, n in pts) / 2, 0.0
+        for v, n in pts:
+            acc += n
+            if acc >= half:
+                return int(v)
+        return int(pts[-1][0])
+
     def _add_running(self, a: dict[str, Any]) -> None:
         start = int(a["start"])
         expires = int(a.get("expires") or 0)
+        end = a.get("end")  # the ends index: history p80 or hint at grant time, else the TTL
         est = _hist(self.durations, a.get("task_type"), self.stat_key)
         if est:
             release: float | None = start + est
+            if self.ladder and release <= self.now:
+                # Past the typical run time of its type: the next longer estimate it has not yet
+                # outlived (p80, then the longest seen), before the overrun rule below.
+                for key in ("p80_ms", "max_ms"):
+                    v = _hist(self.durations, a.get("task_type"), key)
+                    if v and start + v > self.now:
+                        release = start + v
+                        break
+        elif end is not None and (expires <= 0 or end != expires):
+            release = end
+        elif self.prior:
+            release = start + self.prior
         else:
-            release = a.get("end")  # the ends index: hint, else TTL
+            release = end
         if expires > 0 and (release is None or release > expires):
             release = expires
         if release is not None and release <= self.now and not (expires > 0 and release >= expires):
@@ -832,18 +870,22 @@ class EtaEngine:
     """Estimated start times for one allocator (one namespace)."""
 
     def __init__(self, allocator: Allocator, *, stat: str = DEFAULT_STAT,
-                 overdue_factor: float = DEFAULT_OVERDUE_FACTOR, max_age_s: float = DEFAULT_MAX_AGE_S) -> None:
+                 overdue_factor: float = DEFAULT_OVERDUE_FACTOR, max_age_s: float = DEFAULT_MAX_AGE_S,
+                 use_prior: bool = True, ladder: bool = False) -> None:
         if stat not in ("p50", "p80", "mean"):
             raise ValueError(f"stat must be p50, p80 or mean, got {stat!r}")
         self.a = allocator
         self.stat = stat
         self.overdue_factor = overdue_factor
         self.max_age_s = max_age_s
+        self.use_prior = use_prior
+        self.ladder = ladder
         self._cache = _Cache()
 
     def simulate(self, snap: Snapshot, targets: set[str] | None = None) -> EtaResult:
         t0 = time.perf_counter()
-        sim = Simulation(snap, stat=self.stat, overdue_factor=self.overdue_factor, reqs=self._cache.reqs)
+        sim = Simulation(snap, stat=self.stat, overdue_factor=self.overdue_factor, reqs=self._cache.reqs,
+                         use_prior=self.use_prior, ladder=self.ladder)
         starts = {} if snap.recovering else sim.run(targets)
         if snap.recovering:
             starts = {p[0]: None for p in snap.pending if targets is None or p[0] in targets}

@@ -197,6 +197,22 @@ def offered_load(tasks: list[TraceTask], hosts: list[dict[str, Any]]) -> dict[st
 
 # -- one policy ------------------------------------------------------------------------------
 
+def engine_variant(a: Allocator, spec: str) -> EtaEngine:
+    """An ETA engine from a spec like ``p80``, ``p50@noprior`` or ``mean@o=0`` (overdue factor)."""
+    stat, *opts = spec.split("@")
+    kw: dict[str, Any] = {"stat": stat}
+    for o in opts:
+        if o == "noprior":
+            kw["use_prior"] = False
+        elif o == "ladder":
+            kw["ladder"] = True
+        elif o.startswith("o="):
+            kw["overdue_factor"] = float(o[2:])
+        else:
+            raise ValueError(f"unknown ETA variant option {o!r}")
+    return EtaEngine(a, **kw)
+
+
 class VirtualClock:
     def __init__(self) -> None:
         self.ms = 0
@@ -229,7 +245,7 @@ class Replay:
         self.progress = 0
         self.max_events = 0
         self.detail = False
-        self.extra_engines = {s: EtaEngine(self.a, stat=s) for s in eta_stats}
+        self.extra_engines = {s: engine_variant(self.a, s) for s in eta_stats}
         self.out: dict[str, Outcome] = {}
         self.by_alloc: dict[str, str] = {}  # allocation id -> task name
         self.current: dict[str, str] = {}  # task name -> its live allocation id
@@ -488,6 +504,7 @@ class Replay:
         res["eta_ms_mean"] = 1000 * self.eta_s / self.eta_calls if self.eta_calls else None
         res["wall_s"] = wall_s
         res["eta"] = eta_accuracy([(o.submit, o.start, o.eta, o.at_once) for o in self.out.values()])
+        res["eta_variants"] = list(self.extra_engines)
         for s in self.extra_engines:
             res[f"eta_{s}"] = eta_accuracy([(o.submit, o.start, o.etas.get(s), o.at_once) for o in self.out.values()])
         res["series"] = self.series
@@ -581,11 +598,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{fmt_s(a['median_abs_err_s'])} / {fmt_s(wt.get('median_abs_err_s'))} | {wt.get('no_estimate', 0)} | "
             f"{r['eta_ms_mean'] or 0:.1f} ms |")
     for r in results:
-        for s in ("p50", "p80", "mean"):
+        for s in r.get("eta_variants", []):
             e = r.get(f"eta_{s}")
             if e and e["all"].get("n") and e["waited"].get("n"):
                 a, wt = e["all"], e["waited"]
-                lines.append(f"| {r['label']}, run time = history {s} | {100 * a['within_tol']:.1f}% / "
+                lines.append(f"| {r['label']}, engine variant {s} | {100 * a['within_tol']:.1f}% / "
                              f"{100 * wt['within_tol']:.1f}% | {100 * a['within_10min']:.1f}% / "
                              f"{100 * wt['within_10min']:.1f}% | {fmt_s(a['median_abs_err_s'])} / "
                              f"{fmt_s(wt['median_abs_err_s'])} | {wt['no_estimate']} | |")
@@ -721,7 +738,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--no-eta", action="store_true")
-    ap.add_argument("--eta-stats", default="", help="also score engines using these history stats, e.g. p50,p80,mean")
+    ap.add_argument("--eta-stats", default="",
+                    help="also score these engine variants, e.g. p50,p80,mean,p50@noprior,p50@o=0 (o = overdue factor)")
     ap.add_argument("--eta-stats-policies", default="best_fit")
     ap.add_argument("--progress", type=int, default=0, help="print progress every N events (stderr)")
     ap.add_argument("--max-events", type=int, default=0, help="stop each policy after N events (profiling)")

@@ -48,17 +48,34 @@ def test_a_waiting_task_starts_when_the_holder_is_expected_to_end(alloc):
     assert alloc.task(second).estimated_start_time == at(150)
 
 
-def test_history_estimate_outranks_the_hint_and_ttl_is_the_last_resort(alloc):
+def test_history_estimate_outranks_the_hint(alloc):
     alloc.redis.hset(alloc.keys.durations, "train", json.dumps({"p50_ms": 30000, "p80_ms": 45000, "mean_ms": 40000, "n": 9}))
     gpu_host(alloc, "h1")
     gpu_host(alloc, "h2")
     alloc.allocate(WHOLE, task_type="train", expected_duration=1000, selector="host=h1")
-    alloc.allocate(WHOLE, ttl_seconds=600, selector="host=h2")
+    alloc.allocate(WHOLE, task_type="new", ttl_seconds=600, selector="host=h2")
     on_h1 = queued(alloc, selector="host=h1")
     on_h2 = queued(alloc, selector="host=h2")
     assert eta(alloc, on_h1) == at(30)  # history p50 of "train", not the 1000 s hint
-    assert eta(alloc, on_h2) == at(600)  # no history, no hint: the TTL
     assert EtaEngine(alloc, stat="p80").compute_one(on_h1) == (T0 + 45) * 1000
+    # A type with no history and no hint: the estimate over all types (30 s), within its TTL.
+    assert eta(alloc, on_h2) == at(30)
+    assert EtaEngine(alloc, use_prior=False).compute_one(on_h2) == (T0 + 600) * 1000
+
+
+def test_with_no_history_and_no_hint_the_ttl_is_the_last_resort(alloc):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, ttl_seconds=600)
+    assert eta(alloc, queued(alloc)) == at(600)
+
+
+def test_the_prior_over_all_types_is_their_n_weighted_median(alloc):
+    alloc.redis.hset(alloc.keys.durations, mapping={
+        "a": json.dumps({"p50_ms": 10000, "n": 1}), "b": json.dumps({"p50_ms": 50000, "n": 5}),
+        "c": json.dumps({"p50_ms": 900000, "n": 3})})
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, ttl_seconds=None, task_type="unseen")
+    assert eta(alloc, queued(alloc)) == at(50)
 
 
 @pytest.fixture(autouse=True)

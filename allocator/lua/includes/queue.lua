@@ -267,6 +267,8 @@ local function submit_pass(id, now, depth, scan_cap, reaped)
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
   local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
   if reaped or head == nil or head == id then return schedule_pass(now, depth, scan_cap) end
+  local rank = rcall('ZRANK', K_PENDING, id)
+  if rank == nil or rank >= depth then return {} end  -- a pass of this depth would not reach it
   local ht, t = read_task(head), read_task(id)
   if not ht or not t then return schedule_pass(now, depth, scan_cap) end
   local st = new_pass()
