@@ -66,7 +66,7 @@ PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
 BAND = 4398046511104  # 2^42: pending score per priority band
 BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
 
-_ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "expires",
+_ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "expires", "slots",
                  "task_type", "kind", "state")
 _TASK_FIELDS = ("kind", "payload", "seq", "state")
 _META = ("_at", "_cost_ms", "_pending")
@@ -93,7 +93,7 @@ class _Gpu:
 
 class _Host:
     __slots__ = ("id", "ord", "ready", "labels", "reserve", "cfree", "shared", "ram", "ram_used", "gpus",
-                 "indexed")
+                 "indexed", "slots", "slots_used", "catalog")
 
     def __init__(self, hid: str, h: dict[str, str]) -> None:
         self.id = hid
@@ -105,6 +105,9 @@ class _Host:
         self.shared = int(h.get("shared") or 0)
         self.ram = int(h.get("ram") or 0)
         self.ram_used = int(h.get("ram_used") or 0)
+        self.slots = int(h.get("slots") or 0)
+        self.slots_used = int(h.get("slots_used") or 0)
+        self.catalog: frozenset[str] = frozenset()
         self.gpus: list[_Gpu] = []
         for p in range(int(h.get("ngpu") or 0)):
             k = f"g{p}:"
@@ -124,12 +127,18 @@ class _Host:
         v = self.ram - self.ram_used
         return v if v > 0 else 0
 
+    @property
+    def slotf(self) -> int:
+        v = self.slots - self.slots_used
+        return v if v > 0 else 0
+
 
 class _Req:
     """A pending task's place request (the payload JSON of ``Keys.task(id)``)."""
 
     __slots__ = ("id", "priority", "mode", "gpus", "gpu_mem", "models", "cpu_millis", "exclusive", "ram",
-                 "ttl_ms", "expected_ms", "preempt", "selector", "task_type", "kind", "seq", "shape")
+                 "ttl_ms", "expected_ms", "preempt", "selector", "task_type", "kind", "seq", "slots", "services",
+                 "pin", "shape")
 
     def __init__(self, tid: str, payload: dict[str, Any], kind: str, seq: int) -> None:
         self.id = tid
@@ -150,14 +159,18 @@ class _Req:
         self.task_type = payload.get("task_type") or ""
         self.kind = kind
         self.seq = seq
+        self.slots = int(payload.get("slots") or 0)
+        services = payload.get("services")
+        self.services = tuple(services) if services else None
+        self.pin = payload.get("only") or None  # a request pinned to one host (API policies)
         self.shape = (self.gpus, self.gpu_mem, self.models, self.cpu_millis, self.ram,
                       json.dumps(self.selector, sort_keys=True) if self.selector else None,
-                      self.priority >= 3)
+                      self.priority >= 3, self.slots, self.services)
 
 
 class _Alloc:
     __slots__ = ("id", "host", "grants", "cores", "shared", "ram", "priority", "kind", "start", "release",
-                 "pass_end", "byprio", "alive")
+                 "pass_end", "byprio", "alive", "slots")
 
     def __init__(self, aid: str, host: str, grants: list[tuple[int, str, int]], cores: int, shared: int, ram: int,
                  priority: int, kind: str, start: int, release: float | None, pass_end: float | None) -> None:
@@ -165,6 +178,7 @@ class _Alloc:
         self.priority, self.kind, self.start, self.release, self.pass_end = priority, kind, start, release, pass_end
         self.byprio = priority * 10**13 + (10**13 - 1 - start)
         self.alive = True
+        self.slots = 0
 
 
 @dataclass
@@ -180,6 +194,7 @@ class Snapshot:
     pass_depth: int = 100
     scan_cap: int = 2048
     recovering: bool = False
+    catalogs: dict[str, set[str]] = field(default_factory=dict)  # host -> services it can run
     complete: bool = True  # False when the line was read only up to a rank (one task's estimate)
     read_ms: float = 0.0
 
@@ -231,11 +246,13 @@ class Simulation:
         self.tasks: dict[str, _Req] = {}
         self.started: dict[str, int] = {}
         self.freed: list[str] = []  # hosts that gained capacity, in order
-        self._nofit: dict[tuple[Any, ...], int] = {}  # shape -> len(freed) when it last fitted nowhere
+        self._nofit: dict[tuple[Any, ...], int] = {}  # (shape, exclude) -> len(freed) when it last fitted nowhere
+        self._refused: set[tuple[Any, ...]] = set()  # the current pass's refused shapes
         self.passes = 0
         self.events = 0
         for hid, h in snap.hosts.items():
             host = _Host(hid, h)
+            host.catalog = frozenset(snap.catalogs.get(hid, ()))
             self.hosts[hid] = host
             for g in host.gpus:
                 self.gpu_of[g.member] = (host, g)
@@ -331,6 +348,7 @@ class Simulation:
             release = self.now
         al = _Alloc(a["id"], a["host"], a["grants"], a["cores"], a["shared"], a["ram"],
                     a["priority"], a.get("kind") or "lease", start, release, a.get("end"))
+        al.slots = a.get("slots", 0)
         self._track(al)
 
     def _track(self, al: _Alloc) -> None:
@@ -484,7 +502,7 @@ class Simulation:
                 else:
                     h = self.hosts.get(hid)
                     s = h if (self._eligible(req, h, exclude, only) and h.cpu >= req.cpu_millis
-                              and h.ramf >= req.ram) else None
+                              and h.ramf >= req.ram and self._extras_fit(req, h)) else None
                     ok[hid] = s
                 if s is not None:
                     if k == 0:
@@ -498,9 +516,19 @@ class Simulation:
                 return None, True
         return None, False
 
+    @staticmethod
+    def _extras_fit(req: _Req, h: _Host) -> bool:
+        """Worker slots, and services in the host's catalog (free service ports are not modelled)."""
+        if req.slots and h.slotf < req.slots:
+            return False
+        if req.services and not h.catalog.issuperset(req.services):
+            return False
+        return True
+
     def _could_fit(self, req: _Req, h: _Host) -> bool:
         """A necessary condition for req to fit on h (used to revalidate a no-fit)."""
-        if not self._eligible(req, h, None, None) or h.cpu < req.cpu_millis or h.ramf < req.ram:
+        if (not self._eligible(req, h, None, None) or h.cpu < req.cpu_millis or h.ramf < req.ram
+                or not self._extras_fit(req, h)):
             return False
         return sum(1 for g in h.gpus if self._gpu_fits(req, g.free, g.n, g.model)) >= req.gpus
 
@@ -527,15 +555,24 @@ class Simulation:
 
     def try_place(self, req: _Req, exclude: str | None = None, only: str | None = None
                   ) -> tuple[_Host, list[_Gpu]] | None:
+        """try_place of placement.lua, through the pass's memo of refused shapes (``attempt``
+        in queue.lua): a shape refused once in a pass is refused again in it."""
+        only = only if only is not None else req.pin
+        memo = (req.shape, req.mode, req.priority, exclude, only)
+        if memo in self._refused:
+            return None
         if only is None and self._fits_nowhere(req, exclude):
+            self._refused.add(memo)
             return None
         mode = req.mode
         found, capped = self._scan(req, mode, exclude, only)
         if found is None and mode == "first" and capped:
             found, capped = self._scan(req, "best", exclude, only)
-        if found is None and not capped and only is None:
-            # Not capped: the walk ran out of candidates, which placements cannot change.
-            self._nofit[(req.shape, exclude)] = len(self.freed)
+        if found is None:
+            self._refused.add(memo)
+            if not capped and only is None:
+                # Not capped: the walk ran out of candidates, which placements cannot change.
+                self._nofit[(req.shape, exclude)] = len(self.freed)
         return found
 
     def _grant(self, req: _Req, placement: tuple[_Host, list[_Gpu]], now: int) -> None:
@@ -555,11 +592,14 @@ class Simulation:
             shared = req.cpu_millis
             h.shared += shared
         h.ram_used += req.ram
+        h.slots_used += req.slots
         self._reindex(h, gs)
         pe = self.pass_ms(req)
         run = self.run_ms(req.task_type, req.expected_ms, req.ttl_ms)
-        self._track(_Alloc(req.id, h.id, grants, cores, shared, req.ram, req.priority, req.kind, now,
-                           None if run is None else now + run, None if pe is None else now + pe))
+        al = _Alloc(req.id, h.id, grants, cores, shared, req.ram, req.priority, req.kind, now,
+                    None if run is None else now + run, None if pe is None else now + pe)
+        al.slots = req.slots
+        self._track(al)
 
     def _finish(self, aid: str) -> _Alloc | None:
         al = self.allocs.pop(aid, None)
@@ -582,6 +622,7 @@ class Simulation:
         h.cfree += al.cores
         h.shared = max(0, h.shared - al.shared)
         h.ram_used = max(0, h.ram_used - al.ram)
+        h.slots_used = max(0, h.slots_used - al.slots)
         self._reindex(h, touched)
         self.freed.append(h.id)
         return al
@@ -601,8 +642,8 @@ class Simulation:
             hid = al.host
             if hid not in sims:
                 h = self.hosts.get(hid)
-                if self._eligible(req, h, None, None):
-                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}]
+                if self._eligible(req, h, None, req.pin):
+                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf]
                 else:
                     sims[hid] = None
                 freed[hid] = []
@@ -616,8 +657,9 @@ class Simulation:
                     sg[1] -= 1
             sim[0] += al.cores * 1000 + al.shared
             sim[1] += al.ram
+            sim[3] += al.slots
             freed[hid].append(aid)
-            if sim[0] >= req.cpu_millis and sim[1] >= req.ram:
+            if sim[0] >= req.cpu_millis and sim[1] >= req.ram and (not req.slots or sim[3] >= req.slots):
                 n = sum(1 for f, c, m in sim[2].values() if self._gpu_fits(req, f, c, m))
                 if n >= req.gpus:
                     return hid, freed[hid], score
@@ -630,6 +672,7 @@ class Simulation:
         return r[0], max(r[2], now)
 
     def _preempt_for(self, req: _Req, now: int) -> bool:
+        self._refused = set()  # capacity comes back: the pass's memo of refusals is void
         bound = req.priority * 10**13
         cands = self.byprio.irange(maximum=(bound, ""), inclusive=(True, False))
         r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
@@ -648,6 +691,7 @@ class Simulation:
 
     def _pass(self, now: int) -> int:
         self.passes += 1
+        self._refused = set()
         ids = [tid for _, tid in self.pending.islice(0, self.depth)]
         placed = 0
         blocked: _Req | None = None
@@ -663,13 +707,13 @@ class Simulation:
                 if p is None:
                     blocked = req
             else:
-                if req.cpu_millis > 0 and req.ram > 0 and self._fits_nowhere(req):
+                if req.pin is None and req.cpu_millis > 0 and req.ram > 0 and self._fits_nowhere(req):
                     continue  # cannot start anywhere, reserved host included
                 if not resv_done:
                     resv, resv_done = self._reserve(blocked, now), True
                 if resv is not None:
                     p = self.try_place(req, exclude=resv[0])
-                    if p is None:
+                    if p is None and (req.pin is None or req.pin == resv[0]):
                         pe = self.pass_ms(req)
                         if pe is not None and now + pe <= resv[1]:
                             p = self.try_place(req, only=resv[0])
@@ -752,7 +796,7 @@ def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | 
         "cores": len(cores) if isinstance(cores, list) else 0, "shared": int(f.get("shared_millis") or 0),
         "ram": int(f.get("ram_mb") or 0), "priority": int(f.get("priority") or 1), "kind": f.get("kind"),
         "start": int(f.get("activated") or 0) or int(10**13 - 1 - (score - int(score // 10**13) * 10**13)),
-        "task_type": f.get("task_type"), "expires": int(f.get("expires") or 0),
+        "task_type": f.get("task_type"), "expires": int(f.get("expires") or 0), "slots": int(f.get("slots") or 0),
     }
 
 
@@ -842,8 +886,15 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
         t = cache.tasks.get(tid)
         if t is not None:
             pend.append((tid, score, t[0], t[1], t[2]))
+    catalogs: dict[str, set[str]] = {}
+    if any('"services"' in p[2] for p in pend):
+        # Which host can run which shared named service (changes only with the host's agent).
+        pipe = a.redis.pipeline(transaction=False)
+        for h in hosts:
+            pipe.hkeys(k.svc_catalog(h))
+        catalogs = {h: set(names) for h, names in zip(hosts, pipe.execute())}
     cache.trim({p[0] for p in pend}, {x["id"] for x in allocs})
-    return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations,
+    return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
                     pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
                     complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000)
 
