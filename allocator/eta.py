@@ -17,18 +17,25 @@ expected release a pass again, each pass being a Python mirror of the Lua pass
   reservation from the allocations' expected ends (the ``ends`` index, first 256); later tasks start
   on other hosts, or on the reserved host only when their expected end is before the shadow time;
   a pass that placed something is repeated at the same instant (what the scheduler's tick does a
-  moment later), so a pass depth of 1 is strict FIFO without backfill.
+  moment later), so a pass depth of 1 is strict FIFO without backfill; within a pass a refused
+  request shape is not tried again (the Lua's memo; cleared by a preemption);
+- worker slots, shared services (the host's catalog), requests pinned to one host.
+
+``tests/test_eta.py`` checks on random fleets and lines that the simulated starts are exactly what
+the real ledger then does when every allocation runs for exactly its expected duration.
 
 Two notions of duration are kept apart. The pass's own view (reservation order, shadow time,
 backfill test) is exactly what the Lua reads: the ``ends`` index for running allocations, and for
 tasks the history's p80 per task type, else the hint, else the TTL. The *simulated release* of a
 running allocation or of a task started in the simulation uses the engine's estimate: the history
-estimate for the task type (``Keys.durations``, statistic ``stat``, p50 by default), else the
-task's hint (``expected_ms``), else its TTL, capped by its TTL deadline. An allocation already past
-its expected end is assumed to run as long again as it has so far, beyond that end
-(``overdue_factor``): long-running outliers of a heavy-tailed type are likely to keep running.
+estimate for the task type (``Keys.durations``, statistic ``stat``, p50 by default: it predicted
+starts best in the OpenB replay), else the task's hint (``expected_ms``), else the prior (the
+n-weighted median of that statistic over all task types), else its TTL, never beyond its TTL
+deadline. An allocation already past its expected end is assumed to overrun as long again as it
+has so far (``overdue_factor``): long-running outliers of a heavy-tailed type keep running.
 Allocations with no estimate at all never end in the simulation, and tasks that only they could
-make room for get no estimate (``None``).
+make room for get no estimate (``None``). Not modelled: tasks that will arrive later (a
+higher-priority arrival delays a waiting task beyond its estimate) and free service ports.
 
 Cost: the snapshot is one pipelined read (consistent: ``WATCH`` on the outbox stream, retried);
 payloads of pending tasks and records of active allocations are cached per id, since they do not
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -70,6 +78,8 @@ _ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority",
                  "task_type", "kind", "state")
 _TASK_FIELDS = ("kind", "payload", "seq", "state")
 _META = ("_at", "_cost_ms", "_pending")
+_HOST = operator.itemgetter(2)
+_POS = operator.itemgetter(3)
 
 
 def to_datetime(ms: int | float | None) -> datetime | None:
@@ -93,7 +103,7 @@ class _Gpu:
 
 class _Host:
     __slots__ = ("id", "ord", "ready", "labels", "reserve", "cfree", "shared", "ram", "ram_used", "gpus",
-                 "indexed", "slots", "slots_used", "catalog")
+                 "indexed", "slots", "slots_used", "catalog", "ncores")
 
     def __init__(self, hid: str, h: dict[str, str]) -> None:
         self.id = hid
@@ -107,6 +117,11 @@ class _Host:
         self.ram_used = int(h.get("ram_used") or 0)
         self.slots = int(h.get("slots") or 0)
         self.slots_used = int(h.get("slots_used") or 0)
+        try:
+            cores = json.loads(h.get("cores") or "[]")
+        except ValueError:
+            cores = []
+        self.ncores = len(cores) if isinstance(cores, list) else 0
         self.catalog: frozenset[str] = frozenset()
         self.gpus: list[_Gpu] = []
         for p in range(int(h.get("ngpu") or 0)):
@@ -216,7 +231,7 @@ class Simulation:
     """The ledger and the pass, in memory; ``run`` returns each pending task's simulated start."""
 
     def __init__(self, snap: Snapshot, *, stat: str = DEFAULT_STAT, overdue_factor: float = DEFAULT_OVERDUE_FACTOR,
-                 reqs: dict[str, _Req] | None = None, use_prior: bool = True, ladder: bool = False):
+                 reqs: dict[str, _Req] | None = None, use_prior: bool = True):
         self.now = snap.now
         self.depth = snap.pass_depth
         self.cap = snap.scan_cap
@@ -224,7 +239,6 @@ class Simulation:
         self.stat_key = stat + "_ms"
         self.overdue_factor = overdue_factor
         self.prior = self._prior() if use_prior else None
-        self.ladder = ladder
         self.hosts: dict[str, _Host] = {}
         self.by_ord: list[_Host] = []
         self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
@@ -245,9 +259,13 @@ class Simulation:
         self.score: dict[str, float] = {}
         self.tasks: dict[str, _Req] = {}
         self.started: dict[str, int] = {}
+        self._started_order: list[str] = []
+        self._idle: dict[str, int] = {}  # host -> GPUs with no holder and free memory
+        self.idle_hosts: SortedList = SortedList()  # (that count, host), schedulable hosts
         self.freed: list[str] = []  # hosts that gained capacity, in order
         self._nofit: dict[tuple[Any, ...], int] = {}  # (shape, exclude) -> len(freed) when it last fitted nowhere
         self._refused: set[tuple[Any, ...]] = set()  # the current pass's refused shapes
+        self._ever: dict[tuple[Any, ...], bool] = {}
         self.passes = 0
         self.events = 0
         for hid, h in snap.hosts.items():
@@ -325,14 +343,6 @@ class Simulation:
         est = _hist(self.durations, a.get("task_type"), self.stat_key)
         if est:
             release: float | None = start + est
-            if self.ladder and release <= self.now:
-                # Past the typical run time of its type: the next longer estimate it has not yet
-                # outlived (p80, then the longest seen), before the overrun rule below.
-                for key in ("p80_ms", "max_ms"):
-                    v = _hist(self.durations, a.get("task_type"), key)
-                    if v and start + v > self.now:
-                        release = start + v
-                        break
         elif end is not None and (expires <= 0 or end != expires):
             release = end
         elif self.prior:
@@ -367,27 +377,37 @@ class Simulation:
         if schedulable != h.indexed:
             touched = None
         h.indexed = schedulable
+        hid = h.id
+        # Index entries are (score, member, host, position): ordered like the Lua ZSETs (score,
+        # then member), with the host and position at hand for the walk.
         for g in (h.gpus if touched is None else touched):
             m = g.member
             free = g.free
             old = self._gidx.pop(m, None)
             if old is not None:
-                self.gpu_idx.remove((old, m))
+                self.gpu_idx.remove((old, m, hid, g.pos))
             old = self._gidle.pop(m, None)
             if old is not None:
-                self.gpu_idle.remove((old, m))
+                self.gpu_idle.remove((old, m, hid, g.pos))
             if schedulable and free > 0:
                 self._gidx[m] = free
-                self.gpu_idx.add((free, m))
+                self.gpu_idx.add((free, m, hid, g.pos))
                 if m not in self._gord:
                     self._gord.add(m)
-                    self.gpu_ord.add((g.ordscore, m))
+                    self.gpu_ord.add((g.ordscore, m, hid, g.pos))
                 if g.n == 0:
                     self._gidle[m] = free
-                    self.gpu_idle.add((free, m))
+                    self.gpu_idle.add((free, m, hid, g.pos))
             elif m in self._gord:
                 self._gord.discard(m)
-                self.gpu_ord.remove((g.ordscore, m))
+                self.gpu_ord.remove((g.ordscore, m, hid, g.pos))
+        old = self._idle.pop(hid, None)
+        if old is not None:
+            self.idle_hosts.remove((old, hid))
+        if schedulable:
+            n_idle = sum(1 for g in h.gpus if g.n == 0 and g.cap > g.used)
+            self._idle[hid] = n_idle
+            self.idle_hosts.add((n_idle, hid))
         old = self._cpu.pop(h.id, None)
         if old is not None:
             self.cpu_idx.remove((old, h.id))
@@ -461,60 +481,89 @@ class Simulation:
                     return out
         return None
 
-    def _members(self, req: _Req, mode: str, only: str | None) -> Iterable[tuple[str, int | None]]:
+    def _window(self, req: _Req, mode: str, only: str | None) -> tuple[list[str], list[int | None]]:
+        """The candidates a walk looks at, in its order, at most ``scan_cap`` of them: hosts and
+        GPU positions (None for CPU-only requests)."""
         k = req.gpus
+        cap = self.cap
         if only is not None:
             if k == 0:
-                return [(only, None)]
+                return [only], [None]
             h = self.hosts.get(only)
-            return [(only, g.pos) for g in h.gpus] if h else []
+            poss: list[int | None] = [g.pos for g in h.gpus][:cap] if h else []
+            return [only] * len(poss), poss
         if k > 0:
-            gof = self.gpu_of
             if req.gpu_mem == 0:
                 idx, lo = self.gpu_idle, 1
             else:
                 idx, lo = self.gpu_idx, req.gpu_mem
             if mode == "best":
-                it = idx.irange((lo, ""))
+                i = idx.bisect_left((lo,))
+                win = list(idx.islice(i, i + cap))
             elif mode == "worst":
-                it = idx.irange((lo, ""), reverse=True)
+                i, n = idx.bisect_left((lo,)), len(idx)
+                win = list(idx.islice(max(i, n - cap), n))
+                win.reverse()
             else:
-                it = iter(self.gpu_ord)
-            return ((gof[m][0].id, gof[m][1].pos) for _, m in it)
-        if mode == "best":
-            return ((h, None) for _, h in self.cpu_idx.irange((req.cpu_millis, "")))
-        if mode == "worst":
-            return ((h, None) for _, h in self.cpu_idx.irange((req.cpu_millis, ""), reverse=True))
-        return ((h.id, None) for h in self.by_ord)
+                win = list(self.gpu_ord.islice(0, cap))
+            return list(map(_HOST, win)), list(map(_POS, win))
+        if mode == "first":
+            hosts = [h.id for h in self.by_ord[:cap]]
+        else:
+            i, n = self.cpu_idx.bisect_left((req.cpu_millis,)), len(self.cpu_idx)
+            if mode == "best":
+                hosts = [e[1] for e in self.cpu_idx.islice(i, i + cap)]
+            else:
+                hosts = [e[1] for e in self.cpu_idx.islice(max(i, n - cap), n)]
+                hosts.reverse()
+        return hosts, [None] * len(hosts)
+
+    def _host_ok(self, req: _Req, hid: str, exclude: str | None, only: str | None) -> _Host | None:
+        h = self.hosts.get(hid)
+        if (h is not None and self._eligible(req, h, exclude, only) and h.cpu >= req.cpu_millis
+                and h.ramf >= req.ram and self._extras_fit(req, h)):
+            return h
+        return None
 
     def _scan(self, req: _Req, mode: str, exclude: str | None, only: str | None
               ) -> tuple[tuple[_Host, list[_Gpu]] | None, bool]:
+        """scan() of placement.lua: the first candidate that fits, or None and whether the walk
+        stopped at the cap (it then looked at exactly ``scan_cap`` candidates)."""
         k = req.gpus
-        cap = self.cap
-        seen = 0
-        tried: set[str] = set()
-        ok: dict[str, _Host | None] = {}
-        for hid, pos in self._members(req, mode, only):
-            seen += 1
-            if hid not in tried:
-                if hid in ok:
-                    s = ok[hid]
-                else:
-                    h = self.hosts.get(hid)
-                    s = h if (self._eligible(req, h, exclude, only) and h.cpu >= req.cpu_millis
-                              and h.ramf >= req.ram and self._extras_fit(req, h)) else None
-                    ok[hid] = s
+        hosts, poss = self._window(req, mode, only)
+        capped = len(hosts) >= self.cap
+        if k != 1:
+            # Each host is looked at once, at its first candidate (its GPUs are then chosen by
+            # the strategy, whatever candidate led to it).
+            need_idle = k if req.gpu_mem == 0 else 0
+            idle = self._idle
+            for hid in dict.fromkeys(hosts):
+                if need_idle and idle.get(hid, 0) < need_idle and only is None:
+                    continue  # fewer idle GPUs than whole GPUs asked: pick_on_host would fail
+                s = self._host_ok(req, hid, exclude, only)
                 if s is not None:
                     if k == 0:
                         return (s, []), False
-                    gs = self._pick(req, s, pos, mode)
+                    gs = self._pick(req, s, None, mode)
                     if gs:
                         return (s, gs), False
-                if k != 1 or s is None:
-                    tried.add(hid)
-            if seen >= cap:
-                return None, True
-        return None, False
+            return None, capped
+        tried: set[str] = set()
+        ok: dict[str, _Host | None] = {}
+        for hid, pos in zip(hosts, poss):
+            if hid in tried:
+                continue
+            if hid in ok:
+                s = ok[hid]
+            else:
+                s = ok[hid] = self._host_ok(req, hid, exclude, only)
+            if s is not None:
+                gs = self._pick(req, s, pos, mode)
+                if gs:
+                    return (s, gs), False
+            else:
+                tried.add(hid)
+        return None, capped
 
     @staticmethod
     def _extras_fit(req: _Req, h: _Host) -> bool:
@@ -525,12 +574,34 @@ class Simulation:
             return False
         return True
 
+    def _could_ever_fit(self, req: _Req, h: _Host) -> bool:
+        """Whether req fits on h empty (its whole capacity): static, cached per shape and host."""
+        key = (req.shape, h.id)
+        v = self._ever.get(key)
+        if v is None:
+            v = (h.ncores * 1000 >= req.cpu_millis and h.ram >= req.ram and (not req.slots or h.slots >= req.slots)
+                 and sum(1 for g in h.gpus if self._gpu_fits(req, g.cap, 0, g.model)) >= req.gpus)
+            self._ever[key] = v
+        return v
+
     def _could_fit(self, req: _Req, h: _Host) -> bool:
-        """A necessary condition for req to fit on h (used to revalidate a no-fit)."""
+        """A necessary condition for a walk (not a single-host try) to find h for req, used to
+        revalidate a no-fit: h is in the indexes (unless the walk is over every host), eligible,
+        and has the capacity free."""
+        if not h.indexed and not (req.gpus == 0 and req.mode == "first"):
+            return False
         if (not self._eligible(req, h, None, None) or h.cpu < req.cpu_millis or h.ramf < req.ram
                 or not self._extras_fit(req, h)):
             return False
         return sum(1 for g in h.gpus if self._gpu_fits(req, g.free, g.n, g.model)) >= req.gpus
+
+    def _somewhere(self, req: _Req, exclude: str | None) -> bool:
+        """Whether some host other than exclude could take req now (_could_fit)."""
+        if req.gpus > 0 and req.gpu_mem == 0:
+            cands: Iterable[_Host] = (self.hosts[hid] for _, hid in self.idle_hosts.irange((req.gpus,)))
+        else:
+            cands = self.hosts.values()
+        return any(self._could_fit(req, h) for h in cands if h.id != exclude)
 
     def _fits_nowhere(self, req: _Req, exclude: str | None = None) -> bool:
         """Whether a walk for req (skipping host exclude) is known to find nothing: it found
@@ -570,8 +641,10 @@ class Simulation:
             found, capped = self._scan(req, "best", exclude, only)
         if found is None:
             self._refused.add(memo)
-            if not capped and only is None:
-                # Not capped: the walk ran out of candidates, which placements cannot change.
+            if only is None and (not capped or not self._somewhere(req, exclude)):
+                # The walk ran out of candidates, or stopped at the cap where no host could take
+                # req anyway: placements only take capacity away, so it finds nothing until some
+                # host it could use gains capacity (see _fits_nowhere).
                 self._nofit[(req.shape, exclude)] = len(self.freed)
         return found
 
@@ -642,10 +715,10 @@ class Simulation:
             hid = al.host
             if hid not in sims:
                 h = self.hosts.get(hid)
-                if self._eligible(req, h, None, req.pin):
+                if self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h):
                     sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf]
                 else:
-                    sims[hid] = None
+                    sims[hid] = None  # what sim_fits would never accept on this host
                 freed[hid] = []
             sim = sims[hid]
             if sim is None:
@@ -722,7 +795,9 @@ class Simulation:
             if p is not None:
                 self._grant(req, p, now)
                 self.pending.discard((self.score[tid], tid))
-                self.started.setdefault(tid, now)  # a preempted and restarted job keeps its first start
+                if tid not in self.started:  # a preempted and restarted job keeps its first start
+                    self.started[tid] = now
+                    self._started_order.append(tid)
                 placed += 1
         return placed
 
@@ -753,9 +828,10 @@ class Simulation:
             self.events += 1
             now = int(t)
             self._finish(aid)
+            n = len(self.started)
             self._settle(now)
-            if self.started:
-                left -= self.started.keys()
+            if len(self.started) != n:
+                left.difference_update(self._started_order[n:])
         return {tid: self.started.get(tid) for tid in want}
 
 
@@ -922,7 +998,7 @@ class EtaEngine:
 
     def __init__(self, allocator: Allocator, *, stat: str = DEFAULT_STAT,
                  overdue_factor: float = DEFAULT_OVERDUE_FACTOR, max_age_s: float = DEFAULT_MAX_AGE_S,
-                 use_prior: bool = True, ladder: bool = False) -> None:
+                 use_prior: bool = True) -> None:
         if stat not in ("p50", "p80", "mean"):
             raise ValueError(f"stat must be p50, p80 or mean, got {stat!r}")
         self.a = allocator
@@ -930,13 +1006,12 @@ class EtaEngine:
         self.overdue_factor = overdue_factor
         self.max_age_s = max_age_s
         self.use_prior = use_prior
-        self.ladder = ladder
         self._cache = _Cache()
 
     def simulate(self, snap: Snapshot, targets: set[str] | None = None) -> EtaResult:
         t0 = time.perf_counter()
         sim = Simulation(snap, stat=self.stat, overdue_factor=self.overdue_factor, reqs=self._cache.reqs,
-                         use_prior=self.use_prior, ladder=self.ladder)
+                         use_prior=self.use_prior)
         starts = {} if snap.recovering else sim.run(targets)
         if snap.recovering:
             starts = {p[0]: None for p in snap.pending if targets is None or p[0] in targets}

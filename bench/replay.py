@@ -204,8 +204,6 @@ def engine_variant(a: Allocator, spec: str) -> EtaEngine:
     for o in opts:
         if o == "noprior":
             kw["use_prior"] = False
-        elif o == "ladder":
-            kw["ladder"] = True
         elif o.startswith("o="):
             kw["overdue_factor"] = float(o[2:])
         else:
