@@ -476,13 +476,20 @@ class Allocation(BaseModel):
 
     @classmethod
     def from_record(cls, rec: dict[str, str]) -> Allocation:
-        """Builds the model from the flat string record a script returns or HGETALL reads."""
+        """Builds the model from the flat string record a script returns or HGETALL reads.
+
+        The record is written only by the ledger's scripts and every field is converted here, so
+        the model is constructed without validation: it is on the path of every allocate and
+        release, where validating a record the ledger wrote costs as much as the call's own work.
+        """
         ttl_ms = int(rec.get("ttl_ms") or 0)
-        return cls(
+        grant = GpuGrant.model_construct
+        return cls.model_construct(
             allocation_id=rec["id"],
             state=rec["state"],
             host_id=rec.get("host") or None,
-            gpus=[GpuGrant(**{k: g[k] for k in ("index", "uuid", "model", "memory_mb")}) for g in _json_list(rec.get("gpus"))],
+            gpus=[grant(index=int(g["index"]), uuid=str(g["uuid"]), model=str(g["model"]), memory_mb=int(g["memory_mb"]))
+                  for g in _json_list(rec.get("gpus"))],
             cpu_cores=_json_list(rec.get("cores")),
             cpu_shared=int(rec.get("shared_millis") or 0) / 1000,
             ram_mb=int(rec.get("ram_mb") or 0),

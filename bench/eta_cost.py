@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pending", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="cProfile one warm tick (top 30 by own time)")
     args = ap.parse_args(argv)
 
     clock = Clock()
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"kind": "all (tick)", "cold": r == 0, "wall_ms": round(wall), **info, "with_estimate": n_est}
             out["runs"].append(row)
             print(row, flush=True)
+        if args.profile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            prof.runcall(a.refresh_estimated_start_times)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         a.redis.delete(a.keys.eta)  # on-demand path
         ranks = a.redis.zrange(a.keys.pending, 0, -1)
         for label, tid in (("head", ranks[0]), ("middle", ranks[len(ranks) // 2]), ("end", ranks[-1])):

@@ -197,29 +197,48 @@ local function drop_host_services(h)
 end
 
 -- Returns what allocation id holds on its host. Counters are clamped at zero: a capacity update
--- may have removed a GPU or core that the grant still names.
+-- may have removed a GPU or core that the grant still names. The host hash is read once and
+-- written once (release is on every task's path; each redis.call costs about as much as a
+-- trivial script).
 local function return_grant(id, a)
   local h = a.host
   local hk = host_key(h)
-  if rcall('EXISTS', hk) == 0 then return end
+  local gl = decode_list(a.gpus)
+  local cores = decode_list(a.cores)
+  local shared = tonumber(a.shared_millis or 0)
+  local ram = tonumber(a.ram_mb or 0)
+  local slots = tonumber(a.slots or 0)
+  local names = {'ngpu', 'cmap', 'cver', 'cfree', 'shared', 'ram_used', 'slots_used'}
+  for _, g in ipairs(gl) do
+    local p = 'g' .. tonumber(g.pos) .. ':'
+    names[#names + 1] = p .. 'uuid'
+    names[#names + 1] = p .. 'used'
+    names[#names + 1] = p .. 'n'
+  end
+  local f = rcall('HMGET', hk, unpack(names))
+  if not f[1] then return end  -- the host is gone
+  local out = {}
+  local function put(field, v)
+    if v < 0 then v = 0 end
+    out[#out + 1] = field
+    out[#out + 1] = v
+  end
   local touched = {}
-  local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
-  for _, g in ipairs(decode_list(a.gpus)) do
+  local ngpu = tonumber(f[1])
+  for i, g in ipairs(gl) do
     local pos = tonumber(g.pos)
-    if pos < ngpu and rcall('HGET', hk, 'g' .. pos .. ':uuid') == g.uuid then
-      local used = tonumber(rcall('HINCRBY', hk, 'g' .. pos .. ':used', -tonumber(g.memory_mb)))
-      if used < 0 then rcall('HSET', hk, 'g' .. pos .. ':used', 0) end
-      local n = tonumber(rcall('HINCRBY', hk, 'g' .. pos .. ':n', -1))
-      if n < 0 then rcall('HSET', hk, 'g' .. pos .. ':n', 0) end
+    local j = 7 + (i - 1) * 3
+    if pos < ngpu and f[j + 1] == g.uuid then
+      local p = 'g' .. pos .. ':'
+      put(p .. 'used', tonumber(f[j + 2] or 0) - tonumber(g.memory_mb))
+      put(p .. 'n', tonumber(f[j + 3] or 0) - 1)
       touched[#touched + 1] = pos
     end
   end
-  local cores = decode_list(a.cores)
   if #cores > 0 then
-    local f = rcall('HMGET', hk, 'cmap', 'cver')
-    local map = f[1]
+    local map = f[2] or ''
     local positions
-    if a.cver and a.cver ~= '' and a.cver == f[2] then
+    if a.cver and a.cver ~= '' and a.cver == f[3] then
       -- The core list is the one the grant was made against: positions are still right.
       positions = decode_list(a.cpos)
     else
@@ -234,24 +253,14 @@ local function return_grant(id, a)
         back = back + 1
       end
     end
-    rcall('HSET', hk, 'cmap', map)
-    rcall('HINCRBY', hk, 'cfree', back)
+    out[#out + 1] = 'cmap'
+    out[#out + 1] = map
+    put('cfree', tonumber(f[4] or 0) + back)
   end
-  local shared = tonumber(a.shared_millis or 0)
-  if shared > 0 then
-    local v = tonumber(rcall('HINCRBY', hk, 'shared', -shared))
-    if v < 0 then rcall('HSET', hk, 'shared', 0) end
-  end
-  local ram = tonumber(a.ram_mb or 0)
-  if ram > 0 then
-    local v = tonumber(rcall('HINCRBY', hk, 'ram_used', -ram))
-    if v < 0 then rcall('HSET', hk, 'ram_used', 0) end
-  end
-  local slots = tonumber(a.slots or 0)
-  if slots > 0 then
-    local v = tonumber(rcall('HINCRBY', hk, 'slots_used', -slots))
-    if v < 0 then rcall('HSET', hk, 'slots_used', 0) end
-  end
+  if shared > 0 then put('shared', tonumber(f[5] or 0) - shared) end
+  if ram > 0 then put('ram_used', tonumber(f[6] or 0) - ram) end
+  if slots > 0 then put('slots_used', tonumber(f[7] or 0) - slots) end
+  if #out > 0 then rcall('HSET', hk, unpack(out)) end
   if a.services and a.services ~= '' then drop_services(h, decode_list(a.services)) end
   rcall('SREM', host_allocs_key(h), id)
   reindex_host(h, touched)
