@@ -37,6 +37,7 @@ SCRIPT_NAMES = (
     "mark_lost",
     "grant_check",
     "claim_grant",  # workers: one run per placement
+    "finish_job",  # workers: after the job, release (or requeue) and record its end in one call
     "place_on",  # allocator/api: commit a policy's choice
     "tally_outbox",  # allocator/api: outbox counts for /metrics
     "service_catalog",  # allocator/services: what a host's agent can run

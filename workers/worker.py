@@ -6,28 +6,29 @@ flag still works; the namespace and host come from the queue name).
 
 In the parent, before forking the work horse: claim the grant (``claim_grant``): it must still be
 current (active, on this host, host not lost since, same host generation) and this placement must
-not have been claimed by another run already. In the horse: CUDA_VISIBLE_DEVICES, CPU affinity,
-thread counts and ALLOCATOR_* variables (see ``workers.pinning``). In the parent after the job, on
-every outcome (success, exception, timeout, stop, killed horse): release the allocation, or
-requeue the task when it was preempted. The release names the placement it claimed, so a run that
-outlived its grant (host declared lost meanwhile, task placed again) frees nothing it no longer
-holds.
+not have been claimed by another run already. The same call returns the grant and records the
+``started`` event. In the horse: CUDA_VISIBLE_DEVICES, CPU affinity, thread counts and ALLOCATOR_*
+variables (see ``workers.pinning``). In the parent after the fork: the horse's pid into the host's
+pid map (for the GPU memory watchdog). In the parent after the job, on every outcome (success,
+exception, timeout, stop, killed horse), one call (``finish_job``): the pid leaves the map, and
+the allocation is released (with its ``finished`` event) or the task requeued when it was
+preempted. The release names the placement it claimed, so a run that outlived its grant (host
+declared lost meanwhile, task placed again) frees nothing it no longer holds. Each script call is
+one round trip, and per-job round trips are what separates this worker's throughput from plain
+RQ's on trivial jobs: three per job, where one call per step took fourteen.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import redis
 from rq import Queue, Worker
 from rq.job import Job
 
-from allocator.agent.fencing import PLACEMENT_FIELDS, GrantStatus, claim_grant, placement_token
+from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
 from allocator.client import Allocator
-from allocator.models import Allocation
 from allocator.queue import parse_host_queue
 
 from .pinning import Grant, apply
@@ -51,14 +52,12 @@ class ResourceWorker(Worker):
     # -- parent side ---------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        claim = claim_grant(self.allocator, job.id, self.name, self.host_id)
-        alloc = self.allocator.get(job.id) if claim.current else None
-        if alloc is None:
+        # One round trip before the fork: the claim also returns the grant and records "started".
+        claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True)
+        if not claim.current or claim.grant is None:
             self._refuse(job, queue, claim)
             return
-        self._grant = self._grant_for(alloc)
-        self.allocator.record_event("started", job.id, {"host": self.host_id, "worker": self.name,
-                                                        "started": self.allocator.now_ms()})
+        self._grant = self._grant_for(job.id, claim.grant)
         try:
             super().execute_job(job, queue)
         finally:
@@ -82,53 +81,29 @@ class ResourceWorker(Worker):
         except Exception:  # noqa: BLE001 - best effort: the job may already be gone
             log.exception("could not cancel job %s", job.id)
 
-    def _grant_for(self, alloc: Allocation) -> Grant:
-        cores = list(alloc.cpu_cores)
-        if not cores and alloc.cpu_shared > 0:
-            cores = self._shared_pool()
+    def _grant_for(self, allocation_id: str, g: ClaimedGrant) -> Grant:
+        """The grant as the work horse applies it; a grant of shared CPU only runs on the host's
+        cores nobody held exclusively at the claim."""
         return Grant(
-            allocation_id=alloc.allocation_id,
+            allocation_id=allocation_id,
             host_id=self.host_id,
-            gpu_uuids=[g.uuid for g in alloc.gpus],
-            gpu_indexes=[g.index for g in alloc.gpus],
-            gpu_memory_mb=[g.memory_mb for g in alloc.gpus],
-            cores=cores,
-            cpu_amount=alloc.cpu_total,
+            gpu_uuids=[x["uuid"] for x in g.gpus],
+            gpu_indexes=[int(x["index"]) for x in g.gpus],
+            gpu_memory_mb=[int(x["memory_mb"]) for x in g.gpus],
+            cores=list(g.cores) or (list(g.pool) if g.shared_millis > 0 else []),
+            cpu_amount=g.cpu_amount,
         )
-
-    def _shared_pool(self) -> list[int]:
-        """Cores nobody holds exclusively right now: where fractional grants run."""
-        cores, cmap = self.allocator.redis.hmget(self.allocator.keys.host(self.host_id), "cores", "cmap")
-        ids = json.loads(cores or "[]") or []
-        return [c for c, flag in zip(ids, cmap or "") if flag == "1"]
 
     def _after(self, job: Job, placement: str | None = None) -> None:
         """Release (or requeue when preempted) whatever the job's outcome was; only the placement
-        this run claimed (``placement``) is released."""
-        a = self.allocator
-        if self._pid_recorded:
-            # RQ has reset horse_pid by now: use the pid recorded right after the fork.
-            a.redis.hdel(a.keys.host_pids(self.host_id), str(self._pid_recorded))
-            self._pid_recorded = 0
-        task_state = a.redis.hget(a.keys.task(job.id), "state")
-        if task_state == "preempting":
-            a._call("requeue", job.id, a.pass_depth, a.scan_cap)
-            return
-        state, *current = a.redis.hmget(a.keys.alloc(job.id), "state", *PLACEMENT_FIELDS)
-        if state != "active" or current[0] != self.host_id:
-            return  # released meanwhile (cancelled, expired, host lost and requeued elsewhere)
-        if placement and placement_token(*current) != placement:
+        this run claimed (``placement``) is released. One script call (``finish_job``) also drops
+        the horse from the host's pid map and records the ``finished`` event; the job's status is
+        read inside it, since after a normal horse exit the parent's copy of the job is stale."""
+        pid, self._pid_recorded = self._pid_recorded, 0
+        end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, job_key=job.key)
+        if end.stale:
             log.warning("job %s: its host was declared lost while it ran and the task was placed again; "
                         "this run releases nothing", job.id)
-            return
-        try:
-            status = job.get_status(refresh=True)
-        except Exception:  # noqa: BLE001 - the job hash is gone (Redis lost its data): still release
-            status = None
-        a.record_event("finished", job.id, {"host": self.host_id, "status": str(status),
-                                            "outcome": "ok" if status == "finished" else str(status)})
-        reason = "released" if status == "finished" else "failed"
-        a.release(job.id, reason=reason, placement=placement)
 
     # -- work horse side -----------------------------------------------------------------------
 

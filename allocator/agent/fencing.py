@@ -5,13 +5,20 @@ registers under a new generation (``gen``). A worker on that host may still hold
 before the loss. ``check_grant`` reads the allocation and its host in one atomic script and says
 whether the grant is still good: active, host present and not lost, and made under the host's
 current generation (the record's ``host_gen``). Anything else is refused with the reason.
+
+A worker uses two calls per job: ``claim_grant(..., start=True)`` before it forks (check, claim
+the placement, return the grant, record ``started``) and ``finish_job`` after the job (drop the
+horse's pid, requeue a preempted task, or record ``finished`` and release the claimed placement).
+Each is one atomic script, so the worker pays two round trips instead of one per step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..client import Allocator
 from ..errors import Refused
@@ -40,6 +47,36 @@ class GrantStatus:
     host_gen: int | None = None
     token: str | None = None  # claim_grant: the placement "<host>|<host_gen>|<activated ms>|<requeues>"
     claimed_by: str | None = None
+    grant: ClaimedGrant | None = None  # claim_grant(start=True), on a successful claim only
+
+
+@dataclass(frozen=True)
+class ClaimedGrant:
+    """What a claim with ``start=True`` returns of the allocation, so the worker can confine the
+    work horse without reading the record again: the GPU grants as recorded (dicts with ``pos``,
+    ``index``, ``uuid``, ``model``, ``memory_mb``), the exclusive core ids, the shared CPU in
+    millicores and, for a grant of shared CPU only, the host's cores nobody holds exclusively at
+    the claim (where fractional grants run)."""
+
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    cores: list[int] = field(default_factory=list)
+    shared_millis: int = 0
+    pool: list[int] = field(default_factory=list)
+
+    @property
+    def cpu_amount(self) -> float:
+        """Cores granted: the exclusive ones plus the shared share (as ``Allocation.cpu_total``)."""
+        return len(self.cores) + self.shared_millis / 1000
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """What ``finish_job`` did after a worker's job ended."""
+
+    requeued: bool  # the task was being preempted: it went back to the front of its priority
+    released: bool  # this call released the allocation (reason "released" or "failed")
+    stale: bool  # still active on this host, but placed again since the claim: nothing freed
+    status: str | None = None  # the job status the "finished" event recorded
 
 
 def check_grant(allocator: Allocator, allocation_id: str) -> GrantStatus:
@@ -63,20 +100,46 @@ PLACEMENT_FIELDS = ("host", "host_gen", "activated", "requeues")
 
 
 def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: str, *,
-                node: str | None = None, pid: int | None = None) -> GrantStatus:
+                node: str | None = None, pid: int | None = None, start: bool = False) -> GrantStatus:
     """``check_grant`` for a worker about to start the job, which also claims the placement:
     each placement (host, generation, activation time) is claimed once, so a second copy of the
     same queue entry (popped by a worker before its host was declared lost) cannot start a
     second run of it. The claim records the worker's machine (``node``, default this hostname)
     and ``pid`` (default this process), so the host's agent can tell when the worker died. ``token`` names the placement; pass it to ``Allocator.release(...,
-    placement=token)`` so the end of this run frees only this placement."""
+    placement=token)`` so the end of this run frees only this placement.
+
+    ``start=True`` (a worker about to fork the job's work horse): a successful claim also returns
+    the grant (``GrantStatus.grant``) and appends the job's ``started`` event with the server
+    clock, in the same atomic call: one round trip before the fork instead of one per step."""
     r = _redis.call(allocator, "claim_grant", [], allocation_id, worker, host_id,
-                    socket.gethostname() if node is None else node, os.getpid() if pid is None else pid)
+                    socket.gethostname() if node is None else node, os.getpid() if pid is None else pid,
+                    "1" if start else "")
+    g = r.get("grant")
+    grant = None if not isinstance(g, dict) else ClaimedGrant(
+        gpus=json.loads(g.get("gpus") or "[]") or [], cores=json.loads(g.get("cores") or "[]") or [],
+        shared_millis=int(g.get("shared_millis") or 0), pool=_redis.as_list(g.get("pool")))
     return GrantStatus(
         allocation_id=allocation_id, current=bool(r.get("current")), reason=str(r.get("reason")),
         state=r.get("state"), host_id=r.get("host"), host_state=r.get("host_state"),
         gen=r.get("gen"), host_gen=r.get("host_gen"), token=r.get("token"), claimed_by=r.get("claimed_by"),
+        grant=grant,
     )
+
+
+def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement: str | None, *,
+               horse_pid: int | None = None, status: str | None = None, job_key: str | bytes) -> JobEnd:
+    """After a job's work horse ended, whatever the outcome: in one atomic call
+    (``finish_job.lua``), drop the horse's entry from the host's work-horse map, requeue the task
+    if it was being preempted, else (only while the claimed ``placement`` is still the current
+    one) record the ``finished`` event and release the allocation, "released" when the job
+    finished and "failed" otherwise. ``status`` is the job's RQ status; None reads it from the
+    job hash ``job_key`` inside the script (no extra round trip; a hash that is gone counts as
+    status "None", a failure)."""
+    r = _redis.call(allocator, "finish_job", [allocator.keys.host_pids(host_id), job_key], allocation_id, host_id,
+                    placement or "", "" if not horse_pid else str(horse_pid), status or "",
+                    allocator.pass_depth, allocator.scan_cap)
+    return JobEnd(requeued=bool(r.get("requeued")), released=bool(r.get("released")), stale=bool(r.get("stale")),
+                  status=r.get("status"))
 
 
 def grant_is_current(allocator: Allocator, allocation_id: str) -> bool:

@@ -3,7 +3,10 @@ the job, so one placement starts at most one run.
 KEYS: the ledger's fixed keys (see includes/ledger.lua; passed so the call routes to the
 namespace's slot). ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] allocation id, ARGV[4] the claiming worker's name, ARGV[5] the worker's host id,
-ARGV[6] the machine the worker runs on (hostname), ARGV[7] the worker's pid.
+ARGV[6] the machine the worker runs on (hostname), ARGV[7] the worker's pid,
+ARGV[8] optional "start": when "1", a successful claim also returns the grant the work horse
+confines itself to and appends the job's "started" event (so a worker needs one round trip
+before it forks).
 The checks of grant_check.lua (active, host present and not lost, the host's generation equal to
 the one the grant was made under), plus: the allocation is on the worker's host, and no worker
 has claimed this placement yet. A placement is named by its token "<host>|<host_gen>|<activated
@@ -13,17 +16,34 @@ new placement can be claimed once more, while a second copy of the same queue en
 that popped the job before its host was declared lost, and resumed after the task was placed
 there again) is refused with reason "already_claimed". The claim is written to the record
 (fields claim = token, claimed_by, claimed_node, claimed_pid, claimed_at ms): the host's agent
-reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity,
-so no outbox event.
-Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by};
+reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity;
+with "start" it appends the outbox event "started" {host, worker, started = ms, server clock},
+which the history records as the allocation's start time.
+Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by, grant?};
 reason is "ok", "not_found", "not_active", "wrong_host", "host_missing", "host_lost",
-"stale_generation" or "already_claimed".
+"stale_generation" or "already_claimed". grant (with "start", on a successful claim only) =
+{gpus = the record's "gpus" JSON text (pos, index, uuid, model, memory_mb per GPU), cores = the
+record's "cores" JSON text (exclusive core ids), shared_millis, pool = for a grant of shared CPU
+only, the host's cores nobody holds exclusively right now (where fractional grants run)}.
 ]]
 --- @include "ledger"
 --- @include "fencing"
 
+-- Core ids of host h that no allocation holds exclusively now (core map flag "1").
+local function shared_pool(h)
+  local f = rcall('HMGET', host_key(h), 'cores', 'cmap')
+  local map = f[2] or ''
+  local pool = {}
+  for i, c in ipairs(decode_list(f[1])) do
+    if string.sub(map, i, i) == '1' then pool[#pool + 1] = c end
+  end
+  return pool
+end
+
 local id, worker, my_host, node, pid = ARGV[3], ARGV[4], ARGV[5], ARGV[6] or '', ARGV[7] or ''
-local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues'})
+local start = ARGV[8] == '1'
+local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
+                                          'shared_millis'})
 if out.reason ~= nil then return cjson.encode(out) end
 local token = a[2] .. '|' .. (a[3] or '1') .. '|' .. (a[4] or '') .. '|' .. (a[7] or '0')
 out.token = token
@@ -31,7 +51,15 @@ if a[5] == token then
   out.reason, out.claimed_by = 'already_claimed', a[6]
   return cjson.encode(out)
 end
+local now = now_ms()
 rcall('HSET', alloc_key(id), 'claim', token, 'claimed_by', worker, 'claimed_node', node, 'claimed_pid', pid,
-  'claimed_at', now_ms())
+  'claimed_at', now)
 out.current, out.reason, out.claimed_by = true, 'ok', worker
+if start then
+  local shared = tonumber(a[10] or 0) or 0
+  local pool = {}
+  if #decode_list(a[9]) == 0 and shared > 0 then pool = shared_pool(my_host) end
+  out.grant = {gpus = a[8] or '[]', cores = a[9] or '[]', shared_millis = shared, pool = pool}
+  emit('started', id, now, cjson.encode({host = my_host, worker = worker, started = now}))
+end
 return cjson.encode(out)

@@ -1,0 +1,63 @@
+--[[ finish_job: what a worker does after a job's work horse ended, whatever the outcome (success,
+exception, timeout, stop, killed horse), in one atomic call instead of one round trip per step.
+KEYS: the ledger's fixed keys (see includes/ledger.lua), then two more, found as the last KEYS:
+KEYS[#KEYS - 1] the worker host's work-horse map (host_pids:<host>, HASH pid -> allocation id),
+KEYS[#KEYS] the job's RQ hash (rq:job:<id>; RQ's key, outside the namespace's hash tag, like the
+RQ keys the queue scripts touch: this script needs a single Redis server, as RQ does).
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME), ARGV[3] allocation id (= the RQ
+job id), ARGV[4] the worker's host id, ARGV[5] the placement token the worker claimed
+("<host>|<host_gen>|<activated>|<requeues>", see claim_grant.lua; "" = any placement on this
+host), ARGV[6] the work horse's pid ("" = none recorded), ARGV[7] the job's status ("" = read
+field "status" of the RQ job hash), ARGV[8] scheduling pass depth, ARGV[9] scan cap.
+Steps, in the order the worker used to take them one call each:
+1. the horse's entry leaves the host's work-horse map;
+2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
+   scheduling pass; nothing else;
+3. otherwise, only while the allocation is active under the claimed placement (a run that
+   outlived its grant, the task placed again meanwhile, frees nothing: stale = true): the outbox
+   event "finished" {host, status, outcome = "ok" for a finished job, else the status}, then the
+   release (reason "released" for a finished job, else "failed"; as release.lua, with its
+   "released" event and a scheduling pass for the freed capacity).
+A job hash that is gone counts as status "None" (released as failed), as before.
+Returns JSON {requeued, released, stale, status, placed[]}.
+]]
+--- @include "ledger"
+--- @include "placement"
+--- @include "queue"
+
+local K_HOST_PIDS, K_JOB = KEYS[#KEYS - 1], KEYS[#KEYS]
+local id, my_host, want, pid, status = ARGV[3], ARGV[4], ARGV[5] or '', ARGV[6] or '', ARGV[7] or ''
+local depth, scan_cap = tonumber(ARGV[8] or 0), tonumber(ARGV[9] or 2048)
+local now = now_ms()
+
+-- Every read and decision first, then the writes (Redis has no rollback).
+local t = read_task(id)
+local preempting = t ~= nil and t.state == 'preempting'
+local release, stale = false, false
+if not preempting then
+  local f = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'requeues')
+  local token = (f[2] or '') .. '|' .. (f[3] or '1') .. '|' .. (f[4] or '') .. '|' .. (f[5] or '0')
+  -- Otherwise released meanwhile (cancelled, expired, host lost) or placed elsewhere: nothing to
+  -- do; or placed again on this host since this run's claim: stale, the worker says so.
+  release = f[1] == 'active' and f[2] == my_host and (want == '' or token == want)
+  stale = not release and f[1] == 'active' and f[2] == my_host
+  if release and status == '' then status = rcall('HGET', K_JOB, 'status') or 'None' end
+end
+
+if pid ~= '' then rcall('HDEL', K_HOST_PIDS, pid) end
+
+if preempting then
+  requeue_task(id, t, now, true)
+  return cjson.encode({requeued = true, released = false, stale = false, placed = schedule_pass(now, depth, scan_cap)})
+end
+if not release then
+  return cjson.encode({requeued = false, released = false, stale = stale, placed = {}})
+end
+
+local outcome, reason = status, 'failed'
+if status == 'finished' then outcome, reason = 'ok', 'released' end
+emit('finished', id, now, cjson.encode({host = my_host, status = status, outcome = outcome}))
+local _, changed = finish_alloc(id, reason, now)
+local placed = {}
+if changed then placed = schedule_pass(now, depth, scan_cap) end
+return cjson.encode({requeued = false, released = changed, stale = false, status = status, placed = placed})

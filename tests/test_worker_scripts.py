@@ -1,0 +1,165 @@
+"""The worker's two script calls per job, without a worker process: the claim that also returns the
+grant and records ``started`` (``claim_grant`` with start), and ``finish_job``, which drops the
+horse's pid, requeues a preempted task or records ``finished`` and releases the claimed placement."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rq.job import Job
+
+from allocator.agent.fencing import claim_grant, finish_job
+
+from . import jobs
+
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def gpu_host(a, host: str = "h1") -> None:
+    a.register_host(id=host, cpu_cores=CORES, ram_mb="8Gi",
+                    gpus=[{"index": 0, "uuid": "GPU-11111111", "model": "T4", "memory_mb": "16Gi"},
+                          {"index": 1, "uuid": "GPU-22222222", "model": "T4", "memory_mb": "16Gi"}])
+
+
+def events_of(a, aid: str, kind: str | None = None) -> list[dict[str, Any]]:
+    return [{**f, "data": json.loads(f["data"])} for _, f in a.redis.xrange(a.keys.events)
+            if f.get("id") == aid and (kind is None or f.get("type") == kind)]
+
+
+def started_job(a, resources: dict[str, Any], *, host: str = "h1", pid: int = 4242) -> tuple[Any, Any]:
+    """A placed function task claimed by worker "w1", its horse's pid in the host's map, RQ
+    status "started" as a running job has."""
+    task = a.enqueue(jobs.add, 1, 2, resources=resources)
+    claim = claim_grant(a, task.id, "w1", host, start=True)
+    assert claim.current, claim.reason
+    a.redis.hset(a.keys.host_pids(host), str(pid), task.id)
+    a.rq_connection.hset(Job.key_for(task.id), mapping={"status": "started", "worker_name": "w1"})
+    return task, claim
+
+
+def test_claim_with_start_returns_the_grant_and_records_started(alloc_any, clock):
+    alloc = alloc_any  # also on Redis 6.2
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1})
+    before = len(events_of(alloc, task.id))
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
+    rec = alloc.get(task.id)
+    assert (claim.current, claim.reason) == (True, "ok")
+    g = claim.grant
+    assert [(x["uuid"], x["index"], x["memory_mb"]) for x in g.gpus] == [(x.uuid, x.index, x.memory_mb) for x in rec.gpus]
+    assert (g.cores, g.shared_millis, g.pool, g.cpu_amount) == (rec.cpu_cores, 0, [], 1.0)
+    events = events_of(alloc, task.id)
+    assert len(events) == before + 1
+    ev = events[-1]
+    now = round(clock.now * 1000)
+    assert (ev["type"], ev["ts"], ev["data"]) == ("started", str(now), {"host": "h1", "worker": "w1", "started": now})
+    again = claim_grant(alloc, task.id, "w2", "h1", start=True)
+    assert (again.current, again.reason, again.grant) == (False, "already_claimed", None)
+    assert len(events_of(alloc, task.id, "started")) == 1
+
+
+def test_claim_without_start_records_nothing(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    claim = claim_grant(alloc, task.id, "w1", "h1")
+    assert claim.current and claim.grant is None
+    assert events_of(alloc, task.id, "started") == []
+
+
+def test_shared_cpu_grant_gets_the_cores_nobody_holds(alloc):
+    gpu_host(alloc)
+    held = alloc.allocate({"cpu_cores": 1})
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": "0.5"})
+    g = claim_grant(alloc, task.id, "w1", "h1", start=True).grant
+    assert (g.cores, g.shared_millis, g.cpu_amount) == ([], 500, 0.5)
+    assert g.pool == [c for c in CORES if c not in held.cpu_cores]
+
+
+def test_refused_claim_records_no_start(alloc):
+    gpu_host(alloc)
+    gpu_host(alloc, "h2")
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    other = "h2" if alloc.get(task.id).host_id == "h1" else "h1"
+    claim = claim_grant(alloc, task.id, "w1", other, start=True)
+    assert (claim.current, claim.reason, claim.grant) == (False, "wrong_host", None)
+    assert events_of(alloc, task.id, "started") == []
+
+
+def test_finished_job_is_recorded_and_released_in_one_call(alloc_any, clock):
+    alloc = alloc_any  # also on Redis 6.2
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 1})
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "finished")
+    clock.advance(2)
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert (end.released, end.requeued, end.stale, end.status) == (True, False, False, "finished")
+    assert alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.release_reason) == ("released", "released")
+    assert alloc.capacity().gpus_idle == 2
+    kinds = [e["type"] for e in events_of(alloc, task.id)]
+    assert kinds[-2:] == ["finished", "released"]
+    fin = events_of(alloc, task.id, "finished")[-1]
+    assert (fin["ts"], fin["data"]) == (str(round(clock.now * 1000)), {"host": "h1", "status": "finished", "outcome": "ok"})
+
+
+def test_failed_job_is_released_as_failed(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"cpu_cores": 1})
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "failed")
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert end.released and end.status == "failed"
+    assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("failed", "failed")
+    assert events_of(alloc, task.id, "finished")[-1]["data"] == {"host": "h1", "status": "failed", "outcome": "failed"}
+
+
+def test_status_given_by_the_caller_wins_and_a_gone_job_hash_is_a_failure(alloc):
+    gpu_host(alloc)
+    given, c1 = started_job(alloc, {"cpu_cores": 1}, pid=1)
+    gone, c2 = started_job(alloc, {"cpu_cores": 1}, pid=2)
+    alloc.rq_connection.delete(Job.key_for(gone.id))
+    assert finish_job(alloc, given.id, "h1", c1.token, horse_pid=1, status="finished",
+                      job_key=Job.key_for(given.id)).status == "finished"
+    assert alloc.get(given.id).release_reason == "released"
+    assert finish_job(alloc, gone.id, "h1", c2.token, horse_pid=2, job_key=Job.key_for(gone.id)).status == "None"
+    assert alloc.get(gone.id).state == "failed"
+    assert events_of(alloc, gone.id, "finished")[-1]["data"] == {"host": "h1", "status": "None", "outcome": "None"}
+
+
+def test_stale_placement_frees_nothing_but_drops_the_pid(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"cpu_cores": 1})
+    alloc.redis.hincrby(alloc.keys.alloc(task.id), "requeues", 1)  # placed again since the claim
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert (end.released, end.stale) == (False, True)
+    assert alloc.get(task.id).state == "active"
+    assert events_of(alloc, task.id, "finished") == []
+    assert alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0
+
+
+def test_already_released_allocation_is_left_alone(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"cpu_cores": 1})
+    alloc.release(task.id, reason="cancelled")
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert (end.released, end.stale, end.requeued) == (False, False, False)
+    assert alloc.get(task.id).release_reason == "cancelled"
+    assert events_of(alloc, task.id, "finished") == []
+
+
+def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
+    a = alloc_any
+    gpu_host(a)
+    task, claim = started_job(a, {"gpus": 2}, pid=77)
+    urgent = a.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    assert urgent.state == "active"
+    assert a.redis.hget(a.keys.task(task.id), "state") == "preempting"
+    end = finish_job(a, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (True, False)
+    assert a.get(task.id).state == "pending" and a.get(task.id).requeues == 1
+    assert a.redis.hlen(a.keys.host_pids("h1")) == 0
+    assert events_of(a, task.id, "finished") == []
+    a.release(urgent.allocation_id)  # its release places the requeued task again, at once
+    assert a.get(task.id).state == "active"
