@@ -683,6 +683,18 @@ def eta_error_plot(results: list[dict[str, Any]], raw: dict[str, list[tuple[int,
     return str(f)
 
 
+def _run_policy(job: tuple[str, list[TraceTask], list[dict[str, Any]], argparse.Namespace, tuple[str, ...]]
+                ) -> tuple[dict[str, Any], list[tuple[int, int, int | None]]]:
+    """One policy's replay: its summary and (submit, start, estimate) of the tasks that waited."""
+    name, tasks, hosts, args, stats = job
+    pol = POLICIES[name]
+    r = Replay(pol, tasks, hosts, args.redis_url, eta=not args.no_eta,
+               eta_stats=stats if name in (args.eta_stats_policies or "").split(",") else ())
+    r.progress, r.max_events, r.detail = args.progress, args.max_events, args.detail
+    res = r.run()
+    return res, [(o.submit, o.start, o.eta) for o in r.out.values() if o.start is not None and not o.at_once]
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     tasks = load_trace(args.openb_dir, variant=args.variant, compress=args.compress, skip=args.skip, limit=args.limit)
     hosts = fleet_of(args.fleet_fraction, args.openb_dir)
@@ -694,14 +706,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     raw: dict[str, list[tuple[int, int, int | None]]] = {}
     stats = tuple(s for s in (args.eta_stats or "").split(",") if s)
-    for name in args.policies.split(","):
+    names = args.policies.split(",")
+    jobs = [(name, tasks, hosts, args, stats) for name in names]
+    if args.parallel > 1 and len(names) > 1:
+        # Policies are independent (own namespace each): one process per policy.
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(min(args.parallel, len(names))) as pool:
+            done = pool.map(_run_policy, jobs)
+    else:
+        done = [_run_policy(j) for j in jobs]
+    for name, (res, pol_raw) in zip(names, done):
         pol = POLICIES[name]
-        r = Replay(pol, tasks, hosts, args.redis_url, eta=not args.no_eta,
-                   eta_stats=stats if name in (args.eta_stats_policies or "").split(",") else ())
-        r.progress, r.max_events, r.detail = args.progress, args.max_events, args.detail
-        res = r.run()
         results.append(res)
-        raw[pol.label] = [(o.submit, o.start, o.eta) for o in r.out.values() if o.start is not None and not o.at_once]
+        raw[pol.label] = pol_raw
         e = res["eta"]["all"]
         print(f"{pol.name:16s} mean wait {fmt_s(res['wait']['all']['mean_s'])}, p95 {fmt_s(res['wait']['all']['p95_s'])}, "
               f"unalloc-while-waiting {100 * res['frag_mem_unalloc_while_waiting']:.1f}%, "
@@ -746,6 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--img-dir", default=str(Path(__file__).resolve().parent.parent / "docs" / "img"))
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--parallel", type=int, default=1, help="replay up to N policies at once, one process each")
     args = ap.parse_args(argv)
     if args.oracle and "best_fit_oracle" not in args.policies:
         args.policies += ",best_fit_oracle"
