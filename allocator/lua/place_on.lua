@@ -119,6 +119,9 @@ if not p then
   return refuse(code, 'host ' .. h .. ' does not have ' .. table.concat(what, ', ') .. ' free at once')
 end
 if chosen then
+  -- Read the chosen GPUs again: the reap above may have freed some of their memory, and grant
+  -- writes the counters from these values (reaping only frees, so they still fit).
+  for i, g in ipairs(chosen) do chosen[i] = gpu_state(h, g.pos) end
   local grants = {}
   for i, g in ipairs(chosen) do
     local mem = req.gpu_mem

@@ -415,16 +415,26 @@ end
 local function grant(req, p, now)
   local h = p.host
   local hk = host_key(h)
-  for _, g in ipairs(p.gpus) do
-    rcall('HINCRBY', hk, 'g' .. g.pos .. ':used', g.memory_mb)
-    rcall('HINCRBY', hk, 'g' .. g.pos .. ':n', 1)
+  -- One write of the host's counters, from the values try_place read in this same script (one
+  -- redis.call costs about as much as entering a trivial script).
+  local s = p.state
+  local out = {}
+  for i, g in ipairs(p.gpus) do
+    local cur = p.free[i]
+    out[#out + 1] = 'g' .. g.pos .. ':used'
+    out[#out + 1] = cur.used + g.memory_mb
+    out[#out + 1] = 'g' .. g.pos .. ':n'
+    out[#out + 1] = cur.n + 1
   end
   if p.newmap then
-    rcall('HSET', hk, 'cmap', p.newmap)
-    rcall('HINCRBY', hk, 'cfree', -#p.cores)
+    out[#out + 1] = 'cmap'
+    out[#out + 1] = p.newmap
+    out[#out + 1] = 'cfree'
+    out[#out + 1] = s.cfree - #p.cores
   end
-  if p.shared > 0 then rcall('HINCRBY', hk, 'shared', p.shared) end
-  if req.ram > 0 then rcall('HINCRBY', hk, 'ram_used', req.ram) end
+  if p.shared > 0 then out[#out + 1] = 'shared'; out[#out + 1] = s.shared + p.shared end
+  if req.ram > 0 then out[#out + 1] = 'ram_used'; out[#out + 1] = s.ram_used + req.ram end
+  if #out > 0 then rcall('HSET', hk, unpack(out)) end
   if req.slots then rcall('HINCRBY', hk, 'slots_used', req.slots) end
   if req.services then take_services(req, h, now) end
   rcall('SADD', host_allocs_key(h), req.id)
