@@ -7,11 +7,13 @@ expected release a pass again, each pass being a Python mirror of the Lua pass
 (``lua/includes/queue.lua``) over a Python mirror of the placement walk
 (``lua/includes/placement.lua``):
 
-- the walk: best fit over the free-GPU-memory index from the requested memory up, worst fit from
-  the top down, first fit in registration order (falling back to best fit when the bounded walk
-  stops at ``scan_cap``), whole GPUs over the idle-GPU index, CPU-only requests over the CPU index;
-  parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs by the same
-  rule; GPU models; label selectors; the critical reserve of idle GPUs;
+- the walk: best fit over the free-GPU-memory index from the requested memory up (whole GPUs over
+  the hosts by idle GPU count), comparing the first ``BEST_WINDOW`` hosts that fit by the GPU
+  capacity they would strand, the idle GPUs they would break up and the CPU they would leave;
+  worst fit from the top down, first fit in registration order (falling back to best fit when the
+  bounded walk stops at ``scan_cap``), whole GPUs over the idle-GPU index, CPU-only requests over
+  the CPU index; parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs
+  by the same rule; GPU models; label selectors; the critical reserve of idle GPUs;
 - the pass: the first ``pass_depth`` tasks in line (priority, then front, then arrival); the first
   task that does not fit (after trying preemption when its strategy is ``priority``) gets an EASY
   reservation from the allocations' expected ends (the ``ends`` index, first 256); later tasks start
@@ -41,17 +43,28 @@ Cost: the snapshot is one pipelined read (consistent: ``WATCH`` on the outbox st
 payloads of pending tasks and records of active allocations are cached per id, since they do not
 change while a task waits or an allocation runs. The simulation keeps the free-capacity indexes in
 ``SortedList`` s, so a walk costs O(log n) plus the members it looks at; and a request shape that
-fitted nowhere is not walked again until a host it could use gains capacity. See
-``docs/benchmarks.md`` (ETA) for the measured cost at 10,000 pending tasks on 1,213 hosts.
+fitted nowhere is not walked again until a host it could use gains capacity and keeps it (the
+freed hosts it could use are kept as suspects: once taken again, the no-fit holds again). A pass
+asks each shape behind the blocked task once whether it fits nowhere and drops its tasks in one
+sweep, and does not try a task whose every attempt its memo of refusals already refuses. The
+reservation is not a walk over ``ends`` but the least of the hosts' fit points, kept per request
+shape and host and recomputed only for hosts that changed (``_reserve_fit``). A pass after a
+release is not run when it provably places nothing (``_still_quiet``). Each of these shortcuts is
+exact: ``tests/test_eta.py`` checks them against the work they skip, and ``bench/eta_cost.py
+--compare`` / ``bench/eta_replay.py --compare`` the estimates of two versions on the same line.
+See ``docs/architecture.md`` (ETA, Cost) for the measured cost at 10,000 pending tasks on 1,213
+hosts.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+from bisect import bisect_left, insort
 import operator
 import time
 from collections.abc import Iterable
+from itertools import islice
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -71,6 +84,7 @@ DEFAULT_MAX_AGE_S = 5.0
 
 RESERVE_LIMIT = 256  # reserve(req, now, 256) in queue.lua
 PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
+BEST_WINDOW = 8  # BEST_WINDOW in placement.lua: fitting hosts best fit compares
 BAND = 4398046511104  # 2^42: pending score per priority band
 BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
 
@@ -80,6 +94,25 @@ _TASK_FIELDS = ("kind", "payload", "seq", "state")
 _META = ("_at", "_cost_ms", "_pending")
 _HOST = operator.itemgetter(2)
 _POS = operator.itemgetter(3)
+_ID = operator.itemgetter(1)
+
+
+def _milli_free(cap: int, free: int) -> int:
+    """milli_free of ledger.lua: thousandths of a GPU of grantable memory cap that are free."""
+    if cap <= 0 or free <= 0:
+        return 0
+    return free * 1000 // cap
+
+
+def _stranded(h: _Host, gm: int, cpu: int, ram: int) -> int:
+    """stranded of ledger.lua: of gm thousandths of a GPU free on h, those its free CPU (cpu
+    millicores) or free RAM (ram MiB) cannot feed at h's own cores per GPU and RAM per GPU."""
+    if gm <= 0:
+        return 0
+    n = len(h.gpus)
+    by_cpu = cpu * n // h.ncores if h.ncores > 0 else 0
+    by_ram = ram * n * 1000 // h.ram if h.ram > 0 else 0
+    return max(0, gm - by_cpu, gm - by_ram)
 
 
 def to_datetime(ms: int | float | None) -> datetime | None:
@@ -252,7 +285,8 @@ class Simulation:
         self._cpu: dict[str, int] = {}
         self.allocs: dict[str, _Alloc] = {}
         self.ends: SortedList = SortedList()  # (pass_end, id): the `ends` index
-        self.byprio: SortedList = SortedList()  # (score, id): preemption order
+        self.byprio: SortedList = SortedList()  # (score, id): preemption order (see _byprio_index)
+        self._byprio_on = False
         self.releases: list[tuple[float, int, str]] = []
         self._n = 0
         self.pending: SortedList = SortedList()  # (score, id)
@@ -263,9 +297,32 @@ class Simulation:
         self._idle: dict[str, int] = {}  # host -> GPUs with no holder and free memory
         self.idle_hosts: SortedList = SortedList()  # (that count, host), schedulable hosts
         self.freed: list[str] = []  # hosts that gained capacity, in order
-        self._nofit: dict[tuple[Any, ...], int] = {}  # (shape, exclude) -> len(freed) when it last fitted nowhere
+        # (shape, exclude) -> how far `freed` was looked at since it last fitted nowhere; the shape
+        # by its number (_skid) for tasks in line
+        self._nofit: dict[tuple[Any, ...], int] = {}
+        # (shape, exclude) -> [host, its version, mode] of hosts seen there that could fit (see _fits_nowhere)
+        self._suspect: dict[tuple[Any, ...], list[list[Any]]] = {}
         self._refused: set[tuple[Any, ...]] = set()  # the current pass's refused shapes
         self._ever: dict[tuple[Any, ...], bool] = {}
+        # For the reservation (see _reserve): a version per host, bumped whenever its capacity or
+        # its entries in `ends` change, and its entries in `ends`, in order.
+        self._hver: dict[str, int] = {}
+        self._hends: dict[str, list[tuple[float, str]]] = {}
+        self._hlog: list[str] = []  # hosts in the order their versions were bumped
+        self._resv_heap: dict[tuple[Any, ...], tuple[list[tuple[Any, ...]], list[int]]] = {}
+        self._resv_exact = True
+        self._pass_ms: dict[str, int | None] = {}
+        self._nw_known: dict[int, int] = {}  # shape (_nwkey) -> len(freed) when it last fitted nowhere
+        # For skipping a pass that cannot place anything (see _still_quiet).
+        self._changes = 0  # grants and finishes so far
+        self._unproven = False  # the current pass refused something no no-fit memo speaks for
+        self._last_fit: tuple[str, float] | None = None  # the last _reserve_fit
+        self._quiet: tuple[Any, ...] | None = None
+        self.skipped = 0  # passes known to place nothing, not run (counted in passes too)
+        # The line's window as the last pass saw it, while the line is unchanged (_pver: changes
+        # to `pending`): a pass after a release that placed nothing sees the same window.
+        self._pver = 0
+        self._window_seen: tuple[Any, ...] | None = None
         self.passes = 0
         self.events = 0
         for hid, h in snap.hosts.items():
@@ -277,8 +334,7 @@ class Simulation:
         self.by_ord = sorted(self.hosts.values(), key=lambda x: (x.ord, x.id))
         for host in self.hosts.values():
             self._reindex(host, None)
-        for a in snap.allocs:
-            self._add_running(a)
+        self._load_running([self._running(a) for a in snap.allocs])
         reqs = {} if reqs is None else reqs
         for tid, score, payload, kind, seq in snap.pending:
             req = reqs.get(tid)
@@ -290,11 +346,32 @@ class Simulation:
             self.tasks[tid] = req
             self.score[tid] = score
             self.pending.add((score, tid))
+        # Per task, as small ints (a shape tuple is slow to hash, and _pass looks them up for
+        # every task in its window): the shape under which _pass may skip the task once the line
+        # is blocked (None: never), and what the pass's memo of refusals knows it by, less the
+        # host excluded or required (shape, strategy, priority, pin).
+        shapes: dict[tuple[Any, ...], int] = {}
+        sigs: dict[tuple[Any, ...], int] = {}
+        self._skid: dict[str, int] = {tid: shapes.setdefault(r.shape, len(shapes)) for tid, r in self.tasks.items()}
+        self._nwkey: dict[str, int | None] = {
+            tid: (self._skid[tid] if r.pin is None and r.cpu_millis > 0 and r.ram > 0 else None)
+            for tid, r in self.tasks.items()}
+        self._sig: dict[str, int] = {tid: sigs.setdefault((r.shape, r.mode, r.priority, r.pin), len(sigs))
+                                     for tid, r in self.tasks.items()}
+        self._cpu_need = {tid: r.cpu_millis for tid, r in self.tasks.items()}
+        self._ram_need = {tid: r.ram for tid, r in self.tasks.items()}
 
     # -- durations -----------------------------------------------------------------------------
 
     def pass_ms(self, req: _Req) -> int | None:
-        """expected_ms(req) of placement.lua: history p80, else the hint, else the TTL."""
+        """expected_ms(req) of placement.lua: history p80, else the hint, else the TTL (per task:
+        the backfill test asks for it on every pass)."""
+        v = self._pass_ms.get(req.id, -1)
+        if v == -1:
+            v = self._pass_ms[req.id] = self._pass_ms_of(req)
+        return v
+
+    def _pass_ms_of(self, req: _Req) -> int | None:
         v = _hist(self.durations, req.task_type, "p80_ms")
         if v:
             return v
@@ -336,7 +413,8 @@ class Simulation:
                 return int(v)
         return int(pts[-1][0])
 
-    def _add_running(self, a: dict[str, Any]) -> None:
+    def _running(self, a: dict[str, Any]) -> _Alloc:
+        """A running allocation of the snapshot, with its simulated release."""
         start = int(a["start"])
         expires = int(a.get("expires") or 0)
         end = a.get("end")  # the ends index: history p80 or hint at grant time, else the TTL
@@ -359,13 +437,50 @@ class Simulation:
         al = _Alloc(a["id"], a["host"], a["grants"], a["cores"], a["shared"], a["ram"],
                     a["priority"], a.get("kind") or "lease", start, release, a.get("end"))
         al.slots = a.get("slots", 0)
-        self._track(al)
+        return al
+
+    def _load_running(self, als: list[_Alloc]) -> None:
+        """_track for the snapshot's allocations, with the indexes built in one go."""
+        if self.allocs or len({al.id for al in als}) != len(als):
+            for al in als:
+                self._track(al)
+            return
+        ends = []
+        for al in als:
+            self.allocs[al.id] = al
+            if al.pass_end is not None:
+                e = (al.pass_end, al.id)
+                ends.append(e)
+                self._hends.setdefault(al.host, []).append(e)
+            self._touch(al.host)
+            if al.release is not None:
+                self._n += 1
+                self.releases.append((al.release, self._n, al.id))
+        self.ends.update(ends)
+        for es in self._hends.values():
+            es.sort()
+        heapq.heapify(self.releases)
+
+    def _byprio_index(self) -> SortedList:
+        """The preemption order (``byprio``), built when first needed: only preemption reads
+        it, and most lines have no task that may preempt."""
+        if not self._byprio_on:
+            self.byprio = SortedList((al.byprio, aid) for aid, al in self.allocs.items())
+            self._byprio_on = True
+        return self.byprio
 
     def _track(self, al: _Alloc) -> None:
+        if al.id in self.allocs:
+            self._resv_exact = False  # an id held twice (inconsistent read): _reserve walks `ends` itself
+            self._byprio_index()  # from here on kept up to date: it holds both entries, as the ZSET would
         self.allocs[al.id] = al
         if al.pass_end is not None:
-            self.ends.add((al.pass_end, al.id))
-        self.byprio.add((al.byprio, al.id))
+            e = (al.pass_end, al.id)
+            self.ends.add(e)
+            insort(self._hends.setdefault(al.host, []), e)
+        self._touch(al.host)
+        if self._byprio_on:
+            self.byprio.add((al.byprio, al.id))
         if al.release is not None:
             self._n += 1
             heapq.heappush(self.releases, (al.release, self._n, al.id))
@@ -493,6 +608,10 @@ class Simulation:
             poss: list[int | None] = [g.pos for g in h.gpus][:cap] if h else []
             return [only] * len(poss), poss
         if k > 0:
+            if req.gpu_mem == 0 and mode == "best":
+                # Whole GPUs, best fit: hosts by idle GPU count, from k up (the idle_hosts ZSET).
+                ents = list(islice(self.idle_hosts.irange((k,)), cap))
+                return list(map(_ID, ents)), [None] * len(ents)
             if req.gpu_mem == 0:
                 idx, lo = self.gpu_idle, 1
             else:
@@ -525,14 +644,40 @@ class Simulation:
             return h
         return None
 
+    @staticmethod
+    def _cost(req: _Req, h: _Host, gs: list[_Gpu]) -> tuple[int, int, int]:
+        """placement_cost of placement.lua, compared as a tuple: thousandths of a GPU that
+        placing req on h (GPUs gs) leaves stranded beyond what h strands already (negative: it
+        puts stranded capacity to use), how much it breaks up h's idle GPUs (taking j of i costs
+        i^2 - (i-j)^2), and the millicores left free on h."""
+        gm = idle = 0
+        for g in h.gpus:
+            gm += _milli_free(g.cap, g.free)
+            if g.n == 0 and g.cap > g.used:
+                idle += 1
+        after, j = gm, 0
+        for g in gs:
+            mem = req.gpu_mem if req.gpu_mem else g.free
+            after += _milli_free(g.cap, g.free - mem) - _milli_free(g.cap, g.free)
+            if g.n == 0:
+                j += 1
+        cpu, ram = h.cpu - req.cpu_millis, h.ramf - req.ram
+        return _stranded(h, after, cpu, ram) - _stranded(h, gm, h.cpu, h.ramf), j * (2 * idle - j), cpu
+
     def _scan(self, req: _Req, mode: str, exclude: str | None, only: str | None
               ) -> tuple[tuple[_Host, list[_Gpu]] | None, bool]:
-        """scan() of placement.lua: the first candidate that fits, or None and whether the walk
-        stopped at the cap (it then looked at exactly ``scan_cap`` candidates)."""
+        """scan() of placement.lua: first and worst fit take the first candidate that fits; best
+        fit the cheapest (``_cost``, the earliest on a tie) of the first ``BEST_WINDOW`` hosts
+        that fit. None and whether the walk stopped at the cap (it then looked at exactly
+        ``scan_cap`` candidates) when nothing fits."""
         k = req.gpus
         hosts, poss = self._window(req, mode, only)
         capped = len(hosts) >= self.cap
-        if k != 1:
+        window = BEST_WINDOW if mode == "best" and only is None else 1
+        best: tuple[_Host, list[_Gpu]] | None = None
+        best_cost = (0, 0, 0)
+        fits = 0
+        if k != 1 or poss[:1] == [None]:
             # Each host is looked at once, at its first candidate (its GPUs are then chosen by
             # the strategy, whatever candidate led to it).
             need_idle = k if req.gpu_mem == 0 else 0
@@ -541,13 +686,20 @@ class Simulation:
                 if need_idle and idle.get(hid, 0) < need_idle and only is None:
                     continue  # fewer idle GPUs than whole GPUs asked: pick_on_host would fail
                 s = self._host_ok(req, hid, exclude, only)
-                if s is not None:
-                    if k == 0:
-                        return (s, []), False
-                    gs = self._pick(req, s, None, mode)
-                    if gs:
-                        return (s, gs), False
-            return None, capped
+                if s is None:
+                    continue
+                gs = [] if k == 0 else self._pick(req, s, None, mode)
+                if gs is None:
+                    continue
+                if window == 1:
+                    return (s, gs), False
+                cost = self._cost(req, s, gs)
+                if best is None or cost < best_cost:
+                    best, best_cost = (s, gs), cost
+                fits += 1
+                if fits >= window:
+                    return best, False
+            return (best, False) if best is not None else (None, capped)
         tried: set[str] = set()
         ok: dict[str, _Host | None] = {}
         for hid, pos in zip(hosts, poss):
@@ -557,13 +709,22 @@ class Simulation:
                 s = ok[hid]
             else:
                 s = ok[hid] = self._host_ok(req, hid, exclude, only)
-            if s is not None:
-                gs = self._pick(req, s, pos, mode)
-                if gs:
-                    return (s, gs), False
-            else:
+            if s is None:
                 tried.add(hid)
-        return None, capped
+                continue
+            gs = self._pick(req, s, pos, mode)
+            if not gs:
+                continue
+            if window == 1:
+                return (s, gs), False
+            cost = self._cost(req, s, gs)
+            if best is None or cost < best_cost:
+                best, best_cost = (s, gs), cost
+            fits += 1
+            if fits >= window:
+                return best, False
+            tried.add(hid)
+        return (best, False) if best is not None else (None, capped)
 
     @staticmethod
     def _extras_fit(req: _Req, h: _Host) -> bool:
@@ -606,33 +767,71 @@ class Simulation:
     def _fits_nowhere(self, req: _Req, exclude: str | None = None) -> bool:
         """Whether a walk for req (skipping host exclude) is known to find nothing: it found
         nothing before, and no host it may use has gained capacity it could fit in since.
-        (Placements only take capacity away, so a walk that ran out of candidates stays empty.)"""
+        (Placements only take capacity away, so a walk that ran out of candidates stays empty.)
+
+        The hosts that gained capacity since are looked at once each, in order (``_nofit`` holds
+        how far); those that could fit are kept as suspects and looked at again on the next call,
+        rather than forgetting the no-fit: a suspect that no longer could fit (a placement took
+        what it had gained) cannot come back without gaining capacity again, i.e. without
+        reappearing in ``freed``. So once the task that fitted on the freed host has taken it, the
+        next task of the shape is known to fit nowhere without a walk. A suspect is not looked at
+        again while its version (``_touch``) is the same: ``_could_fit`` depends only on the
+        request and the host's own state."""
         if exclude is not None and self._fits_nowhere(req):
             return True
-        key = (req.shape, exclude)
+        key = (self._skid.get(req.id, req.shape), exclude)
         at = self._nofit.get(key)
         if at is None:
             return False
         freed = self.freed
-        for i in range(at, len(freed)):
+        n = len(freed)
+        sus = self._suspect.get(key)
+        if at == n and not sus:
+            return True
+        hosts = self.hosts
+        hver = self._hver
+        could = self._could_fit
+        mode = req.mode
+        if sus:
+            for i, s in enumerate(sus):
+                hid = s[0]
+                v = hver.get(hid, 0)
+                if (s[1] == v and s[2] == mode) or could(req, hosts[hid]):
+                    s[1], s[2] = v, mode
+                    del sus[:i]  # those before it no longer could fit
+                    return False
+            sus.clear()
+        cpu, ram = req.cpu_millis, req.ram
+        for i in range(at, n):
             hid = freed[i]
             if hid != exclude:
-                h = self.hosts.get(hid)
-                if h is not None and self._could_fit(req, h):
-                    del self._nofit[key]
+                h = hosts.get(hid)
+                # (A host short of the CPU or RAM cannot take req: a quick no before _could_fit.)
+                if h is not None and h.cpu >= cpu and h.ramf >= ram and could(req, h):
+                    self._nofit[key] = i + 1
+                    self._suspect.setdefault(key, []).append([hid, hver.get(hid, 0), mode])
                     return False
-        self._nofit[key] = len(freed)
+        self._nofit[key] = n
         return True
+
+    def _memo(self, req: _Req, exclude: str | None, only: str | None) -> tuple[Any, ...]:
+        """The key of try_place(req, exclude, only) in the pass's memo of refusals (the shape by
+        its number, ``_skid``: quicker to hash than the shape)."""
+        sk = self._skid.get(req.id, req.shape)
+        return sk, req.mode, req.priority, exclude, (only if only is not None else req.pin)
 
     def try_place(self, req: _Req, exclude: str | None = None, only: str | None = None
                   ) -> tuple[_Host, list[_Gpu]] | None:
         """try_place of placement.lua, through the pass's memo of refused shapes (``attempt``
         in queue.lua): a shape refused once in a pass is refused again in it."""
         only = only if only is not None else req.pin
-        memo = (req.shape, req.mode, req.priority, exclude, only)
+        sk = self._skid.get(req.id, req.shape)
+        memo = (sk, req.mode, req.priority, exclude, only)  # _memo
         if memo in self._refused:
             return None
-        if only is None and self._fits_nowhere(req, exclude):
+        if only is not None:
+            self._unproven = True  # a one-host try: no no-fit memo speaks for its refusal
+        elif self._fits_nowhere(req, exclude):
             self._refused.add(memo)
             return None
         mode = req.mode
@@ -645,10 +844,14 @@ class Simulation:
                 # The walk ran out of candidates, or stopped at the cap where no host could take
                 # req anyway: placements only take capacity away, so it finds nothing until some
                 # host it could use gains capacity (see _fits_nowhere).
-                self._nofit[(req.shape, exclude)] = len(self.freed)
+                self._nofit[(sk, exclude)] = len(self.freed)
+                self._suspect.pop((sk, exclude), None)
+            else:
+                self._unproven = True
         return found
 
     def _grant(self, req: _Req, placement: tuple[_Host, list[_Gpu]], now: int) -> None:
+        self._changes += 1
         h, gs = placement
         grants = []
         for g in gs:
@@ -678,10 +881,19 @@ class Simulation:
         al = self.allocs.pop(aid, None)
         if al is None or not al.alive:
             return None
+        self._changes += 1
         al.alive = False
         if al.pass_end is not None:
-            self.ends.discard((al.pass_end, aid))
-        self.byprio.discard((al.byprio, aid))
+            e = (al.pass_end, aid)
+            self.ends.discard(e)
+            mine = self._hends.get(al.host)
+            if mine:
+                i = bisect_left(mine, e)
+                if i < len(mine) and mine[i] == e:
+                    del mine[i]
+        self._touch(al.host)
+        if self._byprio_on:
+            self.byprio.discard((al.byprio, aid))
         h = self.hosts.get(al.host)
         if h is None:
             return al
@@ -738,16 +950,92 @@ class Simulation:
                     return hid, freed[hid], score
         return None
 
-    def _reserve(self, req: _Req, now: int) -> tuple[str, float] | None:
-        r = self._first_fit_after(req, iter(self.ends), RESERVE_LIMIT)
-        if r is None:
+    def _touch(self, hid: str) -> None:
+        """Notes that host hid's capacity or its entries in `ends` changed (see _reserve)."""
+        self._hver[hid] = self._hver.get(hid, 0) + 1
+        self._hlog.append(hid)
+
+    def _fit_point(self, req: _Req, hid: str) -> tuple[float, str] | None:
+        """The entry of `ends` at which first_fit_after finds that req fits on host hid: the
+        host's own entries, in order, added back one by one to what it has free now; None when
+        it never does (or is not eligible)."""
+        h = self.hosts.get(hid)
+        if not (self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h)):  # type: ignore[arg-type]
             return None
-        return r[0], max(r[2], now)
+        assert h is not None
+        cpu, ram, slots = h.cpu, h.ramf, h.slotf
+        gpus = {g.uuid: [g.free, g.n, g.model] for g in h.gpus}
+        allocs = self.allocs
+        fits = self._gpu_fits
+        for e in self._hends.get(hid, ()):
+            al = allocs[e[1]]
+            for _pos, uuid, mem in al.grants:
+                sg = gpus.get(uuid)
+                if sg is not None:
+                    sg[0] += mem
+                    sg[1] -= 1
+            cpu += al.cores * 1000 + al.shared
+            ram += al.ram
+            slots += al.slots
+            if cpu >= req.cpu_millis and ram >= req.ram and (not req.slots or slots >= req.slots):
+                if sum(1 for f, c, m in gpus.values() if fits(req, f, c, m)) >= req.gpus:
+                    return e
+        return None
+
+    def _reserve(self, req: _Req, now: int) -> tuple[str, float] | None:
+        """reserve(req, now, 256) of queue.lua: the host and the shadow time (see _reserve_fit)."""
+        fit = self._last_fit = self._reserve_fit(req)
+        return None if fit is None else (fit[0], max(fit[1], now))
+
+    def _reserve_fit(self, req: _Req) -> tuple[str, float] | None:
+        """first_fit_after(req, ends, 256) of queue.lua (its host and score), computed without
+        walking the first 256 entries of `ends`. A host's simulation in first_fit_after only adds
+        back the host's own entries, so the walk returns at min over hosts of the host's fit point
+        (``_fit_point``), when that entry is among the first 256. Fit points are kept per request
+        shape in a heap of exact values and lower bounds (a host's first entry in `ends`), each at
+        a host version, and recomputed only for hosts whose version changed since (``_hlog``):
+        between two passes only a few hosts change, and hosts behind the answer are never looked
+        at. Exactly what the walk returns (see tests/test_eta.py and bench/eta_replay.py)."""
+        if not self._resv_exact:
+            r = self._first_fit_after(req, iter(self.ends), RESERVE_LIMIT)
+            return None if r is None else (r[0], r[2])
+        key = (self._skid.get(req.id, req.shape), req.pin)
+        hends, hver = self._hends, self._hver
+        st = self._resv_heap.get(key)
+        if st is None or len(st[0]) > 4 * len(hends) + 1024:
+            heap = [(es[0], 0, hver.get(hid, 0), hid) for hid, es in hends.items() if es]
+            heapq.heapify(heap)
+            st = self._resv_heap[key] = (heap, [len(self._hlog)])
+        else:
+            heap, pos = st
+            log = self._hlog
+            if pos[0] < len(log):
+                for hid in set(log[pos[0]:]):
+                    es = hends.get(hid)
+                    if es:
+                        heapq.heappush(heap, (es[0], 0, hver.get(hid, 0), hid))
+                pos[0] = len(log)
+        n = len(self.ends)
+        last = self.ends[RESERVE_LIMIT - 1] if n >= RESERVE_LIMIT else None
+        while heap:
+            at, exact, ver, hid = heap[0]
+            if ver != hver.get(hid, 0):
+                heapq.heappop(heap)  # stale: the host changed, a fresh lower bound was pushed
+                continue
+            if last is not None and at > last:
+                return None  # every fit point is beyond the first 256 entries
+            if exact:
+                return hid, at[0]
+            heapq.heappop(heap)
+            p = self._fit_point(req, hid)
+            if p is not None:
+                heapq.heappush(heap, (p, 1, ver, hid))
+        return None
 
     def _preempt_for(self, req: _Req, now: int) -> bool:
         self._refused = set()  # capacity comes back: the pass's memo of refusals is void
         bound = req.priority * 10**13
-        cands = self.byprio.irange(maximum=(bound, ""), inclusive=(True, False))
+        cands = self._byprio_index().irange(maximum=(bound, ""), inclusive=(True, False))
         r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
         if r is None:
             return False
@@ -758,48 +1046,163 @@ class Simulation:
                 if t is not None:  # back to the front of its priority, original sequence kept
                     self.score[victim] = (3 - t.priority) * BAND + t.seq
                     self.pending.add((self.score[victim], victim))
+                    self._pver += 1
         return True
 
     # -- the pass ------------------------------------------------------------------------------
 
     def _pass(self, now: int) -> int:
+        """schedule_pass of queue.lua over the first ``pass_depth`` tasks in line."""
         self.passes += 1
         self._refused = set()
-        ids = [tid for _, tid in self.pending.islice(0, self.depth)]
+        self._quiet = None
+        self._unproven = False
+        pver = self._pver
+        seen = self._window_seen
+        if seen is not None and seen[0] == pver:
+            ids = seen[1]
+        else:
+            ids = list(map(_ID, self.pending.islice(0, self.depth)))
+            seen = self._window_seen = (pver, ids, None)
+        tasks = self.tasks
         placed = 0
         blocked: _Req | None = None
+        i = 0
+        for i, tid in enumerate(ids):
+            req = tasks[tid]
+            p = self.try_place(req)
+            if p is None and req.preempt:
+                self._unproven = True  # (another pass may find what to preempt)
+                if self._preempt_for(req, now):
+                    p = self.try_place(req)
+            if p is None:
+                blocked = req
+                break
+            self._start(tid, req, p, now)
+            placed += 1
+        if blocked is None:
+            return placed
+        # Blocked: from here on nothing frees capacity (preemption happens only before), so a
+        # shape that fits nowhere keeps fitting nowhere for the rest of the pass. Each shape is
+        # asked once, for its first task, and its tasks are dropped in one sweep: most of the
+        # line behind a blocked head is tasks that fit nowhere. (Asking earlier than the task's
+        # turn changes only what the no-fit memo has looked at: its answer True is final.)
+        # A shape known to fit nowhere with nothing freed since still does (the pass before at
+        # the same instant only placed).
+        nwk = self._nwkey
+        if placed == 0 and seen[2] is not None:
+            rest, keys, firsts = seen[2]
+        else:
+            rest = ids[i + 1:]
+            keys = list(map(nwk.__getitem__, rest))
+            firsts = list(dict(zip(reversed(keys), reversed(rest))).items())  # shape -> its first task
+            if placed == 0:
+                self._window_seen = (pver, ids, (rest, keys, firsts))
+        nowhere: set[int | None] = set()
+        n_freed, known = len(self.freed), self._nw_known
+        for k, tid in firsts:
+            if k is not None and (known.get(k) == n_freed or self._fits_nowhere(tasks[tid])):
+                known[k] = n_freed
+                nowhere.add(k)
+        if nowhere:
+            rest = [tid for tid, k in zip(rest, keys) if k not in nowhere]
         resv: tuple[str, float] | None = None
         resv_done = False
-        for tid in ids:
-            req = self.tasks[tid]
-            p = None
-            if blocked is None:
-                p = self.try_place(req)
-                if p is None and req.preempt and self._preempt_for(req, now):
-                    p = self.try_place(req)
+        rhost, shadow = "", 0.0  # the reservation's host and shadow time, once asked for
+        # What the pass's memo of refusals already says, by task signature (shape, strategy,
+        # priority, pin): 0, its attempt on the hosts other than the reserved one is refused (only
+        # the backfill onto the reserved host is left to try, for tasks short enough); 1, every
+        # attempt it can make is. The memo only grows once the line is blocked, so a later task of
+        # the signature is refused those attempts again without asking. (A task of signature 0
+        # whose shape fits nowhere tries the reserved host rather than being skipped: a shape that
+        # fits nowhere fits on no single host either, so the try fails, as skipping it would.)
+        sigs = self._sig
+        known_sig: dict[int, int] = {}
+        refused = self._refused  # (only a preemption replaces it, and none happens from here on)
+        pms = self._pass_ms
+        for tid in rest:
+            sig = sigs[tid]
+            st = known_sig.get(sig)
+            if st is not None:
+                if st:
+                    continue
+                pe = pms.get(tid, -1)
+                if pe == -1:
+                    pe = self.pass_ms(tasks[tid])
+                if pe is None or now + pe > shadow:
+                    continue
+                req = tasks[tid]
+                p = self.try_place(req, only=rhost)
                 if p is None:
-                    blocked = req
-            else:
-                if req.pin is None and req.cpu_millis > 0 and req.ram > 0 and self._fits_nowhere(req):
-                    continue  # cannot start anywhere, reserved host included
-                if not resv_done:
-                    resv, resv_done = self._reserve(blocked, now), True
-                if resv is not None:
-                    p = self.try_place(req, exclude=resv[0])
-                    if p is None and (req.pin is None or req.pin == resv[0]):
-                        pe = self.pass_ms(req)
-                        if pe is not None and now + pe <= resv[1]:
-                            p = self.try_place(req, only=resv[0])
-                else:
-                    p = self.try_place(req)
-            if p is not None:
-                self._grant(req, p, now)
-                self.pending.discard((self.score[tid], tid))
-                if tid not in self.started:  # a preempted and restarted job keeps its first start
-                    self.started[tid] = now
-                    self._started_order.append(tid)
+                    if self._memo(req, None, rhost) in refused:
+                        known_sig[sig] = 1
+                    continue
+                self._start(tid, req, p, now)
                 placed += 1
+                continue
+            req = tasks[tid]
+            k = nwk[tid]
+            if k is not None:
+                if k in nowhere:
+                    continue
+                if self._fits_nowhere(req):
+                    nowhere.add(k)
+                    continue  # cannot start anywhere, reserved host included
+            if not resv_done:
+                resv, resv_done = self._reserve(blocked, now), True
+                rhost, shadow = resv if resv is not None else ("", 0.0)
+            if resv is None:
+                p = self.try_place(req)
+                if p is None and self._memo(req, None, None) in refused:
+                    known_sig[sig] = 1
+            else:
+                p = self.try_place(req, exclude=rhost)
+                if p is None and (req.pin is None or req.pin == rhost):
+                    a_refused = self._memo(req, rhost, None) in refused
+                    pe = self.pass_ms(req)
+                    if pe is not None and now + pe <= shadow:
+                        p = self.try_place(req, only=rhost)
+                        if p is None and a_refused:
+                            known_sig[sig] = 1 if self._memo(req, None, rhost) in refused else 0
+                    elif a_refused:
+                        known_sig[sig] = 0
+                elif p is None and self._memo(req, rhost, None) in refused:
+                    known_sig[sig] = 1  # pinned elsewhere: no backfill onto the reserved host
+            if p is not None:
+                self._start(tid, req, p, now)
+                placed += 1
+        if placed == 0 and not self._unproven:
+            self._quiet = (self._changes, blocked, resv_done, self._last_fit if resv_done else None, ids, None)
         return placed
+
+    def _still_quiet(self, al: _Alloc | None) -> bool:
+        """Whether the pass due after allocation al ended is known to place nothing, so that it
+        need not run: the pass before placed nothing and every refusal in it was proven by a
+        no-fit memo (no one-host try, no preemption), al's end is the only change since, its host
+        still lacks the CPU or RAM of every task in the pass's window (so every no-fit holds), and
+        the reservation is the same host and score (a later pass lets no task backfill onto it
+        that the one before did not: ``now + ends <= shadow`` only gets harder)."""
+        q = self._quiet
+        if q is None or al is None or self._changes != q[0] + 1:
+            return False
+        need = q[5]
+        if need is None:  # the least CPU and RAM a task in the window asks for
+            need = (min(map(self._cpu_need.__getitem__, q[4])), min(map(self._ram_need.__getitem__, q[4])))
+        h = self.hosts.get(al.host)
+        if h is not None and h.cpu >= need[0] and h.ramf >= need[1]:
+            return False
+        if q[2] and self._reserve_fit(q[1]) != q[3]:
+            return False
+        self._quiet = (self._changes,) + q[1:5] + (need,)
+        return True
+
+    def _start(self, tid: str, req: _Req, p: tuple[_Host, list[_Gpu]], now: int) -> None:
+        self._grant(req, p, now)
+        self.pending.discard((self.score[tid], tid))
+        self._pver += 1
+        if tid not in self.started:  # a preempted and restarted job keeps its first start
+            self.started[tid] = now
+            self._started_order.append(tid)
 
     def _settle(self, now: int) -> None:
         for _ in range(10_000):
@@ -827,7 +1230,10 @@ class Simulation:
             budget -= 1
             self.events += 1
             now = int(t)
-            self._finish(aid)
+            if self._still_quiet(self._finish(aid)):
+                self.passes += 1
+                self.skipped += 1
+                continue
             n = len(self.started)
             self._settle(now)
             if len(self.started) != n:

@@ -58,6 +58,9 @@ def check(snap: dict[str, Any]) -> list[str]:
     missing = set(allocs) - set(snap.get("byprio") or {})
     if missing:
         bad.append(f"active allocations missing from byprio: {sorted(missing)[:5]}")
+    stray = set(snap.get("idle_hosts") or {}) - set(hosts)
+    if stray:
+        bad.append(f"idle_hosts index holds hosts that are not registered: {sorted(stray)[:5]}")
     for tid, state in (snap.get("pending") or {}).items():
         if state != "pending":
             bad.append(f"{tid}: in the pending line but its allocation is {state}")
@@ -92,6 +95,7 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         bad.append(f"{h}: core map marks {sorted(taken)} taken, allocations hold {sorted(held_cores)}")
     if cmap.count("1") != cfree:
         bad.append(f"{h}: cfree {cfree} != free cores in map {cmap.count('1')}")
+    idle = gidle = gfree = 0
     for pos in range(int(f["ngpu"])):
         p = f"g{pos}:"
         uuid, total, ext = f[p + "uuid"], int(f[p + "total"]), int(f[p + "ext"])
@@ -106,10 +110,18 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         if (snap["gpu_idx"] or {}).get(m) != want_idx:
             bad.append(f"{h} GPU {pos}: gpu_idx has {(snap['gpu_idx'] or {}).get(m)}, expected {want_idx}")
         want_idle = free if schedulable and free > 0 and n == 0 else None
+        idle += want_idle is not None
+        gidle += free > 0 and n == 0
+        gfree += free * 1000 // (total - ext) if total > ext else 0
         if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
         if (m in (snap["gpu_ord"] or {})) != (want_idx is not None):
             bad.append(f"{h} GPU {pos}: gpu_ord membership out of step")
+    if "gfree" in f and (int(f["gfree"]), int(f["gidle"])) != (gfree, gidle):
+        bad.append(f"{h}: GPU totals gfree/gidle {f['gfree']}/{f['gidle']} != {gfree}/{gidle} from its GPUs")
+    have = (snap.get("idle_hosts") or {}).get(h)
+    if have != (idle or None):
+        bad.append(f"{h}: idle_hosts has {have}, expected {idle or None} idle GPU(s)")
     want_cpu = cpu_free if schedulable else None
     if (snap["cpu_idx"] or {}).get(h) != want_cpu:
         bad.append(f"{h}: cpu_idx has {(snap['cpu_idx'] or {}).get(h)}, expected {want_cpu}")

@@ -37,6 +37,12 @@ class Keys:
         return self._k("gpu_idle")
 
     @property
+    def idle_hosts(self) -> str:
+        """ZSET host -> number of its GPUs with no holder, schedulable hosts with at least one:
+        best fit for whole GPUs takes the host with the fewest idle GPUs that still has enough."""
+        return self._k("idle_hosts")
+
+    @property
     def gpu_ord(self) -> str:
         return self._k("gpu_ord")
 
@@ -125,6 +131,7 @@ class Keys:
             self.ends,
             self.byprio,
             self.pending,
+            self.idle_hosts,
         ]
 
     def pattern(self) -> str:

@@ -7,6 +7,13 @@ per-id caches hold them, as on every later tick), and ``Allocator.estimated_star
 demand for the task at the head, the middle and the end of the line.
 
   .venv/bin/python bench/eta_cost.py [--pending 10000] [--redis-url ...]
+
+``--compare OTHER_ETA_PY`` then measures another version of ``allocator/eta.py`` (e.g. a copy of the
+previous one) on the same state and checks that every estimate (tick and on demand) is the same.
+``--estimates FILE`` writes every estimate (JSON, in line order: the state is deterministic, fixed
+clock and trace order, the ids are not). ``--snapshot FILE`` pickles a tick's ledger snapshot for
+offline runs of the simulation alone (``bench/eta_replay.py``). ``--profile`` profiles one warm
+tick.
 """
 
 from __future__ import annotations
@@ -35,6 +42,37 @@ class Clock:
         return self.s
 
 
+def measure(a: Allocator, repeat: int) -> tuple[list[dict], dict]:
+    """The figures (ticks: the first cold, from a new engine; then one task on demand at the
+    head, middle and end of the line) and the estimates, in line order (ids are random, the
+    line and its estimates are not)."""
+    from allocator.eta import engine_for
+
+    a.__dict__.pop("_eta_engine", None)  # a new engine: empty per-id caches
+    rows: list[dict] = []
+    for r in range(repeat):
+        t0 = time.perf_counter()
+        info = a.refresh_estimated_start_times()
+        wall = (time.perf_counter() - t0) * 1000
+        n_est = sum(1 for k, v in a.redis.hgetall(a.keys.eta).items() if not k.startswith("_") and v)
+        row = {"kind": "all (tick)", "cold": r == 0, "wall_ms": round(wall), **info, "with_estimate": n_est}
+        rows.append(row)
+        print(row, flush=True)
+    cached = a.redis.hgetall(a.keys.eta)
+    ranks = a.redis.zrange(a.keys.pending, 0, -1)
+    estimates: dict = {"tick": [cached.get(tid) for tid in ranks], "one": {}}
+    a.redis.delete(a.keys.eta)  # on-demand path
+    for label, tid in (("head", ranks[0]), ("middle", ranks[len(ranks) // 2]), ("end", ranks[-1])):
+        t0 = time.perf_counter()
+        v = engine_for(a).estimate_ms(tid)
+        wall = (time.perf_counter() - t0) * 1000
+        row = {"kind": f"one task ({label} of the line)", "wall_ms": round(wall), "has_estimate": v is not None}
+        estimates["one"][label] = v
+        rows.append(row)
+        print(row, flush=True)
+    return rows, estimates
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL") or "redis://127.0.0.1:6379/0")
@@ -42,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="cProfile one warm tick (top 30 by own time)")
+    ap.add_argument("--estimates", default=None, help="write every estimate (tick and on demand) to this JSON file")
+    ap.add_argument("--snapshot", default=None, help="pickle the ledger snapshot of a tick to this file")
+    ap.add_argument("--compare", default=None,
+                    help="another version of allocator/eta.py: measure it on the same state, check the estimates")
     args = ap.parse_args(argv)
 
     clock = Clock()
@@ -93,33 +135,43 @@ def main(argv: list[str] | None = None) -> dict:
               f"({100 * cap.gpu_memory_mb.utilization_pct / 100:.0f}% GPU memory allocated, {cap.gpus_idle} idle GPUs); "
               f"{pending} pending (fill {fill_s:.0f} s, submit {submit_s:.0f} s)", flush=True)
         out = {"hosts": len(hosts), "gpus": cap.gpu_count, "running": running, "pending": pending, "runs": []}
-        for r in range(args.repeat):
-            t0 = time.perf_counter()
-            info = a.refresh_estimated_start_times()
-            wall = (time.perf_counter() - t0) * 1000
-            n_est = sum(1 for k, v in a.redis.hgetall(a.keys.eta).items() if not k.startswith("_") and v)
-            row = {"kind": "all (tick)", "cold": r == 0, "wall_ms": round(wall), **info, "with_estimate": n_est}
-            out["runs"].append(row)
-            print(row, flush=True)
+        if args.snapshot:
+            import pickle
+
+            from allocator.eta import engine_for, read_snapshot
+            Path(args.snapshot).write_bytes(pickle.dumps(read_snapshot(a, cache=engine_for(a)._cache)))
         if args.profile:
             import cProfile
             import pstats
+            a.refresh_estimated_start_times()
             prof = cProfile.Profile()
             prof.runcall(a.refresh_estimated_start_times)
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
-        a.redis.delete(a.keys.eta)  # on-demand path
-        ranks = a.redis.zrange(a.keys.pending, 0, -1)
-        for label, tid in (("head", ranks[0]), ("middle", ranks[len(ranks) // 2]), ("end", ranks[-1])):
-            t0 = time.perf_counter()
-            v = a.estimated_start_time(tid)
-            wall = (time.perf_counter() - t0) * 1000
-            row = {"kind": f"one task ({label} of the line)", "wall_ms": round(wall), "has_estimate": v is not None}
-            out["runs"].append(row)
-            print(row, flush=True)
+        rows, estimates = measure(a, args.repeat)
+        out["runs"] = rows
+        if args.compare:
+            # The same state through another version of allocator/eta.py: its figures, and
+            # whether every estimate is the same.
+            from allocator import eta
+            from bench.eta_replay import load_module
+            mine = eta.Simulation
+            eta.Simulation = load_module(args.compare).Simulation  # what EtaEngine.simulate builds
+            try:
+                print(f"-- {args.compare}", flush=True)
+                other_rows, other_est = measure(a, args.repeat)
+            finally:
+                eta.Simulation = mine
+            same_tick = sum(1 for x, y in zip(estimates["tick"], other_est["tick"]) if x == y)
+            same = estimates == other_est
+            print(f"-- estimates of the tick: {same_tick} of {len(estimates['tick'])} the same; "
+                  f"on demand: {estimates['one'] == other_est['one']}; all identical: {same}", flush=True)
+            out["compare"] = {"module": args.compare, "runs": other_rows, "identical": same}
     finally:
         a.destroy()
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.estimates:
+        Path(args.estimates).write_text(json.dumps(estimates, sort_keys=True))  # type: ignore[possibly-undefined]
     return out
 
 

@@ -42,7 +42,8 @@ def test_worst_fit_spreads_onto_the_emptiest_gpu(alloc_any):
 
 def test_priority_strategy_places_like_best_fit(alloc_any):
     two_hosts(alloc_any)
-    assert where(alloc_any.allocate({"gpu_memory_mb": "10Gi"}, strategy="priority")) == ("h1", [0])
+    assert alloc_any.would_fit({"gpu_memory_mb": "10Gi"}, strategy="best_fit")["host_id"] == "h2"
+    assert where(alloc_any.allocate({"gpu_memory_mb": "10Gi"}, strategy="priority")) == ("h2", [0])
 
 
 def test_gpu_memory_is_shared_between_allocations(alloc_any):
@@ -76,13 +77,91 @@ def test_fractional_cpu_comes_from_the_shared_pool(alloc_any):
 
 def test_whole_gpus_take_an_idle_gpu_and_all_its_memory(alloc_any):
     two_hosts(alloc_any)
+    # h2 has one idle GPU, h1 two: best fit keeps h1's pair together.
     x = alloc_any.allocate({"gpus": 1}, strategy="best_fit")
-    assert where(x) == ("h1", [0]) and x.gpus[0].memory_mb == 16 * GiB
+    assert where(x) == ("h2", [0]) and x.gpus[0].memory_mb == 24 * GiB
     alloc_any.allocate({"gpu_memory_mb": "1Gi"}, strategy="worst_fit")  # h1 GPU1 is no longer idle
     y = alloc_any.allocate({"gpus": 1})
-    assert where(y) == ("h2", [0])
+    assert where(y) == ("h1", [0]) and y.gpus[0].memory_mb == 16 * GiB
     with pytest.raises(InsufficientResources, match="no idle GPU"):
         alloc_any.allocate({"gpus": 1})
+
+
+def test_best_fit_takes_a_whole_gpu_from_the_host_with_the_fewest_idle_gpus(alloc_any):
+    alloc_any.register_host(id="eight", cpu_cores=64, ram_mb="256Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(8)])
+    alloc_any.register_host(id="one", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "80Gi"}])
+    # Not the smallest idle GPU (16Gi on "eight"): that would break up the host an 8-GPU task needs.
+    assert where(alloc_any.allocate({"gpus": 1, "cpu_cores": 4}, strategy="best_fit")) == ("one", [0])
+    assert where(alloc_any.allocate({"gpus": 8}, strategy="best_fit")) == ("eight", list(range(8)))
+
+
+def test_best_fit_keeps_cpu_only_work_off_the_cores_idle_gpus_need(alloc_any):
+    # "gpu": 4 idle GPUs and 4 cores per GPU; "cpu": no GPU. Taking 8 of gpu's 16 cores would
+    # leave two of its GPUs without the cores to use them, though gpu has the tighter CPU fit.
+    alloc_any.register_host(id="gpu", cpu_cores=16, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    alloc_any.register_host(id="cpu", cpu_cores=32, ram_mb="64Gi")
+    assert alloc_any.allocate({"cpu_cores": 8}, strategy="best_fit").host_id == "cpu"
+    assert alloc_any.allocate({"cpu_cores": 8}, strategy="first_fit").host_id == "gpu"
+
+
+def test_best_fit_puts_a_cpu_heavy_gpu_task_where_the_cores_are_to_spare(alloc_any):
+    # Same GPUs and idle count; 12 cores would leave "a-lean"'s other three GPUs with 4 cores.
+    alloc_any.register_host(id="a-lean", cpu_cores=16, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    alloc_any.register_host(id="b-wide", cpu_cores=64, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    assert alloc_any.allocate({"gpus": 1, "cpu_cores": 12}, strategy="best_fit").host_id == "b-wide"
+
+
+def test_best_fit_uses_gpus_that_lack_cores_for_a_task_that_needs_few(alloc_any):
+    # "short" keeps 2 idle GPUs but only 2 of its 16 cores: a GPU task needing 1 core goes there,
+    # using a GPU that most tasks could not, rather than to a host with the cores for its GPUs.
+    alloc_any.register_host(id="a-full", cpu_cores=32, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+    alloc_any.register_host(id="short", cpu_cores=16, ram_mb="64Gi", labels={"pool": "s"},
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+    alloc_any.allocate({"cpu_cores": 14}, selector="pool=s")
+    assert alloc_any.allocate({"gpus": 1, "cpu_cores": 1}, strategy="best_fit").host_id == "short"
+
+
+def test_best_fit_shares_an_idle_gpu_of_the_host_with_the_fewest_idle_gpus(alloc_any):
+    # Same GPUs and cores per GPU; "a" (registered first, first in the index) has 4 idle GPUs.
+    for name, n in (("a", 4), ("b", 1)):
+        alloc_any.register_host(id=name, cpu_cores=8 * n, ram_mb=f"{32 * n}Gi",
+                                gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(n)])
+    assert where(alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": 1}, strategy="best_fit")) == ("b", [0])
+    # Now b's GPU is shared: the next share goes there too (tightest GPU, no idle GPU broken up).
+    assert where(alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": 1}, strategy="best_fit")) == ("b", [0])
+
+
+def test_best_fit_keeps_the_larger_host_whole_when_all_else_ties(alloc_any):
+    # Both have 8 idle GPUs and cores to spare for them; "a-big" has more cores.
+    alloc_any.register_host(id="a-big", cpu_cores=128, ram_mb="768Gi",
+                            gpus=[{"index": i, "memory_mb": "32Gi"} for i in range(8)])
+    alloc_any.register_host(id="b-small", cpu_cores=96, ram_mb="384Gi",
+                            gpus=[{"index": i, "memory_mb": "32Gi"} for i in range(8)])
+    assert alloc_any.allocate({"gpus": 1, "cpu_cores": 8}, strategy="best_fit").host_id == "b-small"
+
+
+def test_idle_host_index_follows_grants_releases_drain_and_removal(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(3)])
+    idle = alloc_any.keys.idle_hosts
+    assert alloc_any.redis.zscore(idle, "h1") == 3
+    x = alloc_any.allocate({"gpus": 2, "cpu_cores": 1})
+    y = alloc_any.allocate({"gpu_memory_mb": "1Gi", "cpu_cores": 1})
+    assert alloc_any.redis.zscore(idle, "h1") is None  # every GPU has a holder
+    alloc_any.release(x.allocation_id)
+    assert alloc_any.redis.zscore(idle, "h1") == 2
+    alloc_any.drain_host("h1")
+    assert alloc_any.redis.zscore(idle, "h1") is None
+    alloc_any.resume_host("h1")
+    assert alloc_any.redis.zscore(idle, "h1") == 2
+    alloc_any.release(y.allocation_id)
+    alloc_any.remove_host("h1")
+    assert alloc_any.redis.zcard(idle) == 0
 
 
 def test_multi_gpu_requests_stay_on_one_host(alloc_any):

@@ -24,7 +24,7 @@ for pos = 0, ngpu - 1 do
   local m = gpu_member(h, pos)
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_IDLE, m)
 end
-rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_HOSTS, h)
+rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_HOSTS, h); rcall('ZREM', K_HOSTS, h)
 rcall('DEL', hk, host_allocs_key(h))
 drop_host_services(h)
 emit('host_removed', h, now, '{}')

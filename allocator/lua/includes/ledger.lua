@@ -16,6 +16,7 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[13] ends      ZSET allocation id -> expected end ms (duration hint, else TTL)
   KEYS[14] byprio    ZSET allocation id -> priority*1e13 + (1e13-1-start ms): preemption order
   KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
+  KEYS[16] idle_hosts ZSET host -> number of its GPUs with no holder (schedulable hosts with one or more)
 and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
@@ -35,7 +36,7 @@ local rcall = redis.call
 local K_HOSTS, K_GPU_IDX, K_GPU_IDLE, K_GPU_ORD = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_CPU_IDX, K_RAM_IDX, K_ALLOCS, K_ACTIVE = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_EXPIRY, K_DONE, K_EVENTS, K_SEQ = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_ENDS, K_BYPRIO, K_PENDING = KEYS[13], KEYS[14], KEYS[15]
+local K_ENDS, K_BYPRIO, K_PENDING, K_IDLE_HOSTS = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local PREFIX = ARGV[1]
 
 local function now_ms()
@@ -77,30 +78,94 @@ local function ram_free(ram, used)
   return v
 end
 
--- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
-local function host_state(h)
-  local f = rcall('HMGET', host_key(h), 'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen', 'reserve_gpus',
-                  'slots', 'slots_used')
+local HOST_FIELDS = {'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen',
+                     'reserve_gpus', 'slots', 'slots_used', 'cmap', 'gfree', 'gidle'}
+
+-- A host's state from the values of HOST_FIELDS, in order; nil when the host does not exist.
+local function host_from(f)
   if not f[1] then return nil end
   return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
           ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
           labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1),
-          reserve = tonumber(f[11] or 0), slotf = ram_free(f[12] or 0, f[13] or 0)}
+          reserve = tonumber(f[11] or 0), slotf = ram_free(f[12] or 0, f[13] or 0), ncores = string.len(f[14] or ''),
+          gfree = f[15] and tonumber(f[15]) or nil, gidle = f[16] and tonumber(f[16]) or nil}
+end
+
+-- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
+local function host_state(h)
+  return host_from(rcall('HMGET', host_key(h), unpack(HOST_FIELDS)))
+end
+
+local GPU_FIELDS = {'idx', 'uuid', 'model', 'total', 'ext', 'used', 'n'}
+
+-- One GPU from the 7 fields of GPU_FIELDS starting at f[at]; nil when the GPU does not exist.
+local function gpu_from(pos, f, at)
+  if not f[at] then return nil end
+  local total, ext, used = tonumber(f[at + 3]), tonumber(f[at + 4]), tonumber(f[at + 5])
+  local free = total - ext - used
+  if free < 0 then free = 0 end
+  return {pos = pos, idx = tonumber(f[at]), uuid = f[at + 1], model = f[at + 2], total = total,
+          ext = ext, used = used, n = tonumber(f[at + 6]), free = free}
 end
 
 local function gpu_state(h, pos)
   local p = 'g' .. pos .. ':'
   local f = rcall('HMGET', host_key(h), p .. 'idx', p .. 'uuid', p .. 'model', p .. 'total', p .. 'ext', p .. 'used', p .. 'n')
-  if not f[1] then return nil end
-  local free = tonumber(f[4]) - tonumber(f[5]) - tonumber(f[6])
-  if free < 0 then free = 0 end
-  return {pos = pos, idx = tonumber(f[1]), uuid = f[2], model = f[3], total = tonumber(f[4]),
-          ext = tonumber(f[5]), used = tonumber(f[6]), n = tonumber(f[7]), free = free}
+  return gpu_from(pos, f, 1)
 end
 
-local function reindex_gpu(h, pos, schedulable, ord)
+-- Every GPU of host h (s = host_state(h)), read in one call: list indexed by position + 1.
+local function host_gpus(h, s)
+  if s.gpus then return s.gpus end
+  local out = {}
+  if s.ngpu > 0 then
+    local names = {}
+    for p = 0, s.ngpu - 1 do
+      for _, k in ipairs(GPU_FIELDS) do names[#names + 1] = 'g' .. p .. ':' .. k end
+    end
+    local f = rcall('HMGET', host_key(h), unpack(names))
+    for p = 0, s.ngpu - 1 do out[p + 1] = gpu_from(p, f, p * 7 + 1) end
+  end
+  s.gpus = out
+  return out
+end
+
+-- Thousandths of GPU g that are free (its free share of the memory the allocator may grant).
+local function milli_free(total, ext, free)
+  local cap = total - ext
+  if cap <= 0 or free <= 0 then return 0 end
+  return math.floor(free * 1000 / cap)
+end
+
+-- A host's GPU totals from its GPUs (host_gpus): thousandths of a GPU free, summed (gfree), and
+-- GPUs with no holder and free memory (gidle). Kept on the host hash (fields gfree, gidle) by
+-- reindex_host and grant, so best fit compares hosts without reading all their GPUs.
+local function gpu_totals(gpus)
+  local gm, idle = 0, 0
+  for _, g in ipairs(gpus) do
+    gm = gm + milli_free(g.total, g.ext, g.free)
+    if g.n == 0 and g.free > 0 then idle = idle + 1 end
+  end
+  return gm, idle
+end
+
+-- Free GPU capacity that host s could not feed: thousandths of a GPU free beyond what its free CPU
+-- and free RAM cover at the host's own CPU per GPU and RAM per GPU (cores / GPUs, RAM / GPUs).
+-- gm: thousandths of a GPU free on the host; cpu (millicores) and ram (MiB) free.
+local function stranded(s, gm, cpu, ram)
+  if gm <= 0 then return 0 end
+  local by_cpu, by_ram = 0, 0
+  if s.ncores > 0 then by_cpu = math.floor(cpu * s.ngpu / s.ncores) end
+  if s.ram > 0 then by_ram = math.floor(ram * s.ngpu * 1000 / s.ram) end
+  local short = gm - by_cpu
+  if gm - by_ram > short then short = gm - by_ram end
+  if short < 0 then return 0 end
+  return short
+end
+
+-- g: the GPU at position pos of host h (nil when there is none).
+local function reindex_gpu(h, pos, g, schedulable, ord)
   local m = gpu_member(h, pos)
-  local g = gpu_state(h, pos)
   if schedulable and g and g.free > 0 then
     rcall('ZADD', K_GPU_IDX, g.free, m)
     rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
@@ -112,21 +177,29 @@ local function reindex_gpu(h, pos, schedulable, ord)
   end
 end
 
--- Brings the indexes and the parked flag of host h in line with its fields. touched lists the
--- GPU positions that changed; nil means all of them (used when schedulability itself changed).
+-- Brings the indexes, the parked flag and the GPU totals (gfree, gidle) of host h in line with
+-- its fields. touched lists the GPU positions that changed; nil means all of them (used when
+-- schedulability itself changed).
 local function reindex_host(h, touched)
   local s = host_state(h)
   if not s then return end
   local parked = (s.cpu <= 0) or (s.ramf <= 0)
   local schedulable = (s.state == 'ready') and not parked
   local was = (s.state == 'ready') and not s.parked
-  if parked ~= s.parked then rcall('HSET', host_key(h), 'parked', parked and '1' or '0') end
+  local gpus = host_gpus(h, s)
+  local gm, idle = gpu_totals(gpus)
+  local fix = {}
+  if parked ~= s.parked then fix[#fix + 1] = 'parked'; fix[#fix + 1] = parked and '1' or '0' end
+  if gm ~= s.gfree then fix[#fix + 1] = 'gfree'; fix[#fix + 1] = gm end
+  if idle ~= s.gidle then fix[#fix + 1] = 'gidle'; fix[#fix + 1] = idle end
+  if #fix > 0 then rcall('HSET', host_key(h), unpack(fix)) end
   if schedulable ~= was then touched = nil end
   if touched == nil then
-    for pos = 0, s.ngpu - 1 do reindex_gpu(h, pos, schedulable, s.ord) end
+    for pos = 0, s.ngpu - 1 do reindex_gpu(h, pos, gpus[pos + 1], schedulable, s.ord) end
   else
-    for _, pos in ipairs(touched) do reindex_gpu(h, pos, schedulable, s.ord) end
+    for _, pos in ipairs(touched) do reindex_gpu(h, pos, gpus[pos + 1], schedulable, s.ord) end
   end
+  if schedulable and idle > 0 then rcall('ZADD', K_IDLE_HOSTS, idle, h) else rcall('ZREM', K_IDLE_HOSTS, h) end
   if schedulable then
     rcall('ZADD', K_CPU_IDX, s.cpu, h)
     rcall('ZADD', K_RAM_IDX, s.ramf, h)

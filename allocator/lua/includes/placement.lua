@@ -9,6 +9,8 @@ grant(req, p, now) -> the allocation record written for placement p (writes ever
 ]]
 
 local FIRST_PAGE, PAGE = 4, 64
+-- How many hosts that fit best fit compares before it chooses (see scan).
+local BEST_WINDOW = 8
 
 local function fmt_cores(millis)
   return string.format('%g', millis / 1000)
@@ -59,8 +61,7 @@ local function idle_allowance(req, h, s)
   if s.reserve <= 0 or req.priority >= 3 then return nil end
   if s.idle == nil then
     local idle = 0
-    for p = 0, s.ngpu - 1 do
-      local g = gpu_state(h, p)
+    for _, g in ipairs(host_gpus(h, s)) do
       if g.n == 0 then idle = idle + 1 end
     end
     s.idle = idle
@@ -78,8 +79,7 @@ local function pick_on_host(req, h, s, pos, mode)
     return {g}
   end
   local cands = {}
-  for p = 0, s.ngpu - 1 do
-    local g = gpu_state(h, p)
+  for _, g in ipairs(host_gpus(h, s)) do
     if gpu_fits(req, g) then cands[#cands + 1] = g end
   end
   if #cands < k then return nil end
@@ -121,9 +121,47 @@ local function services_fit(req, h)
   return nil, free
 end
 
+-- The GPU totals of host h (state s): the host hash's gfree and gidle, computed from its GPUs on a
+-- host registered before those fields existed.
+local function gpu_totals_of(h, s)
+  if s.gfree == nil or s.gidle == nil then s.gfree, s.gidle = gpu_totals(host_gpus(h, s)) end
+  return s.gfree, s.gidle
+end
+
+-- What a best-fit placement of req on host h (state s, GPUs gs) costs, as {stranded, broken, cpu},
+-- compared in that order (less is better), the walk's order breaking ties:
+--   stranded: thousandths of a GPU the placement leaves stranded on top of what the host strands
+--     already (see stranded in ledger.lua); negative when it puts GPU capacity to use that lacked
+--     the CPU or RAM to be used;
+--   broken: how much it breaks up the host's idle GPUs: taking j of its i idle GPUs costs
+--     i^2 - (i-j)^2, so one GPU comes from the host with the fewest idle ones;
+--   cpu: millicores left free on the host (the tighter host first, keeping larger ones whole).
+local function placement_cost(req, h, s, gs)
+  local gm, idle = gpu_totals_of(h, s)
+  local after, j = gm, 0
+  for _, g in ipairs(gs) do
+    local mem = req.gpu_mem
+    if mem == 0 then mem = g.free end
+    after = after - milli_free(g.total, g.ext, g.free) + milli_free(g.total, g.ext, g.free - mem)
+    if g.n == 0 then j = j + 1 end
+  end
+  local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
+  return {stranded(s, after, cpu, ram) - stranded(s, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu}
+end
+
+local function cheaper(a, b)
+  for i = 1, 3 do
+    if a[i] ~= b[i] then return a[i] < b[i] end
+  end
+  return false
+end
+
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
 -- stopped at the cap (as opposed to running out of candidates). Hosts that had the CPU and RAM
 -- but not the worker slots or services are noted in req.short (for the refusal's reason).
+-- first and worst take the first candidate that fits. best walks the hosts by idle GPU count for
+-- whole GPUs (the GPU memory index for shared GPUs, the CPU index for CPU-only requests), looks
+-- at up to BEST_WINDOW hosts that fit and takes the cheapest by placement_cost.
 local function scan(req, mode)
   local k = req.gpus
   local whole = (req.gpu_mem == 0)
@@ -131,6 +169,10 @@ local function scan(req, mode)
   local seen, offset = 0, 0
   local page = FIRST_PAGE  -- most requests fit on an early candidate: fetch a few first
   local tried, host_cache = {}, {}
+  local window = 1
+  if mode == 'best' and not req.only then window = BEST_WINDOW end
+  local by_host = (k > 0 and whole and mode == 'best' and not req.only)
+  local best_h, best_s, best_gs, best_cost, fits = nil, nil, nil, nil, 0
   local function host_ok(h)
     local c = host_cache[h]
     if c ~= nil then return c end
@@ -163,6 +205,8 @@ local function scan(req, mode)
         members = {}
         if s then for p = 0, s.ngpu - 1 do members[#members + 1] = gpu_member(req.only, p) end end
       end
+    elseif by_host then
+      members = rcall('ZRANGEBYSCORE', K_IDLE_HOSTS, k, '+inf', 'LIMIT', offset, page)
     elseif k > 0 then
       local idx, lo = K_GPU_IDX, req.gpu_mem
       if whole then idx, lo = K_GPU_IDLE, 1 end
@@ -182,29 +226,43 @@ local function scan(req, mode)
         members = rcall('ZRANGE', K_HOSTS, offset, offset + page - 1)
       end
     end
-    if #members == 0 then return nil, false end
+    if #members == 0 then break end
     for _, m in ipairs(members) do
       seen = seen + 1
       local h, pos = m, nil
-      if k > 0 then
+      if k > 0 and not by_host then
         local cut = string.find(m, '#[^#]*$')
         h, pos = string.sub(m, 1, cut - 1), tonumber(string.sub(m, cut + 1))
       end
       if not tried[h] then
         local s = host_ok(h)
+        local gs = nil
         if s then
-          if k == 0 then return h, s, {} end
-          local gs = pick_on_host(req, h, s, pos, mode)
-          if gs then return h, s, gs end
+          if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
+          if gs and window == 1 then return h, s, gs end
         end
-        if k ~= 1 or not s then tried[h] = true end
+        if gs then
+          local cost = placement_cost(req, h, s, gs)
+          if best_h == nil or cheaper(cost, best_cost) then
+            best_h, best_s, best_gs, best_cost = h, s, gs, cost
+          end
+          fits = fits + 1
+          if fits >= window then return best_h, best_s, best_gs end
+          tried[h] = true
+        elseif k ~= 1 or not s then
+          tried[h] = true
+        end
       end
-      if seen >= cap then return nil, true end
+      if seen >= cap then
+        if best_h then return best_h, best_s, best_gs end
+        return nil, true
+      end
     end
     offset = offset + #members
     page = PAGE
   end
-  return nil, true
+  if best_h then return best_h, best_s, best_gs end
+  return nil, seen >= cap
 end
 
 local function refusal(req, capped)
@@ -391,7 +449,8 @@ local function take_services(req, h, now)
 end
 
 -- Index update after a grant on a host that stays schedulable: computed from what the scan
--- read, without reading the host back. A host that becomes parked is reindexed in full.
+-- read, without reading the host back (p.gidle: the host's idle GPU count when the grant changed
+-- it). A host that becomes parked is reindexed in full.
 local function index_after_grant(req, p)
   local h, s = p.host, p.state
   local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
@@ -408,6 +467,9 @@ local function index_after_grant(req, p)
     end
     rcall('ZREM', K_GPU_IDLE, m)
   end
+  if p.gidle ~= nil then
+    if p.gidle > 0 then rcall('ZADD', K_IDLE_HOSTS, p.gidle, h) else rcall('ZREM', K_IDLE_HOSTS, h) end
+  end
   rcall('ZADD', K_CPU_IDX, cpu, h)
   rcall('ZADD', K_RAM_IDX, ram, h)
 end
@@ -419,12 +481,24 @@ local function grant(req, p, now)
   -- redis.call costs about as much as entering a trivial script).
   local s = p.state
   local out = {}
+  local gm, idle = 0, 0
+  if #p.gpus > 0 then gm, idle = gpu_totals_of(h, s) end
+  local idle_was = idle
   for i, g in ipairs(p.gpus) do
     local cur = p.free[i]
     out[#out + 1] = 'g' .. g.pos .. ':used'
     out[#out + 1] = cur.used + g.memory_mb
     out[#out + 1] = 'g' .. g.pos .. ':n'
     out[#out + 1] = cur.n + 1
+    local left = cur.free - g.memory_mb
+    if left < 0 then left = 0 end
+    gm = gm - milli_free(cur.total, cur.ext, cur.free) + milli_free(cur.total, cur.ext, left)
+    if cur.n == 0 and cur.free > 0 then idle = idle - 1 end
+  end
+  if #p.gpus > 0 then
+    out[#out + 1] = 'gfree'; out[#out + 1] = gm
+    out[#out + 1] = 'gidle'; out[#out + 1] = idle
+    if idle ~= idle_was then p.gidle = idle end
   end
   if p.newmap then
     out[#out + 1] = 'cmap'
