@@ -184,10 +184,11 @@ def test_submit_registered_task_position_and_cancel(api: LiveApi) -> None:
     assert r.status_code == 202, r.text
     t = r.json()
     assert t["task_id"] == "add-1" and t["task"] == "add" and t["state"] == "active" and t["position"] == 0
-    assert t["allocation"]["host_id"] == "gpu-b" and t["job_status"] == "queued"
+    # Best fit takes gpu-c's only T4 rather than breaking up gpu-b's two idle ones.
+    assert t["allocation"]["host_id"] == "gpu-c" and t["job_status"] == "queued"
     job = Job.fetch("add-1", connection=api.allocator.rq_connection)
     assert job.func_name == "tests.api.task_funcs.add" and job.args == (2, 3)
-    assert job.origin == host_queue_name(api.allocator.keys.namespace, "gpu-b")
+    assert job.origin == host_queue_name(api.allocator.keys.namespace, "gpu-c")
     # The same job id again returns the task as it is (no second job).
     assert c.post("/v1/tasks", json={"task": "add", "args": [9, 9], "job_id": "add-1"}).json()["task_id"] == "add-1"
     # A task that must wait: every A100 is taken.
