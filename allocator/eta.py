@@ -63,7 +63,7 @@ import json
 from bisect import bisect_left, insort
 import operator
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -670,13 +670,28 @@ class Simulation:
         fit the cheapest (``_cost``, the earliest on a tie) of the first ``BEST_WINDOW`` hosts
         that fit. None and whether the walk stopped at the cap (it then looked at exactly
         ``scan_cap`` candidates) when nothing fits."""
-        k = req.gpus
         hosts, poss = self._window(req, mode, only)
         capped = len(hosts) >= self.cap
         window = BEST_WINDOW if mode == "best" and only is None else 1
         best: tuple[_Host, list[_Gpu]] | None = None
         best_cost = (0, 0, 0)
         fits = 0
+        for cand in self._fitting(req, mode, exclude, only, hosts, poss):
+            if window == 1:
+                return cand, False
+            cost = self._cost(req, *cand)
+            if best is None or cost < best_cost:
+                best, best_cost = cand, cost
+            fits += 1
+            if fits >= window:
+                return best, False
+        return (best, False) if best is not None else (None, capped)
+
+    def _fitting(self, req: _Req, mode: str, exclude: str | None, only: str | None, hosts: list[str],
+                 poss: list[int | None]) -> Iterator[tuple[_Host, list[_Gpu]]]:
+        """The placements the walk finds, in its order, one per host (the candidates' loop of
+        scan() in placement.lua)."""
+        k = req.gpus
         if k != 1 or poss[:1] == [None]:
             # Each host is looked at once, at its first candidate (its GPUs are then chosen by
             # the strategy, whatever candidate led to it).
@@ -689,17 +704,11 @@ class Simulation:
                 if s is None:
                     continue
                 gs = [] if k == 0 else self._pick(req, s, None, mode)
-                if gs is None:
-                    continue
-                if window == 1:
-                    return (s, gs), False
-                cost = self._cost(req, s, gs)
-                if best is None or cost < best_cost:
-                    best, best_cost = (s, gs), cost
-                fits += 1
-                if fits >= window:
-                    return best, False
-            return (best, False) if best is not None else (None, capped)
+                if gs is not None:
+                    yield s, gs
+            return
+        # One GPU: each candidate GPU is tried where it is; a host is left once it fitted (the
+        # walk compares hosts) or cannot take the request at all.
         tried: set[str] = set()
         ok: dict[str, _Host | None] = {}
         for hid, pos in zip(hosts, poss):
@@ -713,18 +722,9 @@ class Simulation:
                 tried.add(hid)
                 continue
             gs = self._pick(req, s, pos, mode)
-            if not gs:
-                continue
-            if window == 1:
-                return (s, gs), False
-            cost = self._cost(req, s, gs)
-            if best is None or cost < best_cost:
-                best, best_cost = (s, gs), cost
-            fits += 1
-            if fits >= window:
-                return best, False
-            tried.add(hid)
-        return (best, False) if best is not None else (None, capped)
+            if gs:
+                yield s, gs
+                tried.add(hid)
 
     @staticmethod
     def _extras_fit(req: _Req, h: _Host) -> bool:
