@@ -180,14 +180,21 @@ end
 -- Brings the indexes, the parked flag and the GPU totals (gfree, gidle) of host h in line with
 -- its fields. touched lists the GPU positions that changed; nil means all of them (used when
 -- schedulability itself changed).
-local function reindex_host(h, touched)
+-- known (optional, with touched): {gpus = {[pos + 1] = the touched GPUs' new states}, dgm, didle =
+-- the change of the host's GPU totals}, from a caller that just changed them: then no GPU is read.
+local function reindex_host(h, touched, known)
   local s = host_state(h)
   if not s then return end
   local parked = (s.cpu <= 0) or (s.ramf <= 0)
   local schedulable = (s.state == 'ready') and not parked
   local was = (s.state == 'ready') and not s.parked
-  local gpus = host_gpus(h, s)
-  local gm, idle = gpu_totals(gpus)
+  local gpus, gm, idle
+  if known and touched ~= nil and schedulable == was and s.gfree and s.gidle then
+    gpus, gm, idle = known.gpus, s.gfree + known.dgm, s.gidle + known.didle
+  else
+    gpus = host_gpus(h, s)
+    gm, idle = gpu_totals(gpus)
+  end
   local fix = {}
   if parked ~= s.parked then fix[#fix + 1] = 'parked'; fix[#fix + 1] = parked and '1' or '0' end
   if gm ~= s.gfree then fix[#fix + 1] = 'gfree'; fix[#fix + 1] = gm end
@@ -287,6 +294,8 @@ local function return_grant(id, a)
     names[#names + 1] = p .. 'uuid'
     names[#names + 1] = p .. 'used'
     names[#names + 1] = p .. 'n'
+    names[#names + 1] = p .. 'total'
+    names[#names + 1] = p .. 'ext'
   end
   local f = rcall('HMGET', hk, unpack(names))
   if not f[1] then return end  -- the host is gone
@@ -297,15 +306,25 @@ local function return_grant(id, a)
     out[#out + 1] = v
   end
   local touched = {}
+  -- The touched GPUs' new states and the change of the host's GPU totals, for reindex_host.
+  local known = {gpus = {}, dgm = 0, didle = 0}
   local ngpu = tonumber(f[1])
   for i, g in ipairs(gl) do
     local pos = tonumber(g.pos)
-    local j = 7 + (i - 1) * 3
+    local j = 7 + (i - 1) * 5
     if pos < ngpu and f[j + 1] == g.uuid then
       local p = 'g' .. pos .. ':'
-      put(p .. 'used', tonumber(f[j + 2] or 0) - tonumber(g.memory_mb))
-      put(p .. 'n', tonumber(f[j + 3] or 0) - 1)
+      local used, n = tonumber(f[j + 2] or 0), tonumber(f[j + 3] or 0)
+      local total, ext = tonumber(f[j + 4] or 0), tonumber(f[j + 5] or 0)
+      local new_used, new_n = math.max(0, used - tonumber(g.memory_mb)), math.max(0, n - 1)
+      put(p .. 'used', new_used)
+      put(p .. 'n', new_n)
       touched[#touched + 1] = pos
+      local free, new_free = math.max(0, total - ext - used), math.max(0, total - ext - new_used)
+      known.gpus[pos + 1] = {pos = pos, free = new_free, n = new_n}
+      known.dgm = known.dgm + milli_free(total, ext, new_free) - milli_free(total, ext, free)
+      if new_n == 0 and new_free > 0 then known.didle = known.didle + 1 end
+      if n == 0 and free > 0 then known.didle = known.didle - 1 end
     end
   end
   if #cores > 0 then
@@ -336,7 +355,7 @@ local function return_grant(id, a)
   if #out > 0 then rcall('HSET', hk, unpack(out)) end
   if a.services and a.services ~= '' then drop_services(h, decode_list(a.services)) end
   rcall('SREM', host_allocs_key(h), id)
-  reindex_host(h, touched)
+  reindex_host(h, touched, known)
 end
 
 local function read_alloc(id)
