@@ -263,3 +263,14 @@ def test_critical_reserve_keeps_idle_gpus_for_critical_work(alloc_any):
     assert alloc_any.allocate({"gpu_memory_mb": "1Gi"}, priority="low").gpus[0].index == shared.gpus[0].index
     with pytest.raises(InsufficientResources):
         alloc_any.allocate({"gpus": 1}, priority="normal")
+
+
+def test_best_fit_counts_the_cores_of_hosts_registered_without_a_core_count(alloc_any):
+    # Hosts written before the host hash kept "ncores": the scan takes it from the core map.
+    alloc_any.register_host(id="a-lean", cpu_cores=16, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    alloc_any.register_host(id="b-wide", cpu_cores=64, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    for h in ("a-lean", "b-wide"):
+        assert alloc_any.redis.hdel(alloc_any.keys.host(h), "ncores") == 1
+    assert alloc_any.allocate({"gpus": 1, "cpu_cores": 12}, strategy="best_fit").host_id == "b-wide"

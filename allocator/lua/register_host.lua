@@ -62,7 +62,7 @@ for i, c in ipairs(cores) do
 end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
-  'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'cfree', cfree, 'shared', shared,
+  'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'ncores', #cores, 'cfree', cfree, 'shared', shared,
   'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen,
   'reserve_gpus', spec.reserve_gpus or 0, 'cver', tostring(now) .. '-' .. rcall('HINCRBY', K_SEQ, 'cver', 1),
   'slots', tonumber(spec.worker_slots) or #cores, 'slots_used', slots_used}

@@ -78,22 +78,50 @@ local function ram_free(ram, used)
   return v
 end
 
-local HOST_FIELDS = {'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'ord', 'parked', 'labels', 'gen',
-                     'reserve_gpus', 'slots', 'slots_used', 'cmap', 'gfree', 'gidle'}
+-- A host's fields that scheduling reads. A scan reads only the first SCAN_FIELDS of them for each
+-- candidate (labels and worker slots are read when a request asks for them): every value a
+-- script reads costs it a conversion, and a scan reads a dozen hosts.
+local HOST_FIELDS = {'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'parked', 'gen', 'reserve_gpus',
+                     'gfree', 'gidle', 'ncores', 'ord', 'labels', 'slots', 'slots_used', 'cmap'}
+local SCAN_FIELDS = 12
 
--- A host's state from the values of HOST_FIELDS, in order; nil when the host does not exist.
-local function host_from(f)
+-- A host's state from the values of HOST_FIELDS (or its first SCAN_FIELDS), in order; nil when the
+-- host does not exist. labels and slotf are nil after a scan read (see host_labels, host_slots).
+local function host_from(h, f, scan)
   if not f[1] then return nil end
-  return {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
-          ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), ord = tonumber(f[7]), parked = f[8] == '1',
-          labels = f[9], cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[10] or 1),
-          reserve = tonumber(f[11] or 0), slotf = ram_free(f[12] or 0, f[13] or 0), ncores = string.len(f[14] or ''),
-          gfree = f[15] and tonumber(f[15]) or nil, gidle = f[16] and tonumber(f[16]) or nil}
+  local ncores = f[12]
+  if not ncores then
+    -- Registered before the field existed: the length of its core map.
+    if scan then ncores = rcall('HSTRLEN', host_key(h), 'cmap') else ncores = string.len(f[17] or '') end
+  end
+  local s = {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
+          ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), parked = f[7] == '1',
+          cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[8] or 1),
+          reserve = tonumber(f[9] or 0), gfree = f[10] and tonumber(f[10]) or nil,
+          gidle = f[11] and tonumber(f[11]) or nil, ncores = tonumber(ncores)}
+  if not scan then
+    s.ord, s.labels, s.slotf = tonumber(f[13]), f[14], ram_free(f[15] or 0, f[16] or 0)
+  end
+  return s
 end
 
 -- Reads the scheduling-relevant fields of a host; nil when the host does not exist.
 local function host_state(h)
-  return host_from(rcall('HMGET', host_key(h), unpack(HOST_FIELDS)))
+  return host_from(h, rcall('HMGET', host_key(h), unpack(HOST_FIELDS)))
+end
+
+-- The labels (JSON text) and free worker slots of host h (state s), read on first use.
+local function host_labels(h, s)
+  if s.labels == nil then s.labels = rcall('HGET', host_key(h), 'labels') or '{}' end
+  return s.labels
+end
+
+local function host_slots(h, s)
+  if s.slotf == nil then
+    local f = rcall('HMGET', host_key(h), 'slots', 'slots_used')
+    s.slotf = ram_free(f[1] or 0, f[2] or 0)
+  end
+  return s.slotf
 end
 
 local GPU_FIELDS = {'idx', 'uuid', 'model', 'total', 'ext', 'used', 'n'}
@@ -108,23 +136,60 @@ local function gpu_from(pos, f, at)
           ext = ext, used = used, n = tonumber(f[at + 6]), free = free}
 end
 
+-- Field names, built once per script run and reused: in Lua, building the names costs more than
+-- the HMGET that reads them.
+local names_of_gpu, names_of_gpus, names_host_gpu = {}, {}, {}
+
+-- The GPU_FIELDS names of the GPU at position pos ("g<pos>:idx", ...).
+local function gpu_names(pos)
+  local n = names_of_gpu[pos]
+  if n == nil then
+    local p = 'g' .. pos .. ':'
+    n = {}
+    for i, k in ipairs(GPU_FIELDS) do n[i] = p .. k end
+    names_of_gpu[pos] = n
+  end
+  return n
+end
+
 local function gpu_state(h, pos)
-  local p = 'g' .. pos .. ':'
-  local f = rcall('HMGET', host_key(h), p .. 'idx', p .. 'uuid', p .. 'model', p .. 'total', p .. 'ext', p .. 'used', p .. 'n')
-  return gpu_from(pos, f, 1)
+  return gpu_from(pos, rcall('HMGET', host_key(h), unpack(gpu_names(pos))), 1)
+end
+
+-- What a scan reads of host h (the first SCAN_FIELDS) and, when pos is given, the state of its GPU
+-- at position pos, in one call (a scan that walks a GPU index needs both). The GPU is kept in
+-- s.at[pos] (false when it does not exist).
+local function host_state_at(h, pos)
+  local names = names_host_gpu[pos or -1]
+  if names == nil then
+    names = {unpack(HOST_FIELDS, 1, SCAN_FIELDS)}
+    if pos ~= nil then
+      for _, k in ipairs(gpu_names(pos)) do names[#names + 1] = k end
+    end
+    names_host_gpu[pos or -1] = names
+  end
+  local f = rcall('HMGET', host_key(h), unpack(names))
+  local s = host_from(h, f, true)
+  if s and pos ~= nil then s.at = {[pos] = gpu_from(pos, f, SCAN_FIELDS + 1) or false} end
+  return s
 end
 
 -- Every GPU of host h (s = host_state(h)), read in one call: list indexed by position + 1.
 local function host_gpus(h, s)
   if s.gpus then return s.gpus end
   local out = {}
-  if s.ngpu > 0 then
-    local names = {}
-    for p = 0, s.ngpu - 1 do
-      for _, k in ipairs(GPU_FIELDS) do names[#names + 1] = 'g' .. p .. ':' .. k end
+  local ngpu = s.ngpu
+  if ngpu > 0 then
+    local names = names_of_gpus[ngpu]
+    if names == nil then
+      names = {}
+      for p = 0, ngpu - 1 do
+        for _, k in ipairs(gpu_names(p)) do names[#names + 1] = k end
+      end
+      names_of_gpus[ngpu] = names
     end
     local f = rcall('HMGET', host_key(h), unpack(names))
-    for p = 0, s.ngpu - 1 do out[p + 1] = gpu_from(p, f, p * 7 + 1) end
+    for p = 0, ngpu - 1 do out[p + 1] = gpu_from(p, f, p * 7 + 1) end
   end
   s.gpus = out
   return out

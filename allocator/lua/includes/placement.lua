@@ -51,7 +51,7 @@ local function host_eligible(req, h, s)
   if s == nil or s.state ~= 'ready' then return false end
   if req.exclude and h == req.exclude then return false end
   if req.only and h ~= req.only then return false end
-  if req.selector and not labels_match(req.selector, s.labels) then return false end
+  if req.selector and not labels_match(req.selector, host_labels(h, s)) then return false end
   return true
 end
 
@@ -73,7 +73,9 @@ local function pick_on_host(req, h, s, pos, mode)
   local k = req.gpus
   local allowance = idle_allowance(req, h, s)
   if k == 1 and pos ~= nil then
-    local g = gpu_state(h, pos)
+    local g = s.at and s.at[pos]
+    if g == nil then g = gpu_state(h, pos) end
+    if g == false then g = nil end
     if not gpu_fits(req, g) then return nil end
     if allowance ~= nil and g.n == 0 and allowance < 1 then return nil end
     return {g}
@@ -167,18 +169,20 @@ local function scan(req, mode)
   local whole = (req.gpu_mem == 0)
   local cap = req.scan_cap
   local seen, offset = 0, 0
-  local page = FIRST_PAGE  -- most requests fit on an early candidate: fetch a few first
   local tried, host_cache = {}, {}
   local window = 1
   if mode == 'best' and not req.only then window = BEST_WINDOW end
+  -- Most requests fit on an early candidate: fetch a few first (enough for best fit's window).
+  local page = FIRST_PAGE * window
   local by_host = (k > 0 and whole and mode == 'best' and not req.only)
   local best_h, best_s, best_gs, best_cost, fits = nil, nil, nil, nil, 0
-  local function host_ok(h)
+  local function host_ok(h, pos)
     local c = host_cache[h]
     if c ~= nil then return c end
-    local s = host_state(h)
+    if k ~= 1 then pos = nil end
+    local s = host_state_at(h, pos)
     local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram
-    if ok and req.slots and s.slotf < req.slots then
+    if ok and req.slots and host_slots(h, s) < req.slots then
       ok = false
       local short = req.short
       if short.slots == nil or s.slotf > short.slots then short.slots = s.slotf end
@@ -230,12 +234,10 @@ local function scan(req, mode)
     for _, m in ipairs(members) do
       seen = seen + 1
       local h, pos = m, nil
-      if k > 0 and not by_host then
-        local cut = string.find(m, '#[^#]*$')
-        h, pos = string.sub(m, 1, cut - 1), tonumber(string.sub(m, cut + 1))
-      end
+      if k > 0 and not by_host then h, pos = string.match(m, '^(.*)#(%d+)$') end
       if not tried[h] then
-        local s = host_ok(h)
+        if pos then pos = tonumber(pos) end
+        local s = host_ok(h, pos)
         local gs = nil
         if s then
           if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
@@ -259,7 +261,9 @@ local function scan(req, mode)
       end
     end
     offset = offset + #members
-    page = PAGE
+    -- Later pages grow: a page read skips the offset from the start of the range again.
+    page = page * 2
+    if page > PAGE then page = PAGE end
   end
   if best_h then return best_h, best_s, best_gs end
   return nil, seen >= cap

@@ -1,0 +1,33 @@
+"""bench/ledger.py on a tiny fleet: every phase runs against the real Redis, its figures come out
+and it leaves nothing behind. The full run is the benchmark (docs/benchmarks.md, "Ledger")."""
+
+import json
+import sys
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import ledger  # noqa: E402
+
+
+def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(redis_url, tmp_path):
+    out = tmp_path / "ledger.json"
+    md = tmp_path / "ledger.md"
+    rc = ledger.main(["--seconds", "0.3", "--fleets", "small", "--small-hosts", "4", "--clients", "1,2",
+                      "--window", "4", "--redis-url", redis_url, "--json", str(out), "--markdown", str(md)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert [row["clients"] for row in doc["results"]] == [1, 2]
+    for row in doc["results"]:
+        burst, steady, trivial = row["burst"], row["ledger"], row["trivial"]
+        assert burst["rounds"] >= 1 and burst["allocs"] > 0 and burst["refusals"] == 0
+        assert burst["releases"] == burst["allocs"]  # every round gives back what it took
+        assert burst["allocs_per_s"] > 0 and burst["releases_per_s"] > 0 and trivial["calls_per_s"] > 0
+        assert row["ratio"] == burst["allocs_per_s"] / trivial["calls_per_s"]
+        assert steady["allocs"] > 0 and row["steady_ratio"] > 0
+        assert row["script"]["allocs"] > 0
+    assert "allocs/s ÷ trivial" in md.read_text()
+    r = redis.Redis.from_url(redis_url)
+    assert not list(r.scan_iter(match=f"*{doc['fleets'][0]['namespace']}*"))
