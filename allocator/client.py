@@ -138,7 +138,10 @@ class Allocator:
             client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
         self.redis = client
         self.keys = Keys(namespace)
-        self._ledger_keys = self.keys.ledger_keys()
+        # Encoded once: redis-py encodes every str argument of every call, and a ledger script
+        # call sends 16 keys and the prefix (bytes pass through as they are).
+        self._ledger_keys = [k.encode() for k in self.keys.ledger_keys()]
+        self._prefix_arg = self.keys.prefix.encode()
         self.scripts = Scripts(client)
         self.clock = clock
         self.scan_cap = scan_cap
@@ -166,7 +169,7 @@ class Allocator:
         return "" if self.clock is None else str(int(self.clock() * 1000))
 
     def _call(self, name: str, *args: object) -> Any:
-        raw = self.scripts[name](keys=self._ledger_keys, args=[self.keys.prefix, self._now_arg(), *args])
+        raw = self.scripts[name](keys=self._ledger_keys, args=[self._prefix_arg, self._now_arg(), *args])
         return json.loads(raw)
 
     @staticmethod

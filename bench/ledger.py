@@ -199,10 +199,10 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
         # The same plumbing as Allocator._call (KEYS list, prefix and clock ARGV, Script.__call__),
         # minus its json.loads: noop.lua returns the integer 1, which _call cannot decode.
         noop_script = alloc.scripts["noop"]
-        keys = alloc.keys
+        keys, prefix = alloc._ledger_keys, alloc._prefix_arg
 
         def noop() -> Any:
-            return noop_script(keys=keys.ledger_keys(), args=[keys.prefix, alloc._now_arg()])
+            return noop_script(keys=keys, args=[prefix, alloc._now_arg()])
 
         for _ in range(50):
             noop()
