@@ -512,10 +512,17 @@ class Allocator:
         return json.loads(self.scripts["snapshot"](keys=self.keys.ledger_keys(), args=[self.keys.prefix, ""]))
 
     def destroy(self) -> int:
-        """Deletes every key of this namespace (tests, benchmarks, decommissioning)."""
+        """Deletes every key of this namespace (tests, benchmarks, decommissioning), in batches:
+        a fleet of thousands of hosts leaves tens of thousands of keys."""
         n = 0
+        batch: list[str] = []
         for key in self.redis.scan_iter(match=self.keys.pattern(), count=1000):
-            n += self.redis.delete(key)
+            batch.append(key)
+            if len(batch) >= 500:
+                n += self.redis.delete(*batch)
+                batch = []
+        if batch:
+            n += self.redis.delete(*batch)
         return n
 
 
