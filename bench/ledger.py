@@ -142,14 +142,34 @@ def _worker(cfg: PhaseConfig, wid: int, barrier: Any, out: Any, rounds: Rounds |
         out.put((wid, {"error": f"{type(exc).__name__}: {exc}"}))
 
 
+class _Allocs:
+    """The timed allocate calls of one process: latencies, allocations and refusals."""
+
+    def __init__(self, do_alloc: Any) -> None:
+        self.do_alloc = do_alloc
+        self.lat: list[float] = []
+        self.allocs = self.refusals = 0
+
+    def take(self, i: int) -> tuple[str | None, float]:
+        """Allocates request ``i``; returns the allocation id (None when refused) and the end time."""
+        s = time.perf_counter()
+        aid = self.do_alloc(i)
+        e = time.perf_counter()
+        self.lat.append(e - s)
+        if aid is None:
+            self.refusals += 1
+        else:
+            self.allocs += 1
+        return aid, e
+
+
 def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do_release: Any) -> dict[str, Any]:
     """Rounds of ``cfg.window`` allocations then their releases, in step with the other processes."""
     perf = time.perf_counter
-    lat_a: list[float] = []
+    taken = _Allocs(do_alloc)
     lat_r: list[float] = []
     spans_a: list[tuple[float, float]] = []
     spans_r: list[tuple[float, float]] = []
-    allocs = refusals = 0
     for i in range(20):  # warm up: connection, scripts, code paths
         aid = do_alloc(i)
         if aid is not None:
@@ -161,17 +181,11 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
         if not rounds.go.value:
             break
         held = []
-        t0 = perf()
+        t0 = e = perf()
         for _ in range(cfg.window):
-            s = perf()
-            aid = do_alloc(i)
-            e = perf()
+            aid, e = taken.take(i)
             i += 1
-            lat_a.append(e - s)
-            if aid is None:
-                refusals += 1
-            else:
-                allocs += 1
+            if aid is not None:
                 held.append(aid)
         spans_a.append((t0, e))
         rounds.barrier.wait(timeout=120)  # everyone has allocated: now release
@@ -182,8 +196,8 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
             e = perf()
             lat_r.append(e - s)
         spans_r.append((t0, e))
-    return {"allocs": allocs, "refusals": refusals, "releases": len(lat_r), "lat_a": lat_a, "lat_r": lat_r,
-            "spans_a": spans_a, "spans_r": spans_r}
+    return {"allocs": taken.allocs, "refusals": taken.refusals, "releases": len(lat_r), "lat_a": taken.lat,
+            "lat_r": lat_r, "spans_a": spans_a, "spans_r": spans_r}
 
 
 def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None = None) -> dict[str, Any]:
@@ -193,7 +207,7 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
     call = alloc._call
     lat_a: list[float] = []
     lat_r: list[float] = []
-    allocs = refusals = releases = 0
+    releases = 0
 
     if cfg.kind == "trivial":
         # The same plumbing as Allocator._call (KEYS list, prefix and clock ARGV, Script.__call__),
@@ -250,6 +264,7 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
         assert rounds is not None
         return _run_burst(cfg, rounds, barrier, do_alloc, do_release)
 
+    taken = _Allocs(do_alloc)
     i = 0
     while len(window) < cfg.window and i < 20 * cfg.window:  # fill the window, untimed
         aid = do_alloc(i)
@@ -268,21 +283,15 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
             e = perf()
             lat_r.append(e - s)
             releases += 1
-        s = perf()
-        aid = do_alloc(i)
-        e = perf()
+        aid, e = taken.take(i)
         i += 1
-        lat_a.append(e - s)
-        if aid is None:
-            refusals += 1
-        else:
-            allocs += 1
+        if aid is not None:
             window.append(aid)
     elapsed = e - t0
     while window:  # empty the window, untimed
         do_release(window.popleft())
-    return {"allocs": allocs, "refusals": refusals, "releases": releases, "elapsed": elapsed,
-            "lat_a": lat_a, "lat_r": lat_r}
+    return {"allocs": taken.allocs, "refusals": taken.refusals, "releases": releases, "elapsed": elapsed,
+            "lat_a": taken.lat, "lat_r": lat_r}
 
 
 # -- statistics ------------------------------------------------------------------------------
