@@ -3,7 +3,7 @@
 For each fleet (16 hosts, the 1,213 OpenB hosts, 5,000 hosts x 8 GPUs) the fleet is registered in
 a fresh namespace, then for 1 and 4 client processes:
 
-- ``trivial``: each process calls the ``noop`` script (EVALSHA, same 12 KEYS and ARGV shape as the
+- ``trivial``: each process calls the ``noop`` script (EVALSHA, same 16 KEYS and ARGV shape as the
   ledger scripts, through the same ``Allocator._call`` plumbing) back to back for ``--seconds``;
 - ``burst`` (the allocation rate): rounds in which every process, started together, makes
   ``--window`` allocations of random requests from a realistic mix with ``Allocator.allocate``;
