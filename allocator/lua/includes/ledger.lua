@@ -126,14 +126,21 @@ end
 
 local GPU_FIELDS = {'idx', 'uuid', 'model', 'total', 'ext', 'used', 'n'}
 
--- One GPU from the 7 fields of GPU_FIELDS starting at f[at]; nil when the GPU does not exist.
-local function gpu_from(pos, f, at)
-  if not f[at] then return nil end
-  local total, ext, used = tonumber(f[at + 3]), tonumber(f[at + 4]), tonumber(f[at + 5])
+-- One GPU from the 7 fields of GPU_FIELDS starting at f[at] or, when lean, from its last 5 (model
+-- to n: idx and uuid are read only for the GPUs a placement grants, see gpu_ids); nil when the GPU
+-- does not exist.
+local function gpu_from(pos, f, at, lean)
+  local o = at
+  if lean then o = at - 2 end
+  local total = f[o + 3]
+  if not total then return nil end
+  total = tonumber(total)
+  local ext, used = tonumber(f[o + 4]), tonumber(f[o + 5])
   local free = total - ext - used
   if free < 0 then free = 0 end
-  return {pos = pos, idx = tonumber(f[at]), uuid = f[at + 1], model = f[at + 2], total = total,
-          ext = ext, used = used, n = tonumber(f[at + 6]), free = free}
+  local g = {pos = pos, model = f[o + 2], total = total, ext = ext, used = used, n = tonumber(f[o + 6]), free = free}
+  if not lean then g.idx, g.uuid = tonumber(f[at]), f[at + 1] end
+  return g
 end
 
 -- Field names, built once per script run and reused: in Lua, building the names costs more than
@@ -174,7 +181,8 @@ local function host_state_at(h, pos)
   return s
 end
 
--- Every GPU of host h (s = host_state(h)), read in one call: list indexed by position + 1.
+-- Every GPU of host h (s = host_state(h)), read in one call, without idx and uuid (see gpu_ids):
+-- list indexed by position + 1.
 local function host_gpus(h, s)
   if s.gpus then return s.gpus end
   local out = {}
@@ -184,15 +192,32 @@ local function host_gpus(h, s)
     if names == nil then
       names = {}
       for p = 0, ngpu - 1 do
-        for _, k in ipairs(gpu_names(p)) do names[#names + 1] = k end
+        local n = gpu_names(p)
+        for i = 3, #n do names[#names + 1] = n[i] end
       end
       names_of_gpus[ngpu] = names
     end
     local f = rcall('HMGET', host_key(h), unpack(names))
-    for p = 0, ngpu - 1 do out[p + 1] = gpu_from(p, f, p * 7 + 1) end
+    for p = 0, ngpu - 1 do out[p + 1] = gpu_from(p, f, p * 5 + 1, true) end
   end
   s.gpus = out
   return out
+end
+
+-- Fills in idx and uuid of the GPUs gs of host h that were read without them, in one call.
+local function gpu_ids(h, gs)
+  local names, need = {}, {}
+  for _, g in ipairs(gs) do
+    if g.uuid == nil then
+      local n = gpu_names(g.pos)
+      names[#names + 1] = n[1]
+      names[#names + 1] = n[2]
+      need[#need + 1] = g
+    end
+  end
+  if #need == 0 then return end
+  local f = rcall('HMGET', host_key(h), unpack(names))
+  for i, g in ipairs(need) do g.idx, g.uuid = tonumber(f[2 * i - 1]), f[2 * i] end
 end
 
 -- Thousandths of GPU g that are free (its free share of the memory the allocator may grant).

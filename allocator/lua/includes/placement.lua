@@ -377,6 +377,7 @@ local function try_place(req, now)
     return nil, {ok = false, code = 'LEDGER_CORRUPT', details = {},
                  message = 'free core count disagrees with core map on host ' .. h}
   end
+  gpu_ids(h, gs)
   local grants = {}
   for i, g in ipairs(gs) do
     local mem = req.gpu_mem
