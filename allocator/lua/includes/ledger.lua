@@ -164,20 +164,21 @@ local function gpu_state(h, pos)
 end
 
 -- What a scan reads of host h (the first SCAN_FIELDS) and, when pos is given, the state of its GPU
--- at position pos, in one call (a scan that walks a GPU index needs both). The GPU is kept in
--- s.at[pos] (false when it does not exist).
+-- at position pos without idx and uuid (see gpu_ids), in one call (a scan that walks a GPU index
+-- needs both). The GPU is kept in s.at_gpu (false when it does not exist), its position in s.at.
 local function host_state_at(h, pos)
   local names = names_host_gpu[pos or -1]
   if names == nil then
     names = {unpack(HOST_FIELDS, 1, SCAN_FIELDS)}
     if pos ~= nil then
-      for _, k in ipairs(gpu_names(pos)) do names[#names + 1] = k end
+      local n = gpu_names(pos)
+      for i = 3, #n do names[#names + 1] = n[i] end
     end
     names_host_gpu[pos or -1] = names
   end
   local f = rcall('HMGET', host_key(h), unpack(names))
   local s = host_from(h, f, true)
-  if s and pos ~= nil then s.at = {[pos] = gpu_from(pos, f, SCAN_FIELDS + 1) or false} end
+  if s and pos ~= nil then s.at, s.at_gpu = pos, gpu_from(pos, f, SCAN_FIELDS + 1, true) or false end
   return s
 end
 

@@ -73,9 +73,8 @@ local function pick_on_host(req, h, s, pos, mode)
   local k = req.gpus
   local allowance = idle_allowance(req, h, s)
   if k == 1 and pos ~= nil then
-    local g = s.at and s.at[pos]
-    if g == nil then g = gpu_state(h, pos) end
-    if g == false then g = nil end
+    local g
+    if s.at == pos then g = s.at_gpu or nil else g = gpu_state(h, pos) end
     if not gpu_fits(req, g) then return nil end
     if allowance ~= nil and g.n == 0 and allowance < 1 then return nil end
     return {g}
@@ -130,8 +129,8 @@ local function gpu_totals_of(h, s)
   return s.gfree, s.gidle
 end
 
--- What a best-fit placement of req on host h (state s, GPUs gs) costs, as {stranded, broken, cpu},
--- compared in that order (less is better), the walk's order breaking ties:
+-- What a best-fit placement of req on host h (state s, GPUs gs) costs, as three values stranded,
+-- broken, cpu, compared in that order (less is better), the walk's order breaking ties:
 --   stranded: thousandths of a GPU the placement leaves stranded on top of what the host strands
 --     already (see stranded in ledger.lua); negative when it puts GPU capacity to use that lacked
 --     the CPU or RAM to be used;
@@ -148,14 +147,7 @@ local function placement_cost(req, h, s, gs)
     if g.n == 0 then j = j + 1 end
   end
   local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
-  return {stranded(s, after, cpu, ram) - stranded(s, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu}
-end
-
-local function cheaper(a, b)
-  for i = 1, 3 do
-    if a[i] ~= b[i] then return a[i] < b[i] end
-  end
-  return false
+  return stranded(s, after, cpu, ram) - stranded(s, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu
 end
 
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
@@ -175,7 +167,8 @@ local function scan(req, mode)
   -- Most requests fit on an early candidate: fetch a few first (enough for best fit's window).
   local page = FIRST_PAGE * window
   local by_host = (k > 0 and whole and mode == 'best' and not req.only)
-  local best_h, best_s, best_gs, best_cost, fits = nil, nil, nil, nil, 0
+  local best_h, best_s, best_gs, fits = nil, nil, nil, 0
+  local b1, b2, b3  -- the best placement's cost (see placement_cost)
   local function host_ok(h, pos)
     local c = host_cache[h]
     if c ~= nil then return c end
@@ -244,9 +237,9 @@ local function scan(req, mode)
           if gs and window == 1 then return h, s, gs end
         end
         if gs then
-          local cost = placement_cost(req, h, s, gs)
-          if best_h == nil or cheaper(cost, best_cost) then
-            best_h, best_s, best_gs, best_cost = h, s, gs, cost
+          local c1, c2, c3 = placement_cost(req, h, s, gs)
+          if best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3))) then
+            best_h, best_s, best_gs, b1, b2, b3 = h, s, gs, c1, c2, c3
           end
           fits = fits + 1
           if fits >= window then return best_h, best_s, best_gs end
@@ -470,7 +463,7 @@ local function index_after_grant(req, p)
       rcall('ZREM', K_GPU_IDX, m)
       rcall('ZREM', K_GPU_ORD, m)
     end
-    rcall('ZREM', K_GPU_IDLE, m)
+    if p.free[i].n == 0 then rcall('ZREM', K_GPU_IDLE, m) end  -- only GPUs with no holder are there
   end
   if p.gidle ~= nil then
     if p.gidle > 0 then rcall('ZADD', K_IDLE_HOSTS, p.gidle, h) else rcall('ZREM', K_IDLE_HOSTS, h) end
