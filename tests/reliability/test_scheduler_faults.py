@@ -119,6 +119,9 @@ def test_kill_9_of_a_scheduler_while_a_second_one_runs(private_redis, tmp_path: 
                     s1.wait(10)
                     kills["random"] += 1
                 s1 = procs.scheduler(f"s1-{n}", "--interval", "0.01", database_url=db)
+            # The kills take a few seconds, less on a quick machine: keep the load on until the
+            # line has seen enough leases for the checks below to mean something.
+            wait_for(lambda: len(ids) > 300, timeout=30, what="over 300 leases queued")
             done.set()
             t.join(30)
             wait_for(lambda: a.redis.zcard(a.keys.pending) == 0 and a.redis.zcard(a.keys.active) == 0,
