@@ -195,3 +195,25 @@ def test_work_horse_pid_is_mapped_to_its_grant_while_it_runs(alloc, tmp_path):
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_worker_command_channel_stops_within_its_short_read_timeout(alloc):
+    # RQ reads its command channel with a 60 s timeout; stopping that thread (at every worker exit)
+    # waited for it with redis-py 8.2. The worker reads for a second at a time instead.
+    import time
+
+    from redis import Redis
+    from rq import Queue
+
+    from workers import ResourceWorker
+
+    url = "redis://{host}:{port}/{db}".format(**alloc.redis.connection_pool.connection_kwargs)
+    conn = Redis.from_url(url)
+    w = ResourceWorker([Queue(host_queue_name(alloc.keys.namespace, "h1"), connection=conn)], connection=conn,
+                       allocator=alloc)
+    w.subscribe()
+    assert w.pubsub_thread.sleep_time == ResourceWorker.PUBSUB_POLL_S == 1.0
+    time.sleep(0.2)  # the thread is reading
+    t0 = time.monotonic()
+    w.unsubscribe()
+    assert time.monotonic() - t0 < 3 and not w.pubsub_thread.is_alive()

@@ -49,6 +49,25 @@ class ResourceWorker(Worker):
         self._grant: Grant | None = None
         self._pid_recorded = 0
 
+    # -- command channel -------------------------------------------------------------------------
+
+    #: Seconds the command-channel thread (stop-job and other RQ commands) waits per read; RQ uses 60.
+    #: redis-py 8.2's PubSubWorkerThread.stop() waits for the thread to end, and RQ's teardown
+    #: unsubscribes before it stops the thread: a thread that has already read the unsubscribe
+    #: waits up to this long for a new subscription before it sees the stop, so with 60 s a burst
+    #: or SIGTERM'd worker sat a minute at exit. One read a second costs nothing.
+    PUBSUB_POLL_S = 1.0
+
+    def subscribe(self) -> None:
+        """RQ's subscribe, with the short read timeout above."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=self.PUBSUB_POLL_S, daemon=True,
+            exception_handler=getattr(self, "_pubsub_exception_handler", None),
+        )
+
     # -- parent side ---------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
