@@ -43,6 +43,20 @@ def new_allocation_id() -> str:
     return "alloc-" + uuid.uuid4().hex[:16]
 
 
+def delete_keys(client: redis.Redis, keys: Iterable[Any], batch: int = 500) -> int:
+    """Deletes ``keys`` (any iterable, e.g. a SCAN) ``batch`` at a time; returns how many existed."""
+    n = 0
+    chunk: list[Any] = []
+    for key in keys:
+        chunk.append(key)
+        if len(chunk) >= batch:
+            n += client.delete(*chunk)
+            chunk = []
+    if chunk:
+        n += client.delete(*chunk)
+    return n
+
+
 #: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
 MAX_CORE_ID = 1 << 20
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
@@ -514,16 +528,7 @@ class Allocator:
     def destroy(self) -> int:
         """Deletes every key of this namespace (tests, benchmarks, decommissioning), in batches:
         a fleet of thousands of hosts leaves tens of thousands of keys."""
-        n = 0
-        batch: list[str] = []
-        for key in self.redis.scan_iter(match=self.keys.pattern(), count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                n += self.redis.delete(*batch)
-                batch = []
-        if batch:
-            n += self.redis.delete(*batch)
-        return n
+        return delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
 
 
 def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity:

@@ -35,7 +35,7 @@ from rich.text import Text
 
 from . import demo_plan as plan
 from . import embedded, seeds, views
-from .client import Allocator
+from .client import Allocator, delete_keys
 from .live import render, take_snapshot
 from .queue import host_queue_name
 
@@ -373,8 +373,7 @@ def _delete_namespace(a: Allocator, task_ids: list[str]) -> None:
     keys = list(raw.scan_iter(match=f"rq:*:{a.keys.namespace}.*", count=1000))
     for tid in task_ids:
         keys += list(raw.scan_iter(match=f"rq:*{tid}*", count=1000))
-    for i in range(0, len(keys), 500):
-        raw.delete(*keys[i:i + 500])
+    delete_keys(raw, keys)
     prefix = f"rq:queue:{a.keys.namespace}.".encode()
     ours = [q for q in raw.smembers("rq:queues") if q.startswith(prefix)]
     if ours:

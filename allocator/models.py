@@ -484,6 +484,7 @@ class Allocation(BaseModel):
         """
         ttl_ms = int(rec.get("ttl_ms") or 0)
         state = rec["state"]
+        priority = rec.get("priority") or "1"
         return cls.model_validate({
             "allocation_id": rec["id"],
             "state": state,
@@ -492,7 +493,7 @@ class Allocation(BaseModel):
             "cpu_cores": _json_list(rec.get("cores")),
             "cpu_shared": int(rec.get("shared_millis") or 0) / 1000,
             "ram_mb": int(rec.get("ram_mb") or 0),
-            "priority": _PRIORITY_LABELS.get(rec.get("priority") or "1") or Priority(int(rec["priority"])).label,
+            "priority": _PRIORITY_LABELS.get(priority) or Priority(int(priority)).label,
             "strategy": rec.get("strategy"),
             "task_id": rec.get("task_id") or None,
             "task_type": rec.get("task_type") or None,

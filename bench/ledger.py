@@ -113,9 +113,8 @@ class Rounds:
     allocating half, and whether another round starts (decided once, by the barrier's action, so
     every process runs the same number of rounds)."""
 
-    barrier: Any
+    barrier: Any  # its action (_decide) sets go
     go: Any  # multiprocessing.Value("b"): 1 while rounds go on
-    deadline: Any  # multiprocessing.Value("d"): perf_counter() after which no round starts
 
 
 def _decide(go: Any, deadline: Any, seconds: float) -> None:
@@ -319,8 +318,7 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
     rounds = None
     if cfg.kind == "burst":
         go, deadline = ctx.Value("b", 1), ctx.Value("d", 0.0)
-        rounds = Rounds(ctx.Barrier(clients, action=functools.partial(_decide, go, deadline, cfg.seconds)),
-                        go, deadline)
+        rounds = Rounds(ctx.Barrier(clients, action=functools.partial(_decide, go, deadline, cfg.seconds)), go)
     procs = [ctx.Process(target=_worker, args=(cfg, w, barrier, out, rounds), daemon=True) for w in range(clients)]
     for p in procs:
         p.start()
@@ -370,24 +368,19 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         summary["calls_per_s"] = sum(res["calls"] / res["elapsed"] for res in results.values())
         summary["client_calls"] = summary["calls"]
     elif cfg.kind == "burst":
-        for key in ("allocs", "refusals", "releases"):
-            summary[key] = sum(res[key] for res in results.values())
         wall_a, wall_r = _round_walls(results, "spans_a"), _round_walls(results, "spans_r")
         summary["rounds"] = min(len(res["spans_a"]) for res in results.values())
         summary["allocating_s"], summary["releasing_s"] = wall_a, wall_r
-        summary["allocs_per_s"] = summary["allocs"] / wall_a if wall_a else float("nan")
-        summary["releases_per_s"] = summary["releases"] / wall_r if wall_r else float("nan")
-        summary["r_p50_ms"] = pct(lat_r, 50)
-        summary["r_p99_ms"] = pct(lat_r, 99)
-        summary["client_calls"] = summary["allocs"] + summary["refusals"] + summary["releases"]
+        summary["allocs_per_s"] = sum(res["allocs"] for res in results.values()) / wall_a if wall_a else float("nan")
+        summary["releases_per_s"] = sum(res["releases"] for res in results.values()) / wall_r if wall_r else float("nan")
     else:
-        summary["allocs"] = sum(res["allocs"] for res in results.values())
-        summary["refusals"] = sum(res["refusals"] for res in results.values())
-        summary["releases"] = sum(res["releases"] for res in results.values())
         summary["allocs_per_s"] = sum(res["allocs"] / res["elapsed"] for res in results.values())
         summary["ledger_calls_per_s"] = sum(
             (res["allocs"] + res["refusals"] + res["releases"]) / res["elapsed"] for res in results.values()
         )
+    if cfg.kind != "trivial":
+        for key in ("allocs", "refusals", "releases"):
+            summary[key] = sum(res[key] for res in results.values())
         summary["r_p50_ms"] = pct(lat_r, 50)
         summary["r_p99_ms"] = pct(lat_r, 99)
         summary["client_calls"] = summary["allocs"] + summary["refusals"] + summary["releases"]

@@ -130,15 +130,15 @@ local GPU_FIELDS = {'idx', 'uuid', 'model', 'total', 'ext', 'used', 'n'}
 -- to n: idx and uuid are read only for the GPUs a placement grants, see gpu_ids); nil when the GPU
 -- does not exist.
 local function gpu_from(pos, f, at, lean)
-  local o = at
-  if lean then o = at - 2 end
-  local total = f[o + 3]
+  local m = at  -- where the model is: first when lean, after idx and uuid otherwise
+  if not lean then m = at + 2 end
+  local total = f[m + 1]
   if not total then return nil end
   total = tonumber(total)
-  local ext, used = tonumber(f[o + 4]), tonumber(f[o + 5])
+  local ext, used = tonumber(f[m + 2]), tonumber(f[m + 3])
   local free = total - ext - used
   if free < 0 then free = 0 end
-  local g = {pos = pos, model = f[o + 2], total = total, ext = ext, used = used, n = tonumber(f[o + 6]), free = free}
+  local g = {pos = pos, model = f[m], total = total, ext = ext, used = used, n = tonumber(f[m + 4]), free = free}
   if not lean then g.idx, g.uuid = tonumber(f[at]), f[at + 1] end
   return g
 end
