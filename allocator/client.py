@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
 import redis
+from pydantic_core import from_json, to_json
 
 from . import embedded, queue
 from . import services as _services
@@ -40,7 +41,8 @@ ResourcesLike = Resources | Mapping[str, Any]
 
 
 def new_allocation_id() -> str:
-    return "alloc-" + uuid.uuid4().hex[:16]
+    """"alloc-" and 16 random hex digits (64 bits: collisions stay negligible for billions of ids)."""
+    return "alloc-" + os.urandom(8).hex()
 
 
 def delete_keys(client: redis.Redis, keys: Iterable[Any], batch: int = 500) -> int:
@@ -184,7 +186,9 @@ class Allocator:
 
     def _call(self, name: str, *args: object) -> Any:
         raw = self.scripts[name](keys=self._ledger_keys, args=[self._prefix_arg, self._now_arg(), *args])
-        return json.loads(raw)
+        # pydantic-core's parser: the same values as json.loads at a fraction of its cost (every
+        # allocate and release decodes one reply).
+        return from_json(raw)
 
     @staticmethod
     def _raise_unless_ok(res: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +271,7 @@ class Allocator:
             payload["models"] = {m: True for m in r.gpu_model}
         if req.selector:
             payload["selector"] = req.selector
-        return json.dumps(payload)
+        return to_json(payload).decode()
 
     def submit(self, req: AllocationRequest) -> Allocation:
         """Places a validated request now or raises ``InsufficientResources`` with the reason.
@@ -286,7 +290,8 @@ class Allocator:
 
     def place_args(self, req: AllocationRequest, allocation_id: str, dry_run: bool = False) -> tuple[str, str, str]:
         """ARGV of place.lua after the prefix and clock: payload, request JSON, metadata JSON."""
-        return self._place_payload(req, allocation_id, dry_run), req.model_dump_json(), json.dumps(req.metadata)
+        metadata = json.dumps(req.metadata) if req.metadata else "{}"
+        return self._place_payload(req, allocation_id, dry_run), req.model_dump_json(), metadata
 
     def allocate(self, resources: ResourcesLike | None = None, *, on_busy: str = "fail", **fields: Any) -> Allocation:
         """Allocates now. Fields: priority, strategy, ttl_seconds, expected_duration, selector,

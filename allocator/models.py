@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import from_json
 
 from .errors import InvalidRequest
 from .units import parse_cpu_millis, parse_memory_mb
@@ -421,10 +422,18 @@ def _ts(ms: str | int | None) -> datetime | None:
 
 def _json_list(text: str | None) -> list[Any]:
     """cjson encodes an empty Lua table as {}; read that as an empty list."""
-    if not text:
+    if not text or text == "{}":
         return []
-    v = json.loads(text)
+    v = from_json(text)
     return v if isinstance(v, list) else []
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """A stored JSON object (request, metadata); {} when absent or not an object."""
+    if not text or text == "{}":
+        return {}
+    v = from_json(text)
+    return v if isinstance(v, dict) else {}
 
 
 class GpuGrant(BaseModel):
@@ -504,8 +513,8 @@ class Allocation(BaseModel):
             "expires_at": _ts(rec.get("expires")),
             "ttl_seconds": ttl_ms / 1000 if ttl_ms else None,
             "release_reason": rec.get("reason") or None,
-            "metadata": json.loads(rec.get("metadata") or "{}") or {},
-            "request": json.loads(rec.get("request") or "{}") or {},
+            "metadata": _json_object(rec.get("metadata")),
+            "request": _json_object(rec.get("request")),
             "kind": rec.get("kind") or "lease",
             "queue_position": 0 if state != "pending" else None,
             "requeues": int(rec.get("requeues") or 0),

@@ -23,6 +23,11 @@ same run: allocs/s (burst) / trivial calls/s, and allocate p50 at each fleet / a
 hosts. The steady-state rate is reported next to it: it pays a release per allocation, so it can
 reach at most half the trivial rate even if the scripts cost nothing.
 
+Single runs of the same code differ by up to a quarter on a shared machine: ``--repeat N`` runs
+each (fleet, clients) measurement N times, shows the run with the median ratio in the tables and
+judges the goals on each figure's median over the runs (every run's figures are in the JSON and
+the Markdown).
+
     .venv/bin/python bench/ledger.py --seconds 5 --json bench-ledger.json
 """
 
@@ -36,6 +41,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -49,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import redis  # noqa: E402
+from pydantic_core import from_json  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -391,6 +398,39 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
     return summary
 
 
+def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redis) -> dict[str, Any]:
+    """One run of every phase with ``n`` client processes on the registered fleet ``ns``."""
+    base = PhaseConfig("trivial", args.redis_url, ns, args.seconds, args.window, args.strategy, args.seed)
+    row: dict[str, Any] = {"fleet": label, "clients": n}
+    kinds = ["trivial", "burst", "ledger"] + ([] if args.no_script_only else ["script"])
+    for kind in kinds:
+        with console.status(f"{label}: {n} client(s), {kind} for {args.seconds:g} s"):
+            cfg = PhaseConfig(**{**base.__dict__, "kind": kind})
+            row[kind] = run_phase(cfg, n, r)
+    B, L, T = row["burst"], row["ledger"], row["trivial"]
+    row["ratio"] = B["allocs_per_s"] / T["calls_per_s"]
+    row["steady_ratio"] = L["allocs_per_s"] / T["calls_per_s"]
+    console.print(f"  {n} client(s): {B['allocs_per_s']:,.0f} allocs/s (p50 {B['a_p50_ms']:.3f} ms, "
+                  f"p99 {B['a_p99_ms']:.3f} ms, {B['refusals']} refused), trivial {T['calls_per_s']:,.0f} "
+                  f"calls/s (p50 {T['a_p50_ms']:.3f} ms) -> ratio {row['ratio']:.3f}; steady state "
+                  f"{L['allocs_per_s']:,.0f} allocs/s (p99 {L['a_p99_ms']:.3f} ms) -> {row['steady_ratio']:.3f}")
+    return row
+
+
+def summarize_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median ratio, shown in the tables, plus the medians the goals are judged on
+    (each figure's own median over the runs) and every run's headline figures."""
+    by_ratio = sorted(reps, key=lambda x: x["ratio"])
+    row = dict(by_ratio[(len(reps) - 1) // 2])
+    row["ratio"] = statistics.median(x["ratio"] for x in reps)
+    row["steady_ratio"] = statistics.median(x["steady_ratio"] for x in reps)
+    row["p99_median_ms"] = statistics.median(x["burst"]["a_p99_ms"] for x in reps)
+    row["steady_p99_median_ms"] = statistics.median(x["ledger"]["a_p99_ms"] for x in reps)
+    row["runs"] = [{"ratio": x["ratio"], "steady_ratio": x["steady_ratio"], "a_p99_ms": x["burst"]["a_p99_ms"],
+                    "steady_a_p99_ms": x["ledger"]["a_p99_ms"]} for x in reps]
+    return row
+
+
 def _round_walls(results: dict[int, dict[str, Any]], key: str) -> float:
     """Summed wall time of a burst phase's halves: per round, first start to last finish over the
     processes (perf_counter is one monotonic clock for every process of the machine)."""
@@ -421,7 +461,7 @@ def client_overhead(alloc: Allocator, strategy: str, n: int = 3000) -> dict[str,
         raw = json.dumps({"ok": True, "alloc": rec})
         t0 = time.perf_counter()
         for _ in range(n):
-            Allocation.from_record(json.loads(raw)["alloc"])
+            Allocation.from_record(from_json(raw)["alloc"])
         parse_us = (time.perf_counter() - t0) / n * 1e6
     return {"request_build_us": build_us, "reply_parse_us": parse_us}
 
@@ -522,10 +562,11 @@ def evaluate_goals(rows: list[dict[str, Any]], big_label: str | None, base_label
     if big4:
         goals.append({"goal": f"4 clients, {big_label}: allocs/s ≥ {GOAL_RATIO} x trivial EVALSHA calls/s",
                       "value": big4["ratio"], "met": big4["ratio"] >= GOAL_RATIO})
+        p99, steady = big4["p99_median_ms"], big4["steady_p99_median_ms"]
         goals.append({"goal": f"4 clients, {big_label}: allocate p99 < {GOAL_P99_MS} ms",
-                      "value": big4["burst"]["a_p99_ms"], "met": big4["burst"]["a_p99_ms"] < GOAL_P99_MS})
+                      "value": p99, "met": p99 < GOAL_P99_MS})
         goals.append({"goal": f"4 clients, {big_label}, steady state (allocate + release): allocate p99 < {GOAL_P99_MS} ms",
-                      "value": big4["ledger"]["a_p99_ms"], "met": big4["ledger"]["a_p99_ms"] < GOAL_P99_MS})
+                      "value": steady, "met": steady < GOAL_P99_MS})
     for r in rows:
         if r["fleet"] == big_label and r.get("scale_p50") is not None:
             goals.append({"goal": f"{r['clients']} client(s): allocate p50 at {big_label} ≤ {GOAL_SCALE} x at {base_label}",
@@ -572,6 +613,13 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
     out += ["", f"Client-side Python per allocate, no Redis: request validation + payload "
             f"{overhead.get('request_build_us', float('nan')):.0f} µs, reply parsing "
             f"{overhead.get('reply_parse_us', float('nan')):.0f} µs.", ""]
+    for row in rows:
+        if len(row["runs"]) > 1:
+            runs = row["runs"]
+            out.append(f"- {row['fleet']}, {row['clients']} client(s), {len(runs)} runs (tables: the run with the "
+                       f"median ratio): ratio " + ", ".join(f"{x['ratio']:.3f}" for x in runs)
+                       + "; allocate p99 ms " + ", ".join(f"{x['a_p99_ms']:.3f}" for x in runs)
+                       + "; steady state p99 ms " + ", ".join(f"{x['steady_a_p99_ms']:.3f}" for x in runs))
     for g in goals:
         out.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['goal']} (measured {g['value']:.3f})")
     return "\n".join(out) + "\n"
@@ -593,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL") or "redis://127.0.0.1:6379/0")
     ap.add_argument("--no-script-only", action="store_true", help="skip the diagnostic script-only phase")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each (fleet, clients) measurement; the goals are judged on the medians (default 1)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
     ap.add_argument("--markdown", dest="md_path", default=None, help="write the result tables as Markdown to this file")
     args = ap.parse_args(argv)
@@ -630,20 +680,13 @@ def main(argv: list[str] | None = None) -> int:
             if not overhead:
                 overhead = client_overhead(alloc, args.strategy)
             for n in clients_list:
-                base = PhaseConfig("trivial", args.redis_url, ns, args.seconds, args.window, args.strategy, args.seed)
-                row: dict[str, Any] = {"fleet": label, "clients": n}
-                kinds = ["trivial", "burst", "ledger"] + ([] if args.no_script_only else ["script"])
-                for kind in kinds:
-                    with console.status(f"{label}: {n} client(s), {kind} for {args.seconds:g} s"):
-                        cfg = PhaseConfig(**{**base.__dict__, "kind": kind})
-                        row[kind] = run_phase(cfg, n, r)
-                B, L, T = row["burst"], row["ledger"], row["trivial"]
-                row["ratio"] = B["allocs_per_s"] / T["calls_per_s"]
-                row["steady_ratio"] = L["allocs_per_s"] / T["calls_per_s"]
-                console.print(f"  {n} client(s): {B['allocs_per_s']:,.0f} allocs/s (p50 {B['a_p50_ms']:.3f} ms, "
-                              f"p99 {B['a_p99_ms']:.3f} ms, {B['refusals']} refused), trivial {T['calls_per_s']:,.0f} "
-                              f"calls/s (p50 {T['a_p50_ms']:.3f} ms) -> ratio {row['ratio']:.3f}; steady state "
-                              f"{L['allocs_per_s']:,.0f} allocs/s (p99 {L['a_p99_ms']:.3f} ms) -> {row['steady_ratio']:.3f}")
+                reps = [measure(args, label, ns, n, r) for _ in range(args.repeat)]
+                row = summarize_repeats(reps)
+                if args.repeat > 1:
+                    ratios = [x["ratio"] for x in reps]
+                    console.print(f"  {n} client(s), {args.repeat} runs: ratio median {row['ratio']:.3f} "
+                                  f"({min(ratios):.3f}-{max(ratios):.3f}), allocate p99 median "
+                                  f"{row['p99_median_ms']:.3f} ms, steady state p99 median {row['steady_p99_median_ms']:.3f} ms")
                 rows.append(row)
             t0 = time.perf_counter()
             info["destroyed_keys"] = alloc.destroy()

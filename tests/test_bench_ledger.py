@@ -31,3 +31,17 @@ def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(
     assert "allocs/s ÷ trivial" in md.read_text()
     r = redis.Redis.from_url(redis_url)
     assert not list(r.scan_iter(match=f"*{doc['fleets'][0]['namespace']}*"))
+
+
+def test_repeated_runs_judge_the_goals_on_the_medians(redis_url, tmp_path):
+    out = tmp_path / "ledger.json"
+    rc = ledger.main(["--seconds", "0.2", "--fleets", "small", "--small-hosts", "4", "--clients", "1",
+                      "--window", "4", "--repeat", "3", "--no-script-only", "--redis-url", redis_url,
+                      "--json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["results"]
+    runs = row["runs"]
+    assert len(runs) == 3
+    assert row["ratio"] == sorted(x["ratio"] for x in runs)[1]
+    assert row["p99_median_ms"] == sorted(x["a_p99_ms"] for x in runs)[1]
+    assert row["steady_p99_median_ms"] == sorted(x["steady_a_p99_ms"] for x in runs)[1]
