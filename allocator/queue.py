@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
-from rq.command import send_stop_job_command
+from rq.command import send_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
@@ -111,10 +111,9 @@ def cancel(a: Allocator, task_id: str) -> Allocation:
         job = None
     if job is not None:
         if res.get("worker"):
-            try:
-                send_stop_job_command(a.rq_connection, task_id)
-            except InvalidJobOperation:
-                pass
+            # To the worker the script named: one that has claimed the job may not have marked it
+            # started yet (RQ's send_stop_job_command would refuse), and takes the command anyway.
+            send_command(a.rq_connection, res["worker"], "stop-job", job_id=task_id)
         elif job.get_status() not in ("finished", "failed", "stopped", "canceled"):
             try:
                 job.cancel()

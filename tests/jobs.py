@@ -39,3 +39,10 @@ def sleep_until_file(path: str, limit: float = 30.0) -> str:
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     return "done"
+
+
+def sleep_then_touch(seconds: float, done: str) -> str:
+    """Sleeps, then creates ``done``: a job that was stopped leaves no file behind."""
+    time.sleep(seconds)
+    open(done, "w").close()
+    return "done"

@@ -167,6 +167,94 @@ def test_running_job_preempted_is_stopped_and_requeued_at_the_front(alloc, tmp_p
         worker.wait(10)
 
 
+def in_process_worker(a, host: str, **kwargs):
+    """A ResourceWorker in this process, for tests that step into its run."""
+    from rq import Queue
+
+    from workers import ResourceWorker
+
+    conn = a.rq_connection
+    return ResourceWorker([Queue(host_queue_name(a.keys.namespace, host), connection=conn)], connection=conn,
+                          allocator=a, **kwargs)
+
+
+def work_in_process(worker) -> None:
+    """``worker.work(burst=True)``, leaving this process's signal handlers as they were."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.work(burst=True)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    low = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 2}, priority="low")
+    worker = in_process_worker(alloc, "h1")
+    prepare, urgent = worker.prepare_execution, []
+
+    def preempt_then_prepare(job):
+        # The claim has recorded "started": the preemption's stop-job command comes before RQ has
+        # set up the execution or forked the horse (RQ alone would ignore it, and the job would run on).
+        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
+        wait_until(lambda: worker._kill_pending is not None, timeout=10)
+        return prepare(job)
+
+    worker.prepare_execution = preempt_then_prepare
+    work_in_process(worker)
+    assert not done.exists()  # stopped, not run to its end
+    assert alloc.get(urgent[0].allocation_id).state == "active"
+    assert low.state == "pending"
+    assert alloc.get(low.id).requeues == 1
+
+
+def test_cancelling_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    task = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 1})
+    worker = in_process_worker(alloc, "h1")
+    prepare = worker.prepare_execution
+
+    def cancel_then_prepare(job):
+        assert task.cancel().release_reason == "cancelled"  # claimed, not yet marked started by RQ
+        wait_until(lambda: worker._kill_pending is not None, timeout=10)
+        return prepare(job)
+
+    worker.prepare_execution = cancel_then_prepare
+    work_in_process(worker)
+    assert not done.exists()  # stopped, not run to its end
+    assert task.job.get_status() == "stopped"
+    assert alloc.get(task.id).state == "released" and alloc.capacity().gpus_idle == 2
+
+
+def test_a_preempted_job_whose_stop_command_was_lost_is_stopped_at_the_next_monitoring_tick(alloc, tmp_path):
+    import threading
+
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    low = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 2}, priority="low")
+    worker = in_process_worker(alloc, "h1", job_monitoring_interval=1)
+    worker.subscribe = lambda: None  # no command channel: the preemption's stop-job reaches nobody
+    urgent = []
+
+    def preempt_once_running():
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
+        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
+
+    preempter = threading.Thread(target=preempt_once_running)
+    preempter.start()
+    work_in_process(worker)
+    preempter.join(5)
+    assert not done.exists()  # stopped, not run to its end
+    assert alloc.get(urgent[0].allocation_id).state == "active"
+    assert low.state == "pending"
+    assert alloc.get(low.id).requeues == 1
+
+
 def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_until_file, str(tmp_path / "never"), resources={"gpus": 1})

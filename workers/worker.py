@@ -16,11 +16,20 @@ preempted. The release names the placement it claimed, so a run that outlived it
 declared lost meanwhile, task placed again) frees nothing it no longer holds. Each script call is
 one round trip, and per-job round trips are what separates this worker's throughput from plain
 RQ's on trivial jobs: three per job, where one call per step took fourteen.
+
+Preemption stops a running job with RQ's ``stop-job`` command on the worker's channel. RQ ignores
+that command until the job's execution is set up, and one that arrives between that and the fork
+would kill the worker's own process group; this worker takes it from the moment it claims the
+grant and stops the horse as soon as it exists. A lost command (the channel was down) is caught
+at the next monitoring tick (``--job-monitoring-interval``), where the task's state is read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from typing import Any
 
 import redis
@@ -48,6 +57,11 @@ class ResourceWorker(Worker):
         self.allocator = allocator or Allocator(client=_text_client(self.connection), namespace=self.namespace)
         self._grant: Grant | None = None
         self._pid_recorded = 0
+        # The job between its claim and the end of its run, and a stop asked before its horse
+        # existed (the signal to send once it does); the lock orders that with the fork.
+        self._job_in_hand: str | None = None
+        self._kill_pending: int | None = None
+        self._horse_lock = threading.Lock()
 
     # -- command channel -------------------------------------------------------------------------
 
@@ -72,16 +86,22 @@ class ResourceWorker(Worker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         # One round trip before the fork: the claim also returns the grant and records "started".
-        claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True)
-        if not claim.current or claim.grant is None:
-            self._refuse(job, queue, claim)
-            return
-        self._grant = self._grant_for(job.id, claim.grant)
+        # From then on a preemption may send stop-job for this job (see get_current_job_id).
+        self._job_in_hand = job.id
         try:
-            super().execute_job(job, queue)
+            claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True)
+            if not claim.current or claim.grant is None:
+                self._refuse(job, queue, claim)
+                return
+            self._grant = self._grant_for(job.id, claim.grant)
+            try:
+                super().execute_job(job, queue)
+            finally:
+                self._grant = None
+                self._after(job, claim.token)
         finally:
-            self._grant = None
-            self._after(job, claim.token)
+            with self._horse_lock:
+                self._job_in_hand, self._kill_pending = None, None
 
     def _refuse(self, job: Job, queue: Queue, claim: GrantStatus) -> None:
         """The job does not start here: its grant is stale, moved, or this placement already runs."""
@@ -124,6 +144,43 @@ class ResourceWorker(Worker):
             log.warning("job %s: its host was declared lost while it ran and the task was placed again; "
                         "this run releases nothing", job.id)
 
+    # -- stopping a running job -------------------------------------------------------------------
+
+    def get_current_job_id(self) -> str | None:
+        """The claimed job as soon as it is claimed: RQ's stop-job handler compares against this,
+        and a preemption can come right after the claim recorded "started"."""
+        return self._job_in_hand or super().get_current_job_id()
+
+    def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """RQ's kill_horse, safe before the horse exists: the signal is kept and sent right after the
+        fork (RQ would signal the worker's own process group, since a missing horse's pid is 0)."""
+        with self._horse_lock:
+            pid = self.horse_pid
+            if not pid:
+                if self._job_in_hand is not None:
+                    self._kill_pending = sig
+                return
+        self._signal_horse(pid, sig)
+
+    def _signal_horse(self, pid: int, sig: int) -> None:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)  # the horse and whatever it started
+            else:
+                os.kill(pid, sig)  # just forked, not yet in its own group: it runs nothing else yet
+            self.log.info("Worker %s: killed horse pid %s", self.name, pid)
+        except ProcessLookupError:
+            self.log.debug("Worker %s: horse already dead", self.name)
+
+    def maintain_heartbeats(self, job: Job, execution: Any) -> None:
+        """RQ's heartbeat at each monitoring tick, plus the backstop for a stop-job command this worker
+        never received: a task marked preempting is stopped as the command would have."""
+        super().maintain_heartbeats(job, execution)
+        if self._stopped_job_id != job.id and self.allocator.redis.hget(self.allocator.keys.task(job.id), "state") == "preempting":
+            log.warning("job %s was preempted but its stop command did not arrive; stopping it now", job.id)
+            self._stopped_job_id = job.id
+            self.kill_horse()
+
     # -- work horse side -----------------------------------------------------------------------
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
@@ -133,6 +190,10 @@ class ResourceWorker(Worker):
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         super().fork_work_horse(job, queue)  # only the parent returns here
+        with self._horse_lock:
+            sig, self._kill_pending = self._kill_pending, None
+        if sig is not None and self.horse_pid:
+            self._signal_horse(self.horse_pid, sig)  # stopped before it existed (see kill_horse)
         if self._grant is not None and self.horse_pid:
             # The GPU memory watchdog maps processes to grants through this hash; the parent
             # writes it on its open connection (the horse would need a new one).

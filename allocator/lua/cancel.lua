@@ -3,7 +3,8 @@ with reason "cancelled" (the caller then stops its RQ job). Then a scheduling pa
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task/allocation id, ARGV[4] pass depth,
 ARGV[5] scan cap.
-Returns JSON {ok, was ("pending"|"active"|state), worker (RQ worker name running it, if any)}
+Returns JSON {ok, was ("pending"|"active"|state), worker (RQ worker name starting or running it, if any:
+see job_runner in includes/queue.lua)}
 or {ok=false, code="ALLOCATION_NOT_FOUND"}.
 ]]
 --- @include "ledger"
@@ -31,10 +32,12 @@ if state == 'pending' then
   end
   emit('cancelled', id, now, '{}')
 elseif state == 'active' then
-  finish_alloc(id, 'cancelled', now)
+  local a = finish_alloc(id, 'cancelled', now)
   if t and t.kind == 'job' then
-    local f = rcall('HMGET', t.rq_prefix .. 'job:' .. id, 'status', 'worker_name', 'origin')
-    if f[1] == 'started' then worker = f[2] else rcall('LREM', t.rq_prefix .. 'queue:' .. (f[3] or ''), 0, id) end
+    worker = job_runner(id, a, t)
+    if not worker then
+      rcall('LREM', t.rq_prefix .. 'queue:' .. (rcall('HGET', t.rq_prefix .. 'job:' .. id, 'origin') or ''), 0, id)
+    end
     rcall('HSET', task_key(id), 'state', 'cancelled')
   end
 end

@@ -45,7 +45,7 @@ local start = ARGV[8] == '1'
 local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
                                           'shared_millis'})
 if out.reason ~= nil then return cjson.encode(out) end
-local token = a[2] .. '|' .. (a[3] or '1') .. '|' .. (a[4] or '') .. '|' .. (a[7] or '0')
+local token = placement_token(a[2], a[3], a[4], a[7])
 out.token = token
 if a[5] == token then
   out.reason, out.claimed_by = 'already_claimed', a[6]

@@ -449,6 +449,12 @@ local function return_grant(id, a)
   reindex_host(h, touched, known)
 end
 
+-- The name of a placement, as a worker claims it (claim_grant.lua): a task requeued and placed
+-- again gets a new one (its requeue count grows). Arguments are the record's fields (or nil).
+local function placement_token(host, host_gen, activated, requeues)
+  return (host or '') .. '|' .. (host_gen or '1') .. '|' .. (activated or '') .. '|' .. (requeues or '0')
+end
+
 local function read_alloc(id)
   local flat = rcall('HGETALL', alloc_key(id))
   if #flat == 0 then return nil end

@@ -152,6 +152,20 @@ local function reserve(req, now, limit)
   return {host = h, shadow = shadow}
 end
 
+-- The RQ worker starting or running the job of task t (allocation record a, as finish_alloc
+-- returns it), or nil: the worker that claimed the allocation's current placement (it claims
+-- before RQ marks the job started, and takes a stop-job command from then on), else the one RQ
+-- records on a started job.
+local function job_runner(id, a, t)
+  if a and a.claimed_by and a.claimed_by ~= '' and
+     a.claim == placement_token(a.host, a.host_gen, a.activated, a.requeues) then
+    return a.claimed_by
+  end
+  local f = rcall('HMGET', t.rq_prefix .. 'job:' .. id, 'status', 'worker_name')
+  if f[1] == 'started' and f[2] then return f[2] end
+  return nil
+end
+
 -- Priority preemption: lower-priority allocations, newest first, until req fits on one host.
 local function preempt_for(req, now, limit)
   local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
@@ -161,13 +175,12 @@ local function preempt_for(req, now, limit)
     local a = finish_alloc(v, 'preempted', now)
     local t = read_task(v)
     if t and t.kind == 'job' then
-      local job = t.rq_prefix .. 'job:' .. v
-      local f = rcall('HMGET', job, 'status', 'worker_name')
-      if f[1] == 'started' and f[2] then
+      local worker = job_runner(v, a, t)
+      if worker then
         -- The worker stops the horse, then requeues the task (see requeue.lua).
         rcall('HSET', task_key(v), 'state', 'preempting')
         rcall('PERSIST', task_key(v))
-        rcall('PUBLISH', t.rq_prefix .. 'pubsub:' .. f[2], cjson.encode({command = 'stop-job', job_id = v}))
+        rcall('PUBLISH', t.rq_prefix .. 'pubsub:' .. worker, cjson.encode({command = 'stop-job', job_id = v}))
       else
         requeue_task(v, t, now, true)
       end
