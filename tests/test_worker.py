@@ -255,6 +255,28 @@ def test_a_preempted_job_whose_stop_command_was_lost_is_stopped_at_the_next_moni
     assert alloc.get(low.id).requeues == 1
 
 
+def test_a_cancelled_job_whose_stop_command_was_lost_is_stopped_at_the_next_monitoring_tick(alloc, tmp_path):
+    import threading
+
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    task = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 1})
+    worker = in_process_worker(alloc, "h1", job_monitoring_interval=1)
+    worker.subscribe = lambda: None  # no command channel: the cancel's stop-job reaches nobody
+
+    def cancel_once_running():
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
+        task.cancel()
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    work_in_process(worker)
+    canceller.join(5)
+    assert not done.exists()  # stopped, not run to its end
+    assert task.job.get_status() == "stopped"
+    assert alloc.capacity().gpus_idle == 2
+
+
 def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_until_file, str(tmp_path / "never"), resources={"gpus": 1})

@@ -21,7 +21,8 @@ Preemption stops a running job with RQ's ``stop-job`` command on the worker's ch
 that command until the job's execution is set up, and one that arrives between that and the fork
 would kill the worker's own process group; this worker takes it from the moment it claims the
 grant and stops the horse as soon as it exists. A lost command (the channel was down) is caught
-at the next monitoring tick (``--job-monitoring-interval``), where the task's state is read.
+at the next monitoring tick (``--job-monitoring-interval``), where the task's state is read
+(preempting or cancelled: stop).
 """
 
 from __future__ import annotations
@@ -174,10 +175,14 @@ class ResourceWorker(Worker):
 
     def maintain_heartbeats(self, job: Job, execution: Any) -> None:
         """RQ's heartbeat at each monitoring tick, plus the backstop for a stop-job command this worker
-        never received: a task marked preempting is stopped as the command would have."""
+        never received: a job whose task was preempted or cancelled is stopped as the command would
+        have."""
         super().maintain_heartbeats(job, execution)
-        if self._stopped_job_id != job.id and self.allocator.redis.hget(self.allocator.keys.task(job.id), "state") == "preempting":
-            log.warning("job %s was preempted but its stop command did not arrive; stopping it now", job.id)
+        if self._stopped_job_id == job.id:
+            return
+        state = self.allocator.redis.hget(self.allocator.keys.task(job.id), "state")
+        if state in ("preempting", "cancelled"):
+            log.warning("job %s: its task is %s but the stop command did not arrive; stopping it now", job.id, state)
             self._stopped_job_id = job.id
             self.kill_horse()
 
