@@ -420,20 +420,17 @@ def _ts(ms: str | int | None) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
 
 
+def _json_of(text: str | None, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """A stored JSON list or object; empty when absent or of another kind. cjson encodes an empty
+    Lua table as {}, which reads as an empty list too."""
+    if not text or text == "{}":
+        return kind()
+    v = from_json(text)
+    return v if isinstance(v, kind) else kind()
+
+
 def _json_list(text: str | None) -> list[Any]:
-    """cjson encodes an empty Lua table as {}; read that as an empty list."""
-    if not text or text == "{}":
-        return []
-    v = from_json(text)
-    return v if isinstance(v, list) else []
-
-
-def _json_object(text: str | None) -> dict[str, Any]:
-    """A stored JSON object (request, metadata); {} when absent or not an object."""
-    if not text or text == "{}":
-        return {}
-    v = from_json(text)
-    return v if isinstance(v, dict) else {}
+    return _json_of(text, list)
 
 
 class GpuGrant(BaseModel):
@@ -513,8 +510,8 @@ class Allocation(BaseModel):
             "expires_at": _ts(rec.get("expires")),
             "ttl_seconds": ttl_ms / 1000 if ttl_ms else None,
             "release_reason": rec.get("reason") or None,
-            "metadata": _json_object(rec.get("metadata")),
-            "request": _json_object(rec.get("request")),
+            "metadata": _json_of(rec.get("metadata"), dict),
+            "request": _json_of(rec.get("request"), dict),
             "kind": rec.get("kind") or "lease",
             "queue_position": 0 if state != "pending" else None,
             "requeues": int(rec.get("requeues") or 0),

@@ -231,24 +231,31 @@ def test_cancelling_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exi
     assert alloc.get(task.id).state == "released" and alloc.capacity().gpus_idle == 2
 
 
-def test_a_preempted_job_whose_stop_command_was_lost_is_stopped_at_the_next_monitoring_tick(alloc, tmp_path):
+def work_losing_stop_commands(a, host: str, once_running) -> None:
+    """Runs the host's queue in a worker without a command channel (every stop-job is lost) and a
+    monitoring tick a second; ``once_running`` is called from another thread once a horse runs."""
     import threading
 
+    worker = in_process_worker(a, host, job_monitoring_interval=1)
+    worker.subscribe = lambda: None
+
+    def act():
+        wait_until(lambda: a.redis.hlen(a.keys.host_pids(host)) == 1)
+        once_running()
+
+    actor = threading.Thread(target=act)
+    actor.start()
+    work_in_process(worker)
+    actor.join(5)
+
+
+def test_a_preempted_job_whose_stop_command_was_lost_is_stopped_at_the_next_monitoring_tick(alloc, tmp_path):
     gpu_host(alloc)
     done = tmp_path / "done"
     low = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 2}, priority="low")
-    worker = in_process_worker(alloc, "h1", job_monitoring_interval=1)
-    worker.subscribe = lambda: None  # no command channel: the preemption's stop-job reaches nobody
     urgent = []
-
-    def preempt_once_running():
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
-        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
-
-    preempter = threading.Thread(target=preempt_once_running)
-    preempter.start()
-    work_in_process(worker)
-    preempter.join(5)
+    work_losing_stop_commands(alloc, "h1", once_running=lambda: urgent.append(
+        alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")))
     assert not done.exists()  # stopped, not run to its end
     assert alloc.get(urgent[0].allocation_id).state == "active"
     assert low.state == "pending"
@@ -256,22 +263,10 @@ def test_a_preempted_job_whose_stop_command_was_lost_is_stopped_at_the_next_moni
 
 
 def test_a_cancelled_job_whose_stop_command_was_lost_is_stopped_at_the_next_monitoring_tick(alloc, tmp_path):
-    import threading
-
     gpu_host(alloc)
     done = tmp_path / "done"
     task = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 1})
-    worker = in_process_worker(alloc, "h1", job_monitoring_interval=1)
-    worker.subscribe = lambda: None  # no command channel: the cancel's stop-job reaches nobody
-
-    def cancel_once_running():
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
-        task.cancel()
-
-    canceller = threading.Thread(target=cancel_once_running)
-    canceller.start()
-    work_in_process(worker)
-    canceller.join(5)
+    work_losing_stop_commands(alloc, "h1", once_running=task.cancel)
     assert not done.exists()  # stopped, not run to its end
     assert task.job.get_status() == "stopped"
     assert alloc.capacity().gpus_idle == 2
