@@ -67,6 +67,7 @@ def check(snap: dict[str, Any]) -> list[str]:
     for h, f in hosts.items():
         bad.extend(_check_host(h, f, snap, gpu_mem, gpu_n, cores_by_host[h], shared[h], ram[h]))
         bad.extend(_check_slots_and_services(h, f, snap, slots[h], svc_refs[h]))
+        bad.extend(_check_summary(h, f, (snap.get("summaries") or {}).get(h)))
         held = set(snap["host_allocs"].get(h) or [])
         if held != on_host[h]:
             bad.append(f"{h}: host allocation set {sorted(held)} != active allocations {sorted(on_host[h])}")
@@ -129,6 +130,26 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
     if (snap["ram_idx"] or {}).get(h) != want_ram:
         bad.append(f"{h}: ram_idx has {(snap['ram_idx'] or {}).get(h)}, expected {want_ram}")
     return bad
+
+
+def _check_summary(h: str, f: dict[str, str], summary: list[float] | None) -> list[str]:
+    """The host's scan summary (what placement reads) holds the same values as its hash."""
+    if summary is None:
+        return [f"{h}: no scan summary"]
+    ngpu = int(f["ngpu"])
+    ncores = int(f["ncores"]) if "ncores" in f else len(f.get("cmap", ""))
+    want: list[float] = [1 if f["state"] == "ready" else 0, int(f["cfree"]), int(f["shared"]), int(f["ram"]),
+                         int(f["ram_used"]), ngpu, 1 if f.get("parked") == "1" else 0, int(f.get("gen") or 1),
+                         int(f.get("reserve_gpus") or 0), int(f["gfree"]), int(f["gidle"]), ncores]
+    for pos in range(ngpu):
+        p = f"g{pos}:"
+        if p + "total" in f:
+            want += [int(f[p + "total"]), int(f[p + "ext"]), int(f[p + "used"]), int(f[p + "n"])]
+        else:
+            want += [-1, 0, 0, 0]
+    if [float(x) for x in summary] != [float(x) for x in want]:
+        return [f"{h}: scan summary {summary} != host fields {want}"]
+    return []
 
 
 def _check_slots_and_services(h: str, f: dict[str, str], snap: dict[str, Any], slots: int,

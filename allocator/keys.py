@@ -107,6 +107,10 @@ class Keys:
     def host(self, host_id: str) -> str:
         return self._k("host:" + host_id)
 
+    def host_summary(self, host_id: str) -> str:
+        """STRING: the host's scan summary, packed doubles (see includes/ledger.lua, write_summary)."""
+        return self._k("hsum:" + host_id)
+
     def host_allocs(self, host_id: str) -> str:
         return self._k("host_allocs:" + host_id)
 

@@ -56,13 +56,14 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
 end
 
 local cores = spec.cores or {}
-local cmap, cfree = {}, 0
+local cmap, cfree, cseq = {}, 0, '1'
 for i, c in ipairs(cores) do
   if core_held[tostring(c)] then cmap[i] = '0' else cmap[i] = '1'; cfree = cfree + 1 end
+  if c ~= i - 1 then cseq = '0' end
 end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
-  'cores', cjson.encode(cores), 'cmap', table.concat(cmap), 'ncores', #cores, 'cfree', cfree, 'shared', shared,
+  'cores', cjson.encode(cores), 'cseq', cseq, 'cmap', table.concat(cmap), 'ncores', #cores, 'cfree', cfree, 'shared', shared,
   'ram', spec.ram_mb, 'ram_used', ram_used, 'ngpu', #(spec.gpus or {}), 'updated', now, 'gen', gen,
   'reserve_gpus', spec.reserve_gpus or 0, 'cver', tostring(now) .. '-' .. rcall('HINCRBY', K_SEQ, 'cver', 1),
   'slots', tonumber(spec.worker_slots) or #cores, 'slots_used', slots_used}

@@ -2,7 +2,8 @@
 and tests. Its cost grows with the fleet: do not call it on a hot path.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] unused.
-Returns JSON {hosts{id={field=value}}, allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
+Returns JSON {hosts{id={field=value}}, summaries{id=[numbers of its scan summary] or absent},
+allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
 cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, idle_hosts{}, pending{id=allocation state},
 services{host={name=entry JSON}}, service_ports{host={port=name}}}.
 ]]
@@ -21,9 +22,15 @@ local function hmap(key)
   return m
 end
 
-local out = {hosts = {}, allocs = {}, host_allocs = {}, services = {}, service_ports = {}}
+local out = {hosts = {}, summaries = {}, allocs = {}, host_allocs = {}, services = {}, service_ports = {}}
 for _, h in ipairs(rcall('ZRANGE', K_HOSTS, 0, -1)) do
   out.hosts[h] = hmap(host_key(h))
+  local raw = rcall('GET', host_sum_key(h))
+  if raw then
+    local v = {struct.unpack(sum_fmt(string.len(raw) / 8), raw)}
+    v[#v] = nil
+    out.summaries[h] = v
+  end
   out.host_allocs[h] = rcall('SMEMBERS', host_allocs_key(h))
   out.services[h] = hmap(svc_key(h))
   out.service_ports[h] = hmap(svc_ports_key(h))

@@ -48,6 +48,7 @@ end
 
 local function host_key(h) return PREFIX .. 'host:' .. h end
 local function host_allocs_key(h) return PREFIX .. 'host_allocs:' .. h end
+local function host_sum_key(h) return PREFIX .. 'hsum:' .. h end
 local function alloc_key(id) return PREFIX .. 'alloc:' .. id end
 local function gpu_member(h, pos) return h .. '#' .. pos end
 local function svc_key(h) return PREFIX .. 'svc:' .. h end
@@ -163,10 +164,94 @@ local function gpu_state(h, pos)
   return gpu_from(pos, rcall('HMGET', host_key(h), unpack(gpu_names(pos))), 1)
 end
 
+-- The scan summary of a host (key hsum:<h>, a string of little-endian doubles packed with
+-- struct): SUM_HEAD numbers (ready 1/0, cfree, shared, ram, ram_used, ngpu, parked 1/0, gen,
+-- reserve_gpus, gfree, gidle, ncores), then total, ext, used, n of each GPU by position (total -1:
+-- no such GPU). A copy of the host hash's fields, written by reindex_host and grant, the two
+-- places every change of those fields goes through: a scan reads a candidate with one GET and one
+-- unpack instead of an HMGET of 17 fields and as many conversions (a third of the cost).
+local SUM_HEAD, SUM_GPU = 12, 4
+local SUM_HEAD_FMT = '<' .. string.rep('d', SUM_HEAD)
+local SUM_GPU_FMT = '<' .. string.rep('d', SUM_GPU)
+local SUM_HEAD_BYTES = SUM_HEAD * 8
+local sum_fmts = {}
+
+local function sum_fmt(n)
+  local f = sum_fmts[n]
+  if f == nil then f = '<' .. string.rep('d', n); sum_fmts[n] = f end
+  return f
+end
+
+local function summary_head(s)
+  return s.state == 'ready' and 1 or 0, s.cfree, s.shared, s.ram, s.ram_used, s.ngpu, s.parked and 1 or 0,
+    s.gen, s.reserve, s.gfree, s.gidle, s.ncores
+end
+
+-- Packs host state s (the fields of host_from plus gfree and gidle) and its GPU vector gv (flat
+-- list: total, ext, used, n per position) into hsum:<h>.
+local function write_summary(h, s, gv)
+  rcall('SET', host_sum_key(h), struct.pack(SUM_HEAD_FMT, summary_head(s)) .. struct.pack(sum_fmt(#gv), unpack(gv)))
+end
+
+-- Rewrites the header of h's summary from s and the GPUs listed in gs ({pos, total, ext, used, n}
+-- each) in place, leaving the other GPUs as stored. False (nothing written) when h has no summary
+-- of s.ngpu GPUs.
+local function patch_summary(h, s, gs)
+  local k = host_sum_key(h)
+  if rcall('STRLEN', k) ~= SUM_HEAD_BYTES + s.ngpu * SUM_GPU * 8 then return false end
+  rcall('SETRANGE', k, 0, struct.pack(SUM_HEAD_FMT, summary_head(s)))
+  for _, g in ipairs(gs) do
+    rcall('SETRANGE', k, SUM_HEAD_BYTES + g.pos * SUM_GPU * 8, struct.pack(SUM_GPU_FMT, g.total, g.ext, g.used, g.n))
+  end
+  return true
+end
+
+-- The GPU vector (see write_summary) of a list of GPU states indexed by position + 1.
+local function gpu_vector(gpus, ngpu)
+  local gv = {}
+  for p = 1, ngpu do
+    local g = gpus[p]
+    if g then
+      gv[#gv + 1] = g.total; gv[#gv + 1] = g.ext; gv[#gv + 1] = g.used; gv[#gv + 1] = g.n
+    else
+      gv[#gv + 1] = -1; gv[#gv + 1] = 0; gv[#gv + 1] = 0; gv[#gv + 1] = 0
+    end
+  end
+  return gv
+end
+
+-- GPU pos of a summary (its model, idx and uuid are read when needed: see gpu_models, gpu_ids).
+local function summary_gpu(raw, pos, ngpu)
+  if pos >= ngpu then return nil end
+  local total, ext, used, n = struct.unpack(SUM_GPU_FMT, raw, SUM_HEAD_BYTES + pos * SUM_GPU * 8 + 1)
+  if total < 0 then return nil end
+  local free = total - ext - used
+  if free < 0 then free = 0 end
+  return {pos = pos, total = total, ext = ext, used = used, n = n, free = free}
+end
+
+-- Host state from summary raw (as host_from with scan = true); s.sum keeps raw for host_gpus.
+local function host_from_summary(h, raw)
+  local ready, cfree, shared, ram, ram_used, ngpu, parked, gen, reserve, gfree, gidle, ncores =
+    struct.unpack(SUM_HEAD_FMT, raw)
+  local state = 'ready'
+  if ready ~= 1 then state = rcall('HGET', host_key(h), 'state') end
+  return {state = state, cfree = cfree, shared = shared, ram = ram, ram_used = ram_used, ngpu = ngpu,
+          parked = parked == 1, cpu = cpu_free(cfree, shared), ramf = ram_free(ram, ram_used), gen = gen,
+          reserve = reserve, gfree = gfree, gidle = gidle, ncores = ncores, sum = raw}
+end
+
 -- What a scan reads of host h (the first SCAN_FIELDS) and, when pos is given, the state of its GPU
 -- at position pos without idx and uuid (see gpu_ids), in one call (a scan that walks a GPU index
 -- needs both). The GPU is kept in s.at_gpu (false when it does not exist), its position in s.at.
+-- Read from the host's summary; from the host hash for a host registered before summaries existed.
 local function host_state_at(h, pos)
+  local raw = rcall('GET', host_sum_key(h))
+  if raw then
+    local s = host_from_summary(h, raw)
+    if pos ~= nil then s.at, s.at_gpu = pos, summary_gpu(raw, pos, s.ngpu) or false end
+    return s
+  end
   local names = names_host_gpu[pos or -1]
   if names == nil then
     names = {unpack(HOST_FIELDS, 1, SCAN_FIELDS)}
@@ -188,7 +273,13 @@ local function host_gpus(h, s)
   if s.gpus then return s.gpus end
   local out = {}
   local ngpu = s.ngpu
-  if ngpu > 0 then
+  if s.sum then
+    for p = 0, ngpu - 1 do
+      local g = summary_gpu(s.sum, p, ngpu)
+      if g and s.models then g.model = s.models[p + 1] end
+      out[p + 1] = g
+    end
+  elseif ngpu > 0 then
     local names = names_of_gpus[ngpu]
     if names == nil then
       names = {}
@@ -205,20 +296,37 @@ local function host_gpus(h, s)
   return out
 end
 
--- Fills in idx and uuid of the GPUs gs of host h that were read without them, in one call.
+-- Fills in idx, uuid and model of the GPUs gs of host h that were read without them, in one call.
 local function gpu_ids(h, gs)
   local names, need = {}, {}
   for _, g in ipairs(gs) do
-    if g.uuid == nil then
+    if g.uuid == nil or g.model == nil then
       local n = gpu_names(g.pos)
       names[#names + 1] = n[1]
       names[#names + 1] = n[2]
+      names[#names + 1] = n[3]
       need[#need + 1] = g
     end
   end
   if #need == 0 then return end
   local f = rcall('HMGET', host_key(h), unpack(names))
-  for i, g in ipairs(need) do g.idx, g.uuid = tonumber(f[2 * i - 1]), f[2 * i] end
+  for i, g in ipairs(need) do g.idx, g.uuid, g.model = tonumber(f[3 * i - 2]), f[3 * i - 1], f[3 * i] end
+end
+
+-- Fills in the model of the GPUs of host h (state s) read from its summary, which holds no model
+-- (only requests that name models need them before the grant): the GPU at s.at and, when s.gpus
+-- was built, every GPU.
+local function gpu_models(h, s)
+  if not s.sum or s.models then return end
+  local names = {}
+  for p = 0, s.ngpu - 1 do names[p + 1] = gpu_names(p)[3] end
+  local models = {}
+  if #names > 0 then models = rcall('HMGET', host_key(h), unpack(names)) end
+  s.models = models
+  if s.at_gpu then s.at_gpu.model = models[s.at + 1] end
+  if s.gpus then
+    for p, g in pairs(s.gpus) do if g then g.model = models[p] end end
+  end
 end
 
 -- Thousandths of GPU g that are free (its free share of the memory the allocator may grant).
@@ -280,7 +388,8 @@ local function reindex_host(h, touched, known)
   local schedulable = (s.state == 'ready') and not parked
   local was = (s.state == 'ready') and not s.parked
   local gpus, gm, idle
-  if known and touched ~= nil and schedulable == was and s.gfree and s.gidle then
+  local from_known = known and touched ~= nil and schedulable == was and s.gfree and s.gidle
+  if from_known then
     gpus, gm, idle = known.gpus, s.gfree + known.dgm, s.gidle + known.didle
   else
     gpus = host_gpus(h, s)
@@ -291,6 +400,16 @@ local function reindex_host(h, touched, known)
   if gm ~= s.gfree then fix[#fix + 1] = 'gfree'; fix[#fix + 1] = gm end
   if idle ~= s.gidle then fix[#fix + 1] = 'gidle'; fix[#fix + 1] = idle end
   if #fix > 0 then rcall('HSET', host_key(h), unpack(fix)) end
+  -- The summary: the known GPUs patched into the stored one, else every GPU as read above.
+  s.parked, s.gfree, s.gidle = parked, gm, idle
+  local patched = false
+  if from_known then
+    local gs = {}
+    for _, pos in ipairs(touched) do gs[#gs + 1] = gpus[pos + 1] end
+    patched = patch_summary(h, s, gs)
+    if not patched then gpus = host_gpus(h, s) end
+  end
+  if not patched then write_summary(h, s, gpu_vector(gpus, s.ngpu)) end
   if schedulable ~= was then touched = nil end
   if touched == nil then
     for pos = 0, s.ngpu - 1 do reindex_gpu(h, pos, gpus[pos + 1], schedulable, s.ord) end
@@ -412,7 +531,7 @@ local function return_grant(id, a)
       put(p .. 'n', new_n)
       touched[#touched + 1] = pos
       local free, new_free = math.max(0, total - ext - used), math.max(0, total - ext - new_used)
-      known.gpus[pos + 1] = {pos = pos, free = new_free, n = new_n}
+      known.gpus[pos + 1] = {pos = pos, free = new_free, n = new_n, used = new_used, total = total, ext = ext}
       known.dgm = known.dgm + milli_free(total, ext, new_free) - milli_free(total, ext, free)
       if new_n == 0 and new_free > 0 then known.didle = known.didle + 1 end
       if n == 0 and free > 0 then known.didle = known.didle - 1 end

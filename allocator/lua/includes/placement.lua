@@ -71,6 +71,7 @@ end
 
 local function pick_on_host(req, h, s, pos, mode)
   local k = req.gpus
+  if req.models then gpu_models(h, s) end
   local allowance = idle_allowance(req, h, s)
   if k == 1 and pos ~= nil then
     local g
@@ -320,24 +321,29 @@ end
 
 -- Exclusive core ids for req on host h (the lowest free ones), their positions in the host's
 -- core list, the new core map and the core list version; ids = nil when the map disagrees with
--- the free count; ids = {} when req takes no exclusive cores.
+-- the free count; ids = {} when req takes no exclusive cores. The core list is decoded only when
+-- it is not 0..n-1 (host field cseq, written at registration).
 local function pick_cores(req, h)
   if not req.exclusive or req.cpu_millis <= 0 then return {}, {}, nil, nil end
   local need = req.cpu_millis / 1000
-  local f = rcall('HMGET', host_key(h), 'cores', 'cmap', 'cver')
-  local cores = decode_list(f[1])
+  local hk = host_key(h)
+  local f = rcall('HMGET', hk, 'cseq', 'cmap', 'cver')
+  local cores = nil
+  if f[1] ~= '1' then cores = decode_list(rcall('HGET', hk, 'cores')) end
   local map = f[2]
-  local ids, pos = {}, {}
+  local ids, pos, parts = {}, {}, {}
   local at = 1
   while #ids < need do
     local i = string.find(map, '1', at, true)
     if not i then return nil end
-    ids[#ids + 1] = cores[i]
+    if cores then ids[#ids + 1] = cores[i] else ids[#ids + 1] = i - 1 end
     pos[#pos + 1] = i
-    map = string.sub(map, 1, i - 1) .. '0' .. string.sub(map, i + 1)
+    parts[#parts + 1] = string.sub(map, at, i - 1)
+    parts[#parts + 1] = '0'
     at = i + 1
   end
-  return ids, pos, map, f[3] or '0'
+  parts[#parts + 1] = string.sub(map, at)
+  return ids, pos, table.concat(parts), f[3] or '0'
 end
 
 local function try_place(req, now)
@@ -449,10 +455,12 @@ end
 -- Index update after a grant on a host that stays schedulable: computed from what the scan
 -- read, without reading the host back (p.gidle: the host's idle GPU count when the grant changed
 -- it). A host that becomes parked is reindexed in full.
+-- A host read from the hash rather than its summary (see host_state_at) is reindexed in full too,
+-- which rewrites its summary from the hash.
 local function index_after_grant(req, p)
   local h, s = p.host, p.state
   local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
-  if s.parked or s.state ~= 'ready' or cpu <= 0 or ram <= 0 then
+  if s.parked or s.state ~= 'ready' or cpu <= 0 or ram <= 0 or not s.sum then
     reindex_host(h, nil)
     return
   end
@@ -470,6 +478,17 @@ local function index_after_grant(req, p)
   end
   rcall('ZADD', K_CPU_IDX, cpu, h)
   rcall('ZADD', K_RAM_IDX, ram, h)
+  local gs = {}
+  for i, g in ipairs(p.gpus) do
+    local cur = p.free[i]
+    gs[i] = {pos = g.pos, total = cur.total, ext = cur.ext, used = cur.used + g.memory_mb, n = cur.n + 1}
+  end
+  local cfree = s.cfree
+  if p.newmap then cfree = cfree - #p.cores end
+  local after = {state = 'ready', cfree = cfree, shared = s.shared + p.shared, ram = s.ram,
+    ram_used = s.ram_used + req.ram, ngpu = s.ngpu, parked = false, gen = s.gen, reserve = s.reserve,
+    gfree = p.gfree_after, gidle = p.gidle_after, ncores = s.ncores}
+  if not patch_summary(h, after, gs) then reindex_host(h, nil) end
 end
 
 local function grant(req, p, now)
@@ -479,8 +498,7 @@ local function grant(req, p, now)
   -- redis.call costs about as much as entering a trivial script).
   local s = p.state
   local out = {}
-  local gm, idle = 0, 0
-  if #p.gpus > 0 then gm, idle = gpu_totals_of(h, s) end
+  local gm, idle = gpu_totals_of(h, s)
   local idle_was = idle
   for i, g in ipairs(p.gpus) do
     local cur = p.free[i]
@@ -498,6 +516,7 @@ local function grant(req, p, now)
     out[#out + 1] = 'gidle'; out[#out + 1] = idle
     if idle ~= idle_was then p.gidle = idle end
   end
+  p.gfree_after, p.gidle_after = gm, idle
   if p.newmap then
     out[#out + 1] = 'cmap'
     out[#out + 1] = p.newmap
