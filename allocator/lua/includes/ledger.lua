@@ -195,10 +195,15 @@ end
 
 -- Rewrites the header of h's summary from s and the GPUs listed in gs ({pos, total, ext, used, n}
 -- each) in place, leaving the other GPUs as stored. False (nothing written) when h has no summary
--- of s.ngpu GPUs.
-local function patch_summary(h, s, gs)
+-- of s.ngpu GPUs. stored: the summary as read earlier in the same script, if it was.
+local function patch_summary(h, s, gs, stored)
   local k = host_sum_key(h)
-  if rcall('STRLEN', k) ~= SUM_HEAD_BYTES + s.ngpu * SUM_GPU * 8 then return false end
+  local size = SUM_HEAD_BYTES + s.ngpu * SUM_GPU * 8
+  if stored then
+    if string.len(stored) ~= size then return false end
+  elseif rcall('STRLEN', k) ~= size then
+    return false
+  end
   rcall('SETRANGE', k, 0, struct.pack(SUM_HEAD_FMT, summary_head(s)))
   for _, g in ipairs(gs) do
     rcall('SETRANGE', k, SUM_HEAD_BYTES + g.pos * SUM_GPU * 8, struct.pack(SUM_GPU_FMT, g.total, g.ext, g.used, g.n))

@@ -488,7 +488,7 @@ local function index_after_grant(req, p)
   local after = {state = 'ready', cfree = cfree, shared = s.shared + p.shared, ram = s.ram,
     ram_used = s.ram_used + req.ram, ngpu = s.ngpu, parked = false, gen = s.gen, reserve = s.reserve,
     gfree = p.gfree_after, gidle = p.gidle_after, ncores = s.ncores}
-  if not patch_summary(h, after, gs) then reindex_host(h, nil) end
+  if not patch_summary(h, after, gs, s.sum) then reindex_host(h, nil) end
 end
 
 local function grant(req, p, now)
