@@ -273,4 +273,5 @@ def test_best_fit_counts_the_cores_of_hosts_registered_without_a_core_count(allo
                             gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
     for h in ("a-lean", "b-wide"):
         assert alloc_any.redis.hdel(alloc_any.keys.host(h), "ncores") == 1
+        assert alloc_any.redis.delete(alloc_any.keys.host_summary(h)) == 1  # nor a scan summary
     assert alloc_any.allocate({"gpus": 1, "cpu_cores": 12}, strategy="best_fit").host_id == "b-wide"

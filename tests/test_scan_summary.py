@@ -1,6 +1,8 @@
 """The scan summary: the packed copy of a host's scheduling fields that placement reads."""
 
-from allocator import Allocator
+import pytest
+
+from allocator import Allocator, InsufficientResources
 from allocator.invariants import check
 
 
@@ -40,3 +42,11 @@ def test_removing_a_host_deletes_its_summary(alloc_any):
     one_gpu_host(alloc_any, "h1")
     alloc_any.remove_host("h1")
     assert alloc_any.redis.exists(alloc_any.keys.host_summary("h1")) == 0
+
+
+def test_a_summary_whose_host_hash_is_gone_names_no_host(alloc_any):
+    one_gpu_host(alloc_any, "h1")
+    alloc_any.redis.delete(alloc_any.keys.host("h1"))  # a lost key; summary and indexes remain
+    with pytest.raises(InsufficientResources):
+        alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": "0.5"})
+    assert alloc_any.redis.exists(alloc_any.keys.host("h1")) == 0

@@ -253,6 +253,8 @@ end
 local function host_state_at(h, pos)
   local raw = rcall('GET', host_sum_key(h))
   if raw then
+    -- A summary left behind by a host hash that is gone (lost key, bad restore) names no host.
+    if rcall('EXISTS', host_key(h)) == 0 then return nil end
     local s = host_from_summary(h, raw)
     if pos ~= nil then s.at, s.at_gpu = pos, summary_gpu(raw, pos, s.ngpu) or false end
     return s
@@ -388,7 +390,10 @@ end
 -- the change of the host's GPU totals}, from a caller that just changed them: then no GPU is read.
 local function reindex_host(h, touched, known)
   local s = host_state(h)
-  if not s then return end
+  if not s then
+    rcall('DEL', host_sum_key(h))
+    return
+  end
   local parked = (s.cpu <= 0) or (s.ramf <= 0)
   local schedulable = (s.state == 'ready') and not parked
   local was = (s.state == 'ready') and not s.parked
