@@ -133,9 +133,11 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
 
 
 def _check_summary(h: str, f: dict[str, str], summary: list[float] | None) -> list[str]:
-    """The host's scan summary (what placement reads) holds the same values as its hash."""
+    """The host's scan summary (what placement reads), where it has one, holds the same values as
+    its hash. A host without one is valid: placement reads its hash instead (a ledger written
+    before summaries existed), and its next change writes one."""
     if summary is None:
-        return [f"{h}: no scan summary"]
+        return []
     ngpu = int(f["ngpu"])
     ncores = int(f["ncores"]) if "ncores" in f else len(f.get("cmap", ""))
     want: list[float] = [1 if f["state"] == "ready" else 0, int(f["cfree"]), int(f["shared"]), int(f["ram"]),

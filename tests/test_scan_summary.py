@@ -23,6 +23,7 @@ def test_a_host_without_a_summary_is_placed_from_its_hash_and_gets_one_at_its_ne
     # A ledger written before summaries existed: placement falls back to the host hash.
     one_gpu_host(alloc_any, "h1")
     alloc_any.redis.delete(alloc_any.keys.host_summary("h1"))
+    assert check(alloc_any.snapshot()) == []  # valid as it is: placement reads the hash
     x = alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": 1})
     assert (x.host_id, [g.index for g in x.gpus], x.cpu_cores) == ("h1", [0], [0])
     assert alloc_any.redis.exists(alloc_any.keys.host_summary("h1")) == 1

@@ -3,6 +3,7 @@ on every outcome. Workers run in subprocesses in burst mode (they quit when the 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,14 @@ from . import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = sorted(os.sched_getaffinity(0))
+
+
+@pytest.fixture(autouse=True)
+def _server_clock(clock):
+    """Workers claim on the server's clock and set deadlines from it: the test's calls must agree."""
+    import time
+
+    clock.now = time.time()
 
 
 def run_worker(a, host: str, *, plain_rq: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -322,3 +331,29 @@ def test_worker_command_channel_stops_within_its_short_read_timeout(alloc):
     t0 = time.monotonic()
     w.unsubscribe()
     assert time.monotonic() - t0 < 3 and not w.pubsub_thread.is_alive()
+
+
+def test_a_running_job_keeps_its_grant_past_a_shorter_ttl(alloc, clock, tmp_path):
+    gpu_host(alloc)
+    flag = tmp_path / "go"
+    task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1}, ttl_seconds=5, job_timeout=3600)
+    worker = start_worker(alloc, "h1")
+    try:
+        wait_until(lambda: task.job.get_status() == "started")
+        clock.advance(600)  # ten minutes into an hour-long job; its 5 s TTL long past
+        assert alloc.expire() == []
+        assert alloc.get(task.id).state == "active"
+        flag.touch()
+        wait_until(lambda: alloc.get(task.id).state != "active")
+        assert alloc.get(task.id).release_reason == "released"
+    finally:
+        flag.touch()
+        worker.terminate()
+        worker.wait(10)
+
+
+@pytest.mark.parametrize(("timeout", "lease"), [(3600, 3600 + 60 + 30 + 30), (None, 180 + 60 + 30 + 30), (-1, math.inf)])
+def test_a_job_holds_its_grant_as_long_as_rq_lets_it_run(alloc, timeout, lease):
+    worker = in_process_worker(alloc, "h1", job_monitoring_interval=30)
+    job = Job.create(jobs.add, args=(1, 2), connection=alloc.rq_connection, timeout=timeout)
+    assert worker.run_lease_s(job) == lease

@@ -5,14 +5,21 @@ horse's pid, requeues a preempted task or records ``finished`` and releases the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
+import pytest
+import redis
 from rq.job import Job
 
+from allocator import invariants
+from allocator.agent import _redis
 from allocator.agent.fencing import claim_grant, finish_job
+from allocator.errors import InvalidRequest
 
 from . import jobs
+from .conftest import ledger_dump
 
 CORES = sorted(os.sched_getaffinity(0))
 
@@ -163,3 +170,85 @@ def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
     assert events_of(a, task.id, "finished") == []
     a.release(urgent.allocation_id)  # its release places the requeued task again, at once
     assert a.get(task.id).state == "active"
+
+
+def test_a_claim_with_a_run_lease_moves_the_deadline_past_a_shorter_ttl(alloc_any, clock):
+    alloc = alloc_any  # also on Redis 6.2
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    clock.advance(5)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
+    deadline = round(clock.now * 1000) + 600_000
+    assert claim.expires_ms == deadline
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) == deadline
+    assert alloc.get(task.id).expires_at.timestamp() * 1000 == deadline
+    assert events_of(alloc, task.id, "started")[-1]["data"]["expires"] == deadline
+    assert alloc.redis.zscore(alloc.keys.ends, task.id) == deadline  # it was the TTL deadline
+    clock.advance(120)  # the TTL has passed, the run lease has not
+    assert alloc.expire() == []
+    assert alloc.get(task.id).state == "active"
+    clock.advance(600)
+    assert alloc.expire() == [task.id]
+    assert alloc.get(task.id).release_reason == "expired"
+
+
+def test_a_claim_for_a_run_without_time_limit_removes_the_deadline(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=math.inf)
+    assert claim.expires_ms == 0
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) is None
+    assert alloc.get(task.id).expires_at is None
+    assert invariants.check(alloc.snapshot()) == []
+    clock.advance(86_400)
+    assert alloc.expire() == []
+    assert alloc.get(task.id).state == "active"
+
+
+def test_a_claim_without_a_run_lease_keeps_the_placed_deadline(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    placed = alloc.redis.zscore(alloc.keys.expiry, task.id)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
+    assert claim.expires_ms is None
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) == placed
+    assert "expires" not in events_of(alloc, task.id, "started")[-1]["data"]
+
+
+def test_a_refused_claim_leaves_the_deadline_alone(alloc):
+    gpu_host(alloc)
+    gpu_host(alloc, "h2")
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, ttl_seconds=60)
+    other = "h2" if alloc.get(task.id).host_id == "h1" else "h1"
+    before = ledger_dump(alloc)
+    claim = claim_grant(alloc, task.id, "w1", other, start=True, run_lease_s=600)
+    assert (claim.current, claim.reason, claim.expires_ms) == (False, "wrong_host", None)
+    assert ledger_dump(alloc) == before
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), "600", True, -math.inf])
+def test_a_bad_run_lease_is_invalid_and_changes_nothing(alloc, bad):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as err:
+        claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=bad)
+    assert err.value.field == "run_lease_s"
+    assert ledger_dump(alloc) == before
+
+
+def test_the_script_refuses_a_run_lease_that_is_not_a_number_and_changes_nothing(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    before = ledger_dump(alloc)
+    with pytest.raises(redis.ResponseError, match="run lease"):
+        _redis.call(alloc, "claim_grant", [], task.id, "w1", "h1", "node", 1, "1", "soon")
+    assert ledger_dump(alloc) == before
+
+
+def test_a_claim_keeps_an_expected_end_that_came_from_a_duration_hint(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60, expected_duration=30)
+    hinted = alloc.redis.zscore(alloc.keys.ends, task.id)
+    claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
+    assert alloc.redis.zscore(alloc.keys.ends, task.id) == hinted

@@ -6,8 +6,8 @@ flag still works; the namespace and host come from the queue name).
 
 In the parent, before forking the work horse: claim the grant (``claim_grant``): it must still be
 current (active, on this host, host not lost since, same host generation) and this placement must
-not have been claimed by another run already. The same call returns the grant and records the
-``started`` event. In the horse: CUDA_VISIBLE_DEVICES, CPU affinity, thread counts and ALLOCATOR_*
+not have been claimed by another run already. The same call returns the grant, records the
+``started`` event and makes the grant last as long as RQ lets the run go on (``run_lease_s``). In the horse: CUDA_VISIBLE_DEVICES, CPU affinity, thread counts and ALLOCATOR_*
 variables (see ``workers.pinning``). In the parent after the fork: the horse's pid into the host's
 pid map (for the GPU memory watchdog). In the parent after the job, on every outcome (success,
 exception, timeout, stop, killed horse), one call (``finish_job``): the pid leaves the map, and
@@ -28,6 +28,7 @@ at the next monitoring tick (``--job-monitoring-interval``), where the task's st
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -90,7 +91,8 @@ class ResourceWorker(Worker):
         # From then on a preemption may send stop-job for this job (see get_current_job_id).
         self._job_in_hand = job.id
         try:
-            claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True)
+            claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True,
+                                run_lease_s=self.run_lease_s(job))
             if not claim.current or claim.grant is None:
                 self._refuse(job, queue, claim)
                 return
@@ -103,6 +105,22 @@ class ResourceWorker(Worker):
         finally:
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
+
+    #: Seconds past the last moment RQ may kill an overrunning horse before the ledger's own expiry
+    #: may release the grant of a job whose worker is stuck.
+    LEASE_SLACK_S = 30
+
+    def run_lease_s(self, job: Job) -> float:
+        """How long the job's grant lasts from its claim: as long as RQ lets the run go on. The
+        horse stops itself at the job's timeout (RQ's default when it has none) and the parent
+        kills it once it is 60 s past it, checked every monitoring tick; a timeout of -1 (none)
+        keeps the grant until the run ends. The allocation's TTL then only bounds the wait between
+        placement and a worker's claim: a TTL shorter than the run no longer frees GPUs the job
+        still uses."""
+        timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+        if timeout <= 0:
+            return math.inf
+        return float(timeout) + 60 + self.job_monitoring_interval + self.LEASE_SLACK_S
 
     def _refuse(self, job: Job, queue: Queue, claim: GrantStatus) -> None:
         """The job does not start here: its grant is stale, moved, or this placement already runs."""

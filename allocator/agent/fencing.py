@@ -15,13 +15,14 @@ Each is one atomic script, so the worker pays two round trips instead of one per
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..client import Allocator
-from ..errors import Refused
+from ..errors import InvalidRequest, Refused
 from . import _redis
 
 #: Reasons ``check_grant`` gives, besides "ok" (``claim_grant`` adds "wrong_host" and "already_claimed").
@@ -48,6 +49,7 @@ class GrantStatus:
     token: str | None = None  # claim_grant: the placement "<host>|<host_gen>|<activated ms>|<requeues>"
     claimed_by: str | None = None
     grant: ClaimedGrant | None = None  # claim_grant(start=True), on a successful claim only
+    expires_ms: int | None = None  # claim_grant(run_lease_s=...): the deadline it set (0 = none)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ PLACEMENT_FIELDS = ("host", "host_gen", "activated", "requeues")
 
 
 def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: str, *,
-                node: str | None = None, pid: int | None = None, start: bool = False) -> GrantStatus:
+                node: str | None = None, pid: int | None = None, start: bool = False,
+                run_lease_s: float | None = None) -> GrantStatus:
     """``check_grant`` for a worker about to start the job, which also claims the placement:
     each placement (host, generation, activation time) is claimed once, so a second copy of the
     same queue entry (popped by a worker before its host was declared lost) cannot start a
@@ -110,10 +113,15 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
 
     ``start=True`` (a worker about to fork the job's work horse): a successful claim also returns
     the grant (``GrantStatus.grant``) and appends the job's ``started`` event with the server
-    clock, in the same atomic call: one round trip before the fork instead of one per step."""
+    clock, in the same atomic call: one round trip before the fork instead of one per step.
+
+    ``run_lease_s`` (a worker: the job's time limit plus the time it may take to kill an
+    overrunning horse) moves the allocation's deadline to the claim time plus that, so a job is
+    not released under a TTL shorter than its run; ``math.inf`` removes the deadline (a job with
+    no time limit); None leaves it as placed."""
     r = _redis.call(allocator, "claim_grant", [], allocation_id, worker, host_id,
                     socket.gethostname() if node is None else node, os.getpid() if pid is None else pid,
-                    "1" if start else "")
+                    "1" if start else "", _lease_arg(run_lease_s))
     g = r.get("grant")
     grant = None if not isinstance(g, dict) else ClaimedGrant(
         gpus=json.loads(g.get("gpus") or "[]") or [], cores=json.loads(g.get("cores") or "[]") or [],
@@ -122,8 +130,18 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
         allocation_id=allocation_id, current=bool(r.get("current")), reason=str(r.get("reason")),
         state=r.get("state"), host_id=r.get("host"), host_state=r.get("host_state"),
         gen=r.get("gen"), host_gen=r.get("host_gen"), token=r.get("token"), claimed_by=r.get("claimed_by"),
-        grant=grant,
+        grant=grant, expires_ms=None if r.get("expires") is None else int(r["expires"]),
     )
+
+
+def _lease_arg(run_lease_s: float | None) -> str:
+    """``claim_grant.lua``'s ARGV[9]: "" keep, "-1" no deadline, else whole ms (at least 1)."""
+    if run_lease_s is None:
+        return ""
+    if isinstance(run_lease_s, bool) or not isinstance(run_lease_s, (int, float)) or math.isnan(run_lease_s) \
+            or run_lease_s <= 0:
+        raise InvalidRequest("run_lease_s", f"must be a positive number of seconds or math.inf, got {run_lease_s!r}")
+    return "-1" if math.isinf(run_lease_s) else str(max(1, math.ceil(run_lease_s * 1000)))
 
 
 def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement: str | None, *,

@@ -202,6 +202,8 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
     elif kind == "started":
         if newer or row["started_at"] is None:
             row["started_at"] = ms_to_dt(d.get("started")) or ev.ts
+        if newer and "expires" in d:  # the worker's claim moved the deadline to cover the run
+            row["expires_at"] = ms_to_dt(d.get("expires"))
     elif kind == "finished":
         if newer or row["outcome"] is None:
             row["outcome"] = _text(d.get("outcome") or d.get("status"))

@@ -6,7 +6,11 @@ ARGV[3] allocation id, ARGV[4] the claiming worker's name, ARGV[5] the worker's 
 ARGV[6] the machine the worker runs on (hostname), ARGV[7] the worker's pid,
 ARGV[8] optional "start": when "1", a successful claim also returns the grant the work horse
 confines itself to and appends the job's "started" event (so a worker needs one round trip
-before it forks).
+before it forks), ARGV[9] optional run lease ms: "" leaves the allocation's deadline as it is;
+a positive number moves it to claim time + that many ms (the job's time limit plus the time its
+worker may take to kill an overrunning horse); "-1" removes it (a job without a time limit ends
+with its run: the worker's release, or the agent's check for a dead worker). An expected end
+(the ends index) that was the old deadline follows it.
 The checks of grant_check.lua (active, host present and not lost, the host's generation equal to
 the one the grant was made under), plus: the allocation is on the worker's host, and no worker
 has claimed this placement yet. A placement is named by its token "<host>|<host_gen>|<activated
@@ -17,9 +21,12 @@ that popped the job before its host was declared lost, and resumed after the tas
 there again) is refused with reason "already_claimed". The claim is written to the record
 (fields claim = token, claimed_by, claimed_node, claimed_pid, claimed_at ms): the host's agent
 reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity;
-with "start" it appends the outbox event "started" {host, worker, started = ms, server clock},
-which the history records as the allocation's start time.
-Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by, grant?};
+with "start" it appends the outbox event "started" {host, worker, started = ms, server clock,
+and expires = the new deadline ms (0 = none) when ARGV[9] moved it}, which the history records as
+the allocation's start time (and its new deadline). A non-numeric ARGV[9] is an error; nothing is
+written then.
+Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by, expires?,
+grant?} (expires: the deadline ARGV[9] set, 0 = none);
 reason is "ok", "not_found", "not_active", "wrong_host", "host_missing", "host_lost",
 "stale_generation" or "already_claimed". grant (with "start", on a successful claim only) =
 {gpus = the record's "gpus" JSON text (pos, index, uuid, model, memory_mb per GPU), cores = the
@@ -42,6 +49,10 @@ end
 
 local id, worker, my_host, node, pid = ARGV[3], ARGV[4], ARGV[5], ARGV[6] or '', ARGV[7] or ''
 local start = ARGV[8] == '1'
+local run_lease = tonumber(ARGV[9] or '')
+if ARGV[9] ~= nil and ARGV[9] ~= '' and (run_lease == nil or (run_lease <= 0 and run_lease ~= -1)) then
+  return redis.error_reply('ERR run lease: expected a positive number of ms or -1, got ' .. ARGV[9])
+end
 local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
                                           'shared_millis'})
 if out.reason ~= nil then return cjson.encode(out) end
@@ -55,11 +66,25 @@ local now = now_ms()
 rcall('HSET', alloc_key(id), 'claim', token, 'claimed_by', worker, 'claimed_node', node, 'claimed_pid', pid,
   'claimed_at', now)
 out.current, out.reason, out.claimed_by = true, 'ok', worker
+if run_lease ~= nil then
+  -- The lease now lasts as long as the run may: a placed job waits at most its TTL for a worker,
+  -- and a running one is not released under it when its TTL is shorter than its time limit.
+  local expires = 0
+  if run_lease > 0 then expires = now + math.floor(run_lease) end
+  local old = tonumber(rcall('HGET', alloc_key(id), 'expires') or 0) or 0
+  rcall('HSET', alloc_key(id), 'expires', tostring(expires))
+  if expires > 0 then rcall('ZADD', K_EXPIRY, expires, id) else rcall('ZREM', K_EXPIRY, id) end
+  -- An expected end that was the TTL deadline (no history, no hint) follows the deadline.
+  if old > 0 and tonumber(rcall('ZSCORE', K_ENDS, id) or -1) == old then
+    if expires > 0 then rcall('ZADD', K_ENDS, expires, id) else rcall('ZREM', K_ENDS, id) end
+  end
+  out.expires = expires
+end
 if start then
   local shared = tonumber(a[10] or 0) or 0
   local pool = {}
   if #decode_list(a[9]) == 0 and shared > 0 then pool = shared_pool(my_host) end
   out.grant = {gpus = a[8] or '[]', cores = a[9] or '[]', shared_millis = shared, pool = pool}
-  emit('started', id, now, cjson.encode({host = my_host, worker = worker, started = now}))
+  emit('started', id, now, cjson.encode({host = my_host, worker = worker, started = now, expires = out.expires}))
 end
 return cjson.encode(out)

@@ -123,3 +123,19 @@ def test_cli_recover_prints_the_report(alloc: Allocator, recorder: Recorder, eng
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["ok"] and out["restored"] == 3 and sorted(out["hosts_restored"]) == ["gpu-a", "gpu-b"]
+
+
+def test_a_running_job_comes_back_with_the_deadline_its_claim_set(alloc: Allocator, recorder: Recorder, engine) -> None:
+    from allocator.agent.fencing import claim_grant
+
+    from .. import jobs
+
+    register_fleet(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    claim = claim_grant(alloc, task.id, "w1", alloc.get(task.id).host_id, start=True, run_lease_s=7200)
+    recorder.drain()
+    assert allocation_row(engine, alloc, task.id)["expires_at"] == alloc.get(task.id).expires_at
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) == claim.expires_ms
+    assert invariants.check(alloc.snapshot()) == []
