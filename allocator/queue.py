@@ -12,6 +12,7 @@ host's ``workers.ResourceWorker`` runs it with the GPUs and cores pinned.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,23 @@ RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "des
               "retry", "on_success", "on_failure", "on_stopped", "depends_on_nothing"}
 ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "selector", "metadata",
                 "task_id", "task_type", "owner"}
+
+
+#: After a job's timeout, RQ's worker kills a horse that did not stop itself once it is this many
+#: seconds past it, at its next monitoring tick (``--job-monitoring-interval``, 30 s by default).
+RQ_KILL_DELAY_S = 60
+RQ_MONITORING_INTERVAL_S = 30
+#: Margin past that moment before the ledger may release the grant of a stuck worker's job.
+RUN_LEASE_SLACK_S = 30
+
+
+def run_lease_s(timeout: int | float | None, monitoring_interval: float = RQ_MONITORING_INTERVAL_S) -> float:
+    """How long a job's run may hold its grant: until RQ has surely stopped it. ``timeout`` is the
+    job's (RQ's default when None; -1 or less = no time limit: ``math.inf``)."""
+    t = timeout or Queue.DEFAULT_TIMEOUT
+    if t <= 0:
+        return math.inf
+    return float(t) + RQ_KILL_DELAY_S + monitoring_interval + RUN_LEASE_SLACK_S
 
 
 def pending_queue_name(namespace: str, priority: Priority) -> str:
@@ -95,6 +113,10 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
         rq_opts["timeout"] = rq_opts.pop("job_timeout")
     q = Queue(pending_queue_name(a.keys.namespace, req.priority), connection=a.rq_connection)
     job = q.create_job(func, args=args, kwargs=kwargs, job_id=task_id, **rq_opts)
+    lease = run_lease_s(job.timeout)
+    if req.ttl_seconds is not None and math.isfinite(lease) and req.ttl_seconds < lease:
+        # A job's TTL bounds its wait for a worker and then its run: never shorter than RQ lets it run.
+        req = req.model_copy(update={"ttl_seconds": lease})
     pipe = a.rq_connection.pipeline()
     q.enqueue_job(job, pipeline=pipe)
     pipe.execute()

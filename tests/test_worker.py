@@ -352,7 +352,7 @@ def test_a_running_job_keeps_its_grant_past_a_shorter_ttl(alloc, clock, tmp_path
         worker.wait(10)
 
 
-@pytest.mark.parametrize(("timeout", "lease"), [(3600, 3600 + 60 + 30 + 30), (None, 180 + 60 + 30 + 30), (-1, math.inf)])
+@pytest.mark.parametrize(("timeout", "lease"), [(3600, 3600 + 60 + 30 + 30), (-1, math.inf)])
 def test_a_job_holds_its_grant_as_long_as_rq_lets_it_run(alloc, timeout, lease):
     worker = in_process_worker(alloc, "h1", job_monitoring_interval=30)
     job = Job.create(jobs.add, args=(1, 2), connection=alloc.rq_connection, timeout=timeout)

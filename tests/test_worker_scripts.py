@@ -175,7 +175,7 @@ def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
 def test_a_claim_with_a_run_lease_moves_the_deadline_past_a_shorter_ttl(alloc_any, clock):
     alloc = alloc_any  # also on Redis 6.2
     gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=300, job_timeout=60)
     clock.advance(5)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
     deadline = round(clock.now * 1000) + 600_000
@@ -184,35 +184,58 @@ def test_a_claim_with_a_run_lease_moves_the_deadline_past_a_shorter_ttl(alloc_an
     assert alloc.get(task.id).expires_at.timestamp() * 1000 == deadline
     assert events_of(alloc, task.id, "started")[-1]["data"]["expires"] == deadline
     assert alloc.redis.zscore(alloc.keys.ends, task.id) == deadline  # it was the TTL deadline
-    clock.advance(120)  # the TTL has passed, the run lease has not
+    clock.advance(400)  # the TTL has passed, the run lease has not
     assert alloc.expire() == []
     assert alloc.get(task.id).state == "active"
-    clock.advance(600)
+    clock.advance(200)
     assert alloc.expire() == [task.id]
     assert alloc.get(task.id).release_reason == "expired"
 
 
-def test_a_claim_for_a_run_without_time_limit_removes_the_deadline(alloc, clock):
+def test_a_claim_counts_a_longer_ttl_from_the_start_of_the_run(alloc, clock):
     gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=3600, job_timeout=60)
+    clock.advance(100)  # waited in its host queue for a worker
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=180)
+    assert claim.expires_ms == round(clock.now * 1000) + 3_600_000
+
+
+def test_a_claim_for_a_run_without_time_limit_counts_the_ttl_from_the_claim(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600, job_timeout=-1)
+    clock.advance(100)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=math.inf)
-    assert claim.expires_ms == 0
+    assert claim.expires_ms == round(clock.now * 1000) + 600_000
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_claim_leaves_an_allocation_without_ttl_without_deadline(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=None)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
+    assert claim.current and claim.expires_ms is None
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) is None
     assert alloc.get(task.id).expires_at is None
-    assert invariants.check(alloc.snapshot()) == []
-    clock.advance(86_400)
-    assert alloc.expire() == []
-    assert alloc.get(task.id).state == "active"
 
 
 def test_a_claim_without_a_run_lease_keeps_the_placed_deadline(alloc, clock):
     gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600)
     placed = alloc.redis.zscore(alloc.keys.expiry, task.id)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
     assert claim.expires_ms is None
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) == placed
     assert "expires" not in events_of(alloc, task.id, "started")[-1]["data"]
+
+
+def test_a_claim_after_the_deadline_passed_is_refused_as_expired_and_changes_nothing(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600, job_timeout=60)
+    clock.advance(601)  # nothing has reaped it yet
+    before = ledger_dump(alloc)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=180)
+    assert (claim.current, claim.reason, claim.grant) == (False, "expired", None)
+    assert ledger_dump(alloc) == before
 
 
 def test_a_refused_claim_leaves_the_deadline_alone(alloc):
@@ -237,12 +260,13 @@ def test_a_bad_run_lease_is_invalid_and_changes_nothing(alloc, bad):
     assert ledger_dump(alloc) == before
 
 
-def test_the_script_refuses_a_run_lease_that_is_not_a_number_and_changes_nothing(alloc):
+@pytest.mark.parametrize("bad", ["soon", "-1", "inf", "nan", "0x10", "1e3", "1.5", "9999999999999"])
+def test_the_script_refuses_a_run_lease_that_is_not_whole_ms_and_changes_nothing(alloc, bad):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
     before = ledger_dump(alloc)
     with pytest.raises(redis.ResponseError, match="run lease"):
-        _redis.call(alloc, "claim_grant", [], task.id, "w1", "h1", "node", 1, "1", "soon")
+        _redis.call(alloc, "claim_grant", [], task.id, "w1", "h1", "node", 1, "1", bad)
     assert ledger_dump(alloc) == before
 
 
@@ -252,3 +276,15 @@ def test_a_claim_keeps_an_expected_end_that_came_from_a_duration_hint(alloc, clo
     hinted = alloc.redis.zscore(alloc.keys.ends, task.id)
     claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
     assert alloc.redis.zscore(alloc.keys.ends, task.id) == hinted
+
+
+def test_a_function_task_ttl_is_never_shorter_than_rq_lets_it_run(alloc):
+    gpu_host(alloc)
+    long_job = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_timeout=7200)
+    short_job = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_timeout=60)
+    unlimited = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_timeout=-1, ttl_seconds=600)
+    no_ttl = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_timeout=7200, ttl_seconds=None)
+    assert alloc.get(long_job.id).ttl_seconds == 7200 + 60 + 30 + 30
+    assert alloc.get(short_job.id).ttl_seconds == 3600  # the default TTL already covers it
+    assert alloc.get(unlimited.id).ttl_seconds == 600
+    assert alloc.get(no_ttl.id).ttl_seconds is None

@@ -28,7 +28,6 @@ at the next monitoring tick (``--job-monitoring-interval``), where the task's st
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -40,7 +39,7 @@ from rq.job import Job
 
 from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
 from allocator.client import Allocator
-from allocator.queue import parse_host_queue
+from allocator.queue import parse_host_queue, run_lease_s
 
 from .pinning import Grant, apply
 
@@ -106,21 +105,13 @@ class ResourceWorker(Worker):
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
 
-    #: Seconds past the last moment RQ may kill an overrunning horse before the ledger's own expiry
-    #: may release the grant of a job whose worker is stuck.
-    LEASE_SLACK_S = 30
-
     def run_lease_s(self, job: Job) -> float:
-        """How long the job's grant lasts from its claim: as long as RQ lets the run go on. The
-        horse stops itself at the job's timeout (RQ's default when it has none) and the parent
-        kills it once it is 60 s past it, checked every monitoring tick; a timeout of -1 (none)
-        keeps the grant until the run ends. The allocation's TTL then only bounds the wait between
-        placement and a worker's claim: a TTL shorter than the run no longer frees GPUs the job
-        still uses."""
-        timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
-        if timeout <= 0:
-            return math.inf
-        return float(timeout) + 60 + self.job_monitoring_interval + self.LEASE_SLACK_S
+        """How long the job's run may hold its grant (``allocator.queue.run_lease_s`` with this
+        worker's monitoring interval): the horse stops itself at the job's timeout and the parent
+        kills it once it is 60 s past it, at a monitoring tick. The claim moves the deadline of an
+        allocation with a TTL to the claim time plus the larger of the TTL and this, so a TTL
+        shorter than the run no longer frees GPUs the job still uses."""
+        return run_lease_s(job.timeout, self.job_monitoring_interval)
 
     def _refuse(self, job: Job, queue: Queue, claim: GrantStatus) -> None:
         """The job does not start here: its grant is stale, moved, or this placement already runs."""
@@ -129,7 +120,7 @@ class ResourceWorker(Worker):
         # RQ moved the id to the queue's intermediate list when it popped it; a job that does not
         # start here must not linger there (RQ's maintenance would later mark it failed).
         queue.intermediate_queue.remove(job.id)
-        if claim.reason == "already_claimed" or claim.state in ("pending", "active"):
+        if claim.reason == "already_claimed" or (claim.state in ("pending", "active") and claim.reason != "expired"):
             # Another run holds this placement, or the task waits in line again, or it is placed
             # elsewhere: this copy of the queue entry is dropped and the job itself left alone.
             return

@@ -25,7 +25,8 @@ from ..client import Allocator
 from ..errors import InvalidRequest, Refused
 from . import _redis
 
-#: Reasons ``check_grant`` gives, besides "ok" (``claim_grant`` adds "wrong_host" and "already_claimed").
+#: Reasons ``check_grant`` gives, besides "ok" (``claim_grant`` adds "wrong_host", "already_claimed"
+#: and "expired").
 REASONS = ("not_found", "not_active", "host_missing", "host_lost", "stale_generation")
 
 
@@ -49,7 +50,7 @@ class GrantStatus:
     token: str | None = None  # claim_grant: the placement "<host>|<host_gen>|<activated ms>|<requeues>"
     claimed_by: str | None = None
     grant: ClaimedGrant | None = None  # claim_grant(start=True), on a successful claim only
-    expires_ms: int | None = None  # claim_grant(run_lease_s=...): the deadline it set (0 = none)
+    expires_ms: int | None = None  # claim_grant(run_lease_s=...): the deadline it set (None: none set)
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,10 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
     clock, in the same atomic call: one round trip before the fork instead of one per step.
 
     ``run_lease_s`` (a worker: the job's time limit plus the time it may take to kill an
-    overrunning horse) moves the allocation's deadline to the claim time plus that, so a job is
-    not released under a TTL shorter than its run; ``math.inf`` removes the deadline (a job with
-    no time limit); None leaves it as placed."""
+    overrunning horse; ``math.inf`` for a job without a time limit) moves the deadline of an
+    allocation with a TTL to the claim time plus the larger of its TTL and the run lease, so the
+    TTL bounds the wait for a worker and never ends a run before RQ would stop it; None leaves
+    the deadline as placed. A claim after the deadline passed is refused (reason ``expired``)."""
     r = _redis.call(allocator, "claim_grant", [], allocation_id, worker, host_id,
                     socket.gethostname() if node is None else node, os.getpid() if pid is None else pid,
                     "1" if start else "", _lease_arg(run_lease_s))
@@ -135,13 +137,17 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
 
 
 def _lease_arg(run_lease_s: float | None) -> str:
-    """``claim_grant.lua``'s ARGV[9]: "" keep, "-1" no deadline, else whole ms (at least 1)."""
+    """``claim_grant.lua``'s ARGV[9]: "" keep, "0" no time limit, else whole ms (a limit beyond
+    ``_MAX_LEASE_MS``, about three years, counts as that)."""
     if run_lease_s is None:
         return ""
     if isinstance(run_lease_s, bool) or not isinstance(run_lease_s, (int, float)) or math.isnan(run_lease_s) \
             or run_lease_s <= 0:
         raise InvalidRequest("run_lease_s", f"must be a positive number of seconds or math.inf, got {run_lease_s!r}")
-    return "-1" if math.isinf(run_lease_s) else str(max(1, math.ceil(run_lease_s * 1000)))
+    return "0" if math.isinf(run_lease_s) else str(min(_MAX_LEASE_MS, max(1, math.ceil(run_lease_s * 1000))))
+
+
+_MAX_LEASE_MS = 10**11
 
 
 def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement: str | None, *,

@@ -6,14 +6,16 @@ ARGV[3] allocation id, ARGV[4] the claiming worker's name, ARGV[5] the worker's 
 ARGV[6] the machine the worker runs on (hostname), ARGV[7] the worker's pid,
 ARGV[8] optional "start": when "1", a successful claim also returns the grant the work horse
 confines itself to and appends the job's "started" event (so a worker needs one round trip
-before it forks), ARGV[9] optional run lease ms: "" leaves the allocation's deadline as it is;
-a positive number moves it to claim time + that many ms (the job's time limit plus the time its
-worker may take to kill an overrunning horse); "-1" removes it (a job without a time limit ends
-with its run: the worker's release, or the agent's check for a dead worker). An expected end
-(the ends index) that was the old deadline follows it.
+before it forks), ARGV[9] optional run lease ms ("" = leave the deadline as placed): the job's
+time limit plus the time its worker may take to kill an overrunning horse, "0" for a job without
+a time limit. For an allocation with a TTL, a successful claim moves the deadline to claim time +
+the larger of its TTL and the run lease: the TTL first bounds the wait between placement and a
+worker's claim, then the run, and never ends a run before RQ would stop it. An allocation without
+a TTL keeps none. An expected end (the ends index) that was the old deadline follows it.
 The checks of grant_check.lua (active, host present and not lost, the host's generation equal to
-the one the grant was made under), plus: the allocation is on the worker's host, and no worker
-has claimed this placement yet. A placement is named by its token "<host>|<host_gen>|<activated
+the one the grant was made under), plus: the allocation is on the worker's host, no worker
+has claimed this placement yet, and its deadline has not passed (reason "expired": the expiry
+has not reaped it yet, and it must not start a run). A placement is named by its token "<host>|<host_gen>|<activated
 ms>|<requeues>": a task that was requeued (host lost, preemption) and placed again has a new
 token (its requeue count grows, even under an injected clock), so its
 new placement can be claimed once more, while a second copy of the same queue entry (a worker
@@ -22,13 +24,13 @@ there again) is refused with reason "already_claimed". The claim is written to t
 (fields claim = token, claimed_by, claimed_node, claimed_pid, claimed_at ms): the host's agent
 reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity;
 with "start" it appends the outbox event "started" {host, worker, started = ms, server clock,
-and expires = the new deadline ms (0 = none) when ARGV[9] moved it}, which the history records as
-the allocation's start time (and its new deadline). A non-numeric ARGV[9] is an error; nothing is
-written then.
+and expires = the new deadline ms when ARGV[9] moved it}, which the history records as the
+allocation's start time (and its new deadline). An ARGV[9] that is not a whole number of ms is an
+error; nothing is written then.
 Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by, expires?,
-grant?} (expires: the deadline ARGV[9] set, 0 = none);
+grant?} (expires: the deadline ARGV[9] set);
 reason is "ok", "not_found", "not_active", "wrong_host", "host_missing", "host_lost",
-"stale_generation" or "already_claimed". grant (with "start", on a successful claim only) =
+"stale_generation", "already_claimed" or "expired". grant (with "start", on a successful claim only) =
 {gpus = the record's "gpus" JSON text (pos, index, uuid, model, memory_mb per GPU), cores = the
 record's "cores" JSON text (exclusive core ids), shared_millis, pool = for a grant of shared CPU
 only, the host's cores nobody holds exclusively right now (where fractional grants run)}.
@@ -49,12 +51,16 @@ end
 
 local id, worker, my_host, node, pid = ARGV[3], ARGV[4], ARGV[5], ARGV[6] or '', ARGV[7] or ''
 local start = ARGV[8] == '1'
-local run_lease = tonumber(ARGV[9] or '')
-if ARGV[9] ~= nil and ARGV[9] ~= '' and (run_lease == nil or (run_lease <= 0 and run_lease ~= -1)) then
-  return redis.error_reply('ERR run lease: expected a positive number of ms or -1, got ' .. ARGV[9])
+local run_lease = nil
+if ARGV[9] ~= nil and ARGV[9] ~= '' then
+  if not string.match(ARGV[9], '^%d+$') or #ARGV[9] > 12 then
+    return redis.error_reply('ERR run lease: expected a whole number of ms below 10^12 (0 = no time limit), got ' ..
+      ARGV[9])
+  end
+  run_lease = tonumber(ARGV[9])
 end
 local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
-                                          'shared_millis'})
+                                          'shared_millis', 'ttl_ms', 'expires'})
 if out.reason ~= nil then return cjson.encode(out) end
 local token = placement_token(a[2], a[3], a[4], a[7])
 out.token = token
@@ -63,21 +69,20 @@ if a[5] == token then
   return cjson.encode(out)
 end
 local now = now_ms()
+local ttl, old = tonumber(a[11] or 0) or 0, tonumber(a[12] or 0) or 0
+if old > 0 and old <= now then
+  out.reason = 'expired'
+  return cjson.encode(out)
+end
 rcall('HSET', alloc_key(id), 'claim', token, 'claimed_by', worker, 'claimed_node', node, 'claimed_pid', pid,
   'claimed_at', now)
 out.current, out.reason, out.claimed_by = true, 'ok', worker
-if run_lease ~= nil then
-  -- The lease now lasts as long as the run may: a placed job waits at most its TTL for a worker,
-  -- and a running one is not released under it when its TTL is shorter than its time limit.
-  local expires = 0
-  if run_lease > 0 then expires = now + math.floor(run_lease) end
-  local old = tonumber(rcall('HGET', alloc_key(id), 'expires') or 0) or 0
+if run_lease ~= nil and ttl > 0 then
+  local expires = now + math.max(ttl, run_lease)
   rcall('HSET', alloc_key(id), 'expires', tostring(expires))
-  if expires > 0 then rcall('ZADD', K_EXPIRY, expires, id) else rcall('ZREM', K_EXPIRY, id) end
+  rcall('ZADD', K_EXPIRY, expires, id)
   -- An expected end that was the TTL deadline (no history, no hint) follows the deadline.
-  if old > 0 and tonumber(rcall('ZSCORE', K_ENDS, id) or -1) == old then
-    if expires > 0 then rcall('ZADD', K_ENDS, expires, id) else rcall('ZREM', K_ENDS, id) end
-  end
+  if old > 0 and tonumber(rcall('ZSCORE', K_ENDS, id) or -1) == old then rcall('ZADD', K_ENDS, expires, id) end
   out.expires = expires
 end
 if start then

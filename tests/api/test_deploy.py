@@ -50,6 +50,10 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     for name in ("agent", "worker"):
         dev = s[name]["deploy"]["resources"]["reservations"]["devices"][0]
         assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+    # The agent finds runs whose worker died by the claim's node name and the worker's pid, and maps
+    # NVML's pids to work horses: both need the same hostname and the host's pid namespace.
+    assert s["agent"]["pid"] == s["worker"]["pid"] == "host"
+    assert s["agent"]["hostname"] == s["worker"]["hostname"]
     assert any(str(p).endswith(":8000") for p in s["api"]["ports"])
     assert "ALLOCATOR_API_TOKEN" in s["api"]["environment"]
 

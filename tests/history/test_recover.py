@@ -138,4 +138,5 @@ def test_a_running_job_comes_back_with_the_deadline_its_claim_set(alloc: Allocat
     alloc.destroy()
     rec_mod.recover(alloc, engine)
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) == claim.expires_ms
+    assert alloc.redis.zscore(alloc.keys.ends, task.id) == claim.expires_ms  # the end the claim moved
     assert invariants.check(alloc.snapshot()) == []
