@@ -21,6 +21,7 @@ from .units import parse_cpu_millis, parse_memory_mb
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 ID_RULE = "1-128 characters: letters, digits and . _ : @ / -, starting with a letter or digit"
+MAX_SECONDS = 10 * 365 * 86400  # the longest TTL or duration a request may give (ten years)
 
 
 class Priority(enum.IntEnum):
@@ -275,7 +276,7 @@ class AllocationRequest(_Strict):
     def _ttl(cls, v: object) -> object:
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > 10 * 365 * 86400:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > MAX_SECONDS:
             raise InvalidRequest("ttl_seconds", f"must be a positive number of seconds (or null for none), got {v!r}")
         return v
 
@@ -286,7 +287,7 @@ class AllocationRequest(_Strict):
             return None
         if hasattr(v, "total_seconds"):
             v = v.total_seconds()
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > 10 * 365 * 86400:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > MAX_SECONDS:
             raise InvalidRequest("expected_duration", f"must be a positive number of seconds, got {v!r}")
         return v
 

@@ -23,7 +23,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from .errors import AllocationNotFound, InvalidRequest
-from .models import Allocation, AllocationRequest, Priority
+from .models import MAX_SECONDS, Allocation, AllocationRequest, Priority
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -113,10 +113,11 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
         rq_opts["timeout"] = rq_opts.pop("job_timeout")
     q = Queue(pending_queue_name(a.keys.namespace, req.priority), connection=a.rq_connection)
     job = q.create_job(func, args=args, kwargs=kwargs, job_id=task_id, **rq_opts)
+    # A job's TTL bounds its wait for a worker and then its run: never shorter than RQ lets it run
+    # (a job without a time limit, lease inf: its claim removes the deadline, see claim_grant.lua).
     lease = run_lease_s(job.timeout)
     if req.ttl_seconds is not None and math.isfinite(lease) and req.ttl_seconds < lease:
-        # A job's TTL bounds its wait for a worker and then its run: never shorter than RQ lets it run.
-        req = req.model_copy(update={"ttl_seconds": lease})
+        req = req.model_copy(update={"ttl_seconds": min(lease, MAX_SECONDS)})
     pipe = a.rq_connection.pipeline()
     q.enqueue_job(job, pipeline=pipe)
     pipe.execute()

@@ -333,14 +333,14 @@ def test_worker_command_channel_stops_within_its_short_read_timeout(alloc):
     assert time.monotonic() - t0 < 3 and not w.pubsub_thread.is_alive()
 
 
-def test_a_running_job_keeps_its_grant_past_a_shorter_ttl(alloc, clock, tmp_path):
+def test_a_running_job_without_time_limit_keeps_its_grant_past_its_ttl(alloc, clock, tmp_path):
     gpu_host(alloc)
     flag = tmp_path / "go"
-    task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1}, ttl_seconds=5, job_timeout=3600)
+    task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1}, ttl_seconds=5, job_timeout=-1)
     worker = start_worker(alloc, "h1")
     try:
         wait_until(lambda: task.job.get_status() == "started")
-        clock.advance(600)  # ten minutes into an hour-long job; its 5 s TTL long past
+        clock.advance(600)  # ten minutes into the run; its 5 s TTL (the wait for a worker) long past
         assert alloc.expire() == []
         assert alloc.get(task.id).state == "active"
         flag.touch()
@@ -352,8 +352,22 @@ def test_a_running_job_keeps_its_grant_past_a_shorter_ttl(alloc, clock, tmp_path
         worker.wait(10)
 
 
-@pytest.mark.parametrize(("timeout", "lease"), [(3600, 3600 + 60 + 30 + 30), (-1, math.inf)])
+@pytest.mark.parametrize(("timeout", "lease"), [(3600, 3600 + 60 + 30 + 30), (None, 180 + 60 + 30 + 30),
+                                              (-1, math.inf)])
 def test_a_job_holds_its_grant_as_long_as_rq_lets_it_run(alloc, timeout, lease):
     worker = in_process_worker(alloc, "h1", job_monitoring_interval=30)
     job = Job.create(jobs.add, args=(1, 2), connection=alloc.rq_connection, timeout=timeout)
     assert worker.run_lease_s(job) == lease
+
+
+def test_a_job_whose_deadline_passed_before_a_worker_took_it_does_not_run(alloc, clock):
+    import time
+
+    clock.now = time.time() - 3600  # placed an hour ago with a one-minute TTL, never reaped
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60, job_timeout=-1)
+    run_worker(alloc, "h1")
+    assert task.job.get_status() == "canceled"
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.release_reason) == ("released", "expired")
+    assert alloc.capacity().gpus_idle == 2

@@ -17,6 +17,7 @@ from allocator import invariants
 from allocator.agent import _redis
 from allocator.agent.fencing import claim_grant, finish_job
 from allocator.errors import InvalidRequest
+from allocator.models import MAX_SECONDS
 
 from . import jobs
 from .conftest import ledger_dump
@@ -172,48 +173,54 @@ def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
     assert a.get(task.id).state == "active"
 
 
-def test_a_claim_with_a_run_lease_moves_the_deadline_past_a_shorter_ttl(alloc_any, clock):
+def test_a_claim_after_a_long_wait_moves_the_deadline_to_give_the_run_its_whole_lease(alloc_any, clock):
     alloc = alloc_any  # also on Redis 6.2
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=300, job_timeout=60)
-    clock.advance(5)
-    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
-    deadline = round(clock.now * 1000) + 600_000
+    clock.advance(200)  # waited in its host queue for a worker
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=180)
+    deadline = round(clock.now * 1000) + 180_000
     assert claim.expires_ms == deadline
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) == deadline
     assert alloc.get(task.id).expires_at.timestamp() * 1000 == deadline
     assert events_of(alloc, task.id, "started")[-1]["data"]["expires"] == deadline
     assert alloc.redis.zscore(alloc.keys.ends, task.id) == deadline  # it was the TTL deadline
-    clock.advance(400)  # the TTL has passed, the run lease has not
+    clock.advance(150)  # past the placed deadline, within the run's lease
     assert alloc.expire() == []
     assert alloc.get(task.id).state == "active"
-    clock.advance(200)
+    clock.advance(31)
     assert alloc.expire() == [task.id]
     assert alloc.get(task.id).release_reason == "expired"
 
 
-def test_a_claim_counts_a_longer_ttl_from_the_start_of_the_run(alloc, clock):
+def test_a_claim_keeps_a_placed_deadline_that_leaves_the_run_its_lease(alloc, clock):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=3600, job_timeout=60)
-    clock.advance(100)  # waited in its host queue for a worker
+    placed = alloc.redis.zscore(alloc.keys.expiry, task.id)
+    clock.advance(100)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=180)
-    assert claim.expires_ms == round(clock.now * 1000) + 3_600_000
+    assert claim.expires_ms == placed == alloc.redis.zscore(alloc.keys.expiry, task.id)
 
 
-def test_a_claim_for_a_run_without_time_limit_counts_the_ttl_from_the_claim(alloc, clock):
+def test_a_claim_for_a_run_without_time_limit_removes_the_deadline(alloc, clock):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600, job_timeout=-1)
-    clock.advance(100)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=math.inf)
-    assert claim.expires_ms == round(clock.now * 1000) + 600_000
+    assert claim.expires_ms == 0
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) is None
+    assert alloc.redis.zscore(alloc.keys.ends, task.id) is None  # its end was the TTL deadline
+    assert alloc.get(task.id).expires_at is None
     assert invariants.check(alloc.snapshot()) == []
+    clock.advance(86_400)
+    assert alloc.expire() == []
+    assert alloc.get(task.id).state == "active"
 
 
 def test_a_claim_leaves_an_allocation_without_ttl_without_deadline(alloc, clock):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=None)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=600)
-    assert claim.current and claim.expires_ms is None
+    assert claim.current and claim.expires_ms == 0
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) is None
     assert alloc.get(task.id).expires_at is None
 
@@ -222,20 +229,24 @@ def test_a_claim_without_a_run_lease_keeps_the_placed_deadline(alloc, clock):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600)
     placed = alloc.redis.zscore(alloc.keys.expiry, task.id)
+    clock.advance(500)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
     assert claim.expires_ms is None
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) == placed
     assert "expires" not in events_of(alloc, task.id, "started")[-1]["data"]
 
 
-def test_a_claim_after_the_deadline_passed_is_refused_as_expired_and_changes_nothing(alloc, clock):
+def test_a_claim_after_the_deadline_passed_releases_the_allocation_as_expired(alloc, clock):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600, job_timeout=60)
     clock.advance(601)  # nothing has reaped it yet
-    before = ledger_dump(alloc)
     claim = claim_grant(alloc, task.id, "w1", "h1", start=True, run_lease_s=180)
-    assert (claim.current, claim.reason, claim.grant) == (False, "expired", None)
-    assert ledger_dump(alloc) == before
+    assert (claim.current, claim.reason, claim.state, claim.grant) == (False, "expired", "released", None)
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.release_reason) == ("released", "expired")
+    assert events_of(alloc, task.id, "started") == []
+    assert alloc.capacity().gpus_idle == 2
+    assert invariants.check(alloc.snapshot()) == []
 
 
 def test_a_refused_claim_leaves_the_deadline_alone(alloc):
@@ -288,3 +299,20 @@ def test_a_function_task_ttl_is_never_shorter_than_rq_lets_it_run(alloc):
     assert alloc.get(short_job.id).ttl_seconds == 3600  # the default TTL already covers it
     assert alloc.get(unlimited.id).ttl_seconds == 600
     assert alloc.get(no_ttl.id).ttl_seconds is None
+
+
+def test_a_function_task_ttl_raised_for_a_huge_timeout_stays_within_the_ttl_limit(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_timeout=20 * 365 * 86400)
+    assert alloc.get(task.id).ttl_seconds == MAX_SECONDS
+
+
+def test_claims_and_the_dead_worker_check_name_the_machine_allocator_node_gives(alloc, monkeypatch):
+    from allocator.agent.orphans import OrphanReaper
+
+    monkeypatch.setenv("ALLOCATOR_NODE", "gpu-host-7")  # agent and workers in containers of one machine
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    claim_grant(alloc, task.id, "w1", "h1", start=True)
+    assert alloc.redis.hget(alloc.keys.alloc(task.id), "claimed_node") == "gpu-host-7"
+    assert OrphanReaper(alloc).node == "gpu-host-7"

@@ -108,9 +108,10 @@ class ResourceWorker(Worker):
     def run_lease_s(self, job: Job) -> float:
         """How long the job's run may hold its grant (``allocator.queue.run_lease_s`` with this
         worker's monitoring interval): the horse stops itself at the job's timeout and the parent
-        kills it once it is 60 s past it, at a monitoring tick. The claim moves the deadline of an
-        allocation with a TTL to the claim time plus the larger of the TTL and this, so a TTL
-        shorter than the run no longer frees GPUs the job still uses."""
+        kills it once it is 60 s past it, at a monitoring tick; ``math.inf`` for timeout -1. The
+        claim moves the deadline of an allocation with a TTL to the claim time plus this when that
+        is later, or removes it for a job without a time limit, so a TTL never frees GPUs the run
+        still uses."""
         return run_lease_s(job.timeout, self.job_monitoring_interval)
 
     def _refuse(self, job: Job, queue: Queue, claim: GrantStatus) -> None:
@@ -120,7 +121,7 @@ class ResourceWorker(Worker):
         # RQ moved the id to the queue's intermediate list when it popped it; a job that does not
         # start here must not linger there (RQ's maintenance would later mark it failed).
         queue.intermediate_queue.remove(job.id)
-        if claim.reason == "already_claimed" or (claim.state in ("pending", "active") and claim.reason != "expired"):
+        if claim.reason == "already_claimed" or claim.state in ("pending", "active"):
             # Another run holds this placement, or the task waits in line again, or it is placed
             # elsewhere: this copy of the queue entry is dropped and the job itself left alone.
             return

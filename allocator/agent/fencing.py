@@ -50,7 +50,7 @@ class GrantStatus:
     token: str | None = None  # claim_grant: the placement "<host>|<host_gen>|<activated ms>|<requeues>"
     claimed_by: str | None = None
     grant: ClaimedGrant | None = None  # claim_grant(start=True), on a successful claim only
-    expires_ms: int | None = None  # claim_grant(run_lease_s=...): the deadline it set (None: none set)
+    expires_ms: int | None = None  # claim_grant(run_lease_s=...): the deadline after the claim (0 = none)
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,20 @@ def placement_token(host: str | None, host_gen: str | None, activated: str | Non
 PLACEMENT_FIELDS = ("host", "host_gen", "activated", "requeues")
 
 
+def node_name() -> str:
+    """The machine a worker's claim names and the agent's dead-worker check compares with its own:
+    ``ALLOCATOR_NODE`` when set (containers of one machine: agent and workers set the same value),
+    else the hostname."""
+    return os.environ.get("ALLOCATOR_NODE") or socket.gethostname()
+
+
 def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: str, *,
                 node: str | None = None, pid: int | None = None, start: bool = False,
                 run_lease_s: float | None = None) -> GrantStatus:
     """``check_grant`` for a worker about to start the job, which also claims the placement:
     each placement (host, generation, activation time) is claimed once, so a second copy of the
     same queue entry (popped by a worker before its host was declared lost) cannot start a
-    second run of it. The claim records the worker's machine (``node``, default this hostname)
+    second run of it. The claim records the worker's machine (``node``, default ``node_name()``)
     and ``pid`` (default this process), so the host's agent can tell when the worker died. ``token`` names the placement; pass it to ``Allocator.release(...,
     placement=token)`` so the end of this run frees only this placement.
 
@@ -118,11 +125,12 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
 
     ``run_lease_s`` (a worker: the job's time limit plus the time it may take to kill an
     overrunning horse; ``math.inf`` for a job without a time limit) moves the deadline of an
-    allocation with a TTL to the claim time plus the larger of its TTL and the run lease, so the
-    TTL bounds the wait for a worker and never ends a run before RQ would stop it; None leaves
-    the deadline as placed. A claim after the deadline passed is refused (reason ``expired``)."""
+    allocation with a TTL to the claim time plus the run lease when that is later, or removes it
+    for a job without a time limit, so a TTL never ends a run before RQ would stop it; None
+    leaves the deadline as placed. A claim after the deadline passed releases the allocation as
+    expired and is refused (reason ``expired``)."""
     r = _redis.call(allocator, "claim_grant", [], allocation_id, worker, host_id,
-                    socket.gethostname() if node is None else node, os.getpid() if pid is None else pid,
+                    node_name() if node is None else node, os.getpid() if pid is None else pid,
                     "1" if start else "", _lease_arg(run_lease_s))
     g = r.get("grant")
     grant = None if not isinstance(g, dict) else ClaimedGrant(

@@ -27,7 +27,6 @@ moves it to the failed registry.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import psutil
 
 from ..client import Allocator
 from ..queue import RQ_PREFIX
-from .fencing import PLACEMENT_FIELDS, placement_token
+from .fencing import PLACEMENT_FIELDS, node_name, placement_token
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class OrphanReaper:
     def __init__(self, allocator: Allocator, *, every_s: float = DEFAULT_ORPHAN_CHECK_S, node: str | None = None) -> None:
         self.allocator = allocator
         self.every_s = every_s
-        self.node = node or socket.gethostname()
+        self.node = node or node_name()
         self._next = 0.0
         self._not_jobs: set[str] = set()  # leases: never claimed by a worker, skipped after one look
 

@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..models import Allocation, GpuCapacity, HostCapacity, Usage
+from ..models import MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
 
-MAX_SECONDS = 10 * 365 * 86400
 ALLOC_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 

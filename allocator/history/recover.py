@@ -84,6 +84,13 @@ def is_recovering(a: Allocator) -> bool:
     return a.redis.hget(a.keys.seq, "recovering") == "1"
 
 
+def _expected_ms(request: Any) -> int:
+    """The duration hint the request gave (``expected_duration`` seconds), 0 for none: the expected
+    end is rebuilt from it as a placement builds it."""
+    v = request.get("expected_duration") if isinstance(request, dict) else None
+    return int(v * 1000) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
+
+
 def restore_record(row: dict[str, Any]) -> dict[str, Any]:
     """The restore_allocation payload for one ``allocations`` row."""
     cores = row["cores"] if isinstance(row["cores"], list) else []
@@ -97,7 +104,7 @@ def restore_record(row: dict[str, Any]) -> dict[str, Any]:
         "created": dt_to_ms(row["submitted_at"]) or placed, "activated": placed, "ttl_ms": int(row["ttl_ms"] or 0),
         "expires": dt_to_ms(row["expires_at"]) or 0, "metadata": json.dumps(row["metadata"] or {}),
         "request": json.dumps(row["request"] or {}), "kind": row["kind"] or "lease",
-        "requeues": int(row.get("requeues") or 0),
+        "requeues": int(row.get("requeues") or 0), "expected_ms": _expected_ms(row["request"]),
     }
 
 

@@ -8,14 +8,17 @@ ARGV[8] optional "start": when "1", a successful claim also returns the grant th
 confines itself to and appends the job's "started" event (so a worker needs one round trip
 before it forks), ARGV[9] optional run lease ms ("" = leave the deadline as placed): the job's
 time limit plus the time its worker may take to kill an overrunning horse, "0" for a job without
-a time limit. For an allocation with a TTL, a successful claim moves the deadline to claim time +
-the larger of its TTL and the run lease: the TTL first bounds the wait between placement and a
-worker's claim, then the run, and never ends a run before RQ would stop it. An allocation without
-a TTL keeps none. An expected end (the ends index) that was the old deadline follows it.
+a time limit. For an allocation with a deadline (a TTL), a successful claim moves the deadline to
+claim time + the run lease when that is later (a job that waited in its host queue still gets its
+whole time limit; the TTL, which enqueue makes at least the run lease, bounds the wait and the run
+together), and removes it for a job without a time limit (the TTL bounded its wait; the run ends
+with the worker's release, or the agent's check for a dead worker). An allocation without a TTL
+keeps none. An expected end (the ends index) that was the old deadline follows it.
 The checks of grant_check.lua (active, host present and not lost, the host's generation equal to
 the one the grant was made under), plus: the allocation is on the worker's host, no worker
-has claimed this placement yet, and its deadline has not passed (reason "expired": the expiry
-has not reaped it yet, and it must not start a run). A placement is named by its token "<host>|<host_gen>|<activated
+has claimed this placement yet, and its deadline has not passed: such an allocation (not reaped
+yet) is released here as "expired" (reason "expired"; the scheduler's next pass places what
+waits for its resources) and must not start a run. A placement is named by its token "<host>|<host_gen>|<activated
 ms>|<requeues>": a task that was requeued (host lost, preemption) and placed again has a new
 token (its requeue count grows, even under an injected clock), so its
 new placement can be claimed once more, while a second copy of the same queue entry (a worker
@@ -24,11 +27,11 @@ there again) is refused with reason "already_claimed". The claim is written to t
 (fields claim = token, claimed_by, claimed_node, claimed_pid, claimed_at ms): the host's agent
 reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity;
 with "start" it appends the outbox event "started" {host, worker, started = ms, server clock,
-and expires = the new deadline ms when ARGV[9] moved it}, which the history records as the
+and expires = the deadline ms when ARGV[9] was given, 0 = none}, which the history records as the
 allocation's start time (and its new deadline). An ARGV[9] that is not a whole number of ms is an
 error; nothing is written then.
 Returns JSON {current, reason, token, state, host, host_state, gen, host_gen, claimed_by, expires?,
-grant?} (expires: the deadline ARGV[9] set);
+grant?} (expires: the deadline after the claim when ARGV[9] was given, 0 = none);
 reason is "ok", "not_found", "not_active", "wrong_host", "host_missing", "host_lost",
 "stale_generation", "already_claimed" or "expired". grant (with "start", on a successful claim only) =
 {gpus = the record's "gpus" JSON text (pos, index, uuid, model, memory_mb per GPU), cores = the
@@ -60,7 +63,7 @@ if ARGV[9] ~= nil and ARGV[9] ~= '' then
   run_lease = tonumber(ARGV[9])
 end
 local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
-                                          'shared_millis', 'ttl_ms', 'expires'})
+                                          'shared_millis', 'expires'})
 if out.reason ~= nil then return cjson.encode(out) end
 local token = placement_token(a[2], a[3], a[4], a[7])
 out.token = token
@@ -69,20 +72,28 @@ if a[5] == token then
   return cjson.encode(out)
 end
 local now = now_ms()
-local ttl, old = tonumber(a[11] or 0) or 0, tonumber(a[12] or 0) or 0
+local old = tonumber(a[11] or 0) or 0
 if old > 0 and old <= now then
-  out.reason = 'expired'
+  finish_alloc(id, 'expired', now)
+  out.reason, out.state = 'expired', 'released'
   return cjson.encode(out)
 end
 rcall('HSET', alloc_key(id), 'claim', token, 'claimed_by', worker, 'claimed_node', node, 'claimed_pid', pid,
   'claimed_at', now)
 out.current, out.reason, out.claimed_by = true, 'ok', worker
-if run_lease ~= nil and ttl > 0 then
-  local expires = now + math.max(ttl, run_lease)
-  rcall('HSET', alloc_key(id), 'expires', tostring(expires))
-  rcall('ZADD', K_EXPIRY, expires, id)
-  -- An expected end that was the TTL deadline (no history, no hint) follows the deadline.
-  if old > 0 and tonumber(rcall('ZSCORE', K_ENDS, id) or -1) == old then rcall('ZADD', K_ENDS, expires, id) end
+if run_lease ~= nil then
+  local expires = old
+  if old > 0 then
+    if run_lease == 0 then expires = 0 else expires = math.max(old, now + run_lease) end
+  end
+  if expires ~= old then
+    rcall('HSET', alloc_key(id), 'expires', tostring(expires))
+    if expires > 0 then rcall('ZADD', K_EXPIRY, expires, id) else rcall('ZREM', K_EXPIRY, id) end
+    -- An expected end that was the TTL deadline (no history, no hint) follows the deadline.
+    if tonumber(rcall('ZSCORE', K_ENDS, id) or -1) == old then
+      if expires > 0 then rcall('ZADD', K_ENDS, expires, id) else rcall('ZREM', K_ENDS, id) end
+    end
+  end
   out.expires = expires
 end
 if start then

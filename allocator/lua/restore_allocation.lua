@@ -115,8 +115,12 @@ local function record(r, gpus, state)
     if expires > 0 then rcall('ZADD', K_EXPIRY, expires, r.id) end
     -- Same expected end and preemption order as a placement (includes/placement.lua).
     local ends = expected_end({task_type = r.task_type, expected_ms = r.expected_ms, ttl_ms = r.ttl_ms}, activated)
-    -- An end that is the TTL deadline is the deadline as its worker's claim moved it (claim_grant.lua).
-    if ends and expires > 0 and ends == activated + (tonumber(r.ttl_ms or 0) or 0) then ends = expires end
+    -- An end that is the TTL deadline is the deadline as its worker's claim left it (claim_grant.lua
+    -- moves it, or removes it for a job without a time limit).
+    local ttl = tonumber(r.ttl_ms or 0) or 0
+    if ends and ttl > 0 and ends == activated + ttl then
+      if expires > 0 then ends = expires else ends = nil end
+    end
     if ends then rcall('ZADD', K_ENDS, ends, r.id) end
     rcall('ZADD', K_BYPRIO, prio_score(tonumber(r.priority), activated), r.id)
   else

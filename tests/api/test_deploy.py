@@ -51,9 +51,11 @@ def test_compose_services(compose: dict[str, Any]) -> None:
         dev = s[name]["deploy"]["resources"]["reservations"]["devices"][0]
         assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
     # The agent finds runs whose worker died by the claim's node name and the worker's pid, and maps
-    # NVML's pids to work horses: both need the same hostname and the host's pid namespace.
+    # NVML's pids to work horses: both need the same node name and the host's pid namespace.
     assert s["agent"]["pid"] == s["worker"]["pid"] == "host"
-    assert s["agent"]["hostname"] == s["worker"]["hostname"]
+    assert s["agent"]["environment"]["ALLOCATOR_NODE"] == s["worker"]["environment"]["ALLOCATOR_NODE"] \
+        == "${ALLOCATOR_HOST_ID:-gpu-host-1}"
+    assert "hostname" not in s["agent"]  # the agent's services are reached at its container's name
     assert any(str(p).endswith(":8000") for p in s["api"]["ports"])
     assert "ALLOCATOR_API_TOKEN" in s["api"]["environment"]
 

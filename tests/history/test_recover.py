@@ -140,3 +140,31 @@ def test_a_running_job_comes_back_with_the_deadline_its_claim_set(alloc: Allocat
     assert alloc.redis.zscore(alloc.keys.expiry, task.id) == claim.expires_ms
     assert alloc.redis.zscore(alloc.keys.ends, task.id) == claim.expires_ms  # the end the claim moved
     assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_running_job_without_time_limit_comes_back_without_deadline(alloc: Allocator, recorder: Recorder, engine) -> None:
+    import math
+
+    from allocator.agent.fencing import claim_grant
+
+    from .. import jobs
+
+    register_fleet(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=60, job_timeout=-1)
+    claim_grant(alloc, task.id, "w1", alloc.get(task.id).host_id, start=True, run_lease_s=math.inf)
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.zscore(alloc.keys.expiry, task.id) is None
+    assert alloc.redis.zscore(alloc.keys.ends, task.id) is None
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_duration_hint_gives_the_restored_allocation_its_expected_end(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    x = alloc.allocate({"cpu_cores": 1}, expected_duration=90)
+    placed_end = alloc.redis.zscore(alloc.keys.ends, x.allocation_id)
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.zscore(alloc.keys.ends, x.allocation_id) == placed_end
