@@ -242,7 +242,9 @@ class Allocator:
         data["resources"] = parse(Resources, resources if resources is not None else {}, "resources.")
         return parse(AllocationRequest, data)
 
-    def _place_payload(self, req: AllocationRequest, allocation_id: str, dry_run: bool) -> str:
+    def _place_payload(self, req: AllocationRequest, allocation_id: str, dry_run: bool, *, unbounded: bool = False) -> str:
+        """The place request the scripts read. ``unbounded``: a job without a time limit, whose TTL
+        bounds only its wait for a worker, so its TTL is no estimate of its run (backfill, ETAs)."""
         r = req.resources
         payload: dict[str, Any] = {
             "id": allocation_id,
@@ -263,6 +265,8 @@ class Allocator:
             "scan_cap": self.scan_cap,
             "dry_run": dry_run,
         }
+        if unbounded:
+            payload["unbounded"] = True
         if r.workers:
             payload["slots"] = r.workers
         if req.services:

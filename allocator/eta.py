@@ -199,7 +199,8 @@ class _Req:
         self.cpu_millis = int(payload.get("cpu_millis") or 0)
         self.exclusive = bool(payload.get("exclusive"))
         self.ram = int(payload.get("ram") or 0)
-        self.ttl_ms = int(payload.get("ttl_ms") or 0)
+        # A job without a time limit: its TTL bounds only its wait, neither its run nor its estimate.
+        self.ttl_ms = 0 if payload.get("unbounded") else int(payload.get("ttl_ms") or 0)
         self.expected_ms = int(payload.get("expected_ms") or 0)
         self.preempt = bool(payload.get("preempt"))
         sel = payload.get("selector")

@@ -68,20 +68,22 @@ def parse_host_queue(name: str) -> tuple[str, str] | None:
     return (ns, host) if sep and ns and host else None
 
 
-def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue") -> str:
+def _task_json(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue",
+               unbounded: bool = False) -> str:
     return json.dumps({
         "kind": kind,
         "on_host_lost": on_host_lost,
-        "payload": a._place_payload(req, task_id, False),
+        "payload": a._place_payload(req, task_id, False, unbounded=unbounded),
         "rq_prefix": RQ_PREFIX,
         "rq_queue": pending_queue_name(a.keys.namespace, req.priority),
         "host_queue_prefix": host_queue_name(a.keys.namespace, ""),
     })
 
 
-def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue") -> dict[str, Any]:
-    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind, on_host_lost), a.pass_depth, a.scan_cap,
-                                      req.model_dump_json(), json.dumps(req.metadata)))
+def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_host_lost: str = "requeue",
+            unbounded: bool = False) -> dict[str, Any]:
+    return a._raise_unless_ok(a._call("submit", _task_json(a, req, task_id, kind, on_host_lost, unbounded), a.pass_depth,
+                                      a.scan_cap, req.model_dump_json(), json.dumps(req.metadata)))
 
 
 def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:
@@ -121,7 +123,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     pipe = a.rq_connection.pipeline()
     q.enqueue_job(job, pipeline=pipe)
     pipe.execute()
-    _submit(a, req, task_id, "job", on_host_lost)
+    _submit(a, req, task_id, "job", on_host_lost, unbounded=not math.isfinite(lease))
     return Task(a, task_id)
 
 

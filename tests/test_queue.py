@@ -184,3 +184,26 @@ def test_history_estimate_for_the_task_type_outranks_the_hint_for_backfill(alloc
     alloc.release(small_a.allocation_id)
     assert alloc.get(short.allocation_id).state == "active"
     assert alloc.get(big.allocation_id).state == "pending"
+
+
+def test_a_job_without_time_limit_never_backfills_onto_the_reserved_host(alloc):
+    from . import jobs
+
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    # Its 50 s TTL bounds only its wait for a worker: it may run for ever, so it is no short task.
+    endless = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, ttl_seconds=50, job_timeout=-1)
+    alloc.release(small_a.allocation_id)
+    assert endless.state == "pending"
+    assert alloc.get(big.allocation_id).state == "pending"
+
+
+def test_a_job_without_time_limit_backfills_on_its_duration_hint(alloc):
+    from . import jobs
+
+    small_a, small_b = two_gpu_host_with_two_small_tasks(alloc)
+    big = queued(alloc, "high", {"gpus": 2, "cpu_cores": 2})
+    bounded = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, ttl_seconds=50, job_timeout=-1, expected_duration=50)
+    alloc.release(small_a.allocation_id)
+    assert bounded.state == "active"
+    assert alloc.get(big.allocation_id).state == "pending"

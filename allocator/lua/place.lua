@@ -4,7 +4,8 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|"worst"|"first"),
         strategy_name, gpus, gpu_mem (MiB per GPU, 0 = whole GPUs), models{name=true} or absent,
         cpu_millis, exclusive (bool), ram, ttl_ms (0 = none), expected_ms (0 = unknown),
-        preempt (bool), selector{label=[values]} or absent, scan_cap, dry_run (bool)},
+        preempt (bool), selector{label=[values]} or absent, scan_cap, dry_run (bool),
+        unbounded (true for a job without a time limit: its TTL is no estimate of its run) or absent},
 ARGV[4] the validated request as JSON text, ARGV[5] metadata as JSON text (both stored as given).
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
 While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.

@@ -401,7 +401,8 @@ local function expected_ms(req)
     end
   end
   local ms = tonumber(req.expected_ms or 0)
-  if ms <= 0 then ms = tonumber(req.ttl_ms or 0) end
+  -- The TTL of a job without a time limit (req.unbounded) bounds only its wait for a worker.
+  if ms <= 0 and not req.unbounded then ms = tonumber(req.ttl_ms or 0) end
   if ms <= 0 then return nil end
   return ms
 end
