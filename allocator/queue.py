@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rq import Queue
 from rq.command import send_command
+from rq.defaults import DEFAULT_JOB_MONITORING_INTERVAL
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
@@ -36,14 +37,13 @@ ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "sel
 
 
 #: After a job's timeout, RQ's worker kills a horse that did not stop itself once it is this many
-#: seconds past it, at its next monitoring tick (``--job-monitoring-interval``, 30 s by default).
+#: seconds past it, at its next monitoring tick (``--job-monitoring-interval``).
 RQ_KILL_DELAY_S = 60
-RQ_MONITORING_INTERVAL_S = 30
 #: Margin past that moment before the ledger may release the grant of a stuck worker's job.
 RUN_LEASE_SLACK_S = 30
 
 
-def run_lease_s(timeout: int | float | None, monitoring_interval: float = RQ_MONITORING_INTERVAL_S) -> float:
+def run_lease_s(timeout: int | float | None, monitoring_interval: float = DEFAULT_JOB_MONITORING_INTERVAL) -> float:
     """How long a job's run may hold its grant: until RQ has surely stopped it. ``timeout`` is the
     job's (RQ's default when None; -1 or less = no time limit: ``math.inf``)."""
     t = timeout or Queue.DEFAULT_TIMEOUT

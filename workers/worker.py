@@ -7,8 +7,9 @@ flag still works; the namespace and host come from the queue name).
 In the parent, before forking the work horse: claim the grant (``claim_grant``): it must still be
 current (active, on this host, host not lost since, same host generation) and this placement must
 not have been claimed by another run already. The same call returns the grant, records the
-``started`` event and makes the grant last as long as RQ lets the run go on (``run_lease_s``). In the horse: CUDA_VISIBLE_DEVICES, CPU affinity, thread counts and ALLOCATOR_*
-variables (see ``workers.pinning``). In the parent after the fork: the horse's pid into the host's
+``started`` event and makes the grant last as long as RQ lets the run go on (``run_lease_s``).
+In the horse: CUDA_VISIBLE_DEVICES, CPU affinity, thread counts and ALLOCATOR_* variables (see
+``workers.pinning``). In the parent after the fork: the horse's pid into the host's
 pid map (for the GPU memory watchdog). In the parent after the job, on every outcome (success,
 exception, timeout, stop, killed horse), one call (``finish_job``): the pid leaves the map, and
 the allocation is released (with its ``finished`` event) or the task requeued when it was

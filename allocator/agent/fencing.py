@@ -144,6 +144,10 @@ def claim_grant(allocator: Allocator, allocation_id: str, worker: str, host_id: 
     )
 
 
+#: The longest run lease a claim sends (about three years; the script takes at most 12 digits).
+_MAX_LEASE_MS = 10**11
+
+
 def _lease_arg(run_lease_s: float | None) -> str:
     """``claim_grant.lua``'s ARGV[9]: "" keep, "0" no time limit, else whole ms (a limit beyond
     ``_MAX_LEASE_MS``, about three years, counts as that)."""
@@ -153,9 +157,6 @@ def _lease_arg(run_lease_s: float | None) -> str:
             or run_lease_s <= 0:
         raise InvalidRequest("run_lease_s", f"must be a positive number of seconds or math.inf, got {run_lease_s!r}")
     return "0" if math.isinf(run_lease_s) else str(min(_MAX_LEASE_MS, max(1, math.ceil(run_lease_s * 1000))))
-
-
-_MAX_LEASE_MS = 10**11
 
 
 def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement: str | None, *,
