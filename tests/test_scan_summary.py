@@ -51,3 +51,13 @@ def test_a_summary_whose_host_hash_is_gone_names_no_host(alloc_any):
     with pytest.raises(InsufficientResources):
         alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": "0.5"})
     assert alloc_any.redis.exists(alloc_any.keys.host("h1")) == 0
+
+
+def test_a_placement_passes_over_a_summary_whose_host_hash_is_gone_to_a_real_host(alloc_any):
+    # The best-fit walk reaches the lost host first (its GPU is the tighter fit) and must go on.
+    alloc_any.register_host(id="lost", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "8Gi"}])
+    alloc_any.register_host(id="real", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc_any.redis.delete(alloc_any.keys.host("lost"))
+    x = alloc_any.allocate({"gpu_memory_mb": "4Gi", "cpu_cores": 1})
+    assert (x.host_id, [g.index for g in x.gpus], x.cpu_cores) == ("real", [0], [0])
+    assert alloc_any.redis.exists(alloc_any.keys.host("lost")) == 0

@@ -128,8 +128,8 @@ end
 local GPU_FIELDS = {'idx', 'uuid', 'model', 'total', 'ext', 'used', 'n'}
 
 -- One GPU from the 7 fields of GPU_FIELDS starting at f[at] or, when lean, from its last 5 (model
--- to n: idx and uuid are read only for the GPUs a placement grants, see gpu_ids); nil when the GPU
--- does not exist.
+-- to n: idx and uuid are read only for the GPUs a placement grants, see read_chosen in
+-- placement.lua); nil when the GPU does not exist.
 local function gpu_from(pos, f, at, lean)
   local m = at  -- where the model is: first when lean, after idx and uuid otherwise
   if not lean then m = at + 2 end
@@ -201,6 +201,18 @@ local function patch_summary(h, s, gs, stored)
   local size = SUM_HEAD_BYTES + s.ngpu * SUM_GPU * 8
   if stored then
     if string.len(stored) ~= size then return false end
+    -- The whole summary in one write (a call costs more than splicing 100-odd bytes here).
+    local parts, at = {struct.pack(SUM_HEAD_FMT, summary_head(s))}, SUM_HEAD_BYTES + 1
+    table.sort(gs, function(a, b) return a.pos < b.pos end)
+    for _, g in ipairs(gs) do
+      local off = SUM_HEAD_BYTES + g.pos * SUM_GPU * 8 + 1
+      parts[#parts + 1] = string.sub(stored, at, off - 1)
+      parts[#parts + 1] = struct.pack(SUM_GPU_FMT, g.total, g.ext, g.used, g.n)
+      at = off + SUM_GPU * 8
+    end
+    parts[#parts + 1] = string.sub(stored, at)
+    rcall('SET', k, table.concat(parts))
+    return true
   elseif rcall('STRLEN', k) ~= size then
     return false
   end
@@ -225,7 +237,8 @@ local function gpu_vector(gpus, ngpu)
   return gv
 end
 
--- GPU pos of a summary (its model, idx and uuid are read when needed: see gpu_models, gpu_ids).
+-- GPU pos of a summary (its model, idx and uuid are read when needed: see gpu_models, and
+-- read_chosen in placement.lua).
 local function summary_gpu(raw, pos, ngpu)
   if pos >= ngpu then return nil end
   local total, ext, used, n = struct.unpack(SUM_GPU_FMT, raw, SUM_HEAD_BYTES + pos * SUM_GPU * 8 + 1)
@@ -247,14 +260,15 @@ local function host_from_summary(h, raw)
 end
 
 -- What a scan reads of host h (the first SCAN_FIELDS) and, when pos is given, the state of its GPU
--- at position pos without idx and uuid (see gpu_ids), in one call (a scan that walks a GPU index
--- needs both). The GPU is kept in s.at_gpu (false when it does not exist), its position in s.at.
+-- at position pos without idx and uuid (see read_chosen in placement.lua), in one call (a scan
+-- that walks a GPU index needs both). The GPU is kept in s.at_gpu (false when it does not exist), its position in s.at.
 -- Read from the host's summary; from the host hash for a host registered before summaries existed.
 local function host_state_at(h, pos)
   local raw = rcall('GET', host_sum_key(h))
   if raw then
-    -- A summary left behind by a host hash that is gone (lost key, bad restore) names no host.
-    if rcall('EXISTS', host_key(h)) == 0 then return nil end
+    -- A summary left behind by a host hash that is gone (lost key, bad restore) names no host:
+    -- try_place checks the host it chose, in the read it makes of that host anyway, rather than
+    -- every candidate here (one call each).
     local s = host_from_summary(h, raw)
     if pos ~= nil then s.at, s.at_gpu = pos, summary_gpu(raw, pos, s.ngpu) or false end
     return s
@@ -274,8 +288,8 @@ local function host_state_at(h, pos)
   return s
 end
 
--- Every GPU of host h (s = host_state(h)), read in one call, without idx and uuid (see gpu_ids):
--- list indexed by position + 1.
+-- Every GPU of host h (s = host_state(h)), read in one call, without idx and uuid (see
+-- read_chosen in placement.lua): list indexed by position + 1.
 local function host_gpus(h, s)
   if s.gpus then return s.gpus end
   local out = {}
@@ -301,23 +315,6 @@ local function host_gpus(h, s)
   end
   s.gpus = out
   return out
-end
-
--- Fills in idx, uuid and model of the GPUs gs of host h that were read without them, in one call.
-local function gpu_ids(h, gs)
-  local names, need = {}, {}
-  for _, g in ipairs(gs) do
-    if g.uuid == nil or g.model == nil then
-      local n = gpu_names(g.pos)
-      names[#names + 1] = n[1]
-      names[#names + 1] = n[2]
-      names[#names + 1] = n[3]
-      need[#need + 1] = g
-    end
-  end
-  if #need == 0 then return end
-  local f = rcall('HMGET', host_key(h), unpack(names))
-  for i, g in ipairs(need) do g.idx, g.uuid, g.model = tonumber(f[3 * i - 2]), f[3 * i - 1], f[3 * i] end
 end
 
 -- Fills in the model of the GPUs of host h (state s) read from its summary, which holds no model

@@ -50,6 +50,7 @@ end
 local function host_eligible(req, h, s)
   if s == nil or s.state ~= 'ready' then return false end
   if req.exclude and h == req.exclude then return false end
+  if req.gone and req.gone[h] then return false end
   if req.only and h ~= req.only then return false end
   if req.selector and not labels_match(req.selector, host_labels(h, s)) then return false end
   return true
@@ -319,18 +320,48 @@ local function refusal(req, capped)
   return {ok = false, code = code, message = msg, details = details}
 end
 
+-- What a placement reads of the host it chose, in one call: its state (nil for a host hash that
+-- is gone, whose summary the scan read), the core map when req takes exclusive cores, and idx,
+-- uuid and model of the GPUs gs that the scan read without them. Returns the values and where the
+-- GPU names start.
+local function read_chosen(req, h, gs)
+  local names = {'state'}
+  if req.exclusive and req.cpu_millis > 0 then
+    names[2], names[3], names[4] = 'cseq', 'cmap', 'cver'
+  end
+  local at = #names + 1
+  for _, g in ipairs(gs) do
+    if g.uuid == nil or g.model == nil then
+      local n = gpu_names(g.pos)
+      names[#names + 1] = n[1]
+      names[#names + 1] = n[2]
+      names[#names + 1] = n[3]
+    end
+  end
+  return rcall('HMGET', host_key(h), unpack(names)), at
+end
+
+-- Fills in idx, uuid and model of the GPUs gs that lack them from f (read_chosen), from f[at] on.
+local function fill_gpu_ids(gs, f, at)
+  for _, g in ipairs(gs) do
+    if g.uuid == nil or g.model == nil then
+      g.idx, g.uuid, g.model = tonumber(f[at]), f[at + 1], f[at + 2]
+      at = at + 3
+    end
+  end
+end
+
 -- Exclusive core ids for req on host h (the lowest free ones), their positions in the host's
 -- core list, the new core map and the core list version; ids = nil when the map disagrees with
--- the free count; ids = {} when req takes no exclusive cores. The core list is decoded only when
--- it is not 0..n-1 (host field cseq, written at registration).
-local function pick_cores(req, h)
+-- the free count; ids = {} when req takes no exclusive cores. f: read_chosen's values (cseq, cmap
+-- and cver from f[2]). The core list is decoded only when it is not 0..n-1 (host field cseq,
+-- written at registration).
+local function pick_cores(req, h, f)
   if not req.exclusive or req.cpu_millis <= 0 then return {}, {}, nil, nil end
   local need = req.cpu_millis / 1000
-  local hk = host_key(h)
-  local f = rcall('HMGET', hk, 'cseq', 'cmap', 'cver')
   local cores = nil
-  if f[1] ~= '1' then cores = decode_list(rcall('HGET', hk, 'cores')) end
-  local map = f[2]
+  if f[2] ~= '1' then cores = decode_list(rcall('HGET', host_key(h), 'cores')) end
+  local map = f[3]
   local ids, pos, parts = {}, {}, {}
   local at = 1
   while #ids < need do
@@ -343,7 +374,7 @@ local function pick_cores(req, h)
     at = i + 1
   end
   parts[#parts + 1] = string.sub(map, at)
-  return ids, pos, table.concat(parts), f[3] or '0'
+  return ids, pos, table.concat(parts), f[4] or '0'
 end
 
 local function try_place(req, now)
@@ -361,22 +392,30 @@ local function try_place(req, now)
   end
   if req.slots or req.services then req.short = {} end
   local mode = req.strategy
-  local h, s, gs = scan(req, mode)
-  local capped = false
-  if not h then
-    capped = s
-    if mode == 'first' and capped then
-      h, s, gs = scan(req, 'best')
-      if not h then capped = s end
+  local h, s, gs, f, at
+  while true do
+    h, s, gs = scan(req, mode)
+    local capped = false
+    if not h then
+      capped = s
+      if mode == 'first' and capped then
+        h, s, gs = scan(req, 'best')
+        if not h then capped = s end
+      end
     end
+    if not h then return nil, refusal(req, capped) end
+    f, at = read_chosen(req, h, gs)
+    if f[1] then break end
+    -- A summary whose host hash is gone: no host; scan again without it (see host_eligible).
+    if req.gone == nil then req.gone = {} end
+    req.gone[h] = true
   end
-  if not h then return nil, refusal(req, capped) end
-  local core_ids, core_pos, newmap, cver = pick_cores(req, h)
+  local core_ids, core_pos, newmap, cver = pick_cores(req, h, f)
   if core_ids == nil then
     return nil, {ok = false, code = 'LEDGER_CORRUPT', details = {},
                  message = 'free core count disagrees with core map on host ' .. h}
   end
-  gpu_ids(h, gs)
+  fill_gpu_ids(gs, f, at)
   local grants = {}
   for i, g in ipairs(gs) do
     local mem = req.gpu_mem
