@@ -217,7 +217,7 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
 
     if cfg.kind == "trivial":
         # The same plumbing as Allocator._call (KEYS list, prefix and clock ARGV, Script.__call__),
-        # minus its json.loads: noop.lua returns the integer 1, which _call cannot decode.
+        # minus the decoding of the reply: the bare EVALSHA round trip.
         noop_script = alloc.scripts["noop"]
         keys, prefix = alloc._ledger_keys, alloc._prefix_arg
 

@@ -371,3 +371,17 @@ def test_a_job_whose_deadline_passed_before_a_worker_took_it_does_not_run(alloc,
     rec = alloc.get(task.id)
     assert (rec.state, rec.release_reason) == ("released", "expired")
     assert alloc.capacity().gpus_idle == 2
+
+
+def test_a_task_waiting_for_an_expired_jobs_gpus_is_placed_when_its_claim_fails(alloc, clock):
+    import time
+
+    clock.now = time.time() - 3600  # placed an hour ago with a one-minute TTL, never reaped
+    gpu_host(alloc)
+    late = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2}, ttl_seconds=60, job_timeout=-1)
+    waiting = alloc.enqueue(jobs.add, 3, 4, resources={"gpus": 2})
+    assert alloc.get(waiting.id).state == "pending"
+    run_worker(alloc, "h1")  # no scheduler runs: the worker's refusal of the late job places it
+    assert late.job.get_status() == "canceled"
+    assert waiting.job.get_status() == "finished"
+    assert waiting.job.return_value() == 7

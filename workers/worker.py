@@ -131,6 +131,14 @@ class ResourceWorker(Worker):
                 job.cancel()  # its allocation ended (cancelled, expired, failed): it will not run
         except Exception:  # noqa: BLE001 - best effort: the job may already be gone
             log.exception("could not cancel job %s", job.id)
+        if claim.reason == "expired":
+            # The claim itself released the allocation: what waits for its resources is placed
+            # now rather than at the scheduler's next tick (the claim script runs no pass, which
+            # would put the queue's scripts on every job start).
+            try:
+                self.allocator.schedule()
+            except Exception:  # noqa: BLE001 - the scheduler's tick places them anyway
+                log.exception("scheduling pass after the expired allocation %s failed", job.id)
 
     def _grant_for(self, allocation_id: str, g: ClaimedGrant) -> Grant:
         """The grant as the work horse applies it; a grant of shared CPU only runs on the host's

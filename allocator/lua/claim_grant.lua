@@ -17,8 +17,8 @@ keeps none. An expected end (the ends index) that was the old deadline follows i
 The checks of grant_check.lua (active, host present and not lost, the host's generation equal to
 the one the grant was made under), plus: the allocation is on the worker's host, no worker
 has claimed this placement yet, and its deadline has not passed: such an allocation (not reaped
-yet) is released here as "expired" (reason "expired"; the scheduler's next pass places what
-waits for its resources) and must not start a run. A placement is named by its token
+yet) is released here as "expired" (reason "expired"; the refused worker runs a scheduling pass
+next, which places what waits for its resources) and must not start a run. A placement is named by its token
 "<host>|<host_gen>|<activated ms>|<requeues>": a task that was requeued (host lost, preemption)
 and placed again has a new token (its requeue count grows, even under an injected clock), so its
 new placement can be claimed once more, while a second copy of the same queue entry (a worker
