@@ -1,7 +1,11 @@
 """Loads the Lua scripts of ``allocator/lua`` and registers them once per Redis client.
 
 Scripts may include shared helpers with a line ``--- @include "name"`` (file
-``lua/includes/<name>.lua``), as BullMQ's scripts do; each include is inlined once.
+``lua/includes/<name>.lua``), as BullMQ's scripts do; each include is inlined once, and only
+with the definitions the script uses. Redis runs a script's whole text at every EVALSHA, so each
+``local function`` of an include becomes a new closure on every call whether the call needs it or
+not (about 0.3-0.5 µs each, bench/script_entry.py): a heartbeat that uses 4 of the library's 63
+definitions should not pay for the other 59.
 redis-py's ``Script`` objects run EVALSHA and reload the source on NOSCRIPT, so a Redis restart
 or ``SCRIPT FLUSH`` is transparent.
 """
@@ -9,6 +13,7 @@ or ``SCRIPT FLUSH`` is transparent.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from importlib import resources
@@ -16,6 +21,11 @@ from importlib import resources
 import redis
 
 _INCLUDE = re.compile(r'^---[ \t]*@include[ \t]+"([\w-]+)"[ \t]*$', re.MULTILINE)
+# A top-level definition of an include: "local function name" or "local a, b = ...".
+_DEFINITION = re.compile(r"^local[ \t]+(?:function[ \t]+([A-Za-z_]\w*)|([A-Za-z_][\w \t,]*?)[ \t]*=)")
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_LONG_BRACKET = re.compile(r"\[=*\[")
+_END = re.compile(r"end\b")
 
 SCRIPT_NAMES = (
     "register_host",
@@ -49,19 +59,89 @@ def _read(rel: str) -> str:
     return resources.files("allocator").joinpath("lua", rel).read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Definition:
+    """One top-level definition of an include, with the comment lines just above it."""
+
+    names: tuple[str, ...]
+    text: str
+
+
+def definitions(text: str) -> list[Definition] | None:
+    """The top-level definitions of an include's text, in order, or None when the text is not
+    made of definitions only (a top-level statement, a long string): such an include is inlined
+    whole, since leaving part of it out could change what runs."""
+    lines = text.split("\n")
+    starts: list[tuple[int, tuple[str, ...]]] = []
+    in_comment = False
+    for i, line in enumerate(lines):
+        if in_comment:
+            in_comment = "]]" not in line
+            continue
+        if line.startswith("--[["):
+            in_comment = "]]" not in line
+            continue
+        if _LONG_BRACKET.search(line):
+            return None
+        m = _DEFINITION.match(line)
+        if m:
+            names = (m.group(1),) if m.group(1) else tuple(n.strip() for n in m.group(2).split(","))
+            first = i
+            while first > 0 and lines[first - 1].startswith("--") and not lines[first - 1].startswith("--[["):
+                first -= 1
+            starts.append((max(first, starts[-1][0] + 1) if starts else first, names))
+        elif line and not line[0].isspace() and not line.startswith(("--", "}", ")")) and not _END.match(line):
+            return None
+    bounds = [s for s, _ in starts] + [len(lines)]
+    return [Definition(names, "\n".join(lines[bounds[j]:bounds[j + 1]])) for j, (_, names) in enumerate(starts)]
+
+
+def used_definitions(defs: list[Definition], text: str) -> list[Definition]:
+    """The definitions ``text`` names, with those they name in turn, in their order in ``defs``.
+    A name is any identifier, in code, comments or strings alike: a stray mention keeps a
+    definition that is not needed, never the other way round."""
+    by_name = {n: i for i, d in enumerate(defs) for n in d.names}
+    keep: set[int] = set()
+    todo = [by_name[n] for n in set(_IDENT.findall(text)) if n in by_name]
+    while todo:
+        i = todo.pop()
+        if i not in keep:
+            keep.add(i)
+            todo.extend(by_name[n] for n in set(_IDENT.findall(defs[i].text)) if n in by_name)
+    return [d for i, d in enumerate(defs) if i in keep]
+
+
+def _include_order(text: str, seen: set[str], out: list[str]) -> list[str]:
+    """The includes ``text`` names, each once, an include's own includes before it."""
+    for inc in _INCLUDE.findall(text):
+        if inc not in seen:
+            seen.add(inc)
+            _include_order(_read(f"includes/{inc}.lua"), seen, out)
+            out.append(inc)
+    return out
+
+
 @lru_cache(maxsize=None)
-def source(name: str) -> str:
-    """The script ``name`` with its includes inlined."""
-    seen: set[str] = set()
+def source(name: str, used_only: bool = True) -> str:
+    """The script ``name`` with its includes inlined, each once (an include's own includes before
+    it), at the line that first names it. With ``used_only``, each include keeps only the
+    definitions that the script's own text uses, directly or through other definitions."""
+    own = _read(f"{name}.lua")
+    order = _include_order(own, set(), [])
+    texts = {inc: _INCLUDE.sub("", _read(f"includes/{inc}.lua")) for inc in order}
+    parsed = {inc: definitions(t) if used_only else None for inc, t in texts.items()}
+    library = [d for inc in order for d in (parsed[inc] or [])]
+    keep = {id(d) for d in used_definitions(library, _INCLUDE.sub("", own))}
+    done: set[str] = set()
 
-    def expand(match: re.Match[str]) -> str:
-        inc = match.group(1)
-        if inc in seen:
-            return ""
-        seen.add(inc)
-        return _INCLUDE.sub(expand, _read(f"includes/{inc}.lua"))
+    def inline(match: re.Match[str]) -> str:
+        parts = []
+        for inc in _include_order(match.group(0), done, []):
+            defs = parsed[inc]
+            parts.append(texts[inc] if defs is None else "\n".join(d.text for d in defs if id(d) in keep))
+        return "\n".join(parts)
 
-    return _INCLUDE.sub(expand, _read(f"{name}.lua"))
+    return _INCLUDE.sub(inline, own)
 
 
 class Scripts:

@@ -1,0 +1,117 @@
+"""What a ledger script pays on every call before it does any work: defining its helper library.
+
+Redis runs a script's whole text at each EVALSHA, so every ``local function`` of the inlined
+includes (``allocator/lua/includes``) becomes a new Lua closure on every call, whether or not the
+call uses it. This benchmark cuts each script just before its own first statement (after the
+includes) and returns there, so what is measured is the library's definition alone: once as
+the loader builds it (only the definitions the script uses, ``allocator/scripts.py``) and once
+with every include inlined whole, as it was built before. The trivial script (``noop.lua``),
+measured in the same run, is the baseline. Server time comes from
+``INFO commandstats`` (deltas around each measurement; ``*`` marks one where the server's call
+count disagreed with ours, i.e. another client ran scripts meanwhile).
+
+    .venv/bin/python bench/script_entry.py --calls 20000 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from allocator.keys import Keys  # noqa: E402
+from allocator.scripts import SCRIPT_NAMES, _INCLUDE, _read, source  # noqa: E402
+
+DEFAULT_SCRIPTS = ("place", "release", "claim_grant", "finish_job", "schedule", "heartbeat", "grant_check", "tally_outbox")
+
+
+def prelude(name: str, full: str) -> str:
+    """``full`` (script ``name`` as built) up to the script's own first statement, returning the
+    trivial script's answer there."""
+    own = _read(f"{name}.lua")
+    last = list(_INCLUDE.finditer(own))
+    body = own[last[-1].end():] if last else own
+    assert full.endswith(body), name
+    return full[: len(full) - len(body)] + "\nreturn '1'\n"
+
+
+def closures(text: str) -> int:
+    """How many functions the text defines at its top level (each one a closure per call)."""
+    return len(re.findall(r"^local function ", text, re.MULTILINE))
+
+
+def measure(r: redis.Redis, text: str, keys: list[str], args: list[str], calls: int) -> tuple[float, bool]:
+    """Server µs per EVALSHA of ``text`` over ``calls`` calls, and whether the counts agreed."""
+    sha = r.script_load(text)
+    before = r.info("commandstats").get("cmdstat_evalsha", {})
+    for _ in range(calls):
+        r.evalsha(sha, len(keys), *keys, *args)
+    after = r.info("commandstats").get("cmdstat_evalsha", {})
+    n = after.get("calls", 0) - before.get("calls", 0)
+    usec = after.get("usec", 0) - before.get("usec", 0)
+    return (usec / n if n else float("nan")), n == calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scripts", default=",".join(DEFAULT_SCRIPTS), help="comma list of ledger scripts")
+    ap.add_argument("--calls", type=int, default=20000, help="EVALSHA calls per measurement")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; each measures every script once, in turn")
+    ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--json", dest="json_path", help="write the results to this JSON file")
+    a = ap.parse_args(argv)
+    names = [n.strip() for n in a.scripts.split(",") if n.strip()]
+    for n in names:
+        if n not in SCRIPT_NAMES or n == "noop":
+            ap.error(f"--scripts: {n!r} is not a ledger script (one of {', '.join(SCRIPT_NAMES)})")
+    if a.calls < 1 or a.repeat < 1:
+        ap.error("--calls and --repeat must be at least 1")
+    r = redis.Redis.from_url(a.redis_url)
+    keys = Keys(f"bench-entry-{uuid.uuid4().hex[:8]}")
+    kl, args = keys.ledger_keys(), [keys.prefix, ""]  # the preludes read no key: nothing is written
+    texts = {("noop", "used"): source("noop")}
+    for n in names:
+        texts[(n, "whole")] = prelude(n, source(n, used_only=False))
+        texts[(n, "used")] = prelude(n, source(n))
+    runs: dict[tuple[str, str], list[float]] = {k: [] for k in texts}
+    clean = {k: True for k in texts}
+    for _ in range(a.repeat):
+        for k, text in texts.items():
+            us, ok = measure(r, text, kl, args, a.calls)
+            runs[k].append(us)
+            clean[k] = clean[k] and ok
+    med = {k: statistics.median(xs) for k, xs in runs.items()}
+    base = med[("noop", "used")]
+    rows: list[dict[str, Any]] = []
+    print(f"noop (the baseline): {base:.1f} µs per call (median of {a.repeat}; '*' = counts disagreed)")
+    print(f"{'script':<14} {'closures':>15} {'µs/call':>15} {'÷ noop':>13} {'extra µs':>15} {'saved':>6}")
+    print(f"{'':<14} {'whole → used':>15} {'whole → used':>15} {'whole → used':>13} {'whole → used':>15}")
+    for n in names:
+        w, u = (n, "whole"), (n, "used")
+        row = {"script": n, "closures_whole": closures(texts[w]), "closures_used": closures(texts[u]),
+               "us_whole": med[w], "us_used": med[u], "extra_us_whole": med[w] - base,
+               "extra_us_used": med[u] - base, "ratio_whole": med[w] / base, "ratio_used": med[u] / base,
+               "runs_whole": runs[w], "runs_used": runs[u], "clean": clean[w] and clean[u]}
+        rows.append(row)
+        mark = "" if row["clean"] else "*"
+        print(f"{n:<14} {row['closures_whole']:>7} → {row['closures_used']:>4} {med[w]:>7.1f} → {med[u]:>5.1f}{mark}"
+              f" {med[w] / base:>5.1f} → {med[u] / base:>4.1f} {med[w] - base:>7.1f} → {med[u] - base:>5.1f}"
+              f" {1 - (med[u] - base) / (med[w] - base) if med[w] > base else 0:>6.0%}")
+    if a.json_path:
+        Path(a.json_path).write_text(json.dumps({"calls": a.calls, "repeat": a.repeat, "noop_us": base,
+                                                 "noop_runs": runs[("noop", "used")], "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

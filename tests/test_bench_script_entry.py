@@ -1,0 +1,31 @@
+"""bench/script_entry.py on a few calls: it measures each script's library prelude as loaded and
+as it would be with every include inlined whole, next to the trivial script, and writes nothing."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import script_entry  # noqa: E402
+
+
+def test_the_entry_benchmark_compares_used_and_whole_libraries_with_the_trivial_script(redis_url, tmp_path):
+    out = tmp_path / "entry.json"
+    rc = script_entry.main(["--calls", "20", "--repeat", "1", "--scripts", "heartbeat,place",
+                            "--redis-url", redis_url, "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    rows = {row["script"]: row for row in doc["results"]}
+    assert set(rows) == {"heartbeat", "place"}
+    assert doc["noop_us"] > 0
+    assert rows["heartbeat"]["closures_used"] < rows["heartbeat"]["closures_whole"]
+    for row in rows.values():
+        assert row["us_used"] > 0 and row["us_whole"] > 0
+
+
+def test_the_entry_benchmark_refuses_a_name_that_is_no_ledger_script(redis_url):
+    with pytest.raises(SystemExit):
+        script_entry.main(["--scripts", "nosuch", "--redis-url", redis_url])

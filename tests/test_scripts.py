@@ -1,0 +1,71 @@
+"""The script loader: includes are inlined with only the definitions a script uses, so a call
+pays to define only the helpers it may run (docs/architecture.md, "Scripts")."""
+
+import re
+
+import redis
+
+from allocator.scripts import _INCLUDE, SCRIPT_NAMES, _read, definitions, source, used_definitions
+
+TOP_LEVEL = re.compile(r"^local[ \t]+(?:function[ \t]+([A-Za-z_]\w*)|([A-Za-z_][\w \t,]*?)[ \t]*=)", re.M)
+
+LIBRARY = """--[[ a tiny include ]]
+local rcall = redis.call
+local A, B = KEYS[1], KEYS[2]
+
+-- the key of x
+local function key(x) return A .. x end
+
+local function read(x)
+  return rcall('GET', key(x))
+end
+
+local function unused(x)
+  return rcall('DEL', B .. x)
+end
+end_marker_is_not_a_definition = 1
+"""
+
+
+def test_an_include_splits_into_its_definitions_each_with_the_comment_above_it():
+    defs = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", ""))
+    assert [d.names for d in defs] == [("rcall",), ("A", "B"), ("key",), ("read",), ("unused",)]
+    assert defs[2].text.startswith("-- the key of x\nlocal function key(x)")
+
+
+def test_a_script_keeps_what_it_names_and_what_that_names_in_turn():
+    defs = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", ""))
+    kept = used_definitions(defs, "return read(ARGV[1])")
+    assert [d.names for d in kept] == [("rcall",), ("A", "B"), ("key",), ("read",)]
+
+
+def test_an_include_with_a_top_level_statement_is_not_split():
+    assert definitions(LIBRARY) is None
+
+
+def test_an_include_with_a_long_string_is_not_split():
+    assert definitions("local s = [[\nlocal function fake() end\n]]\n") is None
+
+
+def test_a_small_script_leaves_out_the_helpers_it_never_calls():
+    heartbeat = source("heartbeat")
+    assert "local function try_place" in source("place")
+    assert "local function try_place" not in heartbeat
+    assert heartbeat.count("local function ") < 10
+
+
+def test_without_used_only_every_include_is_inlined_whole():
+    assert "local function reindex_host" not in source("heartbeat")
+    assert "local function reindex_host" in source("heartbeat", used_only=False)
+
+
+def test_every_script_compiles_and_defines_every_helper_it_names(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    for name in SCRIPT_NAMES:
+        library = {n for inc in _INCLUDE.findall(_read(f"{name}.lua"))
+                   for d in definitions(_read(f"includes/{inc}.lua")) for n in d.names}
+        text = source(name)
+        r.script_load(text)  # a syntax error would raise here
+        defined = {n for m in TOP_LEVEL.finditer(text) for n in (m.group(1) or m.group(2)).replace(" ", "").split(",")}
+        named = set(re.findall(r"[A-Za-z_]\w*", text))
+        assert sorted(n for n in library & named if n not in defined) == [], name
