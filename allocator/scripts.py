@@ -89,7 +89,7 @@ def definitions(text: str) -> list[Definition] | None:
             first = i
             while first > 0 and lines[first - 1].startswith("--") and not lines[first - 1].startswith("--[["):
                 first -= 1
-            starts.append((max(first, starts[-1][0] + 1) if starts else first, names))
+            starts.append((first, names))
         elif line and not line[0].isspace() and not line.startswith(("--", "}", ")")) and not _END.match(line):
             return None
     bounds = [s for s, _ in starts] + [len(lines)]
