@@ -172,6 +172,51 @@ def test_multi_gpu_requests_stay_on_one_host(alloc_any):
         alloc_any.allocate({"gpus": 2, "gpu_memory_mb": "16Gi"})  # 8Gi + 32Gi left on h1, one GPU on h2
 
 
+def four_gpu_host(a: Allocator, host_id: str = "h1", **extra) -> None:
+    """GPU 0 T4 16Gi, GPU 1 A100 40Gi, GPUs 2 and 3 A10 24Gi: free memory differs, with one tie."""
+    a.register_host(id=host_id, cpu_cores=16, ram_mb="64Gi", gpus=[
+        {"index": 0, "model": "T4", "memory_mb": "16Gi"}, {"index": 1, "model": "A100", "memory_mb": "40Gi"},
+        {"index": 2, "model": "A10", "memory_mb": "24Gi"}, {"index": 3, "model": "A10", "memory_mb": "24Gi"}], **extra)
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ("best_fit", [2, 3]),  # the least free memory that fits, the lower position first on a tie
+    ("worst_fit", [1, 2]),  # the most free memory, then the lower of the tied pair
+    ("first_fit", [1, 2]),  # the lowest positions that fit
+])
+def test_multi_gpu_request_takes_gpus_of_one_host_in_the_strategys_order(alloc_any, strategy, expected):
+    four_gpu_host(alloc_any)
+    x = alloc_any.allocate({"gpus": 2, "gpu_memory_mb": "20Gi"}, strategy=strategy)
+    assert where(x) == ("h1", expected)
+
+
+def test_multi_gpu_request_takes_whole_idle_gpus_smallest_first(alloc_any):
+    four_gpu_host(alloc_any)
+    alloc_any.allocate({"gpu_memory_mb": "1Gi", "gpu_model": "A10"})  # GPU 2 is no longer idle
+    x = alloc_any.allocate({"gpus": 2}, strategy="best_fit")
+    assert where(x) == ("h1", [0, 3])
+    assert [g.memory_mb for g in x.gpus] == [16 * GiB, 24 * GiB]
+
+
+def test_multi_gpu_request_with_a_model_constraint_takes_only_those_models(alloc_any):
+    four_gpu_host(alloc_any)
+    x = alloc_any.allocate({"gpus": 2, "gpu_memory_mb": "4Gi", "gpu_model": "A100|T4"}, strategy="best_fit")
+    assert where(x) == ("h1", [0, 1])
+    assert [g.model for g in x.gpus] == ["T4", "A100"]
+
+
+@pytest.mark.parametrize("strategy", ["best_fit", "worst_fit", "first_fit"])
+def test_a_host_with_a_critical_reserve_picks_the_gpus_a_host_without_one_picks(alloc_any, strategy):
+    # With a reserve the GPUs are chosen by sorting the host's GPUs (the reserve may bind); without
+    # one, by a walk over the host's scan summary. Where the reserve does not bind, both agree.
+    four_gpu_host(alloc_any, "plain", labels={"cluster": "plain"})
+    four_gpu_host(alloc_any, "reserved", labels={"cluster": "reserved"}, reserve_gpus=1)
+    for req in ({"gpus": 2, "gpu_memory_mb": "20Gi"}, {"gpus": 3, "gpu_memory_mb": "4Gi"}, {"gpus": 3}):
+        picks = {h: [g["index"] for g in alloc_any.would_fit(req, strategy=strategy, selector=f"cluster={h}")["gpus"]]
+                 for h in ("plain", "reserved")}
+        assert picks["plain"] == picks["reserved"], (req, picks)
+
+
 def test_gpu_model_constraint_skips_other_models(alloc_any):
     two_hosts(alloc_any)
     x = alloc_any.allocate({"gpu_memory_mb": "4Gi", "gpu_model": "A100|V100M32"})

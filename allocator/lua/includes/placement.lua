@@ -70,6 +70,49 @@ local function idle_allowance(req, h, s)
   return s.idle - s.reserve
 end
 
+-- The req.gpus GPUs of a host (state s read from its summary) that fit req, in the order of mode
+-- (best: least free memory first; worst: most; first: by position), ties by position: what
+-- pick_on_host's sort chooses, found by insertion into a list of req.gpus without a table per GPU
+-- or a sort (a best-fit scan does this for each of its candidates). nil when fewer fit.
+local function pick_in_summary(req, s, mode)
+  local k, raw, ngpu = req.gpus, s.sum, s.ngpu
+  local mem, models = req.gpu_mem, req.models
+  local fp, ff, n = {}, {}, 0  -- positions and free MiB of the chosen so far, in order
+  for p = 0, ngpu - 1 do
+    local total, ext, used, holders = struct.unpack(SUM_GPU_FMT, raw, SUM_HEAD_BYTES + p * SUM_GPU * 8 + 1)
+    local free = total - ext - used
+    if free < 0 then free = 0 end
+    local fits
+    if total < 0 then fits = false
+    elseif mem == 0 then fits = (holders == 0 and free > 0)
+    else fits = (free >= mem) end
+    if fits and models then fits = (models[s.models[p + 1]] == true) end
+    if fits then
+      local i = n + 1
+      if mode == 'best' then
+        while i > 1 and ff[i - 1] > free do i = i - 1 end
+      elseif mode == 'worst' then
+        while i > 1 and ff[i - 1] < free do i = i - 1 end
+      end
+      if i <= k then
+        if n < k then n = n + 1 end
+        for j = n, i + 1, -1 do fp[j], ff[j] = fp[j - 1], ff[j - 1] end
+        fp[i], ff[i] = p, free
+      elseif mode == 'first' then
+        break
+      end
+    end
+  end
+  if n < k then return nil end
+  local out = {}
+  for i = 1, k do
+    local g = summary_gpu(raw, fp[i], ngpu)
+    if models then g.model = s.models[fp[i] + 1] end
+    out[i] = g
+  end
+  return out
+end
+
 local function pick_on_host(req, h, s, pos, mode)
   local k = req.gpus
   if req.models then gpu_models(h, s) end
@@ -81,6 +124,7 @@ local function pick_on_host(req, h, s, pos, mode)
     if allowance ~= nil and g.n == 0 and allowance < 1 then return nil end
     return {g}
   end
+  if allowance == nil and s.sum and not s.gpus then return pick_in_summary(req, s, mode) end
   local cands = {}
   for _, g in ipairs(host_gpus(h, s)) do
     if gpu_fits(req, g) then cands[#cands + 1] = g end
