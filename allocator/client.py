@@ -36,6 +36,7 @@ from .models import (
     parse,
 )
 from .scripts import Scripts
+from .units import duration_ms
 
 ResourcesLike = Resources | Mapping[str, Any]
 
@@ -260,7 +261,7 @@ class Allocator:
             "exclusive": r.exclusive_cores,
             "ram": r.ram_mb,
             "ttl_ms": max(1, math.ceil(req.ttl_seconds * 1000)) if req.ttl_seconds else 0,
-            "expected_ms": int(req.expected_duration * 1000) if req.expected_duration else 0,
+            "expected_ms": duration_ms(req.expected_duration),
             "preempt": req.strategy is Strategy.PRIORITY,
             "scan_cap": self.scan_cap,
             "dry_run": dry_run,

@@ -106,3 +106,11 @@ def format_mb(mb: int) -> str:
     if mb >= 1024 and mb % 1024 == 0:
         return f"{mb // 1024}Gi"
     return f"{mb}Mi"
+
+
+def duration_ms(seconds: float | None) -> int:
+    """A run-time hint in whole milliseconds as the scripts take it (``expected_ms``), 0 for none.
+
+    One conversion for a placement and for a record rebuilt from the history, so a restored
+    allocation gets the same expected end as the placement gave it."""
+    return int(seconds * 1000) if seconds and seconds > 0 else 0

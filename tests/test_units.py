@@ -3,7 +3,7 @@
 import pytest
 
 from allocator import InvalidRequest
-from allocator.units import parse_cpu_millis, parse_memory_mb
+from allocator.units import duration_ms, parse_cpu_millis, parse_memory_mb
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,8 @@ def test_bad_cpu_amounts_name_the_field_and_reason(value, reason_part):
         parse_cpu_millis(value, "cpu_cores")
     assert exc.value.field == "cpu_cores"
     assert reason_part in exc.value.reason
+
+
+@pytest.mark.parametrize(("seconds", "ms"), [(1.5, 1500), (3600, 3_600_000), (0.0004, 0), (None, 0), (0, 0), (-2, 0)])
+def test_a_run_time_hint_becomes_whole_milliseconds_and_none_or_nonpositive_means_no_hint(seconds, ms):
+    assert duration_ms(seconds) == ms

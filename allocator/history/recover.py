@@ -30,6 +30,7 @@ from sqlalchemy import Engine, select
 from .. import invariants
 from ..client import Allocator
 from ..errors import AllocatorError
+from ..units import duration_ms
 from .db import dt_to_ms
 from .models import allocations as A
 from .models import hosts as H
@@ -88,7 +89,7 @@ def _expected_ms(request: Any) -> int:
     """The duration hint the request gave (``expected_duration`` seconds), 0 for none: the expected
     end is rebuilt from it as a placement builds it."""
     v = request.get("expected_duration") if isinstance(request, dict) else None
-    return int(v * 1000) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
+    return duration_ms(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 
 def restore_record(row: dict[str, Any]) -> dict[str, Any]:
