@@ -10,9 +10,9 @@ expected release a pass again, each pass being a Python mirror of the Lua pass
 - the walk: best fit over the free-GPU-memory index from the requested memory up (whole GPUs over
   the hosts by idle GPU count), comparing the first ``BEST_WINDOW`` hosts that fit by the GPU
   capacity they would strand, the idle GPUs they would break up and the CPU they would leave;
-  worst fit from the top down, first fit in registration order (falling back to best fit when the
-  bounded walk stops at ``scan_cap``), whole GPUs over the idle-GPU index, CPU-only requests over
-  the CPU index; parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs
+  worst fit from the top down, first fit in registration order over the schedulable hosts (falling
+  back to best fit when the bounded walk stops at ``scan_cap``, and for CPU-only requests when it
+  finds nothing), whole GPUs over the idle-GPU index, CPU-only requests over the CPU index; parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs
   by the same rule; GPU models; label selectors; the critical reserve of idle GPUs;
 - the pass: the first ``pass_depth`` tasks in line (priority, then front, then arrival); the first
   task that does not fit (after trying preemption when its strategy is ``priority``) gets an EASY
@@ -627,8 +627,8 @@ class Simulation:
             else:
                 win = list(self.gpu_ord.islice(0, cap))
             return list(map(_HOST, win)), list(map(_POS, win))
-        if mode == "first":
-            hosts = [h.id for h in self.by_ord[:cap]]
+        if mode == "first":  # the cpu_ord ZSET: schedulable hosts in registration order
+            hosts = list(islice((h.id for h in self.by_ord if h.indexed), cap))
         else:
             i, n = self.cpu_idx.bisect_left((req.cpu_millis,)), len(self.cpu_idx)
             if mode == "best":
@@ -748,9 +748,9 @@ class Simulation:
 
     def _could_fit(self, req: _Req, h: _Host) -> bool:
         """A necessary condition for a walk (not a single-host try) to find h for req, used to
-        revalidate a no-fit: h is in the indexes (unless the walk is over every host), eligible,
+        revalidate a no-fit: h is in the indexes (every walk goes over indexed hosts), eligible,
         and has the capacity free."""
-        if not h.indexed and not (req.gpus == 0 and req.mode == "first"):
+        if not h.indexed:
             return False
         if (not self._eligible(req, h, None, None) or h.cpu < req.cpu_millis or h.ramf < req.ram
                 or not self._extras_fit(req, h)):
@@ -837,7 +837,7 @@ class Simulation:
             return None
         mode = req.mode
         found, capped = self._scan(req, mode, exclude, only)
-        if found is None and mode == "first" and capped:
+        if found is None and mode == "first" and (capped or req.gpus == 0):
             found, capped = self._scan(req, "best", exclude, only)
         if found is None:
             self._refused.add(memo)

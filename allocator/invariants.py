@@ -58,9 +58,10 @@ def check(snap: dict[str, Any]) -> list[str]:
     missing = set(allocs) - set(snap.get("byprio") or {})
     if missing:
         bad.append(f"active allocations missing from byprio: {sorted(missing)[:5]}")
-    stray = set(snap.get("idle_hosts") or {}) - set(hosts)
-    if stray:
-        bad.append(f"idle_hosts index holds hosts that are not registered: {sorted(stray)[:5]}")
+    for name in ("idle_hosts", "cpu_ord"):
+        stray = set(snap.get(name) or {}) - set(hosts)
+        if stray:
+            bad.append(f"{name} index holds hosts that are not registered: {sorted(stray)[:5]}")
     for tid, state in (snap.get("pending") or {}).items():
         if state != "pending":
             bad.append(f"{tid}: in the pending line but its allocation is {state}")
@@ -126,6 +127,9 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
     want_cpu = cpu_free if schedulable else None
     if (snap["cpu_idx"] or {}).get(h) != want_cpu:
         bad.append(f"{h}: cpu_idx has {(snap['cpu_idx'] or {}).get(h)}, expected {want_cpu}")
+    want_ord = float(f.get("ord") or 0) if schedulable else None
+    if (snap.get("cpu_ord") or {}).get(h) != want_ord:
+        bad.append(f"{h}: cpu_ord has {(snap.get('cpu_ord') or {}).get(h)}, expected {want_ord}")
     want_ram = ram_free if schedulable else None
     if (snap["ram_idx"] or {}).get(h) != want_ram:
         bad.append(f"{h}: ram_idx has {(snap['ram_idx'] or {}).get(h)}, expected {want_ram}")

@@ -51,6 +51,12 @@ class Keys:
         return self._k("cpu_idx")
 
     @property
+    def cpu_ord(self) -> str:
+        """ZSET host -> registration ordinal, schedulable hosts only: the order first fit walks
+        for CPU-only requests (the scripts build it from the prefix; it is not among their KEYS)."""
+        return self._k("cpu_ord")
+
+    @property
     def ram_idx(self) -> str:
         return self._k("ram_idx")
 

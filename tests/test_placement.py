@@ -2,7 +2,7 @@
 
 import pytest
 
-from allocator import Allocator, InsufficientResources
+from allocator import Allocator, InsufficientResources, invariants
 
 GiB = 1024
 
@@ -281,6 +281,50 @@ def test_host_with_no_free_ram_is_parked_and_comes_back(alloc_any):
     assert alloc_any.redis.zcard(alloc_any.keys.gpu_idx) == 0
     alloc_any.release(x.allocation_id)
     assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#0") == 16384
+
+
+def test_first_fit_for_cpu_only_work_walks_only_hosts_with_free_cpu_and_ram(alloc_any):
+    # h1 and h2 are full (parked). With a scan cap of 2, a walk over every host in registration
+    # order would stop on them and fall back to best fit (h4, the tightest fit); the walk over the
+    # schedulable hosts reaches h3, the first in order that fits.
+    for h, cores in (("h1", 2), ("h2", 2), ("h3", 8), ("h4", 4)):
+        alloc_any.register_host(id=h, cpu_cores=cores, ram_mb="16Gi")
+    for _ in range(2):
+        alloc_any.allocate({"cpu_cores": 2}, strategy="first_fit")
+    assert alloc_any.redis.zrange(alloc_any.keys.cpu_ord, 0, -1) == ["h3", "h4"]
+    alloc_any.scan_cap = 2
+    assert alloc_any.allocate({"cpu_cores": 2}, strategy="first_fit").host_id == "h3"
+
+
+def test_cpu_order_index_holds_exactly_the_schedulable_hosts(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=2, ram_mb="8Gi")
+    alloc_any.register_host(id="h2", cpu_cores=2, ram_mb="8Gi")
+
+    def order() -> list[str]:
+        return alloc_any.redis.zrange(alloc_any.keys.cpu_ord, 0, -1)
+
+    assert order() == ["h1", "h2"]
+    x = alloc_any.allocate({"cpu_cores": 2}, strategy="first_fit")  # h1's CPU is exhausted
+    assert order() == ["h2"]
+    alloc_any.release(x.allocation_id)
+    assert order() == ["h1", "h2"]
+    alloc_any.drain_host("h1")
+    assert order() == ["h2"]
+    alloc_any.resume_host("h1")
+    assert order() == ["h1", "h2"]
+    alloc_any.remove_host("h2")
+    assert order() == ["h1"]
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
+def test_first_fit_for_cpu_only_work_places_on_a_ledger_written_before_the_cpu_order_index(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")
+    alloc_any.redis.delete(alloc_any.keys.cpu_ord)  # as an older version left it
+    x = alloc_any.allocate({"cpu_cores": 2}, strategy="first_fit")  # found through the CPU index
+    assert x.host_id == "h1"
+    alloc_any.release(x.allocation_id)  # the release reindexes the host: it is in the order again
+    assert alloc_any.redis.zrange(alloc_any.keys.cpu_ord, 0, -1) == ["h1"]
+    assert invariants.check(alloc_any.snapshot()) == []
 
 
 def test_dry_run_reports_where_without_allocating(alloc_any):

@@ -25,6 +25,7 @@ for pos = 0, ngpu - 1 do
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_IDLE, m)
 end
 rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_HOSTS, h); rcall('ZREM', K_HOSTS, h)
+rcall('ZREM', K_CPU_ORD, h)
 rcall('DEL', hk, host_allocs_key(h), host_sum_key(h))
 drop_host_services(h)
 emit('host_removed', h, now, '{}')

@@ -18,6 +18,9 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
   KEYS[16] idle_hosts ZSET host -> number of its GPUs with no holder (schedulable hosts with one or more)
 and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
+One more index is built from the prefix (K_CPU_ORD, PREFIX .. 'cpu_ord'): ZSET host -> its
+registration ordinal, schedulable hosts only, the order first fit walks for CPU-only requests (as
+gpu_ord is for GPU requests), so hosts whose CPU or RAM is exhausted are not walked one by one.
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
 
@@ -56,6 +59,7 @@ local function svc_ports_key(h) return PREFIX .. 'svc_ports:' .. h end
 local function svc_catalog_key(h) return PREFIX .. 'svc_catalog:' .. h end
 local function svc_wake_key(h) return PREFIX .. 'svc_wake:' .. h end
 local K_SVC_NAMES = PREFIX .. 'svc_names'
+local K_CPU_ORD = PREFIX .. 'cpu_ord'
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
@@ -427,9 +431,11 @@ local function reindex_host(h, touched, known)
   if schedulable then
     rcall('ZADD', K_CPU_IDX, s.cpu, h)
     rcall('ZADD', K_RAM_IDX, s.ramf, h)
+    rcall('ZADD', K_CPU_ORD, s.ord or 0, h)
   else
     rcall('ZREM', K_CPU_IDX, h)
     rcall('ZREM', K_RAM_IDX, h)
+    rcall('ZREM', K_CPU_ORD, h)
   end
 end
 

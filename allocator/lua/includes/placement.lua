@@ -266,7 +266,7 @@ local function scan(req, mode)
       elseif mode == 'worst' then
         members = rcall('ZREVRANGEBYSCORE', K_CPU_IDX, '+inf', req.cpu_millis, 'LIMIT', offset, page)
       else
-        members = rcall('ZRANGE', K_HOSTS, offset, offset + page - 1)
+        members = rcall('ZRANGE', K_CPU_ORD, offset, offset + page - 1)
       end
     end
     if #members == 0 then break end
@@ -442,7 +442,10 @@ local function try_place(req, now)
     local capped = false
     if not h then
       capped = s
-      if mode == 'first' and capped then
+      -- First fit that stopped at the cap: best fit reaches a host through the free-capacity
+      -- indexes. A CPU-only first fit that found nothing does too: a host registered before
+      -- cpu_ord existed is in cpu_idx but not in cpu_ord until its next release or registration.
+      if mode == 'first' and (capped or req.gpus == 0) then
         h, s, gs = scan(req, 'best')
         if not h then capped = s end
       end
