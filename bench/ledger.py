@@ -313,7 +313,26 @@ def pct(values: list[float], q: float) -> float:
 # Commands a benchmark or its own bookkeeping runs outside the scripts (the rest ran inside them).
 _NOT_IN_SCRIPTS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script", "cmdstat_info", "cmdstat_config",
                    "cmdstat_client", "cmdstat_ping", "cmdstat_select", "cmdstat_hello", "cmdstat_flushall",
-                   "cmdstat_flushdb", "cmdstat_scan", "cmdstat_del", "cmdstat_unlink")
+                   "cmdstat_flushdb", "cmdstat_scan", "cmdstat_del", "cmdstat_unlink", "cmdstat_latency")
+
+
+SLOW_US = 528  # a bucket bound of Redis's latency histogram (powers of two, in µs)
+
+
+def _evalsha_over(r: redis.Redis, bound: int) -> float:
+    """EVALSHA calls so far that took the server more than ``bound`` µs (Redis 7's LATENCY
+    HISTOGRAM, cumulative per bucket); NaN where the server has none (Redis 6.2)."""
+    try:
+        raw = r.execute_command("LATENCY", "HISTOGRAM", "evalsha")
+    except redis.ResponseError:
+        return float("nan")
+    flat = raw.get("evalsha") or raw.get(b"evalsha") if isinstance(raw, dict) else None
+    if not flat:
+        return 0.0
+    calls = flat.get("calls", flat.get(b"calls", 0))
+    hist = flat.get("histogram_usec", flat.get(b"histogram_usec", {}))
+    within = max((n for b, n in hist.items() if int(b) <= bound), default=0)  # cumulative counts
+    return float(calls - within)
 
 
 def server_stats(r: redis.Redis) -> dict[str, float]:
@@ -324,7 +343,8 @@ def server_stats(r: redis.Redis) -> dict[str, float]:
     inner = sum(float(v.get("usec", 0)) for k, v in cs.items() if not k.startswith(_NOT_IN_SCRIPTS))
     cpu = r.info("cpu")
     return {"evalsha_calls": float(ev.get("calls", 0)), "evalsha_usec": float(ev.get("usec", 0)), "inner_usec": inner,
-            "cpu": float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0)), "t": time.perf_counter()}
+            "cpu": float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0)), "t": time.perf_counter(),
+            "slow_calls": _evalsha_over(r, SLOW_US)}
 
 
 def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
@@ -378,6 +398,8 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         "server_us_per_evalsha": (d_usec / d_calls) if d_calls else float("nan"),
         # Of that, the Redis commands the scripts ran; the rest is the Lua interpreter's own work.
         "server_cmd_us_per_evalsha": ((after["inner_usec"] - before["inner_usec"]) / d_calls) if d_calls else float("nan"),
+        # Share of the calls that held the server over SLOW_US: the tail the other clients wait behind.
+        "server_slow_share": ((after["slow_calls"] - before["slow_calls"]) / d_calls) if d_calls else float("nan"),
         "server_evalsha_calls": int(d_calls),
         "redis_cpu_pct": 100 * (after["cpu"] - before["cpu"]) / wall if wall > 0 else float("nan"),
     }
@@ -538,7 +560,8 @@ def print_results(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], 
 
     d = Table(title="Diagnostics (server µs/EVALSHA from INFO commandstats; '*' = shared server, counts disagree)")
     for col in ("fleet", "clients", "ledger calls/s ÷ trivial", "script-only allocs/s", "script-only ÷ trivial",
-                "place p50/p99 ms", "server µs: ledger / trivial", "of which commands µs", "server µs vs 16 hosts",
+                "place p50/p99 ms", "server µs: ledger / trivial", "of which commands µs", f"calls > {SLOW_US} µs",
+                "server µs vs 16 hosts",
                 "redis CPU %: ledger / trivial"):
         d.add_column(col, justify="left" if col == "fleet" else "right")
     for row in rows:
@@ -551,6 +574,7 @@ def print_results(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], 
                   fmt(S["allocs_per_s"], 0) if S else "-", fmt(S["allocs_per_s"] / T["calls_per_s"], 3) if S else "-",
                   f"{fmt(S['a_p50_ms'], 3)} / {fmt(S['a_p99_ms'], 3)}" if S else "-",
                   f"{srv(L)} / {srv(T)}", fmt(L.get("server_cmd_us_per_evalsha"), 1),
+                  fmt(100 * L.get("server_slow_share", float("nan")), 1) + "%",
                   fmt(row.get("scale_p50_server"), 2) + "x",
                   f"{fmt(L['redis_cpu_pct'], 0)} / {fmt(T['redis_cpu_pct'], 0)}")
     console.print(d)
@@ -607,9 +631,9 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
                    f"{fmt(L['a_p99_ms'], 3)} | {fmt(L['r_p50_ms'], 3)} / {fmt(L['r_p99_ms'], 3)} | "
                    f"{L['refusals']} of {L['allocs'] + L['refusals']:,} | {fmt(row['steady_ratio'], 3)} |")
     out += ["", "| fleet | clients | (allocate + release calls)/s ÷ trivial | script-only allocs/s | script-only ÷ trivial | "
-            "place script p50 / p99 ms | server µs per EVALSHA: ledger / trivial | of which Redis commands µs | "
-            "server µs vs 16 hosts | Redis CPU %: ledger / trivial |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            f"place script p50 / p99 ms | server µs per EVALSHA: ledger / trivial | of which Redis commands µs | "
+            f"ledger calls over {SLOW_US} µs | server µs vs 16 hosts | Redis CPU %: ledger / trivial |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         L, T, S = row["ledger"], row["trivial"], row.get("script")
         star = lambda x: "" if x["server_stats_clean"] else "*"  # noqa: E731
@@ -617,7 +641,8 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
                    + (f"{fmt(S['allocs_per_s'], 0)} | {fmt(S['allocs_per_s'] / T['calls_per_s'], 3)} | "
                       f"{fmt(S['a_p50_ms'], 3)} / {fmt(S['a_p99_ms'], 3)} | " if S else "- | - | - | ")
                    + f"{fmt(L['server_us_per_evalsha'], 1)}{star(L)} / {fmt(T['server_us_per_evalsha'], 1)}{star(T)} | "
-                   f"{fmt(L.get('server_cmd_us_per_evalsha'), 1)} | {fmt(row.get('scale_p50_server'), 2)}x | {fmt(L['redis_cpu_pct'], 0)} / {fmt(T['redis_cpu_pct'], 0)} |")
+                   f"{fmt(L.get('server_cmd_us_per_evalsha'), 1)} | {fmt(100 * L.get('server_slow_share', float('nan')), 1)}% | "
+                   f"{fmt(row.get('scale_p50_server'), 2)}x | {fmt(L['redis_cpu_pct'], 0)} / {fmt(T['redis_cpu_pct'], 0)} |")
     out += ["", "| fleet | hosts | GPUs | cores | register s | hosts/s | destroy s |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for fi in fleet_info:

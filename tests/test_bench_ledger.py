@@ -49,3 +49,13 @@ def test_repeated_runs_judge_the_goals_on_the_medians(redis_url, tmp_path):
 
 def test_the_trivial_script_answers_json_like_every_ledger_script(alloc):
     assert alloc._call("noop") == 1
+
+
+def test_server_figures_count_what_scripts_run_inside_and_the_slow_calls(alloc):
+    before = ledger.server_stats(alloc.redis)
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")  # one script that runs Redis commands
+    after = ledger.server_stats(alloc.redis)
+    assert after["evalsha_calls"] > before["evalsha_calls"]
+    assert after["inner_usec"] >= before["inner_usec"]
+    beyond_any_bucket = ledger._evalsha_over(alloc.redis, 10**9)
+    assert beyond_any_bucket == 0.0 or beyond_any_bucket != beyond_any_bucket  # NaN: no histogram (Redis 6.2)
