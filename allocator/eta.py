@@ -12,8 +12,9 @@ expected release a pass again, each pass being a Python mirror of the Lua pass
   capacity they would strand, the idle GPUs they would break up and the CPU they would leave;
   worst fit from the top down, first fit in registration order over the schedulable hosts (falling
   back to best fit when the bounded walk stops at ``scan_cap``, and for CPU-only requests when it
-  finds nothing), whole GPUs over the idle-GPU index, CPU-only requests over the CPU index; parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs
-  by the same rule; GPU models; label selectors; the critical reserve of idle GPUs;
+  finds nothing), whole GPUs over the idle-GPU index, CPU-only requests over the CPU index;
+  parking (a host with no free CPU or RAM leaves the indexes); a host's k best GPUs by the same
+  rule; GPU models; label selectors; the critical reserve of idle GPUs;
 - the pass: the first ``pass_depth`` tasks in line (priority, then front, then arrival); the first
   task that does not fit (after trying preemption when its strategy is ``priority``) gets an EASY
   reservation from the allocations' expected ends (the ``ends`` index, first 256); later tasks start
