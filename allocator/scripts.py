@@ -6,6 +6,11 @@ with the definitions the script uses. Redis runs a script's whole text at every 
 ``local function`` of an include becomes a new closure on every call whether the call needs it or
 not (about 0.3-0.5 µs each, bench/script_entry.py): a heartbeat that uses 4 of the library's 63
 definitions should not pay for the other 59.
+A script may also name, with ``--- @lazy name ...``, helpers it needs only on rare paths (the
+scheduling pass when nothing waits, the reaper when nothing expired, a refusal): the definitions
+that only those helpers need are then built inside one function on the first call of one of
+them, and the rest of the script reaches them through stubs. A ``release`` that frees capacity
+no one waits for then does not define the placement and queue code at all.
 redis-py's ``Script`` objects run EVALSHA and reload the source on NOSCRIPT, so a Redis restart
 or ``SCRIPT FLUSH`` is transparent.
 """
@@ -24,6 +29,18 @@ _INCLUDE = re.compile(r'^---[ \t]*@include[ \t]+"([\w-]+)"[ \t]*$', re.MULTILINE
 # A top-level definition of an include: "local function name" or "local a, b = ...".
 _DEFINITION = re.compile(r"^local[ \t]+(?:function[ \t]+([A-Za-z_]\w*)|([A-Za-z_][\w \t,]*?)[ \t]*=)")
 _IDENT = re.compile(r"[A-Za-z_]\w*")
+_LAZY = re.compile(r"^---[ \t]*@lazy[ \t]+([A-Za-z_][\w \t]*?)[ \t]*$", re.MULTILINE)
+# Lua tokens in which an identifier-like word is no reference (comments, long ones first, and
+# string literals), and identifiers; whatever else the text holds is skipped.
+_TOKENS = re.compile(
+    r"--\[(?P<lc>=*)\[.*?\](?P=lc)\]"  # --[[ long comment ]], any level
+    r"|--[^\n]*"  # line comment
+    r"|\[(?P<ls>=*)\[.*?\](?P=ls)\]"  # [[ long string ]], any level
+    r'|"(?:\\.|[^"\\\n])*"'  # "short string"
+    r"|'(?:\\.|[^'\\\n])*'"  # 'short string'
+    r"|(?P<id>[A-Za-z_]\w*)",
+    re.DOTALL,
+)
 _LONG_BRACKET = re.compile(r"\[=*\[")
 _END = re.compile(r"end\b")
 
@@ -111,6 +128,42 @@ def used_definitions(defs: list[Definition], text: str) -> list[Definition]:
     return [d for i, d in enumerate(defs) if i in keep]
 
 
+def code_names(text: str) -> set[str]:
+    """The identifiers of Lua code, leaving out comments and string literals (a field name after
+    a dot counts too: a name too many keeps a definition eager, never the other way round)."""
+    return {m.group("id") for m in _TOKENS.finditer(text) if m.group("id")}
+
+
+def lazy_definitions(defs: list[Definition], text: str, roots: set[str]) -> list[Definition]:
+    """Of ``defs`` (those a script keeps), the ones the script's code ``text`` reaches only
+    through the helpers ``roots``: every root, and what only roots (and those) name. Code here
+    means comments and strings left out, so the split follows real references; each root must be
+    a function of its own definition."""
+    by_name = {n: i for i, d in enumerate(defs) for n in d.names}
+    for root in roots:
+        i = by_name.get(root)
+        if i is None or defs[i].names != (root,) or f"local function {root}(" not in defs[i].text:
+            raise ValueError(f"@lazy {root}: not a helper function this script keeps")
+    eager: set[int] = set()
+    todo = [by_name[n] for n in code_names(text) if n in by_name and n not in roots]
+    while todo:
+        i = todo.pop()
+        if i not in eager:
+            eager.add(i)
+            todo.extend(by_name[n] for n in code_names(defs[i].text) if n in by_name and n not in roots)
+    return [d for i, d in enumerate(defs) if i not in eager]
+
+
+def _lazy_group(defs: list[Definition], roots: list[str]) -> str:
+    """The Lua of a lazy group: its definitions inside one function, run on the first call of a
+    root, and a stub per root (the roots are declared before the library, see ``source``)."""
+    body = "\n".join(defs)
+    exports = ", ".join(f"{r} = {r}" for r in roots)
+    stubs = "\n".join(f"{r} = function(...) return __lazy().{r}(...) end" for r in roots)
+    return (f"local __lazy_lib\nlocal function __lazy()\n  if __lazy_lib == nil then\n{body}\n"
+            f"    __lazy_lib = {{{exports}}}\n  end\n  return __lazy_lib\nend\n{stubs}")
+
+
 def _include_order(text: str, seen: set[str], out: list[str]) -> list[str]:
     """The includes ``text`` names, each once, an include's own includes before it."""
     for inc in _INCLUDE.findall(text):
@@ -131,17 +184,27 @@ def source(name: str, used_only: bool = True) -> str:
     texts = {inc: _INCLUDE.sub("", _read(f"includes/{inc}.lua")) for inc in order}
     parsed = {inc: definitions(t) if used_only else None for inc, t in texts.items()}
     library = [d for inc in order for d in (parsed[inc] or [])]
-    keep = {id(d) for d in used_definitions(library, _INCLUDE.sub("", own))}
+    body = _LAZY.sub("", _INCLUDE.sub("", own))
+    kept = used_definitions(library, body)
+    roots = [r for line in _LAZY.findall(own) for r in line.split()] if used_only else []
+    lazy = {id(d) for d in lazy_definitions(kept, body, set(roots))} if roots else set()
+    eager = {id(d) for d in kept} - lazy
+    includes = len(_INCLUDE.findall(own))
     done: set[str] = set()
+    seen = 0
 
     def inline(match: re.Match[str]) -> str:
-        parts = []
+        nonlocal seen
+        seen += 1
+        parts = [f"local {', '.join(roots)}"] if roots and seen == 1 else []
         for inc in _include_order(match.group(0), done, []):
             defs = parsed[inc]
-            parts.append(texts[inc] if defs is None else "\n".join(d.text for d in defs if id(d) in keep))
+            parts.append(texts[inc] if defs is None else "\n".join(d.text for d in defs if id(d) in eager))
+        if roots and seen == includes:
+            parts.append(_lazy_group([d.text for d in kept if id(d) in lazy], roots))
         return "\n".join(parts)
 
-    return _INCLUDE.sub(inline, own)
+    return _LAZY.sub("", _INCLUDE.sub(inline, own))
 
 
 class Scripts:

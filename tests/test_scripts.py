@@ -3,9 +3,19 @@ pays to define only the helpers it may run (docs/architecture.md, "Scripts")."""
 
 import re
 
+import pytest
 import redis
 
-from allocator.scripts import _INCLUDE, SCRIPT_NAMES, _read, definitions, source, used_definitions
+from allocator.scripts import (
+    _INCLUDE,
+    SCRIPT_NAMES,
+    _read,
+    code_names,
+    definitions,
+    lazy_definitions,
+    source,
+    used_definitions,
+)
 
 LIBRARY = """--[[ a tiny include ]]
 local rcall = redis.call
@@ -67,3 +77,47 @@ def test_every_script_compiles_and_holds_every_helper_it_names(redis_url):
                    for d in definitions(_read(f"includes/{inc}.lua"))
                    for n in d.names if n in named and d.text not in text]
         assert missing == [], name
+
+
+def test_names_in_comments_and_strings_are_no_references():
+    text = """-- see unused(x)
+local s = "key(x) -- not code" .. 'read(y)' .. [==[ unused ]==]
+--[[ read ]] return rcall(s)"""
+    assert code_names(text) == {"local", "s", "return", "rcall"}
+
+
+def test_a_lazy_helper_takes_what_only_it_needs_and_leaves_what_the_script_uses():
+    defs = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", ""))
+    kept = used_definitions(defs, "if ARGV[2] then return read(ARGV[1]) end return key('x')")
+    lazy = lazy_definitions(kept, "if ARGV[2] then return read(ARGV[1]) end return key('x')", {"read"})
+    # key is used by the script itself, and A by key: both stay eager; read is lazy, and so is
+    # rcall, which only read names.
+    assert [d.names for d in lazy] == [("rcall",), ("read",)]
+
+
+def test_a_lazy_name_must_be_a_helper_function_the_script_keeps():
+    defs = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", ""))
+    for bad in ("A", "nosuch"):
+        with pytest.raises(ValueError, match=bad):
+            lazy_definitions(defs, "return read(1)", {bad})
+
+
+def test_release_defines_the_scheduling_pass_only_when_a_task_waits():
+    text = source("release")
+    group = text.index("local function __lazy()")
+    assert text.index("local function run_pass(") > group  # built inside the group
+    assert text.index("local function try_place(") > group
+    assert text.index("local function schedule_pass(") < group  # its early exits stay eager
+    assert text.index("local function reindex_host(") < group  # what every release runs
+    assert "run_pass = function(...) return __lazy().run_pass(...) end" in text
+    assert "@lazy" not in text
+    assert "local function __lazy()" not in source("release", used_only=False)
+
+
+def test_a_release_that_frees_capacity_for_a_waiting_task_places_it_through_the_lazy_pass(alloc):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="4Gi")
+    first = alloc.allocate({"cpu_cores": 2})
+    waiting = alloc.allocate({"cpu_cores": 2}, on_busy="queue")
+    assert waiting.state == "pending"
+    alloc.release(first.allocation_id)
+    assert alloc.get(waiting.allocation_id).state == "active"

@@ -24,6 +24,7 @@ Returns JSON {requeued, released, stale, status, placed[]}.
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
+--- @lazy run_pass requeue_task drop_services
 
 local K_HOST_PIDS, K_JOB = KEYS[#KEYS - 1], KEYS[#KEYS]
 local id, my_host, want, pid, status = ARGV[3], ARGV[4], ARGV[5] or '', ARGV[6] or '', ARGV[7] or ''

@@ -13,6 +13,7 @@ Returns JSON {ok=true, changed, stale?, alloc{...}} or {ok=false, code="ALLOCATI
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
+--- @lazy run_pass drop_services
 
 local now = now_ms()
 local id = ARGV[3]

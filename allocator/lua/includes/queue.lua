@@ -255,13 +255,11 @@ local function consider(st, id, t, now, scan_cap)
   return true
 end
 
--- One scheduling pass over the first depth pending tasks, in order.
-local function schedule_pass(now, depth, scan_cap)
-  if depth <= 0 then return {} end
-  if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
+-- The pass proper over ids, the pending tasks at the head of the line, in order.
+local function run_pass(ids, now, scan_cap)
   local placed = {}
   local st = new_pass()
-  for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, depth - 1)) do
+  for _, id in ipairs(ids) do
     local t = read_task(id)
     if not t then
       rcall('ZREM', K_PENDING, id)
@@ -270,6 +268,18 @@ local function schedule_pass(now, depth, scan_cap)
     end
   end
   return placed
+end
+
+-- One scheduling pass over the first depth pending tasks, in order. The checks that end it
+-- before any task is looked at come first, apart from the pass proper: a script that names
+-- run_pass lazy (see allocator/scripts.py) then builds the placement code only when something
+-- waits.
+local function schedule_pass(now, depth, scan_cap)
+  if depth <= 0 then return {} end
+  if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
+  local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
+  if #ids == 0 then return {} end
+  return run_pass(ids, now, scan_cap)
 end
 
 -- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
