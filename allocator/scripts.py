@@ -154,10 +154,11 @@ def lazy_definitions(defs: list[Definition], text: str, roots: set[str]) -> list
     return [d for i, d in enumerate(defs) if i not in eager]
 
 
-def _lazy_group(defs: list[Definition], roots: list[str]) -> str:
-    """The Lua of a lazy group: its definitions inside one function, run on the first call of a
-    root, and a stub per root (the roots are declared before the library, see ``source``)."""
-    body = "\n".join(defs)
+def _lazy_group(texts: list[str], roots: list[str]) -> str:
+    """The Lua of a lazy group: the definitions' texts inside one function, run on the first call
+    of a root, and a stub per root (the roots are declared before the library, see ``source``).
+    A definition in the group that names a root defined after it reaches that root's stub."""
+    body = "\n".join(texts)
     exports = ", ".join(f"{r} = {r}" for r in roots)
     stubs = "\n".join(f"{r} = function(...) return __lazy().{r}(...) end" for r in roots)
     return (f"local __lazy_lib\nlocal function __lazy()\n  if __lazy_lib == nil then\n{body}\n"
