@@ -40,6 +40,7 @@ only, the host's cores nobody holds exclusively right now (where fractional gran
 ]]
 --- @include "ledger"
 --- @include "fencing"
+--- @lazy finish_alloc
 
 -- Core ids of host h that no allocation holds exclusively now (core map flag "1").
 local function shared_pool(h)
