@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 from importlib import resources
@@ -113,18 +114,30 @@ def definitions(text: str) -> list[Definition] | None:
     return [Definition(names, "\n".join(lines[bounds[j]:bounds[j + 1]])) for j, (_, names) in enumerate(starts)]
 
 
+def _reached(defs: list[Definition], text: str, names: Callable[[str], set[str]],
+             stop: frozenset[str] = frozenset()) -> set[int]:
+    """Indexes of the definitions ``text`` names (``names`` reads the names of a text), with those
+    they name in turn; a name in ``stop`` is not followed."""
+    by_name = {n: i for i, d in enumerate(defs) for n in d.names}
+    reached: set[int] = set()
+    todo = [by_name[n] for n in names(text) if n in by_name and n not in stop]
+    while todo:
+        i = todo.pop()
+        if i not in reached:
+            reached.add(i)
+            todo.extend(by_name[n] for n in names(defs[i].text) if n in by_name and n not in stop)
+    return reached
+
+
+def _any_names(text: str) -> set[str]:
+    return set(_IDENT.findall(text))
+
+
 def used_definitions(defs: list[Definition], text: str) -> list[Definition]:
     """The definitions ``text`` names, with those they name in turn, in their order in ``defs``.
     A name is any identifier, in code, comments or strings alike: a stray mention keeps a
     definition that is not needed, never the other way round."""
-    by_name = {n: i for i, d in enumerate(defs) for n in d.names}
-    keep: set[int] = set()
-    todo = [by_name[n] for n in set(_IDENT.findall(text)) if n in by_name]
-    while todo:
-        i = todo.pop()
-        if i not in keep:
-            keep.add(i)
-            todo.extend(by_name[n] for n in set(_IDENT.findall(defs[i].text)) if n in by_name)
+    keep = _reached(defs, text, _any_names)
     return [d for i, d in enumerate(defs) if i in keep]
 
 
@@ -144,13 +157,7 @@ def lazy_definitions(defs: list[Definition], text: str, roots: set[str]) -> list
         i = by_name.get(root)
         if i is None or defs[i].names != (root,) or f"local function {root}(" not in defs[i].text:
             raise ValueError(f"@lazy {root}: not a helper function this script keeps")
-    eager: set[int] = set()
-    todo = [by_name[n] for n in code_names(text) if n in by_name and n not in roots]
-    while todo:
-        i = todo.pop()
-        if i not in eager:
-            eager.add(i)
-            todo.extend(by_name[n] for n in code_names(defs[i].text) if n in by_name and n not in roots)
+    eager = _reached(defs, text, code_names, frozenset(roots))
     return [d for i, d in enumerate(defs) if i not in eager]
 
 
