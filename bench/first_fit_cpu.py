@@ -25,28 +25,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import redis  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from allocator.client import Allocator  # noqa: E402
 
 try:
-    from bench.ledger import server_stats  # python -m bench.first_fit_cpu
+    from bench.ledger import evalsha_us  # python -m bench.first_fit_cpu
 except ImportError:  # python bench/first_fit_cpu.py
-    from ledger import server_stats  # type: ignore[no-redef]
+    from ledger import evalsha_us  # type: ignore[no-redef]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-
-
-def per_call_us(r: redis.Redis, n: int, call: Any) -> float:
-    """Server µs per EVALSHA over ``n`` calls of ``call``."""
-    before = server_stats(r)
-    for _ in range(n):
-        call()
-    after = server_stats(r)
-    calls = after["evalsha_calls"] - before["evalsha_calls"]
-    return (after["evalsha_usec"] - before["evalsha_usec"]) / calls if calls else float("nan")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,14 +46,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             alloc.register_host(id=f"h{i:05d}", cpu_cores=8, ram_mb="64Gi")
         noop = alloc.scripts["noop"]
         keys, prefix = alloc._ledger_keys, alloc._prefix_arg
-        trivial = per_call_us(r, 2000, lambda: noop(keys=keys, args=[prefix, ""]))
+        trivial = evalsha_us(r, 2000, lambda: noop(keys=keys, args=[prefix, ""]))[0]
 
         def place() -> None:
             alloc.allocate({"cpu_cores": 8, "ram_mb": 1024}, strategy="first_fit")
 
         rows, full = [], 0
         while full + args.step <= args.hosts - args.step:
-            us = per_call_us(r, args.step, place)
+            us = evalsha_us(r, args.step, place)[0]
             rows.append({"full_hosts_before": full, "place_us": us})
             full += args.step
         base = rows[0]["place_us"]

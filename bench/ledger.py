@@ -347,6 +347,17 @@ def server_stats(r: redis.Redis) -> dict[str, float]:
             "slow_calls": _evalsha_over(r, SLOW_US)}
 
 
+def evalsha_us(r: redis.Redis, n: int, call: Any) -> tuple[float, int]:
+    """Server µs per EVALSHA over ``n`` calls of ``call`` (INFO commandstats deltas), and how many
+    EVALSHA the server counted meanwhile (more than ``n``: another client ran scripts too)."""
+    before = server_stats(r)
+    for _ in range(n):
+        call()
+    after = server_stats(r)
+    calls = int(after["evalsha_calls"] - before["evalsha_calls"])
+    return ((after["evalsha_usec"] - before["evalsha_usec"]) / calls if calls else float("nan")), calls
+
+
 def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier = ctx.Barrier(clients + 1)

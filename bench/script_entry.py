@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from allocator.keys import Keys  # noqa: E402
 from allocator.scripts import _INCLUDE, _LAZY, SCRIPT_NAMES, _read, source  # noqa: E402
-from bench.ledger import server_stats  # noqa: E402
+from bench.ledger import evalsha_us  # noqa: E402
 
 DEFAULT_SCRIPTS = ("place", "release", "claim_grant", "finish_job", "schedule", "heartbeat", "grant_check", "tally_outbox")
 
@@ -58,13 +58,8 @@ def closures(text: str) -> int:
 def measure(r: redis.Redis, text: str, keys: list[str], args: list[str], calls: int) -> tuple[float, bool]:
     """Server µs per EVALSHA of ``text`` over ``calls`` calls, and whether the counts agreed."""
     sha = r.script_load(text)
-    before = server_stats(r)
-    for _ in range(calls):
-        r.evalsha(sha, len(keys), *keys, *args)
-    after = server_stats(r)
-    n = after["evalsha_calls"] - before["evalsha_calls"]
-    usec = after["evalsha_usec"] - before["evalsha_usec"]
-    return (usec / n if n else float("nan")), n == calls
+    us, counted = evalsha_us(r, calls, lambda: r.evalsha(sha, len(keys), *keys, *args))
+    return us, counted == calls
 
 
 def main(argv: list[str] | None = None) -> int:
