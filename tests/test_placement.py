@@ -322,7 +322,9 @@ def test_first_fit_for_cpu_only_work_places_on_a_ledger_written_before_the_cpu_o
     alloc_any.redis.delete(alloc_any.keys.cpu_ord)  # as an older version left it
     x = alloc_any.allocate({"cpu_cores": 2}, strategy="first_fit")  # found through the CPU index
     assert x.host_id == "h1"
-    alloc_any.release(x.allocation_id)  # the release reindexes the host: it is in the order again
+    alloc_any.release(x.allocation_id)
+    assert alloc_any.redis.zrange(alloc_any.keys.cpu_ord, 0, -1) == []  # a release keeps membership
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")  # as the upgrade procedure does
     assert alloc_any.redis.zrange(alloc_any.keys.cpu_ord, 0, -1) == ["h1"]
     assert invariants.check(alloc_any.snapshot()) == []
 

@@ -431,11 +431,14 @@ local function reindex_host(h, touched, known)
   if schedulable then
     rcall('ZADD', K_CPU_IDX, s.cpu, h)
     rcall('ZADD', K_RAM_IDX, s.ramf, h)
-    rcall('ZADD', K_CPU_ORD, s.ord or 0, h)
   else
     rcall('ZREM', K_CPU_IDX, h)
     rcall('ZREM', K_RAM_IDX, h)
-    rcall('ZREM', K_CPU_ORD, h)
+  end
+  -- cpu_ord holds the host's fixed ordinal: only a full reindex or a change of schedulability
+  -- can change it (touched is nil then), not every release.
+  if touched == nil then
+    if schedulable then rcall('ZADD', K_CPU_ORD, s.ord or 0, h) else rcall('ZREM', K_CPU_ORD, h) end
   end
 end
 

@@ -444,7 +444,8 @@ local function try_place(req, now)
       capped = s
       -- First fit that stopped at the cap: best fit reaches a host through the free-capacity
       -- indexes. A CPU-only first fit that found nothing does too: a host registered before
-      -- cpu_ord existed is in cpu_idx but not in cpu_ord until its next release or registration.
+      -- cpu_ord existed is in cpu_idx but not in cpu_ord until it is registered again, parks or
+      -- comes back from parking or draining.
       if mode == 'first' and (capped or req.gpus == 0) then
         h, s, gs = scan(req, 'best')
         if not h then capped = s end
