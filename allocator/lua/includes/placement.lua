@@ -34,16 +34,21 @@ local function labels_match(selector, labels_json)
   return true
 end
 
--- Whether GPU g can take one GPU of req (memory, whole, model).
-local function gpu_fits(req, g)
-  if not g then return false end
+-- Whether a GPU with free MiB, holders and model can take one GPU of req (memory, whole, model).
+local function fits_gpu(req, free, holders, model)
   if req.gpu_mem == 0 then
-    if g.n ~= 0 or g.free <= 0 then return false end
-  elseif g.free < req.gpu_mem then
+    if holders ~= 0 or free <= 0 then return false end
+  elseif free < req.gpu_mem then
     return false
   end
-  if req.models then return req.models[g.model] == true end
+  if req.models then return req.models[model] == true end
   return true
+end
+
+-- Whether GPU g (nil: none) can take one GPU of req.
+local function gpu_fits(req, g)
+  if not g then return false end
+  return fits_gpu(req, g.free, g.n, g.model)
 end
 
 -- Static checks of a host for req: state, selector, exclusions (not free capacity).
@@ -76,18 +81,13 @@ end
 -- or a sort (a best-fit scan does this for each of its candidates). nil when fewer fit.
 local function pick_in_summary(req, s, mode)
   local k, raw, ngpu = req.gpus, s.sum, s.ngpu
-  local mem, models = req.gpu_mem, req.models
+  local models = req.models and s.models  -- read by gpu_models when req names models
   local fp, ff, n = {}, {}, 0  -- positions and free MiB of the chosen so far, in order
   for p = 0, ngpu - 1 do
     local total, ext, used, holders = struct.unpack(SUM_GPU_FMT, raw, SUM_HEAD_BYTES + p * SUM_GPU * 8 + 1)
     local free = total - ext - used
     if free < 0 then free = 0 end
-    local fits
-    if total < 0 then fits = false
-    elseif mem == 0 then fits = (holders == 0 and free > 0)
-    else fits = (free >= mem) end
-    if fits and models then fits = (models[s.models[p + 1]] == true) end
-    if fits then
+    if total >= 0 and fits_gpu(req, free, holders, models and models[p + 1]) then
       local i = n + 1
       if mode == 'best' then
         while i > 1 and ff[i - 1] > free do i = i - 1 end
@@ -107,7 +107,7 @@ local function pick_in_summary(req, s, mode)
   local out = {}
   for i = 1, k do
     local g = summary_gpu(raw, fp[i], ngpu)
-    if models then g.model = s.models[fp[i] + 1] end
+    if models then g.model = models[fp[i] + 1] end
     out[i] = g
   end
   return out
