@@ -28,7 +28,14 @@ each (fleet, clients) measurement N times, shows the run with the median ratio i
 judges the goals on each figure's median over the runs (every run's figures are in the JSON and
 the Markdown).
 
+Where the processes run (``bench/cpus.py``): by default the server and the clients share every
+CPU, so on a small machine the clients' Python competes with Redis for the same cores.
+``--redis-cpus 0 --client-cpus 1`` pins a local server to CPU 0 for the run (its CPUs are given
+back afterwards) and the clients to CPU 1: Redis then runs as deployed, on a core of its own. The
+header and the JSON say which layout a run used.
+
     .venv/bin/python bench/ledger.py --seconds 5 --json bench-ledger.json
+    .venv/bin/python bench/ledger.py --seconds 5 --redis-cpus 0 --client-cpus 1
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ from allocator.models import Allocation  # noqa: E402
 from allocator.scripts import SCRIPT_NAMES, source  # noqa: E402
 
 try:
-    from bench import fleets  # python -m bench.ledger
+    from bench import cpus, fleets  # python -m bench.ledger
 except ImportError:  # python bench/ledger.py
+    import cpus  # type: ignore[no-redef]
     import fleets  # type: ignore[no-redef]
 
 GIB = 1024
@@ -688,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per synthetic host (default 8)")
     ap.add_argument("--openb-dir", default=None, help="OpenB data directory (default $ALLOCATOR_OPENB_DIR or ../shared/data/openb)")
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL") or "redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-cpus", default=None,
+                    help="pin the (local) Redis server to these CPUs for the run, e.g. 0 (default: leave it)")
+    ap.add_argument("--client-cpus", default=None,
+                    help="run this benchmark and its client processes on these CPUs, e.g. 1 (default: any)")
     ap.add_argument("--no-script-only", action="store_true", help="skip the diagnostic script-only phase")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1,
@@ -707,6 +719,16 @@ def main(argv: list[str] | None = None) -> int:
     fleet_list = load_fleets([x.strip() for x in args.fleets.split(",") if x.strip()], args)
     r = redis.Redis.from_url(args.redis_url, decode_responses=True)
     server = r.info("server")
+    try:
+        redis_cpus = cpus.parse_cpus(args.redis_cpus, "--redis-cpus") if args.redis_cpus else None
+        client_cpus = cpus.parse_cpus(args.client_cpus, "--client-cpus") if args.client_cpus else None
+        server_pid = cpus.local_server_pid(r, args.redis_url) if redis_cpus else 0
+    except cpus.CpuError as exc:
+        ap.error(str(exc))
+    placement = cpus.describe(redis_cpus, client_cpus)
+    server_cpus_before = cpus.pin(server_pid, redis_cpus) if redis_cpus else None
+    # The client processes are forked from this one and inherit its CPUs.
+    client_cpus_before = cpus.pin(0, client_cpus) if client_cpus else None
     run_id = uuid.uuid4().hex[:8]
     live: list[Allocator] = []
     rows: list[dict[str, Any]] = []
@@ -714,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead: dict[str, float] = {}
     console.print(f"Redis {server.get('redis_version')} at {args.redis_url}; {os.cpu_count()} CPUs; "
                   f"{args.seconds:g} s per phase; window {args.window}/client; strategy {args.strategy}; run {run_id}")
+    console.print(f"CPUs: {placement}")
     t_start = time.perf_counter()
     try:
         for fi, (_key, label, hosts) in enumerate(fleet_list):
@@ -751,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
                 a.destroy()
             except Exception as exc:  # pragma: no cover - best effort
                 console.print(f"[red]could not destroy {a.keys.namespace}: {exc}")
+        if server_cpus_before is not None:
+            cpus.pin(server_pid, server_cpus_before)  # the server gets its CPUs back
+        if client_cpus_before is not None:
+            cpus.pin(0, client_cpus_before)
 
     base_label = next((lbl for key, lbl, _ in fleet_list if key == "small"), None)
     big_label = next((lbl for key, lbl, _ in fleet_list if key == "synthetic"), None)
@@ -777,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "redis_version": server.get("redis_version")},
+            "cpus": {"redis": sorted(redis_cpus) if redis_cpus else None,
+                     "clients": sorted(client_cpus) if client_cpus else None, "placement": placement},
             "fleets": fleet_info,
             "client_overhead_us": overhead,
             "results": rows,
