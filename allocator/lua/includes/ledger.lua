@@ -356,14 +356,15 @@ local function gpu_totals(gpus)
   return gm, idle
 end
 
--- Free GPU capacity that host s could not feed: thousandths of a GPU free beyond what its free CPU
+-- Free GPU capacity that a host could not feed: thousandths of a GPU free beyond what its free CPU
 -- and free RAM cover at the host's own CPU per GPU and RAM per GPU (cores / GPUs, RAM / GPUs).
--- gm: thousandths of a GPU free on the host; cpu (millicores) and ram (MiB) free.
-local function stranded(s, gm, cpu, ram)
+-- ncores, ngpu, ram_total: the host's cores, GPUs and RAM (MiB); gm: thousandths of a GPU free on
+-- the host; cpu (millicores) and ram (MiB) free.
+local function stranded(ncores, ngpu, ram_total, gm, cpu, ram)
   if gm <= 0 then return 0 end
   local by_cpu, by_ram = 0, 0
-  if s.ncores > 0 then by_cpu = math.floor(cpu * s.ngpu / s.ncores) end
-  if s.ram > 0 then by_ram = math.floor(ram * s.ngpu * 1000 / s.ram) end
+  if ncores > 0 then by_cpu = math.floor(cpu * ngpu / ncores) end
+  if ram_total > 0 then by_ram = math.floor(ram * ngpu * 1000 / ram_total) end
   local short = gm - by_cpu
   if gm - by_ram > short then short = gm - by_ram end
   if short < 0 then return 0 end

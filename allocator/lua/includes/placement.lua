@@ -119,7 +119,15 @@ local function pick_on_host(req, h, s, pos, mode)
   local allowance = idle_allowance(req, h, s)
   if k == 1 and pos ~= nil then
     local g
-    if s.at == pos then g = s.at_gpu or nil else g = gpu_state(h, pos) end
+    if s.at == pos then
+      g = s.at_gpu or nil
+    elseif s.sum then
+      -- Another GPU of a host the scan read already: from the same summary, not another read.
+      g = summary_gpu(s.sum, pos, s.ngpu)
+      if g and s.models then g.model = s.models[pos + 1] end
+    else
+      g = gpu_state(h, pos)
+    end
     if not gpu_fits(req, g) then return nil end
     if allowance ~= nil and g.n == 0 and allowance < 1 then return nil end
     return {g}
@@ -193,7 +201,33 @@ local function placement_cost(req, h, s, gs)
     if g.n == 0 then j = j + 1 end
   end
   local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
-  return stranded(s, after, cpu, ram) - stranded(s, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu
+  local nc, ng, rt = s.ncores, s.ngpu, s.ram
+  return stranded(nc, ng, rt, after, cpu, ram) - stranded(nc, ng, rt, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu
+end
+
+-- placement_cost of one shared GPU, the one at position pos, for req on the host whose summary is
+-- raw, computed from the summary alone: best fit compares 8 hosts, and building each one's state
+-- and GPU tables (host_from_summary, summary_gpu, pick_on_host) costs more than the comparison.
+-- Only the chosen host's state is built (see scan). Returns the cost, or nil and whether the host
+-- as a whole cannot take req (CPU, RAM) rather than that GPU; or false when the summary does not
+-- settle it (a host that is not ready or keeps a critical reserve): the host is then read as usual.
+-- For requests without models, selector, exclusions, worker slots or services (see scan).
+local function summary_cost(req, raw, pos)
+  local ready, cfree, shared, ram, ram_used, ngpu, _, _, reserve, gm, idle, ncores = struct.unpack(SUM_HEAD_FMT, raw)
+  if ready ~= 1 or reserve > 0 then return false end
+  local cpu, ramf = cpu_free(cfree, shared), ram_free(ram, ram_used)
+  if cpu < req.cpu_millis or ramf < req.ram then return nil, true end
+  if pos >= ngpu then return nil, false end
+  local total, ext, used, n = struct.unpack(SUM_GPU_FMT, raw, SUM_HEAD_BYTES + pos * SUM_GPU * 8 + 1)
+  local free = total - ext - used
+  if free < 0 then free = 0 end
+  if total < 0 or not fits_gpu(req, free, n, nil) then return nil, false end
+  local after = gm - milli_free(total, ext, free) + milli_free(total, ext, free - req.gpu_mem)
+  local j = 0
+  if n == 0 then j = 1 end
+  local cpu_after = cpu - req.cpu_millis
+  return stranded(ncores, ngpu, ram, after, cpu_after, ramf - req.ram) - stranded(ncores, ngpu, ram, gm, cpu, ramf),
+    j * (2 * idle - j), cpu_after
 end
 
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
@@ -215,6 +249,22 @@ local function scan(req, mode)
   local by_host = (k > 0 and whole and mode == 'best' and not req.only)
   local best_h, best_s, best_gs, fits = nil, nil, nil, 0
   local b1, b2, b3  -- the best placement's cost (see placement_cost)
+  -- Best fit of one shared GPU (most requests) costs each candidate from its summary alone
+  -- (summary_cost); raws keeps each host's summary read so far (false: it has none), best_raw and best_pos the chosen one's, whose state is built once at the end (chosen).
+  local lean = (k == 1 and not whole and window > 1 and not req.models and not req.selector and not req.exclude
+    and not req.gone and not req.only and not req.slots and not req.services)
+  local raws, best_raw, best_pos = {}, nil, nil
+  local function cheaper(c1, c2, c3)
+    return best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3)))
+  end
+  local function chosen()
+    if best_raw then
+      best_s = host_from_summary(best_h, best_raw)
+      best_s.at, best_s.at_gpu = best_pos, summary_gpu(best_raw, best_pos, best_s.ngpu)
+      best_gs = {best_s.at_gpu}
+    end
+    return best_h, best_s, best_gs
+  end
   local function host_ok(h, pos)
     local c = host_cache[h]
     if c ~= nil then return c end
@@ -276,26 +326,49 @@ local function scan(req, mode)
       if k > 0 and not by_host then h, pos = string.match(m, '^(.*)#(%d+)$') end
       if not tried[h] then
         if pos then pos = tonumber(pos) end
-        local s = host_ok(h, pos)
-        local gs = nil
-        if s then
-          if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
-          if gs and window == 1 then return h, s, gs end
+        local raw, c1, c2, c3 = false, false, nil, nil
+        if lean then
+          raw = raws[h]
+          if raw == nil then
+            raw = rcall('GET', host_sum_key(h)) or false
+            raws[h] = raw
+          end
+          if raw then c1, c2, c3 = summary_cost(req, raw, pos) end
         end
-        if gs then
-          local c1, c2, c3 = placement_cost(req, h, s, gs)
-          if best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3))) then
-            best_h, best_s, best_gs, b1, b2, b3 = h, s, gs, c1, c2, c3
+        if c1 then
+          if cheaper(c1, c2, c3) then
+            best_h, best_s, best_gs, b1, b2, b3 = h, nil, nil, c1, c2, c3
+            best_raw, best_pos = raw, pos
           end
           fits = fits + 1
-          if fits >= window then return best_h, best_s, best_gs end
+          if fits >= window then return chosen() end
           tried[h] = true
-        elseif k ~= 1 or not s then
-          tried[h] = true
+        elseif c1 == nil then
+          -- The summary settled it: no fit on that GPU, or (c2) none on the host.
+          if c2 then tried[h] = true end
+        else
+          local s = host_ok(h, pos)
+          local gs = nil
+          if s then
+            if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
+            if gs and window == 1 then return h, s, gs end
+          end
+          if gs then
+            c1, c2, c3 = placement_cost(req, h, s, gs)
+            if cheaper(c1, c2, c3) then
+              best_h, best_s, best_gs, b1, b2, b3 = h, s, gs, c1, c2, c3
+              best_raw = nil
+            end
+            fits = fits + 1
+            if fits >= window then return chosen() end
+            tried[h] = true
+          elseif k ~= 1 or not s then
+            tried[h] = true
+          end
         end
       end
       if seen >= cap then
-        if best_h then return best_h, best_s, best_gs end
+        if best_h then return chosen() end
         return nil, true
       end
     end
@@ -304,7 +377,7 @@ local function scan(req, mode)
     page = page * 2
     if page > PAGE then page = PAGE end
   end
-  if best_h then return best_h, best_s, best_gs end
+  if best_h then return chosen() end
   return nil, seen >= cap
 end
 
