@@ -73,6 +73,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sortedcontainers import SortedList
 
+from .keys import FF_CLASSES, ff_class
+
 if TYPE_CHECKING:
     from .client import Allocator
 
@@ -279,11 +281,12 @@ class Simulation:
         self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
         self.gpu_idx: SortedList = SortedList()
         self.gpu_idle: SortedList = SortedList()
-        self.gpu_ord: SortedList = SortedList()
+        # gpu_ord by free-memory class (ff_class): each class in ordinal order, as first fit merges them.
+        self.gpu_ord: list[SortedList] = [SortedList() for _ in range(FF_CLASSES)]
         self.cpu_idx: SortedList = SortedList()
         self._gidx: dict[str, int] = {}
         self._gidle: dict[str, int] = {}
-        self._gord: set[str] = set()
+        self._gord: dict[str, int] = {}  # member -> its class in gpu_ord
         self._cpu: dict[str, int] = {}
         self.allocs: dict[str, _Alloc] = {}
         self.ends: SortedList = SortedList()  # (pass_end, id): the `ends` index
@@ -506,18 +509,22 @@ class Simulation:
             old = self._gidle.pop(m, None)
             if old is not None:
                 self.gpu_idle.remove((old, m, hid, g.pos))
+            cls = self._gord.get(m)
             if schedulable and free > 0:
                 self._gidx[m] = free
                 self.gpu_idx.add((free, m, hid, g.pos))
-                if m not in self._gord:
-                    self._gord.add(m)
-                    self.gpu_ord.add((g.ordscore, m, hid, g.pos))
+                c = ff_class(free)
+                if cls != c:
+                    if cls is not None:
+                        self.gpu_ord[cls].remove((g.ordscore, m, hid, g.pos))
+                    self._gord[m] = c
+                    self.gpu_ord[c].add((g.ordscore, m, hid, g.pos))
                 if g.n == 0:
                     self._gidle[m] = free
                     self.gpu_idle.add((free, m, hid, g.pos))
-            elif m in self._gord:
-                self._gord.discard(m)
-                self.gpu_ord.remove((g.ordscore, m, hid, g.pos))
+            elif cls is not None:
+                del self._gord[m]
+                self.gpu_ord[cls].remove((g.ordscore, m, hid, g.pos))
         old = self._idle.pop(hid, None)
         if old is not None:
             self.idle_hosts.remove((old, hid))
@@ -625,8 +632,8 @@ class Simulation:
                 i, n = idx.bisect_left((lo,)), len(idx)
                 win = list(idx.islice(max(i, n - cap), n))
                 win.reverse()
-            else:
-                win = list(self.gpu_ord.islice(0, cap))
+            else:  # first fit merges the classes that can hold req.gpu_mem (ff_page)
+                win = list(islice(heapq.merge(*self.gpu_ord[ff_class(req.gpu_mem):]), cap))
             return list(map(_HOST, win)), list(map(_POS, win))
         if mode == "first":  # the cpu_ord ZSET: schedulable hosts in registration order
             hosts = list(islice((h.id for h in self.by_ord if h.indexed), cap))
@@ -838,7 +845,7 @@ class Simulation:
             return None
         mode = req.mode
         found, capped = self._scan(req, mode, exclude, only)
-        if found is None and mode == "first" and (capped or req.gpus == 0):
+        if found is None and mode == "first":
             found, capped = self._scan(req, "best", exclude, only)
         if found is None:
             self._refused.add(memo)

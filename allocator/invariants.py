@@ -11,6 +11,8 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from .keys import gpu_ord_score
+
 
 def _list(text: str | None) -> list[Any]:
     v = json.loads(text) if text else []
@@ -117,8 +119,9 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         gfree += free * 1000 // (total - ext) if total > ext else 0
         if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
-        if (m in (snap["gpu_ord"] or {})) != (want_idx is not None):
-            bad.append(f"{h} GPU {pos}: gpu_ord membership out of step")
+        want_ord = None if want_idx is None else float(gpu_ord_score(int(f.get("ord") or 0), pos, free))
+        if (snap["gpu_ord"] or {}).get(m) != want_ord:
+            bad.append(f"{h} GPU {pos}: gpu_ord has {(snap['gpu_ord'] or {}).get(m)}, expected {want_ord}")
     if "gfree" in f and (int(f["gfree"]), int(f["gidle"])) != (gfree, gidle):
         bad.append(f"{h}: GPU totals gfree/gidle {f['gfree']}/{f['gidle']} != {gfree}/{gidle} from its GPUs")
     have = (snap.get("idle_hosts") or {}).get(h)

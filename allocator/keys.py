@@ -9,6 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The score of a GPU in gpu_ord (ff_class and ff_score in lua/includes/ledger.lua): its free-memory
+# class, then its host's registration ordinal and its position.
+FF_CLASSES = 9
+FF_SHIFT = 2**40
+
+
+def ff_class(free_mb: int) -> int:
+    """A GPU's free-memory class: 0 below 1 GiB free, c for 2^(c-1) GiB <= free < 2^c GiB, at most 8.
+    First fit for m MiB walks the classes from ff_class(m) up."""
+    c, at = 0, 1024
+    while c < FF_CLASSES - 1 and free_mb >= at:
+        c, at = c + 1, at * 2
+    return c
+
+
+def gpu_ord_score(ord_: int, pos: int, free_mb: int) -> int:
+    """The gpu_ord score of the GPU at position pos of the host with ordinal ord_."""
+    return ff_class(free_mb) * FF_SHIFT + ord_ * 1024 + pos
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -44,6 +63,8 @@ class Keys:
 
     @property
     def gpu_ord(self) -> str:
+        """ZSET "<host>#<pos>" -> gpu_ord_score, schedulable GPUs with free memory: the order first
+        fit walks for GPU requests, by free-memory class so a request skips the classes too small."""
         return self._k("gpu_ord")
 
     @property

@@ -4,7 +4,8 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[1]  hosts     ZSET host id -> registration ordinal (all hosts)
   KEYS[2]  gpu_idx   ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with free > 0)
   KEYS[3]  gpu_idle  ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with no holder)
-  KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> ord*1024+pos (schedulable GPUs with free > 0)
+  KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> class*2^40 + ord*1024+pos (schedulable GPUs with free > 0;
+                     class: the GPU's free-memory class, see ff_class)
   KEYS[5]  cpu_idx   ZSET host -> free CPU millicores  (schedulable hosts)
   KEYS[6]  ram_idx   ZSET host -> free RAM MiB         (schedulable hosts)
   KEYS[7]  allocs    ZSET allocation id -> created ms  (every record still kept)
@@ -371,12 +372,33 @@ local function stranded(ncores, ngpu, ram_total, gm, cpu, ram)
   return short
 end
 
+-- First fit's order of GPUs: gpu_ord scores a GPU by its free-memory class, then its host's
+-- ordinal and its position. Class c >= 1 holds the GPUs with 2^(c-1) GiB <= free < 2^c GiB (class 8:
+-- 128 GiB and more), class 0 those with less than 1 GiB. First fit for m MiB per GPU walks the
+-- classes from ff_class(m) up, merged in ordinal order (ff_page in placement.lua): every GPU with
+-- m MiB free is there, and at most those with m/2 to m MiB free are walked in vain, where one
+-- order for all would walk every GPU with less free memory ahead of the first that fits.
+local FF_SHIFT, FF_CLASSES = 2 ^ 40, 9
+
+local function ff_class(free)
+  local c, at = 0, 1024
+  while c < FF_CLASSES - 1 and free >= at do
+    c = c + 1
+    at = at * 2
+  end
+  return c
+end
+
+local function ff_score(ord, pos, free)
+  return ff_class(free) * FF_SHIFT + ord * 1024 + pos
+end
+
 -- g: the GPU at position pos of host h (nil when there is none).
 local function reindex_gpu(h, pos, g, schedulable, ord)
   local m = gpu_member(h, pos)
   if schedulable and g and g.free > 0 then
     rcall('ZADD', K_GPU_IDX, g.free, m)
-    rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
+    rcall('ZADD', K_GPU_ORD, ff_score(ord, pos, g.free), m)
     if g.n == 0 then rcall('ZADD', K_GPU_IDLE, g.free, m) else rcall('ZREM', K_GPU_IDLE, m) end
   else
     rcall('ZREM', K_GPU_IDX, m)

@@ -230,6 +230,42 @@ local function summary_cost(req, raw, pos)
     j * (2 * idle - j), cpu_after
 end
 
+-- First fit's walk over gpu_ord for m MiB per GPU (0: whole GPUs, any free memory): one cursor
+-- per class from ff_class(m) up (see ff_class in ledger.lua), each a score range read a page at a
+-- time.
+local function ff_walk(m)
+  local w = {}
+  for c = ff_class(m), FF_CLASSES - 1 do
+    w[#w + 1] = {lo = c * FF_SHIFT, min = string.format('%.0f', c * FF_SHIFT),
+                 max = string.format('(%.0f', (c + 1) * FF_SHIFT), off = 0, buf = {}, i = 1, done = false}
+  end
+  return w
+end
+
+-- The next n members of walk w in ordinal order (score less the class part), merged from its
+-- classes; fewer when the walk runs out.
+local function ff_page(w, n)
+  local out = {}
+  while #out < n do
+    local pick, key = nil, nil
+    for _, r in ipairs(w) do
+      if r.i > #r.buf and not r.done then
+        r.buf = rcall('ZRANGEBYSCORE', K_GPU_ORD, r.min, r.max, 'WITHSCORES', 'LIMIT', r.off, n)
+        r.off, r.i = r.off + #r.buf / 2, 1
+        r.done = (#r.buf < 2 * n)
+      end
+      if r.i <= #r.buf then
+        local k = tonumber(r.buf[r.i + 1]) - r.lo
+        if key == nil or k < key then pick, key = r, k end
+      end
+    end
+    if pick == nil then break end
+    out[#out + 1] = pick.buf[pick.i]
+    pick.i = pick.i + 2
+  end
+  return out
+end
+
 -- Walks one index in the order of mode; returns host, state, gpus, or nil plus whether the walk
 -- stopped at the cap (as opposed to running out of candidates). Hosts that had the CPU and RAM
 -- but not the worker slots or services are noted in req.short (for the refusal's reason).
@@ -254,6 +290,7 @@ local function scan(req, mode)
   local lean = (k == 1 and not whole and window > 1 and not req.models and not req.selector and not req.exclude
     and not req.gone and not req.only and not req.slots and not req.services)
   local raws, best_raw, best_pos = {}, nil, nil
+  local ff = nil  -- first fit's walk over gpu_ord (ff_walk)
   local function cheaper(c1, c2, c3)
     return best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3)))
   end
@@ -308,7 +345,8 @@ local function scan(req, mode)
       elseif mode == 'worst' then
         members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page)
       else
-        members = rcall('ZRANGE', K_GPU_ORD, offset, offset + page - 1)
+        if ff == nil then ff = ff_walk(req.gpu_mem) end
+        members = ff_page(ff, page)
       end
     else
       if mode == 'best' then
@@ -516,10 +554,10 @@ local function try_place(req, now)
     if not h then
       capped = s
       -- First fit that stopped at the cap: best fit reaches a host through the free-capacity
-      -- indexes. A CPU-only first fit that found nothing does too: a host registered before
-      -- cpu_ord existed is in cpu_idx but not in cpu_ord until it is registered again, parks or
-      -- comes back from parking or draining.
-      if mode == 'first' and (capped or req.gpus == 0) then
+      -- indexes. A first fit that found nothing does too: a ledger written before cpu_ord existed
+      -- (or before gpu_ord scored GPUs by class) lacks hosts there, or holds them in class 0,
+      -- until they are registered again, park or come back from parking or draining.
+      if mode == 'first' then
         h, s, gs = scan(req, 'best')
         if not h then capped = s end
       end
@@ -627,8 +665,17 @@ local function index_after_grant(req, p)
   end
   for i, g in ipairs(p.gpus) do
     local m = gpu_member(h, g.pos)
-    local free = p.free[i].free - g.memory_mb
-    if free > 0 then rcall('ZADD', K_GPU_IDX, free, m) else
+    local was = p.free[i].free
+    local free = was - g.memory_mb
+    if free > 0 then
+      rcall('ZADD', K_GPU_IDX, free, m)
+      local c = ff_class(free)
+      if c ~= ff_class(was) then
+        -- The GPU moves down a class of gpu_ord; its ordinal part stays (the summary holds no ord).
+        local sc = rcall('ZSCORE', K_GPU_ORD, m)
+        if sc then rcall('ZADD', K_GPU_ORD, c * FF_SHIFT + tonumber(sc) % FF_SHIFT, m) end
+      end
+    else
       rcall('ZREM', K_GPU_IDX, m)
       rcall('ZREM', K_GPU_ORD, m)
     end
