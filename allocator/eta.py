@@ -88,6 +88,7 @@ DEFAULT_MAX_AGE_S = 5.0
 RESERVE_LIMIT = 256  # reserve(req, now, 256) in queue.lua
 PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
 BEST_WINDOW = 8  # BEST_WINDOW in placement.lua: fitting hosts best fit compares
+FIRST_PAGE = 4  # FIRST_PAGE in placement.lua: the first page a first-fit walk reads
 BAND = 4398046511104  # 2^42: pending score per priority band
 BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
 
@@ -281,12 +282,13 @@ class Simulation:
         self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
         self.gpu_idx: SortedList = SortedList()
         self.gpu_idle: SortedList = SortedList()
-        # gpu_ord by free-memory class (ff_class): each class in ordinal order, as first fit merges them.
-        self.gpu_ord: list[SortedList] = [SortedList() for _ in range(FF_CLASSES)]
+        self.gpu_ord: SortedList = SortedList()
+        # gpu_ffc: each free-memory class (ff_class) in ordinal order, as first fit merges them.
+        self.gpu_ffc: list[SortedList] = [SortedList() for _ in range(FF_CLASSES)]
         self.cpu_idx: SortedList = SortedList()
         self._gidx: dict[str, int] = {}
         self._gidle: dict[str, int] = {}
-        self._gord: dict[str, int] = {}  # member -> its class in gpu_ord
+        self._gord: dict[str, int] = {}  # member of gpu_ord -> its class in gpu_ffc
         self._cpu: dict[str, int] = {}
         self.allocs: dict[str, _Alloc] = {}
         self.ends: SortedList = SortedList()  # (pass_end, id): the `ends` index
@@ -515,16 +517,19 @@ class Simulation:
                 self.gpu_idx.add((free, m, hid, g.pos))
                 c = ff_class(free)
                 if cls != c:
-                    if cls is not None:
-                        self.gpu_ord[cls].remove((g.ordscore, m, hid, g.pos))
+                    if cls is None:
+                        self.gpu_ord.add((g.ordscore, m, hid, g.pos))
+                    else:
+                        self.gpu_ffc[cls].remove((g.ordscore, m, hid, g.pos))
                     self._gord[m] = c
-                    self.gpu_ord[c].add((g.ordscore, m, hid, g.pos))
+                    self.gpu_ffc[c].add((g.ordscore, m, hid, g.pos))
                 if g.n == 0:
                     self._gidle[m] = free
                     self.gpu_idle.add((free, m, hid, g.pos))
             elif cls is not None:
                 del self._gord[m]
-                self.gpu_ord[cls].remove((g.ordscore, m, hid, g.pos))
+                self.gpu_ord.remove((g.ordscore, m, hid, g.pos))
+                self.gpu_ffc[cls].remove((g.ordscore, m, hid, g.pos))
         old = self._idle.pop(hid, None)
         if old is not None:
             self.idle_hosts.remove((old, hid))
@@ -632,8 +637,11 @@ class Simulation:
                 i, n = idx.bisect_left((lo,)), len(idx)
                 win = list(idx.islice(max(i, n - cap), n))
                 win.reverse()
-            else:  # first fit merges the classes that can hold req.gpu_mem (ff_page)
-                win = list(islice(heapq.merge(*self.gpu_ord[ff_class(req.gpu_mem):]), cap))
+            elif lo < 1024:  # whole GPUs and requests under 1 GiB: gpu_ord
+                win = list(self.gpu_ord.islice(0, cap))
+            else:  # gpu_ord's first page, then the classes of gpu_ffc that can hold it, merged (ff_page)
+                win = list(self.gpu_ord.islice(0, min(FIRST_PAGE, cap)))
+                win += islice(heapq.merge(*self.gpu_ffc[ff_class(lo):]), cap - len(win))
             return list(map(_HOST, win)), list(map(_POS, win))
         if mode == "first":  # the cpu_ord ZSET: schedulable hosts in registration order
             hosts = list(islice((h.id for h in self.by_ord if h.indexed), cap))

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from .keys import gpu_ord_score
+from .keys import gpu_ffc_score
 
 
 def _list(text: str | None) -> list[Any]:
@@ -64,6 +64,9 @@ def check(snap: dict[str, Any]) -> list[str]:
         stray = set(snap.get(name) or {}) - set(hosts)
         if stray:
             bad.append(f"{name} index holds hosts that are not registered: {sorted(stray)[:5]}")
+    stray = set(snap.get("gpu_ffc") or {}) - set(snap.get("gpu_ord") or {})
+    if stray:
+        bad.append(f"gpu_ffc holds GPUs that gpu_ord does not: {sorted(stray)[:5]}")
     for tid, state in (snap.get("pending") or {}).items():
         if state != "pending":
             bad.append(f"{tid}: in the pending line but its allocation is {state}")
@@ -119,9 +122,11 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         gfree += free * 1000 // (total - ext) if total > ext else 0
         if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
-        want_ord = None if want_idx is None else float(gpu_ord_score(int(f.get("ord") or 0), pos, free))
-        if (snap["gpu_ord"] or {}).get(m) != want_ord:
-            bad.append(f"{h} GPU {pos}: gpu_ord has {(snap['gpu_ord'] or {}).get(m)}, expected {want_ord}")
+        if (m in (snap["gpu_ord"] or {})) != (want_idx is not None):
+            bad.append(f"{h} GPU {pos}: gpu_ord membership out of step")
+        want_ffc = None if want_idx is None else float(gpu_ffc_score(int(f.get("ord") or 0), pos, free))
+        if (snap.get("gpu_ffc") or {}).get(m) != want_ffc:
+            bad.append(f"{h} GPU {pos}: gpu_ffc has {(snap.get('gpu_ffc') or {}).get(m)}, expected {want_ffc}")
     if "gfree" in f and (int(f["gfree"]), int(f["gidle"])) != (gfree, gidle):
         bad.append(f"{h}: GPU totals gfree/gidle {f['gfree']}/{f['gidle']} != {gfree}/{gidle} from its GPUs")
     have = (snap.get("idle_hosts") or {}).get(h)

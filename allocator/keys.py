@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The score of a GPU in gpu_ord (ff_class and ff_score in lua/includes/ledger.lua): its free-memory
+# The score of a GPU in gpu_ffc (ff_class and ff_score in lua/includes/ledger.lua): its free-memory
 # class, then its host's registration ordinal and its position.
 FF_CLASSES = 9
 FF_SHIFT = 2**40
@@ -24,8 +24,8 @@ def ff_class(free_mb: int) -> int:
     return c
 
 
-def gpu_ord_score(ord_: int, pos: int, free_mb: int) -> int:
-    """The gpu_ord score of the GPU at position pos of the host with ordinal ord_."""
+def gpu_ffc_score(ord_: int, pos: int, free_mb: int) -> int:
+    """The gpu_ffc score of the GPU at position pos of the host with ordinal ord_."""
     return ff_class(free_mb) * FF_SHIFT + ord_ * 1024 + pos
 
 
@@ -63,9 +63,15 @@ class Keys:
 
     @property
     def gpu_ord(self) -> str:
-        """ZSET "<host>#<pos>" -> gpu_ord_score, schedulable GPUs with free memory: the order first
-        fit walks for GPU requests, by free-memory class so a request skips the classes too small."""
         return self._k("gpu_ord")
+
+    @property
+    def gpu_ffc(self) -> str:
+        """ZSET "<host>#<pos>" -> gpu_ffc_score, the members of gpu_ord by free-memory class first:
+        first fit for GPU memory walks it from the request's class up, so it skips the GPUs with
+        less than half the request free (the scripts build it from the prefix; it is not among
+        their KEYS)."""
+        return self._k("gpu_ffc")
 
     @property
     def cpu_idx(self) -> str:

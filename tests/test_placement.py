@@ -3,7 +3,7 @@
 import pytest
 
 from allocator import Allocator, InsufficientResources, invariants
-from allocator.keys import FF_SHIFT, gpu_ord_score
+from allocator.keys import FF_SHIFT, gpu_ffc_score
 
 GiB = 1024
 
@@ -337,28 +337,30 @@ def one_gpu_hosts(a: Allocator, *sizes: str) -> None:
 
 
 def test_first_fit_for_gpus_walks_only_gpus_with_at_least_half_the_request_free(alloc_any):
-    # h1 and h2 have 10Gi GPUs. With a scan cap of 2, a walk over every GPU in registration order
-    # would stop on them and fall back to best fit (h4, the tightest fit); the walk from the
-    # request's free-memory class (16Gi and up for 30Gi) reaches h3, the first in order that fits.
-    one_gpu_hosts(alloc_any, "10Gi", "10Gi", "80Gi", "40Gi")
-    alloc_any.scan_cap = 2
-    assert where(alloc_any.allocate({"gpu_memory_mb": "30Gi"}, strategy="first_fit")) == ("h3", [0])
+    # h1-h6 have 10Gi GPUs. With a scan cap of 5, a walk over every GPU in registration order
+    # would stop on them and fall back to best fit (h8, the tightest fit). First fit reads the
+    # first page of that order (h1-h4, none fits), then walks from the request's free-memory class
+    # (16Gi and up for 30Gi), where h7 comes first: the 5th GPU it looks at.
+    one_gpu_hosts(alloc_any, *["10Gi"] * 6, "80Gi", "40Gi")
+    alloc_any.scan_cap = 5
+    assert where(alloc_any.allocate({"gpu_memory_mb": "30Gi"}, strategy="first_fit")) == ("h7", [0])
 
 
 def test_first_fit_goes_by_registration_order_across_free_memory_classes(alloc_any):
-    one_gpu_hosts(alloc_any, "80Gi", "16Gi")  # h1's GPU is in a higher class than h2's
+    one_gpu_hosts(alloc_any, "80Gi", "16Gi", "40Gi")  # h1's GPU is in a higher class than h2's
     assert alloc_any.allocate({"gpu_memory_mb": "8Gi"}, strategy="first_fit").host_id == "h1"
-    assert alloc_any.allocate({"gpus": 1}, strategy="first_fit").host_id == "h2"  # h1's GPU has a holder now
+    assert alloc_any.allocate({"gpu_memory_mb": "8Gi"}, strategy="first_fit").host_id == "h1"  # 72Gi left
+    assert alloc_any.allocate({"gpus": 1}, strategy="first_fit").host_id == "h2"  # h1's GPU has holders
 
 
-def test_gpu_order_index_moves_a_gpu_between_free_memory_classes_as_it_is_granted_and_released(alloc_any):
+def test_first_fit_class_index_moves_a_gpu_between_free_memory_classes_as_it_is_granted_and_released(alloc_any):
     one_gpu_hosts(alloc_any, "80Gi")
     ord_ = int(alloc_any.redis.hget(alloc_any.keys.prefix + "host:h1", "ord"))
 
     def score() -> float | None:
-        return alloc_any.redis.zscore(alloc_any.keys.gpu_ord, "h1#0")
+        return alloc_any.redis.zscore(alloc_any.keys.gpu_ffc, "h1#0")
 
-    assert score() == gpu_ord_score(ord_, 0, 80 * GiB) == 7 * FF_SHIFT + ord_ * 1024  # 64Gi up to 128Gi
+    assert score() == gpu_ffc_score(ord_, 0, 80 * GiB) == 7 * FF_SHIFT + ord_ * 1024  # 64Gi up to 128Gi
     x = alloc_any.allocate({"gpu_memory_mb": "20Gi"}, strategy="first_fit")
     assert score() == 6 * FF_SHIFT + ord_ * 1024  # 60Gi free: 32Gi up to 64Gi
     assert invariants.check(alloc_any.snapshot()) == []
@@ -367,17 +369,19 @@ def test_gpu_order_index_moves_a_gpu_between_free_memory_classes_as_it_is_grante
     alloc_any.release(y.allocation_id)
     alloc_any.release(x.allocation_id)
     assert score() == 7 * FF_SHIFT + ord_ * 1024
+    alloc_any.remove_host("h1")
+    assert alloc_any.redis.zcard(alloc_any.keys.gpu_ffc) == 0
     assert invariants.check(alloc_any.snapshot()) == []
 
 
-def test_first_fit_for_gpus_places_on_a_ledger_written_before_gpu_order_classes(alloc_any):
+def test_first_fit_for_gpus_places_on_a_ledger_written_before_the_class_index(alloc_any):
     one_gpu_hosts(alloc_any, "80Gi", "80Gi")
-    r, k = alloc_any.redis, alloc_any.keys
-    for m, sc in r.zrange(k.gpu_ord, 0, -1, withscores=True):  # as an older version scored them
-        r.zadd(k.gpu_ord, {m: sc % FF_SHIFT})
-    assert alloc_any.allocate({"gpu_memory_mb": "40Gi"}, strategy="first_fit").host_id in ("h1", "h2")
+    alloc_any.redis.delete(alloc_any.keys.gpu_ffc)  # as an older version left it
+    x = alloc_any.allocate({"gpu_memory_mb": "40Gi"}, strategy="first_fit")  # found through best fit's walk
+    assert x.host_id in ("h1", "h2")
     for h in ("h1", "h2"):  # as the upgrade procedure does
         alloc_any.register_host(id=h, cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "80Gi"}])
+    assert alloc_any.redis.zcard(alloc_any.keys.gpu_ffc) == 2
     assert invariants.check(alloc_any.snapshot()) == []
 
 

@@ -4,8 +4,7 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[1]  hosts     ZSET host id -> registration ordinal (all hosts)
   KEYS[2]  gpu_idx   ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with free > 0)
   KEYS[3]  gpu_idle  ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with no holder)
-  KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> class*2^40 + ord*1024+pos (schedulable GPUs with free > 0;
-                     class: the GPU's free-memory class, see ff_class)
+  KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> ord*1024+pos (schedulable GPUs with free > 0)
   KEYS[5]  cpu_idx   ZSET host -> free CPU millicores  (schedulable hosts)
   KEYS[6]  ram_idx   ZSET host -> free RAM MiB         (schedulable hosts)
   KEYS[7]  allocs    ZSET allocation id -> created ms  (every record still kept)
@@ -19,9 +18,13 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
   KEYS[16] idle_hosts ZSET host -> number of its GPUs with no holder (schedulable hosts with one or more)
 and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
-One more index is built from the prefix (K_CPU_ORD, PREFIX .. 'cpu_ord'): ZSET host -> its
-registration ordinal, schedulable hosts only, the order first fit walks for CPU-only requests (as
-gpu_ord is for GPU requests), so hosts whose CPU or RAM is exhausted are not walked one by one.
+Two more indexes are built from the prefix:
+  K_CPU_ORD (PREFIX .. 'cpu_ord'): ZSET host -> its registration ordinal, schedulable hosts only,
+    the order first fit walks for CPU-only requests (as gpu_ord is for whole GPUs), so hosts whose
+    CPU or RAM is exhausted are not walked one by one;
+  K_GPU_FFC (PREFIX .. 'gpu_ffc'): ZSET "<host>#<pos>" -> class*2^40 + ord*1024+pos, the members
+    of gpu_ord scored by free-memory class first (see ff_class): first fit for GPU memory walks it
+    from the request's class up, so GPUs with too little free memory are not walked one by one.
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
 
@@ -61,6 +64,7 @@ local function svc_catalog_key(h) return PREFIX .. 'svc_catalog:' .. h end
 local function svc_wake_key(h) return PREFIX .. 'svc_wake:' .. h end
 local K_SVC_NAMES = PREFIX .. 'svc_names'
 local K_CPU_ORD = PREFIX .. 'cpu_ord'
+local K_GPU_FFC = PREFIX .. 'gpu_ffc'
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
@@ -372,12 +376,12 @@ local function stranded(ncores, ngpu, ram_total, gm, cpu, ram)
   return short
 end
 
--- First fit's order of GPUs: gpu_ord scores a GPU by its free-memory class, then its host's
+-- First fit's order for GPU memory: gpu_ffc scores a GPU by its free-memory class, then its host's
 -- ordinal and its position. Class c >= 1 holds the GPUs with 2^(c-1) GiB <= free < 2^c GiB (class 8:
--- 128 GiB and more), class 0 those with less than 1 GiB. First fit for m MiB per GPU walks the
--- classes from ff_class(m) up, merged in ordinal order (ff_page in placement.lua): every GPU with
--- m MiB free is there, and at most those with m/2 to m MiB free are walked in vain, where one
--- order for all would walk every GPU with less free memory ahead of the first that fits.
+-- 128 GiB and more), class 0 those with less than 1 GiB. First fit for m MiB per GPU (m >= 1 GiB)
+-- walks the classes from ff_class(m) up, merged in ordinal order (ff_page in placement.lua): every
+-- GPU with m MiB free is there, and at most those with m/2 to m MiB free are walked in vain, where
+-- gpu_ord's one order would walk every GPU with less free memory ahead of the first that fits.
 local FF_SHIFT, FF_CLASSES = 2 ^ 40, 9
 
 local function ff_class(free)
@@ -398,11 +402,13 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
   local m = gpu_member(h, pos)
   if schedulable and g and g.free > 0 then
     rcall('ZADD', K_GPU_IDX, g.free, m)
-    rcall('ZADD', K_GPU_ORD, ff_score(ord, pos, g.free), m)
+    rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
+    rcall('ZADD', K_GPU_FFC, ff_score(ord, pos, g.free), m)
     if g.n == 0 then rcall('ZADD', K_GPU_IDLE, g.free, m) else rcall('ZREM', K_GPU_IDLE, m) end
   else
     rcall('ZREM', K_GPU_IDX, m)
     rcall('ZREM', K_GPU_ORD, m)
+    rcall('ZREM', K_GPU_FFC, m)
     rcall('ZREM', K_GPU_IDLE, m)
   end
 end

@@ -230,15 +230,15 @@ local function summary_cost(req, raw, pos)
     j * (2 * idle - j), cpu_after
 end
 
--- First fit's walk over gpu_ord for m MiB per GPU (0: whole GPUs, any free memory): one cursor
--- per class from ff_class(m) up (see ff_class in ledger.lua), each a score range read a page at a
--- time.
+-- First fit's walk over gpu_ffc for m MiB per GPU (m >= 1 GiB): a cursor per
+-- class from ff_class(m) up (see ff_class in ledger.lua), each over its score range, read in pieces
+-- that start at one member (each piece costs a search of the index and every member its score as
+-- text, and the first member merged usually fits) and double up to PAGE. A cursor is
+-- {score range start, members and scores read, next unread at, members read before, piece size,
+-- range ended}.
 local function ff_walk(m)
   local w = {}
-  for c = ff_class(m), FF_CLASSES - 1 do
-    w[#w + 1] = {lo = c * FF_SHIFT, min = string.format('%.0f', c * FF_SHIFT),
-                 max = string.format('(%.0f', (c + 1) * FF_SHIFT), off = 0, buf = {}, i = 1, done = false}
-  end
+  for c = ff_class(m), FF_CLASSES - 1 do w[#w + 1] = {c * FF_SHIFT, {}, 1, 0, 1, false} end
   return w
 end
 
@@ -249,19 +249,21 @@ local function ff_page(w, n)
   while #out < n do
     local pick, key = nil, nil
     for _, r in ipairs(w) do
-      if r.i > #r.buf and not r.done then
-        r.buf = rcall('ZRANGEBYSCORE', K_GPU_ORD, r.min, r.max, 'WITHSCORES', 'LIMIT', r.off, n)
-        r.off, r.i = r.off + #r.buf / 2, 1
-        r.done = (#r.buf < 2 * n)
+      local buf, i = r[2], r[3]
+      if i > #buf and not r[6] then
+        local size = r[5]
+        buf = rcall('ZRANGEBYSCORE', K_GPU_FFC, r[1], '(' .. (r[1] + FF_SHIFT), 'WITHSCORES', 'LIMIT', r[4], size)
+        r[2], r[3], r[4], r[6], i = buf, 1, r[4] + #buf / 2, (#buf < 2 * size), 1
+        if size < PAGE then r[5] = size * 2 end
       end
-      if r.i <= #r.buf then
-        local k = tonumber(r.buf[r.i + 1]) - r.lo
+      if i <= #buf then
+        local k = tonumber(buf[i + 1]) - r[1]
         if key == nil or k < key then pick, key = r, k end
       end
     end
     if pick == nil then break end
-    out[#out + 1] = pick.buf[pick.i]
-    pick.i = pick.i + 2
+    out[#out + 1] = pick[2][pick[3]]
+    pick[3] = pick[3] + 2
   end
   return out
 end
@@ -290,7 +292,7 @@ local function scan(req, mode)
   local lean = (k == 1 and not whole and window > 1 and not req.models and not req.selector and not req.exclude
     and not req.gone and not req.only and not req.slots and not req.services)
   local raws, best_raw, best_pos = {}, nil, nil
-  local ff = nil  -- first fit's walk over gpu_ord (ff_walk)
+  local ff = nil  -- first fit's walk over gpu_ffc (ff_walk)
   local function cheaper(c1, c2, c3)
     return best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3)))
   end
@@ -344,9 +346,16 @@ local function scan(req, mode)
         members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, page)
       elseif mode == 'worst' then
         members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page)
+      elseif lo < 1024 or offset == 0 then
+        -- Every GPU with free memory, in order: whole GPUs (any free memory) and requests under
+        -- 1 GiB walk it; the others read its first page only. When one of those GPUs fits, it is
+        -- the first in order that does, found for one read where merging gpu_ffc's classes costs
+        -- a search of each.
+        members = rcall('ZRANGE', K_GPU_ORD, offset, offset + page - 1)
       else
-        if ff == nil then ff = ff_walk(req.gpu_mem) end
-        members = ff_page(ff, page)
+        -- GPU memory, past the first page: gpu_ffc from the request's class up, one member first
+        -- (it usually fits, and each member read costs a merge step).
+        if ff == nil then ff = ff_walk(lo); members = ff_page(ff, 1) else members = ff_page(ff, page) end
       end
     else
       if mode == 'best' then
@@ -671,13 +680,14 @@ local function index_after_grant(req, p)
       rcall('ZADD', K_GPU_IDX, free, m)
       local c = ff_class(free)
       if c ~= ff_class(was) then
-        -- The GPU moves down a class of gpu_ord; its ordinal part stays (the summary holds no ord).
-        local sc = rcall('ZSCORE', K_GPU_ORD, m)
-        if sc then rcall('ZADD', K_GPU_ORD, c * FF_SHIFT + tonumber(sc) % FF_SHIFT, m) end
+        -- The GPU moves down a class of gpu_ffc; its ordinal part stays (the summary holds no ord).
+        local sc = rcall('ZSCORE', K_GPU_FFC, m)
+        if sc then rcall('ZADD', K_GPU_FFC, c * FF_SHIFT + tonumber(sc) % FF_SHIFT, m) end
       end
     else
       rcall('ZREM', K_GPU_IDX, m)
       rcall('ZREM', K_GPU_ORD, m)
+      rcall('ZREM', K_GPU_FFC, m)
     end
     if p.free[i].n == 0 then rcall('ZREM', K_GPU_IDLE, m) end  -- only GPUs with no holder are there
   end
