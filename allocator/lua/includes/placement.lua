@@ -230,12 +230,11 @@ local function summary_cost(req, raw, pos)
     j * (2 * idle - j), cpu_after
 end
 
--- First fit's walk over gpu_ffc for m MiB per GPU (m >= 1 GiB): a cursor per
--- class from ff_class(m) up (see ff_class in ledger.lua), each over its score range, read in pieces
--- that start at one member (each piece costs a search of the index and every member its score as
--- text, and the first member merged usually fits) and double up to PAGE. A cursor is
--- {score range start, members and scores read, next unread at, members read before, piece size,
--- range ended}.
+-- First fit's walk over gpu_ffc for m MiB per GPU (m >= 1 GiB): a cursor per class from
+-- ff_class(m) up (see ff_class in ledger.lua), each over its score range, read in pieces that
+-- start at one member (each piece costs a search of the index and every member its score as text,
+-- and the first member merged usually fits) and double up to PAGE. A cursor is {score range
+-- start, members and scores read, next unread at, members read before, piece size, range ended}.
 local function ff_walk(m)
   local w = {}
   for c = ff_class(m), FF_CLASSES - 1 do w[#w + 1] = {c * FF_SHIFT, {}, 1, 0, 1, false} end
@@ -288,7 +287,8 @@ local function scan(req, mode)
   local best_h, best_s, best_gs, fits = nil, nil, nil, 0
   local b1, b2, b3  -- the best placement's cost (see placement_cost)
   -- Best fit of one shared GPU (most requests) costs each candidate from its summary alone
-  -- (summary_cost); raws keeps each host's summary read so far (false: it has none), best_raw and best_pos the chosen one's, whose state is built once at the end (chosen).
+  -- (summary_cost); raws keeps each host's summary read so far (false: it has none), best_raw and
+  -- best_pos the chosen one's, whose state is built once at the end (chosen).
   local lean = (k == 1 and not whole and window > 1 and not req.models and not req.selector and not req.exclude
     and not req.gone and not req.only and not req.slots and not req.services)
   local raws, best_raw, best_pos = {}, nil, nil
@@ -563,9 +563,9 @@ local function try_place(req, now)
     if not h then
       capped = s
       -- First fit that stopped at the cap: best fit reaches a host through the free-capacity
-      -- indexes. A first fit that found nothing does too: a ledger written before cpu_ord existed
-      -- (or before gpu_ord scored GPUs by class) lacks hosts there, or holds them in class 0,
-      -- until they are registered again, park or come back from parking or draining.
+      -- indexes. A first fit that found nothing does too: a ledger written before cpu_ord or
+      -- gpu_ffc existed lacks hosts or GPUs there until they are registered again, park or come
+      -- back from parking or draining.
       if mode == 'first' then
         h, s, gs = scan(req, 'best')
         if not h then capped = s end
