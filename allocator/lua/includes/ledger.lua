@@ -95,21 +95,22 @@ local HOST_FIELDS = {'state', 'cfree', 'shared', 'ram', 'ram_used', 'ngpu', 'par
                      'gfree', 'gidle', 'ncores', 'ord', 'labels', 'slots', 'slots_used', 'cmap'}
 local SCAN_FIELDS = 12
 
--- A host's state from the values of HOST_FIELDS (or its first SCAN_FIELDS), in order; nil when the
--- host does not exist. labels and slotf are nil after a scan read (see host_labels, host_slots).
-local function host_from(h, f, scan)
+-- A host's state from the values of HOST_FIELDS (or, partial, its first SCAN_FIELDS), in order; nil
+-- when the host does not exist. labels and slotf are nil after a partial read (see host_labels,
+-- host_slots). (Not named scan: the script loader tells which definitions a script uses by name.)
+local function host_from(h, f, partial)
   if not f[1] then return nil end
   local ncores = f[12]
   if not ncores then
     -- Registered before the field existed: the length of its core map.
-    if scan then ncores = rcall('HSTRLEN', host_key(h), 'cmap') else ncores = string.len(f[17] or '') end
+    if partial then ncores = rcall('HSTRLEN', host_key(h), 'cmap') else ncores = string.len(f[17] or '') end
   end
   local s = {state = f[1], cfree = tonumber(f[2]), shared = tonumber(f[3]), ram = tonumber(f[4]),
           ram_used = tonumber(f[5]), ngpu = tonumber(f[6]), parked = f[7] == '1',
           cpu = cpu_free(f[2], f[3]), ramf = ram_free(f[4], f[5]), gen = tonumber(f[8] or 1),
           reserve = tonumber(f[9] or 0), gfree = f[10] and tonumber(f[10]) or nil,
           gidle = f[11] and tonumber(f[11]) or nil, ncores = tonumber(ncores)}
-  if not scan then
+  if not partial then
     s.ord, s.labels, s.slotf = tonumber(f[13]), f[14], ram_free(f[15] or 0, f[16] or 0)
   end
   return s
