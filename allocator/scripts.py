@@ -39,7 +39,8 @@ _TOKENS = re.compile(
     r"|\[(?P<ls>=*)\[.*?\](?P=ls)\]"  # [[ long string ]], any level
     r'|"(?:\\.|[^"\\\n])*"'  # "short string"
     r"|'(?:\\.|[^'\\\n])*'"  # 'short string'
-    r"|(?P<id>[A-Za-z_]\w*)",
+    r"|(?<![^.]\.)(?<!:)(?P<id>[A-Za-z_]\w*)"  # an identifier, not a field after "." or ":"
+    r"|[A-Za-z_]\w*",  # a field name (t.name, t:name): the table's key, no reference to a local
     re.DOTALL,
 )
 _LONG_BRACKET = re.compile(r"\[=*\[")
@@ -142,8 +143,10 @@ def used_definitions(defs: list[Definition], text: str) -> list[Definition]:
 
 
 def code_names(text: str) -> set[str]:
-    """The identifiers of Lua code, leaving out comments and string literals (a field name after
-    a dot counts too: a name too many keeps a definition eager, never the other way round)."""
+    """The identifiers of Lua code, leaving out comments, string literals and field names after
+    "." or ":" (``s.reserve`` reads a key of ``s``, not the helper ``reserve``; ``'a' ..x`` still
+    names ``x``). A key in a table constructor (``{reserve = 1}``) still counts: a name too many
+    keeps a definition eager, never the other way round."""
     return {m.group("id") for m in _TOKENS.finditer(text) if m.group("id")}
 
 

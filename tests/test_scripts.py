@@ -121,3 +121,10 @@ def test_a_release_that_frees_capacity_for_a_waiting_task_places_it_through_the_
     assert waiting.state == "pending"
     alloc.release(first.allocation_id)
     assert alloc.get(waiting.allocation_id).state == "active"
+
+
+def test_a_field_name_is_no_reference_but_a_concatenated_name_is():
+    text = "local x = s.reserve + t:grant(1) .. 'a' ..host_state(y); local w = {expected_ms = 1}"
+    names = code_names(text)
+    assert "reserve" not in names and "grant" not in names  # keys of s and t
+    assert {"host_state", "expected_ms"} <= names  # a call after "..", and a constructor key (kept to be safe)
