@@ -282,6 +282,7 @@ class Simulation:
         self.gpu_of: dict[str, tuple[_Host, _Gpu]] = {}
         self.gpu_idx: SortedList = SortedList()
         self.gpu_idle: SortedList = SortedList()
+        self.gpu_idle_ord: SortedList = SortedList()  # gpu_idle in registration order
         self.gpu_ord: SortedList = SortedList()
         # gpu_ffc: each free-memory class (ff_class) in ordinal order, as first fit merges them.
         self.gpu_ffc: list[SortedList] = [SortedList() for _ in range(FF_CLASSES)]
@@ -511,6 +512,7 @@ class Simulation:
             old = self._gidle.pop(m, None)
             if old is not None:
                 self.gpu_idle.remove((old, m, hid, g.pos))
+                self.gpu_idle_ord.remove((g.ordscore, m, hid, g.pos))
             cls = self._gord.get(m)
             if schedulable and free > 0:
                 self._gidx[m] = free
@@ -526,6 +528,7 @@ class Simulation:
                 if g.n == 0:
                     self._gidle[m] = free
                     self.gpu_idle.add((free, m, hid, g.pos))
+                    self.gpu_idle_ord.add((g.ordscore, m, hid, g.pos))
             elif cls is not None:
                 del self._gord[m]
                 self.gpu_ord.remove((g.ordscore, m, hid, g.pos))
@@ -637,7 +640,9 @@ class Simulation:
                 i, n = idx.bisect_left((lo,)), len(idx)
                 win = list(idx.islice(max(i, n - cap), n))
                 win.reverse()
-            elif lo < 1024:  # whole GPUs and requests under 1 GiB: gpu_ord
+            elif req.gpu_mem == 0:  # whole GPUs: gpu_idle_ord
+                win = list(self.gpu_idle_ord.islice(0, cap))
+            elif lo < 1024:  # requests under 1 GiB: gpu_ord
                 win = list(self.gpu_ord.islice(0, cap))
             else:  # gpu_ord's first page, then the classes of gpu_ffc that can hold it, merged (ff_page)
                 win = list(self.gpu_ord.islice(0, min(FIRST_PAGE, cap)))

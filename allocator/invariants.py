@@ -64,9 +64,10 @@ def check(snap: dict[str, Any]) -> list[str]:
         stray = set(snap.get(name) or {}) - set(hosts)
         if stray:
             bad.append(f"{name} index holds hosts that are not registered: {sorted(stray)[:5]}")
-    stray = set(snap.get("gpu_ffc") or {}) - set(snap.get("gpu_ord") or {})
-    if stray:
-        bad.append(f"gpu_ffc holds GPUs that gpu_ord does not: {sorted(stray)[:5]}")
+    for name, of in (("gpu_ffc", "gpu_ord"), ("gpu_idle_ord", "gpu_idle")):
+        stray = set(snap.get(name) or {}) - set(snap.get(of) or {})
+        if stray:
+            bad.append(f"{name} holds GPUs that {of} does not: {sorted(stray)[:5]}")
     for tid, state in (snap.get("pending") or {}).items():
         if state != "pending":
             bad.append(f"{tid}: in the pending line but its allocation is {state}")
@@ -122,6 +123,10 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         gfree += free * 1000 // (total - ext) if total > ext else 0
         if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
+        want_idle_ord = None if want_idle is None else float(int(f.get("ord") or 0) * 1024 + pos)
+        if (snap.get("gpu_idle_ord") or {}).get(m) != want_idle_ord:
+            bad.append(f"{h} GPU {pos}: gpu_idle_ord has {(snap.get('gpu_idle_ord') or {}).get(m)}, "
+                       f"expected {want_idle_ord}")
         if (m in (snap["gpu_ord"] or {})) != (want_idx is not None):
             bad.append(f"{h} GPU {pos}: gpu_ord membership out of step")
         want_ffc = None if want_idx is None else float(gpu_ffc_score(int(f.get("ord") or 0), pos, free))

@@ -74,6 +74,13 @@ class Keys:
         return self._k("gpu_ffc")
 
     @property
+    def gpu_idle_ord(self) -> str:
+        """ZSET "<host>#<pos>" -> ord*1024+pos, the members of gpu_idle (no holder) in registration
+        order: first fit for whole GPUs walks it, so GPUs that hold shares are not walked (the
+        scripts build it from the prefix; it is not among their KEYS)."""
+        return self._k("gpu_idle_ord")
+
+    @property
     def cpu_idx(self) -> str:
         return self._k("cpu_idx")
 

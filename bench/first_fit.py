@@ -10,8 +10,11 @@ placement costs more the fuller the front of the fleet gets. Two shapes, each on
   hosts are not walked at all.
 - ``gpu``: hosts of 8 GPUs of 80 GiB; each step leaves the next hosts' GPUs with 30 GiB free
   (eight 50 GiB requests per host) and measures ``--probes`` requests for 40 GiB, which fit only
-  behind them. First fit walks ``gpu_ord`` from the request's free-memory class up, so GPUs with
-  less than half the request free are not walked.
+  behind them. Past ``gpu_ord``'s first page, first fit walks ``gpu_ffc`` from the request's
+  free-memory class up, so GPUs with less than half the request free are not walked.
+- ``whole``: the same fleet and steps, measuring requests for one whole GPU, which the GPUs that
+  hold a share cannot take. First fit walks ``gpu_idle_ord``, the GPUs with no holder, so those
+  are not walked.
 
 Each step reports the server µs per measured ``place`` (``INFO commandstats``) against the trivial
 script (``noop.lua``) measured in the same run, and against the first step.
@@ -45,7 +48,7 @@ except ImportError:  # python bench/first_fit.py
     from ledger import evalsha_us  # type: ignore[no-redef]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-SHAPES = ("cpu", "gpu")
+SHAPES = ("cpu", "gpu", "whole")
 GPU = {"gpus": 1, "cpu_cores": 1, "ram_mb": 1024}
 
 
@@ -67,10 +70,11 @@ def _step(alloc: Allocator, shape: str, step: int, probes: int) -> Callable[[], 
     def cpu() -> float:
         return evalsha_us(r, step, lambda: alloc.allocate({"cpu_cores": 8, "ram_mb": 1024}, strategy="first_fit"))[0]
 
+    probe = {**GPU, "gpu_memory_mb": "40Gi"} if shape == "gpu" else GPU
+
     def gpu() -> float:
         held: list[str] = []
-        us = evalsha_us(r, probes, lambda: held.append(
-            alloc.allocate({**GPU, "gpu_memory_mb": "40Gi"}, strategy="first_fit").allocation_id))[0]
+        us = evalsha_us(r, probes, lambda: held.append(alloc.allocate(probe, strategy="first_fit").allocation_id))[0]
         for aid in held:
             alloc.release(aid)
         for _ in range(step * 8):  # the next hosts' GPUs down to 30 GiB free
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace, shape: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of cpu, gpu (default both)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of cpu, gpu, whole (default all)")
     ap.add_argument("--hosts", type=int, default=3000, help="hosts per fleet (default 3000)")
     ap.add_argument("--step", type=int, default=500, help="hosts filled per step (default 500)")
     ap.add_argument("--probes", type=int, default=50, help="measured GPU placements per step (default 50)")
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         doc = run(args, shape)
         docs.append(doc)
-        what = ("CPU-only, hosts of 8 cores" if shape == "cpu"
-                else "40 GiB of one GPU, hosts of 8 GPUs with 30 GiB free on every GPU in front")
+        what = {"cpu": "CPU-only, hosts of 8 cores",
+                "gpu": "40 GiB of one GPU, hosts of 8 GPUs with 30 GiB free on every GPU in front",
+                "whole": "one whole GPU, hosts of 8 GPUs with a share held on every GPU in front"}[shape]
         t = Table(title=f"First fit, {what}, {doc['hosts']:,} hosts (trivial script: {doc['trivial_us']:.1f} µs)")
         for col in ("full hosts in front", "server µs per place", "÷ trivial", "÷ first step"):
             t.add_column(col, justify="right")

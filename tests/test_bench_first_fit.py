@@ -1,5 +1,5 @@
 """bench/first_fit.py on a few hosts: server µs per first-fit placement at each step of full
-hosts in front, for CPU-only and GPU requests, against the trivial script; it leaves nothing
+hosts in front, for CPU-only, GPU-memory and whole-GPU requests, against the trivial script; it leaves nothing
 behind."""
 
 import json
@@ -19,7 +19,7 @@ def test_the_first_fit_benchmark_reports_each_step_of_each_shape_against_the_tri
     assert first_fit.main(["--hosts", "6", "--step", "2", "--probes", "3", "--redis-url", redis_url,
                            "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert [run["shape"] for run in runs] == ["cpu", "gpu"]
+    assert [run["shape"] for run in runs] == ["cpu", "gpu", "whole"]
     for run in runs:
         assert [row["full_hosts_before"] for row in run["results"]] == [0, 2]
         assert run["trivial_us"] > 0

@@ -353,6 +353,41 @@ def test_first_fit_goes_by_registration_order_across_free_memory_classes(alloc_a
     assert alloc_any.allocate({"gpus": 1}, strategy="first_fit").host_id == "h2"  # h1's GPU has holders
 
 
+def test_first_fit_for_whole_gpus_walks_only_gpus_with_no_holder(alloc_any):
+    # h1-h6 each hold a 50Gi share on their one GPU; h7 has two idle GPUs, h8 one. With a scan cap
+    # of 5, a walk over every GPU with free memory would stop on h1-h5 and fall back to best fit
+    # (h8: the fewest idle GPUs); the walk over the GPUs with no holder starts at h7.
+    one_gpu_hosts(alloc_any, *["80Gi"] * 6)
+    alloc_any.register_host(id="h7", cpu_cores=8, ram_mb="64Gi", gpus=[
+        {"index": 0, "model": "A100", "memory_mb": "80Gi"}, {"index": 1, "model": "A100", "memory_mb": "80Gi"}])
+    alloc_any.register_host(id="h8", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "80Gi"}])
+    for _ in range(6):
+        alloc_any.allocate({"gpu_memory_mb": "50Gi"}, strategy="first_fit")
+    assert alloc_any.redis.zrange(alloc_any.keys.gpu_idle_ord, 0, -1) == ["h7#0", "h7#1", "h8#0"]
+    alloc_any.scan_cap = 5
+    assert where(alloc_any.allocate({"gpus": 1}, strategy="first_fit")) == ("h7", [0])
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
+def test_idle_gpu_order_index_holds_exactly_the_gpus_with_no_holder(alloc_any):
+    one_gpu_hosts(alloc_any, "80Gi", "80Gi")
+
+    def order() -> list[str]:
+        return alloc_any.redis.zrange(alloc_any.keys.gpu_idle_ord, 0, -1)
+
+    assert order() == ["h1#0", "h2#0"]
+    x = alloc_any.allocate({"gpu_memory_mb": "10Gi"}, strategy="first_fit")
+    assert order() == ["h2#0"]
+    alloc_any.release(x.allocation_id)
+    assert order() == ["h1#0", "h2#0"]
+    alloc_any.drain_host("h2")
+    assert order() == ["h1#0"]
+    alloc_any.resume_host("h2")
+    alloc_any.remove_host("h1")
+    assert order() == ["h2#0"]
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
 def test_first_fit_class_index_moves_a_gpu_between_free_memory_classes_as_it_is_granted_and_released(alloc_any):
     one_gpu_hosts(alloc_any, "80Gi")
     ord_ = int(alloc_any.redis.hget(alloc_any.keys.prefix + "host:h1", "ord"))

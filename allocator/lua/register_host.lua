@@ -89,7 +89,7 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('HDEL', hk, p .. 'idx', p .. 'uuid', p .. 'model', p .. 'total', p .. 'ext', p .. 'used', p .. 'n')
   local m = gpu_member(h, pos)
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_FFC, m)
-  rcall('ZREM', K_GPU_IDLE, m)
+  rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
 rcall('HSET', hk, unpack(fields))
 -- Service references follow the active allocations too.

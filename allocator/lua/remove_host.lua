@@ -23,7 +23,7 @@ local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
 for pos = 0, ngpu - 1 do
   local m = gpu_member(h, pos)
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_FFC, m)
-  rcall('ZREM', K_GPU_IDLE, m)
+  rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
 rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_HOSTS, h); rcall('ZREM', K_HOSTS, h)
 rcall('ZREM', K_CPU_ORD, h)

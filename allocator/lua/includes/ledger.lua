@@ -18,13 +18,16 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
   KEYS[16] idle_hosts ZSET host -> number of its GPUs with no holder (schedulable hosts with one or more)
 and ARGV[1] = key prefix (e.g. "{alloc}:"), ARGV[2] = clock override in ms ("" = server TIME).
-Two more indexes are built from the prefix:
+Three more indexes are built from the prefix:
   K_CPU_ORD (PREFIX .. 'cpu_ord'): ZSET host -> its registration ordinal, schedulable hosts only,
     the order first fit walks for CPU-only requests (as gpu_ord is for whole GPUs), so hosts whose
     CPU or RAM is exhausted are not walked one by one;
   K_GPU_FFC (PREFIX .. 'gpu_ffc'): ZSET "<host>#<pos>" -> class*2^40 + ord*1024+pos, the members
     of gpu_ord scored by free-memory class first (see ff_class): first fit for GPU memory walks it
-    from the request's class up, so GPUs with too little free memory are not walked one by one.
+    from the request's class up, so GPUs with too little free memory are not walked one by one;
+  K_GPU_IDLE_ORD (PREFIX .. 'gpu_idle_ord'): ZSET "<host>#<pos>" -> ord*1024+pos, the members of
+    gpu_idle (GPUs with no holder) in registration order: first fit for whole GPUs walks it, so
+    GPUs that hold shares are not walked one by one.
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
 
@@ -65,6 +68,7 @@ local function svc_wake_key(h) return PREFIX .. 'svc_wake:' .. h end
 local K_SVC_NAMES = PREFIX .. 'svc_names'
 local K_CPU_ORD = PREFIX .. 'cpu_ord'
 local K_GPU_FFC = PREFIX .. 'gpu_ffc'
+local K_GPU_IDLE_ORD = PREFIX .. 'gpu_idle_ord'
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
@@ -405,12 +409,19 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
     rcall('ZADD', K_GPU_IDX, g.free, m)
     rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
     rcall('ZADD', K_GPU_FFC, ff_score(ord, pos, g.free), m)
-    if g.n == 0 then rcall('ZADD', K_GPU_IDLE, g.free, m) else rcall('ZREM', K_GPU_IDLE, m) end
+    if g.n == 0 then
+      rcall('ZADD', K_GPU_IDLE, g.free, m)
+      rcall('ZADD', K_GPU_IDLE_ORD, ord * 1024 + pos, m)
+    else
+      rcall('ZREM', K_GPU_IDLE, m)
+      rcall('ZREM', K_GPU_IDLE_ORD, m)
+    end
   else
     rcall('ZREM', K_GPU_IDX, m)
     rcall('ZREM', K_GPU_ORD, m)
     rcall('ZREM', K_GPU_FFC, m)
     rcall('ZREM', K_GPU_IDLE, m)
+    rcall('ZREM', K_GPU_IDLE_ORD, m)
   end
 end
 

@@ -346,11 +346,13 @@ local function scan(req, mode)
         members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, page)
       elseif mode == 'worst' then
         members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page)
+      elseif whole then
+        -- Whole GPUs: the GPUs with no holder, in order.
+        members = rcall('ZRANGE', K_GPU_IDLE_ORD, offset, offset + page - 1)
       elseif lo < 1024 or offset == 0 then
-        -- Every GPU with free memory, in order: whole GPUs (any free memory) and requests under
-        -- 1 GiB walk it; the others read its first page only. When one of those GPUs fits, it is
-        -- the first in order that does, found for one read where merging gpu_ffc's classes costs
-        -- a search of each.
+        -- Every GPU with free memory, in order: requests under 1 GiB walk it; the others read its
+        -- first page only. When one of those GPUs fits, it is the first in order that does, found
+        -- for one read where merging gpu_ffc's classes costs a search of each.
         members = rcall('ZRANGE', K_GPU_ORD, offset, offset + page - 1)
       else
         -- GPU memory, past the first page: gpu_ffc from the request's class up, one member first
@@ -689,7 +691,10 @@ local function index_after_grant(req, p)
       rcall('ZREM', K_GPU_ORD, m)
       rcall('ZREM', K_GPU_FFC, m)
     end
-    if p.free[i].n == 0 then rcall('ZREM', K_GPU_IDLE, m) end  -- only GPUs with no holder are there
+    if p.free[i].n == 0 then  -- only GPUs with no holder are there
+      rcall('ZREM', K_GPU_IDLE, m)
+      rcall('ZREM', K_GPU_IDLE_ORD, m)
+    end
   end
   if p.gidle ~= nil then
     if p.gidle > 0 then rcall('ZADD', K_IDLE_HOSTS, p.gidle, h) else rcall('ZREM', K_IDLE_HOSTS, h) end
