@@ -402,9 +402,33 @@ local function ff_score(ord, pos, free)
   return ff_class(free) * FF_SHIFT + ord * 1024 + pos
 end
 
--- g: the GPU at position pos of host h (nil when there is none).
+-- g: the GPU at position pos of host h (nil when there is none). When g also carries was_free and
+-- was_n, its free MiB and holders before this change (a caller that knows them, on a host that
+-- was and stays schedulable), only the index entries that change are written: a release that
+-- leaves other holders on a GPU writes one, where writing every entry costs five calls.
 local function reindex_gpu(h, pos, g, schedulable, ord)
   local m = gpu_member(h, pos)
+  if schedulable and g and g.was_free ~= nil then
+    local f0, f1 = g.was_free, g.free
+    local idle0, idle1 = (g.was_n == 0 and f0 > 0), (g.n == 0 and f1 > 0)
+    if f1 > 0 then
+      if f1 ~= f0 then rcall('ZADD', K_GPU_IDX, f1, m) end
+      if f0 <= 0 then rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m) end
+      if f0 <= 0 or ff_class(f0) ~= ff_class(f1) then rcall('ZADD', K_GPU_FFC, ff_score(ord, pos, f1), m) end
+    elseif f0 > 0 then
+      rcall('ZREM', K_GPU_IDX, m)
+      rcall('ZREM', K_GPU_ORD, m)
+      rcall('ZREM', K_GPU_FFC, m)
+    end
+    if idle1 then
+      if not idle0 or f1 ~= f0 then rcall('ZADD', K_GPU_IDLE, f1, m) end
+      if not idle0 then rcall('ZADD', K_GPU_IDLE_ORD, ord * 1024 + pos, m) end
+    elseif idle0 then
+      rcall('ZREM', K_GPU_IDLE, m)
+      rcall('ZREM', K_GPU_IDLE_ORD, m)
+    end
+    return
+  end
   if schedulable and g and g.free > 0 then
     rcall('ZADD', K_GPU_IDX, g.free, m)
     rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
@@ -588,7 +612,8 @@ local function return_grant(id, a)
       put(p .. 'n', new_n)
       touched[#touched + 1] = pos
       local free, new_free = math.max(0, total - ext - used), math.max(0, total - ext - new_used)
-      known.gpus[pos + 1] = {pos = pos, free = new_free, n = new_n, used = new_used, total = total, ext = ext}
+      known.gpus[pos + 1] = {pos = pos, free = new_free, n = new_n, used = new_used, total = total, ext = ext,
+                             was_free = free, was_n = n}
       known.dgm = known.dgm + milli_free(total, ext, new_free) - milli_free(total, ext, free)
       if new_n == 0 and new_free > 0 then known.didle = known.didle + 1 end
       if n == 0 and free > 0 then known.didle = known.didle - 1 end
