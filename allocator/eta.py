@@ -85,7 +85,7 @@ DEFAULT_OVERDUE_FACTOR = 1.0
 #: The cache written by the scheduler tick is used while younger than this (seconds).
 DEFAULT_MAX_AGE_S = 5.0
 
-RESERVE_LIMIT = 256  # reserve(req, now, 256) in queue.lua
+RESERVE_LIMIT = 256  # reservation(req, now, 256) in queue.lua
 PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
 BEST_WINDOW = 8  # BEST_WINDOW in placement.lua: fitting hosts best fit compares
 FIRST_PAGE = 4  # FIRST_PAGE in placement.lua: the first page a first-fit walk reads
@@ -1005,7 +1005,7 @@ class Simulation:
         return None
 
     def _reserve(self, req: _Req, now: int) -> tuple[str, float] | None:
-        """reserve(req, now, 256) of queue.lua: the host and the shadow time (see _reserve_fit)."""
+        """reservation(req, now, 256) of queue.lua: the host and the shadow time (see _reserve_fit)."""
         fit = self._last_fit = self._reserve_fit(req)
         return None if fit is None else (fit[0], max(fit[1], now))
 

@@ -143,8 +143,9 @@ local function first_fit_after(req, ids_scores, limit)
 end
 
 -- EASY reservation for the first blocked task: the host and the time (shadow) at which it will
--- fit, from the expected ends of running allocations.
-local function reserve(req, now, limit)
+-- fit, from the expected ends of running allocations. (Not named reserve: host states carry a
+-- field of that name, and the script loader goes by names, see allocator/scripts.py.)
+local function reservation(req, now, limit)
   local ids = rcall('ZRANGE', K_ENDS, 0, limit - 1, 'WITHSCORES')
   local h, _, shadow = first_fit_after(req, ids, limit)
   if not h then return nil end
@@ -228,7 +229,7 @@ local function consider(st, id, t, now, scan_cap)
     end
     if not p then
       st.blocked = true
-      st.resv = reserve(req, now, 256)
+      st.resv = reservation(req, now, 256)
     end
   elseif st.resv then
     local only = req.only
@@ -297,7 +298,7 @@ local function submit_pass(id, now, depth, scan_cap, reaped)
   local st = new_pass()
   local hreq = cjson.decode(ht.payload)
   hreq.id, hreq.scan_cap = head, scan_cap
-  st.blocked, st.resv = true, reserve(hreq, now, 256)
+  st.blocked, st.resv = true, reservation(hreq, now, 256)
   if consider(st, id, t, now, scan_cap) then return {id} end
   return {}
 end
