@@ -372,7 +372,7 @@ class Simulation:
     # -- durations -----------------------------------------------------------------------------
 
     def pass_ms(self, req: _Req) -> int | None:
-        """expected_ms(req) of placement.lua: history p80, else the hint, else the TTL (per task:
+        """expected_run_ms(req) of placement.lua: history p80, else the hint, else the TTL (per task:
         the backfill test asks for it on every pass)."""
         v = self._pass_ms.get(req.id, -1)
         if v == -1:

@@ -128,3 +128,29 @@ def test_a_field_name_is_no_reference_but_a_concatenated_name_is():
     names = code_names(text)
     assert "reserve" not in names and "grant" not in names  # keys of s and t
     assert {"host_state", "expected_ms"} <= names  # a call after "..", and a constructor key (kept to be safe)
+
+
+def _code(text: str) -> str:
+    """Lua text with comments and string literals blanked out."""
+    return re.sub(r"--\[(=*)\[.*?\]\1\]|--[^\n]*|\[(=*)\[.*?\]\2\]|\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'",
+                  " ", text, flags=re.DOTALL)
+
+
+def test_no_local_parameter_or_table_key_is_named_like_a_helper_function():
+    # The loader goes by names: a local, a parameter or a table key named like a helper counts as
+    # a use of it, and keeps that helper (and what it calls) built eagerly on every call. A
+    # parameter named scan once kept the whole placement scan eager in release and finish_job.
+    texts = {inc: _read(f"includes/{inc}.lua") for inc in ("ledger", "placement", "queue", "fencing")}
+    helpers = {n for t in texts.values() for d in definitions(_INCLUDE.sub("", t)) or []
+               for n in d.names if f"local function {n}(" in d.text}
+    clashes = set()
+    for name in [*texts, *SCRIPT_NAMES]:
+        code = _code(texts[name] if name in texts else _read(f"{name}.lua"))
+        for m in re.finditer(r"\blocal\s+(?!function\b)([\w\s,]+?)\s*(?:=|\n|$)", code):
+            clashes |= {v.strip() for v in m.group(1).split(",")} & helpers
+        for m in re.finditer(r"\bfunction\b[\w.:\s]*\(([^)]*)\)", code):
+            clashes |= {v.strip() for v in m.group(1).split(",")} & helpers
+        for m in re.finditer(r"\bfor\s+([\w\s,]+?)\s+(?:=|in)\b", code):
+            clashes |= {v.strip() for v in m.group(1).split(",")} & helpers
+        clashes |= set(re.findall(r"[{,]\s*([A-Za-z_]\w*)\s*=(?!=)", code)) & helpers
+    assert clashes == set()

@@ -601,7 +601,7 @@ end
 -- Expected run time of a task: the history's p80 for its task type (written by the recorder to
 -- the durations hash), else the task's own hint, else its TTL; nil when none is known. p80
 -- rather than p50: a reservation computed from an underestimate lets backfill delay the head.
-local function expected_ms(req)
+local function expected_run_ms(req)
   if req.task_type and req.task_type ~= '' then
     local est = rcall('HGET', PREFIX .. 'durations', req.task_type)
     if est then
@@ -617,7 +617,7 @@ local function expected_ms(req)
 end
 
 local function expected_end(req, now)
-  local ms = expected_ms(req)
+  local ms = expected_run_ms(req)
   if not ms then return nil end
   return now + ms
 end
