@@ -16,7 +16,7 @@ Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
 ]]
 --- @include "ledger"
 --- @include "placement"
---- @lazy finish_alloc refusal take_services services_fit
+--- @lazy finish_alloc refusal take_services services_fit reindex_host
 
 local req = cjson.decode(ARGV[3])
 req.request, req.metadata = ARGV[4], ARGV[5]
