@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sortedcontainers import SortedList
 
-from .keys import FF_CLASSES, ff_class
+from .keys import FF_CLASSES, ff_class, gpu_ord_score
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -166,7 +166,7 @@ class _Host:
             self.gpus.append(_Gpu(p, h.get(k + "uuid", ""), h.get(k + "model", ""),
                                   int(h.get(k + "total") or 0) - int(h.get(k + "ext") or 0),
                                   int(h.get(k + "used") or 0), int(h.get(k + "n") or 0),
-                                  f"{hid}#{p}", self.ord * 1024 + p))
+                                  f"{hid}#{p}", gpu_ord_score(self.ord, p)))
         self.indexed = False
 
     @property

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from .keys import gpu_ffc_score
+from .keys import gpu_ffc_score, gpu_ord_score
 
 
 def _list(text: str | None) -> list[Any]:
@@ -123,7 +123,7 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
         gfree += free * 1000 // (total - ext) if total > ext else 0
         if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
-        want_idle_ord = None if want_idle is None else float(int(f.get("ord") or 0) * 1024 + pos)
+        want_idle_ord = None if want_idle is None else float(gpu_ord_score(int(f.get("ord") or 0), pos))
         if (snap.get("gpu_idle_ord") or {}).get(m) != want_idle_ord:
             bad.append(f"{h} GPU {pos}: gpu_idle_ord has {(snap.get('gpu_idle_ord') or {}).get(m)}, "
                        f"expected {want_idle_ord}")

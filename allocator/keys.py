@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The score of a GPU in gpu_ffc (ff_class and ff_score in lua/includes/ledger.lua): its free-memory
-# class, then its host's registration ordinal and its position.
+# The scores of a GPU in first fit's orders (reindex_gpu in lua/includes/ledger.lua): gpu_ord and
+# gpu_idle_ord by its host's registration ordinal, then its position; gpu_ffc by its free-memory
+# class first.
 FF_CLASSES = 9
 FF_SHIFT = 2**40
+
+
+def gpu_ord_score(ord_: int, pos: int) -> int:
+    """The gpu_ord (and gpu_idle_ord) score of the GPU at position pos of the host with ordinal ord_."""
+    return ord_ * 1024 + pos
 
 
 def ff_class(free_mb: int) -> int:
@@ -26,7 +32,7 @@ def ff_class(free_mb: int) -> int:
 
 def gpu_ffc_score(ord_: int, pos: int, free_mb: int) -> int:
     """The gpu_ffc score of the GPU at position pos of the host with ordinal ord_."""
-    return ff_class(free_mb) * FF_SHIFT + ord_ * 1024 + pos
+    return ff_class(free_mb) * FF_SHIFT + gpu_ord_score(ord_, pos)
 
 
 @dataclass(frozen=True)
