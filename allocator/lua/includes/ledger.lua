@@ -398,23 +398,29 @@ local function ff_class(free)
   return c
 end
 
-local function ff_score(ord, pos, free)
-  return ff_class(free) * FF_SHIFT + ord * 1024 + pos
-end
-
 -- g: the GPU at position pos of host h (nil when there is none). When g also carries was_free and
 -- was_n, its free MiB and holders before this change (a caller that knows them, on a host that
 -- was and stays schedulable), only the index entries that change are written: a release that
 -- leaves other holders on a GPU writes one, where writing every entry costs five calls.
 local function reindex_gpu(h, pos, g, schedulable, ord)
   local m = gpu_member(h, pos)
-  if schedulable and g and g.was_free ~= nil then
+  if not (schedulable and g) or (g.was_free == nil and g.free <= 0) then  -- in no index
+    rcall('ZREM', K_GPU_IDX, m)
+    rcall('ZREM', K_GPU_ORD, m)
+    rcall('ZREM', K_GPU_FFC, m)
+    rcall('ZREM', K_GPU_IDLE, m)
+    rcall('ZREM', K_GPU_IDLE_ORD, m)
+    return
+  end
+  local at = ord * 1024 + pos  -- the GPU's place in registration order (gpu_ord, gpu_idle_ord)
+  if g.was_free ~= nil then
     local f0, f1 = g.was_free, g.free
     local idle0, idle1 = (g.was_n == 0 and f0 > 0), (g.n == 0 and f1 > 0)
     if f1 > 0 then
       if f1 ~= f0 then rcall('ZADD', K_GPU_IDX, f1, m) end
-      if f0 <= 0 then rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m) end
-      if f0 <= 0 or ff_class(f0) ~= ff_class(f1) then rcall('ZADD', K_GPU_FFC, ff_score(ord, pos, f1), m) end
+      if f0 <= 0 then rcall('ZADD', K_GPU_ORD, at, m) end
+      local c = ff_class(f1)
+      if f0 <= 0 or ff_class(f0) ~= c then rcall('ZADD', K_GPU_FFC, c * FF_SHIFT + at, m) end
     elseif f0 > 0 then
       rcall('ZREM', K_GPU_IDX, m)
       rcall('ZREM', K_GPU_ORD, m)
@@ -422,28 +428,20 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
     end
     if idle1 then
       if not idle0 or f1 ~= f0 then rcall('ZADD', K_GPU_IDLE, f1, m) end
-      if not idle0 then rcall('ZADD', K_GPU_IDLE_ORD, ord * 1024 + pos, m) end
+      if not idle0 then rcall('ZADD', K_GPU_IDLE_ORD, at, m) end
     elseif idle0 then
       rcall('ZREM', K_GPU_IDLE, m)
       rcall('ZREM', K_GPU_IDLE_ORD, m)
     end
     return
   end
-  if schedulable and g and g.free > 0 then
-    rcall('ZADD', K_GPU_IDX, g.free, m)
-    rcall('ZADD', K_GPU_ORD, ord * 1024 + pos, m)
-    rcall('ZADD', K_GPU_FFC, ff_score(ord, pos, g.free), m)
-    if g.n == 0 then
-      rcall('ZADD', K_GPU_IDLE, g.free, m)
-      rcall('ZADD', K_GPU_IDLE_ORD, ord * 1024 + pos, m)
-    else
-      rcall('ZREM', K_GPU_IDLE, m)
-      rcall('ZREM', K_GPU_IDLE_ORD, m)
-    end
+  rcall('ZADD', K_GPU_IDX, g.free, m)
+  rcall('ZADD', K_GPU_ORD, at, m)
+  rcall('ZADD', K_GPU_FFC, ff_class(g.free) * FF_SHIFT + at, m)
+  if g.n == 0 then
+    rcall('ZADD', K_GPU_IDLE, g.free, m)
+    rcall('ZADD', K_GPU_IDLE_ORD, at, m)
   else
-    rcall('ZREM', K_GPU_IDX, m)
-    rcall('ZREM', K_GPU_ORD, m)
-    rcall('ZREM', K_GPU_FFC, m)
     rcall('ZREM', K_GPU_IDLE, m)
     rcall('ZREM', K_GPU_IDLE_ORD, m)
   end
