@@ -191,6 +191,14 @@ end
 --   broken: how much it breaks up the host's idle GPUs: taking j of its i idle GPUs costs
 --     i^2 - (i-j)^2, so one GPU comes from the host with the fewest idle ones;
 --   cpu: millicores left free on the host (the tighter host first, keeping larger ones whole).
+-- cost_of computes them from the host's numbers: cores, GPUs and RAM; free millicores and MiB
+-- of RAM; GPU totals (gm, idle: see gpu_totals) before the placement and gm after it; j.
+local function cost_of(req, ncores, ngpu, ram_total, cpu, ramf, gm, idle, after, j)
+  local cpu_after = cpu - req.cpu_millis
+  return stranded(ncores, ngpu, ram_total, after, cpu_after, ramf - req.ram)
+    - stranded(ncores, ngpu, ram_total, gm, cpu, ramf), j * (2 * idle - j), cpu_after
+end
+
 local function placement_cost(req, h, s, gs)
   local gm, idle = gpu_totals_of(h, s)
   local after, j = gm, 0
@@ -200,9 +208,7 @@ local function placement_cost(req, h, s, gs)
     after = after - milli_free(g.total, g.ext, g.free) + milli_free(g.total, g.ext, g.free - mem)
     if g.n == 0 then j = j + 1 end
   end
-  local cpu, ram = s.cpu - req.cpu_millis, s.ramf - req.ram
-  local nc, ng, rt = s.ncores, s.ngpu, s.ram
-  return stranded(nc, ng, rt, after, cpu, ram) - stranded(nc, ng, rt, gm, s.cpu, s.ramf), j * (2 * idle - j), cpu
+  return cost_of(req, s.ncores, s.ngpu, s.ram, s.cpu, s.ramf, gm, idle, after, j)
 end
 
 -- placement_cost of one shared GPU, the one at position pos, for req on the host whose summary is
@@ -225,9 +231,7 @@ local function summary_cost(req, raw, pos)
   local after = gm - milli_free(total, ext, free) + milli_free(total, ext, free - req.gpu_mem)
   local j = 0
   if n == 0 then j = 1 end
-  local cpu_after = cpu - req.cpu_millis
-  return stranded(ncores, ngpu, ram, after, cpu_after, ramf - req.ram) - stranded(ncores, ngpu, ram, gm, cpu, ramf),
-    j * (2 * idle - j), cpu_after
+  return cost_of(req, ncores, ngpu, ram, cpu, ramf, gm, idle, after, j)
 end
 
 -- First fit's walk over gpu_ffc for m MiB per GPU (m >= 1 GiB): a cursor per class from
