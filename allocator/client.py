@@ -22,7 +22,7 @@ from . import embedded, queue
 from . import services as _services
 from .config import Settings
 from .errors import AllocationNotFound, InvalidRequest, from_code
-from .keys import Keys
+from .keys import MAX_GPUS_PER_HOST, Keys
 from .models import (
     Allocation,
     AllocationRequest,
@@ -123,6 +123,8 @@ def _check_host_input(data: Any) -> None:
 
 def _check_host_spec(spec: HostSpec) -> None:
     """Numbers the ledger scripts keep exactly (far below 1e14) and an inventory that adds up."""
+    if len(spec.gpus) > MAX_GPUS_PER_HOST:
+        raise InvalidRequest("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host, got {len(spec.gpus)}")
     if spec.reserve_gpus > len(spec.gpus):
         raise InvalidRequest("reserve_gpus", f"{spec.reserve_gpus} reserved but the host has {len(spec.gpus)} GPU(s)")
     for i, g in enumerate(spec.gpus):

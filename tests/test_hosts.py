@@ -2,7 +2,7 @@
 
 import pytest
 
-from allocator import HostBusy, HostNotFound, InsufficientResources
+from allocator import HostBusy, HostNotFound, InsufficientResources, InvalidRequest
 
 
 def test_capacity_update_keeps_existing_grants(alloc_any):
@@ -69,3 +69,10 @@ def test_unknown_host_operations_are_not_found(alloc_any):
         alloc_any.drain_host("ghost")
     with pytest.raises(HostNotFound):
         alloc_any.remove_host("ghost")
+
+
+def test_a_host_with_more_gpus_than_the_indexes_can_order_is_refused(alloc_any):
+    with pytest.raises(InvalidRequest) as exc:
+        alloc_any.register_host(id="h1", cpu_cores=4, gpus=[{"index": i, "memory_mb": 1024} for i in range(1025)])
+    assert exc.value.field == "gpus" and "at most 1024 GPUs per host, got 1025" in str(exc.value)
+    assert alloc_any.redis.zcard(alloc_any.keys.hosts) == 0

@@ -146,6 +146,32 @@ def test_best_fit_keeps_the_larger_host_whole_when_all_else_ties(alloc_any):
     assert alloc_any.allocate({"gpus": 1, "cpu_cores": 8}, strategy="best_fit").host_id == "b-small"
 
 
+def test_gpu_index_orders_gpus_with_equal_free_memory_by_position_then_host(alloc_any):
+    for h in ("h1", "h2"):
+        alloc_any.register_host(id=h, cpu_cores=8, ram_mb="64Gi",
+                                gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+    assert alloc_any.redis.zrange(alloc_any.keys.gpu_idx, 0, -1, withscores=True) == [
+        ("h1#0", 16384.0), ("h2#0", 16384.0), ("h1#1", 16384 + 1 / 1024), ("h2#1", 16384 + 1 / 1024)]
+    x = alloc_any.allocate({"gpu_memory_mb": "4Gi"})
+    assert (x.host_id, x.gpus[0].index) == ("h1", 0)
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#0") == 12288.0
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#0") is None
+    alloc_any.release(x.allocation_id)
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#0") == 16384.0
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
+def test_best_fit_compares_hosts_not_gpus_of_one_host_when_their_free_memory_ties(alloc_any):
+    # Both hosts have 4 idle 16 GiB GPUs; h2 is the smaller host, which best fit fills first. With a
+    # scan cap of 4, a walk that took all of h1's GPUs before h2's would see only h1.
+    alloc_any.register_host(id="h1", cpu_cores=32, ram_mb="128Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    alloc_any.register_host(id="h2", cpu_cores=16, ram_mb="128Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
+    alloc_any.scan_cap = 4
+    assert alloc_any.allocate({"gpu_memory_mb": "8Gi", "cpu_cores": 1}).host_id == "h2"
+
+
 def test_idle_host_index_follows_grants_releases_drain_and_removal(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
                             gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(3)])
