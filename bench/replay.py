@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import csv
 import heapq
+import importlib.util
 import json
 import math
 import os
@@ -607,6 +608,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def can_plot() -> bool:
+    """Whether matplotlib (the 'bench' extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plots(results: list[dict[str, Any]], outdir: Path, prefix: str = "replay") -> list[str]:
     import matplotlib
 
@@ -765,6 +771,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--parallel", type=int, default=1, help="replay up to N policies at once, one process each")
     args = ap.parse_args(argv)
+    # Before the replay, not after it: the plots come last, and a replay takes minutes.
+    if not args.no_plots and not can_plot():
+        ap.error("the plots need matplotlib, which the 'bench' extra installs "
+                 "(pip install -e '.[bench]'); or pass --no-plots")
     if args.oracle and "best_fit_oracle" not in args.policies:
         args.policies += ",best_fit_oracle"
     run_all(args)

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fleets import openb_dir  # noqa: E402
+from bench import replay  # noqa: E402
 from bench.replay import POLICIES, Replay, eta_accuracy, fleet_of, load_trace, markdown, offered_load  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (openb_dir() / "openb_pod_list_default.csv").is_file(),
@@ -79,3 +80,12 @@ def test_eta_accuracy_is_scored_against_the_real_start():
     e = eta_accuracy(rows)
     assert e["all"] == {"n": 5, "within_tol": 0.6, "within_10min": 0.8, "median_abs_err_s": 150.0, "no_estimate": 1}
     assert e["waited"]["n"] == 4 and e["waited"]["within_tol"] == 0.5
+
+
+def test_plots_without_matplotlib_are_refused_before_the_replay_starts(monkeypatch, capsys):
+    monkeypatch.setattr(replay, "can_plot", lambda: False)
+    monkeypatch.setattr(replay, "run_all", lambda args: pytest.fail("the replay ran"))
+    with pytest.raises(SystemExit) as exc:
+        replay.main(["--limit", "10"])
+    assert exc.value.code == 2
+    assert "the plots need matplotlib" in capsys.readouterr().err
