@@ -161,6 +161,32 @@ def test_gpu_index_orders_gpus_with_equal_free_memory_by_position_then_host(allo
     assert invariants.check(alloc_any.snapshot()) == []
 
 
+def test_a_gpu_scored_by_free_memory_alone_still_places_and_registering_its_host_rescores_it(alloc_any):
+    spec = dict(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+    alloc_any.register_host(**spec)
+    for idx in (alloc_any.keys.gpu_idx, alloc_any.keys.gpu_idle):  # as an older version scored them
+        alloc_any.redis.zadd(idx, {"h1#1": 16384})
+    assert any("h1 GPU 1: gpu_idx has 16384" in v for v in invariants.check(alloc_any.snapshot()))
+    assert alloc_any.would_fit({"gpu_memory_mb": "16Gi"})["host_id"] == "h1"
+    alloc_any.register_host(**spec)  # as the upgrade procedure does
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#1") == 16384 + 1 / 1024
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#1") == 16384 + 1 / 1024
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
+def test_a_grant_and_its_release_rescore_a_gpu_scored_by_free_memory_alone(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
+                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+    for idx in (alloc_any.keys.gpu_idx, alloc_any.keys.gpu_idle):  # as an older version scored them
+        alloc_any.redis.zadd(idx, {"h1#0": 16384, "h1#1": 16384})
+    xs = [alloc_any.allocate({"gpu_memory_mb": "16Gi"}) for _ in range(2)]
+    assert sorted(x.gpus[0].index for x in xs) == [0, 1]
+    for x in xs:
+        alloc_any.release(x.allocation_id)
+    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#1") == 16384 + 1 / 1024
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
 def test_best_fit_compares_hosts_not_gpus_of_one_host_when_their_free_memory_ties(alloc_any):
     # Both hosts have 4 idle 16 GiB GPUs; h2 is the smaller host, which best fit fills first. With a
     # scan cap of 4, a walk that took all of h1's GPUs before h2's would see only h1.
