@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sortedcontainers import SortedList
 
-from .keys import FF_CLASSES, ff_class, gpu_free_score, gpu_ord_score
+from .keys import FF_CLASSES, ff_class, gpu_ord_score
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -287,8 +287,8 @@ class Simulation:
         # gpu_ffc: each free-memory class (ff_class) in ordinal order, as first fit merges them.
         self.gpu_ffc: list[SortedList] = [SortedList() for _ in range(FF_CLASSES)]
         self.cpu_idx: SortedList = SortedList()
-        self._gidx: dict[str, float] = {}
-        self._gidle: dict[str, float] = {}
+        self._gidx: dict[str, int] = {}
+        self._gidle: dict[str, int] = {}
         self._gord: dict[str, int] = {}  # member of gpu_ord -> its class in gpu_ffc
         self._cpu: dict[str, int] = {}
         self.allocs: dict[str, _Alloc] = {}
@@ -506,7 +506,6 @@ class Simulation:
         for g in (h.gpus if touched is None else touched):
             m = g.member
             free = g.free
-            score = gpu_free_score(free, g.pos)
             old = self._gidx.pop(m, None)
             if old is not None:
                 self.gpu_idx.remove((old, m, hid, g.pos))
@@ -516,8 +515,8 @@ class Simulation:
                 self.gpu_idle_ord.remove((g.ordscore, m, hid, g.pos))
             cls = self._gord.get(m)
             if schedulable and free > 0:
-                self._gidx[m] = score
-                self.gpu_idx.add((score, m, hid, g.pos))
+                self._gidx[m] = free
+                self.gpu_idx.add((free, m, hid, g.pos))
                 c = ff_class(free)
                 if cls != c:
                     if cls is None:
@@ -527,8 +526,8 @@ class Simulation:
                     self._gord[m] = c
                     self.gpu_ffc[c].add((g.ordscore, m, hid, g.pos))
                 if g.n == 0:
-                    self._gidle[m] = score
-                    self.gpu_idle.add((score, m, hid, g.pos))
+                    self._gidle[m] = free
+                    self.gpu_idle.add((free, m, hid, g.pos))
                     self.gpu_idle_ord.add((g.ordscore, m, hid, g.pos))
             elif cls is not None:
                 del self._gord[m]

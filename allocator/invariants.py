@@ -11,20 +11,12 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from .keys import gpu_ffc_score, gpu_free_score, gpu_ord_score
+from .keys import gpu_ffc_score, gpu_ord_score
 
 
 def _list(text: str | None) -> list[Any]:
     v = json.loads(text) if text else []
     return v if isinstance(v, list) else []
-
-
-def _same_score(got: float | None, want: float | None) -> bool:
-    """Whether an index score from the snapshot is the one expected: the snapshot's JSON carries
-    14 significant digits, short of a GPU's free MiB plus its position / 1024 (gpu_free_score)."""
-    if got is None or want is None:
-        return got is want
-    return abs(got - want) < 1e-6
 
 
 def check(snap: dict[str, Any]) -> list[str]:
@@ -122,14 +114,14 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
             bad.append(f"{h} GPU {pos}: oversubscribed {used}+{ext} > {total}")
         free = max(0, total - ext - used)
         m = f"{h}#{pos}"
-        want_idx = gpu_free_score(free, pos) if schedulable and free > 0 else None
-        if not _same_score((snap["gpu_idx"] or {}).get(m), want_idx):
+        want_idx = free if schedulable and free > 0 else None
+        if (snap["gpu_idx"] or {}).get(m) != want_idx:
             bad.append(f"{h} GPU {pos}: gpu_idx has {(snap['gpu_idx'] or {}).get(m)}, expected {want_idx}")
-        want_idle = want_idx if n == 0 else None
+        want_idle = free if schedulable and free > 0 and n == 0 else None
         idle += want_idle is not None
         gidle += free > 0 and n == 0
         gfree += free * 1000 // (total - ext) if total > ext else 0
-        if not _same_score((snap["gpu_idle"] or {}).get(m), want_idle):
+        if (snap["gpu_idle"] or {}).get(m) != want_idle:
             bad.append(f"{h} GPU {pos}: gpu_idle has {(snap['gpu_idle'] or {}).get(m)}, expected {want_idle}")
         want_idle_ord = None if want_idle is None else float(gpu_ord_score(int(f.get("ord") or 0), pos))
         if (snap.get("gpu_idle_ord") or {}).get(m) != want_idle_ord:

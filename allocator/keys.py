@@ -16,14 +16,8 @@ FF_CLASSES = 9
 FF_SHIFT = 2**40
 
 
-#: Most GPUs a host may have: a GPU's position is kept in the low 10 bits of its index scores.
+#: Most GPUs a host may have: a GPU's position is kept in the low 10 bits of its ordinal scores.
 MAX_GPUS_PER_HOST = 1024
-
-
-def gpu_free_score(free_mb: int, pos: int) -> float:
-    """The gpu_idx (and gpu_idle) score of the GPU at position pos with free_mb MiB free: GPUs with
-    equal free memory come position first, then by host (free_score in lua/includes/ledger.lua)."""
-    return free_mb + pos / MAX_GPUS_PER_HOST
 
 
 def gpu_ord_score(ord_: int, pos: int) -> int:

@@ -146,56 +146,17 @@ def test_best_fit_keeps_the_larger_host_whole_when_all_else_ties(alloc_any):
     assert alloc_any.allocate({"gpus": 1, "cpu_cores": 8}, strategy="best_fit").host_id == "b-small"
 
 
-def test_gpu_index_orders_gpus_with_equal_free_memory_by_position_then_host(alloc_any):
-    for h in ("h1", "h2"):
-        alloc_any.register_host(id=h, cpu_cores=8, ram_mb="64Gi",
-                                gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
-    assert alloc_any.redis.zrange(alloc_any.keys.gpu_idx, 0, -1, withscores=True) == [
-        ("h1#0", 16384.0), ("h2#0", 16384.0), ("h1#1", 16384 + 1 / 1024), ("h2#1", 16384 + 1 / 1024)]
-    x = alloc_any.allocate({"gpu_memory_mb": "4Gi"})
-    assert (x.host_id, x.gpus[0].index) == ("h1", 0)
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#0") == 12288.0
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#0") is None
-    alloc_any.release(x.allocation_id)
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#0") == 16384.0
-    assert invariants.check(alloc_any.snapshot()) == []
-
-
-def test_a_gpu_scored_by_free_memory_alone_still_places_and_registering_its_host_rescores_it(alloc_any):
-    spec = dict(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
-    alloc_any.register_host(**spec)
-    for idx in (alloc_any.keys.gpu_idx, alloc_any.keys.gpu_idle):  # as an older version scored them
-        alloc_any.redis.zadd(idx, {"h1#1": 16384})
-    assert any("h1 GPU 1: gpu_idx has 16384" in v for v in invariants.check(alloc_any.snapshot()))
-    assert alloc_any.would_fit({"gpu_memory_mb": "16Gi"})["host_id"] == "h1"
-    alloc_any.register_host(**spec)  # as the upgrade procedure does
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#1") == 16384 + 1 / 1024
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idle, "h1#1") == 16384 + 1 / 1024
-    assert invariants.check(alloc_any.snapshot()) == []
-
-
-def test_a_grant_and_its_release_rescore_a_gpu_scored_by_free_memory_alone(alloc_any):
-    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi",
-                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
-    for idx in (alloc_any.keys.gpu_idx, alloc_any.keys.gpu_idle):  # as an older version scored them
-        alloc_any.redis.zadd(idx, {"h1#0": 16384, "h1#1": 16384})
-    xs = [alloc_any.allocate({"gpu_memory_mb": "16Gi"}) for _ in range(2)]
-    assert sorted(x.gpus[0].index for x in xs) == [0, 1]
-    for x in xs:
-        alloc_any.release(x.allocation_id)
-    assert alloc_any.redis.zscore(alloc_any.keys.gpu_idx, "h1#1") == 16384 + 1 / 1024
-    assert invariants.check(alloc_any.snapshot()) == []
-
-
-def test_best_fit_compares_hosts_not_gpus_of_one_host_when_their_free_memory_ties(alloc_any):
-    # Both hosts have 4 idle 16 GiB GPUs; h2 is the smaller host, which best fit fills first. With a
-    # scan cap of 4, a walk that took all of h1's GPUs before h2's would see only h1.
-    alloc_any.register_host(id="h1", cpu_cores=32, ram_mb="128Gi",
-                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
-    alloc_any.register_host(id="h2", cpu_cores=16, ram_mb="128Gi",
-                            gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(4)])
-    alloc_any.scan_cap = 4
-    assert alloc_any.allocate({"gpu_memory_mb": "8Gi", "cpu_cores": 1}).host_id == "h2"
+def test_best_fit_packs_a_share_beside_another_when_more_hosts_than_it_compares_tie(alloc_any):
+    # 12 hosts, every idle GPU ties at 16 GiB free: best fit compares 8 of them, and the host that
+    # already holds a share must be among those 8. Ordering the ties by GPU position first (h02#0,
+    # h03#0, ... before h01#1) left it out and spread the second share onto an empty host.
+    for i in range(1, 13):
+        alloc_any.register_host(id=f"h{i:02d}", cpu_cores=16, ram_mb="128Gi",
+                                gpus=[{"index": j, "memory_mb": "16Gi"} for j in range(2)])
+    first = alloc_any.allocate({"gpu_memory_mb": "10Gi", "cpu_cores": 1}, strategy="best_fit")
+    assert (first.host_id, first.gpus[0].index) == ("h01", 0)
+    second = alloc_any.allocate({"gpu_memory_mb": "12Gi", "cpu_cores": 1}, strategy="best_fit")
+    assert (second.host_id, second.gpus[0].index) == ("h01", 1)
 
 
 def test_idle_host_index_follows_grants_releases_drain_and_removal(alloc_any):

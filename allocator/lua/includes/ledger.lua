@@ -2,8 +2,8 @@
 
 Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[1]  hosts     ZSET host id -> registration ordinal (all hosts)
-  KEYS[2]  gpu_idx   ZSET "<host>#<pos>" -> free MiB + pos/1024 (schedulable GPUs with free > 0)
-  KEYS[3]  gpu_idle  ZSET "<host>#<pos>" -> free MiB + pos/1024 (schedulable GPUs with no holder)
+  KEYS[2]  gpu_idx   ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with free > 0)
+  KEYS[3]  gpu_idle  ZSET "<host>#<pos>" -> free MiB   (schedulable GPUs with no holder)
   KEYS[4]  gpu_ord   ZSET "<host>#<pos>" -> ord*1024+pos (schedulable GPUs with free > 0)
   KEYS[5]  cpu_idx   ZSET host -> free CPU millicores  (schedulable hosts)
   KEYS[6]  ram_idx   ZSET host -> free RAM MiB         (schedulable hosts)
@@ -61,10 +61,6 @@ local function host_allocs_key(h) return PREFIX .. 'host_allocs:' .. h end
 local function host_sum_key(h) return PREFIX .. 'hsum:' .. h end
 local function alloc_key(id) return PREFIX .. 'alloc:' .. id end
 local function gpu_member(h, pos) return h .. '#' .. pos end
--- A GPU's score in gpu_idx and gpu_idle: its free MiB plus its position / 1024 (a host has at most
--- 1024 GPUs), so GPUs with equal free memory come position first, then by host. Best fit compares
--- the first hosts that fit; ordered by host, it read all of one host's GPUs before the next host.
-local function free_score(free, pos) return free + pos / 1024 end
 local function svc_key(h) return PREFIX .. 'svc:' .. h end
 local function svc_ports_key(h) return PREFIX .. 'svc_ports:' .. h end
 local function svc_catalog_key(h) return PREFIX .. 'svc_catalog:' .. h end
@@ -421,7 +417,7 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
     local f0, f1 = g.was_free, g.free
     local idle0, idle1 = (g.was_n == 0 and f0 > 0), (g.n == 0 and f1 > 0)
     if f1 > 0 then
-      if f1 ~= f0 then rcall('ZADD', K_GPU_IDX, free_score(f1, pos), m) end
+      if f1 ~= f0 then rcall('ZADD', K_GPU_IDX, f1, m) end
       if f0 <= 0 then rcall('ZADD', K_GPU_ORD, at, m) end
       local c = ff_class(f1)
       if f0 <= 0 or ff_class(f0) ~= c then rcall('ZADD', K_GPU_FFC, c * FF_SHIFT + at, m) end
@@ -431,7 +427,7 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
       rcall('ZREM', K_GPU_FFC, m)
     end
     if idle1 then
-      if not idle0 or f1 ~= f0 then rcall('ZADD', K_GPU_IDLE, free_score(f1, pos), m) end
+      if not idle0 or f1 ~= f0 then rcall('ZADD', K_GPU_IDLE, f1, m) end
       if not idle0 then rcall('ZADD', K_GPU_IDLE_ORD, at, m) end
     elseif idle0 then
       rcall('ZREM', K_GPU_IDLE, m)
@@ -439,11 +435,11 @@ local function reindex_gpu(h, pos, g, schedulable, ord)
     end
     return
   end
-  rcall('ZADD', K_GPU_IDX, free_score(g.free, pos), m)
+  rcall('ZADD', K_GPU_IDX, g.free, m)
   rcall('ZADD', K_GPU_ORD, at, m)
   rcall('ZADD', K_GPU_FFC, ff_class(g.free) * FF_SHIFT + at, m)
   if g.n == 0 then
-    rcall('ZADD', K_GPU_IDLE, free_score(g.free, pos), m)
+    rcall('ZADD', K_GPU_IDLE, g.free, m)
     rcall('ZADD', K_GPU_IDLE_ORD, at, m)
   else
     rcall('ZREM', K_GPU_IDLE, m)

@@ -16,11 +16,10 @@ local function fmt_cores(millis)
   return string.format('%g', millis / 1000)
 end
 
--- The most free MiB of a GPU in gpu_idx or gpu_idle (0 when empty); see free_score.
 local function largest(idx)
   local top = rcall('ZREVRANGE', idx, 0, 0, 'WITHSCORES')
   if #top == 0 then return 0 end
-  return math.floor(tonumber(top[2]))
+  return tonumber(top[2])
 end
 
 local function labels_match(selector, labels_json)
@@ -684,7 +683,7 @@ local function index_after_grant(req, p)
     local was = p.free[i].free
     local free = was - g.memory_mb
     if free > 0 then
-      rcall('ZADD', K_GPU_IDX, free_score(free, g.pos), m)
+      rcall('ZADD', K_GPU_IDX, free, m)
       local c = ff_class(free)
       if c ~= ff_class(was) then
         -- The GPU moves down a class of gpu_ffc; its ordinal part stays (the summary holds no ord).
