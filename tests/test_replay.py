@@ -13,7 +13,7 @@ from bench.fleets import openb_dir  # noqa: E402
 from bench import replay  # noqa: E402
 from bench.replay import POLICIES, Replay, eta_accuracy, fleet_of, load_trace, markdown, offered_load  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (openb_dir() / "openb_pod_list_default.csv").is_file(),
+needs_trace = pytest.mark.skipif(not (openb_dir() / "openb_pod_list_default.csv").is_file(),
                                 reason="the OpenB trace (../shared/data/openb) is not here")
 
 
@@ -29,6 +29,7 @@ def slice_results(redis_url):
     return tasks, hosts, results
 
 
+@needs_trace
 def test_the_trace_maps_onto_requests():
     tasks = load_trace(limit=2000)
     by_name = {t.name: t for t in tasks}
@@ -41,6 +42,7 @@ def test_the_trace_maps_onto_requests():
     assert [t.arrival_ms for t in tasks] == sorted(t.arrival_ms for t in tasks)
 
 
+@needs_trace
 def test_every_policy_replays_the_slice_and_reports_its_figures(slice_results):
     tasks, hosts, results = slice_results
     load = offered_load(tasks, hosts)
@@ -62,6 +64,7 @@ def test_every_policy_replays_the_slice_and_reports_its_figures(slice_results):
     assert "strict FIFO" in md and "priority + preemption" in md
 
 
+@needs_trace
 def test_strict_fifo_blocks_the_line_behind_its_head(slice_results):
     _, _, results = slice_results
     fifo, best = results["fifo"][1], results["best_fit"][1]
