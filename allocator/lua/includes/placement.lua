@@ -376,9 +376,17 @@ local function scan(req, mode)
     for _, m in ipairs(members) do
       seen = seen + 1
       local h, pos = m, nil
-      if k > 0 and not by_host then h, pos = string.match(m, '^(.*)#(%d+)$') end
+      if k > 0 and not by_host then
+        -- "<host>#<pos>": positions 0-9 without a pattern match, since a walk over tied GPUs reads
+        -- every GPU of a host it has compared already (members with equal scores come by name).
+        if string.byte(m, -2) == 35 then
+          h, pos = string.sub(m, 1, -3), string.byte(m, -1) - 48
+        else
+          h, pos = string.match(m, '^(.*)#(%d+)$')
+          pos = tonumber(pos)
+        end
+      end
       if not tried[h] then
-        if pos then pos = tonumber(pos) end
         local raw, c1, c2, c3 = false, false, nil, nil
         if lean then
           raw = raws[h]
