@@ -390,12 +390,19 @@ def _running_names(allocator: Allocator) -> list[str]:
     return names
 
 
+#: Seed 000's default cluster capacity: cores, MiB of RAM, worker slots.
+DEFAULT_CAPACITY = (16.0, 32768, 10)
+
+
 class AllocationManager:
     """Seed 000's manager: jobs request workers (and MCP servers) and release them by id.
 
     ``AllocationManager(total_cpu=16.0, total_memory=32768, total_workers=10)`` registers one host
     (``host_id``, int(total_cpu) cores, total_memory MiB) — the seed's quick start. With an
-    ``allocator`` and no totals it uses the hosts already registered. A worker is one worker slot
+    ``allocator`` and no totals it uses the hosts already registered. ``AllocationManager()`` with
+    neither (the seed's direct use) works on the default ledger (``Allocator.from_env()``): on its
+    hosts when it has some, else on one host of the seed's default capacity (``DEFAULT_CAPACITY``:
+    16 cores, 32768 MiB, 10 worker slots), so that call never registers a host beside a fleet. A worker is one worker slot
     of a host plus ``worker_cpu`` cores and ``worker_memory`` MiB, all taken atomically by the
     ledger; a request's workers all land on one host. ``total_workers`` is the slot count of the
     host the manager registers (default: one per core); fleet hosts get theirs from their agent.
@@ -425,6 +432,11 @@ class AllocationManager:
         service_address: str = "localhost",
         service_wait_s: float = 30.0,
     ) -> None:
+        no_totals = total_cpu is None and total_memory is None and total_workers is None
+        if allocator is None and no_totals:
+            allocator = default_allocator()
+            if allocator.redis.zcard(allocator.keys.hosts) == 0:
+                total_cpu, total_memory, total_workers = DEFAULT_CAPACITY
         self.allocator = allocator if allocator is not None else default_allocator()
         self.host_id = host_id
         self.service_wait_s = service_wait_s

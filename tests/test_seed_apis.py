@@ -279,6 +279,23 @@ def test_manager_capacity_matches_the_seed_example(alloc):
     }
 
 
+def test_manager_without_arguments_has_the_seed_default_capacity(alloc, monkeypatch):
+    monkeypatch.setattr(seeds, "_default", alloc)  # the default ledger, with no host yet
+    manager = AllocationManager()
+    allocation = manager.request_resources(job_id="job-001", mcp_servers=[], workers=4, priority="high")
+    cap = manager.get_capacity()
+    assert allocation["status"] == "active"
+    assert (cap["total_cpu"], cap["total_memory"], cap["total_workers"], cap["available_workers"]) == (16.0, 32768, 10, 6)
+
+
+def test_manager_without_arguments_registers_no_host_beside_a_fleet(alloc, monkeypatch):
+    alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384)
+    monkeypatch.setattr(seeds, "_default", alloc)
+    manager = AllocationManager()
+    assert [h.host_id for h in alloc.capacity().hosts] == ["g1"]
+    assert (manager.get_capacity()["total_cpu"], manager.get_capacity()["total_memory"]) == (8.0, 16384)
+
+
 def test_manager_capacity_reports_gpu_totals(alloc):
     alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
     manager = AllocationManager(alloc)
