@@ -127,6 +127,9 @@ def _check_host_spec(spec: HostSpec) -> None:
         raise InvalidRequest("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host, got {len(spec.gpus)}")
     if spec.reserve_gpus > len(spec.gpus):
         raise InvalidRequest("reserve_gpus", f"{spec.reserve_gpus} reserved but the host has {len(spec.gpus)} GPU(s)")
+    for c in spec.cpu_cores:  # here, after parsing: ids given as text or floats are ints now
+        if c >= MAX_CORE_ID:
+            raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
     for i, g in enumerate(spec.gpus):
         if g.index >= MAX_CORE_ID:
             raise InvalidRequest(f"gpus.{i}.index", f"must be below {MAX_CORE_ID}, got {g.index}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -158,6 +159,20 @@ def parse(model: type[M], data: object, prefix: str = "") -> M:
         elif err["type"] == "missing":
             reason = "required field is missing"
         raise InvalidRequest(field, reason) from None
+
+
+def _whole(v: object, field: str) -> object:
+    """A whole number as an inventory gives it: True, 9000.7 or inf would pass pydantic's lax int
+    as 1, an error text or an overflow; numeric strings are left to pydantic."""
+    if isinstance(v, bool):
+        raise InvalidRequest(field, f"expected a whole number, got {v!r}")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise InvalidRequest(field, f"expected a whole number, got {v!r}")
+    return v
+
+
+#: Most worker slots a host may offer (far below the 1e14 the scripts keep exactly).
+MAX_WORKER_SLOTS = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -333,6 +348,11 @@ class GpuSpec(_Strict):
     def _mem(cls, v: object, info: Any) -> object:
         return parse_memory_mb(v, info.field_name)
 
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index(cls, v: object) -> object:
+        return _whole(v, "index")
+
     @model_validator(mode="after")
     def _positive(self) -> GpuSpec:
         if self.memory_mb <= 0:
@@ -349,7 +369,7 @@ class HostSpec(_Strict):
     ram_mb: int = 0
     gpus: list[GpuSpec] = Field(default_factory=list)
     reserve_gpus: int = Field(0, ge=0, description="Whole GPUs kept idle for critical-priority work only.")
-    worker_slots: int | None = Field(None, ge=0, description="Worker slots offered; None = one per core.")
+    worker_slots: int | None = Field(None, ge=0, le=MAX_WORKER_SLOTS, description="Worker slots offered; None = one per core.")
     service_ports: tuple[int, int] = Field((9000, 9099), description="Port pool (first, last) for shared services.")
 
     @field_validator("service_ports", mode="before")
@@ -361,7 +381,7 @@ class HostSpec(_Strict):
         if not isinstance(v, (list, tuple)) or len(v) != 2:
             raise InvalidRequest("service_ports", f"expected 'first-last' or [first, last], got {v!r}")
         try:
-            lo, hi = int(v[0]), int(v[1])
+            lo, hi = (int(_whole(x, "service_ports")) for x in v)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise InvalidRequest("service_ports", f"expected two port numbers, got {v!r}") from None
         if not 1 <= lo <= hi <= 65535:
@@ -380,7 +400,17 @@ class HostSpec(_Strict):
             if v < 0:
                 raise InvalidRequest("cpu_cores", f"must not be negative, got {v}")
             return list(range(v))
+        if isinstance(v, (list, tuple)):
+            for c in v:
+                _whole(c, "cpu_cores")
+        else:
+            _whole(v, "cpu_cores")
         return v
+
+    @field_validator("reserve_gpus", "worker_slots", mode="before")
+    @classmethod
+    def _counts(cls, v: object, info: Any) -> object:
+        return _whole(v, info.field_name)
 
     @field_validator("ram_mb", mode="before")
     @classmethod
@@ -393,7 +423,15 @@ class HostSpec(_Strict):
         if v is None:
             return {}
         if isinstance(v, dict):
-            return {str(k): str(x) for k, x in v.items()}
+            out = {}
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise InvalidRequest("labels", f"label names must be strings, got {k!r}")
+                # Text, or a number written as text; a list, None or a mapping has no label form.
+                if isinstance(x, bool) or not isinstance(x, (str, int, float)) or (isinstance(x, float) and not math.isfinite(x)):
+                    raise InvalidRequest(f"labels.{k}", f"expected text or a number, got {x!r}")
+                out[k] = str(x)
+            return out
         return v
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation, localcontext
 
 from .errors import InvalidRequest
 
@@ -31,6 +31,10 @@ _FACTORS_BYTES = {
     "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
     "T": 1000**4, "TB": 1000**4,
 }
+
+
+#: Decimal arithmetic that never rounds (nor underflows to 0) what the parsers compute.
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
 def _show(value: object) -> str:
@@ -60,8 +64,12 @@ def parse_memory_mb(value: object, field: str = "memory") -> int:
     factor = _FACTORS_BYTES.get(unit.upper())
     if factor is None:
         raise InvalidRequest(field, f"unknown unit {unit!r} in {_show(value)}; use Ki, Mi, Gi, Ti, K, M, G or T")
-    amount = Decimal(number) * factor
-    return _bounded_mb(int(math.ceil(amount / _MIB)), value, field)
+    # Exact: at most 60 digits times the factor, where the default context keeps 28 and would
+    # round 1.000000000000000000000000000001 MiB down to 1.
+    with localcontext() as ctx:
+        ctx.prec = 100
+        amount = Decimal(number) * factor
+        return _bounded_mb(int(math.ceil(amount / _MIB)), value, field)
 
 
 def _bounded_mb(mb: int, value: object, field: str) -> int:
@@ -82,7 +90,7 @@ def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
         text = value.strip()
         try:
             if text.endswith("m"):
-                cores = Decimal(text[:-1]) / 1000
+                cores = Decimal(text[:-1]).scaleb(-3, _EXACT)
             else:
                 cores = Decimal(text)
         except InvalidOperation:
@@ -95,8 +103,10 @@ def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
         raise InvalidRequest(field, f"must not be negative, got {_show(value)}")
     if cores > Decimal(MAX_CPU_MILLIS) / 1000:  # compared first: 1e999999 * 1000 would overflow
         raise InvalidRequest(field, f"{_show(value)} is more than the largest CPU amount accepted ({MAX_CPU_MILLIS // 1000} cores)")
-    millis = cores * 1000
-    if millis != millis.to_integral_value():
+    # Exact, whatever the digits and the exponent: the default context would round
+    # 0.0010000000000000000000000000001 cores to 1 millicore and 1e-2000000000 to 0.
+    millis = cores.scaleb(3, _EXACT)
+    if millis != millis.to_integral_value(context=_EXACT):
         raise InvalidRequest(field, f"{_show(value)} is finer than one millicore (0.001 cores)")
     return int(millis)
 

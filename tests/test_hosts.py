@@ -4,6 +4,8 @@ import pytest
 
 from allocator import HostBusy, HostNotFound, InsufficientResources, InvalidRequest
 
+from .conftest import ledger_dump
+
 
 def test_capacity_update_keeps_existing_grants(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
@@ -76,3 +78,39 @@ def test_a_host_with_more_gpus_than_the_indexes_can_order_is_refused(alloc_any):
         alloc_any.register_host(id="h1", cpu_cores=4, gpus=[{"index": i, "memory_mb": 1024} for i in range(1025)])
     assert exc.value.field == "gpus" and "at most 1024 GPUs per host, got 1025" in str(exc.value)
     assert alloc_any.redis.zcard(alloc_any.keys.hosts) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "reason_part"),
+    [
+        ({"worker_slots": 10**30}, "worker_slots", "less than or equal to 1048576"),
+        ({"cpu_cores": ["1000000000000000", "1000000000000001"]}, "cpu_cores", "between 0 and 1048575"),
+        ({"cpu_cores": [2.0, 3e6]}, "cpu_cores", "between 0 and 1048575"),
+        ({"cpu_cores": [True, False]}, "cpu_cores", "whole number"),
+        ({"cpu_cores": [0.5]}, "cpu_cores", "whole number"),
+        ({"gpus": [{"index": True, "memory_mb": 1024}]}, "gpus.0.index", "whole number"),
+        ({"reserve_gpus": True}, "reserve_gpus", "whole number"),
+        ({"worker_slots": True}, "worker_slots", "whole number"),
+        ({"service_ports": [float("inf"), 9000]}, "service_ports", "port numbers"),
+        ({"service_ports": [True, 5]}, "service_ports", "port numbers"),
+        ({"service_ports": [9000.7, 9001.9]}, "service_ports", "port numbers"),
+        ({"labels": {"cluster": ["a", "b"]}}, "labels.cluster", "text or a number"),
+        ({"labels": {"zone": None}}, "labels.zone", "text or a number"),
+        ({"labels": {1: "a"}}, "labels", "label names must be strings"),
+    ],
+)
+def test_a_bad_inventory_value_is_refused_naming_the_field_and_changes_nothing(alloc, fields, field, reason_part):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb=1024)
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.register_host(id="h2", ram_mb=1024, **fields)
+    assert exc.value.field == field and reason_part in exc.value.reason
+    assert ledger_dump(alloc) == before
+
+
+def test_inventory_numbers_written_as_text_or_whole_floats_are_read_as_ints(alloc):
+    alloc.register_host(id="h1", cpu_cores=["0", 1.0], ram_mb=1024, service_ports=["9000", 9001.0],
+                        labels={"gpus_per_node": 8}, worker_slots=2.0)
+    host = alloc.capacity().hosts[0]
+    assert (host.labels["gpus_per_node"], host.cpu_cores.total, host.worker_slots.total) == ("8", 2, 2)
+    assert alloc.allocate({"cpu_cores": 2, "ram_mb": 512}).cpu_cores == [0, 1]

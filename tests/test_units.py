@@ -23,6 +23,7 @@ from allocator.units import duration_ms, parse_cpu_millis, parse_memory_mb
         ("1024Ki", 1),
         (" 8 Gi ", 8192),
         ("300", 300),
+        ("1.000000000000000000000000000001", 2),  # 31 digits: still rounded up, not down to 1
     ],
 )
 def test_memory_sizes_parse_to_mib(text, mib):
@@ -65,6 +66,9 @@ def test_cpu_amounts_parse_to_millicores(value, millis):
         ("-1", "negative"),
         (-0.5, "negative"),
         ("0.0005", "millicore"),
+        ("0.0010000000000000000000000000001", "millicore"),  # past 28 digits: not rounded to 1
+        ("1e-2000000000", "millicore"),  # not underflowed to 0
+        ("1.5m", "millicore"),
         ("two", "cannot read"),
         ("inf", "finite"),
         (None, "expected a number of cores"),
