@@ -583,7 +583,7 @@ class Simulation:
     def _allowance(req: _Req, h: _Host) -> int | None:
         if h.reserve <= 0 or req.priority >= 3:
             return None
-        return sum(1 for g in h.gpus if g.n == 0) - h.reserve
+        return sum(1 for g in h.gpus if g.n == 0 and g.free > 0) - h.reserve
 
     def _pick(self, req: _Req, h: _Host, pos: int | None, mode: str) -> list[_Gpu] | None:
         k = req.gpus
@@ -950,7 +950,7 @@ class Simulation:
             if hid not in sims:
                 h = self.hosts.get(hid)
                 if self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h):
-                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf]
+                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf, h.reserve]
                 else:
                     sims[hid] = None  # what sim_fits would never accept on this host
                 freed[hid] = []
@@ -966,11 +966,29 @@ class Simulation:
             sim[1] += al.ram
             sim[3] += al.slots
             freed[hid].append(aid)
-            if sim[0] >= req.cpu_millis and sim[1] >= req.ram and (not req.slots or sim[3] >= req.slots):
-                n = sum(1 for f, c, m in sim[2].values() if self._gpu_fits(req, f, c, m))
-                if n >= req.gpus:
-                    return hid, freed[hid], score
+            if self._sim_fits(req, sim[4], sim[0], sim[1], sim[3], sim[2].values()):
+                return hid, freed[hid], score
         return None
+
+    def _sim_fits(self, req: _Req, reserve: int, cpu: int, ram: int, slots: int,
+                  gpus: Iterable[list[Any]]) -> bool:
+        """sim_fits of queue.lua: CPU, RAM and slots, no parked host (no free CPU or RAM), and
+        GPUs that fit ([free, holders, model] each), idle ones only beyond the critical reserve
+        for work below critical."""
+        if cpu < req.cpu_millis or ram < req.ram or cpu <= 0 or ram <= 0 or (req.slots and slots < req.slots):
+            return False
+        busy = idle_fit = idle = 0
+        for f, c, m in gpus:
+            if c <= 0 and f > 0:
+                idle += 1
+            if self._gpu_fits(req, f, c, m):
+                if c <= 0:
+                    idle_fit += 1
+                else:
+                    busy += 1
+        if reserve > 0 and req.priority < 3:
+            idle_fit = min(idle_fit, max(0, idle - reserve))
+        return busy + idle_fit >= req.gpus
 
     def _touch(self, hid: str) -> None:
         """Notes that host hid's capacity or its entries in `ends` changed (see _reserve)."""
@@ -988,7 +1006,6 @@ class Simulation:
         cpu, ram, slots = h.cpu, h.ramf, h.slotf
         gpus = {g.uuid: [g.free, g.n, g.model] for g in h.gpus}
         allocs = self.allocs
-        fits = self._gpu_fits
         for e in self._hends.get(hid, ()):
             al = allocs[e[1]]
             for _pos, uuid, mem in al.grants:
@@ -999,9 +1016,8 @@ class Simulation:
             cpu += al.cores * 1000 + al.shared
             ram += al.ram
             slots += al.slots
-            if cpu >= req.cpu_millis and ram >= req.ram and (not req.slots or slots >= req.slots):
-                if sum(1 for f, c, m in gpus.values() if fits(req, f, c, m)) >= req.gpus:
-                    return e
+            if self._sim_fits(req, h.reserve, cpu, ram, slots, gpus.values()):
+                return e
         return None
 
     def _reserve(self, req: _Req, now: int) -> tuple[str, float] | None:

@@ -178,6 +178,16 @@ def test_the_simulation_preempts_like_the_priority_strategy(alloc, clock):
     assert alloc.get(low.allocation_id).release_reason == "preempted"
 
 
+def test_the_simulation_preempts_nothing_for_a_request_the_critical_reserve_refuses(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", reserve_gpus=1,
+                        gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    low = alloc.allocate(WHOLE, priority="low", expected_duration=1000)
+    urgent = queued(alloc, {"gpus": 2, "cpu_cores": 2}, priority="high", strategy="priority")
+    # Preemption cannot help (one of the two GPUs is the reserve), nor can the low task's end.
+    assert eta(alloc, urgent) is None
+    assert alloc.get(low.allocation_id).state == "active"
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end

@@ -460,6 +460,17 @@ def test_critical_reserve_keeps_idle_gpus_for_critical_work(alloc_any):
         alloc_any.allocate({"gpus": 1}, priority="normal")
 
 
+@pytest.mark.parametrize("strategy", ["first_fit", "best_fit", "worst_fit", "priority"])
+@pytest.mark.parametrize("resources", [{"gpus": 1}, {"gpu_memory_mb": "1Gi"}])
+def test_a_gpu_filled_by_other_processes_does_not_count_toward_the_critical_reserve(alloc_any, strategy, resources):
+    # GPU 0 has no holder but no memory free either: GPU 1 is the one idle GPU, kept for critical work.
+    alloc_any.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", reserve_gpus=1,
+                            gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    with pytest.raises(InsufficientResources):
+        alloc_any.allocate(resources, priority="normal", strategy=strategy)
+    assert alloc_any.allocate(resources, priority="critical", strategy=strategy).gpus[0].index == 1
+
+
 def test_best_fit_counts_the_cores_of_hosts_registered_without_a_core_count(alloc_any):
     # Hosts written before the host hash kept "ncores": the scan takes it from the core map.
     alloc_any.register_host(id="a-lean", cpu_cores=16, ram_mb="64Gi",

@@ -138,6 +138,26 @@ def test_preemption_takes_the_newest_low_priority_work_first(alloc, clock):
     assert alloc.get(old.allocation_id).state == "active"
 
 
+def test_preemption_ends_nothing_when_the_critical_reserve_would_still_refuse_the_request(alloc):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", reserve_gpus=1,
+                        gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    low = alloc.allocate(WHOLE, priority="low")
+    # Two whole GPUs for high (not critical) work: one of them is the reserve, freed or not.
+    urgent = queued(alloc, "high", {"gpus": 2, "cpu_cores": 1}, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
+def test_preemption_ends_nothing_on_a_host_whose_ram_would_stay_exhausted(alloc):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="8Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    low = alloc.allocate(WHOLE, priority="low")  # the GPU, no RAM
+    alloc.allocate({"cpu_cores": 1, "ram_mb": "8Gi"}, priority="critical")  # all the RAM
+    # Freeing the GPU leaves the host without free RAM: it takes no work, not even this request.
+    urgent = queued(alloc, "high", WHOLE, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
 def test_cancelling_a_pending_task_allocates_nothing_and_moves_the_line(alloc):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE)

@@ -62,13 +62,15 @@ local function host_eligible(req, h, s)
 end
 
 -- How many idle GPUs of host h a request may take: all of them for critical requests, else all
--- but the host's critical reserve (reserve_gpus whole GPUs kept idle for critical work).
+-- but the host's critical reserve (reserve_gpus whole GPUs kept idle for critical work). Idle as
+-- gpu_totals counts it: no holder and some memory free (a GPU filled by processes the allocator
+-- does not manage keeps nothing for critical work).
 local function idle_allowance(req, h, s)
   if s.reserve <= 0 or req.priority >= 3 then return nil end
   if s.idle == nil then
     local idle = 0
     for _, g in ipairs(host_gpus(h, s)) do
-      if g.n == 0 then idle = idle + 1 end
+      if g.n == 0 and g.free > 0 then idle = idle + 1 end
     end
     s.idle = idle
   end

@@ -97,7 +97,7 @@ local function sim_host(req, h)
     local g = gpu_state(h, p)
     gpus[g.uuid] = {free = g.free, n = g.n, model = g.model}
   end
-  return {cpu = s.cpu, ram = s.ramf, gpus = gpus, slots = s.slotf}
+  return {cpu = s.cpu, ram = s.ramf, gpus = gpus, slots = s.slotf, reserve = s.reserve}
 end
 
 local function sim_add(sim, id)
@@ -111,14 +111,27 @@ local function sim_add(sim, id)
   sim.slots = sim.slots + tonumber(f[5] or 0)
 end
 
+-- Whether req would be placed on the simulated host: what try_place checks of a host, CPU, RAM
+-- and worker slots, a host with no free CPU or RAM left taking nothing (parked, see reindex_host),
+-- and GPUs that fit, of which only those in use plus the idle ones beyond the critical reserve
+-- for work below critical (idle_allowance). Reservation and preemption must not count on a
+-- host the placement would refuse: preemption would end work for a task that still cannot start.
 local function sim_fits(req, sim)
-  if sim.cpu < req.cpu_millis or sim.ram < req.ram then return false end
+  if sim.cpu < req.cpu_millis or sim.ram < req.ram or sim.cpu <= 0 or sim.ram <= 0 then return false end
   if req.slots and sim.slots < req.slots then return false end
-  local n = 0
+  local busy, idle_fit, idle = 0, 0, 0
   for _, g in pairs(sim.gpus) do
-    if gpu_fits(req, {free = g.free, n = g.n, model = g.model}) then n = n + 1 end
+    if g.n <= 0 and g.free > 0 then idle = idle + 1 end
+    if gpu_fits(req, {free = g.free, n = g.n, model = g.model}) then
+      if g.n <= 0 then idle_fit = idle_fit + 1 else busy = busy + 1 end
+    end
   end
-  return n >= req.gpus
+  if sim.reserve > 0 and req.priority < 3 then
+    local allowance = idle - sim.reserve
+    if allowance < 0 then allowance = 0 end
+    if idle_fit > allowance then idle_fit = allowance end
+  end
+  return busy + idle_fit >= req.gpus
 end
 
 -- Walks allocations in the order given by walk(offset) (a page of ids), adding each back to a
