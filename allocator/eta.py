@@ -921,7 +921,10 @@ class Simulation:
             return al
         touched = []
         for pos, uuid, mem in al.grants:
-            if pos < len(h.gpus) and h.gpus[pos].uuid == uuid:
+            if not (pos < len(h.gpus) and h.gpus[pos].uuid == uuid):
+                # return_grant: a grant recorded where its GPU no longer is is found by uuid.
+                pos = next((x.pos for x in h.gpus if x.uuid == uuid), len(h.gpus))
+            if pos < len(h.gpus):
                 g = h.gpus[pos]
                 g.used = max(0, g.used - mem)
                 g.n = max(0, g.n - 1)

@@ -1,8 +1,11 @@
 """Host registration, capacity updates that keep grants intact, drain and removal."""
 
+import json
+
 import pytest
 
 from allocator import HostBusy, HostNotFound, InsufficientResources, InvalidRequest
+from allocator.invariants import check
 
 from .conftest import ledger_dump
 
@@ -114,3 +117,30 @@ def test_inventory_numbers_written_as_text_or_whole_floats_are_read_as_ints(allo
     host = alloc.capacity().hosts[0]
     assert (host.labels["gpus_per_node"], host.cpu_cores.total, host.worker_slots.total) == ("8", 2, 2)
     assert alloc.allocate({"cpu_cores": 2, "ram_mb": 512}).cpu_cores == [0, 1]
+
+
+def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
+    x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})  # GPU index 1, the host's position 0
+    # GPU 0 joins ahead of it: the granted GPU is now at position 1.
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi",
+                            gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    assert [g["pos"] for g in json.loads(alloc_any.redis.hget(alloc_any.keys.alloc(x.allocation_id), "gpus"))] == [1]
+    alloc_any.release(x.allocation_id)
+    assert check(alloc_any.snapshot()) == []
+    assert [g.index for g in alloc_any.allocate({"gpus": 2, "cpu_cores": 1}).gpus] == [0, 1]
+
+
+def test_a_grant_recorded_at_its_gpus_old_position_is_released_where_the_gpu_is_now(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
+    x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi",
+                            gpus=[{"index": 0, "memory_mb": "16Gi"}, {"index": 1, "memory_mb": "16Gi"}])
+    # A record written before updates rewrote grants' positions still names position 0.
+    key = alloc_any.keys.alloc(x.allocation_id)
+    grants = json.loads(alloc_any.redis.hget(key, "gpus"))
+    grants[0]["pos"] = 0
+    alloc_any.redis.hset(key, "gpus", json.dumps(grants))
+    alloc_any.release(x.allocation_id)
+    assert check(alloc_any.snapshot()) == []
+    assert [g.index for g in alloc_any.allocate({"gpus": 2, "cpu_cores": 1}).gpus] == [0, 1]

@@ -6,6 +6,7 @@ ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uui
 ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
 Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
+A grant whose GPU moved to another position is rewritten with the new position.
 A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost.
 Returns JSON {created, ord, state}.
@@ -37,7 +38,13 @@ else
   if f[2] == 'lost' then gen = gen + 1 end
 end
 
--- Usage held by active allocations, keyed by GPU uuid and core id.
+-- The new position of each GPU, by uuid.
+local pos_of = {}
+for pos0, g in ipairs(spec.gpus or {}) do pos_of[g.uuid] = pos0 - 1 end
+
+-- Usage held by active allocations, keyed by GPU uuid and core id. A grant names its GPU by
+-- position (g<pos>:*) and uuid: where the update moved that GPU, the grant's position follows it,
+-- so that its release gives the memory back where the GPU now is.
 local gpu_used, gpu_n, core_held = {}, {}, {}
 local shared, ram_used, slots_used, svc_refs = 0, 0, 0, {}
 for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
@@ -45,10 +52,14 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
   if f[5] == 'active' then
     slots_used = slots_used + tonumber(f[6] or 0)
     for _, name in ipairs(decode_list(f[7])) do svc_refs[name] = (svc_refs[name] or 0) + 1 end
-    for _, g in ipairs(decode_list(f[1])) do
+    local grants, moved = decode_list(f[1]), false
+    for _, g in ipairs(grants) do
       gpu_used[g.uuid] = (gpu_used[g.uuid] or 0) + tonumber(g.memory_mb)
       gpu_n[g.uuid] = (gpu_n[g.uuid] or 0) + 1
+      local pos = pos_of[g.uuid]
+      if pos ~= nil and pos ~= tonumber(g.pos) then g.pos = pos; moved = true end
     end
+    if moved then rcall('HSET', alloc_key(id), 'gpus', cjson.encode(grants)) end
     for _, c in ipairs(decode_list(f[2])) do core_held[tostring(c)] = true end
     shared = shared + tonumber(f[3] or 0)
     ram_used = ram_used + tonumber(f[4] or 0)

@@ -588,6 +588,26 @@ local function return_grant(id, a)
   end
   local f = rcall('HMGET', hk, unpack(names))
   if not f[1] then return end  -- the host is gone
+  -- A grant recorded at a position its GPU no longer has (an update moved the GPU before
+  -- register_host rewrote grants' positions): found by uuid, its fields read there.
+  local ngpu0 = tonumber(f[1])
+  for i, g in ipairs(gl) do
+    local j = 7 + (i - 1) * 5
+    local pos = tonumber(g.pos)
+    if f[j + 1] ~= g.uuid and ngpu0 > 0 then
+      local un = {}
+      for p = 0, ngpu0 - 1 do un[p + 1] = 'g' .. p .. ':uuid' end
+      local uuids = rcall('HMGET', hk, unpack(un))
+      for p = 0, ngpu0 - 1 do
+        if uuids[p + 1] == g.uuid and p ~= pos then
+          local q = 'g' .. p .. ':'
+          local v = rcall('HMGET', hk, q .. 'used', q .. 'n', q .. 'total', q .. 'ext')
+          g.pos, f[j + 1], f[j + 2], f[j + 3], f[j + 4], f[j + 5] = p, g.uuid, v[1], v[2], v[3], v[4]
+          break
+        end
+      end
+    end
+  end
   local out = {}
   local function put(field, v)
     if v < 0 then v = 0 end
