@@ -269,6 +269,7 @@ class Allocator:
             "expected_ms": duration_ms(req.expected_duration),
             "preempt": req.strategy is Strategy.PRIORITY,
             "scan_cap": self.scan_cap,
+            "pass_depth": self.pass_depth,
             "dry_run": dry_run,
         }
         if unbounded:

@@ -662,7 +662,7 @@ class Simulation:
     def _host_ok(self, req: _Req, hid: str, exclude: str | None, only: str | None) -> _Host | None:
         h = self.hosts.get(hid)
         if (h is not None and self._eligible(req, h, exclude, only) and h.cpu >= req.cpu_millis
-                and h.ramf >= req.ram and self._extras_fit(req, h)):
+                and h.ramf >= req.ram and h.cpu > 0 and h.ramf > 0 and self._extras_fit(req, h)):
             return h
         return None
 

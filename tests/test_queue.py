@@ -158,6 +158,35 @@ def test_preemption_ends_nothing_on_a_host_whose_ram_would_stay_exhausted(alloc)
     assert alloc.get(low.allocation_id).state == "active"
 
 
+def test_a_lease_reaped_by_a_direct_allocation_starts_the_task_waiting_for_it(alloc, clock):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE, ttl_seconds=60)
+    waiting = queued(alloc)
+    clock.advance(61)
+    alloc.allocate({"cpu_cores": 1})  # reaps the expired lease on its way
+    assert alloc.get(waiting.allocation_id).state == "active"
+
+
+def test_a_lease_reaped_by_a_policy_commit_starts_the_task_waiting_for_it(alloc, clock):
+    from allocator.api.placing import place_on
+
+    one_gpu_host(alloc)
+    alloc.register_host(id="h2", cpu_cores=8, ram_mb="64Gi")
+    alloc.allocate(WHOLE, ttl_seconds=60)
+    waiting = queued(alloc)
+    clock.advance(61)
+    res = place_on(alloc, alloc.build_request({"cpu_cores": 1}), "policy-1", "h2", [], False)
+    assert res["ok"] and alloc.get(waiting.allocation_id).state == "active"
+
+
+def test_a_parked_host_backfills_nothing_not_even_a_request_for_no_cores(alloc):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
+    alloc.allocate({"cpu_cores": 1}, ttl_seconds=100)  # no free CPU left: the host is parked
+    queued(alloc, "normal", {"cpu_cores": 1}, ttl_seconds=100)  # blocked, reserves h1
+    late = queued(alloc, "normal", {"cpu_cores": 0, "ram_mb": 1024}, ttl_seconds=50)
+    assert alloc.get(late.allocation_id).state == "pending"
+
+
 def test_cancelling_a_pending_task_allocates_nothing_and_moves_the_line(alloc):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE)

@@ -5,18 +5,21 @@ ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|
         strategy_name, gpus, gpu_mem (MiB per GPU, 0 = whole GPUs), models{name=true} or absent,
         cpu_millis, exclusive (bool), ram, ttl_ms (0 = none), expected_ms (0 = unknown),
         preempt (bool), selector{label=[values]} or absent, scan_cap, dry_run (bool),
-        unbounded (true for a job without a time limit: its TTL is no estimate of its run) or absent},
+        unbounded (true for a job without a time limit: its TTL is no estimate of its run) or absent,
+        pass_depth (the scheduling pass run when the reaper frees something; absent = none)},
 ARGV[4] the validated request as JSON text, ARGV[5] metadata as JSON text (both stored as given).
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
 While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.
-Before placing it reaps up to 8 expired allocations. All checks happen before the first write;
-a refusal writes nothing.
+Before placing it reaps up to 8 expired allocations, and when it reaps any, runs a scheduling
+pass (waiting tasks get what was freed first). All checks happen before the first write;
+a refusal writes nothing (apart from that reaping and pass).
 Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
               | {ok=false, code, message, details{}}.
 ]]
 --- @include "ledger"
 --- @include "placement"
---- @lazy finish_alloc refusal take_services services_fit reindex_host
+--- @include "queue"
+--- @lazy finish_alloc refusal take_services services_fit reindex_host schedule_pass
 
 local req = cjson.decode(ARGV[3])
 req.request, req.metadata = ARGV[4], ARGV[5]
@@ -29,7 +32,10 @@ if rcall('HGET', K_SEQ, 'recovering') == '1' then
   return cjson.encode({ok = false, code = 'RECOVERING', details = {},
     message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'})
 end
-if not req.dry_run then reap_expired(now, 8) end
+if not req.dry_run and #reap_expired(now, 8) > 0 then
+  -- What the reaper freed goes to the tasks in line first, as after any release.
+  schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
+end
 
 local p, refused = try_place(req, now)
 if not p then return cjson.encode(refused) end

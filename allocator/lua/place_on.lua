@@ -19,6 +19,8 @@ Returns JSON {ok=true, alloc{...}} | {ok=false, code, message, details{}}.
 ]]
 --- @include "ledger"
 --- @include "placement"
+--- @include "queue"
+--- @lazy schedule_pass
 
 local req = cjson.decode(ARGV[3])
 req.request, req.metadata = ARGV[4], ARGV[5]
@@ -106,7 +108,10 @@ elseif type(want) == 'table' and #want > 0 then
   end
 end
 
-reap_expired(now, 8)
+if #reap_expired(now, 8) > 0 then
+  -- What the reaper freed goes to the tasks in line first, as after any release.
+  schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
+end
 req.only, req.exclude = h, nil
 local p = try_place(req, now)
 if not p then

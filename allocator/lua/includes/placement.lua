@@ -315,7 +315,9 @@ local function scan(req, mode)
     if c ~= nil then return c end
     if k ~= 1 then pos = nil end
     local s = host_state_at(h, pos)
-    local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram
+    -- No free CPU or RAM: parked, no new work, not even a request for none (a walk over the
+    -- indexes never meets such a host; a single-host try, req.only, reads it directly).
+    local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram and s.cpu > 0 and s.ramf > 0
     if ok and req.slots and host_slots(h, s) < req.slots then
       ok = false
       local short = req.short
