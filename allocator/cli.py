@@ -6,6 +6,7 @@ import uuid
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import cli_commands, demo, live, tool_cli, worker_cli
@@ -14,7 +15,7 @@ from .api import cli as api_cli
 from .history import cli as history_cli
 from .client import Allocator
 from .config import Settings
-from .errors import InsufficientResources
+from .errors import InsufficientResources, InvalidRequest
 
 app = typer.Typer(help="rq-allocator: GPU memory, CPU core and RAM allocation for queued tasks.", no_args_is_help=True)
 console = Console()
@@ -86,4 +87,10 @@ demo.register(app)  # demo
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except InvalidRequest as exc:
+        # Raised before a command's own error reporting took over (a malformed Redis URL, say):
+        # invalid input, exit 2, without a traceback.
+        Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}", highlight=False)
+        raise SystemExit(2) from None

@@ -75,7 +75,10 @@ def open_allocator(redis_url: Optional[str], namespace: Optional[str], *, as_jso
         fail(EXIT_INVALID, "NOT_CONFIGURED", "no Redis configured: set ALLOCATOR_REDIS_URL or --redis-url "
              "(to try things on this machine alone, run `allocator demo`)", "redis_url", as_json=as_json)
     ns = namespace or Settings.from_env().namespace
-    return Allocator.from_env(redis_url=url, namespace=ns)
+    try:
+        return Allocator.from_env(redis_url=url, namespace=ns)
+    except InvalidRequest as exc:  # a malformed URL
+        fail(EXIT_INVALID, exc.code, str(exc), exc.field, as_json=as_json)
 
 
 def print_json(payload: Any) -> None:

@@ -60,6 +60,8 @@ def delete_keys(client: redis.Redis, keys: Iterable[Any], batch: int = 500) -> i
     return n
 
 
+#: The URL schemes redis-py connects with.
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 #: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
 MAX_CORE_ID = 1 << 20
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
@@ -157,6 +159,11 @@ class Allocator:
         pass_depth: int = 100,
     ) -> None:
         if client is None:
+            if redis_url and not redis_url.startswith(REDIS_URL_SCHEMES):
+                # redis-py's ValueError would surface as a traceback in every command; the URL
+                # itself is not echoed, since it may carry a password.
+                raise InvalidRequest("redis_url", "expected a URL starting with redis://, rediss:// or unix:// "
+                                                  "(e.g. redis://127.0.0.1:6379/0)")
             client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
         self.redis = client
         self.keys = Keys(namespace)

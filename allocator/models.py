@@ -235,6 +235,8 @@ class Resources(_Strict):
                 raise InvalidRequest("gpu_memory_mb", "must be positive; omit it to ask for whole GPUs")
             self.gpu_memory_mb = None
         elif self.gpu_memory_mb is not None and self.gpus == 0:
+            if "gpus" in self.model_fields_set:
+                raise InvalidRequest("gpus", "0 GPUs with gpu_memory_mb given; ask for 1 or more, or leave gpus out")
             self.gpus = 1
         if self.gpu_model and self.gpus == 0:
             raise InvalidRequest("gpu_model", "a GPU model was given but no GPUs were requested")

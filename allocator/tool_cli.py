@@ -49,7 +49,7 @@ def tool(
     if schema or fmt is not None:
         name = fmt or "native"
         if not schema or name not in SCHEMA_FORMATS:
-            err.print(f"[bold red]invalid:[/] use `allocator tool --schema [{'|'.join(SCHEMA_FORMATS)}]`")
+            err.print(f"[bold red]invalid:[/] use `allocator tool --schema \\[{'|'.join(SCHEMA_FORMATS)}]`")
             raise typer.Exit(2)
         sys.stdout.write(json.dumps(definitions(name), indent=2) + "\n")
         return

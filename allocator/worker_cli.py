@@ -9,7 +9,7 @@ import time
 import redis
 import typer
 
-from .client import Allocator
+from .client import REDIS_URL_SCHEMES, Allocator
 from .config import Settings
 from .queue import host_queue_name
 
@@ -34,6 +34,9 @@ def worker(
     if not url:
         raise typer.BadParameter("a worker needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
     ns = namespace or settings.namespace
+    if not url.startswith(REDIS_URL_SCHEMES):
+        raise typer.BadParameter("expected a URL starting with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)",
+                                 param_hint="--redis-url")
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
     if num_workers == 1:

@@ -151,6 +151,43 @@ def test_unreachable_redis_is_refused_with_exit_1():
     assert res.exit_code == 1 and "Redis unavailable" in res.stderr
 
 
+def test_a_redis_url_without_a_scheme_is_invalid_input_and_not_echoed(real):
+    res = CliRunner().invoke(app, ["capacity", "--redis-url", "user:secret@127.0.0.1:6379", "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"]["field"] == "redis_url"
+    assert "redis://" in res.stderr and "secret" not in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("command", [["hosts"], ["worker", "--host", "h1"], ["agent", "--once"]])
+def test_service_commands_refuse_a_redis_url_without_a_scheme_with_exit_2(command):
+    res = CliRunner().invoke(app, [*command, "--redis-url", "127.0.0.1:6379"])
+    assert res.exit_code == 2 and "redis://" in res.stderr
+
+
+def test_a_bad_redis_url_met_before_a_command_reports_errors_is_invalid_input_without_a_traceback(real):
+    proc = subprocess.run([sys.executable, "-m", "allocator", "scheduler", "--once", "--redis-url", "localhost:6379"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and "redis://" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_api_refuses_a_task_registry_it_cannot_import_with_exit_2(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, ["api", "--check", "--redis-url", url, "--namespace", real.keys.namespace],
+                             env={"ALLOCATOR_TASKS": "train=no_such_package.jobs:train"})
+    assert res.exit_code == 2 and "no_such_package" in res.stderr
+
+
+def test_tool_schema_usage_names_the_formats(cli):
+    res = cli("tool", "--schema", "bogus")
+    assert res.exit_code == 2 and "[native|openai|anthropic]" in res.stderr
+
+
+def test_zero_gpus_with_gpu_memory_is_invalid_input(cli, real):
+    before = ledger_dump(real)
+    res = cli("allocate", "t", "--gpus", "0", "--gpu-memory", "1Gi")
+    assert res.exit_code == 2 and "--gpus" in res.stderr
+    assert ledger_dump(real) == before
+
+
 # -- release, show, list, cancel ----------------------------------------------------------------
 
 

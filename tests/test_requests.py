@@ -37,6 +37,7 @@ def test_zero_gpu_memory_without_gpus_is_a_cpu_task():
         ({"gpus": 1.5}, "resources.gpus", "whole number"),
         ({"gpus": 65}, "resources.gpus", "less than or equal"),
         ({"gpus": 1, "gpu_memory_mb": 0}, "resources.gpu_memory_mb", "omit it"),
+        ({"gpus": 0, "gpu_memory_mb": "1Gi"}, "resources.gpus", "leave gpus out"),
         ({"gpu_memory_mb": "lots"}, "resources.gpu_memory_mb", "cannot read"),
         ({"ram_mb": "-3Gi"}, "resources.ram_mb", "cannot read"),
         ({"cpu_cores": "-1"}, "resources.cpu_cores", "negative"),

@@ -15,6 +15,7 @@ from typing import Optional
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..client import Allocator
@@ -58,7 +59,11 @@ def _allocator(redis_url: str | None, namespace: str | None) -> Allocator:
     if not url:
         err.print("[red]error:[/] no Redis URL: pass --redis-url or set ALLOCATOR_REDIS_URL")
         raise typer.Exit(2)
-    return Allocator(url, namespace=namespace or s.namespace)
+    try:
+        return Allocator(url, namespace=namespace or s.namespace)
+    except InvalidRequest as exc:  # a malformed URL
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
 
 
 def _signals(stop: threading.Event, abort: threading.Event) -> None:

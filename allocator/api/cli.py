@@ -50,13 +50,17 @@ def api_command(
     from ..client import Allocator
     from .app import create_app
     from .config import ApiConfig
+    from .tasks import TaskRegistryError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = Settings.from_env()
     url = redis_url or s.redis_url
     allocator = Allocator.from_env(**{k: v for k, v in {"redis_url": url, "namespace": namespace}.items() if v})
     config = ApiConfig.from_env(token=token, tasks=tasks, tasks_file=tasks_file, policy_modules=policy_modules)
-    app = create_app(allocator, config)
+    try:
+        app = create_app(allocator, config)
+    except TaskRegistryError as exc:  # a task that cannot be imported, a malformed entry
+        raise typer.BadParameter(str(exc), param_hint="--tasks / --tasks-file (ALLOCATOR_TASKS, ALLOCATOR_TASKS_FILE)") from None
     log = logging.getLogger("allocator.api")
     log.info("namespace %r on Redis %s; token %s; tasks: %s; policy modules: %s", allocator.keys.namespace, redact(url),
              "required" if config.token else "NOT required (set ALLOCATOR_API_TOKEN)",
