@@ -63,12 +63,16 @@ def test_waiting_tasks_start_when_a_host_joins(alloc):
     assert alloc.get(waiting.allocation_id).host_id == "h2"
 
 
-def test_expired_lease_frees_room_for_the_queue(alloc, clock):
+@pytest.mark.parametrize("reaping_call", ["scheduler tick", "direct allocation"])
+def test_expired_lease_frees_room_for_the_queue(alloc, clock, reaping_call):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=60)
     waiting = queued(alloc)
     clock.advance(61)
-    alloc.schedule()
+    if reaping_call == "scheduler tick":
+        alloc.schedule()
+    else:
+        alloc.allocate({"cpu_cores": 1})  # reaps the expired lease on its way, then runs a pass
     assert alloc.get(waiting.allocation_id).state == "active"
 
 
@@ -156,15 +160,6 @@ def test_preemption_ends_nothing_on_a_host_whose_ram_would_stay_exhausted(alloc)
     urgent = queued(alloc, "high", WHOLE, strategy="priority")
     assert alloc.get(urgent.allocation_id).state == "pending"
     assert alloc.get(low.allocation_id).state == "active"
-
-
-def test_a_lease_reaped_by_a_direct_allocation_starts_the_task_waiting_for_it(alloc, clock):
-    one_gpu_host(alloc)
-    alloc.allocate(WHOLE, ttl_seconds=60)
-    waiting = queued(alloc)
-    clock.advance(61)
-    alloc.allocate({"cpu_cores": 1})  # reaps the expired lease on its way
-    assert alloc.get(waiting.allocation_id).state == "active"
 
 
 def test_a_lease_reaped_by_a_policy_commit_starts_the_task_waiting_for_it(alloc, clock):
