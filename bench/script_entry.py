@@ -30,7 +30,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from allocator.keys import Keys  # noqa: E402
-from allocator.scripts import _INCLUDE, _LAZY, SCRIPT_NAMES, _read, source  # noqa: E402
+from allocator.scripts import _INCLUDE, _LAZY, SCRIPT_NAMES, _read, code_names, definitions, source  # noqa: E402
 from bench.ledger import evalsha_us  # noqa: E402
 
 DEFAULT_SCRIPTS = ("place", "release", "claim_grant", "finish_job", "schedule", "heartbeat", "grant_check", "tally_outbox")
@@ -55,6 +55,33 @@ def closures(text: str) -> int:
     return len(re.findall(r"^local function |^\w+ = function\(", text, re.MULTILINE))
 
 
+def skeleton(pre: str, captures: bool) -> str | None:
+    """``pre`` (a prelude) with each library function's body replaced by a return of the library
+    names it uses: the same closures capturing the same upvalues, without their code
+    (``captures``), or capturing nothing. Measured beside ``pre``, it tells what a closure's
+    creation costs and what capturing its upvalues adds. None when the library cannot be split."""
+    start = pre.find("local rcall")
+    end = pre.find("local __lazy_lib")
+    if end < 0:
+        end = pre.rindex("return '1'")
+    defs = definitions(pre[start:end]) if start >= 0 else None
+    if defs is None:
+        return None
+    # The lazy roots are declared before the library (allocator/scripts.py) and captured as any local.
+    seen = {n.strip() for line in pre[:start].splitlines() if line.startswith("local ")
+            for n in line[len("local "):].split(",")}
+    out = []
+    for d in defs:
+        header = next(line for line in d.text.split("\n") if line.startswith("local"))
+        if header.startswith("local function"):
+            refs = sorted(n for n in code_names(d.text) if n in seen and n not in d.names) if captures else []
+            out.append(f"local function {d.names[0]}() return {', '.join(refs) or 'nil'} end")
+        else:
+            out.append(d.text)
+        seen.update(d.names)
+    return pre[:start] + "\n".join(out) + "\n" + pre[end:]
+
+
 def measure(r: redis.Redis, text: str, keys: list[str], args: list[str], calls: int) -> tuple[float, bool]:
     """Server µs per EVALSHA of ``text`` over ``calls`` calls, and whether the counts agreed."""
     sha = r.script_load(text)
@@ -69,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5, help="rounds; each measures every script once, in turn")
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--json", dest="json_path", help="write the results to this JSON file")
+    ap.add_argument("--anatomy", action="store_true",
+                    help="also measure each used prelude with function bodies gone (upvalues kept, then none)")
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.scripts.split(",") if n.strip()]
     for n in names:
@@ -83,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         texts[(n, "whole")] = prelude(n, source(n, used_only=False))
         texts[(n, "used")] = prelude(n, source(n))
+        if a.anatomy:
+            for kind, captures in (("captures", True), ("bare", False)):
+                sk = skeleton(texts[(n, "used")], captures)
+                if sk is not None:
+                    texts[(n, kind)] = sk
     runs: dict[tuple[str, str], list[float]] = {k: [] for k in texts}
     clean = {k: True for k in texts}
     for _ in range(a.repeat):
@@ -107,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:<14} {row['closures_whole']:>7} → {row['closures_used']:>4} {med[w]:>7.1f} → {med[u]:>5.1f}{mark}"
               f" {med[w] / base:>5.1f} → {med[u] / base:>4.1f} {med[w] - base:>7.1f} → {med[u] - base:>5.1f}"
               f" {1 - (med[u] - base) / (med[w] - base) if med[w] > base else 0:>6.0%}")
+    if a.anatomy:
+        print(f"\n{'script':<14} {'µs/call: used':>14} {'bodies gone':>12} {'no upvalues':>12}  (extra over noop)")
+        for row in rows:
+            n = row["script"]
+            parts = [med[(n, "used")] - base] + [med[(n, k)] - base if (n, k) in med else float("nan")
+                                                 for k in ("captures", "bare")]
+            row["extra_us_bodies_gone"], row["extra_us_no_upvalues"] = parts[1], parts[2]
+            row["runs_bodies_gone"], row["runs_no_upvalues"] = runs.get((n, "captures")), runs.get((n, "bare"))
+            print(f"{n:<14} {parts[0]:>14.1f} {parts[1]:>12.1f} {parts[2]:>12.1f}")
     if a.json_path:
         Path(a.json_path).write_text(json.dumps({"calls": a.calls, "repeat": a.repeat, "noop_us": base,
                                                  "noop_runs": runs[("noop", "used")], "results": rows}, indent=1))

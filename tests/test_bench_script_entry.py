@@ -29,3 +29,20 @@ def test_the_entry_benchmark_compares_used_and_whole_libraries_with_the_trivial_
 def test_the_entry_benchmark_refuses_a_name_that_is_no_ledger_script(redis_url):
     with pytest.raises(SystemExit):
         script_entry.main(["--scripts", "nosuch", "--redis-url", redis_url])
+
+
+def test_the_anatomy_keeps_each_library_closure_and_its_upvalues_without_the_bodies():
+    pre = script_entry.prelude("release", script_entry.source("release"))
+    kept, bare = script_entry.skeleton(pre, True), script_entry.skeleton(pre, False)
+    assert script_entry.closures(kept) == script_entry.closures(bare) == script_entry.closures(pre)
+    assert "local function return_grant() return " in kept and "local function return_grant() return nil end" in bare
+    library = kept[: kept.index("local __lazy_lib")]  # the lazy group (built on first use) stays as it is
+    assert "rcall('HMGET'" not in library  # no body is left
+
+
+def test_the_anatomy_measures_both_skeletons(redis_url, tmp_path):
+    out = tmp_path / "entry.json"
+    assert script_entry.main(["--calls", "20", "--repeat", "1", "--scripts", "place", "--anatomy",
+                              "--redis-url", redis_url, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["runs_bodies_gone"] and row["runs_no_upvalues"]
