@@ -185,11 +185,54 @@ def _include_order(text: str, seen: set[str], out: list[str]) -> list[str]:
     return out
 
 
+#: Lua 5.1 (Redis) allows a function at most this many upvalues.
+_MAX_UPVALUES = 60
+_WRAP_OPEN = ("-- The library's functions and the script run inside one function (allocator/scripts.py):\n"
+              "-- the values above are its upvalues.\nreturn (function(...)")
+_WRAP_CLOSE = "\nend)(...)\n"
+
+
+def _is_function(d: Definition) -> bool:
+    return next(line for line in d.text.split("\n") if line.startswith("local")).startswith("local function")
+
+
+def _wrappable(own: str, defs: list[Definition], roots: list[str], inner: str) -> bool:
+    """Whether the script may run as its values, then one function holding its library's
+    functions, its lazy group and its own code (``inner``, without the values). Redis runs the
+    whole text at every call, and each ``local function`` is a closure made anew. A closure that
+    uses a local of the chunk searches the chunk's open upvalues for it, a list that holds every
+    local captured so far; an upvalue of the enclosing function it copies. With the library's
+    keys and constants as upvalues of one function, place's entry costs about a quarter less
+    (bench/script_entry.py --anatomy). Only when it changes nothing that runs: the include lines
+    come before any code of the script, no value uses a function, no function names a value
+    defined after it (that name would be a global where it stands), and the function takes at
+    most the upvalues Lua allows."""
+    lines = own.split("\n")
+    marks = [i for i, line in enumerate(lines) if _INCLUDE.match(line)]
+    between = lines[marks[0]:marks[-1]] if marks else []
+    if any(line.strip() and not line.startswith("--") for line in between):
+        return False
+    funcs = {n for d in defs if _is_function(d) for n in d.names}
+    values_after: set[str] = {n for d in defs if not _is_function(d) for n in d.names}
+    for d in defs:
+        if _is_function(d):
+            if code_names(d.text) & values_after - set(d.names):
+                return False
+        else:
+            values_after -= set(d.names)
+            if code_names(d.text) & funcs:
+                return False
+    hoisted = set(roots) | {n for d in defs if not _is_function(d) for n in d.names}
+    return len(hoisted & code_names(inner)) <= _MAX_UPVALUES
+
+
 @lru_cache(maxsize=None)
-def source(name: str, used_only: bool = True) -> str:
+def source(name: str, used_only: bool = True, wrap: bool = True) -> str:
     """The script ``name`` with its includes inlined, each once (an include's own includes before
     it), at the line that first names it. With ``used_only``, each include keeps only the
-    definitions that the script's own text uses, directly or through other definitions."""
+    definitions that the script's own text uses, directly or through other definitions; with
+    ``wrap`` as well, the library's values come first and its functions and the script's own
+    code run inside one function, where the script allows it (``_wrappable``)."""
     own = _read(f"{name}.lua")
     order = _include_order(own, set(), [])
     texts = {inc: _INCLUDE.sub("", _read(f"includes/{inc}.lua")) for inc in order}
@@ -201,6 +244,10 @@ def source(name: str, used_only: bool = True) -> str:
     lazy = {id(d) for d in lazy_definitions(kept, body, set(roots))} if roots else set()
     eager = {id(d) for d in kept} - lazy
     includes = len(_INCLUDE.findall(own))
+    group = _lazy_group([d.text for d in kept if id(d) in lazy], roots) if roots else ""
+    ordered = [d for d in library if id(d) in eager]
+    wrapped = (used_only and wrap and order != [] and all(parsed[inc] is not None for inc in order)
+               and _wrappable(own, ordered, roots, "\n".join([d.text for d in ordered if _is_function(d)] + [group, body])))
     done: set[str] = set()
     seen = 0
 
@@ -208,14 +255,21 @@ def source(name: str, used_only: bool = True) -> str:
         nonlocal seen
         seen += 1
         parts = [f"local {', '.join(roots)}"] if roots and seen == 1 else []
-        for inc in _include_order(match.group(0), done, []):
-            defs = parsed[inc]
-            parts.append(texts[inc] if defs is None else "\n".join(d.text for d in defs if id(d) in eager))
+        if wrapped:
+            if seen == 1:
+                parts.append("\n".join(d.text for d in ordered if not _is_function(d)))
+                parts.append(_WRAP_OPEN)
+                parts.append("\n".join(d.text for d in ordered if _is_function(d)))
+        else:
+            for inc in _include_order(match.group(0), done, []):
+                defs = parsed[inc]
+                parts.append(texts[inc] if defs is None else "\n".join(d.text for d in defs if id(d) in eager))
         if roots and seen == includes:
-            parts.append(_lazy_group([d.text for d in kept if id(d) in lazy], roots))
+            parts.append(group)
         return "\n".join(parts)
 
-    return _LAZY.sub("", _INCLUDE.sub(inline, own))
+    built = _LAZY.sub("", _INCLUDE.sub(inline, own))
+    return built + _WRAP_CLOSE if wrapped else built
 
 
 class Scripts:

@@ -100,7 +100,7 @@ def shape_requests(rng: random.Random, n: int) -> dict[str, list[dict[str, Any]]
 
 def scan_script(window: int) -> str:
     """place's library with best fit comparing ``window`` hosts, and the measuring loop."""
-    text = source("place")
+    text = source("place", wrap=False)  # the library at the top level, so that the loop can follow it
     if WINDOW_LINE not in text or BODY_MARK not in text:
         raise SystemExit("place.lua no longer has the shape this benchmark expects "
                          f"({WINDOW_LINE!r}, {BODY_MARK!r}): update bench/scan_cost.py")

@@ -30,7 +30,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from allocator.keys import Keys  # noqa: E402
-from allocator.scripts import _INCLUDE, _LAZY, SCRIPT_NAMES, _read, code_names, definitions, source  # noqa: E402
+from allocator.scripts import _INCLUDE, _LAZY, _WRAP_CLOSE, SCRIPT_NAMES, _read, code_names, definitions, source  # noqa: E402
 from bench.ledger import evalsha_us  # noqa: E402
 
 DEFAULT_SCRIPTS = ("place", "release", "claim_grant", "finish_job", "schedule", "heartbeat", "grant_check", "tally_outbox")
@@ -42,8 +42,10 @@ def prelude(name: str, full: str) -> str:
     own = _LAZY.sub("", _read(f"{name}.lua"))  # the loader drops the @lazy lines
     last = list(_INCLUDE.finditer(own))
     body = own[last[-1].end():] if last else own
+    close = _WRAP_CLOSE if full.endswith(_WRAP_CLOSE) else ""  # the script runs inside one function
+    full = full[: len(full) - len(close)]
     assert full.endswith(body), name
-    return full[: len(full) - len(body)] + "\nreturn '1'\n"
+    return full[: len(full) - len(body)] + "\nreturn '1'\n" + close
 
 
 def closures(text: str) -> int:
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--json", dest="json_path", help="write the results to this JSON file")
     ap.add_argument("--anatomy", action="store_true",
-                    help="also measure each used prelude with function bodies gone (upvalues kept, then none)")
+                    help="also measure each used prelude as it was before the loader ran scripts inside one function, "
+                         "and that text with its function bodies gone (upvalues kept, then none)")
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.scripts.split(",") if n.strip()]
     for n in names:
@@ -113,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         texts[(n, "whole")] = prelude(n, source(n, used_only=False))
         texts[(n, "used")] = prelude(n, source(n))
         if a.anatomy:
-            for kind, captures in (("captures", True), ("bare", False)):
-                sk = skeleton(texts[(n, "used")], captures)
-                if sk is not None:
-                    texts[(n, kind)] = sk
+            flat = prelude(n, source(n, wrap=False))  # the same library, not run inside one function
+            for kind, variant in (("flat", flat), ("captures", skeleton(flat, True)), ("bare", skeleton(flat, False))):
+                if variant is not None and variant != texts[(n, "used")]:
+                    texts[(n, kind)] = variant
     runs: dict[tuple[str, str], list[float]] = {k: [] for k in texts}
     clean = {k: True for k in texts}
     for _ in range(a.repeat):
@@ -142,14 +145,16 @@ def main(argv: list[str] | None = None) -> int:
               f" {med[w] / base:>5.1f} → {med[u] / base:>4.1f} {med[w] - base:>7.1f} → {med[u] - base:>5.1f}"
               f" {1 - (med[u] - base) / (med[w] - base) if med[w] > base else 0:>6.0%}")
     if a.anatomy:
-        print(f"\n{'script':<14} {'µs/call: used':>14} {'bodies gone':>12} {'no upvalues':>12}  (extra over noop)")
+        print(f"\n{'script':<14} {'µs/call: used':>14} {'not wrapped':>12} {'bodies gone':>12} {'no upvalues':>12}"
+              "  (extra over noop; the last two from the unwrapped text)")
         for row in rows:
             n = row["script"]
             parts = [med[(n, "used")] - base] + [med[(n, k)] - base if (n, k) in med else float("nan")
-                                                 for k in ("captures", "bare")]
-            row["extra_us_bodies_gone"], row["extra_us_no_upvalues"] = parts[1], parts[2]
-            row["runs_bodies_gone"], row["runs_no_upvalues"] = runs.get((n, "captures")), runs.get((n, "bare"))
-            print(f"{n:<14} {parts[0]:>14.1f} {parts[1]:>12.1f} {parts[2]:>12.1f}")
+                                                 for k in ("flat", "captures", "bare")]
+            row["extra_us_not_wrapped"], row["extra_us_bodies_gone"], row["extra_us_no_upvalues"] = parts[1:]
+            row["runs_not_wrapped"], row["runs_bodies_gone"], row["runs_no_upvalues"] = (
+                runs.get((n, "flat")), runs.get((n, "captures")), runs.get((n, "bare")))
+            print(f"{n:<14} {parts[0]:>14.1f} {parts[1]:>12.1f} {parts[2]:>12.1f} {parts[3]:>12.1f}")
     if a.json_path:
         Path(a.json_path).write_text(json.dumps({"calls": a.calls, "repeat": a.repeat, "noop_us": base,
                                                  "noop_runs": runs[("noop", "used")], "results": rows}, indent=1))
