@@ -46,3 +46,13 @@ def sleep_then_touch(seconds: float, done: str) -> str:
     time.sleep(seconds)
     open(done, "w").close()
     return "done"
+
+
+def fail_until(counter: str, failures: int) -> int:
+    """Fails its first ``failures`` runs (counted in the file ``counter``), then returns the run count."""
+    runs = int(open(counter).read()) if os.path.exists(counter) else 0
+    with open(counter, "w") as f:
+        f.write(str(runs + 1))
+    if runs < failures:
+        raise RuntimeError(f"run {runs + 1} fails")
+    return runs + 1

@@ -80,6 +80,27 @@ def test_failed_job_is_released_as_failed(alloc):
     assert alloc.capacity().cpu_cores.allocated == 0
 
 
+def test_successful_job_whose_result_is_not_kept_is_released_as_finished(alloc):
+    # result_ttl=0: RQ deletes the job hash as the job succeeds, before the worker releases.
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, result_ttl=0)
+    run_worker(alloc, "h1")
+    assert not alloc.rq_connection.exists(Job.key_for(task.id))
+    assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("released", "released")
+
+
+def test_a_job_with_retries_runs_again_until_it_succeeds(alloc, tmp_path):
+    from rq import Retry
+
+    gpu_host(alloc)
+    counter = tmp_path / "attempts"
+    task = alloc.enqueue(jobs.fail_until, str(counter), 2, resources={"gpus": 1}, retry=Retry(max=3))
+    run_worker(alloc, "h1")
+    assert counter.read_text() == "3"
+    assert task.job.get_status() == "finished"
+    assert (alloc.get(task.id).release_reason, alloc.get(task.id).requeues) == ("released", 2)
+
+
 def test_timed_out_job_is_released(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_for, 30, resources={"cpu_cores": 1}, job_timeout=1)

@@ -136,6 +136,83 @@ def test_status_given_by_the_caller_wins_and_a_gone_job_hash_is_a_failure(alloc)
     assert events_of(alloc, gone.id, "finished")[-1]["data"] == {"host": "h1", "status": "None", "outcome": "None"}
 
 
+def test_outcome_from_the_worker_counts_when_the_job_hash_is_gone(alloc):
+    # A successful job enqueued with result_ttl=0: RQ deletes its hash before the worker's call.
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"cpu_cores": 1})
+    alloc.rq_connection.delete(Job.key_for(task.id))
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, outcome="finished",
+                     job_key=Job.key_for(task.id))
+    assert (end.released, end.status) == (True, "finished")
+    assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("released", "released")
+    assert events_of(alloc, task.id, "finished")[-1]["data"] == {"host": "h1", "status": "finished", "outcome": "ok"}
+
+
+def test_job_hash_still_present_wins_over_the_workers_outcome(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"cpu_cores": 1})
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "failed")
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, outcome="finished",
+                     job_key=Job.key_for(task.id))
+    assert end.status == "failed"
+    assert alloc.get(task.id).release_reason == "failed"
+
+
+def waiting_job_whose_rq_job_expired(a, resources: dict[str, Any]) -> Any:
+    """A function task in line behind a lease holding both GPUs, its RQ job hash gone as when the
+    job's RQ ``ttl`` runs out while it waits; returns (task, the blocking lease)."""
+    blocker = a.allocate({"gpus": 2})
+    task = a.enqueue(jobs.add, 1, 2, resources=resources)
+    assert a.get(task.id).state == "pending"
+    a.rq_connection.delete(Job.key_for(task.id))
+    return task, blocker
+
+
+def test_a_waiting_job_whose_rq_job_is_gone_leaves_the_line_instead_of_being_placed(alloc):
+    gpu_host(alloc)
+    task, blocker = waiting_job_whose_rq_job_expired(alloc, {"gpus": 1})
+    alloc.release(blocker.allocation_id)  # its pass would place the task
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.release_reason, rec.host_id) == ("cancelled", "job_gone", None)
+    assert alloc.redis.zcard(alloc.keys.pending) == 0
+    assert not alloc.rq_connection.exists(Job.key_for(task.id))  # no stub hash without expiry
+    assert alloc.rq_connection.llen(f"rq:queue:{alloc.keys.namespace}.host.h1") == 0
+    assert [e["data"] for e in events_of(alloc, task.id, "cancelled")] == [{"reason": "job_gone"}]
+    assert alloc.capacity().gpus_idle == 2
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_job_gone_from_rq_does_not_hold_up_the_task_behind_it(alloc):
+    gpu_host(alloc)
+    gone, blocker = waiting_job_whose_rq_job_expired(alloc, {"gpus": 2})
+    behind = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})
+    alloc.release(blocker.allocation_id)
+    assert alloc.get(gone.id).state == "cancelled"
+    assert (alloc.get(behind.id).state, alloc.get(behind.id).host_id) == ("active", "h1")
+
+
+@pytest.mark.parametrize("rq_status", ["queued", "scheduled"])
+def test_a_failed_run_rq_will_retry_puts_the_task_back_in_line_under_its_id(alloc, rq_status):
+    # RQ's Retry re-enqueued the job in the host queue ("queued") or its scheduled registry
+    # ("scheduled", with an interval) before the worker's call: the task must be placed again.
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    hostq = f"{alloc.keys.namespace}.host.h1"
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", rq_status)
+    if rq_status == "queued":
+        alloc.rq_connection.rpush(f"rq:queue:{hostq}", task.id)
+    else:
+        alloc.rq_connection.zadd(f"rq:scheduled:{hostq}", {task.id: 1})
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (True, True)
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.host_id, rec.requeues) == ("active", "h1", 1)  # its own freed GPUs
+    assert alloc.rq_connection.lrange(f"rq:queue:{hostq}", 0, -1) == [task.id.encode()]
+    assert alloc.rq_connection.zcard(f"rq:scheduled:{hostq}") == 0
+    assert claim_grant(alloc, task.id, "w1", "h1", start=True).current
+    assert invariants.check(alloc.snapshot()) == []
+
+
 def test_stale_placement_frees_nothing_but_drops_the_pid(alloc):
     gpu_host(alloc)
     task, claim = started_job(alloc, {"cpu_cores": 1})

@@ -29,6 +29,7 @@ at the next monitoring tick (``--job-monitoring-interval``), where the task's st
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import threading
@@ -64,6 +65,9 @@ class ResourceWorker(Worker):
         self._job_in_hand: str | None = None
         self._kill_pending: int | None = None
         self._horse_lock = threading.Lock()
+        # One byte the horse writes and the parent reads (an anonymous mapping is shared across the
+        # fork): how the run ended, for the release when RQ has already deleted the job's hash.
+        self._outcome_cell = mmap.mmap(-1, 1)
 
     # -- command channel -------------------------------------------------------------------------
 
@@ -97,6 +101,7 @@ class ResourceWorker(Worker):
                 self._refuse(job, queue, claim)
                 return
             self._grant = self._grant_for(job.id, claim.grant)
+            self._outcome_cell[0] = _UNKNOWN
             try:
                 super().execute_job(job, queue)
             finally:
@@ -157,9 +162,13 @@ class ResourceWorker(Worker):
         """Release (or requeue when preempted) whatever the job's outcome was; only the placement
         this run claimed (``placement``) is released. One script call (``finish_job``) also drops
         the horse from the host's pid map and records the ``finished`` event; the job's status is
-        read inside it, since after a normal horse exit the parent's copy of the job is stale."""
+        read inside it, since after a normal horse exit the parent's copy of the job is stale. The
+        horse's own word on the outcome goes along for a job whose hash RQ deleted on success
+        (``result_ttl=0``): without it the script could only count the run as failed."""
         pid, self._pid_recorded = self._pid_recorded, 0
-        end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, job_key=job.key)
+        outcome = _OUTCOMES.get(self._outcome_cell[0])
+        end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, outcome=outcome,
+                         job_key=job.key)
         if end.stale:
             log.warning("job %s: its host was declared lost while it ran and the task was placed again; "
                         "this run releases nothing", job.id)
@@ -212,6 +221,12 @@ class ResourceWorker(Worker):
             apply(self._grant)
         super().main_work_horse(job, queue)
 
+    def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        """RQ's perform_job (in the horse), which tells the parent how it ended (see ``_after``)."""
+        ok = super().perform_job(job, queue, execution)
+        self._outcome_cell[0] = _FINISHED if ok else _FAILED
+        return ok
+
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
         super().fork_work_horse(job, queue)  # only the parent returns here
         with self._horse_lock:
@@ -224,6 +239,10 @@ class ResourceWorker(Worker):
             self._pid_recorded = self.horse_pid
             self.allocator.redis.hset(self.allocator.keys.host_pids(self.host_id), str(self.horse_pid),
                                       self._grant.allocation_id)
+
+
+_UNKNOWN, _FINISHED, _FAILED = 0, 1, 2
+_OUTCOMES = {_FINISHED: "finished", _FAILED: "failed"}
 
 
 def _text_client(connection: redis.Redis) -> redis.Redis:

@@ -20,17 +20,7 @@ end
 local t = read_task(id)
 local worker = nil
 if state == 'pending' then
-  rcall('ZREM', K_PENDING, id)
-  rcall('HSET', alloc_key(id), 'state', 'cancelled', 'released', now, 'reason', 'cancelled')
-  rcall('ZADD', K_DONE, now, id)
-  if t then
-    rcall('HSET', task_key(id), 'state', 'cancelled')
-    rcall('PEXPIRE', task_key(id), 86400000)
-    if t.kind == 'job' then
-      rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
-    end
-  end
-  emit('cancelled', id, now, '{}')
+  leave_line(id, t, now, 'cancelled')
 elseif state == 'active' then
   local a = finish_alloc(id, 'cancelled', now)
   if t and t.kind == 'job' then

@@ -8,7 +8,10 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME), ARGV[3] alloca
 job id), ARGV[4] the worker's host id, ARGV[5] the placement token the worker claimed
 ("<host>|<host_gen>|<activated>|<requeues>", see claim_grant.lua; "" = any placement on this
 host), ARGV[6] the work horse's pid ("" = none recorded), ARGV[7] the job's status ("" = read
-field "status" of the RQ job hash), ARGV[8] scheduling pass depth, ARGV[9] scan cap.
+field "status" of the RQ job hash), ARGV[8] scheduling pass depth, ARGV[9] scan cap, ARGV[10] the
+outcome the worker saw its horse report, "finished" or "failed" ("" = unknown: the horse died
+before it could say), used only when ARGV[7] is "" and the job hash is gone (RQ deletes the hash of
+a successful job with result_ttl=0 before the worker gets here).
 Steps, in the order the worker used to take them one call each:
 1. the horse's entry leaves the host's work-horse map;
 2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
@@ -17,9 +20,15 @@ Steps, in the order the worker used to take them one call each:
    outlived its grant, the task placed again meanwhile, frees nothing: stale = true): the outbox
    event "finished" {host, status, outcome = "ok" for a finished job, else the status}, then the
    release (reason "released" for a finished job, else "failed"; as release.lua, with its
-   "released" event and a scheduling pass for the freed capacity).
-A job hash that is gone counts as status "None" (released as failed), as before.
-Returns JSON {requeued, released, stale, status, placed[]}.
+   "released" event and a scheduling pass for the freed capacity);
+4. except for a failed run RQ will retry (its Retry put the job back, status "queued" or
+   "scheduled"): the "finished" event (outcome "retry"), the release with reason "retried", and
+   the task back in line under its id (as a preempted one, at its original place, not the front;
+   its RQ job leaves the host queue or scheduled registry for the line's queue), then a pass. A
+   retry's interval is not kept: the task starts again as soon as it is placed.
+A job hash that is gone counts as the worker's outcome (ARGV[10]), or status "None" (released as
+failed) when it gives none.
+Returns JSON {requeued, released, stale, status, placed[]}; requeued and released both true for a retry.
 ]]
 --- @include "ledger"
 --- @include "placement"
@@ -29,6 +38,7 @@ Returns JSON {requeued, released, stale, status, placed[]}.
 local K_HOST_PIDS, K_JOB = KEYS[#KEYS - 1], KEYS[#KEYS]
 local id, my_host, want, pid, status = ARGV[3], ARGV[4], ARGV[5] or '', ARGV[6] or '', ARGV[7] or ''
 local depth, scan_cap = tonumber(ARGV[8] or 0), tonumber(ARGV[9] or 2048)
+local outcome_seen = ARGV[10] or ''
 local now = now_ms()
 
 -- Every read and decision first, then the writes (Redis has no rollback).
@@ -42,7 +52,10 @@ if not preempting then
   -- do; or placed again on this host since this run's claim: stale, the worker says so.
   release = f[1] == 'active' and f[2] == my_host and (want == '' or token == want)
   stale = not release and f[1] == 'active' and f[2] == my_host
-  if release and status == '' then status = rcall('HGET', K_JOB, 'status') or 'None' end
+  if release and status == '' then
+    status = rcall('HGET', K_JOB, 'status')
+    if not status then status = outcome_seen ~= '' and outcome_seen or 'None' end
+  end
 end
 
 if pid ~= '' then rcall('HDEL', K_HOST_PIDS, pid) end
@@ -53,6 +66,14 @@ if preempting then
 end
 if not release then
   return cjson.encode({requeued = false, released = false, stale = stale, placed = {}})
+end
+
+if t ~= nil and t.kind == 'job' and (status == 'queued' or status == 'scheduled') then
+  emit('finished', id, now, cjson.encode({host = my_host, status = status, outcome = 'retry'}))
+  finish_alloc(id, 'retried', now)
+  requeue_task(id, t, now, false)
+  return cjson.encode({requeued = true, released = true, stale = false, status = status,
+                       placed = schedule_pass(now, depth, scan_cap)})
 end
 
 local outcome, reason = status, 'failed'

@@ -26,6 +26,30 @@ local function read_task(id)
           seq = tonumber(f[7]), priority = tonumber(f[8])}
 end
 
+-- A pending task leaves the line with nothing allocated: cancelled (reason "cancelled", by
+-- cancel.lua) or dropped by the pass (reason "job_gone", see consider). Emits "cancelled".
+local function leave_line(id, t, now, reason)
+  rcall('ZREM', K_PENDING, id)
+  rcall('HSET', alloc_key(id), 'state', 'cancelled', 'released', now, 'reason', reason)
+  rcall('ZADD', K_DONE, now, id)
+  if t then
+    rcall('HSET', task_key(id), 'state', 'cancelled')
+    rcall('PEXPIRE', task_key(id), 86400000)
+    if t.kind == 'job' then
+      rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
+    end
+  end
+  emit('cancelled', id, now, reason == 'cancelled' and '{}' or cjson.encode({reason = reason}))
+end
+
+-- Whether task t is a function task whose RQ job no longer exists: its RQ ttl ran out while it
+-- waited in line (or someone deleted it). No worker would ever run it, so a grant would be held
+-- until its lease TTL (forever without one), and dispatch would recreate the hash as a stub
+-- without expiry; the pass drops such a task instead (see consider).
+local function job_gone(id, t)
+  return t.kind == 'job' and rcall('EXISTS', t.rq_prefix .. 'job:' .. id) == 0
+end
+
 -- Moves a function task's RQ job from its waiting queue to the host's queue, with origin, so
 -- rq-dashboard and RQ's registries see it where it is.
 local function dispatch(id, t, h)
@@ -52,7 +76,7 @@ local function requeue_task(id, t, now, front)
     local origin = rcall('HGET', job, 'origin')
     if origin and origin ~= t.rq_queue then
       rcall('LREM', t.rq_prefix .. 'queue:' .. origin, 0, id)
-      for _, reg in ipairs({'failed', 'wip', 'canceled', 'finished'}) do
+      for _, reg in ipairs({'failed', 'wip', 'canceled', 'finished', 'scheduled'}) do
         rcall('ZREM', t.rq_prefix .. reg .. ':' .. origin, id)
       end
     end
@@ -235,6 +259,8 @@ local function consider(st, id, t, now, scan_cap)
   if not st.blocked then
     p = attempt(st, req, now)
     if not p and req.preempt then
+      -- Checked here too: a task nobody will run must not end others' work.
+      if job_gone(id, t) then leave_line(id, t, now, 'job_gone'); return false end
       if preempt_for(req, now, 128) then
         st.refused = {}
         p = attempt(st, req, now)
@@ -260,6 +286,8 @@ local function consider(st, id, t, now, scan_cap)
     p = attempt(st, req, now)
   end
   if not p then return false end
+  -- Checked only once it would be placed: one read per placement, not per task the pass looks at.
+  if job_gone(id, t) then leave_line(id, t, now, 'job_gone'); return false end
   req.created = rcall('HGET', alloc_key(id), 'created')
   req.kind = t.kind
   grant(req, p, now)
