@@ -92,6 +92,10 @@ def check_text(value: Any, field: str, _depth: int = 0) -> None:
             check_text(v, f"{field}.{i}", _depth + 1)
 
 
+MAX_NAMESPACE_LEN = 64
+"""Longest namespace: the history's ``namespace`` columns are ``String(64)``."""
+
+
 def check_id(value: Any, field: str, max_len: int = 256) -> None:
     """An id (or short name) used in a key or a script argument: a non-empty string of at most
     ``max_len`` characters that ``check_text`` accepts."""
@@ -158,6 +162,9 @@ class Allocator:
         record_retention_s: int = 86400,
         pass_depth: int = 100,
     ) -> None:
+        # Checked before anything is written: the history's tables hold the namespace in 64
+        # characters, and a longer one would make the recorder fail on every batch, for ever.
+        check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
         if client is None:
             if redis_url and not redis_url.startswith(REDIS_URL_SCHEMES):
                 # redis-py's ValueError would surface as a traceback in every command; the URL

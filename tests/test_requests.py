@@ -116,3 +116,12 @@ def test_bad_host_specs_name_the_field(data, field):
     with pytest.raises(InvalidRequest) as exc:
         parse(HostSpec, data)
     assert exc.value.field.endswith(field)
+
+
+def test_a_namespace_longer_than_64_characters_is_refused_up_front():
+    from allocator import Allocator
+
+    with pytest.raises(InvalidRequest) as e:
+        Allocator("redis://127.0.0.1:6379/0", namespace="n" * 65)  # the history's columns hold 64
+    assert e.value.field == "namespace"
+    assert Allocator("redis://127.0.0.1:6379/0", namespace="n" * 64).keys.namespace == "n" * 64

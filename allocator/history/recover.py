@@ -92,6 +92,15 @@ def _expected_ms(request: Any) -> int:
     return duration_ms(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 
+def _slots(request: Any) -> int:
+    """The worker slots the request held (``resources.workers``, 0 for none): the ledger counts
+    them on the host (``slots_used``), so a restored grant must hold them again or the host's
+    slots could be handed out twice."""
+    res = request.get("resources") if isinstance(request, dict) else None
+    v = res.get("workers") if isinstance(res, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
 def restore_record(row: dict[str, Any]) -> dict[str, Any]:
     """The restore_allocation payload for one ``allocations`` row."""
     cores = row["cores"] if isinstance(row["cores"], list) else []
@@ -106,22 +115,39 @@ def restore_record(row: dict[str, Any]) -> dict[str, Any]:
         "expires": dt_to_ms(row["expires_at"]) or 0, "metadata": json.dumps(row["metadata"] or {}),
         "request": json.dumps(row["request"] or {}), "kind": row["kind"] or "lease",
         "requeues": int(row.get("requeues") or 0), "expected_ms": _expected_ms(row["request"]),
+        "slots": _slots(row["request"]),
     }
 
 
+def _host_spec(host_id: str, stored: Any) -> dict[str, Any]:
+    """The ``register_host`` input for a host whose ``spec`` column holds the payload it was last
+    registered with (``Allocator.register_host``: ``cpu_cores`` sent as ``cores``). Every field of
+    that payload is passed back, not only the capacity: reserved GPUs, worker slots and the service
+    port pool decide what may be placed on the host, so a restored host must offer what it did."""
+    spec = dict(stored) if isinstance(stored, dict) else {}
+    out: dict[str, Any] = {"id": host_id, "labels": spec.get("labels") or {}, "cpu_cores": spec.get("cores") or [],
+                           "ram_mb": spec.get("ram_mb") or 0, "gpus": spec.get("gpus") or [],
+                           "reserve_gpus": spec.get("reserve_gpus") or 0}
+    if spec.get("worker_slots") is not None:  # None: one slot per core, the default
+        out["worker_slots"] = spec["worker_slots"]
+    if spec.get("service_ports"):
+        out["service_ports"] = spec["service_ports"]
+    return out
+
+
 def restore_hosts(a: Allocator, engine: Engine) -> list[str]:
-    """Registers hosts the history knows (not removed or lost) that the ledger lacks."""
-    q = select(H).where(H.c.namespace == a.keys.namespace, H.c.state.in_(("ready", "draining")))
+    """Registers hosts the history knows (not removed or lost) that the ledger lacks, in the order
+    they were first registered: a registration gives a new host the next ordinal, and first fit
+    scans hosts by ordinal, so the restored fleet is scanned in the order it was before."""
+    q = (select(H).where(H.c.namespace == a.keys.namespace, H.c.state.in_(("ready", "draining")))
+         .order_by(H.c.registered_at, H.c.host_id))
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(q).mappings()]
     done: list[str] = []
     for r in rows:
         if a.redis.exists(a.keys.host(r["host_id"])):
             continue
-        spec = dict(r["spec"] or {})
-        spec = {"id": r["host_id"], "labels": spec.get("labels") or {}, "cpu_cores": spec.get("cores") or [],
-                "ram_mb": spec.get("ram_mb") or 0, "gpus": spec.get("gpus") or []}
-        a.register_host(spec)
+        a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":
             a.drain_host(r["host_id"])
         done.append(r["host_id"])

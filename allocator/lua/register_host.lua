@@ -8,7 +8,8 @@ Usage (GPU memory, cores, RAM, worker slots, service references held) is recompu
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A grant whose GPU moved to another position is rewritten with the new position.
 A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
-the next generation (field gen), which fences grants made before it was lost.
+the next generation (field gen), which fences grants made before it was lost. A new host takes the
+highest generation of the grants restored on it before it registered (allocator recover).
 Returns JSON {created, ord, state}.
 ]]
 --- @include "ledger"
@@ -48,8 +49,11 @@ for pos0, g in ipairs(spec.gpus or {}) do pos_of[g.uuid] = pos0 - 1 end
 local gpu_used, gpu_n, core_held = {}, {}, {}
 local shared, ram_used, slots_used, svc_refs = 0, 0, 0, {}
 for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
-  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state', 'slots', 'services')
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state', 'slots', 'services', 'host_gen')
   if f[5] == 'active' then
+    -- A new host that already holds grants got them from allocator recover (deferred): one made
+    -- under a later generation raises the host to it, or the grant would be fenced as stale.
+    if created and tonumber(f[8] or 1) > gen then gen = tonumber(f[8]) end
     slots_used = slots_used + tonumber(f[6] or 0)
     for _, name in ipairs(decode_list(f[7])) do svc_refs[name] = (svc_refs[name] or 0) + 1 end
     local grants, moved = decode_list(f[1]), false

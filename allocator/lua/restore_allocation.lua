@@ -6,16 +6,20 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] JSON list of records {id, task_id, task_type, owner, priority (0..3), strategy, host,
         host_gen, gpus[{pos, index, uuid, model, memory_mb}], cores[], shared_millis, ram_mb,
         created, activated (ms), ttl_ms, expires (ms, 0 = none), metadata (JSON text),
-        request (JSON text), kind, requeues}.
+        request (JSON text), kind, requeues, slots (worker slots held, 0 = none)}.
 For each record:
 - an allocation id the ledger already holds is left alone ("existing"), so a rerun is harmless;
 - on a registered host the grant is checked against what is free (GPU by uuid, since a
-  re-registration may reorder GPUs; exclusive cores; shared pool; RAM) and applied exactly as a
-  placement would ("restored"); a grant that no longer fits is written as ended with reason
+  re-registration may reorder GPUs; exclusive cores; shared pool; RAM; worker slots) and applied
+  exactly as a placement would ("restored"); a grant that no longer fits is written as ended with reason
   "recovery_conflict" and a released event, so history closes it ("conflicts");
 - on a host not registered yet the record and the host's allocation set are written and nothing
   else ("deferred"): register_host recomputes a host's usage from its active allocations, so the
   grant is counted when the agent registers the host.
+- a restored grant whose host_gen is above the host's generation raises the host's gen to it
+  (and its scan summary): the grant was made after the host came back from "lost", and a host
+  restored at gen 1 would fence it as stale (workers refuse to start it, the reaper frees it).
+Named-service references (the allocation's services) are not restored: see docs/history.md.
 An expired lease is restored as it was; the next placement or expire() reaps it with a released
 event. Each restored record appends a "restored" event.
 Returns JSON {ok=true, restored[], deferred[], existing[], conflicts[{id, reason}]}
@@ -71,6 +75,10 @@ local function check_grant(r, h, s)
   if s.ramf < tonumber(r.ram_mb or 0) then
     return nil, 'host ' .. h .. ' has ' .. s.ramf .. ' MiB RAM free, the grant holds ' .. r.ram_mb
   end
+  local slots = tonumber(r.slots or 0) or 0
+  if slots > 0 and host_slots(h, s) < slots then
+    return nil, 'host ' .. h .. ' has ' .. s.slotf .. ' worker slots free, the grant holds ' .. slots
+  end
   return {gpus = gpus, newmap = newmap, shared = shared}
 end
 
@@ -89,6 +97,13 @@ local function apply_grant(r, h, g)
   if g.shared > 0 then rcall('HINCRBY', hk, 'shared', g.shared) end
   local ram = tonumber(r.ram_mb or 0)
   if ram > 0 then rcall('HINCRBY', hk, 'ram_used', ram) end
+  local slots = tonumber(r.slots or 0) or 0
+  if slots > 0 then rcall('HINCRBY', hk, 'slots_used', slots) end
+  -- A grant made under a later generation than the host has now: raise the host to it, so the
+  -- grant stays current (reindex_host below rewrites the summary, which carries gen).
+  if tonumber(r.host_gen or 1) > tonumber(rcall('HGET', hk, 'gen') or 1) then
+    rcall('HSET', hk, 'gen', tonumber(r.host_gen))
+  end
   rcall('SADD', host_allocs_key(h), r.id)
   reindex_host(h, touched)
 end
@@ -103,6 +118,8 @@ local function record(r, gpus, state)
     created = tostring(created), activated = tostring(activated), ttl_ms = tostring(r.ttl_ms or 0),
     expires = tostring(r.expires or 0), metadata = r.metadata or '{}', request = r.request or '{}',
     kind = r.kind or 'lease', requeues = tostring(r.requeues or 0)}
+  local slots = tonumber(r.slots or 0) or 0
+  if slots > 0 then rec.slots = tostring(slots) end
   if state ~= 'active' then
     rec.released = tostring(now)
     rec.reason = 'recovery_conflict'

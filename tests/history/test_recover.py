@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from allocator import Allocator, invariants
 from allocator.cli import app
-from allocator.errors import AllocatorError, Recovering
+from allocator.errors import AllocatorError, InsufficientResources, Recovering
 from allocator.history import recover as rec_mod
 from allocator.history.recorder import Recorder
 
@@ -168,3 +168,94 @@ def test_a_duration_hint_gives_the_restored_allocation_its_expected_end(alloc: A
     alloc.destroy()
     rec_mod.recover(alloc, engine)
     assert alloc.redis.zscore(alloc.keys.ends, x.allocation_id) == placed_end
+
+
+def test_a_restored_host_keeps_its_reserved_gpus_worker_slots_and_service_ports(alloc: Allocator, recorder: Recorder, engine) -> None:
+    alloc.register_host({"id": "rich", "cpu_cores": 8, "ram_mb": "64Gi", "worker_slots": 2, "reserve_gpus": 1,
+                         "service_ports": [9100, 9110],
+                         "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi", "used_mb": 1024},
+                                  {"index": 1, "model": "A100", "memory_mb": "40Gi"}]})
+    before = alloc.redis.hgetall(alloc.keys.host("rich"))
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    after = alloc.redis.hgetall(alloc.keys.host("rich"))
+    kept = ("reserve_gpus", "slots", "port_lo", "port_hi", "g0:ext", "g0:uuid", "g1:uuid", "ncores", "ram")
+    assert {k: after.get(k) for k in kept} == {k: before[k] for k in kept}
+
+
+def test_restored_hosts_keep_their_registration_order(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    for h in ("zeta", "alpha", "mid"):
+        alloc.register_host(id=h, cpu_cores=2, ram_mb=1024)
+        clock.advance(1)
+    alloc.register_host(id="zeta", cpu_cores=4, ram_mb=1024)  # an update moves no host in the order
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.zrange(alloc.keys.hosts, 0, -1) == ["zeta", "alpha", "mid"]
+
+
+def test_a_restored_allocation_holds_its_worker_slots_again(alloc: Allocator, recorder: Recorder, engine) -> None:
+    alloc.register_host(id="w", cpu_cores=8, ram_mb="64Gi", worker_slots=2)
+    x = alloc.allocate({"cpu_cores": 1, "workers": 2}, owner="o")
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(id="w", cpu_cores=8, ram_mb="64Gi", worker_slots=2)  # its agent re-registers first
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.restored == [x.allocation_id]
+    assert alloc.get(x.allocation_id).workers == 2
+    assert alloc.redis.hget(alloc.keys.host("w"), "slots_used") == "2"
+    with pytest.raises(InsufficientResources, match="worker slots"):  # the host's slots are all held
+        alloc.allocate({"cpu_cores": 1, "workers": 1})
+
+
+def test_a_grant_whose_worker_slots_are_taken_is_closed_not_oversubscribed(alloc: Allocator, recorder: Recorder, engine) -> None:
+    alloc.register_host(id="w", cpu_cores=8, ram_mb="64Gi", worker_slots=2)
+    old = alloc.allocate({"cpu_cores": 0.5, "workers": 2}, task_type="old")
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(id="w", cpu_cores=8, ram_mb="64Gi", worker_slots=2)
+    alloc.allocate({"cpu_cores": 0.5, "workers": 1})  # slipped in before recovery started
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert [c["id"] for c in report.conflicts] == [old.allocation_id]
+    assert "worker slots" in report.conflicts[0]["reason"]
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_grant_made_after_its_host_came_back_from_lost_stays_current(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    spec = {"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi", "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi"}]}
+    alloc.register_host(spec)
+    alloc.redis.zadd(alloc.keys.heartbeats, {"h1": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "h1", 30).declared
+    alloc.register_host(spec)  # back under generation 2
+    x = alloc.allocate({"gpus": 1, "cpu_cores": 2})
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.hget(alloc.keys.host("h1"), "gen") == "2"
+    assert alloc.grant_is_current(x.allocation_id)
+    alloc.redis.zadd(alloc.keys.reclaim, {"h1": clock.now * 1000})
+    mark_lost(alloc, "h1", 30)  # the reaper's sweep of stale grants leaves it alone
+    assert alloc.get(x.allocation_id).state == "active"
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_deferred_grant_raises_the_generation_of_the_host_its_agent_registers(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    spec = {"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi"}
+    alloc.register_host(spec)
+    alloc.redis.zadd(alloc.keys.heartbeats, {"h1": clock.now * 1000})
+    clock.advance(100)
+    mark_lost(alloc, "h1", 30)
+    alloc.register_host(spec)  # back under generation 2
+    x = alloc.allocate({"cpu_cores": 2})
+    recorder.drain()
+    alloc.destroy()
+    assert rec_mod.recover(alloc, engine, with_hosts=False).deferred == [x.allocation_id]
+    alloc.register_host(spec)  # the agent registers the host after the recovery
+    assert alloc.redis.hget(alloc.keys.host("h1"), "gen") == "2"
+    assert alloc.grant_is_current(x.allocation_id)
