@@ -146,12 +146,19 @@ class Recorder:
         # The stream (or the group) disappeared: Redis lost its data or the namespace was wiped.
         if self._group_ready:
             self.stream_resets += 1
-            # Redis lost its data: the ledger no longer knows what runs. Stop placements (agents
-            # re-registering would otherwise hand out resources still in use) until an operator
-            # runs `allocator recover`, which rebuilds the active allocations and reopens.
-            self.redis.hset(self.keys.seq, "recovering", "1")
-            log.warning("outbox stream %s lost its consumer group: placements stopped until "
-                        "`allocator recover` rebuilds the ledger", self.keys.events)
+            if self.redis.hget(self.keys.seq, "recovered_at"):
+                # The loss wiped the ledger's seq hash too, so a recovery stamp there means
+                # `allocator recover` already rebuilt the ledger since: closing the gate again
+                # would stop placements for nothing.
+                log.warning("outbox stream %s lost its consumer group; the ledger was recovered since",
+                            self.keys.events)
+            else:
+                # Redis lost its data: the ledger no longer knows what runs. Stop placements (agents
+                # re-registering would otherwise hand out resources still in use) until an operator
+                # runs `allocator recover`, which rebuilds the active allocations and reopens.
+                self.redis.hset(self.keys.seq, "recovering", "1")
+                log.warning("outbox stream %s lost its consumer group: placements stopped until "
+                            "`allocator recover` rebuilds the ledger", self.keys.events)
         self.ensure_group()
         self._own_pending = False
         return fn(*args, **kwargs)

@@ -194,6 +194,19 @@ def test_a_vanished_stream_stops_placements_until_recover(alloc: Allocator, reco
         alloc.allocate({"cpu_cores": 1})
 
 
+def test_a_recorder_that_notices_the_loss_after_a_recovery_leaves_placements_open(alloc: Allocator, recorder: Recorder,
+                                                                                  engine) -> None:
+    from allocator.history import recover
+
+    register_fleet(alloc)
+    recorder.drain()
+    alloc.destroy()  # Redis lost its data, and an operator recovered before the recorder's next read
+    recover.recover(alloc, engine)
+    recorder.drain()
+    assert recorder.stream_resets == 1
+    assert alloc.allocate({"cpu_cores": 1}).state == "active"
+
+
 def test_stale_entries_of_a_dead_consumer_are_claimed(alloc: Allocator, engine) -> None:
     register_fleet(alloc)
     dead = Recorder(alloc, engine, consumer="dead", block_ms=0, estimates_every_s=0)
