@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -42,7 +43,10 @@ def parse_when(text: str | None, *, now: datetime | None = None) -> datetime | N
     now = now or datetime.now(timezone.utc)
     m = _REL.match(text)
     if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+        try:
+            return now - timedelta(seconds=float(m.group(1)) * _UNIT_S[m.group(2)])
+        except OverflowError:
+            raise typer.BadParameter(f"{text!r}: further back than a date can go") from None
     try:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -57,21 +61,41 @@ def _engine(url: str | None) -> Any:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}")
+    err.print(f"[red]error:[/] {escape(_short(exc))}")
     return typer.Exit(1)
+
+
+def _short(exc: Exception) -> str:
+    """The error without the SQL statement and parameters SQLAlchemy appends to database errors."""
+    from sqlalchemy.exc import StatementError
+
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {str(exc.orig).strip().splitlines()[0]}"
+    return str(exc)
 
 
 @contextmanager
 def _reported() -> Iterator[None]:
-    """Allocator and database errors end the command with exit 1 and one line, not a traceback."""
+    """Allocator, database and Redis errors end the command with exit 1 and one line, not a
+    traceback; a migration revision that does not exist is invalid input (exit 2)."""
+    import redis
+    from alembic.util.exc import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from ..errors import AllocatorError
+    from ..errors import AllocatorError, InvalidRequest
 
     try:
         yield
+    except InvalidRequest as exc:
+        err.print(f"[red]invalid:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except CommandError as exc:
+        err.print(f"[red]invalid:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     except (AllocatorError, SQLAlchemyError) as exc:
         raise _fail(exc) from None
+    except redis.RedisError as exc:
+        raise _fail(RuntimeError(f"Redis unavailable: {exc}")) from None
 
 
 def _jsonable(v: Any) -> Any:
@@ -93,8 +117,9 @@ def db_upgrade(revision: str = typer.Argument("head"), database_url: str = DB_UR
     from .db import redacted
     from .migrate import current, upgrade
 
-    upgrade(database_url, revision)
-    typer.echo(f"{redacted(database_url)} is at revision {current(database_url)}")
+    with _reported():
+        upgrade(database_url, revision)
+        typer.echo(f"{redacted(database_url)} is at revision {current(database_url)}")
 
 
 @db_app.command("downgrade")
@@ -104,8 +129,9 @@ def db_downgrade(revision: str = typer.Argument(..., help='e.g. "-1" or "base" (
     from .db import redacted
     from .migrate import current, downgrade
 
-    downgrade(database_url, revision)
-    typer.echo(f"{redacted(database_url)} is at revision {current(database_url) or 'base (empty)'}")
+    with _reported():
+        downgrade(database_url, revision)
+        typer.echo(f"{redacted(database_url)} is at revision {current(database_url) or 'base (empty)'}")
 
 
 @db_app.command("current")
@@ -114,7 +140,8 @@ def db_current(database_url: str = DB_URL) -> None:
     from .db import redacted
     from .migrate import current, head
 
-    cur = current(database_url)
+    with _reported():
+        cur = current(database_url)
     typer.echo(f"{redacted(database_url)}: revision {cur or 'none (empty)'}; code head {head()}"
                   + ("" if cur == head() else " — run `allocator db upgrade`"))
 
@@ -211,7 +238,8 @@ def usage_cmd(
     if by not in ("owner", "task_type", "host"):
         raise typer.BadParameter("--by must be owner, task_type or host")
     start, end = parse_when(since), parse_when(until)
-    assert start is not None
+    if start is None:
+        raise typer.BadParameter("expected e.g. 24h, 7d, 30m or an ISO date/time, got an empty value", param_hint="--since")
     with _reported():
         rows = usage(_engine(database_url), namespace, since=start, until=end, by=by)  # type: ignore[arg-type]
     if as_json:
@@ -246,12 +274,13 @@ def recover_cmd(
     from ..errors import AllocatorError
     from .recover import recover
 
-    try:
-        report = recover(_allocator(redis_url, namespace), _engine(database_url), with_hosts=hosts)
-    except AllocatorError as exc:
-        if as_json:
-            _dump({"ok": False, "error": exc.to_dict()})
-        raise _fail(exc) from None
+    with _reported():
+        try:
+            report = recover(_allocator(redis_url, namespace), _engine(database_url), with_hosts=hosts)
+        except AllocatorError as exc:
+            if as_json:
+                _dump({"ok": False, "error": exc.to_dict()})
+            raise
     if as_json:
         _dump({"ok": True, **report.as_dict()})
         return
@@ -275,19 +304,19 @@ def recorder_cmd(
     from .estimates import refresh_estimates
     from .recorder import Recorder
 
-    a = _allocator(redis_url, namespace)
     with _reported():
+        a = _allocator(redis_url, namespace)
         rec = Recorder(a, _engine(database_url), batch_size=batch_size, trim=trim)
-    if status:
-        _dump(rec.backlog().as_dict() | {"stats": a.redis.hgetall(a.keys.recorder)})
-        return
-    if once:
-        total = rec.drain(timeout_s=3600)
-        rec.close()
-        est = refresh_estimates(rec.engine, a)
-        _dump({"written": total.written, "duplicates": total.duplicates, "trimmed": total.trimmed,
-               "estimates": len(est), "backlog": rec.backlog().as_dict()})
-        return
+        if status:
+            _dump(rec.backlog().as_dict() | {"stats": a.redis.hgetall(a.keys.recorder)})
+            return
+        if once:
+            total = rec.drain(timeout_s=3600)
+            rec.close()
+            est = refresh_estimates(rec.engine, a)
+            _dump({"written": total.written, "duplicates": total.duplicates, "trimmed": total.trimmed,
+                   "estimates": len(est), "backlog": rec.backlog().as_dict()})
+            return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

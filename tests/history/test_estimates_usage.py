@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy.engine import URL
 from typer.testing import CliRunner
 
@@ -150,3 +151,22 @@ def test_cli_usage_prints_json_per_task_type(alloc: Allocator, recorder: Recorde
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["rows"]
     assert [(row["key"], round(row["gpu_hours"], 6)) for row in rows] == [("train", 1.0)]
+
+
+@pytest.mark.parametrize("since", ["99999999999d", ""])
+def test_cli_usage_refuses_a_period_start_it_cannot_read_with_exit_2(database_url: URL, since: str) -> None:
+    env = {"ALLOCATOR_DATABASE_URL": database_url.render_as_string(hide_password=False)}
+    r = CliRunner().invoke(app, ["usage", "--since", since], env=env)
+    assert r.exit_code == 2 and "Invalid value" in r.stderr
+
+
+def test_cli_db_upgrade_to_an_unknown_revision_is_invalid_input(database_url: URL) -> None:
+    r = CliRunner().invoke(app, ["db", "upgrade", "bogus", "--database-url", database_url.render_as_string(hide_password=False)])
+    assert r.exit_code == 2 and "bogus" in r.stderr
+
+
+def test_cli_recorder_and_estimates_report_an_unreachable_redis_with_exit_1(engine, database_url: URL) -> None:
+    url = database_url.render_as_string(hide_password=False)
+    for command in (["recorder", "--once"], ["estimates"], ["recover"]):
+        r = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0", "--database-url", url])
+        assert r.exit_code == 1 and "Redis unavailable" in r.stderr, command
