@@ -369,6 +369,38 @@ def test_a_service_that_dies_while_held_is_restarted_on_its_port(alloc, supervis
     ok(alloc)
 
 
+def crash_and_reconcile(alloc, sup) -> dict:
+    """Kills the service's running process and reconciles until it is running again or failed."""
+    before = entry(alloc, "h1", "fs")
+    psutil.Process(before["pid"]).kill()
+    wait_until(lambda: (sup.reconcile() and ((e := entry(alloc, "h1", "fs")) is None
+                                             or (e["state"] == "running" and e["pid"] != before["pid"]))),
+               what="a restart or a failure")
+    return entry(alloc, "h1", "fs")
+
+
+def test_crashes_of_a_service_that_ran_well_between_them_are_not_in_a_row(alloc, supervisors):
+    host(alloc)
+    sup = supervised(alloc, supervisors, cat=catalog(["fs"]), max_restarts=1, restart_reset_s=0.0)
+    a = alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: sup.reconcile().running)
+    for _ in range(3):  # each crash comes after a healthy run: a new row every time
+        assert crash_and_reconcile(alloc, sup)["state"] == "running"
+    assert alloc.get(a.allocation_id).state == "active"
+    ok(alloc)
+
+
+def test_a_service_that_crashes_again_before_it_ran_well_fails_after_max_restarts(alloc, supervisors):
+    host(alloc)
+    sup = supervised(alloc, supervisors, cat=catalog(["fs"]), max_restarts=1, restart_reset_s=3600.0)
+    a = alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: sup.reconcile().running)
+    assert crash_and_reconcile(alloc, sup)["state"] == "running"
+    assert crash_and_reconcile(alloc, sup) is None  # the second crash in a row: failed
+    assert "after 1 restarts" in alloc.get(a.allocation_id).error
+    ok(alloc)
+
+
 def test_a_restarted_supervisor_adopts_running_services_and_only_one_acts(alloc, supervisors):
     host(alloc)
     first = supervised(alloc, supervisors, cat=catalog(["fs"]))

@@ -14,7 +14,8 @@ service entries (``Keys.svc(host)``, written by the placement) with the processe
   (``stop``), SIGTERM to its process group, SIGKILL after ``stop_timeout_s``, then ``stopped``
   (the port is free again, or it starts again if a grant took it meanwhile).
 * ``running`` whose process died: started again on the same port while it is held (at most
-  ``max_restarts`` times in a row, then ``failed``); dropped when not held.
+  ``max_restarts`` times in a row, then ``failed``; a crash after ``restart_reset_s`` healthy
+  starts a new row); dropped when not held.
 * entries this supervisor does not run (a previous agent's): adopted when the recorded pid is
   alive and healthy, else restarted or dropped as above.
 * processes whose entry is gone (the host was removed, the entry failed): stopped.
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 DEFAULT_POLL_S = 1.0
 LEASE_MS = 10_000
 MAX_RESTARTS = 3
+#: A service that stayed healthy this long before it died starts a new run of restarts: "in a
+#: row" counts crashes of a service that keeps failing, not crashes far apart over an agent's life.
+RESTART_RESET_S = 60.0
 _LIVE: weakref.WeakSet[ServiceSupervisor] = weakref.WeakSet()
 
 
@@ -70,6 +74,7 @@ class _Proc:
     log_path: str | None = None
     deadline: float = 0.0  # monotonic: healthy by then, or failed
     healthy: bool = False
+    healthy_since: float = 0.0  # monotonic: when it was found healthy
     next_check: float = 0.0
     check_delay: float = 0.01
 
@@ -155,6 +160,7 @@ class ServiceSupervisor:
         poll_s: float = DEFAULT_POLL_S,
         log_dir: str | None = None,
         max_restarts: int = MAX_RESTARTS,
+        restart_reset_s: float = RESTART_RESET_S,
         exit_when_host_gone: bool = False,
     ) -> None:
         self.allocator = allocator
@@ -163,6 +169,7 @@ class ServiceSupervisor:
         self.address = address
         self.poll_s = poll_s
         self.max_restarts = max_restarts
+        self.restart_reset_s = restart_reset_s
         self.exit_when_host_gone = exit_when_host_gone
         self.procs: dict[str, _Proc] = {}
         self._restarts: dict[str, int] = {}
@@ -326,6 +333,8 @@ class ServiceSupervisor:
             code = p.exit_code()
             if code is not None:
                 del self.procs[name]
+                if p.healthy and time.monotonic() - p.healthy_since >= self.restart_reset_s:
+                    self._restarts.pop(name, None)  # it ran well for a while: not a crash loop
                 if refs > 0:
                     return self._restart(name, port, f"exited with code {code}: {p.log_tail()}", rep)
                 self._state(name, "drop", port=port)
@@ -371,7 +380,7 @@ class ServiceSupervisor:
             res = self._state(name, "running", port=p.port, pid=p.pid,
                               endpoint=spec.render(spec.endpoint, p.port, self.address))
             if res.get("ok"):
-                p.healthy = True
+                p.healthy, p.healthy_since = True, now
                 rep.running.append(name)
                 log.info("service %s on %s: running on port %d", name, self.host_id, p.port)
                 return None
