@@ -416,10 +416,10 @@ class Allocator:
             if host_id is not None and a.host_id != host_id:
                 continue
             out.append(a)
-            if len(out) >= limit:
-                break
-        out.sort(key=lambda a: a.created_at, reverse=True)
-        return out
+        # Sorted before the cut: a host's set of allocations comes in no order, and the newest
+        # are the ones to keep.
+        out.sort(key=lambda a: (a.created_at, a.allocation_id), reverse=True)
+        return out[:limit]
 
     def expire(self, *, batch: int = 500) -> list[str]:
         """Releases every allocation whose TTL has passed (in bounded batches); returns their ids."""

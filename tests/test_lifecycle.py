@@ -126,6 +126,16 @@ def test_list_filters_by_state_task_and_host(alloc_any):
     assert [x.host_id for x in alloc_any.list(host_id=b.host_id)] == [b.host_id]
 
 
+def test_list_with_a_limit_keeps_the_newest_of_a_host(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=16, ram_mb="16Gi")
+    made = []
+    for i in range(12):
+        made.append(alloc.allocate({"cpu_cores": 1}, allocation_id=f"x{i:02d}").allocation_id)
+        clock.advance(1)
+    newest = [x.allocation_id for x in alloc.list(state="active", host_id="h1", limit=3)]
+    assert newest == made[::-1][:3]
+
+
 def test_every_change_appends_an_outbox_event(alloc_any):
     one_gpu_host(alloc_any)
     x = alloc_any.allocate({"gpu_memory_mb": "1Gi"})

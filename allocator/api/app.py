@@ -103,6 +103,14 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            # FastAPI reads the body before the token dependency runs: a caller without the token
+            # gets 401, and nothing of its request is counted (no write for an unauthenticated call).
+            try:
+                state.check_token(request.headers.get("authorization"))
+            except AllocatorError as denied:
+                return JSONResponse(error_body(denied), status_code=status_of(denied),
+                                    headers={"WWW-Authenticate": "Bearer"})
         err = from_validation_errors(list(exc.errors()))
         if request.method == "POST" and request.url.path == "/v1/allocations":
             await asyncio.to_thread(count_refusal, state.allocator, err.code)  # an allocation attempt refused
@@ -110,8 +118,10 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body: dict[str, Any] = {"error": {"code": HTTP_CODES.get(exc.status_code, "HTTP_ERROR"),
-                                          "message": str(exc.detail), "field": None}}
+        code = HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+        if exc.status_code == 400 and "error parsing the body" in str(exc.detail):
+            code = "MALFORMED_JSON"  # FastAPI's answer to a body its JSON parser gave up on (nesting too deep)
+        body: dict[str, Any] = {"error": {"code": code, "message": str(exc.detail), "field": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -82,6 +82,9 @@ class Session:
         self.st, self.ws, self.a = st, ws, st.allocator
         self.stop = asyncio.Event()  # the client left or asked to cancel
         self.allocation_id: str | None = None
+        # Whether this session made the allocation: one the client named by an id that already
+        # existed (placing is idempotent by id) belongs to whoever made it, and is never cancelled here.
+        self.owned = True
         self.uri = ""
         self.settings = ExecutionSettings()
         self.t0 = time.perf_counter()
@@ -152,6 +155,7 @@ class Session:
         fields = inputs.allocation_fields()
         fields["metadata"] = metadata
         self.allocation_id = inputs.allocation_id or new_allocation_id()
+        self.owned = not (inputs.allocation_id and self.a.redis.exists(self.a.keys.alloc(self.allocation_id)))
         try:
             req = self.a.build_request(inputs.resources_dict(), allocation_id=self.allocation_id, **fields)
         except InvalidRequest as exc:
@@ -262,7 +266,7 @@ class Session:
         await self._close(1000)
 
     async def cancel(self) -> None:
-        if self.allocation_id is None:
+        if self.allocation_id is None or not self.owned:
             return
         try:
             await asyncio.to_thread(self.a.cancel, self.allocation_id)

@@ -39,6 +39,14 @@ def test_routes_need_the_token_but_health_and_metrics_stay_open(api: LiveApi) ->
     assert api.client().get("/v1/capacity").status_code == 200
 
 
+def test_a_malformed_body_without_the_token_is_unauthorized_and_counts_nothing(api: LiveApi) -> None:
+    stats = api.allocator.keys.api_stats
+    before = (api.ledger(), api.allocator.redis.hgetall(stats))
+    r = httpx.post(api.url + "/v1/allocations", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and err(r)["code"] == "UNAUTHORIZED" and r.headers["www-authenticate"] == "Bearer"
+    assert (api.ledger(), api.allocator.redis.hgetall(stats)) == before  # not even the refusal counter
+
+
 def test_no_token_configured_means_open(api_factory) -> None:
     api = api_factory(token=None)
     assert api.client(auth=False).get("/v1/capacity").status_code == 200
@@ -143,6 +151,9 @@ def test_refusal_and_invalid_input_change_nothing(api: LiveApi) -> None:
         assert r.status_code == 422, (body, r.text)
         assert err(r)["field"] == field, (body, r.json())
     r = c.post("/v1/allocations", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and err(r)["code"] == "MALFORMED_JSON"
+    deep = b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"  # beyond what the JSON parser nests
+    r = c.post("/v1/allocations", content=deep, headers={"content-type": "application/json"})
     assert r.status_code == 400 and err(r)["code"] == "MALFORMED_JSON"
     assert api.ledger() == before
 

@@ -113,6 +113,22 @@ def test_disconnect_before_placement_cancels(api: LiveApi) -> None:
     assert a.capacity().gpu_memory_mb.allocated == 0
 
 
+def test_a_session_naming_an_existing_allocation_never_cancels_it(api: LiveApi) -> None:
+    fill_a100s(api)
+    first = api.client().post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"},
+                                                       "allocation_id": "theirs", "on_busy": "queue"})
+    assert first.status_code == 202  # someone else's request, waiting in line
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}, "allocation_id": "theirs"},
+                                   settings={"timeout_s": 0.3})))
+        _, frames = until(ws, "queued")
+        assert frames[0]["type"] == "accepted"
+        error = recv(ws)
+        assert error["type"] == "error" and error["error"]["code"] == "TIMEOUT"
+        assert closed_code(ws) == 4409  # the session gave up; what it named but did not make stays in line
+    assert api.allocator.get("theirs").state == "pending"
+
+
 def test_cancel_message_cancels(api: LiveApi) -> None:
     fill_a100s(api)
     with open_ws(api) as ws:
