@@ -68,6 +68,19 @@ def test_claim_with_start_returns_the_grant_and_records_started(alloc_any, clock
     assert len(events_of(alloc, task.id, "started")) == 1
 
 
+def test_the_same_workers_claim_sent_again_gets_the_same_answer(alloc, clock):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, ttl_seconds=600)
+    first = claim_grant(alloc, task.id, "w1", "h1", pid=4242, start=True, run_lease_s=60)
+    clock.advance(5)
+    # The reply to the first call was lost and the client sent it again.
+    again = claim_grant(alloc, task.id, "w1", "h1", pid=4242, start=True, run_lease_s=60)
+    assert (again.current, again.reason, again.expires_ms, again.grant) == (True, "ok", first.expires_ms, first.grant)
+    assert len(events_of(alloc, task.id, "started")) == 1
+    other_run = claim_grant(alloc, task.id, "w1", "h1", pid=5353, start=True)  # a second copy of the queue entry
+    assert (other_run.current, other_run.reason) == (False, "already_claimed")
+
+
 def test_claim_without_start_records_nothing(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})

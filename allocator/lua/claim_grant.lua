@@ -23,7 +23,9 @@ next, which places what waits for its resources) and must not start a run. A pla
 and placed again has a new token (its requeue count grows, even under an injected clock), so its
 new placement can be claimed once more, while a second copy of the same queue entry (a worker
 that popped the job before its host was declared lost, and resumed after the task was placed
-there again) is refused with reason "already_claimed". The claim is written to the record
+there again) is refused with reason "already_claimed"; the same worker (name, machine and pid)
+claiming the same placement again, as a client does that retries a call whose reply was lost,
+gets the same answer as the first time (without a second "started" event). The claim is written to the record
 (fields claim = token, claimed_by, claimed_node, claimed_pid, claimed_at ms): the host's agent
 reads them to find runs whose worker died (allocator/agent/orphans.py). It changes no capacity;
 with "start" it appends the outbox event "started" {host, worker, started = ms, server clock,
@@ -64,11 +66,28 @@ if ARGV[9] ~= nil and ARGV[9] ~= '' then
   run_lease = tonumber(ARGV[9])
 end
 local out, a = grant_status(id, my_host, {'activated', 'claim', 'claimed_by', 'requeues', 'gpus', 'cores',
-                                          'shared_millis', 'expires'})
+                                          'shared_millis', 'expires', 'claimed_node', 'claimed_pid'})
 if out.reason ~= nil then return cjson.encode(out) end
 local token = placement_token(a[2], a[3], a[4], a[7])
 out.token = token
+
+-- The grant the work horse confines itself to (with "start").
+local function grant_of()
+  local shared = tonumber(a[10] or 0) or 0
+  local pool = {}
+  if #decode_list(a[9]) == 0 and shared > 0 then pool = shared_pool(my_host) end
+  return {gpus = a[8] or '[]', cores = a[9] or '[]', shared_millis = shared, pool = pool}
+end
+
 if a[5] == token then
+  if a[6] == worker and (a[12] or '') == node and (a[13] or '') == pid then
+    -- This worker's own claim, sent again (the reply to the first was lost and the client
+    -- retried): the same answer, without a second "started" event or another deadline move.
+    out.current, out.reason, out.claimed_by = true, 'ok', worker
+    if run_lease ~= nil then out.expires = tonumber(a[11] or 0) or 0 end
+    if start then out.grant = grant_of() end
+    return cjson.encode(out)
+  end
   out.reason, out.claimed_by = 'already_claimed', a[6]
   return cjson.encode(out)
 end
@@ -98,10 +117,7 @@ if run_lease ~= nil then
   out.expires = expires
 end
 if start then
-  local shared = tonumber(a[10] or 0) or 0
-  local pool = {}
-  if #decode_list(a[9]) == 0 and shared > 0 then pool = shared_pool(my_host) end
-  out.grant = {gpus = a[8] or '[]', cores = a[9] or '[]', shared_millis = shared, pool = pool}
+  out.grant = grant_of()
   emit('started', id, now, cjson.encode({host = my_host, worker = worker, started = now, expires = out.expires}))
 end
 return cjson.encode(out)
