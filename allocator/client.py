@@ -559,8 +559,16 @@ class Allocator:
 
     def destroy(self) -> int:
         """Deletes every key of this namespace (tests, benchmarks, decommissioning), in batches:
-        a fleet of thousands of hosts leaves tens of thousands of keys."""
-        return delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
+        a fleet of thousands of hosts leaves tens of thousands of keys. RQ's keys for the
+        namespace's tasks go too: their jobs (by the allocation ids the namespace still lists),
+        its queues with their registries, and their entries in RQ's set of queues."""
+        jobs = (k for i in self.redis.zrange(self.keys.allocs, 0, -1) for k in self.keys.rq_job_keys(i))
+        n = delete_keys(self.redis, jobs)
+        n += delete_keys(self.redis, self.redis.scan_iter(match=self.keys.rq_queue_pattern(), count=1000))
+        queues = [q for q in self.redis.smembers(self.keys.RQ_QUEUES) if q.startswith(self.keys.rq_queue_prefix())]
+        if queues:
+            self.redis.srem(self.keys.RQ_QUEUES, *queues)
+        return n + delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
 
 
 def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity:

@@ -39,6 +39,11 @@ def gpu_ffc_score(ord_: int, pos: int, free_mb: int) -> int:
     return ff_class(free_mb) * FF_SHIFT + gpu_ord_score(ord_, pos)
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN glob."""
+    return text.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?")
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names for one namespace."""
@@ -190,7 +195,27 @@ class Keys:
 
     def pattern(self) -> str:
         """Glob matching every key of the namespace (for SCAN in cleanup and tests)."""
-        return "{" + self.namespace.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "}:*"
+        return "{" + _glob_escape(self.namespace) + "}:*"
+
+    # -- RQ's keys for this namespace's tasks (RQ names them; they are listed here for cleanup) --
+
+    def rq_queue_pattern(self) -> str:
+        """Glob matching RQ's keys for this namespace's queues (``<ns>.<priority>``,
+        ``<ns>.host.<id>``): the queues and their registries, ``rq:<kind>:<queue>``."""
+        return "rq:*:" + _glob_escape(self.namespace) + ".*"
+
+    @staticmethod
+    def rq_job_keys(job_id: str) -> list[str]:
+        """RQ's keys for one job (a task's id is its RQ job id)."""
+        return [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:job:{job_id}:dependents",
+                f"rq:job:{job_id}:dependencies"]
+
+    #: RQ's set of every queue's key.
+    RQ_QUEUES = "rq:queues"
+
+    def rq_queue_prefix(self) -> str:
+        """The start of the key of every RQ queue of this namespace (members of ``RQ_QUEUES``)."""
+        return f"rq:queue:{self.namespace}."
 
     # -- durable history (allocator/history) -------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Any
 
 import pytest
@@ -79,6 +80,20 @@ def test_the_same_workers_claim_sent_again_gets_the_same_answer(alloc, clock):
     assert len(events_of(alloc, task.id, "started")) == 1
     other_run = claim_grant(alloc, task.id, "w1", "h1", pid=5353, start=True)  # a second copy of the queue entry
     assert (other_run.current, other_run.reason) == (False, "already_claimed")
+
+
+def test_destroy_also_deletes_rq_keys_of_the_namespace(redis_url, clock):
+    from allocator import Allocator
+
+    a = Allocator(redis_url, namespace="test-rq-" + uuid.uuid4().hex[:8], clock=clock)
+    gpu_host(a)
+    placed = a.enqueue(jobs.add, 1, 2, resources={"gpus": 1})  # on the host's queue
+    waiting = a.enqueue(jobs.add, 3, 4, resources={"gpus": 1}, job_id="waiting-" + uuid.uuid4().hex[:8])  # in line
+    assert a.redis.exists(f"rq:job:{placed.id}", f"rq:job:{waiting.id}") == 2
+    a.destroy()
+    left = list(a.redis.scan_iter(match=a.keys.rq_queue_pattern()))
+    assert left == [] and a.redis.exists(f"rq:job:{placed.id}", f"rq:job:{waiting.id}") == 0
+    assert not [q for q in a.redis.smembers(a.keys.RQ_QUEUES) if q.startswith(a.keys.rq_queue_prefix())]
 
 
 def test_claim_without_start_records_nothing(alloc):
