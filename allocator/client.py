@@ -561,13 +561,22 @@ class Allocator:
         """Deletes every key of this namespace (tests, benchmarks, decommissioning), in batches:
         a fleet of thousands of hosts leaves tens of thousands of keys. RQ's keys for the
         namespace's tasks go too: their jobs (by the allocation ids the namespace still lists),
-        its queues with their registries, and their entries in RQ's set of queues."""
+        its queues with their registries, their entries in RQ's set of queues, and the workers
+        registered on those queues only."""
         jobs = (k for i in self.redis.zrange(self.keys.allocs, 0, -1) for k in self.keys.rq_job_keys(i))
         n = delete_keys(self.redis, jobs)
         n += delete_keys(self.redis, self.redis.scan_iter(match=self.keys.rq_queue_pattern(), count=1000))
         queues = [q for q in self.redis.smembers(self.keys.RQ_QUEUES) if q.startswith(self.keys.rq_queue_prefix())]
         if queues:
             self.redis.srem(self.keys.RQ_QUEUES, *queues)
+        # Workers registered on this namespace's queues only (a worker killed without its own
+        # cleanup stays registered for minutes): their current job may be gone now.
+        mine = f"{self.keys.namespace}."
+        for w in self.redis.smembers(self.keys.RQ_WORKERS):
+            names = (self.redis.hget(w, "queues") or "").split(",")
+            if names != [""] and all(q.startswith(mine) for q in names):
+                self.redis.srem(self.keys.RQ_WORKERS, w)
+                n += self.redis.delete(w)
         return n + delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
 
 

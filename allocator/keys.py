@@ -212,6 +212,8 @@ class Keys:
 
     #: RQ's set of every queue's key.
     RQ_QUEUES = "rq:queues"
+    #: RQ's set of every registered worker's key (``rq:worker:<name>``, a hash with ``queues``).
+    RQ_WORKERS = "rq:workers"
 
     def rq_queue_prefix(self) -> str:
         """The start of the key of every RQ queue of this namespace (members of ``RQ_QUEUES``)."""

@@ -96,6 +96,24 @@ def test_destroy_also_deletes_rq_keys_of_the_namespace(redis_url, clock):
     assert not [q for q in a.redis.smembers(a.keys.RQ_QUEUES) if q.startswith(a.keys.rq_queue_prefix())]
 
 
+def test_destroy_unregisters_workers_of_the_namespace_only(redis_url, clock):
+    from allocator import Allocator
+
+    a = Allocator(redis_url, namespace="test-rq-" + uuid.uuid4().hex[:8], clock=clock)
+    ns = a.keys.namespace
+    mine, shared = f"rq:worker:{ns}-w1", f"rq:worker:{ns}-w2"
+    a.redis.hset(mine, mapping={"queues": f"{ns}.host.h1", "current_job": "gone"})  # killed, still registered
+    a.redis.hset(shared, mapping={"queues": f"{ns}.host.h1,other.host.h1"})
+    a.redis.sadd(a.keys.RQ_WORKERS, mine, shared)
+    try:
+        a.destroy()
+        assert a.redis.sismember(a.keys.RQ_WORKERS, mine) == 0 and a.redis.exists(mine) == 0
+        assert a.redis.sismember(a.keys.RQ_WORKERS, shared) == 1  # it serves another namespace too
+    finally:
+        a.redis.srem(a.keys.RQ_WORKERS, shared)
+        a.redis.delete(shared)
+
+
 def test_claim_without_start_records_nothing(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
