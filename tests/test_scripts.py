@@ -8,8 +8,10 @@ import redis
 
 from allocator.scripts import (
     _INCLUDE,
+    _WRAP_CLOSE,
     SCRIPT_NAMES,
     _read,
+    _wrappable,
     code_names,
     definitions,
     lazy_definitions,
@@ -154,3 +156,21 @@ def test_no_local_parameter_or_table_key_is_named_like_a_helper_function():
             clashes |= {v.strip() for v in m.group(1).split(",")} & helpers
         clashes |= set(re.findall(r"[{,]\s*([A-Za-z_]\w*)\s*=(?!=)", code)) & helpers
     assert clashes == set()
+
+
+def test_the_hot_scripts_run_their_library_inside_one_function_after_its_values():
+    for name in ("place", "release", "finish_job", "schedule"):
+        text = source(name)
+        assert text.endswith(_WRAP_CLOSE), name
+        assert text.index("local K_HOSTS") < text.index("return (function(...)") < text.index("local function now_ms(")
+    assert not source("place", wrap=False).endswith(_WRAP_CLOSE)
+
+
+def test_a_library_whose_values_need_its_functions_is_not_wrapped():
+    own = '--- @include "tiny"\nreturn read(ARGV[1])'
+    defs = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", ""))
+    assert _wrappable(own, defs, [], "return read(ARGV[1])")
+    uses_key = definitions(LIBRARY.replace("end_marker_is_not_a_definition = 1\n", "local C = key('c')\n"))
+    assert not _wrappable(own, uses_key, [], "return read(ARGV[1])")  # C would run before key exists
+    code_between = '--- @include "a"\nlocal x = 1\n--- @include "b"\nreturn x'
+    assert not _wrappable(code_between, defs, [], "return x")
