@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -314,7 +315,8 @@ def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile in ms (``values`` in seconds, sorted)."""
     if not values:
         return float("nan")
-    k = max(0, min(len(values) - 1, int(round(q / 100 * len(values) + 0.5)) - 1))
+    # The ceil(q% of n)-th value: round() would round halves to even, one sample too high.
+    k = max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))
     return values[k] * 1000
 
 

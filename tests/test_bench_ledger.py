@@ -68,3 +68,11 @@ def test_slow_calls_are_those_past_a_bucket_of_the_latency_histogram(alloc):
         return
     assert over_none == 0.0  # no call takes longer than every bucket
     assert over_all >= 1.0  # every call takes longer than 0 µs
+
+
+def test_percentiles_are_nearest_rank():
+    from bench.ledger import pct
+
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert (pct(values, 50), pct(values, 99), pct(values, 100)) == (50.0, 99.0, 100.0)
+    assert pct(values[:3], 50) == 2.0
