@@ -62,6 +62,14 @@ def delete_keys(client: redis.Redis, keys: Iterable[Any], batch: int = 500) -> i
 
 #: The URL schemes redis-py connects with.
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(url: str) -> None:
+    """Refuses a URL redis-py cannot connect with, before its ValueError surfaces as a traceback
+    in a command. The URL itself is not echoed: it may carry a password."""
+    if not url.startswith(REDIS_URL_SCHEMES):
+        raise InvalidRequest("redis_url", "expected a URL starting with redis://, rediss:// or unix:// "
+                                          "(e.g. redis://127.0.0.1:6379/0)")
 #: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
 MAX_CORE_ID = 1 << 20
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
@@ -166,11 +174,8 @@ class Allocator:
         # characters, and a longer one would make the recorder fail on every batch, for ever.
         check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
         if client is None:
-            if redis_url and not redis_url.startswith(REDIS_URL_SCHEMES):
-                # redis-py's ValueError would surface as a traceback in every command; the URL
-                # itself is not echoed, since it may carry a password.
-                raise InvalidRequest("redis_url", "expected a URL starting with redis://, rediss:// or unix:// "
-                                                  "(e.g. redis://127.0.0.1:6379/0)")
+            if redis_url:
+                check_redis_url(redis_url)
             client = redis.Redis.from_url(redis_url or embedded.embedded_url(), decode_responses=True)
         self.redis = client
         self.keys = Keys(namespace)
@@ -571,7 +576,7 @@ class Allocator:
             self.redis.srem(self.keys.RQ_QUEUES, *queues)
         # Workers registered on this namespace's queues only (a worker killed without its own
         # cleanup stays registered for minutes): their current job may be gone now.
-        mine = f"{self.keys.namespace}."
+        mine = self.keys.rq_queue_name_prefix()
         for w in self.redis.smembers(self.keys.RQ_WORKERS):
             names = (self.redis.hget(w, "queues") or "").split(",")
             if names != [""] and all(q.startswith(mine) for q in names):

@@ -202,7 +202,7 @@ class Keys:
     def rq_queue_pattern(self) -> str:
         """Glob matching RQ's keys for this namespace's queues (``<ns>.<priority>``,
         ``<ns>.host.<id>``): the queues and their registries, ``rq:<kind>:<queue>``."""
-        return "rq:*:" + _glob_escape(self.namespace) + ".*"
+        return "rq:*:" + _glob_escape(self.rq_queue_name_prefix()) + "*"
 
     @staticmethod
     def rq_job_keys(job_id: str) -> list[str]:
@@ -215,9 +215,13 @@ class Keys:
     #: RQ's set of every registered worker's key (``rq:worker:<name>``, a hash with ``queues``).
     RQ_WORKERS = "rq:workers"
 
+    def rq_queue_name_prefix(self) -> str:
+        """The start of the name of every RQ queue of this namespace (``<ns>.``)."""
+        return f"{self.namespace}."
+
     def rq_queue_prefix(self) -> str:
         """The start of the key of every RQ queue of this namespace (members of ``RQ_QUEUES``)."""
-        return f"rq:queue:{self.namespace}."
+        return "rq:queue:" + self.rq_queue_name_prefix()
 
     # -- durable history (allocator/history) -------------------------------------------------
 

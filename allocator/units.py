@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation, localcontext
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
 
 from .errors import InvalidRequest
 
@@ -64,12 +64,10 @@ def parse_memory_mb(value: object, field: str = "memory") -> int:
     factor = _FACTORS_BYTES.get(unit.upper())
     if factor is None:
         raise InvalidRequest(field, f"unknown unit {unit!r} in {_show(value)}; use Ki, Mi, Gi, Ti, K, M, G or T")
-    # Exact: at most 60 digits times the factor, where the default context keeps 28 and would
-    # round 1.000000000000000000000000000001 MiB down to 1.
-    with localcontext() as ctx:
-        ctx.prec = 100
-        amount = Decimal(number) * factor
-        return _bounded_mb(int(math.ceil(amount / _MIB)), value, field)
+    # Exact: the default context keeps 28 digits and would round 1.000000000000000000000000000001
+    # MiB down to 1 (dividing by 2**20 always terminates, so the quotient is exact too).
+    mib = _EXACT.divide(_EXACT.multiply(Decimal(number), factor), _MIB)
+    return _bounded_mb(int(math.ceil(mib)), value, field)
 
 
 def _bounded_mb(mb: int, value: object, field: str) -> int:

@@ -9,8 +9,9 @@ import time
 import redis
 import typer
 
-from .client import REDIS_URL_SCHEMES, Allocator
+from .client import Allocator, check_redis_url
 from .config import Settings
+from .errors import InvalidRequest
 from .queue import host_queue_name
 
 REDIS_URL_HELP = "Redis URL (ALLOCATOR_REDIS_URL)."
@@ -34,9 +35,10 @@ def worker(
     if not url:
         raise typer.BadParameter("a worker needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
     ns = namespace or settings.namespace
-    if not url.startswith(REDIS_URL_SCHEMES):
-        raise typer.BadParameter("expected a URL starting with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)",
-                                 param_hint="--redis-url")
+    try:
+        check_redis_url(url)
+    except InvalidRequest as exc:
+        raise typer.BadParameter(exc.reason, param_hint="--redis-url") from None
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
     if num_workers == 1:

@@ -590,21 +590,23 @@ local function return_grant(id, a)
   if not f[1] then return end  -- the host is gone
   -- A grant recorded at a position its GPU no longer has (an update moved the GPU before
   -- register_host rewrote grants' positions): found by uuid, its fields read there.
-  local ngpu0 = tonumber(f[1])
+  local pos_of = nil  -- uuid -> position on the host, read once when some grant needs it
   for i, g in ipairs(gl) do
     local j = 7 + (i - 1) * 5
-    local pos = tonumber(g.pos)
-    if f[j + 1] ~= g.uuid and ngpu0 > 0 then
-      local un = {}
-      for p = 0, ngpu0 - 1 do un[p + 1] = 'g' .. p .. ':uuid' end
-      local uuids = rcall('HMGET', hk, unpack(un))
-      for p = 0, ngpu0 - 1 do
-        if uuids[p + 1] == g.uuid and p ~= pos then
-          local q = 'g' .. p .. ':'
-          local v = rcall('HMGET', hk, q .. 'used', q .. 'n', q .. 'total', q .. 'ext')
-          g.pos, f[j + 1], f[j + 2], f[j + 3], f[j + 4], f[j + 5] = p, g.uuid, v[1], v[2], v[3], v[4]
-          break
+    if f[j + 1] ~= g.uuid then
+      if pos_of == nil then
+        pos_of = {}
+        local un = {}
+        for p = 0, tonumber(f[1]) - 1 do un[p + 1] = 'g' .. p .. ':uuid' end
+        if #un > 0 then
+          for p, u in ipairs(rcall('HMGET', hk, unpack(un))) do if u then pos_of[u] = p - 1 end end
         end
+      end
+      local p = pos_of[g.uuid]
+      if p ~= nil then
+        local q = 'g' .. p .. ':'
+        local v = rcall('HMGET', hk, q .. 'used', q .. 'n', q .. 'total', q .. 'ext')
+        g.pos, f[j + 1], f[j + 2], f[j + 3], f[j + 4], f[j + 5] = p, g.uuid, v[1], v[2], v[3], v[4]
       end
     end
   end
