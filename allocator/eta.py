@@ -22,7 +22,9 @@ expected release a pass again, each pass being a Python mirror of the Lua pass
   a pass that placed something is repeated at the same instant (what the scheduler's tick does a
   moment later), so a pass depth of 1 is strict FIFO without backfill; within a pass a refused
   request shape is not tried again (the Lua's memo; cleared by a preemption);
-- worker slots, shared services (the host's catalog), requests pinned to one host.
+- worker slots, shared services (the host's catalog), requests pinned to one host;
+- tasks waiting for a retry's interval (``{ns}:delayed``): skipped by every pass until then, and a
+  pass at that time (the scheduler's tick).
 
 ``tests/test_eta.py`` checks on random fleets and lines that the simulated starts are exactly what
 the real ledger then does when every allocation runs for exactly its expected duration.
@@ -250,6 +252,7 @@ class Snapshot:
     catalogs: dict[str, set[str]] = field(default_factory=dict)  # host -> services it can run
     complete: bool = True  # False when the line was read only up to a rank (one task's estimate)
     read_ms: float = 0.0
+    delayed: dict[str, int] = field(default_factory=dict)  # task in line -> not before (ms), a retry's interval
 
 
 def _hist(durations: dict[str, dict[str, Any]], task_type: str | None, key: str) -> int | None:
@@ -331,6 +334,11 @@ class Simulation:
         # to `pending`): a pass after a release that placed nothing sees the same window.
         self._pver = 0
         self._window_seen: tuple[Any, ...] | None = None
+        # Tasks in line that may not start yet (a retry's interval): id -> not-before ms. A pass
+        # skips them as the Lua does; each time one becomes due, a pass runs then (the scheduler's
+        # tick), with the line's caches invalidated (_arrive).
+        self.hold: dict[str, int] = {}
+        self.arrivals: list[tuple[int, str]] = []
         self.passes = 0
         self.events = 0
         for hid, h in snap.hosts.items():
@@ -354,6 +362,11 @@ class Simulation:
             self.tasks[tid] = req
             self.score[tid] = score
             self.pending.add((score, tid))
+            nb = snap.delayed.get(tid)
+            if nb is not None and nb > self.now:
+                self.hold[tid] = nb
+                self.arrivals.append((nb, tid))
+        heapq.heapify(self.arrivals)
         # Per task, as small ints (a shape tuple is slow to hash, and _pass looks them up for
         # every task in its window): the shape under which _pass may skip the task once the line
         # is blocked (None: never), and what the pass's memo of refusals knows it by, less the
@@ -1109,7 +1122,10 @@ class Simulation:
         placed = 0
         blocked: _Req | None = None
         i = 0
+        hold = self.hold
         for i, tid in enumerate(ids):
+            if hold and tid in hold:
+                continue  # may not start yet: in no one's way
             req = tasks[tid]
             p = self.try_place(req)
             if p is None and req.preempt:
@@ -1135,6 +1151,8 @@ class Simulation:
             rest, keys, firsts = seen[2]
         else:
             rest = ids[i + 1:]
+            if hold:
+                rest = [tid for tid in rest if tid not in hold]
             keys = list(map(nwk.__getitem__, rest))
             firsts = list(dict(zip(reversed(keys), reversed(rest))).items())  # shape -> its first task
             if placed == 0:
@@ -1245,6 +1263,13 @@ class Simulation:
             self.started[tid] = now
             self._started_order.append(tid)
 
+    def _arrive(self, tid: str) -> None:
+        """Task tid may start from now on: the line's window and a quiet pass no longer hold."""
+        self.hold.pop(tid, None)
+        self._pver += 1
+        self._changes += 1
+        self._quiet = None
+
     def _settle(self, now: int) -> None:
         for _ in range(10_000):
             if not self.pending or self._pass(now) == 0:
@@ -1263,7 +1288,20 @@ class Simulation:
             self._finish(aid)
         self._settle(now)
         left -= self.started.keys()
-        while left and self.releases and budget > 0:
+        while left and (self.releases or self.arrivals) and budget > 0:
+            if self.arrivals and (not self.releases or self.arrivals[0][0] < self.releases[0][0]):
+                # A task's retry interval is over: the next pass (the scheduler's tick) sees it.
+                # (A release at the same instant comes first: its pass already sees the task.)
+                t_due, tid = heapq.heappop(self.arrivals)
+                budget -= 1
+                self.events += 1
+                now = t_due
+                self._arrive(tid)
+                n = len(self.started)
+                self._settle(now)
+                if len(self.started) != n:
+                    left.difference_update(self._started_order[n:])
+                continue
             t, _, aid = heapq.heappop(self.releases)
             al = self.allocs.get(aid)
             if al is None or not al.alive or al.release != t:
@@ -1271,6 +1309,8 @@ class Simulation:
             budget -= 1
             self.events += 1
             now = int(t)
+            while self.arrivals and self.arrivals[0][0] <= now:  # due at this instant: its pass sees them
+                self._arrive(heapq.heappop(self.arrivals)[1])
             if self._still_quiet(self._finish(aid)):
                 self.passes += 1
                 self.skipped += 1
@@ -1342,6 +1382,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
                 reader = a.redis  # last try: no isolation; inconsistencies are tolerated below
             host_ids = reader.zrange(k.hosts, 0, -1)
             pending = reader.zrange(k.pending, 0, stop, withscores=True)
+            delayed = reader.zrange(k.delayed, 0, -1, withscores=True)
             byprio = reader.zrange(k.byprio, 0, -1, withscores=True)
             if reader is pipe:
                 pipe.multi()
@@ -1419,7 +1460,8 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
     cache.trim({p[0] for p in pend}, {x["id"] for x in allocs})
     return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
                     pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
-                    complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000)
+                    complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000,
+                    delayed={tid: int(nb) for tid, nb in delayed if nb > now})
 
 
 # -- the engine and its cache ------------------------------------------------------------------

@@ -150,6 +150,13 @@ class Keys:
         return self._k("pending")
 
     @property
+    def delayed(self) -> str:
+        """ZSET task id -> not-before ms: tasks in line that may not start yet (a retry's interval).
+        They keep their place in ``pending``; passes skip them until then (the scripts build it
+        from the prefix; it is not among their KEYS)."""
+        return self._k("delayed")
+
+    @property
     def eta(self) -> str:
         """HASH: pending task id -> estimated start ms ("" = none), written by the scheduler tick
         (``allocator.eta``), plus ``_at`` (when computed, ms), ``_cost_ms`` and ``_pending``."""

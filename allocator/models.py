@@ -509,6 +509,8 @@ class Allocation(BaseModel):
     kind: str = Field("lease", description="lease (direct allocation) or job (function task).")
     queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed.")
     requeues: int = 0
+    not_before: datetime | None = Field(
+        None, description="While pending: the earliest it may start (a retry's interval, as RQ's Retry(interval=...) asks).")
     workers: int = Field(0, description="Worker slots held.")
     services: list[str] = Field(default_factory=list, description="Shared named services held (one reference each).")
     error: str | None = Field(None, description="Why a failed allocation failed (e.g. a service did not start).")
@@ -556,6 +558,7 @@ class Allocation(BaseModel):
             "kind": rec.get("kind") or "lease",
             "queue_position": 0 if state != "pending" else None,
             "requeues": int(rec.get("requeues") or 0),
+            "not_before": _ts(rec.get("not_before")) if state == "pending" else None,
             "workers": int(rec.get("slots") or 0),
             "services": _json_list(rec.get("services")),
             "error": rec.get("error") or None,

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,26 @@ def test_a_job_with_retries_runs_again_until_it_succeeds(alloc, tmp_path):
     assert counter.read_text() == "3"
     assert task.job.get_status() == "finished"
     assert (alloc.get(task.id).release_reason, alloc.get(task.id).requeues) == ("released", 2)
+
+
+def test_a_retry_with_an_interval_runs_again_only_once_the_interval_is_over(alloc, clock, tmp_path):
+    from rq import Retry
+
+    gpu_host(alloc)
+    counter = tmp_path / "attempts"
+    task = alloc.enqueue(jobs.fail_until, str(counter), 1, resources={"gpus": 1}, retry=Retry(max=1, interval=600))
+    started = time.time()
+    run_worker(alloc, "h1")  # the first run fails; RQ schedules the retry 600 s later
+    rec = alloc.get(task.id)
+    assert (counter.read_text(), rec.state, rec.requeues) == ("1", "pending", 1)
+    assert started + 600 - 2 <= rec.not_before.timestamp() <= time.time() + 600
+    assert alloc.schedule() == []  # the worker's own pass left it waiting, and so does this one
+    clock.advance(rec.not_before.timestamp() - clock.now)
+    assert alloc.schedule() == [task.id]
+    run_worker(alloc, "h1")
+    assert counter.read_text() == "2"
+    assert task.job.get_status() == "finished"
+    assert (alloc.get(task.id).release_reason, alloc.get(task.id).requeues) == ("released", 1)
 
 
 def test_timed_out_job_is_released(alloc):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -257,6 +258,83 @@ def test_a_failed_run_rq_will_retry_puts_the_task_back_in_line_under_its_id(allo
     assert alloc.rq_connection.zcard(f"rq:scheduled:{hostq}") == 0
     assert claim_grant(alloc, task.id, "w1", "h1", start=True).current
     assert invariants.check(alloc.snapshot()) == []
+
+
+def retried_later(a, task, claim, *, in_s: int) -> int:
+    """RQ's Retry(interval=in_s) scheduled the failed job in its host queue's scheduled registry
+    (score: when, in seconds) before the worker's finish_job; returns that time in ms."""
+    at = math.floor(a.clock()) + in_s
+    hostq = f"{a.keys.namespace}.host.h1"
+    a.rq_connection.hset(Job.key_for(task.id), "status", "scheduled")
+    a.rq_connection.zadd(f"rq:scheduled:{hostq}", {task.id: at})
+    end = finish_job(a, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (True, True)
+    return at * 1000
+
+
+def test_a_retry_with_an_interval_waits_in_line_until_its_time(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    at_ms = retried_later(alloc, task, claim, in_s=30)
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.not_before, alloc.position(task.id)) == ("pending", datetime.fromtimestamp(at_ms / 1000, timezone.utc), 1)
+    clock.advance(29)
+    assert alloc.schedule() == [] and alloc.get(task.id).state == "pending"
+    clock.advance(1)
+    assert alloc.schedule() == [task.id]
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.host_id, rec.not_before) == ("active", "h1", None)
+    assert alloc.redis.zcard(alloc.keys.delayed) == 0
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_a_task_waiting_for_its_retry_interval_holds_up_no_one(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    behind = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})  # waits for the two GPUs
+    retried_later(alloc, task, claim, in_s=30)  # frees them, but may not take them back yet
+    assert (alloc.get(behind.id).state, alloc.get(task.id).state) == ("active", "pending")
+    assert alloc.position(task.id) == 1
+
+
+def test_the_estimated_start_of_a_retry_is_when_its_interval_ends(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    at_ms = retried_later(alloc, task, claim, in_s=30)
+    assert alloc.estimated_start_time(task.id) == datetime.fromtimestamp(at_ms / 1000, timezone.utc)
+
+
+def test_a_retry_whose_interval_ends_first_is_estimated_to_start_when_its_gpus_free(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    retried_later(alloc, task, claim, in_s=30)
+    lease = alloc.allocate({"gpus": 2}, expected_duration=60)  # takes the GPUs meanwhile
+    assert lease.state == "active"
+    ends = lease.activated_at.timestamp() + 60
+    assert alloc.estimated_start_time(task.id) == datetime.fromtimestamp(ends, timezone.utc)
+
+
+def test_cancelling_a_task_that_waits_for_its_retry_interval_leaves_nothing_behind(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    retried_later(alloc, task, claim, in_s=30)
+    alloc.cancel(task.id)
+    assert alloc.get(task.id).state == "cancelled"
+    assert alloc.redis.zcard(alloc.keys.delayed) == 0
+
+
+def test_a_retry_without_an_interval_may_start_at_once_even_after_one_with(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    retried_later(alloc, task, claim, in_s=30)
+    clock.advance(30)
+    alloc.schedule()
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "queued")  # Retry without an interval
+    finish_job(alloc, task.id, "h1", claim.token, horse_pid=4242, job_key=Job.key_for(task.id))
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.not_before, rec.requeues) == ("active", None, 2)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "not_before") is None
 
 
 def test_stale_placement_frees_nothing_but_drops_the_pid(alloc):

@@ -25,7 +25,9 @@ Steps, in the order the worker used to take them one call each:
    "scheduled"): the "finished" event (outcome "retry"), the release with reason "retried", and
    the task back in line under its id (as a preempted one, at its original place, not the front;
    its RQ job leaves the host queue or scheduled registry for the line's queue), then a pass. A
-   retry's interval is not kept: the task starts again as soon as it is placed.
+   retry with an interval (status "scheduled") may not start before the time RQ scheduled it
+   for (its score in that registry): the task keeps its place in line but passes skip it until
+   then (see K_DELAYED in includes/queue.lua).
 A job hash that is gone counts as the worker's outcome (ARGV[10]), or status "None" (released as
 failed) when it gives none.
 Returns JSON {requeued, released, stale, status, placed[]}; requeued and released both true for a retry.
@@ -69,9 +71,17 @@ if not release then
 end
 
 if t ~= nil and t.kind == 'job' and (status == 'queued' or status == 'scheduled') then
+  -- A retry with an interval: RQ scheduled the job (score: when, in seconds) in the registry of
+  -- the queue it ran from; the task waits in line until then (requeue_task takes it out of there).
+  local not_before = nil
+  if status == 'scheduled' then
+    local origin = rcall('HGET', K_JOB, 'origin')
+    local at = origin and rcall('ZSCORE', t.rq_prefix .. 'scheduled:' .. origin, id)
+    if at then not_before = math.floor(tonumber(at) * 1000) end
+  end
   emit('finished', id, now, cjson.encode({host = my_host, status = status, outcome = 'retry'}))
   finish_alloc(id, 'retried', now)
-  requeue_task(id, t, now, false)
+  requeue_task(id, t, now, false, not_before)
   return cjson.encode({requeued = true, released = true, stale = false, status = status,
                        placed = schedule_pass(now, depth, scan_cap)})
 end

@@ -12,6 +12,10 @@ queue scripts need a single Redis server (RQ itself does not support Cluster).
 ]]
 
 local function task_key(id) return PREFIX .. 'task:' .. id end
+-- ZSET task id -> not-before ms: the tasks in line that may not start yet (a retry's interval, as
+-- RQ's Retry(interval=...) asks). They keep their place in K_PENDING; a pass skips them until
+-- then, and they hold nothing up meanwhile. The scheduler's ETA reads it (allocator/eta.py).
+local K_DELAYED = PREFIX .. 'delayed'
 
 local function pending_score(priority, front, seq)
   local s = (3 - priority) * 4398046511104 + seq
@@ -20,10 +24,11 @@ local function pending_score(priority, front, seq)
 end
 
 local function read_task(id)
-  local f = rcall('HMGET', task_key(id), 'kind', 'payload', 'rq_prefix', 'rq_queue', 'host_queue_prefix', 'state', 'seq', 'priority')
+  local f = rcall('HMGET', task_key(id), 'kind', 'payload', 'rq_prefix', 'rq_queue', 'host_queue_prefix', 'state', 'seq',
+    'priority', 'not_before')
   if not f[1] then return nil end
   return {kind = f[1], payload = f[2], rq_prefix = f[3], rq_queue = f[4], hq_prefix = f[5], state = f[6],
-          seq = tonumber(f[7]), priority = tonumber(f[8])}
+          seq = tonumber(f[7]), priority = tonumber(f[8]), not_before = tonumber(f[9])}
 end
 
 -- A pending task leaves the line with nothing allocated: cancelled (reason "cancelled", by
@@ -33,6 +38,7 @@ local function leave_line(id, t, now, reason)
   rcall('HSET', alloc_key(id), 'state', 'cancelled', 'released', now, 'reason', reason)
   rcall('ZADD', K_DONE, now, id)
   if t then
+    if t.not_before then rcall('ZREM', K_DELAYED, id) end
     rcall('HSET', task_key(id), 'state', 'cancelled')
     rcall('PEXPIRE', task_key(id), 86400000)
     if t.kind == 'job' then
@@ -62,9 +68,19 @@ local function dispatch(id, t, h)
 end
 
 -- Puts a task back in line. Preempted tasks go to the front of their priority, keeping their
--- original sequence (so they stay in arrival order among themselves).
-local function requeue_task(id, t, now, front)
+-- original sequence (so they stay in arrival order among themselves). not_before (ms, or nil): the
+-- earliest the task may start again (a retry's interval); kept on the task and its record.
+local function requeue_task(id, t, now, front, not_before)
   rcall('HSET', task_key(id), 'state', 'pending', 'front', front and '1' or '0')
+  if not_before then
+    rcall('HSET', task_key(id), 'not_before', not_before)
+    rcall('HSET', alloc_key(id), 'not_before', not_before)
+    rcall('ZADD', K_DELAYED, not_before, id)
+  elseif t.not_before then
+    rcall('HDEL', task_key(id), 'not_before')
+    rcall('HDEL', alloc_key(id), 'not_before')
+    rcall('ZREM', K_DELAYED, id)
+  end
   rcall('PERSIST', task_key(id))
   rcall('ZADD', K_PENDING, pending_score(t.priority, front, t.seq), id)
   rcall('HSET', alloc_key(id), 'state', 'pending', 'host', '', 'gpus', '[]', 'cores', '[]',
@@ -88,7 +104,7 @@ local function requeue_task(id, t, now, front)
     end
     rcall('HSET', job, 'origin', t.rq_queue, 'status', 'queued')
   end
-  emit('requeued', id, now, cjson.encode({front = front}))
+  emit('requeued', id, now, cjson.encode({front = front, not_before = not_before}))
 end
 
 -- A task whose host was declared lost: a function task goes back to the front of its priority
@@ -252,6 +268,8 @@ end
 -- first task that does not fit blocks: it gets the reservation, and later tasks may start only
 -- where they do not delay it (EASY backfill).
 local function consider(st, id, t, now, scan_cap)
+  -- Not yet (a retry's interval): neither placed nor in anyone's way, as if not in line.
+  if t.not_before and t.not_before > now then return false end
   local req = cjson.decode(t.payload)
   req.id = id
   req.scan_cap = scan_cap
@@ -292,6 +310,7 @@ local function consider(st, id, t, now, scan_cap)
   req.kind = t.kind
   grant(req, p, now)
   rcall('ZREM', K_PENDING, id)
+  if t.not_before then rcall('ZREM', K_DELAYED, id) end
   rcall('HSET', task_key(id), 'state', 'placed')
   dispatch(id, t, p.host)
   return true
@@ -335,7 +354,8 @@ local function submit_pass(id, now, depth, scan_cap, reaped)
   local rank = rcall('ZRANK', K_PENDING, id)
   if rank == nil or rank >= depth then return {} end  -- a pass of this depth would not reach it
   local ht, t = read_task(head), read_task(id)
-  if not ht or not t then return schedule_pass(now, depth, scan_cap) end
+  -- A head that may not start yet blocks nothing: the whole pass finds the first one that does.
+  if not ht or not t or (ht.not_before and ht.not_before > now) then return schedule_pass(now, depth, scan_cap) end
   local st = new_pass()
   local hreq = cjson.decode(ht.payload)
   hreq.id, hreq.scan_cap = head, scan_cap
