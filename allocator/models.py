@@ -39,7 +39,8 @@ class Priority(enum.IntEnum):
             return value
         if isinstance(value, bool):
             raise InvalidRequest(field, f"expected low/normal/high/critical or 0..3, got {value!r}")
-        if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        if (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                or (isinstance(value, str) and value.strip().isdigit())):
             n = int(value)
             if 0 <= n <= 3:
                 return cls(n)

@@ -110,7 +110,22 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     on_host_lost = kwargs.pop("on_host_lost", "requeue")
     if on_host_lost not in ("requeue", "fail"):
         raise InvalidRequest("on_host_lost", f"expected 'requeue' or 'fail', got {on_host_lost!r}")
-    req = a.build_request(resources, allocation_id=task_id, **alloc_fields)
+    try:
+        req = a.build_request(resources, allocation_id=task_id, **alloc_fields)
+    except InvalidRequest as exc:
+        if exc.field != "allocation_id":
+            raise
+        raise InvalidRequest("job_id", exc.reason) from None
+    kind = a.redis.hget(a.keys.alloc(task_id), "kind")
+    if kind == "job":
+        # Submitted before: changes nothing, as submit.lua would (its RQ job keeps its arguments).
+        return Task(a, task_id)
+    if kind is not None:
+        raise InvalidRequest("job_id", f"{task_id!r} is the id of a direct allocation, not of a task")
+    if a.rq_connection.exists(Job.key_for(task_id)):
+        # RQ's job ids are global: another namespace's task or a plain RQ job would be rewritten.
+        raise InvalidRequest("job_id", f"an RQ job {task_id!r} already exists outside this allocator's line "
+                                       "(another namespace or plain RQ); choose another id")
     if "job_timeout" in rq_opts:
         rq_opts["timeout"] = rq_opts.pop("job_timeout")
     q = Queue(pending_queue_name(a.keys.namespace, req.priority), connection=a.rq_connection)

@@ -188,6 +188,11 @@ def _task_view(a: Allocator, task_id: str) -> dict[str, Any]:
     }
 
 
+#: Keyword names Allocator.enqueue takes itself (besides the request fields and RQ's options): a
+#: task's kwargs may not use them.
+_RESERVED_KWARGS = frozenset({"resources", "job_id", "on_host_lost", "func", "self"})
+
+
 def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
     from .queue import ALLOC_FIELDS, RQ_OPTIONS
     from .task_registry import registry
@@ -196,7 +201,7 @@ def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
     entry = registry.get(p["task"])
     kwargs = dict(p.get("kwargs") or {})
     for key in kwargs:
-        if key in ALLOC_FIELDS or key in RQ_OPTIONS or key in ("resources", "job_id"):
+        if key in ALLOC_FIELDS or key in RQ_OPTIONS or key in _RESERVED_KWARGS:
             raise InvalidRequest(f"kwargs.{key}", "reserved for the allocator; not passed to tasks")
     resources = {**entry.resources, **_given(p.get("resources"))}
     fields = {k: p[k] for k in ("priority", "strategy", "task_type", "owner", "expected_duration") if k in p}
@@ -212,8 +217,13 @@ def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
     cap = a.capacity()
     if not seeds.could_ever_fit(cap, req):
         raise seeds.never_fits(cap, req)
-    task = a.enqueue(entry.func, *(p.get("args") or []), resources=resources,
-                     **{k: v for k, v in fields.items() if v is not None}, **kwargs)
+    try:
+        task = a.enqueue(entry.func, *(p.get("args") or []), resources=resources,
+                         **{k: v for k, v in fields.items() if v is not None}, **kwargs)
+    except InvalidRequest as exc:
+        if exc.field != "job_id":
+            raise
+        raise InvalidRequest("task_id", exc.reason) from None
     return ToolOutcome({**_task_view(a, task.id), "task": entry.name})
 
 
@@ -230,7 +240,7 @@ def _cancel_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
 def _get_queue(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
     from .views import pending_tasks
 
-    rows, total = pending_tasks(ctx.allocator, p.get("limit") or 50)
+    rows, total = pending_tasks(ctx.allocator, int(p.get("limit") or 50))  # 10.0 is a valid JSON integer
     return ToolOutcome({"pending": rows, "count": total})
 
 
@@ -336,7 +346,7 @@ def run_tool(name: object, params: object, ctx: ToolContext) -> ToolOutcome:
         return ToolOutcome({"success": False, "error": {**exc.to_dict(), "field": None}}, REFUSED)
     except AllocatorError as exc:
         return ToolOutcome({"success": False, "error": {**exc.to_dict(), "field": None}}, REFUSED)
-    except redis.RedisError as exc:
+    except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
         log.error("tool %s: Redis unavailable: %s", spec.name, exc)
         return error("BACKEND_UNAVAILABLE", f"Redis unavailable: {exc}", None, REFUSED)
     except Exception as exc:  # a bug: report it as a result, the details stay in the log
@@ -386,14 +396,23 @@ def definitions(fmt: str = "native") -> Any:
     return render([(s.name, s.description, s.schema) for s in TOOLS.values()], fmt, envelope)
 
 
-def dumps(payload: Any) -> str:
-    """JSON text of a result (finite numbers only, so the output is valid JSON)."""
-    return json.dumps(payload, allow_nan=False, default=_default)
+def dumps(payload: Any, indent: int | None = None) -> str:
+    """JSON text of a result: a number that is not finite becomes null, so the output is valid
+    JSON (``json`` writes floats itself and never asks ``default`` about them)."""
+    return json.dumps(_finite(payload), allow_nan=False, default=_default, indent=indent)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     if hasattr(o, "isoformat"):
         return o.isoformat()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

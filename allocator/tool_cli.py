@@ -60,7 +60,7 @@ def tool(
                                                              "field": "file"}}) + "\n")
         raise typer.Exit(2) from None
     outcome = run_document(data, ToolContext(_allocator_factory(redis_url, namespace)))
-    text = json.dumps(outcome.payload, indent=2, default=str) if pretty else dumps(outcome.payload)
+    text = dumps(outcome.payload, indent=2 if pretty else None)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     if outcome.is_error:

@@ -251,3 +251,25 @@ def test_a_job_without_time_limit_backfills_on_its_duration_hint(alloc):
     alloc.release(small_a.allocation_id)
     assert bounded.state == "active"
     assert alloc.get(big.allocation_id).state == "pending"
+
+
+def test_enqueueing_an_id_already_submitted_returns_that_task_and_changes_nothing(alloc):
+    from rq.job import Job
+
+    from . import jobs
+
+    one_gpu_host(alloc)
+    first = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="same")
+    again = alloc.enqueue(jobs.add, 40, 2, resources=WHOLE, job_id="same", priority="low")
+    assert again.id == first.id == "same"
+    assert Job.fetch("same", connection=alloc.rq_connection).args == (1, 2)
+    assert alloc.get("same").priority == "normal"
+
+
+def test_enqueueing_with_an_invalid_job_id_names_job_id(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="a b/c")
+    assert exc.value.field == "job_id"

@@ -264,6 +264,83 @@ def test_submit_task_refuses_kwargs_reserved_for_the_allocator(alloc):
     assert out.status == INVALID and out.payload["error"]["field"] == "kwargs.priority"
 
 
+@pytest.mark.parametrize("key", ["on_host_lost", "func", "self", "job_id"])
+def test_submit_task_refuses_kwargs_that_enqueue_takes_itself(alloc, key):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    before = ledger_dump(alloc)
+    out = call(alloc, "submit_task", {"task": "demo.etl", "kwargs": {key: "fail"}})
+    assert (out.status, out.payload["error"]["field"]) == (INVALID, f"kwargs.{key}")
+    assert ledger_dump(alloc) == before
+
+
+def test_submit_task_with_an_id_already_submitted_changes_nothing(alloc):
+    from rq.job import Job
+
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    first = call(alloc, "submit_task", {"task": "demo.etl", "task_id": "blk", "args": [1]})
+    again = call(alloc, "submit_task", {"task": "demo.etl", "task_id": "blk", "args": [99], "priority": "low"})
+    assert (first.payload["state"], again.status, again.payload["state"]) == ("active", OK, "active")
+    job = Job.fetch("blk", connection=alloc.rq_connection)
+    assert (job.args, job.origin) == ((1,), f"{alloc.keys.namespace}.host.h1")
+    assert alloc.rq_connection.llen(f"rq:queue:{alloc.keys.namespace}.low") == 0
+
+
+def test_submit_task_with_the_id_of_a_direct_allocation_is_refused(alloc):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    lease = alloc.allocate({"cpu_cores": 0.5})
+    out = call(alloc, "submit_task", {"task": "demo.etl", "task_id": lease.allocation_id})
+    assert (out.status, out.payload["error"]["field"]) == (INVALID, "task_id")
+    assert not alloc.rq_connection.exists(f"rq:job:{lease.allocation_id}")
+
+
+def test_submit_task_does_not_rewrite_an_rq_job_it_does_not_own(alloc):
+    from rq import Queue
+
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    theirs = Queue("elsewhere", connection=alloc.rq_connection).enqueue("builtins.len", [1, 2], job_id="shared-id")
+    try:
+        out = call(alloc, "submit_task", {"task": "demo.etl", "task_id": "shared-id", "args": [5]})
+        assert (out.status, out.payload["error"]["field"]) == (INVALID, "task_id")
+        theirs.refresh()
+        assert (theirs.args, theirs.origin) == (([1, 2],), "elsewhere")
+    finally:
+        theirs.delete()
+        alloc.rq_connection.delete("rq:queue:elsewhere")
+        alloc.rq_connection.srem("rq:queues", "rq:queue:elsewhere")
+
+
+def test_submit_task_with_an_invalid_id_names_task_id(alloc):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    out = call(alloc, "submit_task", {"task": "demo.etl", "task_id": "a b/c"})
+    assert (out.status, out.payload["error"]["field"]) == (INVALID, "task_id")
+
+
+def test_a_whole_number_sent_as_a_float_is_the_integer(alloc):
+    quick_start_host(alloc)
+    out = call(alloc, "resource_allocator", {**SEED004_ENVELOPE["params"],
+                                             "resource_requirements": {"cpu_cores": 1, "priority": 1.0}})
+    assert out.status == OK, out.payload
+    assert call(alloc, "get_queue", {"limit": 10.0}).status == OK
+
+
+def test_a_redis_error_that_is_not_an_outage_is_not_reported_as_one(alloc, monkeypatch):
+    import redis
+
+    def broken(*args, **kwargs):
+        raise redis.ResponseError("ERR value is not an integer or out of range")
+
+    monkeypatch.setattr("allocator.views.pending_tasks", broken)
+    out = call(alloc, "get_queue", {"limit": 5})
+    assert out.payload["error"]["code"] == "INTERNAL_ERROR"
+
+
+def test_a_result_holding_a_number_that_is_not_finite_is_written_as_null():
+    from allocator.tool import dumps
+
+    assert json.loads(dumps({"x": float("inf"), "y": [float("nan"), 1.5]})) == {"x": None, "y": [None, 1.5]}
+    assert json.loads(dumps({"x": float("inf")}, indent=2)) == {"x": None}
+
+
 def test_submit_task_that_no_host_could_ever_hold_is_refused(alloc):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
     before = ledger_dump(alloc)

@@ -6,7 +6,10 @@ ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uui
 ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
 Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
-A grant whose GPU moved to another position is rewritten with the new position.
+A grant whose GPU moved to another position is rewritten with the new position. Where the new
+totals are below what the host's grants hold (fewer cores or less RAM or GPU memory, or more GPU
+memory used by other processes, used_mb), the field "overcommitted" is "1" until a registration
+finds them within it again: a legal state, which the invariants checker then accepts.
 A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost. A new host takes the
 highest generation of the grants restored on it before it registered (allocator recover).
@@ -72,9 +75,17 @@ end
 
 local cores = spec.cores or {}
 local cmap, cfree, cseq = {}, 0, '1'
+local kept = 0  -- held cores the host still has
 for i, c in ipairs(cores) do
-  if core_held[tostring(c)] then cmap[i] = '0' else cmap[i] = '1'; cfree = cfree + 1 end
+  if core_held[tostring(c)] then cmap[i] = '0'; kept = kept + 1 else cmap[i] = '1'; cfree = cfree + 1 end
   if c ~= i - 1 then cseq = '0' end
+end
+local held_cores = 0
+for _ in pairs(core_held) do held_cores = held_cores + 1 end
+local over = held_cores > kept or shared > cfree * 1000 or ram_used > tonumber(spec.ram_mb)
+  or slots_used > (tonumber(spec.worker_slots) or #cores)
+for _, g in ipairs(spec.gpus or {}) do
+  if (gpu_used[g.uuid] or 0) + tonumber(g.used_mb or 0) > tonumber(g.memory_mb) then over = true end
 end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
@@ -107,6 +118,7 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
 rcall('HSET', hk, unpack(fields))
+if over then rcall('HSET', hk, 'overcommitted', '1') else rcall('HDEL', hk, 'overcommitted') end
 -- Service references follow the active allocations too.
 local svc = rcall('HGETALL', svc_key(h))
 for i = 1, #svc, 2 do
