@@ -12,7 +12,9 @@ import time
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import seeds, views
 from .cli_common import (
@@ -93,7 +95,7 @@ def allocate(
                 print_json(res)
             where = FIELD_OPTIONS.get(e.get("field") or "", None)
             message = e["message"] if where is None or code != EXIT_INVALID else f"{where}: {e['message'].split(': ', 1)[-1]}"
-            err.print(f"[bold red]{'invalid' if code == EXIT_INVALID else 'refused'}:[/] {message}")
+            err.print(f"[bold red]{'invalid' if code == EXIT_INVALID else 'refused'}:[/] {escape(message)}")
             raise typer.Exit(code)
         if wait and res["queue_position"]:
             res = _wait_for_placement(a, res, timeout, as_json)
@@ -128,12 +130,13 @@ def _print_result(a: Allocator, res: dict[str, Any]) -> None:
     alloc = a.require(res["allocation_id"])
     if alloc.state == "pending":
         eta = res.get("estimated_start_time")
-        out.print(f"[yellow]queued[/] {res['task_id']} at position {res['queue_position']} "
+        out.print(f"[yellow]queued[/] {escape(str(res['task_id']))} at position {res['queue_position']} "
                   f"(ETA {views.when(_parse_iso(eta)) if eta else 'unknown'}); allocation {alloc.allocation_id}")
         return
     ms = res["metadata"].get("allocation_time_ms")
     took = f" in {ms:g} ms" if isinstance(ms, (int, float)) else ""
-    out.print(f"[green]placed[/] {res['task_id']} -> {views.grant_text(alloc)}{took}; allocation {alloc.allocation_id}"
+    out.print(f"[green]placed[/] {escape(str(res['task_id']))} -> {escape(views.grant_text(alloc))}{took}; "
+              f"allocation {escape(alloc.allocation_id)}"
               + (f", expires {views.when(alloc.expires_at)}" if alloc.expires_at else ""))
 
 
@@ -141,6 +144,8 @@ def _dump(x: Allocation, a: Allocator) -> dict[str, Any]:
     d = x.model_dump(mode="json", exclude={"allocation_time_ms"})
     if x.state == "pending":
         d["queue_position"] = a.position(x.allocation_id)
+    elif x.activated_at is None:
+        d["queue_position"] = None  # left the line without being placed (cancelled): no place to show
     d["estimated_start_time"] = seeds._iso(views.start_time(a, x))
     return d
 
@@ -158,13 +163,14 @@ def release(
     if as_json:
         print_json(x.model_dump(mode="json", exclude={"allocation_time_ms"}))
     elif x.released_now is False:
-        out.print(f"{x.allocation_id} was already {x.state} ({x.release_reason or '-'})")
+        out.print(Text(f"{x.allocation_id} was already {x.state} ({x.release_reason or '-'})"))
     else:
-        out.print(f"[green]{x.state}[/] {x.allocation_id} ({x.task_id or '-'}): {views.grant_text(x) if x.host_id else 'nothing was allocated'}")
+        what = views.grant_text(x) if x.host_id else "nothing was allocated"
+        out.print(f"[green]{x.state}[/] {escape(f'{x.allocation_id} ({x.task_id or chr(45)}): {what}')}")
 
 
 def show(
-    allocation_id: str = typer.Argument(..., help="Allocation or task id."),
+    allocation_id: str = typer.Argument(..., help="Allocation id (a queued function task's id is its allocation id)."),
     as_json: bool = AS_JSON,
     redis_url: Optional[str] = REDIS_URL,
     namespace: Optional[str] = NAMESPACE,
@@ -181,16 +187,16 @@ def show(
                 "queue_position", "estimated_start_time", "created_at", "activated_at", "released_at", "expires_at",
                 "release_reason", "requeues"):
         if d.get(key) not in (None, ""):
-            t.add_row(f"[bold]{key}[/]", str(d[key]))
+            t.add_row(f"[bold]{key}[/]", Text(str(d[key])))
     if d["gpus"]:
-        t.add_row("[bold]gpus[/]", ", ".join(f"GPU{g['index']} {g['model']} {views.mib(g['memory_mb'])} ({g['uuid']})" for g in d["gpus"]))
+        t.add_row("[bold]gpus[/]", Text(", ".join(f"GPU{g['index']} {g['model']} {views.mib(g['memory_mb'])} ({g['uuid']})" for g in d["gpus"])))
     if d["host_id"]:
         t.add_row("[bold]cpu[/]", f"cores {d['cpu_cores']}" + (f" + {d['cpu_shared']:g} shared" if d["cpu_shared"] else ""))
         t.add_row("[bold]ram[/]", views.mib(d["ram_mb"]))
     elif isinstance(d.get("request"), dict):
-        t.add_row("[bold]requested[/]", views.request_text(views.requested(Allocation.model_validate(d))))
+        t.add_row("[bold]requested[/]", Text(views.request_text(views.requested(Allocation.model_validate(d)))))
     if d["metadata"]:
-        t.add_row("[bold]metadata[/]", json.dumps(d["metadata"]))
+        t.add_row("[bold]metadata[/]", Text(json.dumps(d["metadata"])))
     out.print(t)
 
 
@@ -216,7 +222,8 @@ def list_(
     t = Table("allocation", "task", "type", "priority", "state", "placement", "created")
     for x in rows:
         where = " ".join([x.host_id, *(f"GPU{g.index}" for g in x.gpus)]) if x.host_id else views.request_text(views.requested(x))
-        t.add_row(x.allocation_id, x.task_id or "-", x.task_type or "-", x.priority, x.state, where, views.when(x.created_at))
+        t.add_row(*map(Text, (x.allocation_id, x.task_id or "-", x.task_type or "-", x.priority, x.state, where,
+                              views.when(x.created_at))))
     out.print(t)
     out.print(f"{len(rows)} allocation(s)")
 
@@ -235,7 +242,7 @@ def capacity(
         return
     t = Table("host", "state", "GPUs (idle/total)", "GPU memory free/total", "cores free/total", "RAM free/total", "allocations")
     for h in cap.hosts:
-        t.add_row(h.host_id, h.state, f"{h.gpus_idle}/{len(h.gpus)}", f"{views.mib(h.gpu_memory_mb.available)} / {views.mib(h.gpu_memory_mb.total)}",
+        t.add_row(Text(h.host_id), h.state, f"{h.gpus_idle}/{len(h.gpus)}", f"{views.mib(h.gpu_memory_mb.available)} / {views.mib(h.gpu_memory_mb.total)}",
                   f"{h.cpu_cores.available:g} / {h.cpu_cores.total:g}", f"{views.mib(h.ram_mb.available)} / {views.mib(h.ram_mb.total)}",
                   str(h.active_allocations))
     out.print(t)
@@ -261,9 +268,9 @@ def queue(
     now = time.time()
     for r in rows:
         eta = r["estimated_start_time"]
-        t.add_row(str(r["position"]), r["task_id"], r["name"] or "-", r["priority"], r["task_type"] or "-",
-                  views.request_text(r["resources"]), f"{r['waiting_s']:.0f}s",
-                  views.when(_parse_iso(eta), now) if eta else "-")
+        t.add_row(*map(Text, (str(r["position"]), r["task_id"], r["name"] or "-", r["priority"], r["task_type"] or "-",
+                              views.request_text(r["resources"]), f"{r['waiting_s']:.0f}s",
+                              views.when(_parse_iso(eta), now) if eta else "-")))
     out.print(t)
     out.print(f"{total} pending" + (f" (first {len(rows)} shown)" if total > len(rows) else ""))
 
@@ -287,7 +294,7 @@ def cancel(
     if as_json:
         print_json(x.model_dump(mode="json", exclude={"request", "allocation_time_ms"}))
     else:
-        out.print(f"{x.allocation_id}: {x.state} ({x.release_reason or '-'})")
+        out.print(Text(f"{x.allocation_id}: {x.state} ({x.release_reason or '-'})"))
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, Optional
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .client import Allocator
 from .config import Settings
@@ -46,21 +47,26 @@ FIELD_OPTIONS = {
     "expected_duration": "--expected-duration",
     "task_id": "TASK_ID",
     "task_type": "--task-type",
+    "host_id": "--host",
 }
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password (before the host, or as redis-py's ``?password=``), for messages."""
     try:
-        from urllib.parse import urlsplit, urlunsplit
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
         u = urlsplit(url)
+        netloc, query = u.netloc, u.query
         if u.password:
             netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
-            return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() == "password" for k, _ in pairs):
+                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
     except ValueError:
         return "<redis url>"
-    return url
 
 
 def settings_url(redis_url: Optional[str]) -> Optional[str]:
@@ -99,7 +105,7 @@ def fail(code: int, error_code: str, message: str, field: Optional[str] = None, 
     if as_json:
         print_json({"success": False, "error": {"code": error_code, "message": message, "field": field}})
     label = "invalid" if code == EXIT_INVALID else "refused"
-    err.print(f"[bold red]{label}:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]{label}:[/] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 

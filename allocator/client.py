@@ -70,6 +70,11 @@ def check_redis_url(url: str) -> None:
     if not url.startswith(REDIS_URL_SCHEMES):
         raise InvalidRequest("redis_url", "expected a URL starting with redis://, rediss:// or unix:// "
                                           "(e.g. redis://127.0.0.1:6379/0)")
+    try:
+        redis.connection.parse_url(url)  # a bad port, IPv6 address or database number
+    except ValueError:
+        raise InvalidRequest("redis_url", "not a valid Redis URL (host, port and database number, "
+                                          "e.g. redis://127.0.0.1:6379/0)") from None
 #: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
 MAX_CORE_ID = 1 << 20
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
@@ -399,6 +404,10 @@ class Allocator:
         limit: int = 1000,
     ) -> list[Allocation]:
         """Allocations, newest first; finished ones stay listed for the retention period."""
+        if host_id is not None:
+            check_id(host_id, "host_id")
+        if task_id is not None:
+            check_id(task_id, "task_id")
         if host_id is not None and state == "active":
             ids: Iterable[str] = self.redis.smembers(self.keys.host_allocs(host_id))
         elif state == "active":

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+import redis
 import typer
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -200,6 +201,7 @@ class Demo:
         """Stops workers, scheduler and recorder; deletes the namespace or the private server."""
         t0 = time.monotonic()
         self.svc.stop.set()
+        self._kill_work_horses()
         for p in self.svc.workers:  # the worker (pool) stops its own children; a group signal would race it
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -216,12 +218,35 @@ class Demo:
             self.svc.recorder_stop.set()
         if self.svc.engine is not None:
             self.svc.engine.dispose()
-        if self.svc.redis_proc is not None:
-            embedded.stop_redis_server(self.svc.redis_proc, self.svc.redis_dir or "")
-        elif hasattr(self, "a"):
-            _delete_namespace(self.a, [x.id for x in self.tasks])
-        shutil.rmtree(self.svc.tmp, ignore_errors=True)
+        try:
+            if self.svc.redis_proc is not None:
+                embedded.stop_redis_server(self.svc.redis_proc, self.svc.redis_dir or "")
+            elif hasattr(self, "a"):
+                _delete_namespace(self.a, [x.id for x in self.tasks])
+        except redis.RedisError as exc:  # the Redis went away: nothing left to delete there
+            logging.getLogger("allocator.demo").warning("could not delete namespace %s: %s", self.namespace, exc)
+        finally:
+            shutil.rmtree(self.svc.tmp, ignore_errors=True)
         logging.getLogger("allocator.demo").info("stopped in %.1f s", time.monotonic() - t0)
+
+    def _kill_work_horses(self) -> None:
+        """Kills the tasks running now. RQ runs each in a work horse of its own process group,
+        which neither the worker's SIGTERM (it waits for the job) nor a signal to the worker's group
+        reaches: one left running would write its result into RQ's keys after the namespace is
+        deleted. Every host of the demo is this machine, so the pids its workers recorded
+        (host_pids) are ours."""
+        if not hasattr(self, "a"):
+            return
+        try:
+            hosts = [self.local_id, *(h["id"] for h in plan.SIMULATED_HOSTS)] if hasattr(self, "local_id") else []
+            pids = [int(pid) for h in hosts for pid in self.a.redis.hkeys(self.a.keys.host_pids(h))]
+        except (redis.RedisError, ValueError):
+            return
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the horse leads its own group (and any children it made)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -416,6 +441,9 @@ def demo(
         run.summary(time.monotonic() - started)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: cleaning up")
+    except redis.RedisError as exc:
+        where = f" at {_redacted(redis_url)}" if redis_url else ""
+        console.print(Text(f"refused: Redis unavailable{where}: {exc}", style="bold red"))
     finally:
         with console.status("stopping workers, scheduler and Redis"):
             run.stop()

@@ -76,13 +76,13 @@ def fleet_table(cap: Capacity) -> Table:
     t = Table("host / GPU", "model", "allocated", "", "free", "holders", box=None, pad_edge=False, expand=False)
     for h in cap.hosts:
         state = "" if h.state == "ready" else f" [yellow]({h.state})[/]"
-        t.add_row(f"[bold]{h.host_id}[/]{state}", "cores", f"{h.cpu_cores.allocated:g}/{h.cpu_cores.total:g}",
+        t.add_row(Text(h.host_id, style="bold") + Text.from_markup(state), "cores", f"{h.cpu_cores.allocated:g}/{h.cpu_cores.total:g}",
                   bar(h.cpu_cores.total - h.cpu_cores.available, h.cpu_cores.total), f"{h.cpu_cores.available:g}",
                   str(h.active_allocations))
         t.add_row("", "RAM", f"{views.mib(h.ram_mb.allocated)}/{views.mib(h.ram_mb.total)}",
                   bar(h.ram_mb.total - h.ram_mb.available, h.ram_mb.total), views.mib(h.ram_mb.available), "")
         for g in h.gpus:
-            t.add_row(f"  GPU{g.index}", g.model, f"{views.mib(g.memory.allocated)}/{views.mib(g.memory.total)}",
+            t.add_row(f"  GPU{g.index}", Text(g.model), f"{views.mib(g.memory.allocated)}/{views.mib(g.memory.total)}",
                       bar(g.memory.total - g.memory.available, g.memory.total), views.mib(g.memory.available),
                       str(g.holders) if g.holders else "-")
     return t
@@ -91,8 +91,8 @@ def fleet_table(cap: Capacity) -> Table:
 def queue_table(snap: FleetSnapshot) -> Table:
     t = Table("#", "task", "priority", "type", "request", "waiting", "ETA", box=None, pad_edge=False)
     for x in snap.pending:
-        t.add_row(str(x.queue_position), x.task_id or x.allocation_id, x.priority, x.task_type or "-",
-                  views.request_text(views.requested(x)), f"{max(0.0, snap.taken_at - x.created_at.timestamp()):.0f}s",
+        t.add_row(str(x.queue_position), Text(x.task_id or x.allocation_id), x.priority, Text(x.task_type or "-"),
+                  Text(views.request_text(views.requested(x))), f"{max(0.0, snap.taken_at - x.created_at.timestamp()):.0f}s",
                   views.when(snap.etas.get(x.allocation_id), snap.taken_at))
     return t
 

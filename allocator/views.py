@@ -59,8 +59,10 @@ def start_time(a: Allocator, alloc: Allocation) -> datetime | None:
 
 def pending_allocations(a: Allocator, limit: int) -> tuple[list[Allocation], int]:
     """The first ``limit`` pending tasks in line order, and how many are pending in all."""
+    if limit <= 0:  # (ZRANGE 0 -1 would be all of them)
+        return [], int(a.redis.zcard(a.keys.pending))
     pipe = a.redis.pipeline(transaction=True)
-    pipe.zrange(a.keys.pending, 0, max(0, limit - 1))
+    pipe.zrange(a.keys.pending, 0, limit - 1)
     pipe.zcard(a.keys.pending)
     ids, total = pipe.execute()
     pipe = a.redis.pipeline(transaction=False)

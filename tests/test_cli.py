@@ -334,3 +334,73 @@ def test_python_m_allocator_is_the_same_cli(real):
     for command in ("allocate", "release", "show", "list", "capacity", "queue", "top", "cancel", "tool", "mcp", "demo",
                     "worker", "scheduler", "agent"):
         assert command in helptext
+
+
+# -- text that looks like markup ------------------------------------------------------------------
+
+MARKUP = "job [/bold] [red]x"
+
+
+@pytest.mark.parametrize("command", [["list"], ["queue"], ["top", "--once"], ["capacity"]])
+def test_names_that_look_like_markup_are_printed_as_they_are(cli, real, command):
+    real.allocate({"cpu_cores": 1}, task_id=MARKUP, task_type="[/x]")
+    real.allocate({"gpus": 1}, task_id=MARKUP + " 2", task_type="[/x]")
+    real.allocate({"gpus": 1}, task_id="q[/x]", task_type="[/x]", on_busy="queue")
+    res = cli(*command)
+    assert res.exit_code == 0, res.output
+    if command[0] in ("list", "queue"):
+        assert "[/x]" in res.stdout
+
+
+def test_show_and_release_print_a_name_that_looks_like_markup(cli, real):
+    x = real.allocate({"cpu_cores": 1}, task_id=MARKUP, metadata={"note": "[/bold]"})
+    shown = cli("show", x.allocation_id)
+    assert shown.exit_code == 0, shown.output
+    assert MARKUP in shown.stdout and "[/bold]" in shown.stdout
+    released = cli("release", x.allocation_id)
+    assert released.exit_code == 0, released.output
+    assert MARKUP in released.stdout
+
+
+def test_an_error_message_holding_markup_is_printed_as_it_is(cli):
+    res = cli("show", "[red]x")
+    assert res.exit_code in (1, 2)
+    assert "[red]x" in res.output
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1:x/0", "redis://u:p@[::1"])
+def test_a_malformed_redis_url_is_invalid_input(url):
+    res = CliRunner().invoke(app, ["list", "--redis-url", url])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_password_given_as_a_url_parameter_is_not_echoed():
+    from allocator.cli_common import redacted
+
+    assert "hunter2" not in redacted("redis://127.0.0.1:1/0?password=hunter2")
+    assert "hunter2" not in redacted("redis://user:hunter2@127.0.0.1:1/0")
+    res = CliRunner().invoke(app, ["list", "--redis-url", "redis://127.0.0.1:1/0?password=hunter2"])
+    assert res.exit_code == 1 and "hunter2" not in res.output
+
+
+def test_top_with_no_queue_rows_shows_no_task(cli, real):
+    real.allocate({"gpus": 1})
+    real.allocate({"gpus": 1}, on_busy="queue")
+    res = cli("top", "--json", "--queue-rows", "0")
+    assert res.exit_code == 0, res.output
+    assert as_json(res)["pending"] == []
+
+
+def test_list_with_a_host_id_that_is_not_text_is_invalid_input(cli):
+    res = cli("list", "--host", "\udcff", "--state", "active")
+    assert res.exit_code == 2, res.output
+
+
+def test_show_gives_no_queue_position_to_a_task_cancelled_before_it_was_placed(cli, real):
+    real.allocate({"gpus": 1})
+    waiting = real.allocate({"gpus": 1}, on_busy="queue")
+    real.cancel(waiting.allocation_id)
+    res = cli("show", waiting.allocation_id, "--json")
+    assert res.exit_code == 0, res.output
+    assert as_json(res)["queue_position"] is None

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..client import Allocator
 from ..config import Settings
@@ -166,7 +167,7 @@ def agent_command(
         else:
             provider = LocalProvider(host_id, nvml=nvml, use_psutil=use_psutil)
     except InvalidRequest as exc:
-        err.print(f"[red]invalid input:[/] {exc}")
+        err.print(f"[red]invalid input:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     a = _allocator(redis_url, namespace)
     agent = Agent(a, provider, interval_s=interval, labels=extra, granularity_mb=granularity,
@@ -207,10 +208,10 @@ def hosts_command(
     try:
         rows = host_rows(a)
     except AllocatorError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     except redis.RedisError as exc:  # unreachable, wrong password, TLS refused: a message, not a traceback
-        err.print(f"[red]error:[/] Redis: {exc}")
+        err.print(f"[red]error:[/] Redis: {escape(str(exc))}")
         raise typer.Exit(1) from None
     if as_json:
         console.print_json(json.dumps([r.to_dict() for r in rows]))
@@ -225,7 +226,7 @@ def hosts_command(
             beat = f"lost {r.lost_since_s:.0f} s ago"
         else:
             beat = "no agent"
-        gpus = f"{r.gpus} x {r.gpu_models}" if r.gpus else "-"
+        gpus = Text(f"{r.gpus} x {r.gpu_models}" if r.gpus else "-")
         t.add_row(r.host_id, f"[{colour.get(r.state, 'white')}]{r.state}[/]", str(r.gen), beat, gpus,
                   f"{r.gpu_memory_free_mb:.0f}/{r.gpu_memory_total_mb:.0f}", f"{r.cpu_free:g}/{r.cpu_total:g}",
                   f"{r.ram_free_mb:.0f}/{r.ram_total_mb:.0f}", str(r.allocations))

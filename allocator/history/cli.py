@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err = Console(stderr=True)
@@ -178,7 +179,7 @@ def history_cmd(
             row = allocation(engine, namespace, allocation_id)
             evs = allocation_events(engine, namespace, allocation_id)
             if row is None and not evs:
-                err.print(f"allocation {allocation_id} is not in the history of namespace {namespace!r}")
+                err.print(Text(f"allocation {allocation_id} is not in the history of namespace {namespace!r}"))
                 raise typer.Exit(1)
             if as_json:
                 _dump({"allocation": row, "events": evs})
@@ -186,7 +187,7 @@ def history_cmd(
             _allocation_table([row] if row else [])
             t = Table("stream id", "type", "ts", "data", title=f"events of {allocation_id}")
             for e in evs:
-                t.add_row(e["stream_id"], e["type"], _fmt_ts(e["ts"]), json.dumps(e["data"])[:120])
+                t.add_row(e["stream_id"], e["type"], _fmt_ts(e["ts"]), Text(json.dumps(e["data"])[:120]))
             console.print(t)
             return
         rows = history(engine, namespace, task_type=task_type, host=host, state=state, owner=owner,
@@ -215,7 +216,7 @@ def _allocation_table(rows: list[dict[str, Any]]) -> None:
         t.add_column(name)
     for r in rows:
         gpus = f"{r['gpu_count']}×{r['gpu_memory_mb'] // max(1, r['gpu_count'])}MiB" if r["gpu_count"] else "-"
-        t.add_row(r["allocation_id"], r["task_type"] or "", r["owner"] or "", r["host_id"] or "", gpus,
+        t.add_row(Text(r["allocation_id"]), Text(r["task_type"] or ""), Text(r["owner"] or ""), r["host_id"] or "", gpus,
                   f"{r['cpu_millis'] / 1000:g}", r["state"], r["release_reason"] or r["outcome"] or "",
                   _fmt_ts(r["placed_at"]), _fmt_ms(r["wait_ms"]), _fmt_ms(r["run_ms"]))
     console.print(t)
@@ -248,7 +249,7 @@ def usage_cmd(
     t = Table(by, "placements", "GPU-h", "GPU-mem GiB-h", "CPU-h", "RAM GiB-h", "placed", "wait h", "mean wait",
               title=f"usage since {start:%Y-%m-%d %H:%M} UTC")
     for r in rows:
-        t.add_row(r.key, str(r.placements), f"{r.gpu_hours:.2f}", f"{r.gpu_memory_gib_hours:.1f}", f"{r.cpu_hours:.2f}",
+        t.add_row(Text(str(r.key)), str(r.placements), f"{r.gpu_hours:.2f}", f"{r.gpu_memory_gib_hours:.1f}", f"{r.cpu_hours:.2f}",
                   f"{r.ram_gib_hours:.1f}", str(r.allocations_placed), f"{r.wait_hours:.2f}",
                   "" if r.mean_wait_s is None else f"{r.mean_wait_s:.1f}s")
     console.print(t)
@@ -341,7 +342,7 @@ def estimates_cmd(
         return
     t = Table("task type", "n", "p50", "p80", "mean", "max")
     for e in sorted(est.values(), key=lambda e: e.task_type):
-        t.add_row(e.task_type, str(e.n), _fmt_ms(e.p50_ms), _fmt_ms(e.p80_ms), _fmt_ms(e.mean_ms), _fmt_ms(e.max_ms))
+        t.add_row(Text(e.task_type), str(e.n), _fmt_ms(e.p50_ms), _fmt_ms(e.p80_ms), _fmt_ms(e.mean_ms), _fmt_ms(e.max_ms))
     console.print(t)
 
 
