@@ -348,6 +348,8 @@ MAX_WORKERS = 100_000  # far above any fleet; bounds the arithmetic on untrusted
 def _check_workers(workers: object) -> int:
     if workers is None:
         return 0
+    if isinstance(workers, float) and workers.is_integer():
+        workers = int(workers)  # 2.0: JSON's integer, as the tool schema says
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise InvalidRequest("workers", f"expected a whole number of workers >= 0, got {workers!r}")
     if workers > MAX_WORKERS:

@@ -321,6 +321,8 @@ def test_a_whole_number_sent_as_a_float_is_the_integer(alloc):
                                              "resource_requirements": {"cpu_cores": 1, "priority": 1.0}})
     assert out.status == OK, out.payload
     assert call(alloc, "get_queue", {"limit": 10.0}).status == OK
+    made = call(alloc, "request_resources", {**EXAMPLES["request_resources"], "workers": 2.0})
+    assert (made.status, made.payload["resources"]["workers"]) == (OK, 2), made.payload
 
 
 def test_a_redis_error_that_is_not_an_outage_is_not_reported_as_one(alloc, monkeypatch):
