@@ -64,6 +64,8 @@ def redacted(url: str) -> str:
             pairs = parse_qsl(query, keep_blank_values=True)
             if any(k.lower() == "password" for k, _ in pairs):
                 query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        if (netloc, query) == (u.netloc, u.query):
+            return url  # nothing to hide: as given (urlunsplit would rewrite unix:///path)
         return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
     except ValueError:
         return "<redis url>"

@@ -1297,6 +1297,8 @@ class Simulation:
                 self.events += 1
                 now = t_due
                 self._arrive(tid)
+                while self.arrivals and self.arrivals[0][0] == t_due:  # due together: one pass sees all
+                    self._arrive(heapq.heappop(self.arrivals)[1])
                 n = len(self.started)
                 self._settle(now)
                 if len(self.started) != n:

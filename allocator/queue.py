@@ -122,8 +122,11 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
         return Task(a, task_id)
     if kind is not None:
         raise InvalidRequest("job_id", f"{task_id!r} is the id of a direct allocation, not of a task")
-    if a.rq_connection.exists(Job.key_for(task_id)):
+    origin = a.rq_connection.hget(Job.key_for(task_id), "origin")
+    if origin is not None and not origin.decode("utf-8", "replace").startswith(a.keys.rq_queue_name_prefix()):
         # RQ's job ids are global: another namespace's task or a plain RQ job would be rewritten.
+        # (One of this namespace's own queues is ours to reuse: a submit that failed after its
+        # job was written, or a job kept by RQ after its record's retention ended.)
         raise InvalidRequest("job_id", f"an RQ job {task_id!r} already exists outside this allocator's line "
                                        "(another namespace or plain RQ); choose another id")
     if "job_timeout" in rq_opts:

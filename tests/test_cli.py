@@ -380,6 +380,7 @@ def test_a_password_given_as_a_url_parameter_is_not_echoed():
 
     assert "hunter2" not in redacted("redis://127.0.0.1:1/0?password=hunter2")
     assert "hunter2" not in redacted("redis://user:hunter2@127.0.0.1:1/0")
+    assert redacted("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"  # nothing to hide: as given
     res = CliRunner().invoke(app, ["list", "--redis-url", "redis://127.0.0.1:1/0?password=hunter2"])
     assert res.exit_code == 1 and "hunter2" not in res.output
 

@@ -2,6 +2,7 @@
 hand, and a check that the engine's simulation matches what the real ledger then does."""
 
 import copy
+import heapq
 import json
 import random
 import threading
@@ -386,3 +387,54 @@ def test_the_simulations_shortcuts_agree_with_the_work_they_skip(alloc, clock, s
     starts = Checked(snap).run()
     assert starts == Simulation(snap).run()
     assert checked["reserve"] and checked["nowhere"] and (checked["quiet"] or line == "mixed")
+
+
+def _delay(a, tid: str, not_before_ms: int) -> None:
+    """What finish_job writes for a retry with an interval (see K_DELAYED in lua/includes/queue.lua)."""
+    a.redis.hset(a.keys.task(tid), "not_before", not_before_ms)
+    a.redis.hset(a.keys.alloc(tid), "not_before", not_before_ms)
+    a.redis.zadd(a.keys.delayed, {tid: not_before_ms})
+
+
+@pytest.mark.parametrize("ties", [True, False], ids=["shared-times", "distinct-times"])
+@pytest.mark.parametrize("seed", range(1, 16))
+def test_estimates_with_retry_intervals_are_what_the_ledger_then_does(alloc, clock, seed, ties):
+    # Random fleet and line; most waiting tasks then wait out a retry interval (several ending at
+    # the same moment, or each at its own), and the ledger is played: each release at its
+    # expected end and a pass (the scheduler's tick) when an interval ends.
+    a = alloc
+    rng = random.Random(seed)
+    hints = _random_scenario(a, rng)
+    while a.schedule():
+        pass
+    now_ms = int(clock.now * 1000)
+    events = []
+    for tid in a.redis.zrange(a.keys.pending, 0, -1):
+        if rng.random() < 0.7:
+            nb = now_ms + (rng.choice([5_000, 5_000, 200_000]) if ties else rng.randint(1, 2_000_000))
+            _delay(a, tid, nb)
+            events.append((nb, 1, tid))
+    while a.schedule():  # as finish_job's own pass after a requeue: others may start meanwhile
+        pass
+    predicted = a.estimated_start_times()
+    started: dict[str, int] = {}
+
+    def collect() -> None:
+        for tid in hints:
+            rec = a.get(tid)
+            if tid not in started and rec.state == "active":
+                started[tid] = round(rec.activated_at.timestamp() * 1000)
+                heapq.heappush(events, (started[tid] + hints[tid], 0, tid))
+
+    heapq.heapify(events)
+    collect()
+    while events:
+        t, kind, tid = heapq.heappop(events)
+        clock.now = (t + 0.25) / 1000
+        if kind == 0:
+            a.release(tid)
+        while a.schedule():
+            pass
+        collect()
+    actual = {tid: at((started[tid] - T0 * 1000) / 1000) if tid in started else None for tid in predicted}
+    assert {t: (predicted[t], actual[t]) for t in predicted if predicted[t] != actual[t]} == {}

@@ -273,3 +273,24 @@ def test_enqueueing_with_an_invalid_job_id_names_job_id(alloc):
     with pytest.raises(InvalidRequest) as exc:
         alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="a b/c")
     assert exc.value.field == "job_id"
+
+
+def test_enqueue_again_after_a_submit_that_failed_reuses_its_own_rq_job(alloc, monkeypatch):
+    import redis as redis_lib
+
+    from allocator import queue as queue_mod
+
+    from . import jobs
+
+    one_gpu_host(alloc)
+    real_submit = queue_mod._submit
+
+    def lost(*args, **kwargs):
+        raise redis_lib.ConnectionError("connection lost")
+
+    monkeypatch.setattr(queue_mod, "_submit", lost)
+    with pytest.raises(redis_lib.ConnectionError):
+        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="idem-1")
+    monkeypatch.setattr(queue_mod, "_submit", real_submit)
+    task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="idem-1")
+    assert alloc.get(task.id).state == "active"

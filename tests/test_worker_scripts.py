@@ -314,6 +314,62 @@ def test_a_retry_whose_interval_ends_first_is_estimated_to_start_when_its_gpus_f
     assert alloc.estimated_start_time(task.id) == datetime.fromtimestamp(ends, timezone.utc)
 
 
+def test_a_due_retry_keeps_its_place_ahead_of_a_task_submitted_after_its_interval(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    retried_later(alloc, task, claim, in_s=30)
+    clock.advance(31)  # due, and no pass has run since
+    later = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})
+    assert (alloc.get(task.id).state, alloc.get(later.id).state) == ("active", "pending")
+
+
+def test_a_due_retry_met_by_a_pass_becomes_an_ordinary_task_in_line(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2})
+    retried_later(alloc, task, claim, in_s=30)
+    holder = alloc.allocate({"gpus": 1})  # the retry will not fit when due
+    clock.advance(30)
+    assert alloc.schedule() == []
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.not_before, alloc.redis.zcard(alloc.keys.delayed)) == ("pending", None, 0)
+    alloc.release(holder.allocation_id)
+    assert alloc.get(task.id).state == "active"
+
+
+def test_retries_due_at_the_same_moment_are_estimated_in_their_order_in_line(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=CORES, ram_mb="8Gi",
+                        gpus=[{"index": 0, "uuid": "GPU-1", "model": "T4", "memory_mb": "16Gi"},
+                              {"index": 1, "uuid": "GPU-2", "model": "T4", "memory_mb": "16Gi"}])
+    runs = []
+    for job_id in ("zz-first", "aa-second"):  # ids in the opposite order to the line's
+        t = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, job_id=job_id)
+        c = claim_grant(alloc, t.id, "w-" + job_id, "h1", start=True)
+        alloc.rq_connection.hset(Job.key_for(t.id), mapping={"status": "started", "worker_name": "w-" + job_id})
+        runs.append((t, c))
+    at = math.floor(alloc.clock()) + 30
+    hostq = f"{alloc.keys.namespace}.host.h1"
+    for t, c in runs:  # RQ scheduled both retries for the same second
+        alloc.rq_connection.hset(Job.key_for(t.id), "status", "scheduled")
+        alloc.rq_connection.zadd(f"rq:scheduled:{hostq}", {t.id: at})
+        finish_job(alloc, t.id, "h1", c.token, job_key=Job.key_for(t.id))
+    lease = alloc.allocate({"gpus": 1}, expected_duration=600)
+    first = alloc.estimated_start_time("zz-first")
+    assert first == datetime.fromtimestamp(at, timezone.utc)
+    assert alloc.estimated_start_time("aa-second") == datetime.fromtimestamp(lease.activated_at.timestamp() + 600, timezone.utc)
+    clock.advance(at - clock.now)
+    assert alloc.schedule() == ["zz-first"]
+
+
+def test_a_retry_waiting_out_its_interval_does_not_make_a_policy_yield_to_the_line(alloc, clock):
+    from allocator.api.placing import place_on
+
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 1})
+    retried_later(alloc, task, claim, in_s=300)
+    res = place_on(alloc, alloc.build_request({"gpus": 1}), "policy-1", "h1", [1], True)
+    assert res["ok"], res
+
+
 def test_cancelling_a_task_that_waits_for_its_retry_interval_leaves_nothing_behind(alloc, clock):
     gpu_host(alloc)
     task, claim = started_job(alloc, {"gpus": 2})

@@ -288,7 +288,8 @@ def recover_cmd(
     console.print(f"restored {len(report.restored)} allocation(s), {len(report.deferred)} waiting for their host to "
                   f"register, {len(report.existing)} already present; hosts re-registered: {len(report.hosts_restored)}")
     for c in report.conflicts:
-        console.print(f"[yellow]conflict[/] {c.get('id')}: {c.get('reason')} (closed as recovery_conflict)")
+        what = f"{c.get('id')}: {c.get('reason')}"
+        console.print(f"[yellow]conflict[/] {escape(what)} (closed as recovery_conflict)")
     console.print("placements are open again")
 
 

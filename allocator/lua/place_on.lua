@@ -43,6 +43,11 @@ if yield_to_line then
   -- Pending scores below (4 - p) * 2^42 belong to tasks of priority p or higher.
   local top = string.format('%.0f', (4 - req.priority) * 4398046511104)
   local ahead = tonumber(rcall('ZCOUNT', K_PENDING, '-inf', '(' .. top))
+  -- A task that waits out its retry interval holds nothing up (see K_DELAYED in includes/queue.lua).
+  for _, d in ipairs(rcall('ZRANGEBYSCORE', K_DELAYED, '(' .. now, '+inf')) do
+    local sc = rcall('ZSCORE', K_PENDING, d)
+    if sc and tonumber(sc) < tonumber(top) then ahead = ahead - 1 end
+  end
   if ahead > 0 then
     return refuse('QUEUE_AHEAD', ahead .. ' task(s) of the same or a higher priority are waiting', {waiting = ahead})
   end

@@ -14,7 +14,9 @@ queue scripts need a single Redis server (RQ itself does not support Cluster).
 local function task_key(id) return PREFIX .. 'task:' .. id end
 -- ZSET task id -> not-before ms: the tasks in line that may not start yet (a retry's interval, as
 -- RQ's Retry(interval=...) asks). They keep their place in K_PENDING; a pass skips them until
--- then, and they hold nothing up meanwhile. The scheduler's ETA reads it (allocator/eta.py).
+-- then, and they hold nothing up meanwhile. The first pass that meets one that is due takes it
+-- out of here: from then on it is an ordinary task in line. The scheduler's ETA reads it
+-- (allocator/eta.py).
 local K_DELAYED = PREFIX .. 'delayed'
 
 local function pending_score(priority, front, seq)
@@ -268,8 +270,15 @@ end
 -- first task that does not fit blocks: it gets the reservation, and later tasks may start only
 -- where they do not delay it (EASY backfill).
 local function consider(st, id, t, now, scan_cap)
-  -- Not yet (a retry's interval): neither placed nor in anyone's way, as if not in line.
-  if t.not_before and t.not_before > now then return false end
+  if t.not_before then
+    -- Not yet (a retry's interval): neither placed nor in anyone's way, as if not in line.
+    if t.not_before > now then return false end
+    -- Due: an ordinary task in line from now on (submit_pass may then count on this pass).
+    rcall('ZREM', K_DELAYED, id)
+    rcall('HDEL', task_key(id), 'not_before')
+    rcall('HDEL', alloc_key(id), 'not_before')
+    t.not_before = nil
+  end
   local req = cjson.decode(t.payload)
   req.id = id
   req.scan_cap = scan_cap
@@ -310,7 +319,6 @@ local function consider(st, id, t, now, scan_cap)
   req.kind = t.kind
   grant(req, p, now)
   rcall('ZREM', K_PENDING, id)
-  if t.not_before then rcall('ZREM', K_DELAYED, id) end
   rcall('HSET', task_key(id), 'state', 'placed')
   dispatch(id, t, p.host)
   return true
@@ -346,11 +354,15 @@ end
 -- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
 -- expired leases), so the tasks ahead of the new one still do not fit: only the new task can
 -- start, and only where it does not delay the head of the line. One task instead of depth.
+-- Unless a task's retry interval ended since (K_DELAYED holds it until a pass meets it due):
+-- it comes first, so the whole pass runs.
 local function submit_pass(id, now, depth, scan_cap, reaped)
   if depth <= 0 then return {} end
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
   local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
-  if reaped or head == nil or head == id then return schedule_pass(now, depth, scan_cap) end
+  if reaped or head == nil or head == id or rcall('ZCOUNT', K_DELAYED, '-inf', now) > 0 then
+    return schedule_pass(now, depth, scan_cap)
+  end
   local rank = rcall('ZRANK', K_PENDING, id)
   if rank == nil or rank >= depth then return {} end  -- a pass of this depth would not reach it
   local ht, t = read_task(head), read_task(id)
