@@ -34,6 +34,9 @@ RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "des
               "retry", "on_success", "on_failure", "on_stopped", "depends_on_nothing"}
 ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "selector", "metadata",
                 "task_id", "task_type", "owner"}
+#: Keyword names a task's own kwargs may not use: Allocator.enqueue takes them itself (the request
+#: fields, RQ's options, and its own parameters), so the function would never receive them.
+RESERVED_KWARGS = frozenset(ALLOC_FIELDS | RQ_OPTIONS | {"resources", "job_id", "on_host_lost", "func", "self"})
 
 
 #: After a job's timeout, RQ's worker kills a horse that did not stop itself once it is this many

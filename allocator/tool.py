@@ -188,20 +188,15 @@ def _task_view(a: Allocator, task_id: str) -> dict[str, Any]:
     }
 
 
-#: Keyword names Allocator.enqueue takes itself (besides the request fields and RQ's options): a
-#: task's kwargs may not use them.
-_RESERVED_KWARGS = frozenset({"resources", "job_id", "on_host_lost", "func", "self"})
-
-
 def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
-    from .queue import ALLOC_FIELDS, RQ_OPTIONS
+    from .queue import RESERVED_KWARGS
     from .task_registry import registry
 
     p = _given(p)
     entry = registry.get(p["task"])
     kwargs = dict(p.get("kwargs") or {})
     for key in kwargs:
-        if key in ALLOC_FIELDS or key in RQ_OPTIONS or key in _RESERVED_KWARGS:
+        if key in RESERVED_KWARGS:
             raise InvalidRequest(f"kwargs.{key}", "reserved for the allocator; not passed to tasks")
     resources = {**entry.resources, **_given(p.get("resources"))}
     fields = {k: p[k] for k in ("priority", "strategy", "task_type", "owner", "expected_duration") if k in p}

@@ -60,7 +60,6 @@ def _id() -> Any:
     """A path id parameter (a fresh Path per route: FastAPI binds it to the parameter's name)."""
     return Path(min_length=1, max_length=256)
 
-RESERVED_KWARGS = set(queue.ALLOC_FIELDS) | set(queue.RQ_OPTIONS) | {"job_id", "resources", "func", "self"}
 
 open_router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=COMMON)
@@ -255,9 +254,10 @@ def submit_task(body: TaskSubmitBody, st: ApiState = Depends(api_state)) -> Task
     a = st.allocator
     task = st.tasks.get(body.task)
     for k in body.kwargs:
-        if k in RESERVED_KWARGS or not k.isidentifier():
+        if k in queue.RESERVED_KWARGS or not k.isidentifier():
             raise InvalidRequest(f"kwargs.{k}", "reserved or invalid argument name (an allocation or RQ option)")
-    if body.job_id and a.get(body.job_id) is not None:
+    known = a.get(body.job_id) if body.job_id else None
+    if known is not None and known.kind == "job":  # submitted before: changes nothing (a lease's id: enqueue refuses)
         return task_status(a, body.job_id)
     _json_only(body.args, "args")
     _json_only(body.kwargs, "kwargs")

@@ -223,6 +223,7 @@ def test_only_registered_tasks_and_plain_arguments(api: LiveApi) -> None:
         ({"task": "tests.api.task_funcs:add", "args": [1, 2]}, "UNKNOWN_TASK", "task"),
         ({"task": "add", "kwargs": {"priority": 1}}, "INVALID_REQUEST", "kwargs.priority"),
         ({"task": "add", "kwargs": {"job_timeout": 1}}, "INVALID_REQUEST", "kwargs.job_timeout"),
+        ({"task": "add", "kwargs": {"on_host_lost": "fail"}}, "INVALID_REQUEST", "kwargs.on_host_lost"),
         ({"task": "add", "resources": {"gpus": "two"}}, "INVALID_REQUEST", "resources.gpus"),
     ]:
         r = c.post("/v1/tasks", json=body)
@@ -231,6 +232,19 @@ def test_only_registered_tasks_and_plain_arguments(api: LiveApi) -> None:
         assert (e["code"], e["field"]) == (code, field), e
     assert "registered tasks: " in c.post("/v1/tasks", json={"task": "nope"}).json()["error"]["message"]
     assert api.ledger() == before
+
+
+def test_a_task_with_the_id_of_a_direct_allocation_is_refused(api: LiveApi) -> None:
+    c = api.client()
+    assert c.post("/v1/allocations", json={"allocation_id": "lease1", "resources": {"gpus": 1}}).status_code == 201
+    r = c.post("/v1/tasks", json={"task": "add", "job_id": "lease1", "args": [1, 2]})
+    assert r.status_code == 422 and err(r)["field"] == "job_id", r.text
+
+
+def test_a_body_too_deep_to_parse_without_the_token_gets_401(api: LiveApi) -> None:
+    deep = b"[" * 3000 + b"]" * 3000
+    r = api.client(auth=False).post("/v1/allocations", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
 
 
 def test_unknown_route_and_method_use_the_error_shape(api: LiveApi) -> None:
