@@ -242,7 +242,8 @@ class Session:
                     continue
                 if deadline is not None and time.monotonic() >= deadline:
                     await self.cancel()
-                    raise WaitTimeout(f"not placed within {self.settings.timeout_s:g} s; the request was cancelled")
+                    what = "the request was cancelled" if self.owned else "it was not this session's to cancel"
+                    raise WaitTimeout(f"not placed within {self.settings.timeout_s:g} s; {what}")
                 if last is not None:
                     await self.send({"type": "position", "allocation_id": alloc.allocation_id, "position": last[0],
                                      "estimated_start_time": last[1], "node_id": pinned})
