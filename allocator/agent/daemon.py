@@ -256,6 +256,8 @@ class Agent:
                 log.debug("round: %s", rep)
             except (redis.RedisError, AllocatorError, OSError) as exc:
                 log.error("agent round failed: %s", exc)
+            except Exception:  # a bug in one round must not stop the heartbeats: the fleet would be declared lost
+                log.exception("agent round failed unexpectedly")
             stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
 
     def shutdown(self, abort: threading.Event | None = None) -> list[str]:
@@ -268,6 +270,8 @@ class Agent:
                 self.allocator.drain_host(h)
             except HostNotFound:
                 pass
+            except (AllocatorError, redis.RedisError) as exc:  # e.g. a host declared lost: drain the others
+                log.error("could not drain %s: %s", h, exc)
         deadline = None if self.drain_timeout_s is None else time.monotonic() + self.drain_timeout_s
         abort = abort or threading.Event()
         last_beat = float("-inf")
@@ -292,8 +296,13 @@ class Agent:
                 released += self.allocator.remove_host(h, force=True)
             except HostNotFound:
                 pass
-            self.allocator.redis.zrem(self.allocator.keys.heartbeats, h)
-            self.allocator.redis.delete(self.allocator.keys.host_inventory(h))
+            except (AllocatorError, redis.RedisError) as exc:  # deregister the others all the same
+                log.error("could not remove %s: %s", h, exc)
+            try:
+                self.allocator.redis.zrem(self.allocator.keys.heartbeats, h)
+                self.allocator.redis.delete(self.allocator.keys.host_inventory(h))
+            except redis.RedisError as exc:
+                log.error("could not clear the heartbeat of %s: %s", h, exc)
             self._registered.pop(h, None)
         if released:
             log.warning("deregistered with %d allocation(s) still running; released (reason host_removed)", len(released))

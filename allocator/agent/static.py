@@ -181,23 +181,31 @@ def load_openb_csv(path: Path) -> list[HostInventory]:
     of ``OPENB_GPU_MEMORY_MB``; labels cluster=openb and the GPU model.
     """
     source = str(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return _openb_rows(csv.DictReader(fh), source)
+    except UnicodeDecodeError as exc:
+        raise InvalidInventory(source, "file", f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _openb_rows(reader: csv.DictReader, source: str) -> list[HostInventory]:
     out: list[HostInventory] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in OPENB_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InvalidInventory(source, "header", f"missing column(s) {', '.join(missing)}; expected {','.join(OPENB_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                ngpu, cpu_milli, ram = int(row["gpu"] or 0), int(row["cpu_milli"]), int(row["memory_mib"])
-            except ValueError as exc:
-                raise InvalidInventory(source, f"line {line}", f"not a number: {exc}") from None
-            sn, model = row["sn"].strip(), (row["model"] or "").strip() or "GPU"
-            mem = OPENB_GPU_MEMORY_MB.get(model, OPENB_DEFAULT_GPU_MEMORY_MB)
-            gpus = [GpuUnit(index=i, uuid=f"{sn}-gpu{i}", model=model, memory_mb=mem) for i in range(ngpu)]
-            labels = {"cluster": "openb"}
-            out.append(HostInventory(sn, list(range(cpu_milli // 1000)), ram, gpus, labels,
-                                     {"provider": "static", "source": source}))
+    missing = [c for c in OPENB_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise InvalidInventory(source, "header", f"missing column(s) {', '.join(missing)}; expected {','.join(OPENB_COLUMNS)}")
+    for line, row in enumerate(reader, start=2):
+        if any(row.get(c) is None for c in OPENB_COLUMNS):
+            raise InvalidInventory(source, f"line {line}", f"fewer fields than the header's {len(OPENB_COLUMNS)}")
+        try:
+            ngpu, cpu_milli, ram = int(row["gpu"] or 0), int(row["cpu_milli"]), int(row["memory_mib"])
+        except ValueError as exc:
+            raise InvalidInventory(source, f"line {line}", f"not a number: {exc}") from None
+        sn, model = row["sn"].strip(), (row["model"] or "").strip() or "GPU"
+        mem = OPENB_GPU_MEMORY_MB.get(model, OPENB_DEFAULT_GPU_MEMORY_MB)
+        gpus = [GpuUnit(index=i, uuid=f"{sn}-gpu{i}", model=model, memory_mb=mem) for i in range(ngpu)]
+        labels = {"cluster": "openb"}
+        out.append(HostInventory(sn, list(range(cpu_milli // 1000)), ram, gpus, labels,
+                                 {"provider": "static", "source": source}))
     return out
 
 
@@ -209,7 +217,10 @@ def load_inventory_file(path: str | os.PathLike[str]) -> list[HostInventory]:
         raise InvalidInventory(source, "path", "no such file")
     if p.suffix.lower() == ".csv":
         return load_openb_csv(p)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInventory(source, "file", f"not UTF-8 text (byte {exc.start})") from None
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
@@ -248,6 +259,9 @@ class StaticProvider:
                 self._hosts = load_inventory_file(self.path)
             except InvalidInventory as exc:
                 log.error("inventory file changed but is invalid, keeping the last good one: %s", exc)
+            except Exception as exc:  # a reading this module did not foresee: still not a reason to lose the fleet
+                log.error("inventory file changed but could not be read (%s: %s), keeping the last good one",
+                          type(exc).__name__, exc)
             self._stamp = stamp
         return self._hosts
 

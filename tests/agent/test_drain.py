@@ -76,3 +76,16 @@ def test_draining_host_keeps_heartbeating(alloc, make_agent, clock):
     alloc.release(x.allocation_id)
     t.join(10)
     assert not t.is_alive()
+
+
+def test_shutdown_with_one_host_declared_lost_still_drains_and_deregisters_the_others(alloc, make_agent, clock):
+    from allocator.agent import mark_lost
+
+    agent = make_agent([host("h1"), host("h2")])
+    agent.run_once()
+    clock.advance(1)
+    mark_lost(alloc, "h1", grace_s=0.5)  # a partition: the reaper declared h1 lost
+    assert alloc.redis.hget(alloc.keys.host("h1"), "state") == "lost"
+    assert agent.shutdown() == []
+    assert alloc.redis.hget(alloc.keys.host("h2"), "state") is None  # h2 deregistered
+    assert alloc.redis.zscore(alloc.keys.heartbeats, "h2") is None

@@ -121,3 +121,34 @@ def test_the_example_inventory_is_valid():
     hosts = load_inventory_file(Path(__file__).resolve().parents[2] / "examples" / "fleet.yaml")
     assert [h.host_id for h in hosts] == ["sim-a100", "sim-mig", "sim-t4"]
     assert [g.index for g in hosts[1].gpus] == [100, 101, 102]
+
+
+def _touch_newer(path: Path) -> None:
+    import os
+    import time
+
+    t = time.time_ns() + 2_000_000_000
+    os.utime(path, ns=(t, t))
+
+
+def test_an_edit_that_is_not_utf8_keeps_the_last_good_inventory(inventory, caplog):
+    inventory.write([host("a")])
+    p = StaticProvider(inventory.path)
+    inventory.path.write_bytes(inventory.path.read_bytes().replace(b"hosts:", b"hosts: # caf\xe9\n#", 1))
+    _touch_newer(inventory.path)
+    assert [h.host_id for h in p.hosts()] == ["a"]
+    assert "not UTF-8" in caplog.text
+
+
+def test_an_inventory_that_is_not_utf8_at_start_up_names_the_file(tmp_path):
+    p = tmp_path / "fleet.yaml"
+    p.write_bytes(b"hosts:\n- id: caf\xe9\n")
+    with pytest.raises(InvalidInventory, match="not UTF-8"):
+        load_inventory_file(p)
+
+
+def test_a_truncated_openb_row_names_its_line(tmp_path):
+    p = tmp_path / "nodes.csv"
+    p.write_text("sn,cpu_milli,memory_mib,gpu,model\nnode-1,32000,262144,2,V100M16\nnode-2,4000\n", encoding="utf-8")
+    with pytest.raises(InvalidInventory, match="line 3"):
+        load_inventory_file(p)
