@@ -150,6 +150,10 @@ def restore_hosts(a: Allocator, engine: Engine) -> list[str]:
         a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":
             a.drain_host(r["host_id"])
+        # Watched from now on as if its agent had just reported: a machine that died with the
+        # data, whose agent never comes back, is declared lost after the grace and its restored
+        # grants freed (the reaper never looks at a host that has no heartbeat at all).
+        a.redis.zadd(a.keys.heartbeats, {r["host_id"]: a.now_ms()}, nx=True)
         done.append(r["host_id"])
     return done
 

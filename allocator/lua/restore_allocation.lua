@@ -16,6 +16,9 @@ For each record:
 - on a host not registered yet the record and the host's allocation set are written and nothing
   else ("deferred"): register_host recomputes a host's usage from its active allocations, so the
   grant is counted when the agent registers the host.
+- on a host declared lost meanwhile (its agent re-registered it, then stopped reporting) the grant
+  is a conflict too: the reaper has freed what the host held, and the host comes back under a
+  new generation that fences it;
 - a restored grant whose host_gen is above the host's generation raises the host's gen to it
   (and its scan summary): the grant was made after the host came back from "lost", and a host
   restored at gen 1 would fence it as stale (workers refuse to start it, the reaper frees it).
@@ -165,7 +168,8 @@ for _, r in ipairs(cjson.decode(ARGV[3])) do
       deferred[#deferred + 1] = r.id
       emit('restored', r.id, now, cjson.encode({host = r.host, deferred = true}))
     else
-      local g, why = check_grant(r, r.host, s)
+      local g, why = nil, 'host ' .. r.host .. ' was declared lost'
+      if s.state ~= 'lost' then g, why = check_grant(r, r.host, s) end
       if g then
         apply_grant(r, r.host, g)
         record(r, g.gpus, 'active')

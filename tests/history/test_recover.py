@@ -259,3 +259,38 @@ def test_a_deferred_grant_raises_the_generation_of_the_host_its_agent_registers(
     alloc.register_host(spec)  # the agent registers the host after the recovery
     assert alloc.redis.hget(alloc.keys.host("h1"), "gen") == "2"
     assert alloc.grant_is_current(x.allocation_id)
+
+
+def test_a_host_restored_from_the_history_is_declared_lost_when_no_agent_reports(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import reap_lost_hosts
+
+    spec = {"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi", "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi"}]}
+    alloc.register_host(spec)
+    x = alloc.allocate({"gpus": 1, "cpu_cores": 2})
+    recorder.drain()
+    alloc.destroy()  # the machine died with the data: its agent never reports again
+    assert rec_mod.recover(alloc, engine).hosts_restored == ["h1"]
+    assert reap_lost_hosts(alloc, 30) == []  # within the grace
+    clock.advance(31)
+    (lost,) = reap_lost_hosts(alloc, 30)
+    assert lost.declared and lost.released == [x.allocation_id]
+    assert alloc.get(x.allocation_id).release_reason == "host_lost"
+
+
+def test_a_grant_on_a_host_declared_lost_before_recover_is_a_conflict(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    spec = {"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi", "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi"}]}
+    alloc.register_host(spec)
+    x = alloc.allocate({"gpus": 1, "cpu_cores": 2})
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(spec)  # its agent registered the host again, then stopped reporting
+    alloc.redis.zadd(alloc.keys.heartbeats, {"h1": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "h1", 30).declared
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert [c["id"] for c in report.conflicts] == [x.allocation_id]
+    alloc.register_host(spec)  # back under generation 2: nothing stale is left held
+    assert alloc.capacity().gpus_idle == 1
+    assert invariants.check(alloc.snapshot()) == []
