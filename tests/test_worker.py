@@ -353,6 +353,29 @@ def test_work_horse_pid_is_mapped_to_its_grant_while_it_runs(alloc, tmp_path):
         worker.wait(10)
 
 
+def test_a_running_jobs_pid_entry_comes_back_at_the_next_monitoring_tick_after_redis_lost_it(alloc, tmp_path):
+    gpu_host(alloc)
+    flag = tmp_path / "go"
+    task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1})
+    url = "redis://{host}:{port}/{db}".format(**alloc.redis.connection_pool.connection_kwargs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALLOCATOR_NAMESPACE": alloc.keys.namespace}
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--url", url, "--worker-class",
+                               "workers.ResourceWorker", "--job-monitoring-interval", "1",
+                               host_queue_name(alloc.keys.namespace, "h1")],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
+        alloc.redis.delete(alloc.keys.host_pids("h1"))  # lost with Redis's data
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1, timeout=10)
+        assert list(alloc.redis.hgetall(alloc.keys.host_pids("h1")).values()) == [task.id]
+        flag.touch()
+        wait_until(lambda: task.job.get_status() == "finished")
+        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0)
+    finally:
+        worker.terminate()
+        worker.wait(10)
+
+
 def test_worker_command_channel_stops_within_its_short_read_timeout(alloc):
     # RQ reads its command channel with a 60 s timeout; stopping that thread (at every worker exit)
     # waited for it with redis-py 8.2. The worker reads for a second at a time instead.

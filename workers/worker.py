@@ -206,6 +206,11 @@ class ResourceWorker(Worker):
         never received: a job whose task was preempted or cancelled is stopped as the command would
         have."""
         super().maintain_heartbeats(job, execution)
+        if self._pid_recorded and self._grant is not None:
+            # Again at every tick: after Redis lost its data (allocator recover) the map is back
+            # within one tick, and the agent's watchdog tells this run's GPU memory from others'.
+            self.allocator.redis.hset(self.allocator.keys.host_pids(self.host_id), str(self._pid_recorded),
+                                      self._grant.allocation_id)
         if self._stopped_job_id == job.id:
             return
         state = self.allocator.redis.hget(self.allocator.keys.task(job.id), "state")
