@@ -245,9 +245,11 @@ class Allocator:
         payload["cores"] = payload.pop("cpu_cores")
         return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap)
 
-    def drain_host(self, host_id: str) -> None:
-        """No new placements on the host; what runs there keeps its resources."""
-        self._raise_unless_ok(self._call("drain_host", host_id, "drain"))
+    def drain_host(self, host_id: str, *, by_agent: bool = False) -> None:
+        """No new placements on the host; what runs there keeps its resources. ``by_agent``: the
+        host's agent drains it as it stops, and its next start resumes it (an operator's drain
+        stays until resumed)."""
+        self._raise_unless_ok(self._call("drain_host", host_id, "agent_drain" if by_agent else "drain"))
 
     def resume_host(self, host_id: str) -> None:
         """Undo ``drain_host``."""

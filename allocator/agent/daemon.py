@@ -220,6 +220,12 @@ class Agent:
             return False
         self._registered[host_id] = spec
         AGENT_REGISTRATIONS.labels(reason=reason).inc()
+        if (reason == "new" and res.get("state") == "draining"
+                and self.allocator.redis.hget(self.allocator.keys.host(host_id), "drained_by") == "agent"):
+            # Drained by an agent that stopped before it deregistered the host (killed while it
+            # waited for running work): that drain was the agent's own, not an operator's.
+            log.warning("host %s was left draining by a previous agent; resuming it", host_id)
+            self.allocator.resume_host(host_id)
         if reason == "returned":
             log.warning("host %s was declared lost or removed; registered again (generation %s)", host_id, res.get("gen"))
         return True
@@ -267,7 +273,7 @@ class Agent:
         hosts = list(self.hosts)
         for h in hosts:
             try:
-                self.allocator.drain_host(h)
+                self.allocator.drain_host(h, by_agent=True)
             except HostNotFound:
                 pass
             except (AllocatorError, redis.RedisError) as exc:  # e.g. a host declared lost: drain the others

@@ -1,6 +1,8 @@
 --[[ drain_host: stop (or resume) new placements on a host; running allocations are untouched.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
-ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume",
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume" |
+"agent_drain" (the host's agent draining it as it stops: field drained_by = "agent", so that its
+next start knows the drain was its own and resumes the host; "drain" and "resume" clear it),
 ARGV[5] scheduling pass depth after a resume (0 = none), ARGV[6] scan cap.
 Returns JSON {ok, state} or {ok=false, code="HOST_NOT_FOUND"}.
 ]]
@@ -22,6 +24,7 @@ if state == 'lost' then
 end
 local target = 'draining'
 if ARGV[4] == 'resume' then target = 'ready' end
+if ARGV[4] == 'agent_drain' then rcall('HSET', hk, 'drained_by', 'agent') else rcall('HDEL', hk, 'drained_by') end
 if state ~= target then
   rcall('HSET', hk, 'state', target)
   -- reindex_host compares against the previous schedulability, which it reads from parked/state;

@@ -89,3 +89,20 @@ def test_shutdown_with_one_host_declared_lost_still_drains_and_deregisters_the_o
     assert agent.shutdown() == []
     assert alloc.redis.hget(alloc.keys.host("h2"), "state") is None  # h2 deregistered
     assert alloc.redis.zscore(alloc.keys.heartbeats, "h2") is None
+
+
+def test_a_host_left_draining_by_an_agent_killed_during_its_drain_is_resumed_by_the_next(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    alloc.allocate({"cpu_cores": 1})
+    alloc.drain_host("h1", by_agent=True)  # the agent began its drain and was killed while it waited
+    make_agent([host("h1")]).run_once()  # its successor
+    assert _state(alloc) == "ready"
+    alloc.allocate({"cpu_cores": 1})
+
+
+def test_a_host_an_operator_drained_stays_draining_when_its_agent_restarts(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    alloc.drain_host("h1", by_agent=True)
+    alloc.drain_host("h1")  # an operator's drain since supersedes the agent's
+    make_agent([host("h1")]).run_once()
+    assert _state(alloc) == "draining"
