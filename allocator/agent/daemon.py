@@ -218,14 +218,15 @@ class Agent:
         except InvalidRequest as exc:
             log.error("host %s not registered, its inventory is invalid: %s", host_id, exc)
             return False
-        self._registered[host_id] = spec
-        AGENT_REGISTRATIONS.labels(reason=reason).inc()
         if (reason == "new" and res.get("state") == "draining"
                 and self.allocator.redis.hget(self.allocator.keys.host(host_id), "drained_by") == "agent"):
             # Drained by an agent that stopped before it deregistered the host (killed while it
-            # waited for running work): that drain was the agent's own, not an operator's.
+            # waited for running work): that drain was the agent's own, not an operator's. (Before
+            # the host counts as registered: a resume that fails is tried again next round.)
             log.warning("host %s was left draining by a previous agent; resuming it", host_id)
             self.allocator.resume_host(host_id)
+        self._registered[host_id] = spec
+        AGENT_REGISTRATIONS.labels(reason=reason).inc()
         if reason == "returned":
             log.warning("host %s was declared lost or removed; registered again (generation %s)", host_id, res.get("gen"))
         return True
@@ -271,13 +272,7 @@ class Agent:
         or until ``abort`` is set, then deregister every host. Returns the allocation ids released
         because they were still running."""
         hosts = list(self.hosts)
-        for h in hosts:
-            try:
-                self.allocator.drain_host(h, by_agent=True)
-            except HostNotFound:
-                pass
-            except (AllocatorError, redis.RedisError) as exc:  # e.g. a host declared lost: drain the others
-                log.error("could not drain %s: %s", h, exc)
+        undrained = self._drain(hosts)
         deadline = None if self.drain_timeout_s is None else time.monotonic() + self.drain_timeout_s
         abort = abort or threading.Event()
         last_beat = float("-inf")
@@ -290,6 +285,8 @@ class Agent:
                     self._heartbeat(hosts)
                 except redis.RedisError as exc:
                     log.error("heartbeat while draining failed: %s", exc)
+                if undrained:  # a drain that met a Redis error: new work must not keep landing there
+                    undrained = self._drain(undrained)
                 last_beat = now
             left = float("inf") if deadline is None else deadline - time.monotonic()
             abort.wait(max(0.0, min(0.2, self.interval_s, left)))
@@ -315,8 +312,29 @@ class Agent:
         self.provider.close()
         return released
 
-    def _busy(self, hosts: list[str]) -> bool:
-        pipe = self.allocator.redis.pipeline(transaction=False)
+    def _drain(self, hosts: list[str]) -> list[str]:
+        """Drains ``hosts`` as this agent's own drain; returns those to try again (a Redis error).
+        A host that is gone or was declared lost is left as it is: the others are drained."""
+        again: list[str] = []
         for h in hosts:
-            pipe.scard(self.allocator.keys.host_allocs(h))
-        return any(n > 0 for n in pipe.execute()) if hosts else False
+            try:
+                self.allocator.drain_host(h, by_agent=True)
+            except HostNotFound:
+                pass
+            except AllocatorError as exc:
+                log.error("could not drain %s: %s", h, exc)
+            except redis.RedisError as exc:
+                log.error("could not drain %s yet: %s", h, exc)
+                again.append(h)
+        return again
+
+    def _busy(self, hosts: list[str]) -> bool:
+        """Whether work still runs on ``hosts``; while Redis cannot say, it may."""
+        try:
+            pipe = self.allocator.redis.pipeline(transaction=False)
+            for h in hosts:
+                pipe.scard(self.allocator.keys.host_allocs(h))
+            return any(n > 0 for n in pipe.execute()) if hosts else False
+        except redis.RedisError as exc:
+            log.error("could not read the running work of %s: %s", ", ".join(hosts), exc)
+            return True

@@ -259,9 +259,10 @@ class StaticProvider:
                 self._hosts = load_inventory_file(self.path)
             except InvalidInventory as exc:
                 log.error("inventory file changed but is invalid, keeping the last good one: %s", exc)
-            except Exception as exc:  # a reading this module did not foresee: still not a reason to lose the fleet
+            except Exception as exc:  # unreadable for now (permissions, EMFILE, EIO): read it again next round
                 log.error("inventory file changed but could not be read (%s: %s), keeping the last good one",
                           type(exc).__name__, exc)
+                return self._hosts
             self._stamp = stamp
         return self._hosts
 

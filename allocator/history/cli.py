@@ -266,6 +266,8 @@ def _allocator(redis_url: str | None, namespace: str) -> Any:
 
 def recover_cmd(
     hosts: bool = typer.Option(True, "--hosts/--no-hosts", help="Also re-register hosts the history knows and the ledger lacks."),
+    watch_hosts: bool = typer.Option(False, "--watch-hosts", help="Every host has an agent: give each host it re-registers a "
+                                     "heartbeat now, so one whose agent never reports is declared lost after the grace."),
     as_json: bool = AS_JSON,
     database_url: str = DB_URL,
     redis_url: str = REDIS_URL,
@@ -277,7 +279,8 @@ def recover_cmd(
 
     with _reported():
         try:
-            report = recover(_allocator(redis_url, namespace), _engine(database_url), with_hosts=hosts)
+            report = recover(_allocator(redis_url, namespace), _engine(database_url), with_hosts=hosts,
+                             watch_hosts=watch_hosts)
         except AllocatorError as exc:
             if as_json:
                 _dump({"ok": False, "error": exc.to_dict()})

@@ -135,10 +135,14 @@ def _host_spec(host_id: str, stored: Any) -> dict[str, Any]:
     return out
 
 
-def restore_hosts(a: Allocator, engine: Engine) -> list[str]:
+def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[str]:
     """Registers hosts the history knows (not removed or lost) that the ledger lacks, in the order
     they were first registered: a registration gives a new host the next ordinal, and first fit
-    scans hosts by ordinal, so the restored fleet is scanned in the order it was before."""
+    scans hosts by ordinal, so the restored fleet is scanned in the order it was before. ``watch``
+    (every host is served by an agent): each gets a heartbeat at the recovery's time, so a machine
+    that died with the data is declared lost after the grace. Without it a restored host is not
+    watched until its agent reports, as a host registered by hand never is (the history does not
+    say which hosts had an agent)."""
     q = (select(H).where(H.c.namespace == a.keys.namespace, H.c.state.in_(("ready", "draining")))
          .order_by(H.c.registered_at, H.c.host_id))
     with engine.connect() as conn:
@@ -150,10 +154,8 @@ def restore_hosts(a: Allocator, engine: Engine) -> list[str]:
         a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":
             a.drain_host(r["host_id"])
-        # Watched from now on as if its agent had just reported: a machine that died with the
-        # data, whose agent never comes back, is declared lost after the grace and its restored
-        # grants freed (the reaper never looks at a host that has no heartbeat at all).
-        a.redis.zadd(a.keys.heartbeats, {r["host_id"]: a.now_ms()}, nx=True)
+        if watch:  # as if its agent had just reported (the reaper never looks at a host without one)
+            a.redis.zadd(a.keys.heartbeats, {r["host_id"]: a.now_ms()}, nx=True)
         done.append(r["host_id"])
     return done
 
@@ -177,13 +179,15 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
     return report
 
 
-def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, batch: int = 200) -> RecoveryReport:
+def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_hosts: bool = False,
+            batch: int = 200) -> RecoveryReport:
     """The whole procedure (see the module docstring). Raises ``RecoveryFailed`` and leaves the
-    gate closed to placements if the rebuilt ledger breaks an invariant."""
+    gate closed to placements if the rebuilt ledger breaks an invariant. ``watch_hosts``: see
+    ``restore_hosts``."""
     begin(a)
     report = RecoveryReport()
     if with_hosts:
-        report.hosts_restored = restore_hosts(a, engine)
+        report.hosts_restored = restore_hosts(a, engine, watch=watch_hosts)
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred
     report.existing, report.conflicts = restored.existing, restored.conflicts

@@ -24,7 +24,11 @@ if state == 'lost' then
 end
 local target = 'draining'
 if ARGV[4] == 'resume' then target = 'ready' end
-if ARGV[4] == 'agent_drain' then rcall('HSET', hk, 'drained_by', 'agent') else rcall('HDEL', hk, 'drained_by') end
+if ARGV[4] ~= 'agent_drain' then
+  rcall('HDEL', hk, 'drained_by')
+elseif state ~= 'draining' then
+  rcall('HSET', hk, 'drained_by', 'agent')  -- not over an operator's drain: that one stays theirs
+end
 if state ~= target then
   rcall('HSET', hk, 'state', target)
   -- reindex_host compares against the previous schedulability, which it reads from parked/state;

@@ -106,3 +106,37 @@ def test_a_host_an_operator_drained_stays_draining_when_its_agent_restarts(alloc
     alloc.drain_host("h1")  # an operator's drain since supersedes the agent's
     make_agent([host("h1")]).run_once()
     assert _state(alloc) == "draining"
+
+
+def test_an_agent_draining_a_host_an_operator_drained_leaves_it_the_operators(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    alloc.drain_host("h1")  # the operator's maintenance drain
+    alloc.drain_host("h1", by_agent=True)  # then the agent stops (and is killed while it waits)
+    make_agent([host("h1")]).run_once()
+    assert _state(alloc) == "draining"
+
+
+def test_a_drain_that_meets_a_redis_error_is_tried_again_while_the_agent_waits(alloc, make_agent, monkeypatch):
+    import redis as redis_lib
+
+    agent = make_agent([host("h1")], drain_timeout_s=1)
+    agent.run_once()
+    x = alloc.allocate({"cpu_cores": 1})
+    real = alloc.drain_host
+    calls = []
+
+    def flaky(h, **kw):
+        calls.append(h)
+        if len(calls) == 1:
+            raise redis_lib.ConnectionError("blip")
+        return real(h, **kw)
+
+    monkeypatch.setattr(alloc, "drain_host", flaky)
+    seen = []
+    t = threading.Thread(target=agent.shutdown)
+    t.start()
+    wait_for(lambda: _state(alloc) == "draining")
+    seen.append(_state(alloc))
+    t.join(10)
+    assert seen == ["draining"] and len(calls) >= 2
+    assert alloc.get(x.allocation_id).release_reason == "host_removed"

@@ -152,3 +152,20 @@ def test_a_truncated_openb_row_names_its_line(tmp_path):
     p.write_text("sn,cpu_milli,memory_mib,gpu,model\nnode-1,32000,262144,2,V100M16\nnode-2,4000\n", encoding="utf-8")
     with pytest.raises(InvalidInventory, match="line 3"):
         load_inventory_file(p)
+
+
+def test_an_inventory_that_could_not_be_read_is_read_again_next_round(inventory, monkeypatch):
+    from allocator.agent import static
+
+    inventory.write([host("a")])
+    p = StaticProvider(inventory.path)
+    inventory.write([host("a"), host("b")])
+    real = static.load_inventory_file
+
+    def unreadable_once(path):
+        monkeypatch.setattr(static, "load_inventory_file", real)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(static, "load_inventory_file", unreadable_once)
+    assert [h.host_id for h in p.hosts()] == ["a"]  # kept the last good one
+    assert [h.host_id for h in p.hosts()] == ["a", "b"]  # and read it again, though the file did not change

@@ -261,7 +261,7 @@ def test_a_deferred_grant_raises_the_generation_of_the_host_its_agent_registers(
     assert alloc.grant_is_current(x.allocation_id)
 
 
-def test_a_host_restored_from_the_history_is_declared_lost_when_no_agent_reports(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+def test_with_watch_hosts_a_restored_host_is_declared_lost_when_no_agent_reports(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
     from allocator.agent.reaper import reap_lost_hosts
 
     spec = {"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi", "gpus": [{"index": 0, "model": "A100", "memory_mb": "40Gi"}]}
@@ -269,7 +269,7 @@ def test_a_host_restored_from_the_history_is_declared_lost_when_no_agent_reports
     x = alloc.allocate({"gpus": 1, "cpu_cores": 2})
     recorder.drain()
     alloc.destroy()  # the machine died with the data: its agent never reports again
-    assert rec_mod.recover(alloc, engine).hosts_restored == ["h1"]
+    assert rec_mod.recover(alloc, engine, watch_hosts=True).hosts_restored == ["h1"]
     assert reap_lost_hosts(alloc, 30) == []  # within the grace
     clock.advance(31)
     (lost,) = reap_lost_hosts(alloc, 30)
@@ -294,3 +294,16 @@ def test_a_grant_on_a_host_declared_lost_before_recover_is_a_conflict(alloc: All
     alloc.register_host(spec)  # back under generation 2: nothing stale is left held
     assert alloc.capacity().gpus_idle == 1
     assert invariants.check(alloc.snapshot()) == []
+
+
+def test_without_watch_hosts_a_restored_host_without_an_agent_stays_unwatched(alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import reap_lost_hosts
+
+    alloc.register_host({"id": "h1", "cpu_cores": 8, "ram_mb": "64Gi"})  # by hand: no agent serves it
+    x = alloc.allocate({"cpu_cores": 2}, ttl_seconds=None)
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    clock.advance(3600)
+    assert reap_lost_hosts(alloc, 30) == []
+    assert alloc.get(x.allocation_id).state == "active"
