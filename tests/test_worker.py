@@ -337,17 +337,25 @@ def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
         worker.wait(10)
 
 
+def _horse_pids(alloc) -> list[str]:
+    return list(alloc.redis.hgetall(alloc.keys.host_pids("h1")).values())
+
+
+def _let_it_finish(alloc, task, flag) -> None:
+    """Lets a ``sleep_until_file`` job end; its pid then leaves the host's map."""
+    flag.touch()
+    wait_until(lambda: task.job.get_status() == "finished")
+    wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0)
+
+
 def test_work_horse_pid_is_mapped_to_its_grant_while_it_runs(alloc, tmp_path):
     gpu_host(alloc)
     flag = tmp_path / "go"
     task = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 1})
     worker = start_worker(alloc, "h1")
     try:
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
-        assert list(alloc.redis.hgetall(alloc.keys.host_pids("h1")).values()) == [task.id]
-        flag.touch()
-        wait_until(lambda: task.job.get_status() == "finished")
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0)
+        wait_until(lambda: _horse_pids(alloc) == [task.id])
+        _let_it_finish(alloc, task, flag)
     finally:
         worker.terminate()
         worker.wait(10)
@@ -364,13 +372,10 @@ def test_a_running_jobs_pid_entry_comes_back_at_the_next_monitoring_tick_after_r
                                host_queue_name(alloc.keys.namespace, "h1")],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1)
+        wait_until(lambda: _horse_pids(alloc) == [task.id])
         alloc.redis.delete(alloc.keys.host_pids("h1"))  # lost with Redis's data
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 1, timeout=10)
-        assert list(alloc.redis.hgetall(alloc.keys.host_pids("h1")).values()) == [task.id]
-        flag.touch()
-        wait_until(lambda: task.job.get_status() == "finished")
-        wait_until(lambda: alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0)
+        wait_until(lambda: _horse_pids(alloc) == [task.id], timeout=10)
+        _let_it_finish(alloc, task, flag)
     finally:
         worker.terminate()
         worker.wait(10)
