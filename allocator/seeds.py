@@ -259,6 +259,9 @@ def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
         return InsufficientResources("no host is registered", code="NO_FIT")
     if r.gpus:
         model = f" of model {'|'.join(r.gpu_model)}" if r.gpu_model else ""
+        if r.gpu_model and not any(g.model in r.gpu_model for h in hosts for g in h.gpus):
+            return InsufficientResources(f"no host has a GPU{model}", code="INSUFFICIENT_GPUS",
+                                         details={"field": "resource_requirements.gpu_model"})
         sizes = [g.memory.total - g.memory.unmanaged for h in hosts for g in h.gpus
                  if not r.gpu_model or g.model in r.gpu_model]
         if r.gpu_memory_mb is not None and (not sizes or max(sizes) < r.gpu_memory_mb):
@@ -283,7 +286,8 @@ def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
         return InsufficientResources(f"no host could ever hold {r.ram_mb} MiB RAM: the largest has {_num(most_ram)} MiB",
                                      code="INSUFFICIENT_RAM")
     where = f" matching selector {req.selector}" if req.selector else ""
-    return InsufficientResources(f"no host{where} could ever hold all of this request at once", code="NO_FIT")
+    return InsufficientResources(f"no host{where} could ever hold all of this request at once", code="NO_FIT",
+                                 details={"field": "resource_requirements.selector"} if req.selector else None)
 
 
 ON_BUSY = ("queue", "fail")
@@ -319,6 +323,8 @@ def allocate_resources(
     """
     a = allocator if allocator is not None else default_allocator()
     try:
+        if not isinstance(task_id, str) or not task_id:
+            raise InvalidRequest("task_id", f"required: a non-empty string, got {task_id!r}")
         if on_busy not in ON_BUSY:
             raise InvalidRequest("on_busy", f"expected 'queue' or 'fail', got {on_busy!r}")
         resources, options = _split_requirements(resource_requirements)
@@ -333,7 +339,11 @@ def allocate_resources(
         field = _tool_field(exc.field)
         return _tool_failure(task_id, exc.code, f"{field}: {exc.reason}", field)
     except Refused as exc:
-        return _tool_failure(task_id, exc.code, exc.message, _ledger_field(exc.code))
+        field = exc.details.get("field") or _ledger_field(exc.code)
+        if field is None and exc.code == "NO_FIT" and isinstance(resource_requirements, Mapping) \
+                and resource_requirements.get("selector"):
+            field = "resource_requirements.selector"
+        return _tool_failure(task_id, exc.code, exc.message, field)
     return tool_result(a, alloc)
 
 
@@ -343,6 +353,22 @@ _MANAGER_RESOURCES = ("gpus", "gpu_memory_mb", "gpu_model", "cpu_cores", "ram_mb
 
 
 MAX_WORKERS = 100_000  # far above any fleet; bounds the arithmetic on untrusted input
+
+
+def _whole(value: object, field: str) -> int:
+    """A whole number >= 0 given to a seed constructor (2.0 counts), or InvalidRequest naming it."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(field, f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _core_count(value: object, field: str) -> int:
+    """A host's core count from a seed constructor's total CPU (a number; 16.5 registers 16 cores)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value > 1 << 20:
+        raise InvalidRequest(field, f"expected a number of cores >= 0, got {value!r}")
+    return int(value)
 
 
 def _check_workers(workers: object) -> int:
@@ -407,7 +433,8 @@ class AllocationManager:
     16 cores, 32768 MiB, 10 worker slots), so that call never registers a host beside a fleet. A worker is one worker slot
     of a host plus ``worker_cpu`` cores and ``worker_memory`` MiB, all taken atomically by the
     ledger; a request's workers all land on one host. ``total_workers`` is the slot count of the
-    host the manager registers (default: one per core); fleet hosts get theirs from their agent.
+    host the manager registers; fleet hosts get theirs from their agent. Given any of the three
+    totals, the manager registers its host, and a total left out takes the seed's default.
 
     MCP servers are the ledger's shared named services (docs/services.md): each name must be in
     the catalog of some host; ``services`` (a catalog, a mapping or a YAML/JSON path) makes this
@@ -439,6 +466,10 @@ class AllocationManager:
             allocator = default_allocator()
             if allocator.redis.zcard(allocator.keys.hosts) == 0:
                 total_cpu, total_memory, total_workers = DEFAULT_CAPACITY
+        elif not no_totals:  # the seed's signature: each total left out has its default
+            total_cpu = DEFAULT_CAPACITY[0] if total_cpu is None else total_cpu
+            total_memory = DEFAULT_CAPACITY[1] if total_memory is None else total_memory
+            total_workers = DEFAULT_CAPACITY[2] if total_workers is None else total_workers
         self.allocator = allocator if allocator is not None else default_allocator()
         self.host_id = host_id
         self.service_wait_s = service_wait_s
@@ -448,11 +479,10 @@ class AllocationManager:
         self.worker_memory = parse_memory_mb(worker_memory, "worker_memory")
         if self.worker_millis <= 0:
             raise InvalidRequest("worker_cpu", "a worker needs some CPU")
-        if total_workers is not None and (isinstance(total_workers, bool) or total_workers < 0):
-            raise InvalidRequest("total_workers", f"must be a whole number >= 0, got {total_workers!r}")
-        if total_cpu is not None or total_memory is not None:
-            host: dict[str, Any] = {"id": host_id, "cpu_cores": int(total_cpu or 0), "ram_mb": total_memory or 0,
-                                    "worker_slots": total_workers}
+        if total_cpu is not None:
+            host: dict[str, Any] = {"id": host_id, "cpu_cores": _core_count(total_cpu, "total_cpu"),
+                                    "ram_mb": parse_memory_mb(total_memory, "total_memory"),
+                                    "worker_slots": _whole(total_workers, "total_workers")}
             if service_ports is not None:
                 host["service_ports"] = service_ports
             self.allocator.register_host(host)
@@ -520,6 +550,8 @@ class AllocationManager:
         """
         allocation_id = new_allocation_id()
         try:
+            if not isinstance(job_id, str) or not job_id:
+                raise InvalidRequest("job_id", f"required: a non-empty string, got {job_id!r}")
             n = _check_workers(workers)
             servers = _check_mcp_servers(mcp_servers)
             wanted = self._resources(n, resources)
@@ -541,8 +573,8 @@ class AllocationManager:
         except ServiceFailed as exc:
             return self._failed(allocation_id, job_id, exc.message, exc.code)
         except InvalidRequest as exc:
-            if exc.field == "services":  # the seed calls them mcp_servers
-                exc = InvalidRequest("mcp_servers", exc.reason)
+            if exc.field in ("services", "task_id"):  # the seed calls them mcp_servers and job_id
+                exc = InvalidRequest({"services": "mcp_servers", "task_id": "job_id"}[exc.field], exc.reason)
             return self._failed(allocation_id, job_id, exc.message, exc.code, exc.field)
         except InsufficientResources as exc:
             msg = exc.message if exc.code == "INSUFFICIENT_SERVICE_PORTS" else (self._workers_message(n) if n else None) or exc.message
@@ -775,11 +807,16 @@ class ResourceAllocator:
         host_id: str = "local",
         register: bool | None = None,
     ) -> None:
-        """``register`` (default: only when no allocator is passed) registers ``host_id``."""
+        """``register`` registers ``host_id`` with these totals; by default only when no allocator
+        is passed and the ledger has no host, so the seed's plain ``ResourceAllocator()`` never adds a
+        host beside a fleet (as ``AllocationManager()``)."""
         self.allocator = allocator if allocator is not None else default_allocator()
-        if register if register is not None else allocator is None:
-            ram_mb = parse_memory_mb(total_memory_gb * 1024, "total_memory_gb")
-            self.allocator.register_host(id=host_id, cpu_cores=int(total_cpu), ram_mb=ram_mb)
+        if register is None:
+            register = allocator is None and self.allocator.redis.zcard(self.allocator.keys.hosts) == 0
+        if register:
+            cores = _core_count(total_cpu, "total_cpu")
+            ram_mb = _whole(total_memory_gb, "total_memory_gb") * 1024
+            self.allocator.register_host(id=host_id, cpu_cores=cores, ram_mb=ram_mb)
 
     async def check_availability(self, resource_limits: Mapping[str, str]) -> bool:
         """True when the limits fit now; changes nothing. Invalid limits are logged and read False."""

@@ -296,6 +296,65 @@ def test_manager_without_arguments_registers_no_host_beside_a_fleet(alloc, monke
     assert (manager.get_capacity()["total_cpu"], manager.get_capacity()["total_memory"]) == (8.0, 16384)
 
 
+@pytest.mark.parametrize("given, expected", [
+    ({"total_cpu": 8.0}, (8.0, 32768, 10)),
+    ({"total_memory": 65536}, (16.0, 65536, 10)),
+    ({"total_workers": 4}, (16.0, 32768, 4)),
+])
+def test_manager_with_some_totals_takes_the_seed_defaults_for_the_others(alloc, given, expected):
+    manager = AllocationManager(alloc, **given)
+    cap = manager.get_capacity()
+    assert (cap["total_cpu"], cap["total_memory"], cap["total_workers"]) == expected
+    assert manager.request_resources(job_id="j", mcp_servers=[], workers=2)["status"] == "active"
+
+
+@pytest.mark.parametrize("given, field", [
+    ({"total_cpu": -4}, "total_cpu"), ({"total_cpu": "abc"}, "total_cpu"),
+    ({"total_memory": "lots"}, "total_memory"), ({"total_workers": "3"}, "total_workers"),
+    ({"total_workers": 2.5}, "total_workers"),
+])
+def test_manager_with_a_bad_total_names_it_and_registers_nothing(alloc, given, field):
+    with pytest.raises(InvalidRequest) as exc:
+        AllocationManager(alloc, **given)
+    assert exc.value.field == field
+    assert alloc.capacity().host_count == 0
+
+
+def test_resource_allocator_without_arguments_registers_no_host_beside_a_fleet(alloc, monkeypatch):
+    alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384)
+    monkeypatch.setattr(seeds, "_default", alloc)
+    ResourceAllocator()
+    assert [h.host_id for h in alloc.capacity().hosts] == ["g1"]
+
+
+@pytest.mark.parametrize("given, field", [({"total_cpu": "abc"}, "total_cpu"), ({"total_memory_gb": "8"}, "total_memory_gb")])
+def test_resource_allocator_with_a_bad_total_names_it(alloc, given, field):
+    with pytest.raises(InvalidRequest) as exc:
+        ResourceAllocator(allocator=alloc, register=True, **given)
+    assert exc.value.field == field
+
+
+def test_a_request_without_a_job_id_is_refused_naming_job_id(alloc):
+    manager = AllocationManager(alloc, total_cpu=4.0, total_memory=8192, total_workers=2)
+    for job_id in (None, ""):
+        r = manager.request_resources(job_id=job_id, mcp_servers=[], workers=1)
+        assert (r["status"], r["error_field"]) == ("failed", "job_id")
+
+
+def test_a_seed_004_request_without_a_task_id_is_refused_naming_task_id(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources(None, "x", SEED_REQUIREMENTS, allocator=alloc)
+    assert (r["success"], r["error"]["field"]) == (False, "task_id")
+
+
+def test_seed_004_refusals_name_the_selector_or_the_gpu_model(alloc):
+    seed_tool_host(alloc)
+    r = allocate_resources("t", "x", {"cpu_cores": 1, "selector": {"cluster": "nope"}}, allocator=alloc)
+    assert r["error"]["field"] == "resource_requirements.selector"
+    r = allocate_resources("t", "x", {"gpus": 1, "gpu_model": "A100"}, allocator=alloc)
+    assert r["error"]["field"] == "resource_requirements.gpu_model"
+
+
 def test_manager_capacity_reports_gpu_totals(alloc):
     alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
     manager = AllocationManager(alloc)
