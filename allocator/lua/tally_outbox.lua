@@ -8,7 +8,8 @@ predictions HASH (task id -> predicted start ms, written when an ETA is first re
 ARGV[1] key prefix, ARGV[2] clock override ms (unused), ARGV[3] most entries to count in this
 call, ARGV[4] JSON list of placement-latency bucket bounds in ms (ascending), ARGV[5] JSON list
 of ETA-error bucket bounds in ms (ascending).
-Statistics fields: cursor (last counted stream id), events|<type>, placements|<kind>|<strategy>,
+Statistics fields: cursor (last counted stream id), cursor_at (when a tally last ran, ms: while
+recent, trim_outbox keeps what the cursor has not reached), events|<type>, placements|<kind>|<strategy>,
 releases|<reason>, lat|le|<bound> / lat|sum_ms / lat|count (submit -> grant, from the
 "allocated" event's ts and created), eta|le|<bound> / eta|sum_ms / eta|count (|actual start -
 predicted start| of tasks with a recorded prediction), resets (times the stream restarted
@@ -92,5 +93,5 @@ for _, e in ipairs(entries) do
   end
   cursor = e[1]
 end
-if #entries > 0 then rcall('HSET', K_STATS, 'cursor', cursor) end
+rcall('HSET', K_STATS, 'cursor', cursor, 'cursor_at', now_ms())
 return cjson.encode({counted = #entries, cursor = cursor})

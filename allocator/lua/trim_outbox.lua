@@ -4,7 +4,10 @@ ARGV[1] key prefix, ARGV[2] clock override ms (unused).
 For each consumer group the first entry still needed is its oldest pending (delivered, not yet
 acknowledged) entry, or the one after its last-delivered id when nothing is pending. The stream is
 trimmed (XTRIM MINID, exact) below the smallest of those, so an entry leaves only after every
-group has acknowledged it. With no group at all nothing is trimmed.
+group has acknowledged it. With no group at all nothing is trimmed. The API's tally for /metrics
+(tally_outbox.lua) reads the stream from a cursor of its own, not as a group: while it has run in
+the last TALLY_RECENT_MS, nothing past its cursor is trimmed either (an API that stopped for good
+does not hold the stream back).
 Returns JSON {trimmed, minid} (minid "" when nothing could be trimmed).
 ]]
 --- @include "ledger"
@@ -35,6 +38,13 @@ for _, g in ipairs(groups) do
     seq = seq + 1
   end
   if best_ms == nil or less(ms, seq, best_ms, best_seq) then best_ms, best_seq = ms, seq end
+end
+local TALLY_RECENT_MS = 300000
+local tally = rcall('HMGET', PREFIX .. 'api_stats', 'cursor', 'cursor_at')
+if tally[1] and tally[2] and now_ms() - tonumber(tally[2]) < TALLY_RECENT_MS then
+  local ms, seq = parse_id(tally[1])
+  seq = seq + 1
+  if less(ms, seq, best_ms, best_seq) then best_ms, best_seq = ms, seq end
 end
 local minid = string.format('%d-%d', best_ms, best_seq)
 local n = rcall('XTRIM', K_EVENTS, 'MINID', minid)

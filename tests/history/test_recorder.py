@@ -165,6 +165,28 @@ def test_trim_keeps_what_another_group_has_not_acknowledged(alloc: Allocator, re
     assert alloc.redis.xlen(alloc.keys.events) == 2 and count(engine, alloc) == 2
 
 
+def test_trim_keeps_what_the_api_tally_has_not_counted_while_it_runs(alloc: Allocator, recorder: Recorder, engine) -> None:
+    from allocator.api.metrics import tally
+
+    tally(alloc)  # an API replica is counting (its cursor is at the head)
+    register_fleet(alloc)
+    recorder.drain()
+    assert alloc.redis.xlen(alloc.keys.events) == 2  # recorded, but not yet counted
+    assert tally(alloc) == 2
+    recorder.trim_stream()
+    assert alloc.redis.xlen(alloc.keys.events) == 0
+
+
+def test_trim_does_not_wait_for_an_api_tally_that_stopped_long_ago(alloc: Allocator, recorder: Recorder, engine) -> None:
+    from allocator.api.metrics import tally
+
+    tally(alloc)
+    alloc.redis.hset(alloc.keys.api_stats, "cursor_at", 0)  # its last tally was long ago
+    register_fleet(alloc)
+    recorder.drain()
+    assert alloc.redis.xlen(alloc.keys.events) == 0
+
+
 def test_backlog_counts_pending_and_undelivered(alloc: Allocator, recorder: Recorder) -> None:
     recorder.ensure_group()
     register_fleet(alloc)
