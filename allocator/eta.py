@@ -1529,10 +1529,19 @@ class EtaEngine:
         r = self.compute_all()
         mapping: dict[str, str] = {tid: ("" if ms is None else str(ms)) for tid, ms in r.starts.items()}
         mapping.update({"_at": str(r.now), "_cost_ms": f"{r.cost_ms:.1f}", "_pending": str(r.pending)})
-        pipe = self.a.redis.pipeline(transaction=True)
-        pipe.delete(self.a.keys.eta)
-        pipe.hset(self.a.keys.eta, mapping=mapping)
-        pipe.execute()
+        key = self.a.keys.eta
+        with self.a.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                cur = pipe.hget(key, "_at")
+                if cur and int(cur) > r.now:
+                    return r  # another scheduler replica stored a newer snapshot's estimates
+                pipe.multi()
+                pipe.delete(key)
+                pipe.hset(key, mapping=mapping)
+                pipe.execute()
+            except redis.WatchError:
+                pass  # another replica wrote meanwhile: its estimates stand
         return r
 
     def _now_ms(self) -> int:
@@ -1541,8 +1550,18 @@ class EtaEngine:
         s, us = self.a.redis.time()
         return int(s) * 1000 + int(us) // 1000
 
-    def _fresh(self, at: str | None) -> bool:
-        return bool(at) and self._now_ms() - int(at) <= self.max_age_s * 1000  # type: ignore[arg-type]
+    def _fresh(self, at: str | None, cost_ms: str | None = None) -> bool:
+        """Whether a cache computed at ``at`` may still be read. The tick refreshes it every
+        max(interval, 2 x cost) and the new one lands a cost later, so a cache whose computation
+        took c ms is replaced before it is max(interval + c, 3c) old: past ``max_age_s`` too when
+        a refresh takes more than a second or so."""
+        if not at:
+            return False
+        try:
+            cost = float(cost_ms) if cost_ms else 0.0
+        except ValueError:
+            cost = 0.0
+        return self._now_ms() - int(at) <= max(self.max_age_s * 1000, 3 * cost + 1000)
 
     def estimate_ms(self, task_id: str) -> int | None:
         """Start (ms) of a task: activation once placed; for a pending one the tick's cached
@@ -1550,20 +1569,26 @@ class EtaEngine:
         k = self.a.keys
         pipe = self.a.redis.pipeline(transaction=False)
         pipe.hmget(k.alloc(task_id), "state", "activated")
-        pipe.hmget(k.eta, task_id, "_at")
-        (state, activated), (cached, at) = pipe.execute()
+        pipe.hmget(k.eta, task_id, "_at", "_cost_ms")
+        (state, activated), (cached, at, cost) = pipe.execute()
         if state is None:
             return None
         if state != "pending":
             return int(activated) if activated else None
-        if cached is not None and self._fresh(at):
+        if cached is not None and self._fresh(at, cost):
             return int(cached) if cached else None
         return self.compute_one(task_id)
 
     def estimate_all_ms(self) -> dict[str, int | None]:
         raw = self.a.redis.hgetall(self.a.keys.eta)
-        if self._fresh(raw.get("_at")):
-            return {tid: (int(v) if v else None) for tid, v in raw.items() if tid not in _META}
+        if self._fresh(raw.get("_at"), raw.get("_cost_ms")):
+            # Only what waits now: a task cancelled or placed since the tick is no longer listed.
+            # (One queued since has no cached estimate yet: computed alone, as estimate_ms does.)
+            pending = set(self.a.redis.zrange(self.a.keys.pending, 0, -1))
+            out = {tid: (int(v) if v else None) for tid, v in raw.items() if tid not in _META and tid in pending}
+            for tid in pending - out.keys():
+                out[tid] = self.compute_one(tid)
+            return out
         return self.compute_all().starts
 
 

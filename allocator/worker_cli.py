@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
@@ -64,16 +65,48 @@ def scheduler(
     a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
     if not (redis_url or settings.redis_url):
         raise typer.BadParameter("a scheduler needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
-    stop_recorder = None
-    if recorder and not once:
-        from .history.recorder import start_recorder
-
-        _, _, stop_recorder = start_recorder(a, database_url)
+    stop = threading.Event()
+    if not once:  # SIGTERM ends the loop like Ctrl-C, so the recorder leaves its consumer group cleanly
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    recording = _start_recorder_when_possible(a, database_url) if recorder and not once else None
     try:
-        run_scheduler(a, interval, threading.Event(), once=once, grace_s=grace or None)
+        run_scheduler(a, interval, stop, once=once, grace_s=grace or None)
+    except KeyboardInterrupt:
+        pass
     finally:
-        if stop_recorder is not None:
-            stop_recorder.set()
+        if recording is not None:
+            recording[0].set()
+            recording[1].join(15)
+
+
+def _start_recorder_when_possible(a: Allocator, database_url: str | None) -> tuple[threading.Event, threading.Thread]:
+    """Runs the history recorder in this process, opening its database in the background and
+    retrying while it cannot (Postgres away): scheduling must not wait for the history, and the
+    outbox keeps what the recorder has not written. Set the event to stop it; join the thread to
+    let it leave its consumer group."""
+    from .history.recorder import start_recorder
+
+    log = logging.getLogger("allocator.scheduler")
+    done = threading.Event()
+
+    def run() -> None:
+        delay = 1.0
+        while not done.is_set():
+            try:
+                _, thread, stop = start_recorder(a, database_url)
+            except Exception as exc:  # the database, its schema or its driver: say so, try again later
+                log.error("history recorder not started (%s: %s); trying again in %.0f s", type(exc).__name__, exc, delay)
+                done.wait(delay)
+                delay = min(2 * delay, 60.0)
+                continue
+            done.wait()
+            stop.set()
+            thread.join(10)
+            return
+
+    t = threading.Thread(target=run, name="recorder-start", daemon=True)
+    t.start()
+    return done, t
 
 
 def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once: bool = False,
@@ -94,6 +127,8 @@ def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once:
                 log.info("expired %d, placed %d", len(expired), len(placed))
         except redis.RedisError as exc:
             log.warning("scheduling pass failed: %s", exc)
+        except Exception:  # one bad pass must not end the scheduler: passes, expiry and reclaim stop with it
+            log.exception("scheduling pass failed unexpectedly")
         if started >= eta_due:
             # Estimated start times for readers (allocator.eta); when computing them takes longer
             # than the interval, they are refreshed every 2x their cost instead of every tick.
@@ -102,6 +137,8 @@ def run_scheduler(a: Allocator, interval: float, stop: threading.Event, *, once:
                 a.refresh_estimated_start_times()
             except redis.RedisError as exc:
                 log.warning("ETA refresh failed: %s", exc)
+            except Exception:
+                log.exception("ETA refresh failed unexpectedly")
             eta_due = started + max(interval, 2 * (time.monotonic() - eta_started))
         if once:
             return

@@ -438,3 +438,35 @@ def test_estimates_with_retry_intervals_are_what_the_ledger_then_does(alloc, clo
         collect()
     actual = {tid: at((started[tid] - T0 * 1000) / 1000) if tid in started else None for tid in predicted}
     assert {t: (predicted[t], actual[t]) for t in predicted if predicted[t] != actual[t]} == {}
+
+
+def test_a_cache_whose_computation_took_long_stays_fresh_until_the_next_one_lands(alloc, clock):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    waiting = queued(alloc)
+    run_scheduler(alloc, 1.0, threading.Event(), once=True, grace_s=None)
+    # A tick that took 3 s refreshes every 6 s and lands 3 s later: up to 9 s old, still read.
+    alloc.redis.hset(alloc.keys.eta, mapping={"_cost_ms": "3000", waiting: str(int((T0 + 42) * 1000))})
+    clock.advance(9)
+    assert eta(alloc, waiting) == at(42)
+    clock.advance(2)  # older than 3 x its cost and a second: computed again
+    assert eta(alloc, waiting) == at(100)
+
+
+def test_cached_estimates_list_only_what_waits_now(alloc, clock):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    first = queued(alloc)
+    run_scheduler(alloc, 1.0, threading.Event(), once=True, grace_s=None)
+    alloc.cancel(first)
+    later = queued(alloc)  # queued since the tick
+    assert alloc.estimated_start_times() == {later: at(100)}
+
+
+def test_a_refresh_from_an_older_snapshot_does_not_replace_a_newer_cache(alloc, clock):
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    waiting = queued(alloc)
+    alloc.redis.hset(alloc.keys.eta, mapping={"_at": str(int((T0 + 1) * 1000)), waiting: "123"})  # a faster replica
+    alloc.refresh_estimated_start_times()  # this one's snapshot is at T0
+    assert alloc.redis.hget(alloc.keys.eta, waiting) == "123"
