@@ -20,7 +20,7 @@ import pytest
 
 from allocator import Allocator
 from allocator.agent import Agent, StaticProvider
-from allocator.agent.services import ServiceSupervisor
+from allocator.agent.services import ServiceSupervisor, port_is_free
 from allocator.errors import InsufficientResources, InvalidRequest
 from allocator.invariants import check
 from allocator.seeds import AllocationManager
@@ -413,6 +413,23 @@ def test_a_restarted_supervisor_adopts_running_services_and_only_one_acts(alloc,
     alloc.redis.delete(alloc.keys.svc_owner("h1"))  # ...and its lease runs out
     assert second.reconcile().adopted == ["fs"]
     assert second.procs["fs"].pid == pid and entry(alloc, "h1", "fs")["state"] == "running"
+
+
+def test_a_supervisor_that_died_while_its_service_started_leaves_no_process_holding_the_port(alloc, supervisors):
+    host(alloc)
+    # It listens at once but never answers the HTTP health check: it stays "starting".
+    first = supervised(alloc, supervisors, cat=catalog(["fs"], start_timeout_s=60, health="http://127.0.0.1:{port}/"))
+    a = alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: first.reconcile() and not port_is_free(entry(alloc, "h1", "fs")["port"]), what="the launch")
+    orphan = entry(alloc, "h1", "fs")["pid"]
+    assert entry(alloc, "h1", "fs")["state"] == "starting" and orphan
+    first.procs.clear()  # the first agent is killed: its process lives on, holding the port
+    alloc.redis.delete(alloc.keys.svc_owner("h1"))
+    second = supervised(alloc, supervisors, cat=catalog(["fs"]))
+    wait_until(lambda: second.reconcile() and entry(alloc, "h1", "fs")["state"] == "running", what="the service")
+    assert entry(alloc, "h1", "fs")["pid"] != orphan
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
+    assert alloc.get(a.allocation_id).state == "active"
 
 
 def test_removing_the_host_stops_its_services(alloc, supervisors):

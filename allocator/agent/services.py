@@ -114,6 +114,15 @@ class ReconcileReport:
     wait_s: float = DEFAULT_POLL_S
 
 
+def _created(pid: int) -> float:
+    """When process ``pid`` started (psutil's create_time), 0 when it is gone: with the pid, it
+    names one process even after the pid is reused."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
 def port_is_free(port: int) -> bool:
     """Whether nothing listens on ``port`` (any address); TIME_WAIT leftovers do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -320,11 +329,13 @@ class ServiceSupervisor:
                 self._fail(name, port, f"not in the service catalog of host {self.host_id}", rep)
                 return None
             if p is None:
+                self._stop_orphan(name, e)  # started by a supervisor that died before it was healthy
                 got = self._launch(name, port, spec)
                 if isinstance(got, str):
                     self._fail(name, port, got, rep)
                     return None
                 p = self.procs[name] = got
+                self._state(name, "launched", port=port, pid=p.pid, created=_created(p.pid))
                 rep.started.append(name)
             return self._check_start(name, p, spec, rep)
         if state == "running":
@@ -377,7 +388,7 @@ class ServiceSupervisor:
             self._fail(name, p.port, f"exited with code {code} before it was healthy: {p.log_tail()}".rstrip(": "), rep)
             return None
         if healthy(spec, p.port, self.address):
-            res = self._state(name, "running", port=p.port, pid=p.pid,
+            res = self._state(name, "running", port=p.port, pid=p.pid, created=_created(p.pid),
                               endpoint=spec.render(spec.endpoint, p.port, self.address))
             if res.get("ok"):
                 p.healthy, p.healthy_since = True, now
@@ -422,11 +433,22 @@ class ServiceSupervisor:
             self.procs[name] = p
             rep.adopted.append(name)
             return time.monotonic()
+        self._stop_orphan(name, e)  # alive but not healthy: it would hold the port the restart needs
         if refs > 0:
             return self._restart(name, port, "its process is gone (agent restarted)", rep)
         self._state(name, "drop", port=port)
         rep.stopped.append(name)
         return None
+
+    def _stop_orphan(self, name: str, e: dict[str, Any]) -> None:
+        """Stops the process an entry records (pid and start time) that this supervisor does not
+        run: one left by a supervisor that died. Only the very process recorded: a pid reused by
+        another process since (other start time) is left alone."""
+        pid, created = int(e.get("pid") or 0), float(e.get("created") or 0)
+        if pid <= 0 or not created or abs(_created(pid) - created) > 0.05:  # (stored with 14 digits)
+            return
+        log.warning("service %s on %s: stopping pid %d left by an earlier supervisor", name, self.host_id, pid)
+        self._terminate(_Proc(name, int(e["port"]), pid), 2.0)
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -6,7 +6,10 @@ ARGV[7] scheduling pass depth (after "failed"; 0 = none), ARGV[8] scan cap.
 Every action names the port the supervisor acted on; an entry on another port (it was dropped
 and handed out again meanwhile) is left alone and the reply says ok=false, reason "gone".
 Actions:
-  running  starting -> running, with pid and endpoint; event service_running.
+  launched while starting: the process the supervisor just started (pid, created = its start time
+           as psutil reports it), so that a supervisor restarted meanwhile can stop it rather than
+           find its port taken by it.
+  running  starting -> running, with pid (and created) and endpoint; event service_running.
   failed   the service did not start (or died and could not be restarted): every active
            allocation of the host holding it fails (state failed, field error, all it held freed,
            its other services dereferenced), the entry is dropped and its port freed; event
@@ -46,9 +49,15 @@ local function svc_event(kind, extra)
   emit(kind, h, now, cjson.encode(d))
 end
 
-if action == 'running' then
+if action == 'launched' then
+  if e.state ~= 'starting' then return cjson.encode({ok = false, reason = 'state', state = e.state}) end
+  e.pid, e.created = tonumber(args.pid) or 0, tonumber(args.created) or 0
+  rcall('HSET', k, name, cjson.encode(e))
+  return cjson.encode({ok = true, state = 'starting'})
+elseif action == 'running' then
   if e.state ~= 'starting' then return cjson.encode({ok = false, reason = 'state', state = e.state}) end
   e.pid, e.endpoint, e.error = tonumber(args.pid) or 0, args.endpoint or '', ''
+  if args.created then e.created = tonumber(args.created) end
   save('running')
   svc_event('service_running', {endpoint = e.endpoint, pid = e.pid})
   return cjson.encode({ok = true, state = 'running'})
