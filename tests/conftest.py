@@ -109,6 +109,16 @@ def alloc(redis_url: str, clock: FakeClock) -> Iterator[Allocator]:
 
 
 @pytest.fixture
+def live(redis_url: str) -> Iterator[Allocator]:
+    """An Allocator on its own namespace with the Redis server's clock, as processes the test
+    starts (workers, the scheduler) use: what they time passes in real time."""
+    a = Allocator(redis_url, namespace=_namespace())
+    yield a
+    a.destroy()
+    a.redis.close()
+
+
+@pytest.fixture
 def alloc_any(server_url: str, clock: FakeClock) -> Iterator[Allocator]:
     """Like ``alloc``, run once on the main Redis and once on Redis 6.2."""
     a = Allocator(server_url, namespace=_namespace(), clock=clock)

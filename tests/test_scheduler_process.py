@@ -8,24 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from allocator import Allocator
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def live(redis_url: str) -> Iterator[Allocator]:
-    """An Allocator on the server's clock (the scheduler process uses it too)."""
-    a = Allocator(redis_url, namespace="test-" + uuid.uuid4().hex[:12])
-    yield a
-    a.destroy()
-    a.redis.close()
 
 
 def start_scheduler(a: Allocator, database_url: str) -> subprocess.Popen:

@@ -11,7 +11,6 @@ import os
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,15 +45,6 @@ def pid_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-@pytest.fixture
-def live(redis_url: str) -> Iterator[Allocator]:
-    """An Allocator on the Redis server clock (idle timeouts pass in real time)."""
-    a = Allocator(redis_url, namespace="test-" + uuid.uuid4().hex[:12])
-    yield a
-    a.destroy()
-    a.redis.close()
 
 
 @pytest.fixture

@@ -234,7 +234,8 @@ def test_stale_entries_of_a_dead_consumer_are_claimed(alloc: Allocator, engine) 
     dead = Recorder(alloc, engine, consumer="dead", block_ms=0, estimates_every_s=0)
     dead.read(0)  # took the entries and died
     live = Recorder(alloc, engine, consumer="live", block_ms=0, claim_idle_ms=1, estimates_every_s=0)
-    wait_until(lambda: live.step(block_ms=0).written == 2, timeout_s=5)
+    written: list[int] = []  # over as many steps as it takes (the entries must be idle to be claimed)
+    wait_until(lambda: written.append(live.step(block_ms=0).written) or sum(written) == 2, timeout_s=10)
     assert live.backlog().total == 0 and count(engine, alloc) == 2
 
 
