@@ -31,12 +31,20 @@ if TYPE_CHECKING:
 
 RQ_PREFIX = "rq:"
 RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "description", "meta",
-              "retry", "on_success", "on_failure", "on_stopped", "depends_on_nothing"}
+              "retry", "on_success", "on_failure", "on_stopped"}
+#: RQ's enqueue options the allocator does not take: the line's order is its own (priority,
+#: then arrival), and a dependency would hold a grant while it waits. Refused rather than passed
+#: on to the function as arguments.
+UNSUPPORTED_RQ_OPTIONS = {"depends_on": "dependencies between tasks are not supported",
+                          "at_front": "the line's order is by priority: use priority='high'",
+                          "enqueue_at_front": "the line's order is by priority: use priority='high'",
+                          "pipeline": "not supported"}
 ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "selector", "metadata",
                 "task_id", "task_type", "owner"}
 #: Keyword names a task's own kwargs may not use: Allocator.enqueue takes them itself (the request
 #: fields, RQ's options, and its own parameters), so the function would never receive them.
-RESERVED_KWARGS = frozenset(ALLOC_FIELDS | RQ_OPTIONS | {"resources", "job_id", "on_host_lost", "func", "self"})
+RESERVED_KWARGS = frozenset(ALLOC_FIELDS | RQ_OPTIONS | set(UNSUPPORTED_RQ_OPTIONS)
+                            | {"resources", "job_id", "on_host_lost", "func", "self"})
 
 
 #: After a job's timeout, RQ's worker kills a horse that did not stop itself once it is this many
@@ -107,6 +115,9 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     """Creates the RQ job in its priority queue, then submits it to the scheduler."""
     from .client import new_allocation_id
 
+    for k in kwargs:
+        if k in UNSUPPORTED_RQ_OPTIONS:
+            raise InvalidRequest(k, UNSUPPORTED_RQ_OPTIONS[k])
     alloc_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ALLOC_FIELDS}
     rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
     task_id = kwargs.pop("job_id", None) or new_allocation_id()

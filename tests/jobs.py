@@ -56,3 +56,13 @@ def fail_until(counter: str, failures: int) -> int:
     if runs < failures:
         raise RuntimeError(f"run {runs + 1} fails")
     return runs + 1
+
+
+def leave_a_child_behind(pid_file: str) -> str:
+    """Starts a long subprocess, writes its pid to ``pid_file`` and returns without waiting for it."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"])
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
+    return "done"

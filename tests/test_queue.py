@@ -294,3 +294,25 @@ def test_enqueue_again_after_a_submit_that_failed_reuses_its_own_rq_job(alloc, m
     monkeypatch.setattr(queue_mod, "_submit", real_submit)
     task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="idem-1")
     assert alloc.get(task.id).state == "active"
+
+
+@pytest.mark.parametrize("option", ["depends_on", "at_front"])
+def test_rq_options_the_line_does_not_take_are_refused_not_passed_to_the_function(alloc, option):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, **{option: True})
+    assert exc.value.field == option
+
+
+def test_a_waiting_task_whose_rq_job_was_cancelled_leaves_the_line_instead_of_running(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    holder = alloc.allocate(WHOLE)
+    task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE)
+    task.job.cancel()  # RQ's own cancel, while it waits in line
+    alloc.release(holder.allocation_id)
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.release_reason) == ("cancelled", "job_gone")

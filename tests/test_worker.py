@@ -122,6 +122,40 @@ def test_a_retry_with_an_interval_runs_again_only_once_the_interval_is_over(allo
     assert (alloc.get(task.id).release_reason, alloc.get(task.id).requeues) == ("released", 1)
 
 
+def test_a_subprocess_a_job_left_behind_is_stopped_before_its_grant_is_handed_on(alloc, tmp_path):
+    import psutil
+
+    gpu_host(alloc)
+    pid_file = tmp_path / "child"
+    task = alloc.enqueue(jobs.leave_a_child_behind, str(pid_file), resources={"cpu_cores": 1})
+    run_worker(alloc, "h1")
+    assert alloc.get(task.id).state == "released"
+    child = int(pid_file.read_text())
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_worker_refuses_more_than_one_queue(alloc):
+    from redis import Redis
+    from rq import Queue
+
+    from workers import ResourceWorker
+
+    url = "redis://{host}:{port}/{db}".format(**alloc.redis.connection_pool.connection_kwargs)
+    conn = Redis.from_url(url)
+    queues = [Queue(host_queue_name(alloc.keys.namespace, h), connection=conn) for h in ("h2", "h1")]
+    with pytest.raises(ValueError, match="exactly one host queue"):
+        ResourceWorker(queues, connection=conn, allocator=alloc)
+
+
+def test_gpus_registered_without_uuids_are_named_by_index_for_cuda():
+    from workers.pinning import Grant
+
+    env = Grant("a1", "h1", gpu_uuids=["h1-gpu0", "h1-gpu2"], gpu_indexes=[0, 2]).environment()
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("0,2", "PCI_BUS_ID")
+    env = Grant("a1", "h1", gpu_uuids=["GPU-1f2e", "MIG-7a"], gpu_indexes=[0, 1]).environment()
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1f2e,MIG-7a" and "CUDA_DEVICE_ORDER" not in env
+
+
 def test_timed_out_job_is_released(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_for, 30, resources={"cpu_cores": 1}, job_timeout=1)

@@ -26,10 +26,13 @@ class Grant:
 
     def environment(self) -> dict[str, str]:
         """Variables set in the work horse. GPUs are named by UUID, which stays right when
-        device enumeration order differs between processes (CUDA_DEVICE_ORDER)."""
+        device enumeration order differs between processes (CUDA_DEVICE_ORDER). A host registered
+        by hand without uuids has placeholders ("<host>-gpu<index>") that CUDA cannot read: its
+        GPUs are named by index then, in PCI bus order (how nvidia-smi numbers them)."""
         threads = str(max(1, math.ceil(self.cpu_amount)))
+        real = all(u.startswith(("GPU-", "MIG-")) for u in self.gpu_uuids)
         env = {
-            "CUDA_VISIBLE_DEVICES": ",".join(self.gpu_uuids),
+            "CUDA_VISIBLE_DEVICES": ",".join(self.gpu_uuids if real else (str(i) for i in self.gpu_indexes)),
             "ALLOCATOR_ALLOCATION_ID": self.allocation_id,
             "ALLOCATOR_HOST_ID": self.host_id,
             "ALLOCATOR_GPU_INDEXES": ",".join(str(i) for i in self.gpu_indexes),
@@ -37,6 +40,8 @@ class Grant:
             "ALLOCATOR_CPU_CORES": ",".join(str(c) for c in self.cores),
         }
         env.update({v: threads for v in THREAD_VARS})
+        if not real:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return env
 
 

@@ -56,6 +56,11 @@ class ResourceWorker(Worker):
         parsed = parse_host_queue(self.queues[0].name)
         if parsed is None:
             raise ValueError(f"ResourceWorker listens on a host queue '<namespace>.host.<host_id>', got {self.queues[0].name!r}")
+        if len(self.queues) != 1:
+            # Every job it takes is claimed for that one host: another host's task would be
+            # refused and dropped, and a plain RQ job cancelled.
+            raise ValueError("ResourceWorker listens on exactly one host queue; got "
+                             + ", ".join(repr(q.name) for q in self.queues) + " (run one worker per queue)")
         self.namespace, self.host_id = parsed
         self.allocator = allocator or Allocator(client=_text_client(self.connection), namespace=self.namespace)
         self._grant: Grant | None = None
@@ -166,6 +171,14 @@ class ResourceWorker(Worker):
         horse's own word on the outcome goes along for a job whose hash RQ deleted on success
         (``result_ttl=0``): without it the script could only count the run as failed."""
         pid, self._pid_recorded = self._pid_recorded, 0
+        if pid:
+            # Whatever the run started and left behind (a subprocess after a timeout or a killed
+            # horse) still runs pinned to the grant: it goes before the grant is handed on. The
+            # horse led its own process group; its children are in it.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         outcome = _OUTCOMES.get(self._outcome_cell[0])
         end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, outcome=outcome,
                          job_key=job.key)

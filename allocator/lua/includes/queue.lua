@@ -55,7 +55,11 @@ end
 -- until its lease TTL (forever without one), and dispatch would recreate the hash as a stub
 -- without expiry; the pass drops such a task instead (see consider).
 local function job_gone(id, t)
-  return t.kind == 'job' and rcall('EXISTS', t.rq_prefix .. 'job:' .. id) == 0
+  if t.kind ~= 'job' then return false end
+  local job = t.rq_prefix .. 'job:' .. id
+  -- Or cancelled with RQ's own job.cancel() while it waited: nobody will run it either.
+  if rcall('HGET', job, 'status') == 'canceled' then return true end
+  return rcall('EXISTS', job) == 0
 end
 
 -- Moves a function task's RQ job from its waiting queue to the host's queue, with origin, so
