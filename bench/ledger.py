@@ -471,6 +471,16 @@ def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redi
     return row
 
 
+def _destroy_until_empty(a: Allocator, tries: int = 20) -> None:
+    """Destroys the namespace, again while keys reappear: a client process killed on Ctrl-C may
+    have left a call Redis has not run yet, which writes after the first sweep."""
+    for _ in range(tries):
+        a.destroy()
+        time.sleep(0.1)
+        if next(a.redis.scan_iter(match=a.keys.pattern(), count=1000), None) is None:
+            return
+
+
 def summarize_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median ratio, shown in the tables, plus the medians the goals are judged on
     (each figure's own median over the runs) and every run's headline figures."""
@@ -480,8 +490,10 @@ def summarize_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
     row["steady_ratio"] = statistics.median(x["steady_ratio"] for x in reps)
     row["p99_median_ms"] = statistics.median(x["burst"]["a_p99_ms"] for x in reps)
     row["steady_p99_median_ms"] = statistics.median(x["ledger"]["a_p99_ms"] for x in reps)
+    row["p50_median_ms"] = statistics.median(x["burst"]["a_p50_ms"] for x in reps)
+    row["server_us_median"] = statistics.median(x["ledger"]["server_us_per_evalsha"] for x in reps)
     row["runs"] = [{"ratio": x["ratio"], "steady_ratio": x["steady_ratio"], "a_p99_ms": x["burst"]["a_p99_ms"],
-                    "steady_a_p99_ms": x["ledger"]["a_p99_ms"]} for x in reps]
+                    "steady_a_p99_ms": x["ledger"]["a_p99_ms"], "a_p50_ms": x["burst"]["a_p50_ms"]} for x in reps]
     return row
 
 
@@ -773,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for a in live:
             try:
-                a.destroy()
+                _destroy_until_empty(a)
             except Exception as exc:  # pragma: no cover - best effort
                 console.print(f"[red]could not destroy {a.keys.namespace}: {exc}")
         if server_cpus_before is not None:
@@ -786,8 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         ref = next((x for x in rows if x["fleet"] == base_label and x["clients"] == row["clients"]), None)
         if ref:
-            row["scale_p50"] = row["burst"]["a_p50_ms"] / ref["burst"]["a_p50_ms"]
-            row["scale_p50_server"] = row["ledger"]["server_us_per_evalsha"] / ref["ledger"]["server_us_per_evalsha"]
+            # Judged on each fleet's median over the runs, like the other goals.
+            row["scale_p50"] = row["p50_median_ms"] / ref["p50_median_ms"]
+            row["scale_p50_server"] = row["server_us_median"] / ref["server_us_median"]
 
     print_results(rows, fleet_info, overhead)
     goals = evaluate_goals(rows, big_label, base_label)

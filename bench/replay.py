@@ -726,9 +726,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         results.append(res)
         raw[pol.label] = pol_raw
         e = res["eta"]["all"]
+        eta = ("" if args.no_eta else  # no estimates were computed: nothing to score
+               f"ETA within tol {100 * e.get('within_tol', 0):.1f}% (waited {100 * res['eta']['waited'].get('within_tol', 0):.1f}%), ")
         print(f"{pol.name:16s} mean wait {fmt_s(res['wait']['all']['mean_s'])}, p95 {fmt_s(res['wait']['all']['p95_s'])}, "
-              f"unalloc-while-waiting {100 * res['frag_mem_unalloc_while_waiting']:.1f}%, "
-              f"ETA within tol {100 * e.get('within_tol', 0):.1f}% (waited {100 * res['eta']['waited'].get('within_tol', 0):.1f}%), "
+              f"unalloc-while-waiting {100 * res['frag_mem_unalloc_while_waiting']:.1f}%, {eta}"
               f"{res['placements_per_s'] or 0:.0f} placements/s, wall {res['wall_s']:.0f} s", flush=True)
     meta = {"tasks": len(tasks), "compress": args.compress, "fleet_fraction": args.fleet_fraction, **load,
             "variant": args.variant, "skip": args.skip, "limit": args.limit}
