@@ -165,8 +165,9 @@ def release(
     elif x.released_now is False:
         out.print(Text(f"{x.allocation_id} was already {x.state} ({x.release_reason or '-'})"))
     else:
+        who = x.task_id or "-"
         what = views.grant_text(x) if x.host_id else "nothing was allocated"
-        out.print(f"[green]{x.state}[/] {escape(f'{x.allocation_id} ({x.task_id or chr(45)}): {what}')}")
+        out.print(f"[green]{x.state}[/] " + escape(f"{x.allocation_id} ({who}): {what}"))
 
 
 def show(
