@@ -1557,11 +1557,7 @@ class EtaEngine:
         a refresh takes more than a second or so."""
         if not at:
             return False
-        try:
-            cost = float(cost_ms) if cost_ms else 0.0
-        except ValueError:
-            cost = 0.0
-        return self._now_ms() - int(at) <= max(self.max_age_s * 1000, 3 * cost + 1000)
+        return self._now_ms() - int(at) <= max(self.max_age_s * 1000, 3 * float(cost_ms or 0) + 1000)
 
     def estimate_ms(self, task_id: str) -> int | None:
         """Start (ms) of a task: activation once placed; for a pending one the tick's cached
@@ -1582,13 +1578,11 @@ class EtaEngine:
     def estimate_all_ms(self) -> dict[str, int | None]:
         raw = self.a.redis.hgetall(self.a.keys.eta)
         if self._fresh(raw.get("_at"), raw.get("_cost_ms")):
-            # Only what waits now: a task cancelled or placed since the tick is no longer listed.
-            # (One queued since has no cached estimate yet: computed alone, as estimate_ms does.)
+            # Only what waits now: a task cancelled or placed since the tick is no longer listed;
+            # one queued since has no cached estimate, and then the whole line is simulated now.
             pending = set(self.a.redis.zrange(self.a.keys.pending, 0, -1))
-            out = {tid: (int(v) if v else None) for tid, v in raw.items() if tid not in _META and tid in pending}
-            for tid in pending - out.keys():
-                out[tid] = self.compute_one(tid)
-            return out
+            if pending <= raw.keys():
+                return {tid: (int(raw[tid]) if raw[tid] else None) for tid in pending}
         return self.compute_all().starts
 
 

@@ -22,6 +22,12 @@ def _list(text: str | None) -> list[Any]:
     return v if isinstance(v, list) else []
 
 
+def _overcommitted(f: dict[str, str]) -> bool:
+    """Whether the host's last registration left its grants above its totals: legal, see
+    register_host.lua; its capacity bounds are then not checked."""
+    return f.get("overcommitted") == "1"
+
+
 def _gpu_members(hosts: dict[str, dict[str, str]]) -> set[str]:
     """The index members of every GPU the registered hosts have ("<host>#<pos>")."""
     out: set[str] = set()
@@ -123,7 +129,7 @@ def check(snap: dict[str, Any]) -> list[str]:
 def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[tuple[str, str], int],
                 gpu_n: dict[tuple[str, str], int], held_cores: dict[int, str], shared: int, ram: int) -> list[str]:
     bad: list[str] = []
-    over = f.get("overcommitted") == "1"  # totals lowered below the grants: legal (register_host.lua)
+    over = _overcommitted(f)
     cfree, sh = int(f["cfree"]), int(f["shared"])
     cpu_free = max(0, cfree * 1000 - sh)
     ram_free = max(0, int(f["ram"]) - int(f["ram_used"]))
@@ -220,7 +226,7 @@ def _check_slots_and_services(h: str, f: dict[str, str], snap: dict[str, Any], s
     used, total = int(f.get("slots_used") or 0), int(f.get("slots") or 0)
     if used != slots:
         bad.append(f"{h}: slots_used {used} != allocations' {slots}")
-    if slots > total and f.get("overcommitted") != "1":
+    if slots > total and not _overcommitted(f):
         bad.append(f"{h}: worker slots oversubscribed {slots} > {total}")
     entries = {n: json.loads(v) for n, v in ((snap.get("services") or {}).get(h) or {}).items()}
     ports = dict((snap.get("service_ports") or {}).get(h) or {})

@@ -130,14 +130,16 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
         if exc.field != "allocation_id":
             raise
         raise InvalidRequest("job_id", exc.reason) from None
-    kind = a.redis.hget(a.keys.alloc(task_id), "kind")
+    pipe = a.redis.pipeline(transaction=False)
+    pipe.hget(a.keys.alloc(task_id), "kind")
+    pipe.hget(Job.key_for(task_id), "origin")
+    kind, origin = pipe.execute()
     if kind == "job":
         # Submitted before: changes nothing, as submit.lua would (its RQ job keeps its arguments).
         return Task(a, task_id)
     if kind is not None:
         raise InvalidRequest("job_id", f"{task_id!r} is the id of a direct allocation, not of a task")
-    origin = a.rq_connection.hget(Job.key_for(task_id), "origin")
-    if origin is not None and not origin.decode("utf-8", "replace").startswith(a.keys.rq_queue_name_prefix()):
+    if origin is not None and not origin.startswith(a.keys.rq_queue_name_prefix()):
         # RQ's job ids are global: another namespace's task or a plain RQ job would be rewritten.
         # (One of this namespace's own queues is ours to reuse: a submit that failed after its
         # job was written, or a job kept by RQ after its record's retention ended.)

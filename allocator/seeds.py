@@ -286,8 +286,7 @@ def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
         return InsufficientResources(f"no host could ever hold {r.ram_mb} MiB RAM: the largest has {_num(most_ram)} MiB",
                                      code="INSUFFICIENT_RAM")
     where = f" matching selector {req.selector}" if req.selector else ""
-    return InsufficientResources(f"no host{where} could ever hold all of this request at once", code="NO_FIT",
-                                 details={"field": "resource_requirements.selector"} if req.selector else None)
+    return InsufficientResources(f"no host{where} could ever hold all of this request at once", code="NO_FIT")
 
 
 ON_BUSY = ("queue", "fail")
@@ -342,7 +341,7 @@ def allocate_resources(
         field = exc.details.get("field") or _ledger_field(exc.code)
         if field is None and exc.code == "NO_FIT" and isinstance(resource_requirements, Mapping) \
                 and resource_requirements.get("selector"):
-            field = "resource_requirements.selector"
+            field = "resource_requirements.selector"  # fits nowhere, now or ever: where it may go
         return _tool_failure(task_id, exc.code, exc.message, field)
     return tool_result(a, alloc)
 
@@ -374,10 +373,7 @@ def _core_count(value: object, field: str) -> int:
 def _check_workers(workers: object) -> int:
     if workers is None:
         return 0
-    if isinstance(workers, float) and workers.is_integer():
-        workers = int(workers)  # 2.0: JSON's integer, as the tool schema says
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise InvalidRequest("workers", f"expected a whole number of workers >= 0, got {workers!r}")
+    workers = _whole(workers, "workers")  # 2.0 counts: JSON's integer, as the tool schema says
     if workers > MAX_WORKERS:
         raise InvalidRequest("workers", f"at most {MAX_WORKERS} workers per request, got {workers}")
     return workers

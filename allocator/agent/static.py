@@ -181,11 +181,8 @@ def load_openb_csv(path: Path) -> list[HostInventory]:
     of ``OPENB_GPU_MEMORY_MB``; labels cluster=openb and the GPU model.
     """
     source = str(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return _openb_rows(csv.DictReader(fh), source)
-    except UnicodeDecodeError as exc:
-        raise InvalidInventory(source, "file", f"not UTF-8 text (byte {exc.start})") from None
+    with path.open(newline="", encoding="utf-8") as fh:
+        return _openb_rows(csv.DictReader(fh), source)
 
 
 def _openb_rows(reader: csv.DictReader, source: str) -> list[HostInventory]:
@@ -215,9 +212,9 @@ def load_inventory_file(path: str | os.PathLike[str]) -> list[HostInventory]:
     source = str(p)
     if not p.is_file():
         raise InvalidInventory(source, "path", "no such file")
-    if p.suffix.lower() == ".csv":
-        return load_openb_csv(p)
     try:
+        if p.suffix.lower() == ".csv":
+            return load_openb_csv(p)
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInventory(source, "file", f"not UTF-8 text (byte {exc.start})") from None
