@@ -219,11 +219,10 @@ class ResourceWorker(Worker):
         never received: a job whose task was preempted or cancelled is stopped as the command would
         have."""
         super().maintain_heartbeats(job, execution)
-        if self._pid_recorded and self._grant is not None:
+        if self._pid_recorded:
             # Again at every tick: after Redis lost its data (allocator recover) the map is back
             # within one tick, and the agent's watchdog tells this run's GPU memory from others'.
-            self.allocator.redis.hset(self.allocator.keys.host_pids(self.host_id), str(self._pid_recorded),
-                                      self._grant.allocation_id)
+            self._record_pid()
         if self._stopped_job_id == job.id:
             return
         state = self.allocator.redis.hget(self.allocator.keys.task(job.id), "state")
@@ -252,11 +251,16 @@ class ResourceWorker(Worker):
         if sig is not None and self.horse_pid:
             self._signal_horse(self.horse_pid, sig)  # stopped before it existed (see kill_horse)
         if self._grant is not None and self.horse_pid:
-            # The GPU memory watchdog maps processes to grants through this hash; the parent
-            # writes it on its open connection (the horse would need a new one).
             self._pid_recorded = self.horse_pid
-            self.allocator.redis.hset(self.allocator.keys.host_pids(self.host_id), str(self.horse_pid),
-                                      self._grant.allocation_id)
+            self._record_pid()
+
+    def _record_pid(self) -> None:
+        """The running horse in the host's pid map, through which the GPU memory watchdog maps
+        processes to grants; the parent writes it on its open connection (the horse would need a
+        new one)."""
+        assert self._grant is not None
+        self.allocator.redis.hset(self.allocator.keys.host_pids(self.host_id), str(self._pid_recorded),
+                                  self._grant.allocation_id)
 
 
 _UNKNOWN, _FINISHED, _FAILED = 0, 1, 2
