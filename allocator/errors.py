@@ -42,6 +42,11 @@ class InvalidRequest(AllocatorError, ValueError):
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "field": self.field}
 
+    def renamed(self, names: dict[str, str]) -> InvalidRequest:
+        """The same error under the name the caller used for its field (``names``: core field ->
+        the caller's), itself when the field is not among them."""
+        return InvalidRequest(names[self.field], self.reason) if self.field in names else self
+
 
 class Refused(AllocatorError):
     """A valid request that cannot be granted now."""

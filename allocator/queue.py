@@ -127,9 +127,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     try:
         req = a.build_request(resources, allocation_id=task_id, **alloc_fields)
     except InvalidRequest as exc:
-        if exc.field != "allocation_id":
-            raise
-        raise InvalidRequest("job_id", exc.reason) from None
+        raise exc.renamed({"allocation_id": "job_id"}) from None
     pipe = a.redis.pipeline(transaction=False)
     pipe.hget(a.keys.alloc(task_id), "kind")
     pipe.hget(Job.key_for(task_id), "origin")

@@ -569,8 +569,7 @@ class AllocationManager:
         except ServiceFailed as exc:
             return self._failed(allocation_id, job_id, exc.message, exc.code)
         except InvalidRequest as exc:
-            if exc.field in ("services", "task_id"):  # the seed calls them mcp_servers and job_id
-                exc = InvalidRequest({"services": "mcp_servers", "task_id": "job_id"}[exc.field], exc.reason)
+            exc = exc.renamed({"services": "mcp_servers", "task_id": "job_id"})  # the seed's names
             return self._failed(allocation_id, job_id, exc.message, exc.code, exc.field)
         except InsufficientResources as exc:
             msg = exc.message if exc.code == "INSUFFICIENT_SERVICE_PORTS" else (self._workers_message(n) if n else None) or exc.message

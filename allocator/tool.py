@@ -216,9 +216,7 @@ def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
         task = a.enqueue(entry.func, *(p.get("args") or []), resources=resources,
                          **{k: v for k, v in fields.items() if v is not None}, **kwargs)
     except InvalidRequest as exc:
-        if exc.field != "job_id":
-            raise
-        raise InvalidRequest("task_id", exc.reason) from None
+        raise exc.renamed({"job_id": "task_id"}) from None
     return ToolOutcome({**_task_view(a, task.id), "task": entry.name})
 
 
