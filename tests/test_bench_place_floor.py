@@ -1,0 +1,49 @@
+"""bench/place_floor.py: it records the commands of real place calls, replays them as literal
+scripts next to place and the trivial script, and leaves nothing behind."""
+
+import json
+import sys
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import place_floor  # noqa: E402
+
+
+def test_a_monitor_line_is_split_into_its_client_and_exact_argument_bytes():
+    line = b'1796607815.672890 [4 lua] "SET" "{ns}:hsum:h1" "\\x00\\xf0?a\\"b\\\\c\\n"'
+    assert place_floor.parse_monitor_line(line) == (b"lua", [b"SET", b"{ns}:hsum:h1", b'\x00\xf0?a"b\\c\n'])
+    line = b'1796607815.672185 [4 127.0.0.1:54040] "EVALSHA" "abc" "0"'
+    assert place_floor.parse_monitor_line(line) == (b"127.0.0.1:54040", [b"EVALSHA", b"abc", b"0"])
+
+
+def test_a_line_of_another_form_is_not_taken_for_a_command():
+    assert place_floor.parse_monitor_line(b"OK") is None
+
+
+def test_a_lua_literal_gives_back_the_same_bytes(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    raw = bytes(range(256)) + "GPU \u00e9".encode()
+    assert r.eval("return " + place_floor.lua_literal(raw), 0) == raw
+
+
+def test_the_floor_benchmark_reports_place_its_recorded_commands_and_the_trivial_script(redis_url, tmp_path):
+    out = tmp_path / "floor.json"
+    rc = place_floor.main(["--hosts", "8", "--held", "10", "--requests", "4", "--rounds", "1", "--repeat", "1",
+                           "--redis-url", redis_url, "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["held"] == 10 and doc["requests"] == 4
+    assert doc["commands_per_place"] > 5
+    assert set(doc["us_per_call"]) == {"noop", "place", "commands", "commands_json"}
+    assert all(v > 0 for v in doc["us_per_call"].values())
+
+
+def test_the_floor_benchmark_leaves_no_keys(redis_url):
+    r = redis.Redis.from_url(redis_url)
+    before = set(r.scan_iter(match="*bench-floor-*"))
+    place_floor.main(["--hosts", "4", "--held", "2", "--requests", "2", "--rounds", "1", "--repeat", "1",
+                      "--redis-url", redis_url])
+    assert set(r.scan_iter(match="*bench-floor-*")) == before
