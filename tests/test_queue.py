@@ -174,6 +174,24 @@ def test_a_lease_reaped_by_a_policy_commit_starts_the_task_waiting_for_it(alloc,
     assert res["ok"] and alloc.get(waiting.allocation_id).state == "active"
 
 
+def test_a_policy_commit_does_not_grant_a_gpu_the_line_took_when_a_lease_was_reaped(alloc, clock):
+    from allocator import invariants
+    from allocator.api.placing import place_on
+
+    alloc.register_host(id="h", cpu_cores=16, ram_mb="64Gi", gpus=[{"index": i, "memory_mb": 16384} for i in range(3)])
+    alloc.allocate(WHOLE, ttl_seconds=10)  # GPU 0, until its deadline
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 8000, "cpu_cores": 1}, ttl_seconds=None)  # a share of GPU 1
+    waiting = queued(alloc, "normal", {"gpus": 2, "cpu_cores": 1}, ttl_seconds=None)  # two whole GPUs
+    clock.advance(60)  # the lease is past its deadline; nothing has reaped it yet
+    # The policy chose GPU 2, idle when it looked. The commit reaps the lease first, and the
+    # waiting task takes GPUs 0 and 2: the commit must not also grant GPU 2.
+    res = place_on(alloc, alloc.build_request({"gpus": 1, "gpu_memory_mb": 8000, "cpu_cores": 1}, ttl_seconds=None),
+                   "policy-1", "h", [2], False)
+    assert alloc.get(waiting.allocation_id).state == "active"
+    assert not res["ok"] and res["code"] == "INSUFFICIENT_GPU_MEMORY"
+    assert invariants.check(alloc.snapshot()) == []
+
+
 def test_a_parked_host_backfills_nothing_not_even_a_request_for_no_cores(alloc):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
     alloc.allocate({"cpu_cores": 1}, ttl_seconds=100)  # no free CPU left: the host is parked

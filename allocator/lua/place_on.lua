@@ -11,7 +11,8 @@ ARGV[8] "1" = yield to the line: refuse with QUEUE_AHEAD while a task of the sam
         priority is waiting (the caller then puts the request in line), "0" = place regardless
         (like place.lua).
 Idempotent by id: an id that exists returns that record (existing = true).
-All checks happen before the first write; a refusal writes nothing. Refusal codes:
+Expired leases are reaped first (and a scheduling pass gives the line what they freed); then
+all checks happen before the next write, and a refusal writes nothing more. Refusal codes:
 HOST_NOT_FOUND, HOST_NOT_READY, INVALID_GPU_CHOICE (the choice can never be right: unknown GPU,
 duplicate, wrong count), QUEUE_AHEAD, RECOVERING, and for capacity that is not free now
 INSUFFICIENT_CPU, INSUFFICIENT_RAM, INSUFFICIENT_GPU_MEMORY, INSUFFICIENT_GPUS, NO_FIT.
@@ -38,6 +39,12 @@ if rcall('EXISTS', alloc_key(req.id)) == 1 then
 end
 if rcall('HGET', K_SEQ, 'recovering') == '1' then
   return refuse('RECOVERING', 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent')
+end
+-- Expired leases go first, and what they free goes to the tasks in line, as after any release:
+-- before anything of the host is read, so that what the checks below see is what grant writes
+-- over (a pass can take the very GPUs the policy chose).
+if #reap_expired(now, 8) > 0 then
+  schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
 end
 if yield_to_line then
   -- Pending scores below (4 - p) * 2^42 belong to tasks of priority p or higher.
@@ -113,10 +120,6 @@ elseif type(want) == 'table' and #want > 0 then
   end
 end
 
-if #reap_expired(now, 8) > 0 then
-  -- What the reaper freed goes to the tasks in line first, as after any release.
-  schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
-end
 req.only, req.exclude = h, nil
 local p = try_place(req, now)
 if not p then
@@ -129,9 +132,7 @@ if not p then
   return refuse(code, 'host ' .. h .. ' does not have ' .. table.concat(what, ', ') .. ' free at once')
 end
 if chosen then
-  -- Read the chosen GPUs again: the reap above may have freed some of their memory, and grant
-  -- writes the counters from these values (reaping only frees, so they still fit).
-  for i, g in ipairs(chosen) do chosen[i] = gpu_state(h, g.pos) end
+  -- grant writes the counters from these values, read after the reaper and the pass above.
   local grants = {}
   for i, g in ipairs(chosen) do
     local mem = req.gpu_mem
