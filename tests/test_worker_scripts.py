@@ -430,6 +430,19 @@ def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
     assert a.get(task.id).state == "active"
 
 
+def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2}, pid=77)
+    urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "preempting"
+    alloc.cancel(task.id)  # before the worker has stopped the horse
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (False, False)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "cancelled"
+    alloc.release(urgent.allocation_id)
+    assert alloc.get(task.id).state == "released" and alloc.redis.zscore(alloc.keys.pending, task.id) is None
+
+
 def test_a_claim_after_a_long_wait_moves_the_deadline_to_give_the_run_its_whole_lease(alloc_any, clock):
     alloc = alloc_any  # also on Redis 6.2
     gpu_host(alloc)

@@ -1,5 +1,6 @@
 --[[ cancel: a pending task leaves the line and nothing is allocated; an active one is released
-with reason "cancelled" (the caller then stops its RQ job). Then a scheduling pass.
+with reason "cancelled" (the caller then stops its RQ job); a preempted job its worker is still
+stopping is marked cancelled, so that it does not go back in line. Then a scheduling pass.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task/allocation id, ARGV[4] pass depth,
 ARGV[5] scan cap.
@@ -30,6 +31,11 @@ elseif state == 'active' then
     end
     rcall('HSET', task_key(id), 'state', 'cancelled')
   end
+elseif t and t.kind == 'job' and t.state == 'preempting' then
+  -- Preempted, its worker still stopping it: the worker's report must not put it back in line
+  -- (finish_job and requeue requeue only a task marked "preempting").
+  worker = job_runner(id, nil, t)
+  rcall('HSET', task_key(id), 'state', 'cancelled')
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return cjson.encode({ok = true, was = state, worker = worker, placed = placed})
