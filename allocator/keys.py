@@ -157,6 +157,13 @@ class Keys:
         return self._k("delayed")
 
     @property
+    def preempting(self) -> str:
+        """HASH task id -> host id: preempted function tasks whose worker on that host is
+        stopping the run; when the host is lost first, the reaper applies their on_host_lost
+        policy from here (the scripts build it from the prefix; it is not among their KEYS)."""
+        return self._k("preempting")
+
+    @property
     def eta(self) -> str:
         """HASH: pending task id -> estimated start ms ("" = none), written by the scheduler tick
         (``allocator.eta``), plus ``_at`` (when computed, ms), ``_cost_ms`` and ``_pending``."""

@@ -56,6 +56,9 @@ class LostHost:
     remaining: int = 0
     gen: int = 1
     last_heartbeat_ms: int | None = None
+    #: Preempted function tasks whose run on the host was being stopped: requeued or failed now,
+    #: by their on_host_lost policy, since no worker will report their end.
+    preempted: list[str] = field(default_factory=list)
 
 
 def mark_lost(allocator: Allocator, host_id: str, grace_s: float = DEFAULT_GRACE_S, *,
@@ -67,8 +70,8 @@ def mark_lost(allocator: Allocator, host_id: str, grace_s: float = DEFAULT_GRACE
     if not r.get("ok"):
         return None
     lost = LostHost(host_id, bool(r.get("declared")), _redis.as_list(r.get("released")), int(r.get("remaining") or 0),
-                    int(r.get("gen") or 1), r.get("last_heartbeat"))
-    if not lost.declared and not lost.released and not lost.remaining:
+                    int(r.get("gen") or 1), r.get("last_heartbeat"), _redis.as_list(r.get("preempted")))
+    if not lost.declared and not lost.released and not lost.remaining and not lost.preempted:
         return None
     return lost
 

@@ -36,6 +36,7 @@ elseif t and t.kind == 'job' and t.state == 'preempting' then
   -- (finish_job and requeue requeue only a task marked "preempting").
   worker = job_runner(id, nil, t)
   rcall('HSET', task_key(id), 'state', 'cancelled')
+  rcall('HDEL', K_PREEMPTING, id)
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return cjson.encode({ok = true, was = state, worker = worker, placed = placed})

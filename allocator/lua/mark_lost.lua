@@ -10,9 +10,10 @@ which starts a new generation). Then releases, with reason "host_lost", the host
 (function tasks are requeued at the front or failed by their on_host_lost policy; a failed one
 gets a "finished" event with state "failed", as its released event said "released"):
 all of its active allocations while it is lost, or those of an older generation when it has
-already come back. At most ARGV[5] per call; when some remain the host stays in the reclaim set
+already come back. Preempted function tasks whose run on the lost host was being stopped (no
+worker will report it now) follow their on_host_lost policy too (field preempted of the reply). At most ARGV[5] per call; when some remain the host stays in the reclaim set
 and the reaper calls again. A host that no longer exists is dropped from both sets.
-Returns JSON {ok, lost, declared, released[], remaining, gen, last_heartbeat}
+Returns JSON {ok, lost, declared, released[], preempted[], remaining, gen, last_heartbeat}
             or {ok=false, code="HOST_NOT_FOUND", message}.
 ]]
 --- @include "ledger"
@@ -68,8 +69,17 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
   end
 end
 if remaining > 0 then rcall('ZADD', K_RECLAIM, now, h) else rcall('ZREM', K_RECLAIM, h) end
+local preempted = {}
+if lost then
+  local failed
+  preempted, failed = preempted_on_lost_host(h, now)
+  for _, id in ipairs(failed) do
+    emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
+  end
+end
 
 local out = {ok = true, lost = lost, declared = declared, remaining = remaining, gen = s.gen,
   last_heartbeat = beat or cjson.null}
 if #released > 0 then out.released = released end
+if #preempted > 0 then out.preempted = preempted end
 return cjson.encode(out)

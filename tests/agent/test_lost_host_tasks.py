@@ -1,7 +1,9 @@
 """What happens to function tasks and drains when their host is declared lost."""
 
 import pytest
+from rq.job import Job
 
+from allocator.agent.fencing import claim_grant, finish_job
 from allocator.agent.reaper import reap_lost_hosts
 from allocator.errors import HostLost
 from allocator.invariants import check
@@ -36,6 +38,44 @@ def test_function_task_with_fail_policy_fails_when_its_host_is_lost(alloc, make_
     assert task.state == "failed"
     assert task.job.get_status() == "failed"
     assert alloc.position(task.id) == 0
+
+
+def preempted_while_running(alloc, make_agent, **kw):
+    """A low task runs on h1 (claimed by its worker); a critical one preempts it, and the worker
+    has not stopped it yet."""
+    make_agent([host("h1", cores=4)]).run_once()
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 4}, priority="low", **kw)
+    claim = claim_grant(alloc, task.id, "w1", "h1", start=True)
+    urgent = alloc.allocate({"cpu_cores": 4}, priority="critical", strategy="priority", on_busy="queue")
+    assert urgent.state == "active" and alloc.redis.hget(alloc.keys.task(task.id), "state") == "preempting"
+    return task, claim, urgent
+
+
+def test_a_preempted_task_whose_host_is_lost_before_its_worker_reports_goes_back_in_line(alloc, make_agent, clock):
+    task, claim, urgent = preempted_while_running(alloc, make_agent)
+    lose(alloc, clock)  # no worker on h1 will report the stopped run now
+    assert task.state == "pending" and task.position == 1
+    # A report of that run arriving late changes nothing.
+    end = finish_job(alloc, task.id, "h1", claim.token, status="stopped", job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (False, False)
+    assert alloc.redis.zcard(alloc.keys.pending) == 1
+    assert alloc.redis.hlen(alloc.keys.preempting) == 0
+    assert check(alloc.snapshot()) == []
+
+
+def test_a_preempted_task_with_fail_policy_fails_when_its_host_is_lost(alloc, make_agent, clock):
+    task, _, _ = preempted_while_running(alloc, make_agent, on_host_lost="fail")
+    lose(alloc, clock)
+    assert task.state == "failed" and task.job.get_status() == "failed"
+    assert alloc.redis.zcard(alloc.keys.pending) == 0
+
+
+def test_a_preempted_task_the_worker_reports_leaves_nothing_for_the_reaper(alloc, make_agent, clock):
+    task, claim, _ = preempted_while_running(alloc, make_agent)
+    end = finish_job(alloc, task.id, "h1", claim.token, status="stopped", job_key=Job.key_for(task.id))
+    assert end.requeued and alloc.redis.hlen(alloc.keys.preempting) == 0
+    lose(alloc, clock)
+    assert task.state == "pending" and alloc.redis.zcard(alloc.keys.pending) == 1
 
 
 def test_a_lost_host_cannot_be_resumed_or_drained_back_to_life(alloc, make_agent, clock):

@@ -18,6 +18,11 @@ local function task_key(id) return PREFIX .. 'task:' .. id end
 -- out of here: from then on it is an ordinary task in line. The scheduler's ETA reads it
 -- (allocator/eta.py).
 local K_DELAYED = PREFIX .. 'delayed'
+-- HASH task id -> host id: preempted function tasks whose worker on that host is stopping the
+-- run (task state "preempting"). The worker's report puts them back in line (requeue.lua,
+-- finish_job.lua); when the host is lost instead, no report comes, and mark_lost.lua applies
+-- their on_host_lost policy from here.
+local K_PREEMPTING = PREFIX .. 'preempting'
 
 local function pending_score(priority, front, seq)
   local s = (3 - priority) * 4398046511104 + seq
@@ -78,6 +83,7 @@ end
 -- earliest the task may start again (a retry's interval); kept on the task and its record.
 local function requeue_task(id, t, now, front, not_before)
   rcall('HSET', task_key(id), 'state', 'pending', 'front', front and '1' or '0')
+  rcall('HDEL', K_PREEMPTING, id)
   if not_before then
     rcall('HSET', task_key(id), 'not_before', not_before)
     rcall('HSET', alloc_key(id), 'not_before', not_before)
@@ -131,6 +137,28 @@ local function after_host_lost(id, now)
   end
   rcall('HSET', job, 'status', 'failed', 'exc_info', 'host lost')
   rcall('HSET', alloc_key(id), 'state', 'failed')
+end
+
+-- Preempted function tasks whose run on host h was being stopped when h was lost: no worker will
+-- report their end, so each follows its on_host_lost policy now, as the host's running jobs do
+-- (after_host_lost). Returns their ids and those that failed by their policy.
+local function preempted_on_lost_host(h, now)
+  local ids, failed = {}, {}
+  local flat = rcall('HGETALL', K_PREEMPTING)
+  for i = 1, #flat, 2 do
+    local id = flat[i]
+    if flat[i + 1] == h then
+      rcall('HDEL', K_PREEMPTING, id)
+      if rcall('HGET', task_key(id), 'state') == 'preempting' then
+        -- Out of "preempting" first: a late report of that run must not requeue it again.
+        rcall('HSET', task_key(id), 'state', 'done')
+        after_host_lost(id, now)
+        ids[#ids + 1] = id
+        if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed[#failed + 1] = id end
+      end
+    end
+  end
+  return ids, failed
 end
 
 -- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
@@ -239,6 +267,7 @@ local function preempt_for(req, now, limit)
       if worker then
         -- The worker stops the horse, then requeues the task (see requeue.lua).
         rcall('HSET', task_key(v), 'state', 'preempting')
+        rcall('HSET', K_PREEMPTING, v, a.host)
         rcall('PERSIST', task_key(v))
         rcall('PUBLISH', t.rq_prefix .. 'pubsub:' .. worker, cjson.encode({command = 'stop-job', job_id = v}))
       else
