@@ -52,7 +52,14 @@ def parse_when(text: str | None, *, now: datetime | None = None) -> datetime | N
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise typer.BadParameter(f"{text!r}: expected e.g. 24h, 7d, 30m or an ISO date/time") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    try:
+        # The database keeps UTC: a time that has no UTC form (year 1 east of Greenwich, year 9999
+        # west of it) is refused here, naming the option, rather than when the query is built.
+        return dt.astimezone(timezone.utc)
+    except OverflowError:
+        raise typer.BadParameter(f"{text!r}: outside the dates UTC can hold") from None
 
 
 def _engine(url: str | None) -> Any:
@@ -123,7 +130,9 @@ def db_upgrade(revision: str = typer.Argument("head"), database_url: str = DB_UR
         typer.echo(f"{redacted(database_url)} is at revision {current(database_url)}")
 
 
-@db_app.command("downgrade")
+# "-1" is a revision, not an option: Click reads an argument that starts with a dash as an
+# unknown option unless the command lets unknown options through to its arguments.
+@db_app.command("downgrade", context_settings={"ignore_unknown_options": True})
 def db_downgrade(revision: str = typer.Argument(..., help='e.g. "-1" or "base" (drops every history table)'),
                  database_url: str = DB_URL) -> None:
     """Revert migrations down to REVISION."""
@@ -216,8 +225,8 @@ def _allocation_table(rows: list[dict[str, Any]]) -> None:
         t.add_column(name)
     for r in rows:
         gpus = f"{r['gpu_count']}×{r['gpu_memory_mb'] // max(1, r['gpu_count'])}MiB" if r["gpu_count"] else "-"
-        t.add_row(Text(r["allocation_id"]), Text(r["task_type"] or ""), Text(r["owner"] or ""), r["host_id"] or "", gpus,
-                  f"{r['cpu_millis'] / 1000:g}", r["state"], r["release_reason"] or r["outcome"] or "",
+        t.add_row(Text(r["allocation_id"]), Text(r["task_type"] or ""), Text(r["owner"] or ""), Text(r["host_id"] or ""), gpus,
+                  f"{r['cpu_millis'] / 1000:g}", Text(r["state"]), Text(r["release_reason"] or r["outcome"] or ""),
                   _fmt_ts(r["placed_at"]), _fmt_ms(r["wait_ms"]), _fmt_ms(r["run_ms"]))
     console.print(t)
 

@@ -194,7 +194,8 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
             row.update(state=_text(d.get("state")) or "released", release_reason=_text(d.get("reason")), released_at=ev.ts)
     elif kind == "cancelled":
         if newer and row["state"] not in ("released", "failed"):
-            row.update(state="cancelled", release_reason="cancelled", released_at=ev.ts)
+            # The reason says why it left the line: cancelled, or job_gone (its RQ job vanished).
+            row.update(state="cancelled", release_reason=_text(d.get("reason")) or "cancelled", released_at=ev.ts)
     elif kind == "requeued":
         row["requeues"] = (row.get("requeues") or 0) + 1
         if newer:

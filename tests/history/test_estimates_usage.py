@@ -138,6 +138,17 @@ def test_cli_history_filters_and_prints_json(alloc: Allocator, recorder: Recorde
     assert r.exit_code == 0 and keep.allocation_id in r.output
 
 
+def test_cli_history_prints_a_release_reason_that_looks_like_markup_as_written(
+        alloc: Allocator, recorder: Recorder, database_url: URL) -> None:
+    register_fleet(alloc)
+    x = alloc.allocate({"cpu_cores": 1})
+    alloc.release(x.allocation_id, reason="oom [/bold]")
+    recorder.drain()
+    env = {"ALLOCATOR_DATABASE_URL": database_url.render_as_string(hide_password=False), "ALLOCATOR_NAMESPACE": alloc.keys.namespace}
+    r = CliRunner().invoke(app, ["history"], env=env)
+    assert r.exit_code == 0 and r.exception is None, r.output  # it raised rich's MarkupError
+
+
 def test_cli_usage_prints_json_per_task_type(alloc: Allocator, recorder: Recorder, engine, database_url: URL, clock: FakeClock) -> None:
     register_fleet(alloc)
     x = alloc.allocate({"gpus": 1, "cpu_cores": 1}, task_type="train")
@@ -153,7 +164,7 @@ def test_cli_usage_prints_json_per_task_type(alloc: Allocator, recorder: Recorde
     assert [(row["key"], round(row["gpu_hours"], 6)) for row in rows] == [("train", 1.0)]
 
 
-@pytest.mark.parametrize("since", ["99999999999d", ""])
+@pytest.mark.parametrize("since", ["99999999999d", "", "0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-05:00"])
 def test_cli_usage_refuses_a_period_start_it_cannot_read_with_exit_2(database_url: URL, since: str) -> None:
     env = {"ALLOCATOR_DATABASE_URL": database_url.render_as_string(hide_password=False)}
     r = CliRunner().invoke(app, ["usage", "--since", since], env=env)

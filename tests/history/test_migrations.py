@@ -60,6 +60,14 @@ def test_cli_db_upgrade_and_current(empty_database_url: URL, tmp_path: Path, mon
     assert r.exit_code == 0 and f"revision {migrate.head()}" in r.output
 
 
+def test_cli_db_downgrade_takes_minus_one_as_written_in_the_docs(empty_database_url: URL) -> None:
+    url = empty_database_url.render_as_string(hide_password=False)
+    assert CliRunner().invoke(app, ["db", "upgrade", "--database-url", url]).exit_code == 0
+    r = CliRunner().invoke(app, ["db", "downgrade", "-1", "--database-url", url])
+    assert r.exit_code == 0, r.output
+    assert migrate.current(url) != migrate.head()
+
+
 def test_no_url_means_a_sqlite_file_in_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOCATOR_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("ALLOCATOR_DATABASE_URL", raising=False)

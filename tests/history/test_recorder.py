@@ -100,6 +100,22 @@ def test_queued_request_records_submission_and_wait(alloc: Allocator, recorder: 
     assert (row["state"], row["owner"], row["wait_ms"]) == ("active", "bob", 45_000)
 
 
+def test_a_task_whose_rq_job_vanished_while_it_waited_is_recorded_with_that_reason(alloc: Allocator, recorder: Recorder, engine) -> None:
+    from rq.job import Job
+
+    from .. import jobs
+
+    alloc.register_host(id="one", cpu_cores=1, ram_mb=1024)
+    blocker = alloc.allocate({"cpu_cores": 1})
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    alloc.rq_connection.delete(Job.key_for(task.id))
+    alloc.release(blocker.allocation_id)  # the pass meets the task and drops it: job_gone
+    assert alloc.get(task.id).release_reason == "job_gone"
+    recorder.drain()
+    row = allocation_row(engine, alloc, task.id)
+    assert (row["state"], row["release_reason"]) == ("cancelled", "job_gone")
+
+
 def test_started_and_finished_events_fill_run_time_and_outcome(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
     register_fleet(alloc)
     x = alloc.allocate({"cpu_cores": 1}, task_type="train")
