@@ -105,6 +105,8 @@ class AllocationRow(Base):
     requeues: Mapped[int] = mapped_column(Integer, default=0, doc="times preempted and put back in line")
     first_event_id: Mapped[str | None] = mapped_column(String(40))
     last_event_id: Mapped[str | None] = mapped_column(String(40))
+    state_event_id: Mapped[str | None] = mapped_column(
+        String(40), doc="the event that set state: an event older than it changes no state (out-of-order delivery)")
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (

@@ -3,8 +3,10 @@
 The recorder stores every event as it came (table ``events``) and folds the ones it knows into
 ``allocations``, ``placements`` and ``hosts``. Events normally arrive in stream order; when they
 do not (a stale consumer's entries claimed by another), a change of state is applied only when the
-event is newer than the last one the row has seen, and fields that never change once known
-(submission time, task type, ...) are filled in whichever order they come.
+event is newer than the one that set the row's state (``state_event_id``; started and finished
+change no state), a placement's grant comes from the latest placement's ``allocated`` event
+whenever it arrives, and fields that never change once known (submission time, task type, a
+host's inventory) are filled in whichever order they come.
 
 Event types (the ``type`` field; ``data`` is JSON):
 - allocation life: submitted, allocated, released, cancelled, requeued, started, finished;
@@ -123,6 +125,15 @@ def _is_newer(ev: OutboxEvent, row: dict[str, Any]) -> bool:
     return last is None or ev.position > parse_stream_id(last)
 
 
+def _sets_state(ev: OutboxEvent, row: dict[str, Any]) -> bool:
+    """Whether ev may change the row's state: newer than the event that set it. Claims it."""
+    last = row.get("state_event_id")
+    if last is not None and ev.position <= parse_stream_id(last):
+        return False
+    row["state_event_id"] = ev.stream_id
+    return True
+
+
 def _touch(ev: OutboxEvent, row: dict[str, Any]) -> None:
     if _is_newer(ev, row):
         row["last_event_id"] = ev.stream_id
@@ -138,7 +149,7 @@ def new_allocation(namespace: str, allocation_id: str) -> dict[str, Any]:
             "cores": [], "cpu_millis": 0, "ram_mb": 0, "ttl_ms": None, "expires_at": None, "request": {},
             "metadata": {}, "submitted_at": None, "placed_at": None, "started_at": None, "finished_at": None,
             "released_at": None, "wait_ms": None, "run_ms": None, "requeues": 0, "first_event_id": None,
-            "last_event_id": None, "updated_at": None}
+            "last_event_id": None, "state_event_id": None, "updated_at": None}
 
 
 def _fill(row: dict[str, Any], d: dict[str, Any], *names: str) -> None:
@@ -171,7 +182,9 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
             row["metadata"] = _obj(d.get("metadata"))
         if row["submitted_at"] is None:
             row["submitted_at"] = ms_to_dt(d.get("created")) or ev.ts
-        if newer or row["placed_at"] is None:
+        # The grant of the latest placement, whenever its event arrives: a released event that came
+        # first set placed_at to this same placement's time (its "activated").
+        if row["placed_at"] is None or ev.ts >= row["placed_at"]:
             gpus = _list(d.get("gpus"))
             cores = _list(d.get("cores"))
             row.update(
@@ -180,7 +193,7 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
                 cpu_millis=len(cores) * 1000 + (_int(d.get("shared_millis")) or 0), ram_mb=_int(d.get("ram_mb")) or 0,
                 ttl_ms=_int(d.get("ttl_ms"), None), expires_at=ms_to_dt(d.get("expires")), placed_at=ev.ts,
             )
-        if newer:
+        if _sets_state(ev, row):
             row.update(state="active", released_at=None, release_reason=None)
     elif kind == "released":
         if row["host_id"] is None:
@@ -190,15 +203,15 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
             row["placed_at"] = ms_to_dt(d.get("activated"))
         if row["submitted_at"] is None:
             row["submitted_at"] = ms_to_dt(d.get("created"))
-        if newer:
+        if _sets_state(ev, row):
             row.update(state=_text(d.get("state")) or "released", release_reason=_text(d.get("reason")), released_at=ev.ts)
     elif kind == "cancelled":
-        if newer and row["state"] not in ("released", "failed"):
+        if row["state"] not in ("released", "failed") and _sets_state(ev, row):
             # The reason says why it left the line: cancelled, or job_gone (its RQ job vanished).
             row.update(state="cancelled", release_reason=_text(d.get("reason")) or "cancelled", released_at=ev.ts)
     elif kind == "requeued":
         row["requeues"] = (row.get("requeues") or 0) + 1
-        if newer:
+        if _sets_state(ev, row):
             row.update(state="pending", released_at=None, release_reason=None, started_at=None, finished_at=None, outcome=None)
     elif kind == "started":
         if newer or row["started_at"] is None:
@@ -209,7 +222,7 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
         if newer or row["outcome"] is None:
             row["outcome"] = _text(d.get("outcome") or d.get("status"))
             row["finished_at"] = ev.ts
-        if newer and d.get("state") in ENDED_STATES:  # the reaper failing a task by its on_host_lost policy
+        if d.get("state") in ENDED_STATES and _sets_state(ev, row):  # the reaper failing a task by its on_host_lost policy
             row["state"] = d["state"]
     _touch(ev, row)
     derive_durations(row)
@@ -261,12 +274,16 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
     if ev.type in ("host_registered", "host_updated"):
         if row["registered_at"] is None or ev.type == "host_registered":
             row["registered_at"] = row["registered_at"] or ev.ts
-        if newer:
+        # The inventory of the newest registration, or of an older one while the row has none (a
+        # drain or a loss folded before the registration that preceded it).
+        if newer or not row["spec"]:
             spec = ev.fields
             gpus = _list(spec.get("gpus"))
             row.update(spec=spec, labels=spec.get("labels") if isinstance(spec.get("labels"), dict) else {},
                        gpu_count=len(gpus), gpu_memory_mb=sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)),
-                       cpu_cores=len(_list(spec.get("cores"))), ram_mb=_int(spec.get("ram_mb")) or 0, updated_at=ev.ts)
+                       cpu_cores=len(_list(spec.get("cores"))), ram_mb=_int(spec.get("ram_mb")) or 0)
+        if newer:
+            row["updated_at"] = ev.ts
             if row["state"] in ("removed", "lost"):
                 row["state"], row["removed_at"] = "ready", None
     elif newer:

@@ -1,0 +1,88 @@
+"""Events that reach the recorder out of stream order (a dead consumer's entries claimed after
+newer ones were written) fold into the same rows as in order."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from allocator import Allocator
+from allocator.agent.fencing import claim_grant
+from allocator.history.projection import OutboxEvent, fold_allocation, fold_host, new_allocation, new_host
+from allocator.history.recorder import Recorder
+
+from .. import jobs
+from .fleet import allocation_row
+
+GRANT = {"host": "h1", "host_gen": 1, "gpus": [{"pos": 0, "index": 0, "uuid": "u0", "model": "T4", "memory_mb": 16384}],
+         "cores": [0, 1], "shared_millis": 0, "ram_mb": 1024, "created": 1_000, "ttl_ms": 0, "expires": 0}
+
+
+def ev(n: int, kind: str, data: dict, ts: int | None = None) -> OutboxEvent:
+    return OutboxEvent.parse(f"{n}-0", {"type": kind, "id": "a1", "ts": str(ts if ts is not None else n), "data": json.dumps(data)})
+
+
+def folded(order: list[OutboxEvent]) -> dict:
+    row = new_allocation("ns", "a1")
+    for e in order:
+        fold_allocation(row, e)
+    return {k: v for k, v in row.items() if k not in ("updated_at",)}
+
+
+def test_a_running_job_is_active_in_every_order_of_its_events():
+    evs = [ev(1_000, "submitted", {"priority": 1}), ev(1_001, "allocated", GRANT), ev(1_002, "started", {"started": 1_002})]
+    in_order = folded(evs)
+    assert (in_order["state"], in_order["gpu_count"], in_order["host_id"]) == ("active", 1, "h1")
+    for order in itertools.permutations(evs):
+        assert folded(list(order)) == in_order
+
+
+def test_a_released_allocation_keeps_its_grant_when_its_release_came_first():
+    evs = [ev(1_001, "allocated", GRANT),
+           ev(2_000, "released", {"host": "h1", "state": "released", "reason": "released", "activated": 1_001, "created": 1_000})]
+    in_order = folded(evs)
+    assert (in_order["state"], in_order["gpu_count"], in_order["cpu_millis"], in_order["ram_mb"]) == ("released", 1, 2000, 1024)
+    assert folded(evs[::-1]) == in_order
+
+
+def test_a_requeued_and_placed_again_task_shows_its_latest_placement_in_every_order():
+    second = {**GRANT, "host": "h2", "gpus": []}
+    evs = [ev(1_001, "allocated", GRANT),
+           ev(2_000, "released", {"host": "h1", "state": "released", "reason": "preempted", "activated": 1_001, "created": 1_000}),
+           ev(2_001, "requeued", {"front": True}),
+           ev(3_000, "allocated", second)]
+    in_order = folded(evs)
+    assert (in_order["state"], in_order["host_id"], in_order["gpu_count"], in_order["requeues"]) == ("active", "h2", 0, 1)
+    for order in itertools.permutations(evs):
+        assert folded(list(order)) == in_order
+
+
+def test_a_host_keeps_its_inventory_when_a_drain_was_folded_before_its_registration():
+    reg = OutboxEvent.parse("1-0", {"type": "host_registered", "id": "h1", "ts": "1",
+                                    "data": json.dumps({"cores": [0, 1, 2, 3], "ram_mb": 4096, "gpus": [], "labels": {}})})
+    drain = OutboxEvent.parse("2-0", {"type": "host_draining", "id": "h1", "ts": "2", "data": "{}"})
+    rows = []
+    for order in ([reg, drain], [drain, reg]):
+        row = new_host("ns", "h1")
+        for e in order:
+            fold_host(row, e)
+        rows.append(row)
+    assert rows[0] == rows[1]
+    assert (rows[1]["state"], rows[1]["cpu_cores"], rows[1]["ram_mb"]) == ("draining", 4, 4096)
+
+
+def test_a_job_started_while_its_placement_was_with_a_dead_recorder_is_recorded_active(alloc: Allocator, engine) -> None:
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "cpu_cores": 2})
+    dead = Recorder(alloc, engine, consumer="dead", block_ms=0, estimates_every_s=0)
+    dead.read(0)  # took the registration, the submission and the placement, then died
+    claim_grant(alloc, task.id, "w1", "h1", start=True)  # the worker starts the job: "started"
+    live = Recorder(alloc, engine, consumer="live", block_ms=0, claim_idle_ms=60_000, estimates_every_s=0)
+    assert live.step(block_ms=0).written == 1  # "started", before what the dead recorder holds
+    live.claim_idle_ms = 1
+    time.sleep(0.01)
+    live.drain()  # now the dead recorder's entries, claimed
+    assert live.backlog().total == 0
+    row = allocation_row(engine, alloc, task.id)
+    assert (row["state"], row["host_id"], row["gpu_count"]) == ("active", "h1", 1)
