@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -359,6 +359,8 @@ class Allocator:
 
     def release(self, allocation_id: str, *, reason: str = "released", placement: str | None = None) -> Allocation:
         """Ends an allocation; releasing it again is harmless and returns the same record.
+        Releasing a running function task stops its job too (as ``cancel`` does, with the reason
+        given here); its worker's own end of the run passes ``placement``.
 
         ``released_now`` on the result tells whether this call did the release (False on a repeat).
         ``placement`` (a token from ``claim_grant``, "<host>|<host_gen>|<activated>|<requeues>") releases
@@ -369,6 +371,8 @@ class Allocator:
         check_id(reason, "reason", 64)
         res = self._raise_unless_ok(self._call("release", allocation_id, reason, self.pass_depth, self.scan_cap,
                                                placement or ""))
+        if res.get("job"):  # a running function task, released by a user: its run stops too
+            queue.stop_job(self, allocation_id, res.get("worker"))
         alloc = Allocation.from_record(res["alloc"])
         if res.get("stale"):
             alloc.released_now = False
@@ -573,14 +577,28 @@ class Allocator:
         """Atomic copy of the whole ledger (hosts, indexes, active allocations); for checks."""
         return json.loads(self.scripts["snapshot"](keys=self.keys.ledger_keys(), args=[self.keys.prefix, ""]))
 
+    def _own_rq_jobs(self, batch: int = 1000) -> Iterator[str]:
+        """The namespace's allocation ids whose RQ job is the namespace's (its origin one of the
+        namespace's queues): RQ job ids are global to a Redis, and a lease's id may name another
+        application's job."""
+        ids = self.redis.zrange(self.keys.allocs, 0, -1)
+        mine = self.keys.rq_queue_name_prefix()
+        for at in range(0, len(ids), batch):
+            chunk = ids[at:at + batch]
+            pipe = self.redis.pipeline(transaction=False)
+            for i in chunk:
+                pipe.hget(self.keys.rq_job_keys(i)[0], "origin")
+            for i, origin in zip(chunk, pipe.execute()):
+                if origin is not None and origin.startswith(mine):
+                    yield i
+
     def destroy(self) -> int:
         """Deletes every key of this namespace (tests, benchmarks, decommissioning), in batches:
         a fleet of thousands of hosts leaves tens of thousands of keys. RQ's keys for the
         namespace's tasks go too: their jobs (by the allocation ids the namespace still lists),
         its queues with their registries, their entries in RQ's set of queues, and the workers
         registered on those queues only."""
-        jobs = (k for i in self.redis.zrange(self.keys.allocs, 0, -1) for k in self.keys.rq_job_keys(i))
-        n = delete_keys(self.redis, jobs)
+        n = delete_keys(self.redis, (k for i in self._own_rq_jobs() for k in self.keys.rq_job_keys(i)))
         n += delete_keys(self.redis, self.redis.scan_iter(match=self.keys.rq_queue_pattern(), count=1000))
         queues = [q for q in self.redis.smembers(self.keys.RQ_QUEUES) if q.startswith(self.keys.rq_queue_prefix())]
         if queues:

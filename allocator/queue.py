@@ -162,21 +162,28 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
 def cancel(a: Allocator, task_id: str) -> Allocation:
     """Cancels a pending task (nothing allocated) or stops a running one (released)."""
     res = a._raise_unless_ok(a._call("cancel", task_id, a.pass_depth, a.scan_cap))
+    if res.get("job"):
+        stop_job(a, task_id, res.get("worker"))
+    return a.require(task_id)
+
+
+def stop_job(a: Allocator, task_id: str, worker: str | None) -> None:
+    """Stops the RQ job of a function task the scripts just ended (cancel, or a user's release).
+    Only for the namespace's own tasks: RQ job ids are global to a Redis, and a lease's id may
+    name another application's job."""
     try:
         job = Job.fetch(task_id, connection=a.rq_connection)
     except NoSuchJobError:
-        job = None
-    if job is not None:
-        if res.get("worker"):
-            # To the worker the script named: one that has claimed the job may not have marked it
-            # started yet (RQ's send_stop_job_command would refuse), and takes the command anyway.
-            send_command(a.rq_connection, res["worker"], "stop-job", job_id=task_id)
-        elif job.get_status() not in ("finished", "failed", "stopped", "canceled"):
-            try:
-                job.cancel()
-            except InvalidJobOperation:
-                pass
-    return a.require(task_id)
+        return
+    if worker:
+        # To the worker the script named: one that has claimed the job may not have marked it
+        # started yet (RQ's send_stop_job_command would refuse), and takes the command anyway.
+        send_command(a.rq_connection, worker, "stop-job", job_id=task_id)
+    elif job.get_status() not in ("finished", "failed", "stopped", "canceled"):
+        try:
+            job.cancel()
+        except InvalidJobOperation:
+            pass
 
 
 def position(a: Allocator, task_id: str) -> int | None:

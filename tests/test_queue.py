@@ -210,6 +210,24 @@ def test_cancelling_a_pending_task_allocates_nothing_and_moves_the_line(alloc):
     assert alloc.capacity().active_allocations == 1
 
 
+def test_cancelling_a_lease_leaves_an_rq_job_of_the_same_id_alone(alloc):
+    from rq import Queue
+
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
+    foreign = Queue(f"plain-{alloc.keys.namespace}", connection=alloc.rq_connection).enqueue(
+        "tests.jobs.add", 1, 2, job_id=f"{alloc.keys.namespace}-build-42")
+    try:
+        alloc.allocate({"cpu_cores": 1}, allocation_id=foreign.id)
+        alloc.cancel(foreign.id)
+        assert foreign.get_status(refresh=True) == "queued"
+        alloc.destroy()
+        assert alloc.rq_connection.exists(foreign.key) == 1
+    finally:
+        foreign.delete()
+        alloc.rq_connection.delete(f"rq:queue:plain-{alloc.keys.namespace}")
+        alloc.rq_connection.srem("rq:queues", f"rq:queue:plain-{alloc.keys.namespace}")
+
+
 def test_cancelling_a_placed_lease_releases_it(alloc):
     one_gpu_host(alloc)
     x = alloc.allocate(WHOLE)

@@ -443,6 +443,27 @@ def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc
     assert alloc.get(task.id).state == "released" and alloc.redis.zscore(alloc.keys.pending, task.id) is None
 
 
+def test_a_user_releasing_a_running_job_stops_it_on_its_worker(alloc):
+    gpu_host(alloc)
+    task, _ = started_job(alloc, {"gpus": 1})
+    channel = alloc.rq_connection.pubsub(ignore_subscribe_messages=True)
+    channel.subscribe("rq:pubsub:w1")
+    channel.get_message(timeout=1)  # the subscription's confirmation
+    alloc.release(task.id, reason="failed")
+    message = channel.get_message(timeout=2)
+    channel.close()
+    assert message is not None and json.loads(message["data"]) == {"command": "stop-job", "job_id": task.id}
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "cancelled"  # the worker's tick backstop
+    assert alloc.get(task.id).state == "failed"
+
+
+def test_the_worker_releasing_its_own_run_stops_nothing(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 1})
+    alloc.release(task.id, placement=claim.token)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "done"
+
+
 def test_a_claim_after_a_long_wait_moves_the_deadline_to_give_the_run_its_whole_lease(alloc_any, clock):
     alloc = alloc_any  # also on Redis 6.2
     gpu_host(alloc)

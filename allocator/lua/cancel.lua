@@ -4,8 +4,9 @@ stopping is marked cancelled, so that it does not go back in line. Then a schedu
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task/allocation id, ARGV[4] pass depth,
 ARGV[5] scan cap.
-Returns JSON {ok, was ("pending"|"active"|state), worker (RQ worker name starting or running it, if any:
-see job_runner in includes/queue.lua)}
+Returns JSON {ok, was ("pending"|"active"|state), job (true for a function task: the caller
+stops or cancels its RQ job; a lease's id may name an RQ job that is not the namespace's),
+worker (RQ worker name starting or running it, if any: see job_runner in includes/queue.lua)}
 or {ok=false, code="ALLOCATION_NOT_FOUND"}.
 ]]
 --- @include "ledger"
@@ -24,13 +25,7 @@ if state == 'pending' then
   leave_line(id, t, now, 'cancelled')
 elseif state == 'active' then
   local a = finish_alloc(id, 'cancelled', now)
-  if t and t.kind == 'job' then
-    worker = job_runner(id, a, t)
-    if not worker then
-      rcall('LREM', t.rq_prefix .. 'queue:' .. (rcall('HGET', t.rq_prefix .. 'job:' .. id, 'origin') or ''), 0, id)
-    end
-    rcall('HSET', task_key(id), 'state', 'cancelled')
-  end
+  if t and t.kind == 'job' then worker = end_task_run(id, a, t) end
 elseif t and t.kind == 'job' and t.state == 'preempting' then
   -- Preempted, its worker still stopping it: the worker's report must not put it back in line
   -- (finish_job and requeue requeue only a task marked "preempting").
@@ -39,4 +34,4 @@ elseif t and t.kind == 'job' and t.state == 'preempting' then
   rcall('HDEL', K_PREEMPTING, id)
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-return cjson.encode({ok = true, was = state, worker = worker, placed = placed})
+return cjson.encode({ok = true, was = state, job = (t ~= nil and t.kind == 'job'), worker = worker, placed = placed})

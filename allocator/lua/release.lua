@@ -7,8 +7,12 @@ ARGV[4] reason ("released" | "failed" | "preempted" | ...), ARGV[5] scheduling p
 under another placement (its task was requeued and placed again while an old run went on), the
 call changes nothing and reports stale = true (likewise while it waits in line again).
 Freed capacity goes to waiting tasks in the same call.
+A running function task released without a placement token (by a user, not by its worker) is
+stopped too: its task is marked cancelled, and the reply names the worker running it (the caller
+sends it stop-job), as cancel.lua does.
 A second release of the same id changes nothing and reports changed = false.
-Returns JSON {ok=true, changed, stale?, alloc{...}} or {ok=false, code="ALLOCATION_NOT_FOUND", message}.
+Returns JSON {ok=true, changed, stale?, job?, worker?, alloc{...}}
+        or {ok=false, code="ALLOCATION_NOT_FOUND", message}.
 ]]
 --- @include "ledger"
 --- @include "placement"
@@ -29,6 +33,11 @@ local a, changed = finish_alloc(id, ARGV[4], now)
 if not a then
   return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})
 end
+local job, worker = false, nil
+if changed and (want == nil or want == '') then
+  local t = read_task(id)
+  if t and t.kind == 'job' then job, worker = true, end_task_run(id, a, t) end
+end
 local placed = {}
 if changed then placed = schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
-return cjson.encode({ok = true, changed = changed, alloc = a, placed = placed})
+return cjson.encode({ok = true, changed = changed, job = job, worker = worker, alloc = a, placed = placed})

@@ -254,6 +254,19 @@ local function job_runner(id, a, t)
   return nil
 end
 
+-- A function task ended from outside its worker (cancel, or a user's release of a running one):
+-- marked cancelled, which its worker also checks at each tick to stop the run; a job no worker
+-- has claimed leaves its host queue. Returns the RQ worker starting or running it, if any, for
+-- the caller's stop-job command.
+local function end_task_run(id, a, t)
+  local worker = job_runner(id, a, t)
+  if not worker then
+    rcall('LREM', t.rq_prefix .. 'queue:' .. (rcall('HGET', t.rq_prefix .. 'job:' .. id, 'origin') or ''), 0, id)
+  end
+  rcall('HSET', task_key(id), 'state', 'cancelled')
+  return worker
+end
+
 -- Priority preemption: lower-priority allocations, newest first, until req fits on one host.
 local function preempt_for(req, now, limit)
   local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
