@@ -352,7 +352,8 @@ class Allocator:
     def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
         """Where the request would be placed now (host, gpus, cores), or None; changes nothing."""
         req = self.build_request(resources, **fields)
-        res = self._call("place", *self.place_args(req, req.allocation_id or new_allocation_id(), True))
+        # A fresh id: the dry run asks where the request would go, not whether the id exists.
+        res = self._call("place", *self.place_args(req, new_allocation_id(), True))
         if not res.get("ok"):
             return None
         return {"host_id": res["host"], "gpus": res.get("gpus") or [], "cores": res.get("cores") or []}
@@ -491,7 +492,8 @@ class Allocator:
         return list(res.get("placed") or [])
 
     def position(self, task_id: str) -> int | None:
-        """Global place in line (1 = next), 0 once placed, None for an unknown id."""
+        """Global place in line (1 = next), 0 once placed, None for an unknown id or a task that
+        left the line without being placed (cancelled)."""
         check_id(task_id, "task_id")
         return queue.position(self, task_id)
 

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from datetime import datetime
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
@@ -45,6 +46,18 @@ ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "sel
 #: fields, RQ's options, and its own parameters), so the function would never receive them.
 RESERVED_KWARGS = frozenset(ALLOC_FIELDS | RQ_OPTIONS | set(UNSUPPORTED_RQ_OPTIONS)
                             | {"resources", "job_id", "on_host_lost", "func", "self"})
+
+
+def check_task_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Keyword arguments a task submitted as JSON (REST, the tool, MCP) may carry: Python names
+    that the allocator and RQ do not take for themselves. A name such as "x y" could only make
+    the job fail with a TypeError when it runs."""
+    for key in kwargs:
+        if key in RESERVED_KWARGS:
+            raise InvalidRequest(f"kwargs.{key}", "reserved for the allocator or RQ (a request field or an RQ option); "
+                                                  "not passed to tasks")
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InvalidRequest(f"kwargs.{key}", "not a Python argument name")
 
 
 #: After a job's timeout, RQ's worker kills a horse that did not stop itself once it is this many
@@ -187,10 +200,15 @@ def stop_job(a: Allocator, task_id: str, worker: str | None) -> None:
 
 
 def position(a: Allocator, task_id: str) -> int | None:
+    """1 = next in line; 0 once placed (also after its run ended); None for an unknown id or a
+    task that left the line without being placed (cancelled, job gone)."""
     rank = a.redis.zrank(a.keys.pending, task_id)
     if rank is not None:
         return int(rank) + 1
-    return 0 if a.redis.exists(a.keys.alloc(task_id)) else None
+    state, activated = a.redis.hmget(a.keys.alloc(task_id), "state", "activated")
+    if state is None or not activated:
+        return None
+    return 0
 
 
 class Task:

@@ -32,7 +32,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from pydantic import BaseModel
 
 from . import seeds, tool_models as m
-from .client import Allocator
+from .client import Allocator, check_id
 from .errors import AllocatorError, InvalidRequest, NotFound, Refused
 from .tool_schema import native_schema, render
 
@@ -175,8 +175,9 @@ def _cleanup_expired(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
 
 def _task_view(a: Allocator, task_id: str) -> dict[str, Any]:
     """State, place in line, start time (estimate while pending) and the grant of one task."""
+    check_id(task_id, "task_id")
     alloc = a.require(task_id)
-    position = a.position(task_id) if alloc.state == "pending" else 0
+    position = a.position(task_id)
     alloc.queue_position = position
     return {
         "success": True,
@@ -189,15 +190,13 @@ def _task_view(a: Allocator, task_id: str) -> dict[str, Any]:
 
 
 def _submit_task(ctx: ToolContext, p: dict[str, Any]) -> ToolOutcome:
-    from .queue import RESERVED_KWARGS
+    from .queue import check_task_kwargs
     from .task_registry import registry
 
     p = _given(p)
     entry = registry.get(p["task"])
     kwargs = dict(p.get("kwargs") or {})
-    for key in kwargs:
-        if key in RESERVED_KWARGS:
-            raise InvalidRequest(f"kwargs.{key}", "reserved for the allocator; not passed to tasks")
+    check_task_kwargs(kwargs)
     resources = {**entry.resources, **_given(p.get("resources"))}
     fields = {k: p[k] for k in ("priority", "strategy", "task_type", "owner", "expected_duration") if k in p}
     fields.setdefault("task_type", entry.task_type)

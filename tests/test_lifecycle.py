@@ -101,6 +101,12 @@ def test_refused_or_invalid_request_leaves_the_ledger_byte_for_byte_unchanged(al
     assert ledger_dump(alloc_any) == before
 
 
+def test_would_fit_with_the_id_of_an_existing_allocation_answers_where_it_would_go(alloc):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="8Gi")
+    alloc.allocate({"cpu_cores": 1}, allocation_id="x")
+    assert alloc.would_fit({"cpu_cores": 1}, allocation_id="x")["host_id"] == "h1"
+
+
 def test_grant_records_request_and_metadata(alloc_any, clock):
     one_gpu_host(alloc_any)
     x = alloc_any.allocate({"gpu_memory_mb": "2Gi", "cpu_cores": 2, "ram_mb": "4Gi"}, priority="high",

@@ -228,6 +228,14 @@ def test_cancelling_a_lease_leaves_an_rq_job_of_the_same_id_alone(alloc):
         alloc.rq_connection.srem("rq:queues", f"rq:queue:plain-{alloc.keys.namespace}")
 
 
+def test_a_task_cancelled_before_it_was_placed_has_no_position(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    waiting = queued(alloc)
+    alloc.cancel(waiting.allocation_id)
+    assert alloc.position(waiting.allocation_id) is None
+
+
 def test_cancelling_a_placed_lease_releases_it(alloc):
     one_gpu_host(alloc)
     x = alloc.allocate(WHOLE)

@@ -586,3 +586,17 @@ def test_tool_schema_command_prints_each_format():
         assert json.loads(res.stdout) == json.loads(json.dumps(definitions(fmt)))
     assert json.loads(runner.invoke(app, ["tool", "--schema"]).stdout)["format"] == "rq-allocator-tools/1"
     assert runner.invoke(app, ["tool", "--schema", "yaml"]).exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["x y", "", "1x"])
+def test_submit_task_refuses_a_kwarg_that_is_no_python_name(alloc, name):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    before = ledger_dump(alloc)
+    out = call(alloc, "submit_task", {"task": "demo.etl", "kwargs": {name: 1}})
+    assert (out.status, out.payload["error"]["field"]) == (INVALID, f"kwargs.{name}")
+    assert ledger_dump(alloc) == before
+
+
+def test_get_task_reports_a_bad_id_under_task_id(alloc):
+    out = call(alloc, "get_task", {"task_id": "a\u0000"})
+    assert (out.status, out.payload["error"]["field"]) == (INVALID, "task_id")

@@ -22,7 +22,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from .. import queue
-from ..client import Allocator
+from ..client import Allocator, check_id
 from ..errors import AllocationNotFound, AllocatorError, HostNotFound, InvalidRequest
 from ..models import Allocation, Capacity, Priority
 from .metrics import count_refusal
@@ -223,13 +223,17 @@ def release_allocation(allocation_id: str = _id(), st: ApiState = Depends(api_st
 
 
 def task_status(a: Allocator, task_id: str, *, with_allocation: bool = True) -> TaskStatus:
+    check_id(task_id, "task_id")
     alloc = a.get(task_id)
     if alloc is None:
         raise AllocationNotFound(f"task {task_id} not found")
     position = queue.position(a, task_id)
     job_status = None
+    task = None
     # The task hash knows whether it is a function task (a placed task's record may say "lease").
     if alloc.kind == "job" or a.redis.hget(a.keys.task(task_id), "kind") == "job":
+        named = alloc.metadata.get("allocator_task")  # written by the task submission, not by a lease's caller
+        task = named if isinstance(named, str) else None
         try:
             status = Job.fetch(task_id, connection=a.rq_connection).get_status()
             job_status = getattr(status, "value", status) or None
@@ -237,7 +241,7 @@ def task_status(a: Allocator, task_id: str, *, with_allocation: bool = True) -> 
             job_status = None
     return TaskStatus(task_id=task_id, state=alloc.state, position=position,
                       estimated_start_time=estimated_start(a, task_id) if alloc.state == "pending" else None,
-                      allocation=alloc if with_allocation else None, task=alloc.metadata.get("allocator_task"),
+                      allocation=alloc if with_allocation else None, task=task,
                       job_status=job_status)
 
 
@@ -253,9 +257,7 @@ def submit_task(body: TaskSubmitBody, st: ApiState = Depends(api_state)) -> Task
     the host it is placed on."""
     a = st.allocator
     task = st.tasks.get(body.task)
-    for k in body.kwargs:
-        if k in queue.RESERVED_KWARGS or not k.isidentifier():
-            raise InvalidRequest(f"kwargs.{k}", "reserved or invalid argument name (an allocation or RQ option)")
+    queue.check_task_kwargs(body.kwargs)
     known = a.get(body.job_id) if body.job_id else None
     if known is not None and known.kind == "job":  # submitted before: changes nothing (a lease's id: enqueue refuses)
         return task_status(a, body.job_id)
@@ -315,6 +317,7 @@ def get_position(task_id: str = _id(), st: ApiState = Depends(api_state)) -> Tas
 def cancel_task(task_id: str = _id(), st: ApiState = Depends(api_state)) -> TaskStatus:
     """Cancels: a pending task leaves the line (nothing allocated); a running one is stopped and released."""
     a = st.allocator
+    check_id(task_id, "task_id")
     a.require(task_id)
     a.cancel(task_id)
     return task_status(a, task_id)

@@ -139,7 +139,7 @@ class WouldFit(BaseModel):
 class TaskStatus(BaseModel):
     task_id: str
     state: str = Field(description="pending, active, released, failed or cancelled.")
-    position: int | None = Field(None, description="Place in line (1 = next); 0 once placed.")
+    position: int | None = Field(None, description="Place in line (1 = next); 0 once placed; null for a task that left the line unplaced.")
     estimated_start_time: datetime | None = Field(None, description="Predicted start while pending; null when unknown.")
     allocation: Allocation | None = None
     task: str | None = Field(None, description="Registered task name (function tasks).")

@@ -186,6 +186,25 @@ def test_would_fit_changes_nothing(api: LiveApi) -> None:
 # -- queued function tasks ------------------------------------------------------------------
 
 
+def test_a_lease_whose_metadata_names_a_task_reports_no_task(api: LiveApi) -> None:
+    c = api.client()
+    r = c.post("/v1/allocations", json={"allocation_id": "m1", "resources": {"cpu_cores": 1}, "metadata": {"allocator_task": 5}})
+    assert r.status_code == 201, r.text
+    got = c.get("/v1/tasks/m1")
+    assert got.status_code == 200 and got.json()["task"] is None
+    assert c.delete("/v1/tasks/m1").status_code == 200
+
+
+def test_a_bad_task_id_is_reported_under_task_id(api: LiveApi) -> None:
+    r = api.client().get("/v1/tasks/a%00")
+    assert r.status_code == 422 and "task_id" in r.text and "allocation_id" not in r.text
+
+
+def test_a_task_kwarg_that_is_no_python_name_is_refused(api: LiveApi) -> None:
+    r = api.client().post("/v1/tasks", json={"task": "add", "kwargs": {"x y": 1}})
+    assert r.status_code == 422 and "kwargs.x y" in r.text
+
+
 def test_submit_registered_task_position_and_cancel(api: LiveApi) -> None:
     c = api.client()
     reg = {t["name"]: t for t in c.get("/v1/tasks/registry").json()}
@@ -209,7 +228,7 @@ def test_submit_registered_task_position_and_cancel(api: LiveApi) -> None:
     assert w["state"] == "pending" and w["position"] == 1 and w["job_status"] == "queued"
     assert c.get(f"/v1/tasks/{w['task_id']}/position").json()["position"] == 1
     cancelled = c.delete(f"/v1/tasks/{w['task_id']}").json()
-    assert cancelled["state"] == "cancelled" and cancelled["position"] == 0
+    assert cancelled["state"] == "cancelled" and cancelled["position"] is None  # it left the line unplaced
     assert api.allocator.redis.zcard(api.allocator.keys.pending) == 0
     assert c.delete("/v1/tasks/nope").status_code == 404
     assert c.get("/v1/tasks/nope").status_code == 404
