@@ -28,7 +28,9 @@ Text = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON true/false is no number here (lax mode made true a 1-core, 1-MiB request), as
+    # the allocator's own models refuse it for every other entry point.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ResourcesIn(_In):
@@ -95,13 +97,17 @@ class GpuIn(_In):
 
 
 class HostIn(_In):
-    """A host's inventory (what an agent would register)."""
+    """A host's whole inventory (what an agent registers): a PUT replaces it, so what it leaves
+    out takes its default."""
 
     labels: dict[Annotated[str, Field(min_length=1, max_length=128)], Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
     cpu_cores: Annotated[int, Field(ge=0, le=4096)] | list[Annotated[int, Field(ge=0, le=65535)]] = 0
     ram_mb: MemoryIn = 0
     gpus: list[GpuIn] = Field(default_factory=list, max_length=64)
     reserve_gpus: int = Field(0, ge=0, le=64)
+    worker_slots: Annotated[int, Field(ge=0)] | None = Field(None, description="Worker slots offered; null = one per core.")
+    service_ports: Annotated[str, Field(min_length=1, max_length=16)] | list[int] | None = Field(
+        None, description="Port pool for shared services: 'first-last' or [first, last]; default 9000-9099.")
 
 
 # -- responses --------------------------------------------------------------------------------

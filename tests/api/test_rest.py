@@ -80,6 +80,27 @@ def test_capacity_and_hosts(api: LiveApi) -> None:
     assert r.status_code == 404 and err(r)["code"] == "HOST_NOT_FOUND"
 
 
+@pytest.mark.parametrize("body", [
+    {"resources": {"gpus": True}}, {"resources": {"cpu_cores": 1, "ram_mb": True}}, {"priority": True},
+    {"ttl_seconds": True}, {"resources": {"cpu_cores": False}},
+])
+def test_json_booleans_are_no_numbers(api: LiveApi, body: dict) -> None:
+    before = api.allocator.redis.zcard(api.allocator.keys.allocs)
+    r = api.client().post("/v1/allocations", json=body)
+    assert r.status_code == 422, r.text
+    assert api.allocator.redis.zcard(api.allocator.keys.allocs) == before
+
+
+def test_a_host_put_carries_its_worker_slots_and_service_ports(api: LiveApi) -> None:
+    c = api.client()
+    r = c.put("/v1/hosts/w", json={"cpu_cores": 16, "ram_mb": "64Gi", "worker_slots": 2, "service_ports": "7000-7001"})
+    assert r.status_code == 200, r.text
+    assert r.json()["worker_slots"]["total"] == 2
+    assert api.allocator.redis.hmget(api.allocator.keys.host("w"), "port_lo", "port_hi") == ["7000", "7001"]
+    bad = c.put("/v1/hosts/w", json={"cpu_cores": True})
+    assert bad.status_code == 422
+
+
 def test_register_drain_resume_remove_host(api: LiveApi) -> None:
     c = api.client()
     r = c.put("/v1/hosts/gpu-d", json={"labels": {"cluster": "edge"}, "cpu_cores": 4, "ram_mb": "8Gi",
