@@ -132,6 +132,15 @@ def test_shared_cpu_grant_gets_the_cores_nobody_holds(alloc):
     assert g.pool == [c for c in CORES if c not in held.cpu_cores]
 
 
+def test_a_grant_without_cpu_gets_the_cores_nobody_holds_too(alloc):
+    gpu_host(alloc)
+    held = alloc.allocate({"cpu_cores": 1})
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "cpu_cores": 0})
+    g = claim_grant(alloc, task.id, "w1", "h1", start=True).grant
+    assert (g.cores, g.shared_millis) == ([], 0)
+    assert g.pool == [c for c in CORES if c not in held.cpu_cores]
+
+
 def test_refused_claim_records_no_start(alloc):
     gpu_host(alloc)
     gpu_host(alloc, "h2")

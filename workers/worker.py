@@ -151,15 +151,15 @@ class ResourceWorker(Worker):
                 log.exception("scheduling pass after the expired allocation %s failed", job.id)
 
     def _grant_for(self, allocation_id: str, g: ClaimedGrant) -> Grant:
-        """The grant as the work horse applies it; a grant of shared CPU only runs on the host's
-        cores nobody held exclusively at the claim."""
+        """The grant as the work horse applies it; a grant without exclusive cores (a share of
+        the CPU, or none) runs only on the host's cores nobody held exclusively at the claim."""
         return Grant(
             allocation_id=allocation_id,
             host_id=self.host_id,
             gpu_uuids=[x["uuid"] for x in g.gpus],
             gpu_indexes=[int(x["index"]) for x in g.gpus],
             gpu_memory_mb=[int(x["memory_mb"]) for x in g.gpus],
-            cores=list(g.cores) or (list(g.pool) if g.shared_millis > 0 else []),
+            cores=list(g.cores) or list(g.pool),
             cpu_amount=g.cpu_amount,
         )
 

@@ -75,7 +75,9 @@ out.token = token
 local function grant_of()
   local shared = tonumber(a[10] or 0) or 0
   local pool = {}
-  if #decode_list(a[9]) == 0 and shared > 0 then pool = shared_pool(my_host) end
+  -- No exclusive cores (a share, or no CPU at all): the run keeps to the cores nobody holds
+  -- exclusively, as Kubernetes' static CPU manager runs such work in its shared pool.
+  if #decode_list(a[9]) == 0 then pool = shared_pool(my_host) end
   return {gpus = a[8] or '[]', cores = a[9] or '[]', shared_millis = shared, pool = pool}
 end
 
