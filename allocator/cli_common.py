@@ -102,6 +102,16 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def require_positive(value: float, option: str, *, zero_means: str | None = None) -> None:
+    """Refuses a period that is not above zero (exit 2, naming the option): a grace of 0 s would
+    declare every host lost at each pass, an interval of 0 s spins. ``zero_means``: what 0 asks
+    for where it is allowed (e.g. "no reaper")."""
+    if value > 0 or (zero_means is not None and value == 0):
+        return
+    allowed = f"above 0 s, or 0 for {zero_means}" if zero_means else "above 0 s"
+    raise typer.BadParameter(f"must be {allowed}, got {value:g}", param_hint=option)
+
+
 def fail(code: int, error_code: str, message: str, field: Optional[str] = None, *, as_json: bool = False) -> NoReturn:
     """Reports an error (stderr; also stdout as JSON with --json) and exits with ``code``."""
     if as_json:

@@ -178,6 +178,11 @@ class Allocator:
         # Checked before anything is written: the history's tables hold the namespace in 64
         # characters, and a longer one would make the recorder fail on every batch, for ever.
         check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
+        if ".host." in namespace:
+            # A host's RQ queue is "<namespace>.host.<host>", which workers split at the first
+            # ".host.": they would take the wrong namespace and cancel every job.
+            raise InvalidRequest("namespace", "must not contain '.host.' (it separates the namespace from the host "
+                                              "in the names of host queues)")
         if client is None:
             if redis_url:
                 check_redis_url(redis_url)

@@ -10,6 +10,7 @@ import time
 import redis
 import typer
 
+from .cli_common import reporting, require_positive
 from .client import Allocator, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest
@@ -42,6 +43,8 @@ def worker(
         raise typer.BadParameter(exc.reason, param_hint="--redis-url") from None
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
+    with reporting(url=url):
+        connection.ping()  # an unreachable Redis: one line and exit 1, not a traceback from RQ
     if num_workers == 1:
         ResourceWorker([queue], connection=connection).work(burst=burst, logging_level=logging_level)
         return
@@ -62,9 +65,14 @@ def scheduler(
     """Periodic scheduling passes, TTL expiry and lost-host reclaim. Several replicas at once are
     safe: each pass and each reclaim is one atomic script."""
     settings = Settings.from_env()
+    require_positive(interval, "--interval")
+    require_positive(grace, "--grace", zero_means="no reaper")
     a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
     if not (redis_url or settings.redis_url):
         raise typer.BadParameter("a scheduler needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
+    if once:
+        with reporting(url=redis_url or settings.redis_url):
+            a.redis.ping()  # --once reports an unreachable Redis (exit 1) instead of a failed pass
     stop = threading.Event()
     if not once:  # SIGTERM ends the loop like Ctrl-C, so the recorder leaves its consumer group cleanly
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

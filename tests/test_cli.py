@@ -157,6 +157,28 @@ def test_a_redis_url_without_a_scheme_is_invalid_input_and_not_echoed(real):
     assert "redis://" in res.stderr and "secret" not in res.stderr + res.stdout
 
 
+@pytest.mark.parametrize("command", [["worker", "--host", "h1", "--burst"], ["scheduler", "--once", "--no-recorder"]])
+def test_service_commands_report_an_unreachable_redis_in_one_line_with_exit_1(command):
+    res = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 1 and "Redis unavailable" in res.stderr and "Traceback" not in res.output
+
+
+def test_the_agent_once_reports_an_unreachable_redis_in_one_line_with_exit_1(tmp_path):
+    inv = tmp_path / "fleet.json"
+    inv.write_text(json.dumps([{"id": "h1", "cpu_cores": 2, "ram_mb": 1024}]))
+    res = CliRunner().invoke(app, ["agent", "--inventory", str(inv), "--once", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 1 and "Redis unavailable" in res.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["scheduler", "--grace", "-1"], ["scheduler", "--interval", "0"], ["reaper", "--grace", "0"],
+    ["reaper", "--interval", "-2"], ["agent", "--interval", "0"],
+])
+def test_periods_that_are_not_above_zero_are_invalid_input(command):
+    res = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and command[1] in res.stderr
+
+
 @pytest.mark.parametrize("command", [["hosts"], ["worker", "--host", "h1"], ["agent", "--once"]])
 def test_service_commands_refuse_a_redis_url_without_a_scheme_with_exit_2(command):
     res = CliRunner().invoke(app, [*command, "--redis-url", "127.0.0.1:6379"])

@@ -125,3 +125,11 @@ def test_a_namespace_longer_than_64_characters_is_refused_up_front():
         Allocator("redis://127.0.0.1:6379/0", namespace="n" * 65)  # the history's columns hold 64
     assert e.value.field == "namespace"
     assert Allocator("redis://127.0.0.1:6379/0", namespace="n" * 64).keys.namespace == "n" * 64
+
+
+def test_a_namespace_holding_the_host_queue_separator_is_refused():
+    from allocator import Allocator
+
+    with pytest.raises(InvalidRequest) as e:
+        Allocator("redis://127.0.0.1:6379/0", namespace="team.host.x")
+    assert e.value.field == "namespace" and ".host." in e.value.reason

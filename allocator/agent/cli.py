@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..cli_common import reporting, require_positive
 from ..client import Allocator
 from ..config import Settings
 from ..errors import AllocatorError, InvalidRequest
@@ -155,6 +156,7 @@ def agent_command(
 ) -> None:
     """Host agent: publish inventory and heartbeats, keep capacity truthful, watch GPU memory grants."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    require_positive(interval, "--interval")
     try:
         extra = parse_labels(labels)
         catalog = ServiceCatalog.load(services)
@@ -176,7 +178,8 @@ def agent_command(
                   services=catalog, service_address=service_address, worker_slots=worker_slots, service_ports=ports,
                   orphan_check_s=orphan_check)
     if once:
-        rep = agent.run_once()
+        with reporting(url=redis_url or Settings.from_env().redis_url):
+            rep = agent.run_once()
         console.print_json(json.dumps(rep.__dict__))
         return
     if metrics_port:
@@ -259,6 +262,8 @@ def reaper_command(
 ) -> None:
     """Reaper alone (``allocator scheduler`` also runs it): lost hosts and expired leases."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    require_positive(grace, "--grace")
+    require_positive(interval, "--interval")
     a = _allocator(redis_url, namespace)
     if metrics_port:
         from prometheus_client import start_http_server
