@@ -542,17 +542,20 @@ class Allocator:
         ]
 
         def fleet(attr: str) -> Usage:
+            # What is free on a host that takes no new work (draining, lost) is not available to
+            # the fleet, as Slurm and Ray leave drained and down nodes out of what is idle.
             return Usage.of(
                 sum(getattr(x, attr).total for x in hosts),
                 sum(getattr(x, attr).allocated for x in hosts),
-                sum(getattr(x, attr).available for x in hosts),
+                sum(getattr(x, attr).available for x in hosts if x.state == "ready"),
+                sum(getattr(x, attr).available for x in hosts if x.state != "ready"),
             )
 
         return Capacity(
             hosts=hosts,
             host_count=len(hosts),
             gpu_count=sum(len(x.gpus) for x in hosts),
-            gpus_idle=sum(x.gpus_idle for x in hosts),
+            gpus_idle=sum(x.gpus_idle for x in hosts if x.state == "ready"),
             gpu_memory_mb=fleet("gpu_memory_mb"),
             cpu_cores=fleet("cpu_cores"),
             ram_mb=fleet("ram_mb"),

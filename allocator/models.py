@@ -571,19 +571,22 @@ _PRIORITY_LABELS = {str(p.value): p.label for p in Priority}
 
 
 class Usage(BaseModel):
-    """Totals of one resource: ``total = allocated + available + unmanaged``."""
+    """Totals of one resource: ``total = allocated + available + unmanaged + unschedulable``."""
 
     total: float
     allocated: float
     available: float
     unmanaged: float = Field(0, description="Held by processes the allocator does not manage.")
-    utilization_pct: float
+    unschedulable: float = Field(0, description="Free, but on hosts that take no new work (draining, lost); "
+                                                "fleet totals only.")
+    utilization_pct: float = Field(description="In use (allocated and unmanaged) as a share of the total.")
 
     @classmethod
-    def of(cls, total: float, allocated: float, available: float) -> Usage:
-        unmanaged = max(0.0, total - allocated - available)
-        pct = 100.0 * (total - available) / total if total else 0.0
-        return cls(total=total, allocated=allocated, available=available, unmanaged=unmanaged, utilization_pct=round(pct, 2))
+    def of(cls, total: float, allocated: float, available: float, unschedulable: float = 0.0) -> Usage:
+        unmanaged = max(0.0, total - allocated - available - unschedulable)
+        pct = 100.0 * (total - available - unschedulable) / total if total else 0.0
+        return cls(total=total, allocated=allocated, available=available, unmanaged=unmanaged,
+                   unschedulable=unschedulable, utilization_pct=round(pct, 2))
 
 
 class GpuCapacity(BaseModel):

@@ -10,7 +10,7 @@ def test_capacity_per_resource_host_and_fleet(alloc_any):
     cap = alloc_any.capacity()
     assert (cap.host_count, cap.gpu_count, cap.gpus_idle, cap.active_allocations) == (2, 2, 1, 2)
     assert cap.gpu_memory_mb.model_dump() == {"total": 81920, "allocated": 20480, "available": 61440,
-                                              "unmanaged": 0, "utilization_pct": 25.0}
+                                              "unmanaged": 0, "unschedulable": 0, "utilization_pct": 25.0}
     assert (cap.cpu_cores.total, cap.cpu_cores.allocated, cap.cpu_cores.available) == (16, 4.5, 11.5)
     assert cap.ram_mb.utilization_pct == 37.5
     h1, h2 = cap.hosts
@@ -21,3 +21,15 @@ def test_capacity_per_resource_host_and_fleet(alloc_any):
 def test_empty_fleet_has_zero_capacity(alloc_any):
     cap = alloc_any.capacity()
     assert cap.host_count == 0 and cap.gpu_memory_mb.total == 0 and cap.gpu_memory_mb.utilization_pct == 0
+
+
+def test_what_is_free_on_a_draining_host_is_not_available_to_the_fleet(alloc):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4096, gpus=[{"index": 0, "memory_mb": 16384}])
+    alloc.register_host(id="h2", cpu_cores=2, ram_mb=2048)
+    alloc.drain_host("h1")
+    cap = alloc.capacity()
+    assert (cap.cpu_cores.total, cap.cpu_cores.available, cap.cpu_cores.unschedulable) == (6, 2, 4)
+    assert (cap.gpu_memory_mb.available, cap.gpu_memory_mb.unschedulable, cap.gpus_idle) == (0, 16384, 0)
+    assert cap.cpu_cores.unmanaged == 0 and cap.cpu_cores.utilization_pct == 0
+    h1 = next(h for h in cap.hosts if h.host_id == "h1")
+    assert h1.cpu_cores.available == 4  # the host itself still says what is free on it
