@@ -15,7 +15,8 @@ a successful job with result_ttl=0 before the worker gets here).
 Steps, in the order the worker used to take them one call each:
 1. the horse's entry leaves the host's work-horse map;
 2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
-   scheduling pass; nothing else;
+   scheduling pass; nothing else; unless the run had finished (status "finished") before the
+   stop reached it: then the task is done (event "finished", outcome "ok"), not run again;
 3. otherwise, only while the allocation is active under the claimed placement (a run that
    outlived its grant, the task placed again meanwhile, frees nothing: stale = true): the outbox
    event "finished" {host, status, outcome = "ok" for a finished job, else the status}, then the
@@ -63,6 +64,16 @@ end
 if pid ~= '' then rcall('HDEL', K_HOST_PIDS, pid) end
 
 if preempting then
+  local ran = status
+  if ran == '' then ran = rcall('HGET', K_JOB, 'status') or outcome_seen end
+  if ran == 'finished' then
+    -- The run completed before the stop could end it: it is done, and running it again would do
+    -- its work twice. Its grant went to the preemption already.
+    rcall('HSET', task_key(id), 'state', 'done')
+    rcall('HDEL', K_PREEMPTING, id)
+    emit('finished', id, now, cjson.encode({host = my_host, status = ran, outcome = 'ok'}))
+    return cjson.encode({requeued = false, released = false, stale = false, status = ran, placed = {}})
+  end
   requeue_task(id, t, now, true)
   return cjson.encode({requeued = true, released = false, stale = false, placed = schedule_pass(now, depth, scan_cap)})
 end
