@@ -657,4 +657,5 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
         ram_mb=Usage.of(ram, ram_used, max(0, ram - ram_used)),
         active_allocations=active,
         worker_slots=Usage.of(slots, slots_used, max(0, slots - slots_used)),
+        reserve_gpus=int(h.get("reserve_gpus") or 0),
     )

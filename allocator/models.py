@@ -608,6 +608,7 @@ class HostCapacity(BaseModel):
     ram_mb: Usage
     active_allocations: int
     worker_slots: Usage = Field(default_factory=lambda: Usage.of(0, 0, 0))
+    reserve_gpus: int = Field(0, description="Idle GPUs kept for critical-priority work only.")
 
 
 class Capacity(BaseModel):

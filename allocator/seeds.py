@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
 from .errors import AllocationNotFound, InsufficientResources, InvalidRequest, Refused
-from .models import Allocation, AllocationRequest, Capacity, HostCapacity
+from .models import Allocation, AllocationRequest, Capacity, HostCapacity, Priority
 from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
 
@@ -226,6 +226,17 @@ def tool_result(allocator: Allocator, alloc: Allocation, cap: Capacity | None = 
     }
 
 
+def _gpus_ever_usable(h: HostCapacity, req: AllocationRequest) -> int:
+    """How many GPUs of h the request could take once h is empty: those of its models and size,
+    and below critical priority not the idle GPUs h keeps for critical work."""
+    r = req.resources
+    usable = sum(1 for g in h.gpus if (not r.gpu_model or g.model in r.gpu_model)
+                 and (r.gpu_memory_mb is None or g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb))
+    if req.priority < Priority.CRITICAL:
+        usable = min(usable, len(h.gpus) - h.reserve_gpus)
+    return usable
+
+
 def could_ever_fit(cap: Capacity, req: AllocationRequest) -> bool:
     """Whether some host could hold the request once everything on it is released.
 
@@ -241,12 +252,8 @@ def could_ever_fit(cap: Capacity, req: AllocationRequest) -> bool:
             continue
         if r.cpu_cores > h.cpu_cores.total or r.ram_mb > h.ram_mb.total or r.workers > h.worker_slots.total:
             continue
-        if r.gpus:
-            usable = [g for g in h.gpus if not r.gpu_model or g.model in r.gpu_model]
-            if r.gpu_memory_mb is not None:
-                usable = [g for g in usable if g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb]
-            if len(usable) < r.gpus:
-                continue
+        if r.gpus and _gpus_ever_usable(h, req) < r.gpus:
+            continue
         return True
     return False
 
@@ -269,13 +276,12 @@ def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
             return InsufficientResources(f"no GPU{model} could ever hold {r.gpu_memory_mb} MiB: {largest}",
                                          code="INSUFFICIENT_GPU_MEMORY")
 
-        def usable(h: HostCapacity) -> int:
-            return sum(1 for g in h.gpus if (not r.gpu_model or g.model in r.gpu_model)
-                       and (r.gpu_memory_mb is None or g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb))
-        most = max(usable(h) for h in hosts)
+        most = max(_gpus_ever_usable(h, req) for h in hosts)
         if most < r.gpus:
             each = f" with {r.gpu_memory_mb} MiB each" if r.gpu_memory_mb else ""
-            return InsufficientResources(f"no host could ever hold {r.gpus} GPUs{each}{model}: at most {most} on one host",
+            kept = (" (below critical priority, not the GPUs a host keeps for critical work)"
+                    if req.priority < Priority.CRITICAL and any(h.reserve_gpus for h in hosts) else "")
+            return InsufficientResources(f"no host could ever hold {r.gpus} GPUs{each}{model}: at most {most} on one host{kept}",
                                          code="INSUFFICIENT_GPUS")
     most_cpu = max(h.cpu_cores.total for h in hosts)
     if r.cpu_cores > most_cpu:

@@ -211,6 +211,18 @@ def test_tool_refuses_at_once_what_no_host_could_ever_hold(alloc):
     assert ledger_dump(alloc) == before
 
 
+def test_tool_refuses_at_once_gpus_a_host_keeps_for_critical_work(alloc):
+    alloc.register_host(id="h", cpu_cores=8, ram_mb=16384, reserve_gpus=1,
+                        gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
+    before = ledger_dump(alloc)
+    r = allocate_resources("t1", "train", {"gpus": 2, "cpu_cores": 1}, allocator=alloc)
+    assert r["success"] is False and r["error"]["code"] == "INSUFFICIENT_GPUS"
+    assert "at most 1 on one host" in r["error"]["message"] and "critical" in r["error"]["message"]
+    assert ledger_dump(alloc) == before
+    critical = allocate_resources("t2", "train", {"gpus": 2, "cpu_cores": 1, "priority": "critical"}, allocator=alloc)
+    assert critical["success"] is True
+
+
 def test_tool_with_no_host_registered_is_refused(alloc):
     r = allocate_resources("t", "ml_inference", {"cpu_cores": 1}, allocator=alloc)
     assert r["success"] is False and r["error"]["message"] == "no host is registered"

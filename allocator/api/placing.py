@@ -52,12 +52,15 @@ class Candidate:
     ram_free: float
     active_allocations: int
     heartbeat_age_s: float | None = None
+    reserve_gpus: int = 0
 
     def data(self) -> dict[str, Any]:
-        """Static inventory (seed 003's cluster ``data``, per node)."""
+        """Static inventory (seed 003's cluster ``data``, per node); ``reserve_gpus``: idle GPUs
+        the node keeps for critical-priority work (the ledger refuses a lower priority that
+        would leave fewer idle)."""
         return {"node_id": self.node_id, "cluster_id": self.cluster_id, "labels": self.labels,
                 "gpus": [{"index": g.index, "uuid": g.uuid, "model": g.model, "memory_mb": g.memory.total} for g in self.gpus],
-                "cpu_cores": self.cpu_total, "ram_mb": self.ram_total}
+                "cpu_cores": self.cpu_total, "ram_mb": self.ram_total, "reserve_gpus": self.reserve_gpus}
 
     def metrics(self) -> dict[str, Any]:
         """Live free capacity (seed 003's ``cluster_metrics``, per node)."""
@@ -103,7 +106,7 @@ def read_candidates(a: Allocator, selector: dict[str, list[str]] | None) -> dict
             node_id=h.host_id, cluster_id=h.labels.get("cluster", "default"), labels=h.labels, gpus=h.gpus,
             cpu_total=h.cpu_cores.total, cpu_free=h.cpu_cores.available, ram_total=h.ram_mb.total,
             ram_free=h.ram_mb.available, active_allocations=h.active_allocations,
-            heartbeat_age_s=round((now_ms - beat) / 1000, 3) if beat is not None else None)
+            heartbeat_age_s=round((now_ms - beat) / 1000, 3) if beat is not None else None, reserve_gpus=h.reserve_gpus)
     return out
 
 

@@ -87,17 +87,36 @@ class MostFreeMemory(LedgerStrategy):
         for c in input_data["candidates"]:
             if c["cpu_free"] < r["cpu_cores"] or c["ram_free_mb"] < r["ram_mb"]:
                 continue
-            gpus = [g for g in c["gpus"] if _gpu_ok(g, r)]
-            if len(gpus) < r["gpus"]:
+            gpus = _pick(c, r)
+            if gpus is None:
                 continue
-            gpus.sort(key=lambda g: (-g["free_mb"], g["index"]))
             score = sum(g["free_mb"] for g in c["gpus"]) if r["gpus"] else c["cpu_free"]
             if best is None or score > best[0]:
-                best = (score, c, gpus[: r["gpus"]])
+                best = (score, c, gpus)
         if best is None:
             return {}
         _, c, gpus = best
         return {"cluster_id": c["cluster_id"], "node_id": c["node_id"], "gpus": [str(g["index"]) for g in gpus]}
+
+
+def _pick(c: dict[str, Any], r: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's GPUs on node c, most free memory first, or None when too few fit. Below
+    critical priority, idle GPUs only while more than the node's reserve stay idle (the ledger
+    refuses the rest)."""
+    fit = sorted((g for g in c["gpus"] if _gpu_ok(g, r)), key=lambda g: (-g["free_mb"], g["index"]))
+    idle_left = None
+    if c.get("reserve_gpus") and r["priority"] != "critical":
+        idle_left = sum(1 for g in c["gpus"] if g["holders"] == 0 and g["free_mb"] > 0) - c["reserve_gpus"]
+    out: list[dict[str, Any]] = []
+    for g in fit:
+        if len(out) == r["gpus"]:
+            break
+        if idle_left is not None and g["holders"] == 0:
+            if idle_left <= 0:
+                continue
+            idle_left -= 1
+        out.append(g)
+    return out if len(out) == r["gpus"] else None
 
 
 def _gpu_ok(g: dict[str, Any], r: dict[str, Any]) -> bool:

@@ -184,3 +184,23 @@ def test_a_request_pinned_to_a_node_is_not_backfilled_elsewhere(alloc) -> None:
     alloc.allocate({"gpus": 2}, on_busy="queue", allocation_id="head")  # blocked: reservation on A
     submit_to_line(alloc, alloc.build_request({"gpus": 1}, expected_duration=10), "pinned", only="B")
     assert alloc.get("pinned").host_id in (None, "B")
+
+
+def _node(node_id: str, reserve: int, gpus: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """A flat candidate: GPUs as (index, free MiB, holders)."""
+    return {"node_id": node_id, "cluster_id": "c", "labels": {}, "cpu_free": 8.0, "ram_free_mb": 65536.0,
+            "reserve_gpus": reserve, "gpus": [{"index": i, "uuid": f"{node_id}-{i}", "model": "A100", "free_mb": free,
+                                               "allocated_mb": 0, "holders": n, "memory_mb": free} for i, free, n in gpus]}
+
+
+def _request(gpus: int, priority: str = "normal") -> dict[str, Any]:
+    return {"gpus": gpus, "gpu_memory_mb": None, "gpu_model": None, "cpu_cores": 1, "ram_mb": 0, "priority": priority}
+
+
+def test_most_free_memory_leaves_a_nodes_reserved_gpus_to_critical_work() -> None:
+    policy = BUILTINS["most_free_memory"]()
+    big, small = _node("big", 1, [(0, 81920, 0)]), _node("small", 0, [(0, 16384, 0)])
+    out = policy.eval({}, {"request": _request(1), "candidates": [big, small]}, {})
+    assert out["node_id"] == "small"
+    out = policy.eval({}, {"request": _request(1, "critical"), "candidates": [big, small]}, {})
+    assert out["node_id"] == "big"
