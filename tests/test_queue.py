@@ -192,6 +192,21 @@ def test_a_policy_commit_does_not_grant_a_gpu_the_line_took_when_a_lease_was_rea
     assert invariants.check(alloc.snapshot()) == []
 
 
+def test_a_request_pinned_to_a_host_that_is_removed_leaves_the_line(alloc):
+    from allocator.api.placing import submit_to_line
+
+    one_gpu_host(alloc)
+    alloc.register_host(id="h2", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.allocate(WHOLE, selector={"cluster": "default"}, strategy="first_fit")  # h1's GPU
+    pinned = submit_to_line(alloc, alloc.build_request(WHOLE), "pin-1", only="h1")
+    assert pinned.state == "pending"
+    alloc.remove_host("h1", force=True)
+    alloc.schedule()
+    gone = alloc.get("pin-1")
+    assert (gone.state, gone.release_reason) == ("cancelled", "host_removed")
+    assert alloc.redis.zcard(alloc.keys.pending) == 0
+
+
 def test_a_parked_host_backfills_nothing_not_even_a_request_for_no_cores(alloc):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
     alloc.allocate({"cpu_cores": 1}, ttl_seconds=100)  # no free CPU left: the host is parked

@@ -39,7 +39,8 @@ local function read_task(id)
 end
 
 -- A pending task leaves the line with nothing allocated: cancelled (reason "cancelled", by
--- cancel.lua) or dropped by the pass (reason "job_gone", see consider). Emits "cancelled".
+-- cancel.lua) or dropped by the pass (reason "job_gone", or "host_removed" for a task pinned to a
+-- host that no longer exists: see consider). Emits "cancelled".
 local function leave_line(id, t, now, reason)
   rcall('ZREM', K_PENDING, id)
   rcall('HSET', alloc_key(id), 'state', 'cancelled', 'released', now, 'reason', reason)
@@ -328,6 +329,11 @@ local function consider(st, id, t, now, scan_cap)
   local req = cjson.decode(t.payload)
   req.id = id
   req.scan_cap = scan_cap
+  if req.only and rcall('EXISTS', host_key(req.only)) == 0 then
+    -- Pinned to a host that has been removed (a policy's choice): it could never be placed.
+    leave_line(id, t, now, 'host_removed')
+    return false
+  end
   local p = nil
   if not st.blocked then
     p = attempt(st, req, now)
