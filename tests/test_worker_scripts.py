@@ -628,3 +628,27 @@ def test_claims_and_the_dead_worker_check_name_the_machine_allocator_node_gives(
     claim_grant(alloc, task.id, "w1", "h1", start=True)
     assert alloc.redis.hget(alloc.keys.alloc(task.id), "claimed_node") == "gpu-host-7"
     assert OrphanReaper(alloc).node == "gpu-host-7"
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_the_agent_puts_back_in_line_a_retry_whose_worker_died(alloc):
+    from allocator.agent.orphans import OrphanReaper
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    # The run failed and RQ's Retry put the job back (status "queued"); then the worker died.
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "queued")
+    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    assert rep.requeued == [task.id]
+    assert alloc.get(task.id).release_reason is None and alloc.get(task.id).state in ("pending", "active")
+    assert alloc.get(task.id).requeues == 1
+    assert events_of(alloc, task.id, "finished")[-1]["data"] == {"host": "h1", "status": "queued", "outcome": "retry",
+                                                                  "worker_lost": True}

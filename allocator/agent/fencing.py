@@ -161,7 +161,7 @@ def _lease_arg(run_lease_s: float | None) -> str:
 
 def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement: str | None, *,
                horse_pid: int | None = None, status: str | None = None, outcome: str | None = None,
-               job_key: str | bytes) -> JobEnd:
+               job_key: str | bytes, worker_lost: bool = False) -> JobEnd:
     """After a job's work horse ended, whatever the outcome: in one atomic call
     (``finish_job.lua``), drop the horse's entry from the host's work-horse map, requeue the task
     if it was being preempted, else (only while the claimed ``placement`` is still the current
@@ -170,10 +170,11 @@ def finish_job(allocator: Allocator, allocation_id: str, host_id: str, placement
     job hash ``job_key`` inside the script (no extra round trip). A hash that is gone counts as
     ``outcome``, what the worker's horse reported ("finished" or "failed"): RQ deletes the hash of
     a successful job kept for ``result_ttl=0`` before the worker gets here, and only the horse knew
-    it succeeded; without one, status "None", a failure."""
+    it succeeded; without one, status "None", a failure. ``worker_lost``: the host's agent
+    reports for a worker that died (the ``finished`` event says so)."""
     r = _redis.call(allocator, "finish_job", [allocator.keys.host_pids(host_id), job_key], allocation_id, host_id,
                     placement or "", "" if not horse_pid else str(horse_pid), status or "",
-                    allocator.pass_depth, allocator.scan_cap, outcome or "")
+                    allocator.pass_depth, allocator.scan_cap, outcome or "", "1" if worker_lost else "")
     return JobEnd(requeued=bool(r.get("requeued")), released=bool(r.get("released")), stale=bool(r.get("stale")),
                   status=r.get("status"))
 

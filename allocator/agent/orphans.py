@@ -12,11 +12,13 @@ on this machine claimed, and the work horses in ``Keys.host_pids(host)`` (pid ->
 
 - the worker parent alive, or any of the run's work horses alive: nothing to do (an orphaned
   horse keeps running, and keeps its grant, until it exits);
-- neither alive: the run is over and nobody will release it. The allocation is released with the
-  placement the worker claimed (so a newer placement of the same task is never touched):
-  reason ``released`` when the RQ job finished, ``failed`` otherwise, after a ``finished`` outbox
-  event with ``worker_lost: true``; a task that was being preempted is requeued instead, as its
-  worker would have done. Dead horses leave the pid map.
+- neither alive: the run is over and nobody will release it. The agent does what the worker
+  would have done after the run, in the same script (``finish_job.lua``), with the placement the
+  worker claimed (so a newer placement of the same task is never touched): a ``finished`` outbox
+  event (with ``worker_lost: true``) and the release, reason ``released`` when the RQ job finished, ``failed`` otherwise (a
+  job hash that is gone counts as ``lost``); a failed run that RQ's ``Retry`` put back goes back
+  in line (reason ``retried``); a task that was being preempted is requeued, or done when its
+  run had finished. Dead horses leave the pid map.
 
 A pid that exists is taken as alive (a reused pid only delays the release). Zombies count as
 dead. Claims made on another machine are left to that machine's agent. The RQ job of an
@@ -35,7 +37,7 @@ import psutil
 
 from ..client import Allocator
 from ..queue import RQ_PREFIX
-from .fencing import PLACEMENT_FIELDS, node_name, placement_token
+from .fencing import PLACEMENT_FIELDS, finish_job, node_name, placement_token
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +134,20 @@ class OrphanReaper:
         a = self.allocator
         for h, pid in runs:
             a.redis.hdel(a.keys.host_pids(h), str(pid))
-        if task_state == "preempting":
-            res = a._call("requeue", aid, a.pass_depth, a.scan_cap)
-            if res.get("requeued"):
-                rep.requeued.append(aid)
-                log.warning("job %s: its worker died while it was being preempted; requeued", aid)
-            return
-        token = placement_token(*(rec[f] for f in PLACEMENT_FIELDS))
-        if rec["state"] != "active" or token != rec["claim"]:
-            return  # already ended, or placed again since that run: not this run's to release
-        status = a.rq_connection.hget(f"{RQ_PREFIX}job:{aid}", "status")
-        status = status.decode() if isinstance(status, bytes) else status
-        outcome = "ok" if status == "finished" else (status or "lost")
-        a.record_event("finished", aid, {"host": rec["host"], "status": str(status), "outcome": outcome,
-                                         "worker_lost": True})
-        res = a.release(aid, reason="released" if status == "finished" else "failed", placement=rec["claim"])
-        if res.released_now:
+        if task_state != "preempting":
+            token = placement_token(*(rec[f] for f in PLACEMENT_FIELDS))
+            if rec["state"] != "active" or token != rec["claim"]:
+                return  # already ended, or placed again since that run: not this run's to release
+        # What the worker itself does after a run (finish_job.lua): a preempted task back in line,
+        # a failed run RQ's Retry put back ("queued"/"scheduled") in line again, else the release,
+        # "released" for a finished job and "failed" otherwise. A job hash that is gone (a
+        # success kept with result_ttl=0, known only to the dead worker) counts as lost.
+        end = finish_job(a, aid, rec["host"] or "", rec["claim"], outcome="lost", job_key=f"{RQ_PREFIX}job:{aid}",
+                         worker_lost=True)
+        if end.requeued:
+            rep.requeued.append(aid)
+        if end.released and not end.requeued:
             rep.released.append(aid)
-            log.warning("job %s on %s: its worker (pid %s) died; allocation released (job %s)", aid, rec["host"],
-                        rec["claimed_pid"], status or "gone")
+        if end.requeued or end.released:
+            log.warning("job %s on %s: its worker (pid %s) died; %s (job %s)", aid, rec["host"], rec["claimed_pid"],
+                        "back in line" if end.requeued else "allocation released", end.status or "gone")

@@ -11,7 +11,8 @@ host), ARGV[6] the work horse's pid ("" = none recorded), ARGV[7] the job's stat
 field "status" of the RQ job hash), ARGV[8] scheduling pass depth, ARGV[9] scan cap, ARGV[10] the
 outcome the worker saw its horse report, "finished" or "failed" ("" = unknown: the horse died
 before it could say), used only when ARGV[7] is "" and the job hash is gone (RQ deletes the hash of
-a successful job with result_ttl=0 before the worker gets here).
+a successful job with result_ttl=0 before the worker gets here), ARGV[11] "1" when the host's agent
+calls for a worker that died (the "finished" event then says worker_lost: true).
 Steps, in the order the worker used to take them one call each:
 1. the horse's entry leaves the host's work-horse map;
 2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
@@ -42,7 +43,14 @@ local K_HOST_PIDS, K_JOB = KEYS[#KEYS - 1], KEYS[#KEYS]
 local id, my_host, want, pid, status = ARGV[3], ARGV[4], ARGV[5] or '', ARGV[6] or '', ARGV[7] or ''
 local depth, scan_cap = tonumber(ARGV[8] or 0), tonumber(ARGV[9] or 2048)
 local outcome_seen = ARGV[10] or ''
+local worker_lost = ARGV[11] == '1'
 local now = now_ms()
+
+-- The "finished" event's data; worker_lost when the host's agent reports for a dead worker.
+local function ended(data)
+  if worker_lost then data.worker_lost = true end
+  return cjson.encode(data)
+end
 
 -- Every read and decision first, then the writes (Redis has no rollback).
 local t = read_task(id)
@@ -71,7 +79,7 @@ if preempting then
     -- its work twice. Its grant went to the preemption already.
     rcall('HSET', task_key(id), 'state', 'done')
     rcall('HDEL', K_PREEMPTING, id)
-    emit('finished', id, now, cjson.encode({host = my_host, status = ran, outcome = 'ok'}))
+    emit('finished', id, now, ended({host = my_host, status = ran, outcome = 'ok'}))
     return cjson.encode({requeued = false, released = false, stale = false, status = ran, placed = {}})
   end
   requeue_task(id, t, now, true)
@@ -90,7 +98,7 @@ if t ~= nil and t.kind == 'job' and (status == 'queued' or status == 'scheduled'
     local at = origin and rcall('ZSCORE', t.rq_prefix .. 'scheduled:' .. origin, id)
     if at then not_before = math.floor(tonumber(at) * 1000) end
   end
-  emit('finished', id, now, cjson.encode({host = my_host, status = status, outcome = 'retry'}))
+  emit('finished', id, now, ended({host = my_host, status = status, outcome = 'retry'}))
   finish_alloc(id, 'retried', now)
   requeue_task(id, t, now, false, not_before)
   return cjson.encode({requeued = true, released = true, stale = false, status = status,
@@ -99,7 +107,7 @@ end
 
 local outcome, reason = status, 'failed'
 if status == 'finished' then outcome, reason = 'ok', 'released' end
-emit('finished', id, now, cjson.encode({host = my_host, status = status, outcome = outcome}))
+emit('finished', id, now, ended({host = my_host, status = status, outcome = outcome}))
 local _, changed = finish_alloc(id, reason, now)
 local placed = {}
 if changed then placed = schedule_pass(now, depth, scan_cap) end

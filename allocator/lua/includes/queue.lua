@@ -97,7 +97,7 @@ local function requeue_task(id, t, now, front, not_before)
   rcall('PERSIST', task_key(id))
   rcall('ZADD', K_PENDING, pending_score(t.priority, front, t.seq), id)
   rcall('HSET', alloc_key(id), 'state', 'pending', 'host', '', 'gpus', '[]', 'cores', '[]',
-        'shared_millis', '0', 'activated', '', 'released', '')
+        'shared_millis', '0', 'activated', '', 'released', '', 'reason', '')
   rcall('HINCRBY', alloc_key(id), 'requeues', 1)
   rcall('ZREM', K_DONE, id)
   if t.kind == 'job' then
