@@ -965,26 +965,57 @@ class Simulation:
             hid = al.host
             if hid not in sims:
                 h = self.hosts.get(hid)
-                if self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h):
-                    sims[hid] = [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf, h.reserve]
-                else:
-                    sims[hid] = None  # what sim_fits would never accept on this host
+                sims[hid] = self._sim_host(req, h)  # None: what sim_fits would never accept on this host
                 freed[hid] = []
             sim = sims[hid]
             if sim is None:
                 continue
-            for _pos, uuid, mem in al.grants:
-                sg = sim[2].get(uuid)
-                if sg is not None:
-                    sg[0] += mem
-                    sg[1] -= 1
-            sim[0] += al.cores * 1000 + al.shared
-            sim[1] += al.ram
-            sim[3] += al.slots
+            self._sim_give(sim, al)
             freed[hid].append(aid)
             if self._sim_fits(req, sim[4], sim[0], sim[1], sim[3], sim[2].values()):
                 return hid, freed[hid], score
         return None
+
+    def _sim_host(self, req: _Req, h: _Host | None) -> list[Any] | None:
+        """sim_host of queue.lua: [cpu, ram, {uuid: [free, holders, model]}, slots, reserve] free
+        now, or None for a host req could never take (ineligible, too small, its catalog lacks
+        a service req names)."""
+        if not (self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h)):  # type: ignore[arg-type]
+            return None
+        assert h is not None
+        if req.services and not h.catalog.issuperset(req.services):
+            return None
+        return [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf, h.reserve]
+
+    @staticmethod
+    def _sim_give(sim: list[Any], al: Any) -> None:
+        """sim_give of queue.lua: what allocation al holds, back to the simulated host."""
+        for _pos, uuid, mem in al.grants:
+            sg = sim[2].get(uuid)
+            if sg is not None:
+                sg[0] += mem
+                sg[1] -= 1
+        sim[0] += al.cores * 1000 + al.shared
+        sim[1] += al.ram
+        sim[3] += al.slots
+
+    def _fewest_victims(self, req: _Req, hid: str, victims: list[str]) -> list[str]:
+        """fewest_victims of queue.lua: each victim, from the last gathered to the first, is
+        spared when the others still make room for req on host hid."""
+        if len(victims) <= 1:
+            return victims
+        base = self._sim_host(req, self.hosts.get(hid))
+        assert base is not None
+        keep = [True] * len(victims)
+        for i in range(len(victims) - 1, -1, -1):
+            keep[i] = False
+            sim = [base[0], base[1], {u: list(g) for u, g in base[2].items()}, base[3], base[4]]
+            for j, aid in enumerate(victims):
+                if keep[j]:
+                    self._sim_give(sim, self.allocs[aid])
+            if not self._sim_fits(req, sim[4], sim[0], sim[1], sim[3], sim[2].values()):
+                keep[i] = True
+        return [aid for aid, k in zip(victims, keep) if k]
 
     def _sim_fits(self, req: _Req, reserve: int, cpu: int, ram: int, slots: int,
                   gpus: Iterable[list[Any]]) -> bool:
@@ -1016,11 +1047,11 @@ class Simulation:
         host's own entries, in order, added back one by one to what it has free now; None when
         it never does (or is not eligible)."""
         h = self.hosts.get(hid)
-        if not (self._eligible(req, h, None, req.pin) and self._could_ever_fit(req, h)):  # type: ignore[arg-type]
+        sim = self._sim_host(req, h)
+        if sim is None:
             return None
         assert h is not None
-        cpu, ram, slots = h.cpu, h.ramf, h.slotf
-        gpus = {g.uuid: [g.free, g.n, g.model] for g in h.gpus}
+        cpu, ram, gpus, slots = sim[0], sim[1], sim[2], sim[3]
         allocs = self.allocs
         for e in self._hends.get(hid, ()):
             al = allocs[e[1]]
@@ -1093,7 +1124,7 @@ class Simulation:
         r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
         if r is None:
             return False
-        for victim in r[1]:
+        for victim in self._fewest_victims(req, r[0], r[1]):
             al = self._finish(victim)
             if al is not None and al.kind == "job":
                 t = self.tasks.get(victim)

@@ -207,6 +207,30 @@ def test_a_request_pinned_to_a_host_that_is_removed_leaves_the_line(alloc):
     assert alloc.redis.zcard(alloc.keys.pending) == 0
 
 
+def test_preemption_ends_only_what_the_preempting_request_needs(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    gpu_user = alloc.allocate(WHOLE, priority="low")
+    clock.advance(10)
+    cpu_user = alloc.allocate({"cpu_cores": 1}, priority="low")  # newer, so walked first; holds no GPU
+    urgent = queued(alloc, "high", WHOLE, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "active"
+    assert alloc.get(gpu_user.allocation_id).release_reason == "preempted"
+    assert alloc.get(cpu_user.allocation_id).state == "active"
+
+
+def test_preemption_ends_nothing_on_a_host_that_does_not_offer_the_requested_service(alloc):
+    from allocator.services import ServiceCatalog, publish_catalog
+
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.register_host(id="h2", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    publish_catalog(alloc, "h2", ServiceCatalog.load({"svc": {"command": ["true"]}}))
+    low = alloc.allocate(WHOLE, priority="low", selector={"cluster": "default"}, strategy="first_fit")
+    alloc.allocate(WHOLE, priority="critical")  # the other host's GPU, which no one may preempt
+    urgent = queued(alloc, "critical", WHOLE, strategy="priority", services=["svc"])
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
 def test_a_parked_host_backfills_nothing_not_even_a_request_for_no_cores(alloc):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
     alloc.allocate({"cpu_cores": 1}, ttl_seconds=100)  # no free CPU left: the host is parked

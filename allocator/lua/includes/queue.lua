@@ -164,9 +164,12 @@ end
 
 -- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
 -- and holders, starting from now and adding back what given allocations would free.
+-- A host whose catalog lacks a service the request names is no candidate (free service ports
+-- are not simulated: the ETA does not model them either).
 local function sim_host(req, h)
   local s = host_state(h)
   if not host_eligible(req, h, s) then return nil end
+  if req.services and services_fit(req, h) == 'catalog' then return nil end
   local gpus = {}
   for p = 0, s.ngpu - 1 do
     local g = gpu_state(h, p)
@@ -175,15 +178,27 @@ local function sim_host(req, h)
   return {cpu = s.cpu, ram = s.ramf, gpus = gpus, slots = s.slotf, reserve = s.reserve}
 end
 
-local function sim_add(sim, id)
+-- What allocation id holds: {gpus = [{uuid, memory_mb}], cpu (millicores), ram, slots}.
+local function held_by(id)
   local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots')
-  for _, g in ipairs(decode_list(f[1])) do
+  return {gpus = decode_list(f[1]), cpu = #decode_list(f[2]) * 1000 + tonumber(f[3] or 0),
+          ram = tonumber(f[4] or 0), slots = tonumber(f[5] or 0)}
+end
+
+local function sim_give(sim, held)
+  for _, g in ipairs(held.gpus) do
     local sg = sim.gpus[g.uuid]
     if sg then sg.free = sg.free + tonumber(g.memory_mb); sg.n = sg.n - 1 end
   end
-  sim.cpu = sim.cpu + #decode_list(f[2]) * 1000 + tonumber(f[3] or 0)
-  sim.ram = sim.ram + tonumber(f[4] or 0)
-  sim.slots = sim.slots + tonumber(f[5] or 0)
+  sim.cpu = sim.cpu + held.cpu
+  sim.ram = sim.ram + held.ram
+  sim.slots = sim.slots + held.slots
+end
+
+local function sim_copy(sim)
+  local gpus = {}
+  for u, g in pairs(sim.gpus) do gpus[u] = {free = g.free, n = g.n, model = g.model} end
+  return {cpu = sim.cpu, ram = sim.ram, gpus = gpus, slots = sim.slots, reserve = sim.reserve}
 end
 
 -- Whether req would be placed on the simulated host: what try_place checks of a host, CPU, RAM
@@ -221,13 +236,33 @@ local function first_fit_after(req, ids_scores, limit)
       if sims[h] == nil then sims[h] = sim_host(req, h) or false; freed[h] = {} end
       local sim = sims[h]
       if sim then
-        sim_add(sim, id)
+        sim_give(sim, held_by(id))
         freed[h][#freed[h] + 1] = id
         if sim_fits(req, sim) then return h, freed[h], score end
       end
     end
   end
   return nil
+end
+
+-- The victims on host h that req needs ended, of those the walk gathered (in its order: lowest
+-- priority, newest first): each, from the last gathered (the costliest to end) to the first, is
+-- spared when the others still make room. A walk adds allocations until req fits, so it can
+-- gather one that frees nothing req lacks (a CPU-only task, when req needs a GPU).
+local function fewest_victims(req, h, victims)
+  if #victims <= 1 then return victims end
+  local base = sim_host(req, h)
+  local held, keep = {}, {}
+  for i, id in ipairs(victims) do held[i], keep[i] = held_by(id), true end
+  for i = #victims, 1, -1 do
+    keep[i] = false
+    local sim = sim_copy(base)
+    for j = 1, #victims do if keep[j] then sim_give(sim, held[j]) end end
+    if not sim_fits(req, sim) then keep[i] = true end
+  end
+  local out = {}
+  for i, id in ipairs(victims) do if keep[i] then out[#out + 1] = id end end
+  return out
 end
 
 -- EASY reservation for the first blocked task: the host and the time (shadow) at which it will
@@ -273,6 +308,7 @@ local function preempt_for(req, now, limit)
   local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
   local h, victims = first_fit_after(req, ids, limit)
   if not h then return nil end
+  victims = fewest_victims(req, h, victims)
   for _, v in ipairs(victims) do
     local a = finish_alloc(v, 'preempted', now)
     local t = read_task(v)
