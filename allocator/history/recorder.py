@@ -129,13 +129,46 @@ class Recorder:
     # -- Redis side ------------------------------------------------------------------------
 
     def ensure_group(self) -> None:
-        """Creates the consumer group at the start of the stream (so nothing already there is skipped)."""
+        """Creates the consumer group at the start of the stream (so nothing already there is
+        skipped). A group that had to be created while the history already holds events of the
+        namespace means Redis lost its data before this recorder started (a restart together
+        with Redis): the same as a group lost while it runs (``_ledger_lost``)."""
         try:
             self.redis.xgroup_create(self.keys.events, self.group, id="0", mkstream=True)
+            created = True
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            created = False
+        if created and not self._group_ready and self._history_has_events():
+            self._ledger_lost()
         self._group_ready = True
+
+    def _history_has_events(self) -> bool:
+        """Whether the history recorded anything of this namespace (False when it cannot tell)."""
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(events.c.stream_id).where(events.c.namespace == self.namespace).limit(1)).first()
+        except SQLAlchemyError as exc:
+            log.warning("history: could not tell whether the outbox was recorded before (%s)", exc.__class__.__name__)
+            return False
+        return row is not None
+
+    def _ledger_lost(self) -> None:
+        """The outbox lost its consumer group: Redis lost its data or the namespace was wiped."""
+        self.stream_resets += 1
+        if self.redis.hget(self.keys.seq, "recovered_at"):
+            # The loss wiped the ledger's seq hash too, so a recovery stamp there means
+            # `allocator recover` already rebuilt the ledger since: closing the gate again
+            # would stop placements for nothing.
+            log.warning("outbox stream %s lost its consumer group; the ledger was recovered since", self.keys.events)
+        else:
+            # The ledger no longer knows what runs. Stop placements (agents re-registering would
+            # otherwise hand out resources still in use) until an operator runs `allocator
+            # recover`, which rebuilds the active allocations and reopens.
+            self.redis.hset(self.keys.seq, "recovering", "1")
+            log.warning("outbox stream %s lost its consumer group: placements stopped until "
+                        "`allocator recover` rebuilds the ledger", self.keys.events)
 
     def _call_nogroup_safe(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -143,22 +176,10 @@ class Recorder:
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-        # The stream (or the group) disappeared: Redis lost its data or the namespace was wiped.
+        # The stream (or the group) disappeared while this recorder ran.
         if self._group_ready:
-            self.stream_resets += 1
-            if self.redis.hget(self.keys.seq, "recovered_at"):
-                # The loss wiped the ledger's seq hash too, so a recovery stamp there means
-                # `allocator recover` already rebuilt the ledger since: closing the gate again
-                # would stop placements for nothing.
-                log.warning("outbox stream %s lost its consumer group; the ledger was recovered since",
-                            self.keys.events)
-            else:
-                # Redis lost its data: the ledger no longer knows what runs. Stop placements (agents
-                # re-registering would otherwise hand out resources still in use) until an operator
-                # runs `allocator recover`, which rebuilds the active allocations and reopens.
-                self.redis.hset(self.keys.seq, "recovering", "1")
-                log.warning("outbox stream %s lost its consumer group: placements stopped until "
-                            "`allocator recover` rebuilds the ledger", self.keys.events)
+            self._ledger_lost()
+        self._group_ready = True  # ensure_group below must not count the same loss twice
         self.ensure_group()
         self._own_pending = False
         return fn(*args, **kwargs)

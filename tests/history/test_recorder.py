@@ -232,6 +232,25 @@ def test_a_vanished_stream_stops_placements_until_recover(alloc: Allocator, reco
         alloc.allocate({"cpu_cores": 1})
 
 
+def test_a_recorder_started_after_redis_lost_its_data_stops_placements_until_recover(alloc: Allocator, engine) -> None:
+    register_fleet(alloc)
+    Recorder(alloc, engine, block_ms=0, estimates_every_s=0).drain()
+    alloc.destroy()  # Redis lost its data, and the recorder's process restarted with it
+    register_fleet(alloc)  # agents register again
+    restarted = Recorder(alloc, engine, block_ms=0, estimates_every_s=0)
+    restarted.drain()
+    assert restarted.stream_resets == 1
+    with pytest.raises(Recovering):
+        alloc.allocate({"cpu_cores": 1})
+
+
+def test_a_first_recorder_of_a_new_namespace_stops_nothing(alloc: Allocator, engine) -> None:
+    register_fleet(alloc)
+    rec = Recorder(alloc, engine, block_ms=0, estimates_every_s=0)
+    rec.drain()
+    assert rec.stream_resets == 0 and alloc.allocate({"cpu_cores": 1}).state == "active"
+
+
 def test_a_recorder_that_notices_the_loss_after_a_recovery_leaves_placements_open(alloc: Allocator, recorder: Recorder,
                                                                                   engine) -> None:
     from allocator.history import recover
