@@ -51,11 +51,11 @@ from allocator.client import Allocator, new_allocation_id  # noqa: E402
 try:
     from bench import fleets  # python -m bench.place_floor
     from bench.ledger import make_requests, server_stats
-    from bench.scan_cost import fill
+    from bench.scan_cost import fill, fleet_arguments, report
 except ImportError:  # python bench/place_floor.py
     import fleets  # type: ignore[no-redef]
     from ledger import make_requests, server_stats  # type: ignore[no-redef]
-    from scan_cost import fill  # type: ignore[no-redef]
+    from scan_cost import fill, fleet_arguments, report  # type: ignore[no-redef]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -246,23 +246,8 @@ def show(doc: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hosts", type=int, default=5000)
-    ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--held", type=int, default=1500, help="allocations held while measuring")
-    ap.add_argument("--requests", type=int, default=64, help="place calls recorded")
-    ap.add_argument("--rounds", type=int, default=10, help="passes over the recorded calls per measurement")
-    ap.add_argument("--repeat", type=int, default=5, help="measurements per figure (the median is shown)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--json", dest="json_path", help="write the results to this JSON file")
-    args = ap.parse_args(argv)
-    doc = run(args)
-    show(doc)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(doc, indent=2))
-        console.print(f"wrote {args.json_path}")
-    return 0
+    args = fleet_arguments(__doc__.split("\n\n")[0], rounds=10, requests_help="place calls recorded").parse_args(argv)
+    return report(run(args), show, args.json_path)
 
 
 if __name__ == "__main__":

@@ -183,24 +183,34 @@ def show(doc: dict[str, Any]) -> None:
     console.print(t)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def fleet_arguments(description: str, *, rounds: int, requests_help: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that measure server time on a held fleet (this one and
+    bench/place_floor.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--hosts", type=int, default=5000)
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--held", type=int, default=1500, help="allocations held while the scans run")
-    ap.add_argument("--requests", type=int, default=64, help="requests of each shape")
-    ap.add_argument("--rounds", type=int, default=20, help="passes over the requests per measurement")
+    ap.add_argument("--held", type=int, default=1500, help="allocations held while measuring")
+    ap.add_argument("--requests", type=int, default=64, help=requests_help)
+    ap.add_argument("--rounds", type=int, default=rounds, help="passes over the requests per measurement")
     ap.add_argument("--repeat", type=int, default=5, help="measurements per figure (the median is shown)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--json", dest="json_path", help="write the results to this JSON file")
-    args = ap.parse_args(argv)
-    doc = run(args)
-    show(doc)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(doc, indent=2))
-        console.print(f"wrote {args.json_path}")
+    return ap
+
+
+def report(doc: dict[str, Any], shown: Any, json_path: str | None) -> int:
+    """Prints the results with ``shown`` and writes them as JSON when asked."""
+    shown(doc)
+    if json_path:
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+        console.print(f"wrote {json_path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = fleet_arguments(__doc__.split("\n\n")[0], rounds=20, requests_help="requests of each shape").parse_args(argv)
+    return report(run(args), show, args.json_path)
 
 
 if __name__ == "__main__":
