@@ -109,6 +109,17 @@ MAX_NAMESPACE_LEN = 64
 """Longest namespace: the history's ``namespace`` columns are ``String(64)``."""
 
 
+def check_namespace(namespace: Any) -> None:
+    """A namespace: an id of at most ``MAX_NAMESPACE_LEN`` characters (the history's columns)
+    that keeps host queue names readable. A host's RQ queue is "<namespace>.host.<host>", which
+    workers split at the first ".host.": a namespace holding ".host." or ending in ".host" would
+    be split wrongly, and its workers would serve another namespace."""
+    check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
+    if ".host." in namespace or namespace.endswith(".host"):
+        raise InvalidRequest("namespace", "must not contain '.host.' or end in '.host' (it separates the namespace "
+                                          "from the host in the names of host queues)")
+
+
 def check_id(value: Any, field: str, max_len: int = 256) -> None:
     """An id (or short name) used in a key or a script argument: a non-empty string of at most
     ``max_len`` characters that ``check_text`` accepts."""
@@ -177,12 +188,7 @@ class Allocator:
     ) -> None:
         # Checked before anything is written: the history's tables hold the namespace in 64
         # characters, and a longer one would make the recorder fail on every batch, for ever.
-        check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
-        if ".host." in namespace:
-            # A host's RQ queue is "<namespace>.host.<host>", which workers split at the first
-            # ".host.": they would take the wrong namespace and cancel every job.
-            raise InvalidRequest("namespace", "must not contain '.host.' (it separates the namespace from the host "
-                                              "in the names of host queues)")
+        check_namespace(namespace)
         if client is None:
             if redis_url:
                 check_redis_url(redis_url)

@@ -227,12 +227,13 @@ def tool_result(allocator: Allocator, alloc: Allocation, cap: Capacity | None = 
 
 
 def _gpus_ever_usable(h: HostCapacity, req: AllocationRequest) -> int:
-    """How many GPUs of h the request could take once h is empty: those of its models and size,
-    and below critical priority not the idle GPUs h keeps for critical work."""
+    """How many GPUs of h the request could ever take: those of its models and size; for whole
+    GPUs below critical priority, not the idle GPUs h keeps for critical work (a share may also
+    go on GPUs others hold, which the reserve does not count)."""
     r = req.resources
     usable = sum(1 for g in h.gpus if (not r.gpu_model or g.model in r.gpu_model)
                  and (r.gpu_memory_mb is None or g.memory.total - g.memory.unmanaged >= r.gpu_memory_mb))
-    if req.priority < Priority.CRITICAL:
+    if r.gpu_memory_mb is None and req.priority < Priority.CRITICAL:
         usable = min(usable, len(h.gpus) - h.reserve_gpus)
     return usable
 
@@ -280,7 +281,8 @@ def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
         if most < r.gpus:
             each = f" with {r.gpu_memory_mb} MiB each" if r.gpu_memory_mb else ""
             kept = (" (below critical priority, not the GPUs a host keeps for critical work)"
-                    if req.priority < Priority.CRITICAL and any(h.reserve_gpus for h in hosts) else "")
+                    if r.gpu_memory_mb is None and req.priority < Priority.CRITICAL and any(h.reserve_gpus for h in hosts)
+                    else "")
             return InsufficientResources(f"no host could ever hold {r.gpus} GPUs{each}{model}: at most {most} on one host{kept}",
                                          code="INSUFFICIENT_GPUS")
     most_cpu = max(h.cpu_cores.total for h in hosts)

@@ -11,7 +11,7 @@ import redis
 import typer
 
 from .cli_common import reporting, require_positive
-from .client import Allocator, check_redis_url
+from .client import Allocator, check_namespace, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest
 from .queue import host_queue_name
@@ -41,6 +41,10 @@ def worker(
         check_redis_url(url)
     except InvalidRequest as exc:
         raise typer.BadParameter(exc.reason, param_hint="--redis-url") from None
+    try:
+        check_namespace(ns)
+    except InvalidRequest as exc:
+        raise typer.BadParameter(exc.reason, param_hint="--namespace") from None
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
     with reporting(url=url):

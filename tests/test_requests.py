@@ -127,9 +127,20 @@ def test_a_namespace_longer_than_64_characters_is_refused_up_front():
     assert Allocator("redis://127.0.0.1:6379/0", namespace="n" * 64).keys.namespace == "n" * 64
 
 
-def test_a_namespace_holding_the_host_queue_separator_is_refused():
+@pytest.mark.parametrize("namespace", ["team.host.x", "team.host"])
+def test_a_namespace_holding_the_host_queue_separator_is_refused(namespace):
     from allocator import Allocator
 
     with pytest.raises(InvalidRequest) as e:
-        Allocator("redis://127.0.0.1:6379/0", namespace="team.host.x")
-    assert e.value.field == "namespace" and ".host." in e.value.reason
+        Allocator("redis://127.0.0.1:6379/0", namespace=namespace)
+    assert e.value.field == "namespace" and ".host" in e.value.reason
+
+
+def test_a_worker_refuses_a_namespace_holding_the_host_queue_separator():
+    from typer.testing import CliRunner
+
+    from allocator.cli import app
+
+    res = CliRunner().invoke(app, ["worker", "--host", "h1", "--namespace", "team.host.x", "--burst",
+                                   "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and "--namespace" in res.stderr

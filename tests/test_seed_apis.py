@@ -223,6 +223,15 @@ def test_tool_refuses_at_once_gpus_a_host_keeps_for_critical_work(alloc):
     assert critical["success"] is True
 
 
+def test_tool_queues_shares_of_gpus_others_hold_on_a_host_with_a_reserve(alloc):
+    alloc.register_host(id="h", cpu_cores=8, ram_mb=16384, reserve_gpus=1,
+                        gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": "1Gi", "cpu_cores": 1})
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": "1Gi", "cpu_cores": 1}, priority="critical", strategy="worst_fit")
+    r = allocate_resources("t1", "train", {"gpus": 2, "gpu_memory_mb": 1024, "cpu_cores": 1}, allocator=alloc)
+    assert r["success"] is True
+
+
 def test_tool_with_no_host_registered_is_refused(alloc):
     r = allocate_resources("t", "ml_inference", {"cpu_cores": 1}, allocator=alloc)
     assert r["success"] is False and r["error"]["message"] == "no host is registered"

@@ -447,6 +447,7 @@ def test_a_job_that_finished_before_its_preemption_stopped_it_is_not_run_again(a
     end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
     assert (end.requeued, end.released) == (False, False)
     assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "done"
+    assert 0 < alloc.redis.pttl(alloc.keys.task(task.id)) <= 86_400_000  # kept a day, as every ended task
     assert alloc.redis.zscore(alloc.keys.pending, task.id) is None
     assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "ok"
 
@@ -460,6 +461,7 @@ def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc
     end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
     assert (end.requeued, end.released) == (False, False)
     assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "cancelled"
+    assert 0 < alloc.redis.pttl(alloc.keys.task(task.id)) <= 86_400_000
     alloc.release(urgent.allocation_id)
     assert alloc.get(task.id).state == "released" and alloc.redis.zscore(alloc.keys.pending, task.id) is None
 

@@ -137,7 +137,9 @@ def get_host(host_id: str = _id(), st: ApiState = Depends(api_state)) -> HostVie
 @v1.put("/hosts/{host_id}", response_model=HostView, tags=["hosts"])
 def put_host(body: HostIn, host_id: str = _id(), st: ApiState = Depends(api_state)) -> HostView:
     """Registers a host or updates its inventory (what an agent does); existing grants stay valid."""
-    st.allocator.register_host({**body.model_dump(exclude_unset=True), "id": host_id})
+    # null asks for the default, as leaving the field out does.
+    fields = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
+    st.allocator.register_host({**fields, "id": host_id})
     return _one_host(st.allocator, host_id)
 
 

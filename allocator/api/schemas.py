@@ -9,9 +9,9 @@ whether it came from the CLI, the library or HTTP. Responses reuse the allocator
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..models import MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
 
@@ -27,10 +27,29 @@ MemoryIn = Annotated[int, Field(ge=0, le=1 << 40)] | Annotated[str, Field(min_le
 Text = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+def _mentions_number(tp: Any) -> bool:
+    """Whether a field's type takes a number (int or float), directly or inside a union, an
+    Annotated or a list: fields of free JSON (metadata, args, kwargs) do not."""
+    if tp in (int, float):
+        return True
+    return any(_mentions_number(a) for a in get_args(tp) if a is not Any)
+
+
 class _In(BaseModel):
-    # Strict: JSON true/false is no number here (lax mode made true a 1-core, 1-MiB request), as
-    # the allocator's own models refuse it for every other entry point.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON true/false is no number (pydantic's lax mode made true a 1-GPU, 1-MiB,
+        1-second request), as the allocator's own models refuse it for every other entry point;
+        whole numbers written as floats (1.0) stay accepted."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _mentions_number(field.annotation):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(v, bool) for v in items):
+                raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class ResourcesIn(_In):

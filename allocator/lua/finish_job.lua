@@ -78,6 +78,7 @@ if preempting then
     -- The run completed before the stop could end it: it is done, and running it again would do
     -- its work twice. Its grant went to the preemption already.
     rcall('HSET', task_key(id), 'state', 'done')
+    rcall('PEXPIRE', task_key(id), 86400000)  -- the preemption made it persistent; ended tasks keep a day
     rcall('HDEL', K_PREEMPTING, id)
     emit('finished', id, now, ended({host = my_host, status = ran, outcome = 'ok'}))
     return cjson.encode({requeued = false, released = false, stale = false, status = ran, placed = {}})

@@ -72,7 +72,7 @@ if remaining > 0 then rcall('ZADD', K_RECLAIM, now, h) else rcall('ZREM', K_RECL
 local preempted = {}
 if lost then
   local failed
-  preempted, failed = preempted_on_lost_host(h, now)
+  preempted, failed = orphaned_preemptions(h, now)
   for _, id in ipairs(failed) do
     emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
   end

@@ -3,9 +3,13 @@ KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
 allocations end with reason "host_removed" first. Its service catalog and instances are dropped.
-Returns JSON {ok, released[]} or {ok=false, code, message}.
+Preempted function tasks whose run there was being stopped follow their on_host_lost policy (no
+worker there may report them now), as on a lost host (see mark_lost.lua).
+Returns JSON {ok, released[], preempted[]?} or {ok=false, code, message}.
 ]]
 --- @include "ledger"
+--- @include "placement"
+--- @include "queue"
 
 local now = now_ms()
 local h = ARGV[3]
@@ -30,5 +34,10 @@ rcall('ZREM', K_CPU_ORD, h)
 rcall('DEL', hk, host_allocs_key(h), host_sum_key(h))
 drop_host_services(h)
 emit('host_removed', h, now, '{}')
-if #ids == 0 then return cjson.encode({ok = true, released = {}, n = 0}) end
-return cjson.encode({ok = true, released = ids, n = #ids})
+local preempted, failed = orphaned_preemptions(h, now)
+for _, id in ipairs(failed) do
+  emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_removed'}))
+end
+local out = {ok = true, released = ids, n = #ids}
+if #preempted > 0 then out.preempted = preempted end
+return cjson.encode(out)

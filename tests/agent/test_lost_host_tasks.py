@@ -70,6 +70,20 @@ def test_a_preempted_task_with_fail_policy_fails_when_its_host_is_lost(alloc, ma
     assert alloc.redis.zcard(alloc.keys.pending) == 0
 
 
+def test_a_preempted_task_whose_host_is_removed_before_its_worker_reports_goes_back_in_line(alloc, make_agent):
+    task, _, _ = preempted_while_running(alloc, make_agent)
+    alloc.remove_host("h1", force=True)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "pending"
+    assert alloc.redis.zscore(alloc.keys.pending, task.id) is not None
+    assert alloc.redis.hlen(alloc.keys.preempting) == 0
+
+
+def test_a_preempted_task_failed_by_its_policy_is_kept_a_day_like_every_ended_task(alloc, make_agent, clock):
+    task, _, _ = preempted_while_running(alloc, make_agent, on_host_lost="fail")
+    lose(alloc, clock)
+    assert 0 < alloc.redis.pttl(alloc.keys.task(task.id)) <= 86_400_000
+
+
 def test_a_preempted_task_the_worker_reports_leaves_nothing_for_the_reaper(alloc, make_agent, clock):
     task, claim, _ = preempted_while_running(alloc, make_agent)
     end = finish_job(alloc, task.id, "h1", claim.token, status="stopped", job_key=Job.key_for(task.id))

@@ -91,6 +91,18 @@ def test_json_booleans_are_no_numbers(api: LiveApi, body: dict) -> None:
     assert api.allocator.redis.zcard(api.allocator.keys.allocs) == before
 
 
+def test_whole_numbers_written_as_floats_are_still_numbers(api: LiveApi) -> None:
+    c = api.client()
+    r = c.post("/v1/allocations", json={"resources": {"gpus": 1.0, "ram_mb": 512.0, "cpu_cores": 1.0}})
+    assert r.status_code == 201, r.text
+    assert c.put("/v1/hosts/f", json={"cpu_cores": 4.0, "ram_mb": "8Gi"}).status_code == 200
+
+
+def test_booleans_in_free_json_stay_allowed(api: LiveApi) -> None:
+    r = api.client().post("/v1/allocations", json={"resources": {"cpu_cores": 1}, "metadata": {"debug": True}})
+    assert r.status_code == 201, r.text
+
+
 def test_a_host_put_carries_its_worker_slots_and_service_ports(api: LiveApi) -> None:
     c = api.client()
     r = c.put("/v1/hosts/w", json={"cpu_cores": 16, "ram_mb": "64Gi", "worker_slots": 2, "service_ports": "7000-7001"})
@@ -99,6 +111,9 @@ def test_a_host_put_carries_its_worker_slots_and_service_ports(api: LiveApi) -> 
     assert api.allocator.redis.hmget(api.allocator.keys.host("w"), "port_lo", "port_hi") == ["7000", "7001"]
     bad = c.put("/v1/hosts/w", json={"cpu_cores": True})
     assert bad.status_code == 422
+    bad = c.put("/v1/hosts/w", json={"cpu_cores": [0, True]})
+    assert bad.status_code == 422
+    assert c.put("/v1/hosts/w", json={"cpu_cores": 2, "service_ports": None}).status_code == 200
 
 
 def test_register_drain_resume_remove_host(api: LiveApi) -> None:

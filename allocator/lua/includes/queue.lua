@@ -140,10 +140,10 @@ local function after_host_lost(id, now)
   rcall('HSET', alloc_key(id), 'state', 'failed')
 end
 
--- Preempted function tasks whose run on host h was being stopped when h was lost: no worker will
--- report their end, so each follows its on_host_lost policy now, as the host's running jobs do
--- (after_host_lost). Returns their ids and those that failed by their policy.
-local function preempted_on_lost_host(h, now)
+-- Preempted function tasks whose run on host h was being stopped when h was lost or removed: no
+-- worker may report their end, so each follows its on_host_lost policy now, as the host's running
+-- jobs do (after_host_lost). Returns their ids and those that failed by their policy.
+local function orphaned_preemptions(h, now)
   local ids, failed = {}, {}
   local flat = rcall('HGETALL', K_PREEMPTING)
   for i = 1, #flat, 2 do
@@ -151,8 +151,10 @@ local function preempted_on_lost_host(h, now)
     if flat[i + 1] == h then
       rcall('HDEL', K_PREEMPTING, id)
       if rcall('HGET', task_key(id), 'state') == 'preempting' then
-        -- Out of "preempting" first: a late report of that run must not requeue it again.
+        -- Out of "preempting" first: a late report of that run must not requeue it again. Done
+        -- (kept a day, as every ended task) unless its policy puts it back in line.
         rcall('HSET', task_key(id), 'state', 'done')
+        rcall('PEXPIRE', task_key(id), 86400000)
         after_host_lost(id, now)
         ids[#ids + 1] = id
         if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed[#failed + 1] = id end
