@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,7 +58,8 @@ class ServiceSpec(BaseModel):
     (default ``http://{host}:{port}``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Timeouts are finite: the ledger stores them as JSON, which has no infinity.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     command: list[str]
@@ -90,6 +92,12 @@ class ServiceSpec(BaseModel):
     def _health(cls, v: str) -> str:
         if v != "tcp" and not v.startswith(("tcp://", "http://", "https://")):
             raise InvalidRequest("health", f"expected 'tcp', 'tcp://host:port' or an http(s) URL, got {v!r}")
+        if v.startswith("tcp://"):
+            try:
+                # {port} stands for the service's port: any number parses the same way.
+                urlsplit(v.replace("{port}", "1").replace("{host}", "localhost").replace("{name}", "x")).port
+            except ValueError:
+                raise InvalidRequest("health", f"expected tcp://host:port, got {v!r}") from None
         return v
 
     @field_validator("env", mode="before")

@@ -99,11 +99,47 @@ def test_catalog_loads_yaml_and_json_and_publishes_no_commands(tmp_path: Path, a
     ({"fs": {"command": "x", "shell": True}}, "services.fs.shell"),
     ({"bad name": "x"}, "services.bad name.name"),
     ({"fs": 3}, "services.fs"),
+    ({"fs": {"command": "x", "idle_timeout_s": float("inf")}}, "services.fs.idle_timeout_s"),
+    ({"fs": {"command": "x", "health": "tcp://127.0.0.1:{port}x"}}, "services.fs.health"),
 ])
 def test_catalog_errors_name_the_entry(data, field):
     with pytest.raises(InvalidRequest) as e:
         ServiceCatalog.load(data)
     assert e.value.field == field
+
+
+def test_a_catalog_the_ledger_cannot_store_changes_nothing(alloc):
+    import redis as redis_py
+
+    host(alloc)
+    before = ledger_dump(alloc)
+    with pytest.raises(redis_py.ResponseError):
+        alloc._call("service_catalog", "h1", '{"fs": {"idle_timeout_s": Infinity}}')
+    assert ledger_dump(alloc) == before
+
+
+def test_a_health_check_that_cannot_be_read_is_unhealthy_not_an_error():
+    import socket
+
+    from allocator.agent.services import healthy
+    from allocator.services import ServiceSpec
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def answer_garbage() -> None:
+        conn, _ = srv.accept()
+        conn.sendall(b"\x00\x01 not http\r\n\r\n")
+        conn.close()
+
+    t = threading.Thread(target=answer_garbage, daemon=True)
+    t.start()
+    spec = ServiceSpec(name="x", command=["true"], health="http://127.0.0.1:{port}/")
+    assert healthy(spec, port, "127.0.0.1", timeout_s=2) is False
+    t.join(2)
+    srv.close()
 
 
 @pytest.mark.parametrize("names", [["rm -rf /"], [{"name": "fs", "command": "sh -c 'id'"}], "filesystem", [""]])

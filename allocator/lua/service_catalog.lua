@@ -19,6 +19,13 @@ if has_names and rcall('EXISTS', host_key(h)) == 0 then
   return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
 end
 
+-- Every entry encoded before the first write: a value JSON cannot hold must change nothing.
+local fields = {}
+for name, info in pairs(cat) do
+  fields[#fields + 1] = name
+  fields[#fields + 1] = cjson.encode(info)
+end
+
 local old = {}
 for _, name in ipairs(rcall('HKEYS', ck)) do old[name] = true end
 local added, removed = {}, {}
@@ -35,11 +42,6 @@ for name, _ in pairs(old) do
   end
 end
 rcall('DEL', ck)
-local fields = {}
-for name, info in pairs(cat) do
-  fields[#fields + 1] = name
-  fields[#fields + 1] = cjson.encode(info)
-end
 if #fields > 0 then rcall('HSET', ck, unpack(fields)) end
 if #added > 0 or #removed > 0 then
   table.sort(added)
