@@ -235,11 +235,20 @@ def publish_catalog(a: Allocator, host_id: str, catalog: ServiceCatalog) -> dict
 
 
 def check_names(a: Allocator, names: list[str]) -> None:
-    """Raises ``InvalidRequest`` (field ``services``) for a name no host's catalog offers."""
+    """Raises ``InvalidRequest`` (field ``services``) for a name no host's catalog offers, or for
+    names no single host offers together (a request runs on one host: it would wait for ever)."""
     scores = a.redis.zmscore(a.keys.svc_names, names)
     for name, score in zip(names, scores):
         if not score or score <= 0:
             raise InvalidRequest("services", f"unknown service {name!r}: no host's catalog offers it")
+    if len(set(names)) < 2:
+        return
+    hosts = a.redis.zrange(a.keys.hosts, 0, -1)
+    pipe = a.redis.pipeline(transaction=False)
+    for h in hosts:
+        pipe.hmget(a.keys.svc_catalog(h), names)
+    if not any(all(v is not None for v in offered) for offered in (pipe.execute() if hosts else [])):
+        raise InvalidRequest("services", f"no host's catalog offers {', '.join(map(repr, names))} together")
 
 
 def instances(a: Allocator, host_id: str | None = None) -> list[ServiceInstance]:

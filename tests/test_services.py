@@ -164,6 +164,36 @@ def test_unknown_service_is_refused_and_changes_nothing(alloc):
     assert ledger_dump(alloc) == before
 
 
+def test_services_no_single_host_offers_together_are_refused_and_change_nothing(alloc):
+    host(alloc)
+    host(alloc, "h2")
+    publish_catalog(alloc, "h1", catalog(["filesystem", "github"]))
+    publish_catalog(alloc, "h2", catalog(["database"]))
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as e:
+        alloc.allocate({"cpu_cores": 1}, services=["filesystem", "database"], on_busy="queue")
+    assert e.value.field == "services" and "together" in e.value.message
+    assert ledger_dump(alloc) == before
+
+
+def test_a_port_freed_by_a_stopped_service_goes_to_the_line_at_once(alloc):
+    lo, _ = host(alloc, ports=(19001, 19001))  # one port
+    publish_catalog(alloc, "h1", catalog(["filesystem", "github"]))
+    first = alloc.allocate({"cpu_cores": 1}, services=["filesystem"])
+    waiting = alloc.allocate({"cpu_cores": 1}, services=["github"], on_busy="queue")
+    alloc.release(first.allocation_id)  # filesystem idles on the only port
+    assert alloc.get(waiting.allocation_id).state == "pending"
+
+    def state(action: str) -> dict:
+        return json.loads(alloc.scripts["service_state"](
+            keys=alloc.keys.ledger_keys(),
+            args=[alloc.keys.prefix, alloc._now_arg(), "h1", "filesystem", action,
+                  json.dumps({"port": lo, "idle_ms": 0}), alloc.pass_depth, alloc.scan_cap]))
+
+    assert state("stop")["ok"] and state("stopped")["state"] == "stopped"
+    assert alloc.get(waiting.allocation_id).state == "active"
+
+
 def test_a_grant_takes_one_reference_per_service_and_a_port_per_new_instance(alloc):
     lo, _ = host(alloc)
     publish_catalog(alloc, "h1", catalog(["fs", "gh"]))

@@ -2,7 +2,8 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME), ARGV[3] host id,
 ARGV[4] service name, ARGV[5] action, ARGV[6] JSON {port, pid, endpoint, error, idle_ms},
-ARGV[7] scheduling pass depth (after "failed"; 0 = none), ARGV[8] scan cap.
+ARGV[7] scheduling pass depth (after "failed", "stopped" and "drop", which free a port; 0 = none),
+ARGV[8] scan cap.
 Every action names the port the supervisor acted on; an entry on another port (it was dropped
 and handed out again meanwhile) is left alone and the reply says ok=false, reason "gone".
 Actions:
@@ -43,6 +44,12 @@ local function save(state)
   rcall('HSET', k, name, cjson.encode(e))
 end
 
+-- A port (and, after a failure, what the failed allocations held) came free: the tasks in line
+-- get it now, as after any release.
+local function pass_after_freeing()
+  schedule_pass(now, tonumber(ARGV[7] or 0), tonumber(ARGV[8] or 2048))
+end
+
 local function svc_event(kind, extra)
   local d = {name = name, port = tonumber(e.port), refs = refs}
   for key, v in pairs(extra or {}) do d[key] = v end
@@ -79,7 +86,7 @@ elseif action == 'failed' then
     finish_alloc(id, 'failed', now)
   end
   svc_event('service_failed', {error = tostring(args.error or ''), failed = failed})
-  if #failed > 0 then schedule_pass(now, tonumber(ARGV[7] or 0), tonumber(ARGV[8] or 2048)) end
+  pass_after_freeing()
   return cjson.encode({ok = true, failed = failed})
 elseif action == 'restart' then
   if e.state ~= 'running' then return cjson.encode({ok = false, reason = 'state', state = e.state}) end
@@ -102,11 +109,13 @@ elseif action == 'stopped' then
   end
   remove_service(h, name, e)
   svc_event('service_stopped', {})
+  pass_after_freeing()
   return cjson.encode({ok = true, state = 'stopped'})
 elseif action == 'drop' then
   if refs > 0 then return cjson.encode({ok = false, reason = 'busy', state = e.state}) end
   remove_service(h, name, e)
   svc_event('service_stopped', {dropped = true})
+  pass_after_freeing()
   return cjson.encode({ok = true, state = 'stopped'})
 end
 return cjson.encode({ok = false, reason = 'unknown action ' .. tostring(action)})
