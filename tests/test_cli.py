@@ -427,3 +427,13 @@ def test_show_gives_no_queue_position_to_a_task_cancelled_before_it_was_placed(c
     res = cli("show", waiting.allocation_id, "--json")
     assert res.exit_code == 0, res.output
     assert as_json(res)["queue_position"] is None
+
+
+def test_the_agent_refuses_named_services_for_an_inventory_of_several_hosts(tmp_path):
+    inv = tmp_path / "fleet.json"
+    inv.write_text(json.dumps([{"id": "h1", "cpu_cores": 2, "ram_mb": 1024}, {"id": "h2", "cpu_cores": 2, "ram_mb": 1024}]))
+    svc = tmp_path / "services.json"
+    svc.write_text(json.dumps({"fs": {"command": ["true"]}}))
+    res = CliRunner().invoke(app, ["agent", "--inventory", str(inv), "--services", str(svc), "--once",
+                                   "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and "services" in res.stderr

@@ -563,6 +563,20 @@ def test_seed_unknown_server_is_a_failed_result_naming_mcp_servers(manager):
     assert manager.get_capacity()["allocated_workers"] == 0
 
 
+def test_closing_a_manager_leaves_no_service_listed_as_running(alloc):
+    lo, hi = free_ports(10)
+    m = AllocationManager(alloc, total_cpu=8.0, total_memory=16384, services=catalog(["filesystem", "github"]),
+                          service_ports=(lo, hi))
+    held = m.request_resources("job-1", ["filesystem"], workers=1)
+    idle = m.request_resources("job-2", ["github"], workers=1)
+    assert held["status"] == idle["status"] == "active"
+    m.release_resources(idle["allocation_id"])  # github idles, unreferenced
+    m.close()
+    assert alloc.redis.hgetall(alloc.keys.svc("local")) == {}  # nothing listed as running, no port held
+    assert m.get_allocation(held["allocation_id"])["state"] == "failed"  # its service is gone
+    ok(alloc)
+
+
 def test_seed_server_that_fails_to_start_fails_the_request(alloc):
     m = AllocationManager(alloc, total_cpu=4.0, total_memory=8192, services={"filesystem": {"command": FAILING_SERVICE}},
                           service_ports=free_ports(4))

@@ -166,6 +166,11 @@ def agent_command(
         provider: InventoryProvider
         if inventory:
             provider = StaticProvider(inventory)
+            if len(catalog) and len(provider.hosts()) > 1:
+                # Named services run as processes of this machine, on ports of one pool: two hosts
+                # served from here would be handed the same ports.
+                raise InvalidRequest("services", "named services run on this machine: serve them with an agent "
+                                                 "of one host (this inventory has several)")
         else:
             provider = LocalProvider(host_id, nvml=nvml, use_psutil=use_psutil)
     except InvalidRequest as exc:

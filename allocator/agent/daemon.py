@@ -292,7 +292,7 @@ class Agent:
             abort.wait(max(0.0, min(0.2, self.interval_s, left)))
         released: list[str] = []
         for sup in self.supervisors.values():
-            sup.close(withdraw=True)  # stops the host's services
+            sup.close(withdraw=True, report=False)  # stops the host's services; the removal below drops them
         self.supervisors.clear()
         for h in hosts:
             try:

@@ -477,8 +477,13 @@ class ServiceSupervisor:
             self._thread.start()
         return self._thread
 
-    def close(self, *, withdraw: bool = True) -> None:
-        """Stops the loop and every service process; withdraws the catalog and gives up the lease."""
+    def close(self, *, withdraw: bool = True, report: bool = True) -> None:
+        """Stops the loop and every service process; withdraws the catalog and gives up the lease.
+
+        ``report``: tell the ledger the instances are gone, so that it does not keep listing
+        them as running with their ports held: an unreferenced one is dropped, one still held
+        fails its holders (their service is gone). An agent that removes the host next passes
+        False (the removal drops them all)."""
         self._stop.set()
         try:
             self.allocator.redis.lpush(self._keys.svc_wake(self.host_id), "1")
@@ -486,7 +491,16 @@ class ServiceSupervisor:
             pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        ran = [(p.name, p.port) for p in self.procs.values()]
         self.stop_all()
+        if report:
+            for name, port in ran:
+                try:
+                    if not (self._state(name, "stop", port=port, idle_ms=0).get("ok")
+                            and self._state(name, "stopped", port=port).get("ok")):
+                        self._state(name, "failed", port=port, error="its supervisor stopped")
+                except redis.RedisError as exc:
+                    log.warning("could not report service %s of %s as stopped: %s", name, self.host_id, exc)
         if withdraw:
             self.withdraw()
         try:
