@@ -8,9 +8,11 @@ goes away with the process). It uses ``redis-server`` from PATH, else the binary
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -52,7 +54,9 @@ def start_redis_server(extra_args: list[str] | None = None) -> tuple[str, subpro
     port = _free_port()
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", data_dir, "--maxmemory-policy", "noeviction", *(extra_args or [])]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = os.path.join(data_dir, "redis.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while True:
@@ -64,7 +68,12 @@ def start_redis_server(extra_args: list[str] | None = None) -> tuple[str, subpro
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AllocatorError(f"the embedded redis-server ({exe}) did not start") from None
+                proc.wait()
+                with open(log_path, "rb") as f:
+                    said = f.read().decode(errors="replace").strip().splitlines()[-3:]
+                shutil.rmtree(data_dir, ignore_errors=True)
+                tail = f": {' | '.join(said)}" if said else ""
+                raise AllocatorError(f"the embedded redis-server ({exe}) did not start{tail}") from None
             time.sleep(0.05)
 
 
@@ -77,10 +86,56 @@ def stop_redis_server(proc: subprocess.Popen[bytes], data_dir: str) -> None:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+# Run by a sentinel process: waits on a pipe only this process writes to. A byte means this
+# process stopped the server itself; end of file means it died without doing so (a signal, as
+# uvicorn re-raises SIGTERM after its shutdown, skips atexit): the sentinel stops the server and
+# removes its files.
+_SENTINEL = """
+import os, shutil, signal, sys, time
+pid, data_dir = int(sys.argv[1]), sys.argv[2]
+if os.read(0, 1):
+    sys.exit(0)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        break
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+shutil.rmtree(data_dir, ignore_errors=True)
+"""
+
+
+def _watch(proc: subprocess.Popen[bytes], data_dir: str) -> int:
+    """Starts the sentinel of the server (see _SENTINEL); returns the pipe end to tell it we are done."""
+    r, w = os.pipe()
+    try:
+        subprocess.Popen([sys.executable, "-c", _SENTINEL, str(proc.pid), data_dir], stdin=r,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(r)
+    return w
+
+
+def _stop_embedded(proc: subprocess.Popen[bytes], data_dir: str, sentinel: int) -> None:
+    try:
+        os.write(sentinel, b"x")  # stopped here: the sentinel must not signal a pid that may be reused
+        os.close(sentinel)
+    except OSError:
+        pass
+    stop_redis_server(proc, data_dir)
+
+
 def embedded_url() -> str:
-    """URL of this process's embedded Redis, started on first use and stopped at exit."""
+    """URL of this process's embedded Redis, started on first use and stopped at exit, or by a
+    sentinel process when this one dies without running its exit handlers."""
     if "url" not in _started:
         url, proc, data_dir = start_redis_server()
-        atexit.register(stop_redis_server, proc, data_dir)
+        atexit.register(_stop_embedded, proc, data_dir, _watch(proc, data_dir))
         _started["url"] = url
     return str(_started["url"])
