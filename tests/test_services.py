@@ -571,7 +571,10 @@ def test_closing_a_manager_leaves_no_service_listed_as_running(alloc):
     idle = m.request_resources("job-2", ["github"], workers=1)
     assert held["status"] == idle["status"] == "active"
     m.release_resources(idle["allocation_id"])  # github idles, unreferenced
+    logs = m._supervisor._log_dir
+    assert logs is not None and os.path.isdir(logs)
     m.close()
+    assert not os.path.exists(logs)  # its temporary log directory goes with it
     assert alloc.redis.hgetall(alloc.keys.svc("local")) == {}  # nothing listed as running, no port held
     assert m.get_allocation(held["allocation_id"])["state"] == "failed"  # its service is gone
     ok(alloc)

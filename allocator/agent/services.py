@@ -31,6 +31,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +183,7 @@ class ServiceSupervisor:
         self.procs: dict[str, _Proc] = {}
         self._restarts: dict[str, int] = {}
         self._log_dir = log_dir
+        self._own_log_dir = log_dir is None  # a temporary one, made on first use and removed on close
         self._token = uuid.uuid4().hex
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -503,6 +505,9 @@ class ServiceSupervisor:
                     log.warning("could not report service %s of %s as stopped: %s", name, self.host_id, exc)
         if withdraw:
             self.withdraw()
+        if self._own_log_dir and self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
         try:
             r = self.allocator.redis
             key = self._keys.svc_owner(self.host_id)
