@@ -253,6 +253,9 @@ class Snapshot:
     complete: bool = True  # False when the line was read only up to a rank (one task's estimate)
     read_ms: float = 0.0
     delayed: dict[str, int] = field(default_factory=dict)  # task in line -> not before (ms), a retry's interval
+    # Running function tasks -> (payload, seq): what a simulated preemption puts back in line. Read
+    # only when a task in line may preempt.
+    jobs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def _hist(durations: dict[str, dict[str, Any]], task_type: str | None, key: str) -> int | None:
@@ -352,6 +355,8 @@ class Simulation:
             self._reindex(host, None)
         self._load_running([self._running(a) for a in snap.allocs])
         reqs = {} if reqs is None else reqs
+        self._reqs = reqs
+        self._jobs = snap.jobs  # running function tasks: id -> (payload, seq), for preemption
         for tid, score, payload, kind, seq in snap.pending:
             req = reqs.get(tid)
             if req is None:
@@ -371,16 +376,37 @@ class Simulation:
         # every task in its window): the shape under which _pass may skip the task once the line
         # is blocked (None: never), and what the pass's memo of refusals knows it by, less the
         # host excluded or required (shape, strategy, priority, pin).
-        shapes: dict[tuple[Any, ...], int] = {}
-        sigs: dict[tuple[Any, ...], int] = {}
-        self._skid: dict[str, int] = {tid: shapes.setdefault(r.shape, len(shapes)) for tid, r in self.tasks.items()}
-        self._nwkey: dict[str, int | None] = {
-            tid: (self._skid[tid] if r.pin is None and r.cpu_millis > 0 and r.ram > 0 else None)
-            for tid, r in self.tasks.items()}
-        self._sig: dict[str, int] = {tid: sigs.setdefault((r.shape, r.mode, r.priority, r.pin), len(sigs))
-                                     for tid, r in self.tasks.items()}
-        self._cpu_need = {tid: r.cpu_millis for tid, r in self.tasks.items()}
-        self._ram_need = {tid: r.ram for tid, r in self.tasks.items()}
+        self._shapes: dict[tuple[Any, ...], int] = {}
+        self._sigs: dict[tuple[Any, ...], int] = {}
+        self._skid: dict[str, int] = {}
+        self._nwkey: dict[str, int | None] = {}
+        self._sig: dict[str, int] = {}
+        self._cpu_need: dict[str, int] = {}
+        self._ram_need: dict[str, int] = {}
+        for tid, r in self.tasks.items():
+            self._index_task(tid, r)
+
+    def _index_task(self, tid: str, r: _Req) -> None:
+        self._skid[tid] = self._shapes.setdefault(r.shape, len(self._shapes))
+        self._nwkey[tid] = self._skid[tid] if r.pin is None and r.cpu_millis > 0 and r.ram > 0 else None
+        self._sig[tid] = self._sigs.setdefault((r.shape, r.mode, r.priority, r.pin), len(self._sigs))
+        self._cpu_need[tid] = r.cpu_millis
+        self._ram_need[tid] = r.ram
+
+    def _job_task(self, aid: str) -> _Req | None:
+        """The request of function task aid, in line or running (a running one that a simulated
+        preemption ends goes back in line, as requeue_task does); None for a lease."""
+        t = self.tasks.get(aid)
+        if t is not None or aid not in self._jobs:
+            return t
+        payload, seq = self._jobs[aid]
+        try:
+            t = _Req(aid, json.loads(payload), "job", seq)
+        except (ValueError, TypeError, AttributeError):
+            return None
+        self.tasks[aid] = t
+        self._index_task(aid, t)
+        return t
 
     # -- durations -----------------------------------------------------------------------------
 
@@ -888,6 +914,12 @@ class Simulation:
     def _grant(self, req: _Req, placement: tuple[_Host, list[_Gpu]], now: int) -> None:
         self._changes += 1
         h, gs = placement
+        if h.reserve > 0 and req.priority >= 3 and any(g.n == 0 for g in gs):
+            # A critical grant on an idle GPU of a host with a reserve: that GPU is now in use,
+            # and GPUs in use are no reserve, so shares below critical may go there. The one
+            # grant that gives capacity: the no-fit memos must look at this host again.
+            self._touch(h.id)
+            self.freed.append(h.id)
         grants = []
         for g in gs:
             mem = req.gpu_mem if req.gpu_mem else g.free
@@ -1127,7 +1159,7 @@ class Simulation:
         for victim in self._fewest_victims(req, r[0], r[1]):
             al = self._finish(victim)
             if al is not None and al.kind == "job":
-                t = self.tasks.get(victim)
+                t = self._job_task(victim)
                 if t is not None:  # back to the front of its priority, original sequence kept
                     self.score[victim] = (3 - t.priority) * BAND + t.seq
                     self.pending.add((self.score[victim], victim))
@@ -1433,6 +1465,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
             pipe.hgetall(k.durations)
             pipe.hget(k.seq, "recovering")
             pipe.time()
+            pipe.hkeys(k.preempting)
             res = pipe.execute()
             break
         except redis.WatchError:
@@ -1460,6 +1493,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
     durations_raw = res[i + 1] or {}
     recovering = res[i + 2] == "1"
     srv = res[i + 3]
+    stopping = res[i + 4] or []
     if a.clock is not None:
         now = int(a.clock() * 1000)
     else:
@@ -1483,6 +1517,27 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
         t = cache.tasks.get(tid)
         if t is not None:
             pend.append((tid, score, t[0], t[1], t[2]))
+    # Preempted jobs whose worker is stopping the run go back to the front of their priority when
+    # it reports (requeue_task): in line already, as far as start times go.
+    jobs: dict[str, tuple[str, int]] = {}
+    may_preempt = any('"preempt":true' in p[2].replace(" ", "") for p in pend)
+    running_jobs = [x["id"] for x in allocs if x.get("kind") == "job"] if may_preempt else []
+    if stopping or running_jobs:
+        pipe = a.redis.pipeline(transaction=False)
+        for tid in [*stopping, *running_jobs]:
+            pipe.hmget(k.task(tid), *_TASK_FIELDS)
+        got = pipe.execute()
+        for tid, f in zip(stopping, got[:len(stopping)]):
+            kind, payload, seq, state = f
+            if state == "preempting" and payload and tid not in {p[0] for p in pend}:
+                try:
+                    prio = int(json.loads(payload).get("priority", 1))
+                except (ValueError, TypeError, AttributeError):
+                    continue
+                pend.append((tid, (3 - prio) * BAND + int(seq or 0), payload, kind or "job", int(seq or 0)))
+        for tid, f in zip(running_jobs, got[len(stopping):]):
+            if f[1]:
+                jobs[tid] = (f[1], int(f[2] or 0))
     catalogs: dict[str, set[str]] = {}
     if any('"services"' in p[2] for p in pend):
         # Which host can run which shared named service (changes only with the host's agent).
@@ -1494,7 +1549,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
     return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
                     pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
                     complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000,
-                    delayed={tid: int(nb) for tid, nb in delayed if nb > now})
+                    delayed={tid: int(nb) for tid, nb in delayed if nb > now}, jobs=jobs)
 
 
 # -- the engine and its cache ------------------------------------------------------------------
@@ -1545,12 +1600,13 @@ class EtaEngine:
         return self.simulate(read_snapshot(self.a, cache=self._cache))
 
     def compute_one(self, task_id: str) -> int | None:
-        """One pending task's estimate: the line is read and simulated only as far as it needs
-        (the tasks ahead of it and the pass window behind it)."""
-        rank = self.a.redis.zrank(self.a.keys.pending, task_id)
-        if rank is None:
+        """One pending task's estimate. The whole line is read: while the task waits, tasks
+        ahead of it start and the pass window moves on, so a task far behind it may come into
+        the window and backfill into what it needs. The simulation stops once it has started."""
+        if self.a.redis.zrank(self.a.keys.pending, task_id) is None and \
+                not self.a.redis.hexists(self.a.keys.preempting, task_id):
             return None
-        snap = read_snapshot(self.a, upto_rank=int(rank) + self.a.pass_depth, cache=self._cache)
+        snap = read_snapshot(self.a, cache=self._cache)
         return self.simulate(snap, {task_id}).starts.get(task_id)
 
     # -- the cache the scheduler tick writes -------------------------------------------------------
@@ -1597,10 +1653,11 @@ class EtaEngine:
         pipe = self.a.redis.pipeline(transaction=False)
         pipe.hmget(k.alloc(task_id), "state", "activated")
         pipe.hmget(k.eta, task_id, "_at", "_cost_ms")
-        (state, activated), (cached, at, cost) = pipe.execute()
+        pipe.hexists(k.preempting, task_id)
+        (state, activated), (cached, at, cost), stopping = pipe.execute()
         if state is None:
             return None
-        if state != "pending":
+        if state != "pending" and not stopping:  # (a preempted run being stopped starts again later)
             return int(activated) if activated else None
         if cached is not None and self._fresh(at, cost):
             return int(cached) if cached else None

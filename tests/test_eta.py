@@ -470,3 +470,82 @@ def test_a_refresh_from_an_older_snapshot_does_not_replace_a_newer_cache(alloc, 
     alloc.redis.hset(alloc.keys.eta, mapping={"_at": str(int((T0 + 1) * 1000)), waiting: "123"})  # a faster replica
     alloc.refresh_estimated_start_times()  # this one's snapshot is at T0
     assert alloc.redis.hget(alloc.keys.eta, waiting) == "123"
+
+
+def _tick(a, clock, seconds: float, *release: str) -> None:
+    """Moves the clock to T0 + seconds, releases what ends then, and runs passes as the tick does."""
+    clock.now = T0 + seconds
+    for r in release:
+        a.release(r)
+    while a.schedule():
+        pass
+
+
+def test_a_running_job_the_simulation_preempts_goes_back_in_line_ahead_of_later_tasks(alloc, clock):
+    from . import jobs
+
+    gpu_host(alloc, n=2)
+    alloc.allocate(WHOLE, priority="high", expected_duration=100, allocation_id="H")
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, priority="low", expected_duration=1000)
+    queued(alloc, {"gpus": 2, "cpu_cores": 2}, priority="high", strategy="priority", expected_duration=200,
+           allocation_id="P")
+    queued(alloc, {"gpus": 2, "cpu_cores": 2}, priority="low", expected_duration=50, allocation_id="L")
+    # At 100 P preempts the job, which goes back to the front of its priority: it runs again from
+    # 300 to 1300, before L, which needs both GPUs.
+    assert eta(alloc, "L") == at(1300)
+    _tick(alloc, clock, 100, "H")
+    _tick(alloc, clock, 300, "P")
+    _tick(alloc, clock, 1300, job.id)
+    assert alloc.get("L").activated_at == at(1300)
+
+
+def test_a_preempted_run_being_stopped_is_in_line_for_the_estimates(alloc, clock):
+    from allocator.agent.fencing import claim_grant
+
+    from . import jobs
+
+    gpu_host(alloc, n=2)
+    alloc.allocate(WHOLE, priority="low", expected_duration=100, allocation_id="A")
+    clock.advance(1)  # the job is newer: preemption ends it rather than A
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, priority="low", expected_duration=1000)
+    assert claim_grant(alloc, job.id, "w1", "h1", start=True).current  # a worker runs it
+    alloc.allocate(WHOLE, on_busy="queue", priority="high", strategy="priority", expected_duration=50)  # preempts it
+    assert alloc.redis.hget(alloc.keys.task(job.id), "state") == "preempting"
+    queued(alloc, WHOLE, priority="low", expected_duration=10, allocation_id="L")
+    # The stopped run goes back to the front of "low" once its worker reports: ahead of L, it
+    # takes the GPU that frees first (at 51), and L the next one (at 100).
+    assert eta(alloc, job.id) == at(51) and eta(alloc, "L") == at(100)
+
+
+def test_a_critical_share_on_a_reserved_gpu_makes_room_for_shares_below_critical(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", reserve_gpus=1, gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.allocate({"cpu_cores": 8}, expected_duration=10, allocation_id="R")
+    share = {"gpus": 1, "gpu_memory_mb": 4096, "cpu_cores": 1}
+    queued(alloc, share, priority="critical", expected_duration=200, allocation_id="C")
+    queued(alloc, share, expected_duration=100, allocation_id="N")
+    _delay(alloc, "C", int((T0 + 50) * 1000))  # C waits out a retry interval until 50
+    # Until C takes the GPU it is the reserve, which N may not touch; from then on it is in use.
+    assert (eta(alloc, "C"), eta(alloc, "N")) == (at(50), at(50))
+    _tick(alloc, clock, 10, "R")
+    _tick(alloc, clock, 50)
+    assert alloc.get("C").activated_at == alloc.get("N").activated_at == at(50)
+
+
+def test_one_tasks_estimate_sees_a_task_far_behind_it_that_backfills(alloc, clock):
+    a = Allocator(client=alloc.redis, namespace=alloc.keys.namespace, clock=clock, pass_depth=3)
+    for h, n in (("A", 2), ("B", 2), ("C", 0)):
+        a.register_host(id=h, cpu_cores=4, ram_mb="64Gi", labels={"host": h},
+                        gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(n)])
+    one = {"gpus": 1, "cpu_cores": 1}
+    a.allocate(one, expected_duration=100, selector="host=A")
+    a.allocate(one, expected_duration=200, selector="host=B")
+    a.allocate(one, expected_duration=11, selector="host=B")
+    a.allocate({"cpu_cores": 4}, expected_duration=10, selector="host=C")
+    two = {"gpus": 2, "cpu_cores": 1}
+    queued(a, two, expected_duration=50, selector="host=A", allocation_id="H")
+    queued(a, two, expected_duration=50, selector="host=B", allocation_id="X")
+    for i in range(3):
+        queued(a, {"cpu_cores": 1}, expected_duration=5 + i / 10, selector="host=C", allocation_id=f"Z{i}")
+    queued(a, one, expected_duration=1000, selector="host=B", allocation_id="Y")  # beyond X's pass window
+    # Once the Z tasks start, Y comes into the window and backfills B's GPU, which X needs.
+    assert a.estimated_start_time("X") == a.estimated_start_times()["X"] == at(1011)
