@@ -355,7 +355,8 @@ class Allocator:
             raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
         req = self.build_request(resources, **fields)
         if req.services:
-            _services.check_names(self, req.services)  # a queued request must not wait for a name no host offers
+            # A queued request must not wait for a name no host offers, or for names no host offers together.
+            _services.check_names(self, req.services, together=on_busy == "queue")
         if on_busy == "queue":
             return queue.submit_lease(self, req)
         return self.submit(req)

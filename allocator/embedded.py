@@ -122,7 +122,9 @@ def _watch(proc: subprocess.Popen[bytes], data_dir: str) -> int:
     return w
 
 
-def _stop_embedded(proc: subprocess.Popen[bytes], data_dir: str, sentinel: int) -> None:
+def _stop_embedded(owner: int, proc: subprocess.Popen[bytes], data_dir: str, sentinel: int) -> None:
+    if os.getpid() != owner:
+        return  # a forked child exiting: the server is its parent's, which still uses it
     try:
         os.write(sentinel, b"x")  # stopped here: the sentinel must not signal a pid that may be reused
         os.close(sentinel)
@@ -136,6 +138,6 @@ def embedded_url() -> str:
     sentinel process when this one dies without running its exit handlers."""
     if "url" not in _started:
         url, proc, data_dir = start_redis_server()
-        atexit.register(_stop_embedded, proc, data_dir, _watch(proc, data_dir))
+        atexit.register(_stop_embedded, os.getpid(), proc, data_dir, _watch(proc, data_dir))
         _started["url"] = url
     return str(_started["url"])

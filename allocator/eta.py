@@ -1396,6 +1396,7 @@ class _Cache:
         self.tasks: dict[str, tuple[str, str, int]] = {}
         self.reqs: dict[str, _Req] = {}
         self.allocs: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.jobs: dict[str, tuple[str, int]] = {}  # running function tasks: payload, seq
         self.limit = limit
 
     def trim(self, pending: set[str], active: set[str]) -> None:
@@ -1404,6 +1405,8 @@ class _Cache:
             self.reqs = {k: v for k, v in self.reqs.items() if k in pending}
         if len(self.allocs) > self.limit:
             self.allocs = {k: v for k, v in self.allocs.items() if k in active}
+        if len(self.jobs) > self.limit:
+            self.jobs = {k: v for k, v in self.jobs.items() if k in active}
 
 
 def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | None:
@@ -1519,25 +1522,32 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
             pend.append((tid, score, t[0], t[1], t[2]))
     # Preempted jobs whose worker is stopping the run go back to the front of their priority when
     # it reports (requeue_task): in line already, as far as start times go.
-    jobs: dict[str, tuple[str, int]] = {}
-    may_preempt = any('"preempt":true' in p[2].replace(" ", "") for p in pend)
-    running_jobs = [x["id"] for x in allocs if x.get("kind") == "job"] if may_preempt else []
-    if stopping or running_jobs:
+    if stopping:
         pipe = a.redis.pipeline(transaction=False)
-        for tid in [*stopping, *running_jobs]:
+        for tid in stopping:
             pipe.hmget(k.task(tid), *_TASK_FIELDS)
-        got = pipe.execute()
-        for tid, f in zip(stopping, got[:len(stopping)]):
-            kind, payload, seq, state = f
-            if state == "preempting" and payload and tid not in {p[0] for p in pend}:
+        in_line = {p[0] for p in pend}
+        for tid, (kind, payload, seq, state) in zip(stopping, pipe.execute()):
+            if state == "preempting" and payload and tid not in in_line:
                 try:
                     prio = int(json.loads(payload).get("priority", 1))
                 except (ValueError, TypeError, AttributeError):
                     continue
                 pend.append((tid, (3 - prio) * BAND + int(seq or 0), payload, kind or "job", int(seq or 0)))
-        for tid, f in zip(running_jobs, got[len(stopping):]):
-            if f[1]:
-                jobs[tid] = (f[1], int(f[2] or 0))
+    # Running function tasks' requests, for a simulated preemption to put back in line: only when a
+    # task in line may preempt; they do not change while they run (cached by id).
+    jobs: dict[str, tuple[str, int]] = {}
+    if any('"preempt":true' in p[2].replace(" ", "") for p in pend):
+        running = [x["id"] for x in allocs if x.get("kind") == "job"]
+        unread = [aid for aid in running if aid not in cache.jobs]
+        if unread:
+            pipe = a.redis.pipeline(transaction=False)
+            for aid in unread:
+                pipe.hmget(k.task(aid), "payload", "seq")
+            for aid, (payload, seq) in zip(unread, pipe.execute()):
+                if payload:
+                    cache.jobs[aid] = (payload, int(seq or 0))
+        jobs = {aid: cache.jobs[aid] for aid in running if aid in cache.jobs}
     catalogs: dict[str, set[str]] = {}
     if any('"services"' in p[2] for p in pend):
         # Which host can run which shared named service (changes only with the host's agent).
@@ -1668,7 +1678,8 @@ class EtaEngine:
         if self._fresh(raw.get("_at"), raw.get("_cost_ms")):
             # Only what waits now: a task cancelled or placed since the tick is no longer listed;
             # one queued since has no cached estimate, and then the whole line is simulated now.
-            pending = set(self.a.redis.zrange(self.a.keys.pending, 0, -1))
+            k = self.a.keys  # (a run being stopped for a preemption waits in line too)
+            pending = set(self.a.redis.zrange(k.pending, 0, -1)) | set(self.a.redis.hkeys(k.preempting))
             if pending <= raw.keys():
                 return {tid: (int(raw[tid]) if raw[tid] else None) for tid in pending}
         return self.compute_all().starts

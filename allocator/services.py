@@ -234,14 +234,16 @@ def publish_catalog(a: Allocator, host_id: str, catalog: ServiceCatalog) -> dict
     return a._raise_unless_ok(res)
 
 
-def check_names(a: Allocator, names: list[str]) -> None:
-    """Raises ``InvalidRequest`` (field ``services``) for a name no host's catalog offers, or for
-    names no single host offers together (a request runs on one host: it would wait for ever)."""
+def check_names(a: Allocator, names: list[str], *, together: bool = False) -> None:
+    """Raises ``InvalidRequest`` (field ``services``) for a name no host's catalog offers, and with
+    ``together`` (a request that would wait in line) for names no single host offers together: it
+    runs on one host, so it would wait for ever. That check reads every host's catalog; a request
+    placed now needs none (the placement refuses it)."""
     scores = a.redis.zmscore(a.keys.svc_names, names)
     for name, score in zip(names, scores):
         if not score or score <= 0:
             raise InvalidRequest("services", f"unknown service {name!r}: no host's catalog offers it")
-    if len(set(names)) < 2:
+    if not together or len(set(names)) < 2:
         return
     hosts = a.redis.zrange(a.keys.hosts, 0, -1)
     pipe = a.redis.pipeline(transaction=False)

@@ -20,7 +20,14 @@ sys.path.insert(0, sys.argv[2])
 from allocator.embedded import embedded_url, _started
 url = embedded_url()
 print(url, flush=True)
-if sys.argv[1] == "signal":
+if sys.argv[1] == "fork":
+    if os.fork() == 0:
+        sys.exit(0)  # a forked child exiting normally runs the exit handlers it inherited
+    os.wait()
+    import redis
+    redis.Redis.from_url(url).ping()  # still the parent's
+    print("alive", flush=True)
+if sys.argv[1] in ("signal", "fork"):
     os.kill(os.getpid(), signal.SIGTERM)  # dies by the signal: no exit handlers run
 """
 
@@ -38,13 +45,14 @@ def gone(url: str, timeout_s: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["exit", "signal"])
+@pytest.mark.parametrize("how", ["exit", "signal", "fork"])
 def test_the_embedded_redis_stops_with_its_process(how: str, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", START, how, str(REPO)], capture_output=True, text=True, env=env,
                          timeout=60)
-    url = out.stdout.strip()
+    url = out.stdout.split()[0]
     assert url.startswith("redis://"), out.stderr
+    assert how != "fork" or out.stdout.split()[1:] == ["alive"], out.stderr
     assert gone(url)
     end = time.monotonic() + 10
     while any(tmp_path.glob("allocator-redis-*")) and time.monotonic() < end:

@@ -549,3 +549,26 @@ def test_one_tasks_estimate_sees_a_task_far_behind_it_that_backfills(alloc, cloc
     queued(a, one, expected_duration=1000, selector="host=B", allocation_id="Y")  # beyond X's pass window
     # Once the Z tasks start, Y comes into the window and backfills B's GPU, which X needs.
     assert a.estimated_start_time("X") == a.estimated_start_times()["X"] == at(1011)
+
+
+def test_a_run_being_stopped_that_may_preempt_still_puts_running_jobs_back_in_line(alloc, clock):
+    from allocator.agent.fencing import claim_grant
+
+    from . import jobs
+
+    alloc.register_host(id="h1", cpu_cores=16, ram_mb="64Gi", labels={"host": "h1"}, gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.register_host(id="h2", cpu_cores=16, ram_mb="64Gi", labels={"host": "h2"}, gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    low = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, priority="low", expected_duration=1000, selector="host=h1")
+    clock.advance(1)
+    may = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, strategy="priority", expected_duration=1000)  # on h2
+    for t, h in ((low, "h1"), (may, "h2")):
+        assert claim_grant(alloc, t.id, "w-" + h, h, start=True).current
+    alloc.allocate(WHOLE, priority="high", strategy="priority", on_busy="queue", expected_duration=50, selector="host=h2")
+    assert alloc.redis.hget(alloc.keys.task(may.id), "state") == "preempting"
+    queued(alloc, WHOLE, priority="low", expected_duration=10, selector="host=h1", allocation_id="L")
+    # Back in line, the stopped run may preempt: it takes h1 from the low job at once (until
+    # 1001), and the low job goes back in line ahead of L, which then waits for it (until 2001).
+    assert eta(alloc, "L") == at(2001)
+    assert set(alloc.estimated_start_times()) == {"L", may.id}
+    alloc.refresh_estimated_start_times()
+    assert set(alloc.estimated_start_times()) == {"L", may.id}

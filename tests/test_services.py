@@ -287,6 +287,22 @@ def test_a_queued_request_takes_its_services_when_it_is_placed(alloc):
 # -- the supervisor with tiny real services ---------------------------------------------------------------
 
 
+def test_an_agent_runs_the_named_services_of_one_host_only(alloc, tmp_path):
+    lo, _ = free_ports(8)
+    inv = InventoryFile(tmp_path / "fleet.yaml")
+    inv.write([{"id": "h1", "cpu_cores": 8, "ram_mb": "16Gi", "gpus": []}])
+    agent = Agent(alloc, StaticProvider(inv.path), services=catalog(["filesystem"]), service_ports=(lo, lo + 7))
+    try:
+        agent.run_once()
+        inv.write([{"id": "h1", "cpu_cores": 8, "ram_mb": "16Gi", "gpus": []},
+                   {"id": "h2", "cpu_cores": 8, "ram_mb": "16Gi", "gpus": []}])  # a second host appears
+        agent.run_once()
+        assert list(agent.supervisors) == ["h1"]  # h2's would be handed the same ports on this machine
+        assert alloc.redis.hkeys(alloc.keys.svc_catalog("h2")) == []
+    finally:
+        agent.shutdown()
+
+
 def test_a_real_service_is_started_shared_kept_and_stopped_after_the_idle_timeout(live, tmp_path, supervisors):
     """The issue's scenario: python -m http.server, a real agent thread, the Redis clock, 0.5 s idle."""
     lo, _ = free_ports(8)
@@ -578,6 +594,16 @@ def test_closing_a_manager_leaves_no_service_listed_as_running(alloc):
     assert alloc.redis.hgetall(alloc.keys.svc("local")) == {}  # nothing listed as running, no port held
     assert m.get_allocation(held["allocation_id"])["state"] == "failed"  # its service is gone
     ok(alloc)
+
+
+def test_closing_a_manager_places_no_waiting_task_on_its_host_for_its_services(alloc):
+    lo, hi = free_ports(10)
+    m = AllocationManager(alloc, total_cpu=2.0, total_memory=4096, services=catalog(["filesystem"]), service_ports=(lo, hi))
+    held = m.request_resources("job-1", ["filesystem"], workers=2)
+    assert held["status"] == "active"
+    waiting = alloc.allocate({"cpu_cores": 2}, services=["filesystem"], on_busy="queue")
+    m.close()  # held fails (its service is gone): what it frees must not go to a task needing the service here
+    assert alloc.get(waiting.allocation_id).state == "pending"
 
 
 def test_seed_server_that_fails_to_start_fails_the_request(alloc):

@@ -113,6 +113,7 @@ class Agent:
         self.worker_slots = worker_slots
         self.service_ports = service_ports
         self.supervisors: dict[str, ServiceSupervisor] = {}
+        self._unsupervised: set[str] = set()  # hosts refused named services (one host's per agent)
         self._threaded = False
 
     # -- one round ---------------------------------------------------------------------------
@@ -201,6 +202,14 @@ class Agent:
             if h in invalid:
                 continue
             sup = self.supervisors.get(h)
+            if sup is None and self.supervisors:
+                # Named services run as processes of this machine, on ports of one pool: a second
+                # host served from here would be handed the same ports. One host's services only.
+                if h not in self._unsupervised:
+                    self._unsupervised.add(h)
+                    log.error("host %s: no named services (they run on this machine, which already runs those "
+                              "of host %s; serve them with an agent of one host)", h, next(iter(self.supervisors)))
+                continue
             if sup is None:
                 sup = self.supervisors[h] = ServiceSupervisor(self.allocator, h, self.services,
                                                               address=self.service_address)

@@ -495,6 +495,10 @@ class ServiceSupervisor:
             self._thread.join(timeout=5)
         ran = [(p.name, p.port) for p in self.procs.values()]
         self.stop_all()
+        if withdraw:
+            # First: reporting frees ports and capacity, and the pass that follows must not place
+            # a task needing these services on this host, where no one would start them now.
+            self.withdraw()
         if report:
             for name, port in ran:
                 try:
@@ -503,8 +507,6 @@ class ServiceSupervisor:
                         self._state(name, "failed", port=port, error="its supervisor stopped")
                 except redis.RedisError as exc:
                     log.warning("could not report service %s of %s as stopped: %s", name, self.host_id, exc)
-        if withdraw:
-            self.withdraw()
         if self._own_log_dir and self._log_dir is not None:
             shutil.rmtree(self._log_dir, ignore_errors=True)
             self._log_dir = None
