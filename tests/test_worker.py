@@ -357,6 +357,22 @@ def test_a_cancelled_job_whose_stop_command_was_lost_is_stopped_at_the_next_moni
     assert alloc.capacity().gpus_idle == 2
 
 
+def test_a_run_without_a_task_hash_is_stopped_once_its_allocation_ends(alloc, tmp_path):
+    """A run restored by `allocator recover` has no task hash and no claim: nothing can mark it or
+    name its worker, so the worker stops it when it sees its allocation end."""
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    task = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 1})
+
+    def restored_then_released() -> None:
+        alloc.redis.delete(alloc.keys.task(task.id))  # as after a recovery
+        alloc.release(task.id)
+
+    work_losing_stop_commands(alloc, "h1", once_running=restored_then_released)
+    assert not done.exists()  # stopped, not run to its end
+    assert alloc.capacity().gpus_idle == 2
+
+
 def test_cancelling_a_running_job_stops_it_and_releases(alloc, tmp_path):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_until_file, str(tmp_path / "never"), resources={"gpus": 1})

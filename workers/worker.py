@@ -216,8 +216,8 @@ class ResourceWorker(Worker):
 
     def maintain_heartbeats(self, job: Job, execution: Any) -> None:
         """RQ's heartbeat at each monitoring tick, plus the backstop for a stop-job command this worker
-        never received: a job whose task was preempted or cancelled is stopped as the command would
-        have."""
+        never received: a job whose task was preempted or cancelled, or whose allocation is no
+        longer active on this host, is stopped as the command would have."""
         super().maintain_heartbeats(job, execution)
         if self._pid_recorded:
             # Again at every tick: after Redis lost its data (allocator recover) the map is back
@@ -225,9 +225,21 @@ class ResourceWorker(Worker):
             self._record_pid()
         if self._stopped_job_id == job.id:
             return
-        state = self.allocator.redis.hget(self.allocator.keys.task(job.id), "state")
+        k = self.allocator.keys
+        pipe = self.allocator.redis.pipeline(transaction=False)
+        pipe.hget(k.task(job.id), "state")
+        pipe.hmget(k.alloc(job.id), "state", "host")
+        state, (alloc_state, host) = pipe.execute()
+        why = None
         if state in ("preempting", "cancelled"):
-            log.warning("job %s: its task is %s but the stop command did not arrive; stopping it now", job.id, state)
+            why = f"its task is {state}"
+        elif alloc_state is not None and (alloc_state != "active" or host != self.host_id):
+            # Its grant ended (a user's release, a preemption, an expiry) with no task hash to mark
+            # or no worker to tell: a run restored by `allocator recover` has neither. A record
+            # that is missing (Redis lost its data, not yet recovered) stops nothing.
+            why = f"its allocation is {alloc_state}" + (f" on {host}" if alloc_state == "active" else "")
+        if why:
+            log.warning("job %s: %s but the stop command did not arrive; stopping it now", job.id, why)
             self._stopped_job_id = job.id
             self.kill_horse()
 
