@@ -14,8 +14,10 @@ Steps, with placements refused throughout (the recovery gate, ``recovery.lua``):
 4. check the ledger invariants on an atomic snapshot; only a consistent ledger closes the gate.
 
 What the recorder had not written when Redis lost its data cannot come back: allocations placed
-in that window are unknown (their owners get ALLOCATION_NOT_FOUND on release) and allocations
-released in that window come back as active until released again or their TTL ends.
+in that window are unknown (their owners get ALLOCATION_NOT_FOUND on release) and leases
+released in that window come back as active until released again or their TTL ends. Function
+tasks are checked against RQ first: one whose run ended meanwhile (RQ wrote its end again) or that
+never started and whose RQ job was lost with the data is closed instead of restored ("ended").
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy import Engine, select
 from .. import invariants
 from ..client import Allocator
 from ..errors import AllocatorError
+from ..queue import RQ_PREFIX
 from ..units import duration_ms
 from .db import dt_to_ms
 from .models import allocations as A
@@ -52,10 +55,11 @@ class RecoveryReport:
     existing: list[str] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     hosts_restored: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)  # function tasks closed, not restored (see _ended_jobs)
 
     def as_dict(self) -> dict[str, Any]:
         return {"restored": len(self.restored), "deferred": len(self.deferred), "existing": len(self.existing),
-                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored}
+                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored, "ended": self.ended}
 
 
 def _script(a: Allocator, name: str, *args: object) -> dict[str, Any]:
@@ -167,8 +171,10 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
          .order_by(A.c.placed_at, A.c.allocation_id))
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(q).mappings()]
+    ended = _ended_jobs(a, rows)
     for i in range(0, len(rows), batch):
-        payload = [restore_record(r) for r in rows[i:i + batch] if r["host_id"] and r["placed_at"]]
+        payload = [{**restore_record(r), **({"ended": ended[r["allocation_id"]]} if r["allocation_id"] in ended else {})}
+                   for r in rows[i:i + batch] if r["host_id"] and r["placed_at"]]
         if not payload:
             continue
         res = _script(a, "restore_allocation", json.dumps(payload))
@@ -176,7 +182,34 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
         report.deferred += _ids(res.get("deferred"))
         report.existing += _ids(res.get("existing"))
         report.conflicts += _ids(res.get("conflicts"))
+        report.ended += _ids(res.get("ended"))
     return report
+
+
+#: RQ statuses of a run that is over.
+_RUN_OVER = ("finished", "failed", "stopped", "canceled")
+
+
+def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Function tasks the history has as active that are not to be restored, with the reason to
+    close them with: a run that ended while Redis was without its data (RQ wrote its job's end
+    again: "released" when it finished, "failed" otherwise), or a job that never started and whose
+    RQ job was lost with the data, so that no worker can ever run it ("job_gone"). A running job
+    whose hash is gone is restored: its worker still holds it and releases it at its end."""
+    jobs = [r for r in rows if r["kind"] == "job"]
+    if not jobs:
+        return {}
+    pipe = a.rq_connection.pipeline(transaction=False)
+    for r in jobs:
+        pipe.hget(f"{RQ_PREFIX}job:{r['allocation_id']}", "status")
+    out: dict[str, str] = {}
+    for r, status in zip(jobs, pipe.execute()):
+        status = status.decode() if isinstance(status, bytes) else status
+        if status in _RUN_OVER:
+            out[r["allocation_id"]] = "released" if status == "finished" else "failed"
+        elif status is None and r["started_at"] is None:
+            out[r["allocation_id"]] = "job_gone"
+    return out
 
 
 def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_hosts: bool = False,
@@ -190,7 +223,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
         report.hosts_restored = restore_hosts(a, engine, watch=watch_hosts)
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred
-    report.existing, report.conflicts = restored.existing, restored.conflicts
+    report.existing, report.conflicts, report.ended = restored.existing, restored.conflicts, restored.ended
     violations = invariants.check(a.snapshot())
     if violations:
         raise RecoveryFailed(details={"violations": violations[:50], **report.as_dict()})

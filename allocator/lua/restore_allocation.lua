@@ -6,9 +6,11 @@ ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] JSON list of records {id, task_id, task_type, owner, priority (0..3), strategy, host,
         host_gen, gpus[{pos, index, uuid, model, memory_mb}], cores[], shared_millis, ram_mb,
         created, activated (ms), ttl_ms, expires (ms, 0 = none), metadata (JSON text),
-        request (JSON text), kind, requeues, slots (worker slots held, 0 = none)}.
+        request (JSON text), kind, requeues, slots (worker slots held, 0 = none),
+        ended (absent, or the release reason of a function task not to restore: see recover.py)}.
 For each record:
 - an allocation id the ledger already holds is left alone ("existing"), so a rerun is harmless;
+- one with "ended" is written as released with that reason, with a released event ("ended");
 - on a registered host the grant is checked against what is free (GPU by uuid, since a
   re-registration may reorder GPUs; exclusive cores; shared pool; RAM; worker slots) and applied
   exactly as a placement would ("restored"); a grant that no longer fits is written as ended with reason
@@ -25,7 +27,7 @@ For each record:
 Named-service references (the allocation's services) are not restored: see docs/history.md.
 An expired lease is restored as it was; the next placement or expire() reaps it with a released
 event. Each restored record appends a "restored" event.
-Returns JSON {ok=true, restored[], deferred[], existing[], conflicts[{id, reason}]}
+Returns JSON {ok=true, restored[], deferred[], existing[], conflicts[{id, reason}], ended[]}
         | {ok=false, code="NOT_RECOVERING", message}.
 ]]
 --- @include "ledger"
@@ -37,7 +39,7 @@ if rcall('HGET', K_SEQ, 'recovering') ~= '1' then
     message = 'allocations can be restored only while the recovery gate is open (allocator recover)'})
 end
 
-local restored, deferred, existing, conflicts = {}, {}, {}, {}
+local restored, deferred, existing, conflicts, ended = {}, {}, {}, {}, {}
 
 -- Where each grant of r lies on host h now, or nil and the reason it does not fit.
 local function check_grant(r, h, s)
@@ -111,7 +113,7 @@ local function apply_grant(r, h, g)
   reindex_host(h, touched)
 end
 
-local function record(r, gpus, state)
+local function record(r, gpus, state, reason)
   local created = tonumber(r.created)
   local activated = tonumber(r.activated or created)
   local rec = {id = r.id, task_id = r.task_id or '', task_type = r.task_type or '', owner = r.owner or '',
@@ -125,7 +127,7 @@ local function record(r, gpus, state)
   if slots > 0 then rec.slots = tostring(slots) end
   if state ~= 'active' then
     rec.released = tostring(now)
-    rec.reason = 'recovery_conflict'
+    rec.reason = reason or 'recovery_conflict'
   end
   rcall('HSET', alloc_key(r.id), unpack(alloc_to_list(rec)))
   rcall('ZADD', K_ALLOCS, created, r.id)
@@ -160,6 +162,13 @@ for _, r in ipairs(cjson.decode(ARGV[3])) do
   r.cores = as_list(r.cores)
   if rcall('EXISTS', alloc_key(r.id)) == 1 then
     existing[#existing + 1] = r.id
+  elseif r.ended then
+    -- A function task whose run ended while Redis was without its data, or that can never start:
+    -- its record is closed, so that its grant is not held until its TTL.
+    record(r, r.gpus, 'released', r.ended)
+    ended[#ended + 1] = r.id
+    emit('released', r.id, now, cjson.encode({host = r.host, task_id = r.task_id or '', state = 'released',
+      reason = r.ended, created = tonumber(r.created), activated = tonumber(r.activated or r.created)}))
   else
     local s = host_state(r.host)
     if s == nil then
@@ -186,4 +195,5 @@ for _, r in ipairs(cjson.decode(ARGV[3])) do
   end
 end
 -- cjson encodes an empty table as {}; callers read {} as an empty list.
-return cjson.encode({ok = true, restored = restored, deferred = deferred, existing = existing, conflicts = conflicts})
+return cjson.encode({ok = true, restored = restored, deferred = deferred, existing = existing, conflicts = conflicts,
+  ended = ended})

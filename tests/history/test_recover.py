@@ -142,6 +142,30 @@ def test_a_running_job_comes_back_with_the_deadline_its_claim_set(alloc: Allocat
     assert invariants.check(alloc.snapshot()) == []
 
 
+def test_jobs_whose_run_ended_or_can_never_start_are_closed_not_restored(alloc: Allocator, recorder: Recorder, engine) -> None:
+    from rq.job import Job
+
+    from allocator.agent.fencing import claim_grant
+
+    from .. import jobs
+
+    register_fleet(alloc)
+    ran = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    claim_grant(alloc, ran.id, "w1", alloc.get(ran.id).host_id, start=True)
+    running = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    claim_grant(alloc, running.id, "w1", alloc.get(running.id).host_id, start=True)
+    never = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})  # placed, not started yet
+    recorder.drain()
+    alloc.destroy()  # Redis lost the namespace's data, its RQ jobs included...
+    alloc.rq_connection.hset(Job.key_for(ran.id), mapping={"status": "finished", "origin": f"{alloc.keys.namespace}.low"})
+    report = rec_mod.recover(alloc, engine)  # (RQ wrote that run's end since; destroy() deletes it with its origin)
+    assert sorted(report.ended) == sorted([ran.id, never.id]) and report.restored == [running.id]
+    assert (alloc.get(ran.id).state, alloc.get(ran.id).release_reason) == ("released", "released")
+    assert alloc.get(never.id).release_reason == "job_gone"
+    assert alloc.get(running.id).state == "active"
+    assert invariants.check(alloc.snapshot()) == []
+
+
 def test_a_running_job_without_time_limit_comes_back_without_deadline(alloc: Allocator, recorder: Recorder, engine) -> None:
     import math
 
