@@ -29,7 +29,7 @@ db_app = typer.Typer(help="History database schema (Alembic migrations shipped i
 
 DB_URL = typer.Option(None, "--database-url", envvar="ALLOCATOR_DATABASE_URL",
                       help="postgresql+psycopg://user@host/db; unset = SQLite file (ALLOCATOR_STATE_DIR).")
-REDIS_URL = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help="Redis URL; unset = embedded.")
+REDIS_URL = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help="Redis URL (required).")
 NAMESPACE = typer.Option("alloc", "--namespace", envvar="ALLOCATOR_NAMESPACE", help="Ledger namespace.")
 AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -267,10 +267,13 @@ def usage_cmd(
 # -- recover, recorder, estimates -------------------------------------------------------
 
 
-def _allocator(redis_url: str | None, namespace: str) -> Any:
-    from ..client import Allocator
+def _allocator(redis_url: str | None, namespace: str, *, as_json: bool = False) -> Any:
+    """The ledger these commands work on: a shared Redis is required, as for every command but
+    the demo (an embedded server would be a private, empty one: recover would rebuild a ledger
+    nobody uses and leave the real one's gate closed)."""
+    from ..cli_common import open_allocator
 
-    return Allocator.from_env(redis_url=redis_url, namespace=namespace) if redis_url else Allocator.from_env(namespace=namespace)
+    return open_allocator(redis_url, namespace, as_json=as_json)
 
 
 def recover_cmd(

@@ -153,7 +153,12 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
         rows = [dict(r) for r in conn.execute(q).mappings()]
     done: list[str] = []
     for r in rows:
-        if a.redis.exists(a.keys.host(r["host_id"])):
+        state = a.redis.hget(a.keys.host(r["host_id"]), "state")
+        if state is not None:
+            # Its agent registered it again first (the usual order): a drain an operator asked for
+            # is not in that registration, so it is applied again here. Either order, one ledger.
+            if r["state"] == "draining" and state == "ready":
+                a.drain_host(r["host_id"])
             continue
         a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":

@@ -176,6 +176,13 @@ def test_cli_db_upgrade_to_an_unknown_revision_is_invalid_input(database_url: UR
     assert r.exit_code == 2 and "bogus" in r.stderr
 
 
+def test_cli_recover_recorder_and_estimates_need_a_shared_redis(database_url: URL) -> None:
+    url = database_url.render_as_string(hide_password=False)
+    for command in (["recover"], ["recorder", "--once"], ["estimates"]):
+        r = CliRunner().invoke(app, [*command, "--database-url", url], env={"ALLOCATOR_REDIS_URL": ""})
+        assert r.exit_code == 2 and "no Redis configured" in r.stderr, (command, r.output)
+
+
 def test_cli_recorder_and_estimates_report_an_unreachable_redis_with_exit_1(engine, database_url: URL) -> None:
     url = database_url.render_as_string(hide_password=False)
     for command in (["recorder", "--once"], ["estimates"], ["recover"]):

@@ -63,6 +63,17 @@ def test_recover_works_while_agents_register_their_hosts(alloc: Allocator, recor
     assert cap["gpu-b"].gpu_memory_mb.available == 0  # bob's whole T4 is held again
 
 
+def test_a_drained_host_its_agent_registered_again_before_recover_stays_drained(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    host = FLEET[0]["id"]
+    alloc.drain_host(host)
+    recorder.drain()
+    alloc.destroy()
+    register_fleet(alloc)  # the agents register again before anyone recovers
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.hget(alloc.keys.host(host), "state") == "draining"
+
+
 def test_placements_are_refused_while_recovering(alloc: Allocator) -> None:
     register_fleet(alloc)
     assert rec_mod.begin(alloc)
