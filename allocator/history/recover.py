@@ -18,6 +18,8 @@ in that window are unknown (their owners get ALLOCATION_NOT_FOUND on release) an
 released in that window come back as active until released again or their TTL ends. Function
 tasks are checked against RQ first: one whose run ended meanwhile (RQ wrote its end again) or that
 never started and whose RQ job was lost with the data is closed instead of restored ("ended").
+Tasks that waited in line are not restored (the line is not rebuilt); each gets a "cancelled"
+event with reason ``lost_with_redis``, so the history closes it, and the report lists them ("lost").
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ class RecoveryReport:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     hosts_restored: list[str] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)  # function tasks closed, not restored (see _ended_jobs)
+    lost: list[str] = field(default_factory=list)  # tasks that waited in line: the line is not rebuilt
 
     def as_dict(self) -> dict[str, Any]:
         return {"restored": len(self.restored), "deferred": len(self.deferred), "existing": len(self.existing),
-                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored, "ended": self.ended}
+                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored, "ended": self.ended,
+                "lost": self.lost}
 
 
 def _script(a: Allocator, name: str, *args: object) -> dict[str, Any]:
@@ -191,6 +195,25 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
     return report
 
 
+def close_lost_line(a: Allocator, engine: Engine) -> list[str]:
+    """The tasks the history has as waiting in line that the ledger no longer knows: the line is
+    not rebuilt (their requests, and a function task's RQ job, went with the data). Each gets a
+    "cancelled" event with reason ``lost_with_redis``, so that the history closes it and says why,
+    and their submitters can submit them again."""
+    q = select(A.c.allocation_id).where(A.c.namespace == a.keys.namespace, A.c.state == "pending")
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(q)]
+    if not ids:
+        return []
+    pipe = a.redis.pipeline(transaction=False)
+    for i in ids:
+        pipe.exists(a.keys.alloc(i))
+    lost = [i for i, known in zip(ids, pipe.execute()) if not known]
+    for i in lost:
+        a.record_event("cancelled", i, {"reason": "lost_with_redis"})
+    return lost
+
+
 #: RQ statuses of a run that is over.
 _RUN_OVER = ("finished", "failed", "stopped", "canceled")
 
@@ -229,6 +252,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred
     report.existing, report.conflicts, report.ended = restored.existing, restored.conflicts, restored.ended
+    report.lost = close_lost_line(a, engine)
     violations = invariants.check(a.snapshot())
     if violations:
         raise RecoveryFailed(details={"violations": violations[:50], **report.as_dict()})

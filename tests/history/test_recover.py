@@ -74,6 +74,18 @@ def test_a_drained_host_its_agent_registered_again_before_recover_stays_drained(
     assert alloc.redis.hget(alloc.keys.host(host), "state") == "draining"
 
 
+def test_tasks_that_waited_in_line_are_reported_lost_and_closed_in_the_history(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    waiting = alloc.allocate({"cpu_cores": 1, "gpus": 64}, on_busy="queue")  # no host has 64 GPUs: it waits
+    recorder.drain()
+    alloc.destroy()
+    report = rec_mod.recover(alloc, engine)
+    assert report.lost == [waiting.allocation_id]
+    recorder.drain()
+    row = allocation_row(engine, alloc, waiting.allocation_id)
+    assert (row["state"], row["release_reason"]) == ("cancelled", "lost_with_redis")
+
+
 def test_placements_are_refused_while_recovering(alloc: Allocator) -> None:
     register_fleet(alloc)
     assert rec_mod.begin(alloc)
