@@ -16,10 +16,9 @@ Steps, with placements refused throughout (the recovery gate, ``recovery.lua``):
 What the recorder had not written when Redis lost its data cannot come back: allocations placed
 in that window are unknown (their owners get ALLOCATION_NOT_FOUND on release) and leases
 released in that window come back as active until released again or their TTL ends. Function
-tasks are checked against RQ first: one whose run ended meanwhile (RQ wrote its end again) or that
-never started and whose RQ job was lost with the data is closed instead of restored ("ended").
-Tasks that waited in line are not restored (the line is not rebuilt); each gets a "cancelled"
-event with reason ``lost_with_redis``, so the history closes it, and the report lists them ("lost").
+tasks are checked against RQ first: one whose run ended meanwhile (RQ wrote its end again)
+is closed instead of restored ("ended"). Tasks that waited in line are not restored (the line is
+not rebuilt); the report lists them ("lost").
 """
 
 from __future__ import annotations
@@ -157,12 +156,7 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
         rows = [dict(r) for r in conn.execute(q).mappings()]
     done: list[str] = []
     for r in rows:
-        state = a.redis.hget(a.keys.host(r["host_id"]), "state")
-        if state is not None:
-            # Its agent registered it again first (the usual order): a drain an operator asked for
-            # is not in that registration, so it is applied again here. Either order, one ledger.
-            if r["state"] == "draining" and state == "ready":
-                a.drain_host(r["host_id"])
+        if a.redis.exists(a.keys.host(r["host_id"])):
             continue
         a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":
@@ -195,11 +189,10 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
     return report
 
 
-def close_lost_line(a: Allocator, engine: Engine) -> list[str]:
+def lost_line(a: Allocator, engine: Engine) -> list[str]:
     """The tasks the history has as waiting in line that the ledger no longer knows: the line is
-    not rebuilt (their requests, and a function task's RQ job, went with the data). Each gets a
-    "cancelled" event with reason ``lost_with_redis``, so that the history closes it and says why,
-    and their submitters can submit them again."""
+    not rebuilt (their requests, and a function task's RQ job, went with the data). Reported, not
+    closed: one may have been placed and started since the recorder's last write, and run on."""
     q = select(A.c.allocation_id).where(A.c.namespace == a.keys.namespace, A.c.state == "pending")
     with engine.connect() as conn:
         ids = [r[0] for r in conn.execute(q)]
@@ -208,10 +201,7 @@ def close_lost_line(a: Allocator, engine: Engine) -> list[str]:
     pipe = a.redis.pipeline(transaction=False)
     for i in ids:
         pipe.exists(a.keys.alloc(i))
-    lost = [i for i, known in zip(ids, pipe.execute()) if not known]
-    for i in lost:
-        a.record_event("cancelled", i, {"reason": "lost_with_redis"})
-    return lost
+    return [i for i, known in zip(ids, pipe.execute()) if not known]
 
 
 #: RQ statuses of a run that is over.
@@ -219,11 +209,11 @@ _RUN_OVER = ("finished", "failed", "stopped", "canceled")
 
 
 def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Function tasks the history has as active that are not to be restored, with the reason to
-    close them with: a run that ended while Redis was without its data (RQ wrote its job's end
-    again: "released" when it finished, "failed" otherwise), or a job that never started and whose
-    RQ job was lost with the data, so that no worker can ever run it ("job_gone"). A running job
-    whose hash is gone is restored: its worker still holds it and releases it at its end."""
+    """Function tasks the history has as active whose run ended while Redis was without its data
+    (RQ wrote the job's end again), with the reason to close them with: "released" when it
+    finished, "failed" otherwise. Any other job is restored: one whose hash is gone may still run
+    (RQ does not write a running job's hash again, and the history may not have its start yet), and
+    its worker releases it at its end."""
     jobs = [r for r in rows if r["kind"] == "job"]
     if not jobs:
         return {}
@@ -235,8 +225,6 @@ def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
         status = status.decode() if isinstance(status, bytes) else status
         if status in _RUN_OVER:
             out[r["allocation_id"]] = "released" if status == "finished" else "failed"
-        elif status is None and r["started_at"] is None:
-            out[r["allocation_id"]] = "job_gone"
     return out
 
 
@@ -252,7 +240,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred
     report.existing, report.conflicts, report.ended = restored.existing, restored.conflicts, restored.ended
-    report.lost = close_lost_line(a, engine)
+    report.lost = lost_line(a, engine)
     violations = invariants.check(a.snapshot())
     if violations:
         raise RecoveryFailed(details={"violations": violations[:50], **report.as_dict()})

@@ -63,27 +63,13 @@ def test_recover_works_while_agents_register_their_hosts(alloc: Allocator, recor
     assert cap["gpu-b"].gpu_memory_mb.available == 0  # bob's whole T4 is held again
 
 
-def test_a_drained_host_its_agent_registered_again_before_recover_stays_drained(alloc: Allocator, recorder: Recorder, engine) -> None:
-    register_fleet(alloc)
-    host = FLEET[0]["id"]
-    alloc.drain_host(host)
-    recorder.drain()
-    alloc.destroy()
-    register_fleet(alloc)  # the agents register again before anyone recovers
-    rec_mod.recover(alloc, engine)
-    assert alloc.redis.hget(alloc.keys.host(host), "state") == "draining"
-
-
-def test_tasks_that_waited_in_line_are_reported_lost_and_closed_in_the_history(alloc: Allocator, recorder: Recorder, engine) -> None:
+def test_tasks_that_waited_in_line_are_reported_lost(alloc: Allocator, recorder: Recorder, engine) -> None:
     register_fleet(alloc)
     waiting = alloc.allocate({"cpu_cores": 1, "gpus": 64}, on_busy="queue")  # no host has 64 GPUs: it waits
     recorder.drain()
     alloc.destroy()
     report = rec_mod.recover(alloc, engine)
     assert report.lost == [waiting.allocation_id]
-    recorder.drain()
-    row = allocation_row(engine, alloc, waiting.allocation_id)
-    assert (row["state"], row["release_reason"]) == ("cancelled", "lost_with_redis")
 
 
 def test_placements_are_refused_while_recovering(alloc: Allocator) -> None:
@@ -165,7 +151,7 @@ def test_a_running_job_comes_back_with_the_deadline_its_claim_set(alloc: Allocat
     assert invariants.check(alloc.snapshot()) == []
 
 
-def test_jobs_whose_run_ended_or_can_never_start_are_closed_not_restored(alloc: Allocator, recorder: Recorder, engine) -> None:
+def test_a_job_whose_run_ended_meanwhile_is_closed_not_restored(alloc: Allocator, recorder: Recorder, engine) -> None:
     from rq.job import Job
 
     from allocator.agent.fencing import claim_grant
@@ -177,15 +163,15 @@ def test_jobs_whose_run_ended_or_can_never_start_are_closed_not_restored(alloc: 
     claim_grant(alloc, ran.id, "w1", alloc.get(ran.id).host_id, start=True)
     running = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
     claim_grant(alloc, running.id, "w1", alloc.get(running.id).host_id, start=True)
-    never = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})  # placed, not started yet
+    placed = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})  # placed, not started (as far as the history knows)
     recorder.drain()
     alloc.destroy()  # Redis lost the namespace's data, its RQ jobs included...
     alloc.rq_connection.hset(Job.key_for(ran.id), mapping={"status": "finished", "origin": f"{alloc.keys.namespace}.low"})
     report = rec_mod.recover(alloc, engine)  # (RQ wrote that run's end since; destroy() deletes it with its origin)
-    assert sorted(report.ended) == sorted([ran.id, never.id]) and report.restored == [running.id]
+    assert report.ended == [ran.id]
     assert (alloc.get(ran.id).state, alloc.get(ran.id).release_reason) == ("released", "released")
-    assert alloc.get(never.id).release_reason == "job_gone"
-    assert alloc.get(running.id).state == "active"
+    # A job whose hash is gone may still run (RQ does not write a running job's hash again): restored.
+    assert sorted(report.restored) == sorted([running.id, placed.id])
     assert invariants.check(alloc.snapshot()) == []
 
 
