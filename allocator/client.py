@@ -604,7 +604,7 @@ class Allocator:
             chunk = ids[at:at + batch]
             pipe = self.redis.pipeline(transaction=False)
             for i in chunk:
-                pipe.hget(self.keys.rq_job_keys(i)[0], "origin")
+                pipe.hget(self.keys.rq_job(i), "origin")
             for i, origin in zip(chunk, pipe.execute()):
                 if origin is not None and origin.startswith(mine):
                     yield i

@@ -92,6 +92,11 @@ PREEMPT_LIMIT = 128  # preempt_for(req, now, 128) in queue.lua
 BEST_WINDOW = 8  # BEST_WINDOW in placement.lua: fitting hosts best fit compares
 FIRST_PAGE = 4  # FIRST_PAGE in placement.lua: the first page a first-fit walk reads
 BAND = 4398046511104  # 2^42: pending score per priority band
+
+
+def _front_score(priority: int, seq: int) -> float:
+    """A task's score back at the front of its priority, original sequence kept (requeue_task)."""
+    return (3 - priority) * BAND + seq
 BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
 
 _ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "expires", "slots",
@@ -355,7 +360,6 @@ class Simulation:
             self._reindex(host, None)
         self._load_running([self._running(a) for a in snap.allocs])
         reqs = {} if reqs is None else reqs
-        self._reqs = reqs
         self._jobs = snap.jobs  # running function tasks: id -> (payload, seq), for preemption
         for tid, score, payload, kind, seq in snap.pending:
             req = reqs.get(tid)
@@ -1161,7 +1165,7 @@ class Simulation:
             if al is not None and al.kind == "job":
                 t = self._job_task(victim)
                 if t is not None:  # back to the front of its priority, original sequence kept
-                    self.score[victim] = (3 - t.priority) * BAND + t.seq
+                    self.score[victim] = _front_score(t.priority, t.seq)
                     self.pending.add((self.score[victim], victim))
                     self._pver += 1
         return True
@@ -1533,7 +1537,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
                     prio = int(json.loads(payload).get("priority", 1))
                 except (ValueError, TypeError, AttributeError):
                     continue
-                pend.append((tid, (3 - prio) * BAND + int(seq or 0), payload, kind or "job", int(seq or 0)))
+                pend.append((tid, _front_score(prio, int(seq or 0)), payload, kind or "job", int(seq or 0)))
     # Running function tasks' requests, for a simulated preemption to put back in line: only when a
     # task in line may preempt; they do not change while they run (cached by id).
     jobs: dict[str, tuple[str, int]] = {}

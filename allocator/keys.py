@@ -219,10 +219,15 @@ class Keys:
         return "rq:*:" + _glob_escape(self.rq_queue_name_prefix()) + "*"
 
     @staticmethod
+    def rq_job(job_id: str) -> str:
+        """RQ's hash of one job (a task's id is its RQ job id)."""
+        return f"rq:job:{job_id}"
+
+    @staticmethod
     def rq_job_keys(job_id: str) -> list[str]:
-        """RQ's keys for one job (a task's id is its RQ job id)."""
-        return [f"rq:job:{job_id}", f"rq:results:{job_id}", f"rq:job:{job_id}:dependents",
-                f"rq:job:{job_id}:dependencies"]
+        """RQ's keys for one job: its hash, results, dependents and dependencies."""
+        job = Keys.rq_job(job_id)
+        return [job, f"rq:results:{job_id}", f"{job}:dependents", f"{job}:dependencies"]
 
     #: RQ's set of every queue's key.
     RQ_QUEUES = "rq:queues"

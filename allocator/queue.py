@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
@@ -205,10 +205,7 @@ def position(a: Allocator, task_id: str) -> int | None:
     rank = a.redis.zrank(a.keys.pending, task_id)
     if rank is not None:
         return int(rank) + 1
-    state, activated = a.redis.hmget(a.keys.alloc(task_id), "state", "activated")
-    if state is None or not activated:
-        return None
-    return 0
+    return 0 if a.redis.hget(a.keys.alloc(task_id), "activated") else None
 
 
 class Task:

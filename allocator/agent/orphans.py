@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..client import Allocator
-from ..queue import RQ_PREFIX
 from .fencing import PLACEMENT_FIELDS, finish_job, node_name, placement_token
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class OrphanReaper:
         # a failed run RQ's Retry put back ("queued"/"scheduled") in line again, else the release,
         # "released" for a finished job and "failed" otherwise. A job hash that is gone (a
         # success kept with result_ttl=0, known only to the dead worker) counts as lost.
-        end = finish_job(a, aid, rec["host"] or "", rec["claim"], outcome="lost", job_key=f"{RQ_PREFIX}job:{aid}",
+        end = finish_job(a, aid, rec["host"] or "", rec["claim"], outcome="lost", job_key=a.keys.rq_job(aid),
                          worker_lost=True)
         if end.requeued:
             rep.requeued.append(aid)

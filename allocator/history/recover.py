@@ -33,7 +33,6 @@ from sqlalchemy import Engine, select
 from .. import invariants
 from ..client import Allocator
 from ..errors import AllocatorError
-from ..queue import RQ_PREFIX
 from ..units import duration_ms
 from .db import dt_to_ms
 from .models import allocations as A
@@ -108,11 +107,12 @@ def _slots(request: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-def restore_record(row: dict[str, Any]) -> dict[str, Any]:
-    """The restore_allocation payload for one ``allocations`` row."""
+def restore_record(row: dict[str, Any], ended: str | None = None) -> dict[str, Any]:
+    """The restore_allocation payload for one ``allocations`` row; ``ended``: the reason to close
+    it with instead of restoring it (see ``_ended_jobs``)."""
     cores = row["cores"] if isinstance(row["cores"], list) else []
     placed = dt_to_ms(row["placed_at"])
-    return {
+    rec = {
         "id": row["allocation_id"], "task_id": row["task_id"] or "", "task_type": row["task_type"] or "",
         "owner": row["owner"] or "", "priority": row["priority"] if row["priority"] is not None else 1,
         "strategy": row["strategy"] or "", "host": row["host_id"], "host_gen": row["host_gen"] or 1,
@@ -124,6 +124,9 @@ def restore_record(row: dict[str, Any]) -> dict[str, Any]:
         "requeues": int(row.get("requeues") or 0), "expected_ms": _expected_ms(row["request"]),
         "slots": _slots(row["request"]),
     }
+    if ended:
+        rec["ended"] = ended
+    return rec
 
 
 def _host_spec(host_id: str, stored: Any) -> dict[str, Any]:
@@ -176,8 +179,8 @@ def restore_allocations(a: Allocator, engine: Engine, *, batch: int = 200) -> Re
         rows = [dict(r) for r in conn.execute(q).mappings()]
     ended = _ended_jobs(a, rows)
     for i in range(0, len(rows), batch):
-        payload = [{**restore_record(r), **({"ended": ended[r["allocation_id"]]} if r["allocation_id"] in ended else {})}
-                   for r in rows[i:i + batch] if r["host_id"] and r["placed_at"]]
+        payload = [restore_record(r, ended.get(r["allocation_id"])) for r in rows[i:i + batch]
+                   if r["host_id"] and r["placed_at"]]
         if not payload:
             continue
         res = _script(a, "restore_allocation", json.dumps(payload))
@@ -219,7 +222,7 @@ def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
         return {}
     pipe = a.rq_connection.pipeline(transaction=False)
     for r in jobs:
-        pipe.hget(f"{RQ_PREFIX}job:{r['allocation_id']}", "status")
+        pipe.hget(a.keys.rq_job(r["allocation_id"]), "status")
     out: dict[str, str] = {}
     for r, status in zip(jobs, pipe.execute()):
         status = status.decode() if isinstance(status, bytes) else status

@@ -34,7 +34,7 @@ if not a then
   return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})
 end
 local job, worker = false, nil
-if changed and (want == nil or want == '') then
+if changed and (want == nil or want == '') and a.kind == 'job' then
   local t = read_task(id)
   if t and t.kind == 'job' then job, worker = true, end_task_run(id, a, t) end
 end
