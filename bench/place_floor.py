@@ -19,8 +19,8 @@ measures, in interleaved rounds (server µs per call from ``INFO commandstats``)
 and how many of their µs Redis counted under the commands' own names. The recorded allocations
 stay held: a round of the recorded scripts rewrites, in order, what their calls wrote, so each
 round ends with the ledger as it was.
-Use a Redis where nothing else runs scripts meanwhile: ``MONITOR`` shows every client's
-commands.
+``MONITOR`` shows every client's commands: the recording keeps the calls this client sent
+(by its address), so others may share the server, though their load makes the timings noisier.
 
     .venv/bin/python bench/place_floor.py --redis-url redis://127.0.0.1:6390/4 --json floor.json
 """
@@ -109,6 +109,30 @@ def literal_script(commands: list[list[bytes]], with_json: bool) -> str:
     return "\n".join(lines)
 
 
+def place_calls(lines: list[bytes], sha: bytes, addr: bytes) -> list[list[list[bytes]]]:
+    """The commands of each EVALSHA of ``sha`` that client ``addr`` sent, from MONITOR lines.
+
+    A script runs alone, so the "lua" lines right after its EVALSHA are its commands. MONITOR
+    shows every client of the server, and other clients may run the same script meanwhile
+    (on other databases too): their calls are skipped by their address."""
+    current: list[list[bytes]] | None = None
+    seen: list[list[list[bytes]]] = []
+    for line in lines:
+        parsed = parse_monitor_line(line)
+        if parsed is None:
+            continue
+        client, argv = parsed
+        if client == b"lua":
+            if current is not None:
+                current.append(argv)
+        elif client == addr and argv and argv[0].upper() == b"EVALSHA" and argv[1] == sha:
+            current = []
+            seen.append(current)
+        else:
+            current = None
+    return seen
+
+
 def capture(alloc: Allocator, redis_url: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Places each request with the real script (the path of Allocator.allocate) while a MONITOR
     connection records what the script runs; returns per call its ARGV and reply and the commands."""
@@ -120,30 +144,22 @@ def capture(alloc: Allocator, redis_url: str, requests: list[dict[str, Any]]) ->
         raise SystemExit("MONITOR was refused")
     calls: list[dict[str, Any]] = []
     marker = f"place-floor-{uuid.uuid4().hex}".encode()
+    addr = str(r.client_info()["addr"]).encode()
     for q in requests:
         req = alloc.build_request(q, strategy="best_fit")
         args = [alloc._prefix_arg, alloc._now_arg(), *alloc.place_args(req, new_allocation_id())]
         reply = alloc.scripts["place"](keys=alloc._ledger_keys, args=args)
         calls.append({"args": args, "reply": reply, "commands": []})
     r.echo(marker)
-    current: list[list[bytes]] | None = None
-    seen: list[list[list[bytes]]] = []
+    lines: list[bytes] = []
     while True:
         line = conn.read_response()
-        parsed = parse_monitor_line(line if isinstance(line, bytes) else line.encode())
-        if parsed is None:
-            continue
-        client, argv = parsed
-        if argv and argv[0].upper() == b"ECHO" and argv[1:] == [marker]:
+        line = line if isinstance(line, bytes) else line.encode()
+        parsed = parse_monitor_line(line)
+        if parsed and parsed[1][:1] and parsed[1][0].upper() == b"ECHO" and parsed[1][1:] == [marker]:
             break
-        if client == b"lua":
-            if current is not None:
-                current.append(argv)
-        elif argv and argv[0].upper() == b"EVALSHA" and argv[1] == alloc.scripts["place"].sha.encode():
-            current = []
-            seen.append(current)
-        else:
-            current = None
+        lines.append(line)
+    seen = place_calls(lines, alloc.scripts["place"].sha.encode(), addr)
     mon.connection_pool.disconnect()
     if len(seen) != len(calls):
         raise SystemExit(f"recorded {len(seen)} place calls, made {len(calls)}: is another client running scripts?")

@@ -47,3 +47,17 @@ def test_the_floor_benchmark_leaves_no_keys(redis_url):
     place_floor.main(["--hosts", "4", "--held", "2", "--requests", "2", "--rounds", "1", "--repeat", "1",
                       "--redis-url", redis_url])
     assert set(r.scan_iter(match="*bench-floor-*")) == before
+
+
+def test_only_the_own_clients_place_calls_are_recorded_when_others_run_the_same_script():
+    lines = [
+        b'1.0 [4 127.0.0.1:5000] "EVALSHA" "abc" "16"',
+        b'1.1 [4 lua] "GET" "mine-1"',
+        b'1.2 [11 127.0.0.1:6000] "EVALSHA" "abc" "16"',
+        b'1.3 [11 lua] "GET" "theirs"',
+        b'1.4 [4 127.0.0.1:5000] "EVALSHA" "abc" "16"',
+        b'1.5 [4 lua] "GET" "mine-2"',
+        b'1.6 [4 lua] "SET" "mine-2" "x"',
+    ]
+    assert place_floor.place_calls(lines, b"abc", b"127.0.0.1:5000") == [
+        [[b"GET", b"mine-1"]], [[b"GET", b"mine-2"], [b"SET", b"mine-2", b"x"]]]
