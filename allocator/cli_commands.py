@@ -21,12 +21,12 @@ from .cli_common import (
     AS_JSON,
     EXIT_INVALID,
     EXIT_REFUSED,
-    FIELD_OPTIONS,
     NAMESPACE,
     REDIS_URL,
     err,
     fail,
     open_allocator,
+    option_for,
     out,
     print_json,
     reporting,
@@ -93,7 +93,7 @@ def allocate(
             code = EXIT_INVALID if e["code"] == InvalidRequest.code else EXIT_REFUSED
             if as_json:
                 print_json(res)
-            where = FIELD_OPTIONS.get(e.get("field") or "", None)
+            where = option_for(e["field"]) if e.get("field") else None
             message = e["message"] if where is None or code != EXIT_INVALID else f"{where}: {e['message'].split(': ', 1)[-1]}"
             err.print(f"[bold red]{'invalid' if code == EXIT_INVALID else 'refused'}:[/] {escape(message)}")
             raise typer.Exit(code)

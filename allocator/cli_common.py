@@ -48,7 +48,20 @@ FIELD_OPTIONS = {
     "task_id": "TASK_ID",
     "task_type": "--task-type",
     "host_id": "--host",
+    "owner": "--owner",
+    "metadata": "--metadata",
 }
+
+
+def option_for(field: str) -> str:
+    """The command-line option a request field came from (``metadata.x`` from ``--metadata``),
+    or the field itself when no option gives it."""
+    if field in FIELD_OPTIONS:
+        return FIELD_OPTIONS[field]
+    for prefix in ("resource_requirements.selector", "metadata"):
+        if field.startswith(prefix + "."):
+            return f"{FIELD_OPTIONS[prefix]} ({field.removeprefix(prefix + '.')})"
+    return field
 
 
 def redacted(url: str) -> str:
@@ -127,7 +140,7 @@ def reporting(as_json: bool = False, url: Optional[str] = None) -> Iterator[None
     try:
         yield
     except InvalidRequest as exc:
-        field = FIELD_OPTIONS.get(exc.field, exc.field)
+        field = option_for(exc.field)
         fail(EXIT_INVALID, exc.code, f"{field}: {exc.reason}", exc.field, as_json=as_json)
     except (Refused, NotFound) as exc:
         fail(EXIT_REFUSED, exc.code, exc.message, as_json=as_json)

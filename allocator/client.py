@@ -24,6 +24,7 @@ from .config import Settings
 from .errors import AllocationNotFound, InvalidRequest, from_code
 from .keys import MAX_GPUS_PER_HOST, Keys
 from .models import (
+    ALLOCATION_STATES,
     Allocation,
     AllocationRequest,
     Capacity,
@@ -353,7 +354,13 @@ class Allocator:
         """
         if on_busy not in ("fail", "queue"):
             raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
-        req = self.build_request(resources, **fields)
+        return self.allocate_request(self.build_request(resources, **fields), on_busy=on_busy)
+
+    def allocate_request(self, req: AllocationRequest, *, on_busy: str = "fail") -> Allocation:
+        """``allocate`` of a request ``build_request`` validated: for callers that add to it
+        after validation what no request may bring (the seed APIs' record in its metadata)."""
+        if on_busy not in ("fail", "queue"):
+            raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
         if req.services:
             # A queued request must not wait for a name no host offers, or for names no host offers together.
             _services.check_names(self, req.services, together=on_busy == "queue")
@@ -423,6 +430,8 @@ class Allocator:
         limit: int = 1000,
     ) -> list[Allocation]:
         """Allocations, newest first; finished ones stay listed for the retention period."""
+        if state is not None and state not in ALLOCATION_STATES:
+            raise InvalidRequest("state", f"expected one of {', '.join(ALLOCATION_STATES)}, got {state!r}")
         if host_id is not None:
             check_id(host_id, "host_id")
         if task_id is not None:

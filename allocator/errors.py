@@ -47,6 +47,11 @@ class InvalidRequest(AllocatorError, ValueError):
         the caller's), itself when the field is not among them."""
         return InvalidRequest(names[self.field], self.reason) if self.field in names else self
 
+    def unprefixed(self, prefix: str) -> InvalidRequest:
+        """The same error without ``prefix`` on its field, for callers that pass those fields bare
+        (``resources.gpus`` is ``gpus`` to them)."""
+        return InvalidRequest(self.field[len(prefix):], self.reason) if self.field.startswith(prefix) else self
+
 
 class Refused(AllocatorError):
     """A valid request that cannot be granted now."""

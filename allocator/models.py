@@ -23,6 +23,12 @@ from .units import parse_cpu_millis, parse_memory_mb
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 ID_RULE = "1-128 characters: letters, digits and . _ : @ / -, starting with a letter or digit"
 MAX_SECONDS = 10 * 365 * 86400  # the longest TTL or duration a request may give (ten years)
+#: The states an allocation's record can be in.
+ALLOCATION_STATES = ("pending", "active", "released", "failed", "cancelled")
+#: The metadata key under which the seed APIs (allocator.seeds) keep their own record of an
+#: allocation (which API made it, workers, MCP server names, the original limit strings). They
+#: read it back as theirs, so no request may bring it.
+SEED_KEY = "_seed"
 
 
 class Priority(enum.IntEnum):
@@ -40,7 +46,7 @@ class Priority(enum.IntEnum):
         if isinstance(value, bool):
             raise InvalidRequest(field, f"expected low/normal/high/critical or 0..3, got {value!r}")
         if (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-                or (isinstance(value, str) and value.strip().isdigit())):
+                or (isinstance(value, str) and value.strip().isascii() and value.strip().isdigit())):
             n = int(value)
             if 0 <= n <= 3:
                 return cls(n)
@@ -97,6 +103,9 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
             if "=" not in part:
                 raise InvalidRequest(field, f"{part!r} is not label=value (alternatives with |)")
             k, v = part.split("=", 1)
+            if k.strip() in out:
+                # "a=x,a=y" reads as x and y at once in Kubernetes, as x or y to others: neither is taken.
+                raise InvalidRequest(field, f"label {k.strip()!r} is given twice; give its alternatives once, as {k.strip()}=x|y")
             out[k.strip()] = [x.strip() for x in v.split("|") if x.strip()]
         value = out
     if not isinstance(value, dict):
@@ -316,6 +325,8 @@ class AllocationRequest(_Strict):
             return {}
         if not isinstance(v, dict):
             raise InvalidRequest("metadata", f"expected a JSON object, got {type(v).__name__}")
+        if SEED_KEY in v:
+            raise InvalidRequest(f"metadata.{SEED_KEY}", "is reserved for the seed APIs' own record of an allocation")
         try:
             json.dumps(v, allow_nan=False)
         except (TypeError, ValueError) as exc:

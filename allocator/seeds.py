@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
 from .errors import AllocationNotFound, InsufficientResources, InvalidRequest, Refused
-from .models import Allocation, AllocationRequest, Capacity, HostCapacity, Priority
+from .models import SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority
 from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SEED_KEY = "_seed"
 MANAGER_API = "AllocationManager"
 RESOURCE_ALLOCATOR_API = "ResourceAllocator"
 
@@ -76,8 +75,35 @@ def _now(allocator: Allocator) -> float:
 
 
 def _seed_info(a: Allocation) -> dict[str, Any]:
+    """This module's record of ``a``, its well-typed fields only. Requests may not bring the key
+    (``models.SEED_KEY``), but a record restored by ``allocator recover`` or written by an older
+    version holds whatever it was given, and one bad record must not break every listing."""
     info = a.metadata.get(SEED_KEY)
-    return info if isinstance(info, dict) else {}
+    if not isinstance(info, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(info.get("api"), str):
+        out["api"] = info["api"]
+    for name in ("workers", "worker_memory"):
+        v = info.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[name] = v
+    v = info.get("worker_cpu")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"):
+        out["worker_cpu"] = v
+    v = info.get("mcp_servers")
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        out["mcp_servers"] = v
+    v = info.get("limits")
+    if isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        out["limits"] = v
+    return out
+
+
+def _with_seed_record(req: AllocationRequest, record: dict[str, Any]) -> AllocationRequest:
+    """``req`` with this module's record in its metadata, added after validation, which refuses
+    the key from any caller."""
+    return req.model_copy(update={"metadata": {**req.metadata, SEED_KEY: record}})
 
 
 def _user_metadata(a: Allocation) -> dict[str, Any]:
@@ -489,7 +515,11 @@ class AllocationManager:
                                     "worker_slots": _whole(total_workers, "total_workers")}
             if service_ports is not None:
                 host["service_ports"] = service_ports
-            self.allocator.register_host(host)
+            try:
+                self.allocator.register_host(host)
+            except InvalidRequest as exc:
+                raise exc.renamed({"worker_slots": "total_workers", "ram_mb": "total_memory",
+                                   "cpu_cores": "total_cpu"}) from None
         if services is not None:
             from .agent.services import ServiceSupervisor
 
@@ -561,23 +591,26 @@ class AllocationManager:
             wanted = self._resources(n, resources)
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidRequest("metadata", f"expected a JSON object, got {type(metadata).__name__}")
-            alloc = self.allocator.allocate(
+            req = self.allocator.build_request(
                 wanted,
                 allocation_id=allocation_id,
                 task_id=job_id,
                 task_type=_task_type(metadata),
                 priority=priority,
                 ttl_seconds=ttl_seconds,
-                metadata={**(metadata or {}), SEED_KEY: self._seed_record(n, servers)},
+                metadata=metadata,
                 services=servers,
             )
+            alloc = self.allocator.allocate_request(_with_seed_record(req, self._seed_record(n, servers)))
             if servers:
                 wait_for_services(self.allocator, alloc.allocation_id, self.service_wait_s)
                 alloc = self.allocator.require(alloc.allocation_id)
         except ServiceFailed as exc:
             return self._failed(allocation_id, job_id, exc.message, exc.code)
         except InvalidRequest as exc:
-            exc = exc.renamed({"services": "mcp_servers", "task_id": "job_id"})  # the seed's names
+            # The seed's names: resources are keyword arguments, the task type comes in metadata.
+            exc = exc.renamed({"services": "mcp_servers", "task_id": "job_id",
+                               "task_type": "metadata.task_type"}).unprefixed("resources.")
             return self._failed(allocation_id, job_id, exc.message, exc.code, exc.field)
         except InsufficientResources as exc:
             msg = exc.message if exc.code == "INSUFFICIENT_SERVICE_PORTS" else (self._workers_message(n) if n else None) or exc.message
@@ -745,8 +778,13 @@ class AllocationManager:
         }
 
     def list_allocations(self, state: str | None = None, job_id: str | None = None) -> list[dict[str, Any]]:
-        """Seed 000's summaries, newest first; finished ones stay listed for the retention period."""
+        """Seed 000's summaries, newest first; finished ones stay listed for the retention period.
+        An unknown state or a malformed job id raises ``InvalidRequest`` naming it."""
         now = _now(self.allocator)
+        try:
+            found = self.allocator.list(state=state, task_id=job_id)
+        except InvalidRequest as exc:
+            raise exc.renamed({"task_id": "job_id"}) from None
         return [
             {
                 "allocation_id": a.allocation_id,
@@ -757,7 +795,7 @@ class AllocationManager:
                 "age_seconds": _age_seconds(a, now),
                 "is_expired": _is_expired(a, now),
             }
-            for a in self.allocator.list(state=state, task_id=job_id)
+            for a in found
         ]
 
     def cleanup_expired_allocations(self) -> list[str]:
@@ -819,7 +857,10 @@ class ResourceAllocator:
         if register:
             cores = _core_count(total_cpu, "total_cpu")
             ram_mb = _whole(total_memory_gb, "total_memory_gb") * 1024
-            self.allocator.register_host(id=host_id, cpu_cores=cores, ram_mb=ram_mb)
+            try:
+                self.allocator.register_host(id=host_id, cpu_cores=cores, ram_mb=ram_mb)
+            except InvalidRequest as exc:
+                raise exc.renamed({"ram_mb": "total_memory_gb", "cpu_cores": "total_cpu"}) from None
 
     async def check_availability(self, resource_limits: Mapping[str, str]) -> bool:
         """True when the limits fit now; changes nothing. Invalid limits are logged and read False."""
@@ -835,7 +876,8 @@ class ResourceAllocator:
         """Allocates now; raises ValueError (InvalidRequest / InsufficientResources) otherwise."""
         resources = _limits_to_resources(resource_limits)
         seed = {"api": RESOURCE_ALLOCATOR_API, "limits": {k: str(v) for k, v in resource_limits.items()}}
-        a = await asyncio.to_thread(self.allocator.allocate, resources, ttl_seconds=None, metadata={SEED_KEY: seed})
+        req = _with_seed_record(self.allocator.build_request(resources, ttl_seconds=None), seed)
+        a = await asyncio.to_thread(self.allocator.allocate_request, req)
         return self._allocation_data(a)
 
     @staticmethod
@@ -886,6 +928,9 @@ class ResourceAllocator:
 
     async def cleanup_expired_allocations(self, max_age_hours: float = 24) -> int:
         """Releases this API's allocations created more than ``max_age_hours`` ago; returns how many."""
+        if (isinstance(max_age_hours, bool) or not isinstance(max_age_hours, (int, float))
+                or not 0 <= max_age_hours < float("inf")):
+            raise InvalidRequest("max_age_hours", f"must be a number of hours >= 0, got {max_age_hours!r}")
         cutoff = _now(self.allocator) - max_age_hours * 3600
         old = [a for a in await asyncio.to_thread(self._own_active) if a.created_at.timestamp() < cutoff]
         for a in old:

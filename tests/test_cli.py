@@ -121,6 +121,9 @@ def test_allocate_that_no_host_could_ever_hold_is_refused_even_with_queue(cli, r
     (["--metadata", "{oops"], "--metadata"),
     (["--metadata", "[1, 2]"], "metadata"),
     (["--selector", "no-equals-sign"], "--selector"),
+    (["--selector", "cluster=a,cluster=b"], "--selector"),
+    (["--owner", " "], "--owner"),
+    (["--metadata", '{"_seed": {}}'], "--metadata (_seed)"),
 ])
 def test_invalid_allocate_options_exit_2_naming_the_option(cli, real, args, option):
     before = ledger_dump(real)

@@ -58,7 +58,7 @@ def test_priority_by_name_or_number(value, expected):
     assert Priority.parse(value) == expected
 
 
-@pytest.mark.parametrize("value", [4, -1, "urgent", True, 1.5, None])
+@pytest.mark.parametrize("value", [4, -1, "urgent", True, 1.5, None, "\u00b2", "\u0663"])
 def test_bad_priority_is_refused(value):
     with pytest.raises(InvalidRequest) as exc:
         Priority.parse(value)
@@ -93,6 +93,18 @@ def test_bad_request_fields_name_the_field(data, field):
 
 def test_selector_string_form():
     assert parse_selector("cluster=a|b, zone=z1") == {"cluster": ["a", "b"], "zone": ["z1"]}
+
+
+def test_a_label_given_twice_in_a_selector_string_is_refused_pointing_to_alternatives():
+    with pytest.raises(InvalidRequest) as exc:
+        parse_selector("cluster=other,cluster=lab")
+    assert exc.value.field == "selector" and "cluster=x|y" in exc.value.reason
+
+
+def test_a_request_may_not_bring_the_seed_apis_metadata_key():
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, "metadata": {"_seed": {"workers": "many"}}})
+    assert exc.value.field == "metadata._seed"
 
 
 def test_host_spec_defaults_cluster_label_and_gpu_uuids():

@@ -657,6 +657,56 @@ def test_resource_allocator_cleanup_releases_only_allocations_older_than_max_age
     assert alloc.get(old["allocation_id"]).release_reason == "expired"
 
 
+@pytest.mark.parametrize("age", [-1, float("nan"), float("inf"), "24", None, True])
+def test_resource_allocator_cleanup_refuses_an_age_that_is_not_a_number_of_hours(alloc, age):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc, register=True)
+    made = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    with pytest.raises(InvalidRequest) as exc:
+        run(ra.cleanup_expired_allocations(max_age_hours=age))
+    assert exc.value.field == "max_age_hours"
+    assert list(ra.get_active_allocations()) == [made["allocation_id"]]
+
+
+def test_seed_layers_read_a_record_whose_seed_fields_are_malformed_as_having_none(alloc):
+    """A record restored or written by an older version may hold anything under the key."""
+    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    ra = ResourceAllocator(allocator=alloc)
+    made = m.request_resources("job-1", workers=1)
+    alloc.redis.hset(alloc.keys.alloc(made["allocation_id"]), "metadata",
+                     '{"_seed": {"api": "ResourceAllocator", "workers": "many", "mcp_servers": 5, "limits": "x"}}')
+    assert m.list_allocations()[0]["workers"] == 1  # the record's own worker slots
+    assert m.get_allocation(made["allocation_id"])["resources"]["workers"] == 1
+    assert ra.get_active_allocations()[made["allocation_id"]]["cpu"] is not None
+    assert m.release_resources(made["allocation_id"])["status"] == "released"
+
+
+def test_manager_names_resource_fields_as_its_caller_passes_them(alloc):
+    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    r = m.request_resources("job-1", gpus="many")
+    assert r["status"] == "failed" and r["error_field"] == "gpus"
+    r = m.request_resources("job-1", metadata={"task_type": "x" * 300})
+    assert r["error_field"] == "metadata.task_type"
+
+
+def test_manager_listing_refuses_an_unknown_state_naming_it(alloc):
+    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    with pytest.raises(InvalidRequest) as exc:
+        m.list_allocations(state="ACTIVE")
+    assert exc.value.field == "state"
+    with pytest.raises(InvalidRequest) as exc:
+        m.list_allocations(job_id="")
+    assert exc.value.field == "job_id"
+
+
+def test_constructor_totals_are_named_as_the_seeds_pass_them(alloc):
+    with pytest.raises(InvalidRequest) as exc:
+        AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=2**30)
+    assert exc.value.field == "total_workers"
+    with pytest.raises(InvalidRequest) as exc:
+        ResourceAllocator(total_cpu=4.0, total_memory_gb=10**13, allocator=alloc, register=True)
+    assert exc.value.field == "total_memory_gb"
+
+
 def test_resource_allocator_registers_whole_cores_of_a_fractional_total(alloc):
     ra = ResourceAllocator(total_cpu=2.5, total_memory_gb=4, allocator=alloc, register=True)
     assert ra.get_resource_usage()["total_cpu"] == 2.0
