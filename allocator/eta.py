@@ -1021,7 +1021,10 @@ class Simulation:
         assert h is not None
         if req.services and not h.catalog.issuperset(req.services):
             return None
-        return [h.cpu, h.ramf, {g.uuid: [g.free, g.n, g.model] for g in h.gpus}, h.slotf, h.reserve]
+        # Not floored at 0, as in queue.lua: on an overcommitted host a grant ended frees only
+        # what it holds beyond the excess.
+        return [h.cfree * 1000 - h.shared, h.ram - h.ram_used, {g.uuid: [g.cap - g.used, g.n, g.model] for g in h.gpus},
+                h.slots - h.slots_used, h.reserve]
 
     @staticmethod
     def _sim_give(sim: list[Any], al: Any) -> None:

@@ -189,6 +189,20 @@ def test_the_simulation_preempts_nothing_for_a_request_the_critical_reserve_refu
     assert alloc.get(low.allocation_id).state == "active"
 
 
+def test_the_simulation_preempts_nothing_on_a_host_whose_ram_shrank_below_what_is_granted(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="32Gi")
+    low = alloc.allocate({"cpu_cores": 1, "ram_mb": "16Gi"}, priority="low", expected_duration=1000)
+    alloc.allocate({"cpu_cores": 1, "ram_mb": "16Gi"}, priority="critical", expected_duration=2000)
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="24Gi")  # 32 GiB granted on 24
+    urgent = queued(alloc, {"cpu_cores": 1, "ram_mb": "16Gi"}, priority="critical", strategy="priority")
+    small = queued(alloc, {"cpu_cores": 1, "ram_mb": "8Gi"}, expected_duration=10)
+    # Ending the low task would leave 8 GiB: no preemption; the task starts when the critical
+    # one ends as well, and the small one fits in what the low one leaves at its end.
+    assert alloc.get(low.allocation_id).state == "active"
+    assert eta(alloc, urgent) == at(2000)
+    assert eta(alloc, small) == at(1000)
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end

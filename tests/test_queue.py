@@ -162,6 +162,38 @@ def test_preemption_ends_nothing_on_a_host_whose_ram_would_stay_exhausted(alloc)
     assert alloc.get(low.allocation_id).state == "active"
 
 
+def test_preemption_ends_nothing_on_a_gpu_whose_other_tenant_took_what_the_victim_would_free(alloc):
+    gpu = {"index": 0, "uuid": "U0", "memory_mb": "16Gi"}
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi", gpus=[gpu])
+    low = alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi", "cpu_cores": 1}, priority="low")
+    # Another process now uses 12 GiB: the host is overcommitted, and ending the 8 GiB share
+    # would leave 4 GiB free, not the 8 GiB asked for.
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi", gpus=[{**gpu, "used_mb": "12Gi"}])
+    urgent = queued(alloc, "critical", {"gpus": 1, "gpu_memory_mb": "8Gi", "cpu_cores": 1}, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
+def test_preemption_ends_nothing_on_a_host_whose_ram_shrank_below_what_is_granted(alloc):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi")
+    low = alloc.allocate({"cpu_cores": 1, "ram_mb": "16Gi"}, priority="low")
+    alloc.allocate({"cpu_cores": 1, "ram_mb": "16Gi"}, priority="critical")
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="24Gi")  # 32 GiB granted on 24
+    urgent = queued(alloc, "critical", {"cpu_cores": 1, "ram_mb": "16Gi"}, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
+def test_preemption_does_not_count_cores_the_host_no_longer_lists(alloc):
+    alloc.register_host(id="h1", cpu_cores=[0, 1, 2, 3], ram_mb="32Gi")
+    low = alloc.allocate({"cpu_cores": 2}, priority="low")  # cores 0 and 1
+    alloc.allocate({"cpu_cores": 2}, priority="critical")  # cores 2 and 3
+    alloc.register_host(id="h1", cpu_cores=[2, 3], ram_mb="32Gi")  # 0 and 1 are gone
+    urgent = queued(alloc, "critical", {"cpu_cores": 2}, strategy="priority")
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert alloc.get(low.allocation_id).state == "active"
+
+
 def test_a_lease_reaped_by_a_policy_commit_starts_the_task_waiting_for_it(alloc, clock):
     from allocator.api.placing import place_on
 

@@ -520,6 +520,17 @@ local function core_positions(cores)
   return p
 end
 
+-- Where in host key hk's core map the exclusive cores of a grant are (0: the host no longer
+-- lists that core). cver, cpos: the grant's record of the core list it was made against and the
+-- positions there; host_cver: the host's current list version.
+local function grant_core_positions(hk, cores, cver, cpos, host_cver)
+  if cver and cver ~= '' and cver == host_cver then return decode_list(cpos) end
+  local pos = core_positions(decode_list(rcall('HGET', hk, 'cores')))
+  local out = {}
+  for _, c in ipairs(cores) do out[#out + 1] = pos[tostring(c)] or 0 end
+  return out
+end
+
 local function wake_services(h)
   local k = svc_wake_key(h)
   rcall('LPUSH', k, '1')
@@ -641,17 +652,8 @@ local function return_grant(id, a)
   end
   if #cores > 0 then
     local map = f[2] or ''
-    local positions
-    if a.cver and a.cver ~= '' and a.cver == f[3] then
-      -- The core list is the one the grant was made against: positions are still right.
-      positions = decode_list(a.cpos)
-    else
-      local pos = core_positions(decode_list(rcall('HGET', hk, 'cores')))
-      positions = {}
-      for _, c in ipairs(cores) do positions[#positions + 1] = pos[tostring(c)] or 0 end
-    end
     local back = 0
-    for _, i in ipairs(positions) do
+    for _, i in ipairs(grant_core_positions(hk, cores, a.cver, a.cpos, f[3])) do
       if i > 0 and string.sub(map, i, i) == '0' then
         map = string.sub(map, 1, i - 1) .. '1' .. string.sub(map, i + 1)
         back = back + 1

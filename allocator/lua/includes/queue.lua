@@ -168,6 +168,9 @@ end
 -- and holders, starting from now and adding back what given allocations would free.
 -- A host whose catalog lacks a service the request names is no candidate (free service ports
 -- are not simulated: the ETA does not model them either).
+-- The free amounts are not floored at 0: on a host an update left overcommitted (less RAM or GPU
+-- memory than its grants hold), ending a grant frees only what it holds beyond the excess, and
+-- preemption must not end work that frees nothing usable.
 local function sim_host(req, h)
   local s = host_state(h)
   if not host_eligible(req, h, s) then return nil end
@@ -175,15 +178,28 @@ local function sim_host(req, h)
   local gpus = {}
   for p = 0, s.ngpu - 1 do
     local g = gpu_state(h, p)
-    gpus[g.uuid] = {free = g.free, n = g.n, model = g.model}
+    gpus[g.uuid] = {free = g.total - g.ext - g.used, n = g.n, model = g.model}
   end
-  return {cpu = s.cpu, ram = s.ramf, gpus = gpus, slots = s.slotf, reserve = s.reserve}
+  local slots = rcall('HMGET', host_key(h), 'slots', 'slots_used')
+  return {cpu = s.cfree * 1000 - s.shared, ram = s.ram - s.ram_used, gpus = gpus,
+          slots = tonumber(slots[1] or 0) - tonumber(slots[2] or 0), reserve = s.reserve}
 end
 
--- What allocation id holds: {gpus = [{uuid, memory_mb}], cpu (millicores), ram, slots}.
-local function held_by(id)
-  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots')
-  return {gpus = decode_list(f[1]), cpu = #decode_list(f[2]) * 1000 + tonumber(f[3] or 0),
+-- What allocation id, held on host h, would give back: {gpus = [{uuid, memory_mb}], cpu
+-- (millicores), ram, slots}. Its exclusive cores count only where return_grant gives them back:
+-- cores the host still lists (an update may have removed some) and marks taken.
+local function held_by(id, h)
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots', 'cver', 'cpos')
+  local cores, back = decode_list(f[2]), 0
+  if #cores > 0 then
+    local hk = host_key(h)
+    local hf = rcall('HMGET', hk, 'cmap', 'cver')
+    local map = hf[1] or ''
+    for _, i in ipairs(grant_core_positions(hk, cores, f[6], f[7], hf[2])) do
+      if i > 0 and string.sub(map, i, i) == '0' then back = back + 1 end
+    end
+  end
+  return {gpus = decode_list(f[1]), cpu = back * 1000 + tonumber(f[3] or 0),
           ram = tonumber(f[4] or 0), slots = tonumber(f[5] or 0)}
 end
 
@@ -238,7 +254,7 @@ local function first_fit_after(req, ids_scores, limit)
       if sims[h] == nil then sims[h] = sim_host(req, h) or false; freed[h] = {} end
       local sim = sims[h]
       if sim then
-        sim_give(sim, held_by(id))
+        sim_give(sim, held_by(id, h))
         freed[h][#freed[h] + 1] = id
         if sim_fits(req, sim) then return h, freed[h], score end
       end
@@ -255,7 +271,7 @@ local function fewest_victims(req, h, victims)
   if #victims <= 1 then return victims end
   local base = sim_host(req, h)
   local held, keep = {}, {}
-  for i, id in ipairs(victims) do held[i], keep[i] = held_by(id), true end
+  for i, id in ipairs(victims) do held[i], keep[i] = held_by(id, h), true end
   for i = #victims, 1, -1 do
     keep[i] = false
     local sim = sim_copy(base)
