@@ -119,6 +119,29 @@ def test_inventory_numbers_written_as_text_or_whole_floats_are_read_as_ints(allo
     assert alloc.allocate({"cpu_cores": 2, "ram_mb": 512}).cpu_cores == [0, 1]
 
 
+def test_a_gpu_held_whole_stays_unshareable_when_other_processes_free_memory_on_it(alloc_any):
+    gpu = {"index": 0, "uuid": "U0", "memory_mb": "16Gi"}
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{**gpu, "used_mb": "1Gi"}])
+    x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})  # whole: the 15 GiB left free
+    assert x.gpus[0].memory_mb == 15360
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[gpu])  # the other process ended
+    # The whole grant takes the memory freed: nothing to share, and its job may use all 16 GiB.
+    assert alloc_any.get(x.allocation_id).gpus[0].memory_mb == 16384
+    assert alloc_any.would_fit({"gpus": 1, "gpu_memory_mb": "1Gi"}) is None
+    assert check(alloc_any.snapshot()) == []
+    alloc_any.release(x.allocation_id)
+    assert alloc_any.capacity().hosts[0].gpus[0].memory.available == 16384
+
+
+def test_a_gpu_held_whole_is_overcommitted_not_shrunk_when_another_process_takes_memory(alloc_any):
+    gpu = {"index": 0, "uuid": "U0", "memory_mb": "16Gi"}
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[gpu])
+    x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{**gpu, "used_mb": "2Gi"}])
+    assert alloc_any.get(x.allocation_id).gpus[0].memory_mb == 16384
+    assert alloc_any.redis.hget(alloc_any.keys.host("h1"), "overcommitted") == "1"
+
+
 def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
     x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})  # GPU index 1, the host's position 0

@@ -134,11 +134,7 @@ end
 if chosen then
   -- grant writes the counters from these values, read after the reaper and the pass above.
   local grants = {}
-  for i, g in ipairs(chosen) do
-    local mem = req.gpu_mem
-    if mem == 0 then mem = g.free end
-    grants[i] = {pos = g.pos, index = g.idx, uuid = g.uuid, model = g.model, memory_mb = mem}
-  end
+  for i, g in ipairs(chosen) do grants[i] = gpu_grant(req, g) end
   p.gpus, p.free = grants, chosen
 end
 return cjson.encode({ok = true, alloc = grant(req, p, now)})

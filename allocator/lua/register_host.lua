@@ -6,7 +6,8 @@ ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uui
 ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
 Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
-A grant whose GPU moved to another position is rewritten with the new position. Where the new
+A grant whose GPU moved to another position is rewritten with the new position; a whole GPU's
+grant grows to all the memory other processes leave it (used_mb down or memory_mb up). Where the new
 totals are below what the host's grants hold (fewer cores or less RAM or GPU memory, or more GPU
 memory used by other processes, used_mb), the field "overcommitted" is "1" until a registration
 finds them within it again: a legal state, which the invariants checker then accepts.
@@ -50,6 +51,7 @@ for pos0, g in ipairs(spec.gpus or {}) do pos_of[g.uuid] = pos0 - 1 end
 -- position (g<pos>:*) and uuid: where the update moved that GPU, the grant's position follows it,
 -- so that its release gives the memory back where the GPU now is.
 local gpu_used, gpu_n, core_held = {}, {}, {}
+local whole = {}  -- GPU uuid -> {id, grants, i}: the whole grant held on it
 local shared, ram_used, slots_used, svc_refs = 0, 0, 0, {}
 for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
   local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'state', 'slots', 'services', 'host_gen')
@@ -60,9 +62,10 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
     slots_used = slots_used + tonumber(f[6] or 0)
     for _, name in ipairs(decode_list(f[7])) do svc_refs[name] = (svc_refs[name] or 0) + 1 end
     local grants, moved = decode_list(f[1]), false
-    for _, g in ipairs(grants) do
+    for i, g in ipairs(grants) do
       gpu_used[g.uuid] = (gpu_used[g.uuid] or 0) + tonumber(g.memory_mb)
       gpu_n[g.uuid] = (gpu_n[g.uuid] or 0) + 1
+      if g.whole then whole[g.uuid] = {id = id, grants = grants, i = i} end
       local pos = pos_of[g.uuid]
       if pos ~= nil and pos ~= tonumber(g.pos) then g.pos = pos; moved = true end
     end
@@ -70,6 +73,21 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
     for _, c in ipairs(decode_list(f[2])) do core_held[tostring(c)] = true end
     shared = shared + tonumber(f[3] or 0)
     ram_used = ram_used + tonumber(f[4] or 0)
+  end
+end
+
+-- A GPU held whole keeps all the memory other processes leave it: where they now use less, or
+-- the GPU reports more, its grant grows (never shrinks: less is an overcommitment, as for shares).
+for _, g in ipairs(spec.gpus or {}) do
+  local w = whole[g.uuid]
+  if w then
+    local wg = w.grants[w.i]
+    local room = tonumber(g.memory_mb) - tonumber(g.used_mb or 0) - (gpu_used[g.uuid] - tonumber(wg.memory_mb))
+    if room > tonumber(wg.memory_mb) then
+      gpu_used[g.uuid] = gpu_used[g.uuid] + room - tonumber(wg.memory_mb)
+      wg.memory_mb = room
+      rcall('HSET', alloc_key(w.id), 'gpus', cjson.encode(w.grants))
+    end
   end
 end
 

@@ -57,7 +57,8 @@ local function check_grant(r, h, s)
     if st.free < tonumber(g.memory_mb) then
       return nil, 'GPU ' .. g.uuid .. ' has ' .. st.free .. ' MiB free, the grant holds ' .. g.memory_mb
     end
-    gpus[i] = {pos = p, index = st.idx, uuid = g.uuid, model = st.model, memory_mb = tonumber(g.memory_mb)}
+    gpus[i] = {pos = p, index = st.idx, uuid = g.uuid, model = st.model, memory_mb = tonumber(g.memory_mb),
+               whole = g.whole == true or nil}
   end
   local newmap = nil
   if #r.cores > 0 then

@@ -45,6 +45,16 @@ local function fits_gpu(req, free, holders, model)
   return true
 end
 
+-- The grant of GPU g (position, index, uuid, model, free MiB) to req: req.gpu_mem MiB, or for a
+-- whole GPU all its free memory, marked whole, which register_host keeps equal to all the memory
+-- other processes leave it (a whole GPU must not become shareable when they free some).
+local function gpu_grant(req, g)
+  if req.gpu_mem == 0 then
+    return {pos = g.pos, index = g.idx, uuid = g.uuid, model = g.model, memory_mb = g.free, whole = true}
+  end
+  return {pos = g.pos, index = g.idx, uuid = g.uuid, model = g.model, memory_mb = req.gpu_mem}
+end
+
 -- Whether GPU g (nil: none) can take one GPU of req.
 local function gpu_fits(req, g)
   if not g then return false end
@@ -603,11 +613,7 @@ local function try_place(req, now)
   end
   fill_gpu_ids(gs, f, at)
   local grants = {}
-  for i, g in ipairs(gs) do
-    local mem = req.gpu_mem
-    if mem == 0 then mem = g.free end
-    grants[i] = {pos = g.pos, index = g.idx, uuid = g.uuid, model = g.model, memory_mb = mem}
-  end
+  for i, g in ipairs(gs) do grants[i] = gpu_grant(req, g) end
   local shared = 0
   if not req.exclusive then shared = req.cpu_millis end
   return {host = h, gen = s.gen, state = s, gpus = grants, cores = core_ids, cpos = core_pos, cver = cver,
