@@ -268,8 +268,13 @@ class Allocator:
         self._raise_unless_ok(self._call("drain_host", host_id, "resume", self.pass_depth, self.scan_cap))
 
     def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
-        """Removes a host; refused while it holds allocations unless ``force`` (which ends them)."""
-        res = self._raise_unless_ok(self._call("remove_host", host_id, "1" if force else "0"))
+        """Removes a host; refused while it holds allocations unless ``force`` (which ends them:
+        its function tasks go back in line or fail by their ``on_host_lost``, as on a lost host).
+        Its heartbeat and published inventory go too."""
+        check_id(host_id, "host_id")
+        keys = [*self._ledger_keys, self.keys.heartbeats, self.keys.reclaim, self.keys.host_inventory(host_id)]
+        raw = self.scripts["remove_host"](keys=keys, args=[self._prefix_arg, self._now_arg(), host_id, "1" if force else "0"])
+        res = self._raise_unless_ok(from_json(raw))
         return list(res.get("released") or [])
 
     # -- allocations -------------------------------------------------------------------------

@@ -310,11 +310,6 @@ class Agent:
                 pass
             except (AllocatorError, redis.RedisError) as exc:  # deregister the others all the same
                 log.error("could not remove %s: %s", h, exc)
-            try:
-                self.allocator.redis.zrem(self.allocator.keys.heartbeats, h)
-                self.allocator.redis.delete(self.allocator.keys.host_inventory(h))
-            except redis.RedisError as exc:
-                log.error("could not clear the heartbeat of %s: %s", h, exc)
             self._registered.pop(h, None)
         if released:
             log.warning("deregistered with %d allocation(s) still running; released (reason host_removed)", len(released))

@@ -1,20 +1,31 @@
 --[[ remove_host: take a host out of the ledger.
-KEYS: the ledger's fixed keys (see includes/ledger.lua).
+KEYS: the ledger's fixed keys (see includes/ledger.lua), then as the LAST THREE the heartbeats
+ZSET, the reclaim ZSET and the host's inventory key (KEYS[#KEYS-2], KEYS[#KEYS-1], KEYS[#KEYS]).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
-allocations end with reason "host_removed" first. Its service catalog and instances are dropped.
-Preempted function tasks whose run there was being stopped follow their on_host_lost policy (no
-worker there may report them now), as on a lost host (see mark_lost.lua).
+allocations end with reason "host_removed" first, and its function tasks, running or placed and
+not yet started, follow their on_host_lost policy (back to the front of the line, or failed), as
+on a lost host (see mark_lost.lua): no worker there will run them now. Preempted function tasks
+whose run there was being stopped do the same. Its service catalog and instances are dropped,
+and so are its heartbeat, reclaim entry and published inventory: a host registered again under
+the same id without an agent must not be declared lost for the old agent's silence.
 Returns JSON {ok, released[], preempted[]?} or {ok=false, code, message}.
 ]]
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
 
+local K_HEARTBEATS, K_RECLAIM, K_INVENTORY = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local now = now_ms()
 local h = ARGV[3]
 local hk = host_key(h)
+local function forget_agent()
+  rcall('ZREM', K_HEARTBEATS, h)
+  rcall('ZREM', K_RECLAIM, h)
+  rcall('DEL', K_INVENTORY)
+end
 if rcall('EXISTS', hk) == 0 then
+  forget_agent()
   return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
 end
 local ids = rcall('SMEMBERS', host_allocs_key(h))
@@ -22,7 +33,14 @@ if #ids > 0 and ARGV[4] ~= '1' then
   return cjson.encode({ok = false, code = 'HOST_BUSY',
     message = 'host ' .. h .. ' still holds ' .. #ids .. ' active allocation(s); drain it or remove with force'})
 end
-for _, id in ipairs(ids) do finish_alloc(id, 'host_removed', now) end
+local failed_tasks = {}
+for _, id in ipairs(ids) do
+  local _, changed = finish_alloc(id, 'host_removed', now)
+  if changed then
+    after_host_lost(id, now)
+    if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed_tasks[#failed_tasks + 1] = id end
+  end
+end
 local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
 for pos = 0, ngpu - 1 do
   local m = gpu_member(h, pos)
@@ -33,9 +51,13 @@ rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_H
 rcall('ZREM', K_CPU_ORD, h)
 rcall('DEL', hk, host_allocs_key(h), host_sum_key(h))
 drop_host_services(h)
+forget_agent()
 emit('host_removed', h, now, '{}')
 local preempted, failed = orphaned_preemptions(h, now)
-for _, id in ipairs(failed) do
+for _, id in ipairs(failed) do failed_tasks[#failed_tasks + 1] = id end
+for _, id in ipairs(failed_tasks) do
+  -- Policy "fail" turned the record to failed after its released event: say so in the outbox
+  -- too, or the history would keep it as released.
   emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_removed'}))
 end
 local out = {ok = true, released = ids, n = #ids}

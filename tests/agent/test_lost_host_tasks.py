@@ -99,3 +99,33 @@ def test_a_lost_host_cannot_be_resumed_or_drained_back_to_life(alloc, make_agent
         alloc.resume_host("h1")
     with pytest.raises(HostLost):
         alloc.drain_host("h1")
+
+
+def test_a_function_task_placed_on_a_host_removed_by_force_goes_back_in_line(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    assert task.state == "active"  # placed on h1, not started: no worker there will run it now
+    assert alloc.remove_host("h1", force=True) == [task.id]
+    assert task.state == "pending" and task.position == 1
+    assert task.job.origin == f"{alloc.keys.namespace}.normal"
+    alloc.register_host(id="h2", cpu_cores=2, ram_mb="4Gi")  # its pass places the task
+    assert (task.state, alloc.get(task.id).host_id) == ("active", "h2")
+    assert check(alloc.snapshot()) == []
+
+
+def test_a_function_task_with_fail_policy_fails_when_its_host_is_removed_by_force(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, on_host_lost="fail")
+    alloc.remove_host("h1", force=True)
+    assert task.state == "failed"
+    assert task.job.get_status() == "failed"
+
+
+def test_a_host_removed_and_registered_again_without_an_agent_is_not_declared_lost(alloc, make_agent, clock):
+    make_agent([host("h1")]).run_once()  # the agent beats once, then is gone
+    alloc.remove_host("h1")
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="4Gi")
+    lease = alloc.allocate({"cpu_cores": 1})
+    lose(alloc, clock)
+    assert alloc.get(lease.allocation_id).state == "active"
+    assert alloc.redis.zscore(alloc.keys.heartbeats, "h1") is None
