@@ -28,6 +28,14 @@ class AllocatorError(Exception):
         return out
 
 
+class TaskRegistryError(AllocatorError):
+    """The operator's task configuration is wrong: a task or task module that cannot be imported,
+    a malformed entry (configuration, never a request's fault)."""
+
+    code = "TASK_REGISTRY"
+    default_message = "the task registry could not be loaded"
+
+
 class InvalidRequest(AllocatorError, ValueError):
     """A request field is malformed; nothing was changed."""
 

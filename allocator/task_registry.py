@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, TaskRegistryError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 BUILTIN_MODULES = ("allocator.demo_tasks",)
@@ -77,7 +77,11 @@ class TaskRegistry:
             return
         extra = [m.strip() for m in os.environ.get("ALLOCATOR_TASK_MODULES", "").split(",") if m.strip()]
         for module in (*BUILTIN_MODULES, *extra):
-            importlib.import_module(module)
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # configuration: say which module, without a traceback
+                raise TaskRegistryError(f"task module {module!r} (ALLOCATOR_TASK_MODULES) failed to import: "
+                                        f"{type(exc).__name__}: {exc}") from None
         self._loaded = True
 
     def get(self, name: object, field_name: str = "task") -> RegisteredTask:

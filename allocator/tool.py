@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from . import seeds, tool_models as m
 from .client import Allocator, check_id
-from .errors import AllocatorError, InvalidRequest, NotFound, Refused
+from .errors import AllocatorError, InvalidRequest, NotFound, Refused, TaskRegistryError
 from .tool_schema import native_schema, render
 
 log = logging.getLogger("allocator.tool")
@@ -336,6 +336,8 @@ def run_tool(name: object, params: object, ctx: ToolContext) -> ToolOutcome:
         return spec.on_invalid(params, exc)
     except (Refused, NotFound) as exc:
         return ToolOutcome({"success": False, "error": {**exc.to_dict(), "field": None}}, REFUSED)
+    except TaskRegistryError as exc:  # the operator's configuration, invalid input as for the CLI
+        return error(exc.code, exc.message, None, INVALID)
     except AllocatorError as exc:
         return ToolOutcome({"success": False, "error": {**exc.to_dict(), "field": None}}, REFUSED)
     except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:

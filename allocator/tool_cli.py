@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .cli_common import NAMESPACE, REDIS_URL, err, settings_url
 from .client import Allocator
 from .config import Settings
-from .errors import InvalidRequest
+from .errors import InvalidRequest, TaskRegistryError
 from .tool import ToolContext, definitions, dumps, run_document
 from .tool_schema import SCHEMA_FORMATS
 
@@ -51,7 +52,12 @@ def tool(
         if not schema or name not in SCHEMA_FORMATS:
             err.print(f"[bold red]invalid:[/] use `allocator tool --schema \\[{'|'.join(SCHEMA_FORMATS)}]`")
             raise typer.Exit(2)
-        sys.stdout.write(json.dumps(definitions(name), indent=2) + "\n")
+        try:
+            defs = definitions(name)
+        except TaskRegistryError as exc:  # the schema lists the registered task names
+            err.print(f"[bold red]invalid:[/] {escape(exc.message)}")
+            raise typer.Exit(2) from None
+        sys.stdout.write(json.dumps(defs, indent=2) + "\n")
         return
     try:
         data = sys.stdin.buffer.read() if file is None or str(file) == "-" else file.read_bytes()

@@ -258,6 +258,17 @@ def test_submit_task_refuses_a_name_that_is_not_registered(alloc):
     assert ledger_dump(alloc) == before
 
 
+def test_a_task_module_that_cannot_be_imported_is_invalid_configuration_not_an_internal_error(alloc, monkeypatch):
+    from allocator import task_registry
+
+    monkeypatch.setenv("ALLOCATOR_TASK_MODULES", "no_such_module_anywhere")
+    monkeypatch.setattr(task_registry, "registry", task_registry.TaskRegistry())
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
+    out = call(alloc, "submit_task", {"task": "demo.etl"})
+    assert out.status == INVALID and out.payload["error"]["code"] == "TASK_REGISTRY"
+    assert "no_such_module_anywhere" in out.payload["error"]["message"]
+
+
 def test_submit_task_refuses_kwargs_reserved_for_the_allocator(alloc):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
     out = call(alloc, "submit_task", {"task": "demo.etl", "kwargs": {"priority": "critical"}})

@@ -50,7 +50,7 @@ def api_command(
     from ..client import Allocator
     from .app import create_app
     from .config import ApiConfig
-    from .tasks import TaskRegistryError
+    from ..errors import TaskRegistryError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = Settings.from_env()
@@ -59,12 +59,13 @@ def api_command(
     config = ApiConfig.from_env(token=token, tasks=tasks, tasks_file=tasks_file, policy_modules=policy_modules)
     try:
         app = create_app(allocator, config)
+        task_names = ", ".join(t["name"] for t in app.state.api.tasks.listing()) or "none"
     except TaskRegistryError as exc:  # a task that cannot be imported, a malformed entry
-        raise typer.BadParameter(str(exc), param_hint="--tasks / --tasks-file (ALLOCATOR_TASKS, ALLOCATOR_TASKS_FILE)") from None
+        raise typer.BadParameter(
+            str(exc), param_hint="--tasks / --tasks-file (ALLOCATOR_TASKS, ALLOCATOR_TASKS_FILE, ALLOCATOR_TASK_MODULES)") from None
     log = logging.getLogger("allocator.api")
     log.info("namespace %r on Redis %s; token %s; tasks: %s; policy modules: %s", allocator.keys.namespace, redact(url),
-             "required" if config.token else "NOT required (set ALLOCATOR_API_TOKEN)",
-             ", ".join(t["name"] for t in app.state.api.tasks.listing()) or "none",
+             "required" if config.token else "NOT required (set ALLOCATOR_API_TOKEN)", task_names,
              ", ".join(config.allowed_policy_modules))
     if check:
         allocator.redis.ping()

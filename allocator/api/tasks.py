@@ -28,17 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AllocatorError
+from ..errors import TaskRegistryError
 from .errors import UnknownTask
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TARGET = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
-
-
-class TaskRegistryError(AllocatorError):
-    """The operator's task configuration is wrong (raised at start-up, never per request)."""
-
-    code = "TASK_REGISTRY"
 
 
 @dataclass(frozen=True)
@@ -125,6 +119,8 @@ class TaskRegistry:
             return []
         try:
             return list(self._shared.names())
+        except TaskRegistryError:
+            raise
         except Exception as exc:  # a task module of ALLOCATOR_TASK_MODULES failed to import
             raise TaskRegistryError(f"shared task registry failed to load: {type(exc).__name__}: {exc}") from None
 

@@ -4,6 +4,7 @@ shape. No Docker engine runs here; this is what can be checked without one."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -134,3 +135,12 @@ def test_api_command_check_mode(redis_url: str) -> None:
     assert res.returncode == 0, res.stderr
     assert "/ws/allocate" in res.stdout and "/v1/allocations" in res.stdout
     assert "password" not in res.stderr.lower() or "***" in res.stderr
+
+
+def test_api_command_with_a_task_module_that_cannot_be_imported_exits_2_naming_it(redis_url: str) -> None:
+    exe = Path(sys.executable).parent / "allocator"
+    env = {**os.environ, "ALLOCATOR_TASK_MODULES": "no_such_module_anywhere"}
+    res = subprocess.run([str(exe), "api", "--check", "--redis-url", redis_url, "--namespace", "test-api-check"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 2, res.stderr
+    assert "no_such_module_anywhere" in res.stderr and "Traceback" not in res.stderr
