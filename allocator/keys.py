@@ -287,6 +287,11 @@ class Keys:
         releases, latency and ETA-error buckets) and refusals|<reason> counted by the API."""
         return self._k("api_stats")
 
+    def ws_claim(self, allocation_id: str) -> str:
+        """STRING with a TTL: the WebSocket session that named ``allocation_id`` first owns what
+        it makes (SET NX), so a second session naming the same id at once cannot cancel it."""
+        return self._k("ws_claim:" + allocation_id)
+
     @property
     def eta_predictions(self) -> str:
         """HASH task id -> first predicted start ms the API reported, until the task starts

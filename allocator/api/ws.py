@@ -155,7 +155,7 @@ class Session:
         fields = inputs.allocation_fields()
         fields["metadata"] = metadata
         self.allocation_id = inputs.allocation_id or new_allocation_id()
-        self.owned = not (inputs.allocation_id and self.a.redis.exists(self.a.keys.alloc(self.allocation_id)))
+        self.owned = not inputs.allocation_id or self._claim(inputs.allocation_id)
         try:
             req = self.a.build_request(inputs.resources_dict(), allocation_id=self.allocation_id, **fields)
         except InvalidRequest as exc:
@@ -173,6 +173,14 @@ class Session:
         return PolicyRun(self.a, req, self.allocation_id, selector, data["inputs"], evaluate, on_busy=self.settings.on_busy,
                          attempts=self.settings.max_attempts or self.st.config.policy_attempts, selector_field=field,
                          needs_candidates=type(policy) not in LEDGER_STRATEGIES)
+
+    def _claim(self, allocation_id: str) -> bool:
+        """Whether this session makes the allocation the client named: no record of that id yet,
+        and no other session named it first (both may pass the first check at once)."""
+        if self.a.redis.exists(self.a.keys.alloc(allocation_id)):
+            return False
+        return bool(self.a.redis.set(self.a.keys.ws_claim(allocation_id), "1", nx=True,
+                                     ex=max(1, self.a.record_retention_s)))
 
     async def listen(self) -> None:
         """Watches the socket after the request: a close or ``{"type": "cancel"}`` sets ``stop``."""

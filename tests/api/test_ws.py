@@ -213,3 +213,21 @@ def test_binary_frame_is_read_as_json_text(api: LiveApi) -> None:
         ws.send(json.dumps(message("best_fit")).encode())
         placed, _ = until(ws, "placed")
         assert placed["allocation"]["state"] == "active"
+
+
+def test_of_two_sessions_naming_the_same_new_id_at_once_only_the_first_owns_it(alloc) -> None:
+    import asyncio
+
+    from allocator.api.app import create_app
+    from allocator.api.config import ApiConfig
+    from allocator.api.ws import Session
+
+    alloc.register_host(id="h0", cpu_cores=4, ram_mb="8Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    st = create_app(alloc, ApiConfig(token=None)).state.api
+    text = json.dumps(message("best_fit", {"resources": {"gpus": 1}, "allocation_id": "job-42"}))
+    first, second = Session(st, None), Session(st, None)  # type: ignore[arg-type]
+    runs = first.prepare(text), second.prepare(text)  # both before either places
+    assert (first.owned, second.owned) == (True, False)
+    assert runs[0].run().allocation_id == runs[1].run().allocation_id == "job-42"
+    asyncio.run(second.cancel())  # the second client leaves: what the first made stays
+    assert alloc.get("job-42").state == "active"
