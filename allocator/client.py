@@ -263,9 +263,11 @@ class Allocator:
         stays until resumed)."""
         self._raise_unless_ok(self._call("drain_host", host_id, "agent_drain" if by_agent else "drain"))
 
-    def resume_host(self, host_id: str) -> None:
-        """Undo ``drain_host``."""
-        self._raise_unless_ok(self._call("drain_host", host_id, "resume", self.pass_depth, self.scan_cap))
+    def resume_host(self, host_id: str, *, by_agent: bool = False) -> str:
+        """Undo ``drain_host``; returns the host's state. ``by_agent``: the host's agent, starting,
+        resumes only a drain of its own (``drain_host(by_agent=True)``), never an operator's."""
+        mode = "agent_resume" if by_agent else "resume"
+        return str(self._raise_unless_ok(self._call("drain_host", host_id, mode, self.pass_depth, self.scan_cap))["state"])
 
     def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
         """Removes a host; refused while it holds allocations unless ``force`` (which ends them:

@@ -227,13 +227,13 @@ class Agent:
         except InvalidRequest as exc:
             log.error("host %s not registered, its inventory is invalid: %s", host_id, exc)
             return False
-        if (reason == "new" and res.get("state") == "draining"
-                and self.allocator.redis.hget(self.allocator.keys.host(host_id), "drained_by") == "agent"):
+        if reason == "new" and res.get("state") == "draining":
             # Drained by an agent that stopped before it deregistered the host (killed while it
-            # waited for running work): that drain was the agent's own, not an operator's. (Before
-            # the host counts as registered: a resume that fails is tried again next round.)
-            log.warning("host %s was left draining by a previous agent; resuming it", host_id)
-            self.allocator.resume_host(host_id)
+            # waited for running work): that drain was the agent's own, not an operator's, which
+            # the script checks as it resumes. (Before the host counts as registered: a resume
+            # that fails is tried again next round.)
+            if self.allocator.resume_host(host_id, by_agent=True) == "ready":
+                log.warning("host %s was left draining by a previous agent; resumed it", host_id)
         self._registered[host_id] = spec
         AGENT_REGISTRATIONS.labels(reason=reason).inc()
         if reason == "returned":

@@ -2,7 +2,9 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume" |
 "agent_drain" (the host's agent draining it as it stops: field drained_by = "agent", so that its
-next start knows the drain was its own and resumes the host; "drain" and "resume" clear it),
+next start knows the drain was its own and resumes the host; "drain" and "resume" clear it) |
+"agent_resume" (that next start: resumes only a drain that is still the agent's, checked here,
+so that an operator's drain made meanwhile stays),
 ARGV[5] scheduling pass depth after a resume (0 = none), ARGV[6] scan cap.
 Returns JSON {ok, state} or {ok=false, code="HOST_NOT_FOUND"}.
 ]]
@@ -22,8 +24,11 @@ if state == 'lost' then
   -- fences its old grants); drain/resume must not revive it under the old one.
   return cjson.encode({ok = false, code = 'HOST_LOST', message = 'host ' .. h .. ' is lost; its agent must register it again'})
 end
+if ARGV[4] == 'agent_resume' and (state ~= 'draining' or rcall('HGET', hk, 'drained_by') ~= 'agent') then
+  return cjson.encode({ok = true, state = state})
+end
 local target = 'draining'
-if ARGV[4] == 'resume' then target = 'ready' end
+if ARGV[4] == 'resume' or ARGV[4] == 'agent_resume' then target = 'ready' end
 if ARGV[4] ~= 'agent_drain' then
   rcall('HDEL', hk, 'drained_by')
 elseif state ~= 'draining' then

@@ -108,6 +108,20 @@ def test_a_host_an_operator_drained_stays_draining_when_its_agent_restarts(alloc
     assert _state(alloc) == "draining"
 
 
+def test_an_operator_drain_made_while_a_starting_agent_resumes_its_own_stays(alloc, make_agent, monkeypatch):
+    make_agent([host("h1")]).run_once()
+    alloc.drain_host("h1", by_agent=True)
+    resume = alloc.resume_host
+
+    def operator_drains_first(host_id, **kw):  # the operator's drain lands just before the resume
+        alloc.drain_host("h1")
+        return resume(host_id, **kw)
+
+    monkeypatch.setattr(alloc, "resume_host", operator_drains_first)
+    make_agent([host("h1")]).run_once()
+    assert _state(alloc) == "draining"
+
+
 def test_an_agent_draining_a_host_an_operator_drained_leaves_it_the_operators(alloc, make_agent):
     make_agent([host("h1")]).run_once()
     alloc.drain_host("h1")  # the operator's maintenance drain
