@@ -412,7 +412,23 @@ class Allocator:
     def get(self, allocation_id: str) -> Allocation | None:
         check_id(allocation_id, "allocation_id")
         rec = self.redis.hgetall(self.keys.alloc(allocation_id))
-        return Allocation.from_record(rec) if rec else None
+        if not rec:
+            return None
+        alloc = Allocation.from_record(rec)
+        if alloc.state == "pending":
+            self._fill_positions([alloc])
+        return alloc
+
+    def _fill_positions(self, allocs: list[Allocation]) -> None:
+        """Each pending allocation's place in line (1 = next), read in one round trip."""
+        pending = [x for x in allocs if x.state == "pending"]
+        if not pending:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for x in pending:
+            pipe.zrank(self.keys.pending, x.allocation_id)
+        for x, rank in zip(pending, pipe.execute()):
+            x.queue_position = None if rank is None else int(rank) + 1
 
     def require(self, allocation_id: str) -> Allocation:
         alloc = self.get(allocation_id)
@@ -468,7 +484,9 @@ class Allocator:
         # Sorted before the cut: a host's set of allocations comes in no order, and the newest
         # are the ones to keep.
         out.sort(key=lambda a: (a.created_at, a.allocation_id), reverse=True)
-        return out[:limit]
+        out = out[:limit]
+        self._fill_positions(out)
+        return out
 
     def expire(self, *, batch: int = 500) -> list[str]:
         """Releases every allocation whose TTL has passed (in bounded batches); returns their ids."""

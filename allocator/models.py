@@ -519,7 +519,7 @@ class Allocation(BaseModel):
     allocation_time_ms: float | None = None
     released_now: bool | None = Field(None, description="Set by release: whether that call ended it.")
     kind: str = Field("lease", description="lease (direct allocation) or job (function task).")
-    queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed.")
+    queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed; null for a request that left the line unplaced (cancelled).")
     requeues: int = 0
     not_before: datetime | None = Field(
         None, description="While pending: the earliest it may start (a retry's interval, as RQ's Retry(interval=...) asks).")
@@ -568,7 +568,9 @@ class Allocation(BaseModel):
             "metadata": _json_of(rec.get("metadata"), dict),
             "request": _json_of(rec.get("request"), dict),
             "kind": rec.get("kind") or "lease",
-            "queue_position": 0 if state != "pending" else None,
+            # 0 once placed; None while pending (Allocator.get and list fill the place in line)
+            # and for a request that left the line unplaced (cancelled), which has no place.
+            "queue_position": 0 if state != "pending" and rec.get("activated") else None,
             "requeues": int(rec.get("requeues") or 0),
             "not_before": _ts(rec.get("not_before")) if state == "pending" else None,
             "workers": int(rec.get("slots") or 0),

@@ -224,6 +224,18 @@ def test_a_policy_commit_does_not_grant_a_gpu_the_line_took_when_a_lease_was_rea
     assert invariants.check(alloc.snapshot()) == []
 
 
+def test_a_pending_allocation_read_back_shows_its_place_in_line(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    first, second = queued(alloc), queued(alloc)
+    assert alloc.get(second.allocation_id).queue_position == 2
+    assert {x.allocation_id: x.queue_position for x in alloc.list(state="pending")} == {
+        first.allocation_id: 1, second.allocation_id: 2}
+    alloc.cancel(first.allocation_id)
+    assert alloc.get(first.allocation_id).queue_position is None  # left the line unplaced
+    assert alloc.get(second.allocation_id).queue_position == 1
+
+
 def test_a_request_pinned_to_a_host_that_is_removed_leaves_the_line(alloc):
     from allocator.api.placing import submit_to_line
 
