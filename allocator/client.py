@@ -171,8 +171,9 @@ def _check_host_spec(spec: HostSpec) -> None:
 class Allocator:
     """Allocate and release GPU memory, CPU cores and RAM across a fleet of hosts.
 
-    ``Allocator(redis_url=..., namespace=...)``; with no URL (and no ``ALLOCATOR_REDIS_URL``) a
-    private redis-server is started for this process. ``clock`` returns seconds since the epoch
+    ``Allocator(redis_url=..., namespace=...)``; with no URL a private redis-server is started for
+    this process. The constructor reads no environment: ``Allocator.from_env()`` takes the URL and
+    namespace from ``ALLOCATOR_REDIS_URL`` and ``ALLOCATOR_NAMESPACE``. ``clock`` returns seconds since the epoch
     and overrides the Redis server clock (for tests and simulations).
     """
 
