@@ -120,6 +120,8 @@ class Session:
                 alloc = await self.wait(alloc, run)
             if alloc is not None:
                 await self.deliver(alloc, run)
+            else:  # cancelled at the client's word (or it left: then the close goes nowhere)
+                await self._close(1000)
         except AllocatorError as exc:
             await asyncio.to_thread(count_refusal, self.a, exc.code)
             await self.fail(exc)

@@ -137,6 +137,10 @@ def test_cancel_message_cancels(api: LiveApi) -> None:
         assert recv(ws)["type"] == "queued"
         ws.send(json.dumps({"type": "cancel"}))
         wait_until(lambda: api.allocator.get(accepted["allocation_id"]).state == "cancelled", what="cancel")
+        with pytest.raises(ConnectionClosed) as info:
+            while True:  # position frames sent before the cancel arrived, then the close
+                assert recv(ws)["type"] == "position"
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1000
 
 
 def test_fail_when_busy_and_timeout_settings(api: LiveApi) -> None:
