@@ -272,7 +272,8 @@ class Allocator:
 
     def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
         """Removes a host; refused while it holds allocations unless ``force`` (which ends them:
-        its function tasks go back in line or fail by their ``on_host_lost``, as on a lost host).
+        its function tasks not yet started go back in line or fail by their ``on_host_lost``, as
+        on a lost host; started runs are stopped by their workers).
         Its heartbeat and published inventory go too."""
         check_id(host_id, "host_id")
         keys = [*self._ledger_keys, self.keys.heartbeats, self.keys.reclaim, self.keys.host_inventory(host_id)]

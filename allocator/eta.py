@@ -147,7 +147,7 @@ class _Gpu:
 
 class _Host:
     __slots__ = ("id", "ord", "ready", "labels", "reserve", "cfree", "shared", "ram", "ram_used", "gpus",
-                 "indexed", "slots", "slots_used", "catalog", "ncores")
+                 "indexed", "slots", "slots_used", "catalog", "ncores", "taken")
 
     def __init__(self, hid: str, h: dict[str, str]) -> None:
         self.id = hid
@@ -166,6 +166,13 @@ class _Host:
         except ValueError:
             cores = []
         self.ncores = len(cores) if isinstance(cores, list) else 0
+        # On a host an update left overcommitted, a grant may hold cores the host no longer
+        # lists: its release gives back only the listed ones it holds (return_grant), so the
+        # simulation needs the ids still taken. Elsewhere every granted core comes back.
+        self.taken: frozenset[str] | None = None
+        if h.get("overcommitted") == "1" and isinstance(cores, list):
+            cmap = h.get("cmap") or ""
+            self.taken = frozenset(str(c) for i, c in enumerate(cores) if cmap[i:i + 1] == "0")
         self.catalog: frozenset[str] = frozenset()
         self.gpus: list[_Gpu] = []
         for p in range(int(h.get("ngpu") or 0)):
@@ -485,7 +492,11 @@ class Simulation:
             release = self.now + max(1000.0, self.overdue_factor * (self.now - release))
         if release is not None and release < self.now:
             release = self.now
-        al = _Alloc(a["id"], a["host"], a["grants"], a["cores"], a["shared"], a["ram"],
+        cores = a["cores"]
+        host = self.hosts.get(a["host"])
+        if host is not None and host.taken is not None:
+            cores = sum(1 for c in a.get("core_ids", ()) if str(c) in host.taken)
+        al = _Alloc(a["id"], a["host"], a["grants"], cores, a["shared"], a["ram"],
                     a["priority"], a.get("kind") or "lease", start, release, a.get("end"))
         al.slots = a.get("slots", 0)
         return al
@@ -1431,7 +1442,8 @@ def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | 
         return None
     return {
         "id": aid, "host": f["host"], "grants": grants,
-        "cores": len(cores) if isinstance(cores, list) else 0, "shared": int(f.get("shared_millis") or 0),
+        "cores": len(cores) if isinstance(cores, list) else 0, "core_ids": cores if isinstance(cores, list) else [],
+        "shared": int(f.get("shared_millis") or 0),
         "ram": int(f.get("ram_mb") or 0), "priority": int(f.get("priority") or 1), "kind": f.get("kind"),
         "start": int(f.get("activated") or 0) or int(10**13 - 1 - (score - int(score // 10**13) * 10**13)),
         "task_type": f.get("task_type"), "expires": int(f.get("expires") or 0), "slots": int(f.get("slots") or 0),

@@ -781,6 +781,9 @@ class AllocationManager:
         """Seed 000's summaries, newest first; finished ones stay listed for the retention period.
         An unknown state or a malformed job id raises ``InvalidRequest`` naming it."""
         now = _now(self.allocator)
+        if state == "releasing":
+            # One of seed 000's states; a release here is one atomic step, so nothing is ever in it.
+            return []
         try:
             found = self.allocator.list(state=state, task_id=job_id)
         except InvalidRequest as exc:

@@ -88,7 +88,11 @@ def mcp(
     if not settings_url(redis_url):
         err.print("[bold red]invalid:[/] no Redis configured: set ALLOCATOR_REDIS_URL or --redis-url")
         raise typer.Exit(2)
-    serve(_allocator_factory(redis_url, namespace), http=http, host=host, port=port, path=path)
+    try:
+        serve(_allocator_factory(redis_url, namespace), http=http, host=host, port=port, path=path)
+    except TaskRegistryError as exc:  # the tools' schemas list the registered task names
+        err.print(f"[bold red]invalid:[/] {escape(exc.message)}")
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -203,6 +203,16 @@ def test_the_simulation_preempts_nothing_on_a_host_whose_ram_shrank_below_what_i
     assert eta(alloc, small) == at(1000)
 
 
+def test_the_simulation_counts_only_the_cores_a_release_gives_back(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=[0, 1, 2, 3], ram_mb="32Gi")
+    alloc.allocate({"cpu_cores": 2}, priority="low", expected_duration=1000)  # cores 0 and 1
+    alloc.allocate({"cpu_cores": 2}, priority="critical", expected_duration=2000)  # cores 2 and 3
+    alloc.register_host(id="h1", cpu_cores=[2, 3], ram_mb="32Gi")  # 0 and 1 are gone
+    urgent = queued(alloc, {"cpu_cores": 2}, priority="critical", strategy="priority")
+    # Neither preempting the low task nor its end frees a listed core: only the critical one's end.
+    assert eta(alloc, urgent) == at(2000)
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end

@@ -154,6 +154,13 @@ def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):
     assert [g.index for g in alloc_any.allocate({"gpus": 2, "cpu_cores": 1}).gpus] == [0, 1]
 
 
+def test_a_grant_shows_its_gpus_new_index_when_an_update_renumbers_it(alloc_any):
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "uuid": "U1", "memory_mb": "16Gi"}])
+    x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})
+    alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "uuid": "U1", "memory_mb": "16Gi"}])
+    assert [(g.index, g.uuid) for g in alloc_any.get(x.allocation_id).gpus] == [(0, "U1")]
+
+
 def test_a_grant_recorded_at_its_gpus_old_position_is_released_where_the_gpu_is_now(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
     x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})

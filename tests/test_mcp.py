@@ -151,3 +151,16 @@ async def test_the_mcp_command_serves_streamable_http(alloc):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_mcp_with_a_task_module_that_cannot_be_imported_exits_2_naming_it(redis_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from allocator import task_registry
+    from allocator.cli import app
+
+    monkeypatch.setattr(task_registry, "registry", task_registry.TaskRegistry())
+    res = CliRunner().invoke(app, ["mcp", "--redis-url", redis_url],
+                             env={"ALLOCATOR_TASK_MODULES": "no_such_module_anywhere"}, input="")
+    assert res.exit_code == 2, res.output
+    assert "no_such_module_anywhere" in res.output

@@ -696,6 +696,7 @@ def test_manager_listing_refuses_an_unknown_state_naming_it(alloc):
     with pytest.raises(InvalidRequest) as exc:
         m.list_allocations(job_id="")
     assert exc.value.field == "job_id"
+    assert m.list_allocations(state="releasing") == []  # seed 000's state, never held: releases are atomic
 
 
 def test_constructor_totals_are_named_as_the_seeds_pass_them(alloc):

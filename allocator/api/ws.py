@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+import redis
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
@@ -85,6 +86,7 @@ class Session:
         # Whether this session made the allocation: one the client named by an id that already
         # existed (placing is idempotent by id) belongs to whoever made it, and is never cancelled here.
         self.owned = True
+        self.claimed: str | None = None  # the client-named id this session claimed, if any
         self.uri = ""
         self.settings = ExecutionSettings()
         self.t0 = time.perf_counter()
@@ -103,6 +105,12 @@ class Session:
         if text is None:
             text = (first.get("bytes") or b"").decode("utf-8", errors="replace")
         self.t0 = time.perf_counter()
+        try:
+            await self._run(text)
+        finally:
+            await asyncio.to_thread(self._drop_claim)
+
+    async def _run(self, text: str) -> None:
         try:
             run = await asyncio.to_thread(self.prepare, text)
         except AllocatorError as exc:
@@ -181,8 +189,21 @@ class Session:
         and no other session named it first (both may pass the first check at once)."""
         if self.a.redis.exists(self.a.keys.alloc(allocation_id)):
             return False
-        return bool(self.a.redis.set(self.a.keys.ws_claim(allocation_id), "1", nx=True,
-                                     ex=max(1, self.a.record_retention_s)))
+        if not self.a.redis.set(self.a.keys.ws_claim(allocation_id), "1", nx=True, ex=max(1, self.a.record_retention_s)):
+            return False
+        self.claimed = allocation_id
+        return True
+
+    def _drop_claim(self) -> None:
+        """Gives back the claim on a client-named id when this session made nothing under it (a
+        refusal, no candidate, the client gone before the policy answered): the client's retry
+        under the same id must own what it makes. Once a record exists the id is spent and the
+        claim stays until it expires."""
+        try:
+            if self.owned and self.claimed and not self.a.redis.exists(self.a.keys.alloc(self.claimed)):
+                self.a.redis.delete(self.a.keys.ws_claim(self.claimed))
+        except redis.RedisError as exc:  # it expires with the record retention
+            log.warning("could not give back the claim on %s: %s", self.claimed, exc)
 
     async def listen(self) -> None:
         """Watches the socket after the request: a close or ``{"type": "cancel"}`` sets ``stop``."""

@@ -44,8 +44,8 @@ else
 end
 
 -- The new position of each GPU, by uuid.
-local pos_of = {}
-for pos0, g in ipairs(spec.gpus or {}) do pos_of[g.uuid] = pos0 - 1 end
+local pos_of, index_of = {}, {}
+for pos0, g in ipairs(spec.gpus or {}) do pos_of[g.uuid], index_of[g.uuid] = pos0 - 1, g.index end
 
 -- Usage held by active allocations, keyed by GPU uuid and core id. A grant names its GPU by
 -- position (g<pos>:*) and uuid: where the update moved that GPU, the grant's position follows it,
@@ -68,6 +68,8 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
       if g.whole then whole[g.uuid] = {id = id, grants = grants, i = i} end
       local pos = pos_of[g.uuid]
       if pos ~= nil and pos ~= tonumber(g.pos) then g.pos = pos; moved = true end
+      -- The device index follows the GPU too (what the grant shows; workers pin real GPUs by uuid).
+      if pos ~= nil and tonumber(index_of[g.uuid]) ~= tonumber(g.index) then g.index = index_of[g.uuid]; moved = true end
     end
     if moved then rcall('HSET', alloc_key(id), 'gpus', cjson.encode(grants)) end
     for _, c in ipairs(decode_list(f[2])) do core_held[tostring(c)] = true end

@@ -3,9 +3,11 @@ KEYS: the ledger's fixed keys (see includes/ledger.lua), then as the LAST THREE 
 ZSET, the reclaim ZSET and the host's inventory key (KEYS[#KEYS-2], KEYS[#KEYS-1], KEYS[#KEYS]).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
-allocations end with reason "host_removed" first, and its function tasks, running or placed and
-not yet started, follow their on_host_lost policy (back to the front of the line, or failed), as
-on a lost host (see mark_lost.lua): no worker there will run them now. Preempted function tasks
+allocations end with reason "host_removed" first, and its function tasks placed there and not
+yet claimed by a worker follow their on_host_lost policy (back to the front of the line, or
+failed), as on a lost host (see mark_lost.lua): no worker there will run them now. A run already
+claimed is only released: its worker, which may still be alive, stops it (rerunning it elsewhere
+at once could run it twice). Preempted function tasks
 whose run there was being stopped do the same. Its service catalog and instances are dropped,
 and so are its heartbeat, reclaim entry and published inventory: a host registered again under
 the same id without an agent must not be declared lost for the old agent's silence.
@@ -35,8 +37,13 @@ if #ids > 0 and ARGV[4] ~= '1' then
 end
 local failed_tasks = {}
 for _, id in ipairs(ids) do
+  local f = rcall('HMGET', alloc_key(id), 'host', 'host_gen', 'activated', 'requeues', 'claim')
+  local started = f[5] ~= nil and f[5] == placement_token(f[1], f[2], f[3], f[4])
   local _, changed = finish_alloc(id, 'host_removed', now)
-  if changed then
+  if changed and not started then
+    -- Placed and not yet claimed by a worker: nobody will run it there now. A run already
+    -- started is stopped by its worker, which may still be alive, so it is not run again
+    -- elsewhere meanwhile.
     after_host_lost(id, now)
     if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed_tasks[#failed_tasks + 1] = id end
   end

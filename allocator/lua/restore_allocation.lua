@@ -57,8 +57,11 @@ local function check_grant(r, h, s)
     if st.free < tonumber(g.memory_mb) then
       return nil, 'GPU ' .. g.uuid .. ' has ' .. st.free .. ' MiB free, the grant holds ' .. g.memory_mb
     end
-    gpus[i] = {pos = p, index = st.idx, uuid = g.uuid, model = st.model, memory_mb = tonumber(g.memory_mb),
-               whole = g.whole == true or nil}
+    local mem = tonumber(g.memory_mb)
+    -- A whole GPU holds all the memory other processes leave it (register_host may have grown
+    -- the grant after the history recorded it): restored at less, the rest would be shareable.
+    if g.whole == true and st.free > mem then mem = st.free end
+    gpus[i] = {pos = p, index = st.idx, uuid = g.uuid, model = st.model, memory_mb = mem, whole = g.whole == true or nil}
   end
   local newmap = nil
   if #r.cores > 0 then

@@ -129,3 +129,12 @@ def test_a_host_removed_and_registered_again_without_an_agent_is_not_declared_lo
     lose(alloc, clock)
     assert alloc.get(lease.allocation_id).state == "active"
     assert alloc.redis.zscore(alloc.keys.heartbeats, "h1") is None
+
+
+def test_a_run_already_started_on_a_host_removed_by_force_is_released_not_run_again(alloc, make_agent):
+    make_agent([host("h1")]).run_once()
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})
+    claim_grant(alloc, task.id, "w1", "h1", start=True)  # its worker, still alive, runs it
+    alloc.remove_host("h1", force=True)
+    assert (task.state, alloc.get(task.id).release_reason) == ("released", "host_removed")
+    assert alloc.redis.zcard(alloc.keys.pending) == 0

@@ -235,3 +235,16 @@ def test_of_two_sessions_naming_the_same_new_id_at_once_only_the_first_owns_it(a
     assert runs[0].run().allocation_id == runs[1].run().allocation_id == "job-42"
     asyncio.run(second.cancel())  # the second client leaves: what the first made stays
     assert alloc.get("job-42").state == "active"
+
+
+def test_a_retry_under_the_id_of_a_refused_attempt_owns_what_it_makes(api: LiveApi) -> None:
+    fill_a100s(api)
+    inputs = {"resources": {"gpus": 1, "gpu_model": "A100"}, "allocation_id": "mine"}
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", inputs, settings={"on_busy": "fail"})))
+        err, _ = until(ws, "error")  # refused: nothing made under "mine"
+    with open_ws(api) as ws:  # the same client tries again, willing to wait a little
+        ws.send(json.dumps(message("best_fit", inputs, settings={"timeout_s": 0.3})))
+        err, _ = until(ws, "error")
+        assert err["error"]["code"] == "TIMEOUT" and "the request was cancelled" in err["error"]["message"]
+    assert api.allocator.get("mine").state == "cancelled"

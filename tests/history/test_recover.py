@@ -242,6 +242,20 @@ def test_a_restored_allocation_holds_its_worker_slots_again(alloc: Allocator, re
         alloc.allocate({"cpu_cores": 1, "workers": 1})
 
 
+def test_a_whole_gpu_grant_grown_since_it_was_recorded_is_restored_whole(alloc: Allocator, recorder: Recorder, engine) -> None:
+    gpu = {"index": 0, "uuid": "U0", "memory_mb": "16Gi"}
+    alloc.register_host(id="g", cpu_cores=4, ram_mb="16Gi", gpus=[{**gpu, "used_mb": "1Gi"}])
+    x = alloc.allocate({"gpus": 1, "cpu_cores": 1})  # recorded with the 15 GiB then free
+    recorder.drain()
+    alloc.register_host(id="g", cpu_cores=4, ram_mb="16Gi", gpus=[gpu])  # the grant grows to 16 GiB
+    alloc.destroy()
+    alloc.register_host(id="g", cpu_cores=4, ram_mb="16Gi", gpus=[gpu])  # its agent re-registers first
+    assert rec_mod.recover(alloc, engine, with_hosts=False).restored == [x.allocation_id]
+    assert alloc.get(x.allocation_id).gpus[0].memory_mb == 16384
+    assert alloc.would_fit({"gpus": 1, "gpu_memory_mb": "1Gi"}) is None
+    assert invariants.check(alloc.snapshot()) == []
+
+
 def test_a_grant_whose_worker_slots_are_taken_is_closed_not_oversubscribed(alloc: Allocator, recorder: Recorder, engine) -> None:
     alloc.register_host(id="w", cpu_cores=8, ram_mb="64Gi", worker_slots=2)
     old = alloc.allocate({"cpu_cores": 0.5, "workers": 2}, task_type="old")
