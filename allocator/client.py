@@ -521,7 +521,9 @@ class Allocator:
         (job_timeout, result_ttl, failure_ttl, ttl, description, meta, on_success, on_failure,
         on_stopped, retry) too, and ``on_host_lost`` ("requeue", the default, or "fail": what
         happens to the task if its host is declared lost while it holds the grant); everything
-        else goes to ``func``.
+        else goes to ``func``, or, as with RQ, ``args=`` and ``kwargs=`` give its arguments.
+        RQ's ``depends_on``, ``at_front``, ``repeat``, ``rate_limit``, ``webhooks``, ``unique``
+        and ``pipeline`` are refused.
         """
         return queue.enqueue(self, func, args, resources, kwargs)
 

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from .client import Allocator
 
 RQ_PREFIX = "rq:"
-RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "description", "meta",
+#: RQ's enqueue options the allocator passes on to RQ (as Queue.enqueue does: ``timeout`` is no
+#: option of RQ's, it reaches the function).
+RQ_OPTIONS = {"job_timeout", "result_ttl", "ttl", "failure_ttl", "description", "meta",
               "retry", "on_success", "on_failure", "on_stopped"}
 #: RQ's enqueue options the allocator does not take: the line's order is its own (priority,
 #: then arrival), and a dependency would hold a grant while it waits. Refused rather than passed
@@ -39,13 +41,17 @@ RQ_OPTIONS = {"job_timeout", "timeout", "result_ttl", "ttl", "failure_ttl", "des
 UNSUPPORTED_RQ_OPTIONS = {"depends_on": "dependencies between tasks are not supported",
                           "at_front": "the line's order is by priority: use priority='high'",
                           "enqueue_at_front": "the line's order is by priority: use priority='high'",
-                          "pipeline": "not supported"}
+                          "pipeline": "not supported",
+                          "repeat": "repeating a task is not supported: submit it again (each run waits for its own grant)",
+                          "rate_limit": "not supported: the line's order and the fleet's capacity pace the tasks",
+                          "webhooks": "not supported",
+                          "unique": "a task id is unique already: submitting a job_id again changes nothing"}
 ALLOC_FIELDS = {"priority", "strategy", "ttl_seconds", "expected_duration", "selector", "metadata",
                 "task_id", "task_type", "owner"}
 #: Keyword names a task's own kwargs may not use: Allocator.enqueue takes them itself (the request
 #: fields, RQ's options, and its own parameters), so the function would never receive them.
 RESERVED_KWARGS = frozenset(ALLOC_FIELDS | RQ_OPTIONS | set(UNSUPPORTED_RQ_OPTIONS)
-                            | {"resources", "job_id", "on_host_lost", "func", "self"})
+                            | {"resources", "job_id", "on_host_lost", "func", "self", "args", "kwargs"})
 
 
 def check_task_kwargs(kwargs: Mapping[str, Any]) -> None:
@@ -124,6 +130,21 @@ def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:
     return alloc
 
 
+def _explicit_call(args: tuple[Any, ...], rest: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """RQ's explicit form, ``enqueue(f, args=(1, 2), kwargs={"a": 1}, job_timeout=30)``: the
+    function's arguments are those two, so nothing else may be left for it."""
+    if args:
+        raise InvalidRequest("args", "positional arguments cannot be combined with args= and kwargs=")
+    f_args, f_kwargs = rest.pop("args", None), rest.pop("kwargs", None)
+    if rest:
+        raise InvalidRequest(next(iter(rest)), "with args= and kwargs=, the function's keyword arguments go in kwargs=")
+    if f_args is not None and not isinstance(f_args, (list, tuple)):
+        raise InvalidRequest("args", f"expected a list or tuple, got {type(f_args).__name__}")
+    if f_kwargs is not None and not isinstance(f_kwargs, dict):
+        raise InvalidRequest("kwargs", f"expected a mapping, got {type(f_kwargs).__name__}")
+    return tuple(f_args or ()), dict(f_kwargs or {})
+
+
 def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwargs: dict[str, Any]) -> Task:
     """Creates the RQ job in its priority queue, then submits it to the scheduler."""
     from .client import new_allocation_id
@@ -135,6 +156,8 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
     task_id = kwargs.pop("job_id", None) or new_allocation_id()
     on_host_lost = kwargs.pop("on_host_lost", "requeue")
+    if "args" in kwargs or "kwargs" in kwargs:
+        args, kwargs = _explicit_call(args, kwargs)
     if on_host_lost not in ("requeue", "fail"):
         raise InvalidRequest("on_host_lost", f"expected 'requeue' or 'fail', got {on_host_lost!r}")
     try:

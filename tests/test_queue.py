@@ -423,7 +423,7 @@ def test_enqueue_again_after_a_submit_that_failed_reuses_its_own_rq_job(alloc, m
     assert alloc.get(task.id).state == "active"
 
 
-@pytest.mark.parametrize("option", ["depends_on", "at_front"])
+@pytest.mark.parametrize("option", ["depends_on", "at_front", "repeat", "rate_limit", "webhooks", "unique"])
 def test_rq_options_the_line_does_not_take_are_refused_not_passed_to_the_function(alloc, option):
     from . import jobs
 
@@ -431,6 +431,25 @@ def test_rq_options_the_line_does_not_take_are_refused_not_passed_to_the_functio
     with pytest.raises(InvalidRequest) as exc:
         alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, **{option: True})
     assert exc.value.field == option
+
+
+def test_rqs_explicit_args_and_kwargs_form_gives_the_functions_arguments(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, args=(1,), kwargs={"y": 2}, resources=WHOLE, job_timeout=30)
+    assert (task.job.args, task.job.kwargs, task.job.timeout) == ((1,), {"y": 2}, 30)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.enqueue(jobs.add, 1, args=(2,), resources=WHOLE)
+    assert exc.value.field == "args"
+
+
+def test_timeout_goes_to_the_function_as_with_rq(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, timeout=10)
+    assert task.job.kwargs == {"timeout": 10} and task.job.timeout != 10
 
 
 def test_a_waiting_task_whose_rq_job_was_cancelled_leaves_the_line_instead_of_running(alloc):
