@@ -297,6 +297,26 @@ def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_e
     assert alloc.get(low.id).requeues == 1
 
 
+def test_a_stop_that_came_after_a_run_ended_does_not_mark_the_next_run_stopped(alloc):
+    from rq import Retry
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.fail, resources={"gpus": 1}, retry=Retry(max=1))
+    worker = in_process_worker(alloc, "h1")
+    after, runs = worker._after, []
+
+    def stop_arrives_late(job, placement=None):
+        runs.append(job.id)
+        if len(runs) == 1:
+            worker._stopped_job_id = job.id  # RQ's stop-job handler, just after the horse ended
+        return after(job, placement)
+
+    worker._after = stop_arrives_late
+    work_in_process(worker)
+    assert len(runs) == 2  # the retry ran
+    assert task.job.get_status() == "failed"  # its own failure, not a stop
+
+
 def test_cancelling_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):
     gpu_host(alloc)
     done = tmp_path / "done"

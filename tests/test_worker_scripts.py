@@ -452,6 +452,18 @@ def test_a_job_that_finished_before_its_preemption_stopped_it_is_not_run_again(a
     assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "ok"
 
 
+def test_a_job_that_failed_for_good_before_its_preemption_stopped_it_is_not_run_again(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2}, pid=77)
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "failed")  # the run just failed, no retry
+    alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (False, False)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "done"
+    assert alloc.redis.zscore(alloc.keys.pending, task.id) is None
+    assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "failed"
+
+
 def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc):
     gpu_host(alloc)
     task, claim = started_job(alloc, {"gpus": 2}, pid=77)

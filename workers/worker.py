@@ -115,6 +115,11 @@ class ResourceWorker(Worker):
         finally:
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
+                # A stop that came after the horse had ended (a preemption just after the run):
+                # RQ clears its mark only in its failure handler, and the mark would make the
+                # next run of this job (a retry, the task placed again) count as stopped.
+                if self._stopped_job_id == job.id:
+                    self._stopped_job_id = None
 
     def run_lease_s(self, job: Job) -> float:
         """How long the job's run may hold its grant (``allocator.queue.run_lease_s`` with this

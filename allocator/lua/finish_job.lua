@@ -16,8 +16,10 @@ calls for a worker that died (the "finished" event then says worker_lost: true).
 Steps, in the order the worker used to take them one call each:
 1. the horse's entry leaves the host's work-horse map;
 2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
-   scheduling pass; nothing else; unless the run had finished (status "finished") before the
-   stop reached it: then the task is done (event "finished", outcome "ok"), not run again;
+   scheduling pass; nothing else; unless the run had ended on its own before the stop reached
+   it, finished or finally failed (status "finished" or "failed"; a failure RQ retries is
+   "queued" or "scheduled" and goes back in line): then the task is done (event "finished",
+   outcome "ok" or "failed"), not run again;
 3. otherwise, only while the allocation is active under the claimed placement (a run that
    outlived its grant, the task placed again meanwhile, frees nothing: stale = true): the outbox
    event "finished" {host, status, outcome = "ok" for a finished job, else the status}, then the
@@ -74,13 +76,15 @@ if pid ~= '' then rcall('HDEL', K_HOST_PIDS, pid) end
 if preempting then
   local ran = status
   if ran == '' then ran = rcall('HGET', K_JOB, 'status') or outcome_seen end
-  if ran == 'finished' then
-    -- The run completed before the stop could end it: it is done, and running it again would do
-    -- its work twice. Its grant went to the preemption already.
+  if ran == 'finished' or ran == 'failed' then
+    -- The run ended on its own before the stop could end it: it is done (running it again would
+    -- do its work twice, or run a job RQ has failed for good). Its grant went to the preemption.
     rcall('HSET', task_key(id), 'state', 'done')
     rcall('PEXPIRE', task_key(id), 86400000)  -- the preemption made it persistent; ended tasks keep a day
     rcall('HDEL', K_PREEMPTING, id)
-    emit('finished', id, now, ended({host = my_host, status = ran, outcome = 'ok'}))
+    local outcome = 'ok'
+    if ran == 'failed' then outcome = 'failed' end
+    emit('finished', id, now, ended({host = my_host, status = ran, outcome = outcome}))
     return cjson.encode({requeued = false, released = false, stale = false, status = ran, placed = {}})
   end
   requeue_task(id, t, now, true)
