@@ -277,7 +277,8 @@ class Allocator:
         Its heartbeat and published inventory go too."""
         check_id(host_id, "host_id")
         keys = [*self._ledger_keys, self.keys.heartbeats, self.keys.reclaim, self.keys.host_inventory(host_id)]
-        raw = self.scripts["remove_host"](keys=keys, args=[self._prefix_arg, self._now_arg(), host_id, "1" if force else "0"])
+        raw = self.scripts["remove_host"](keys=keys, args=[self._prefix_arg, self._now_arg(), host_id, "1" if force else "0",
+                                                           self.pass_depth, self.scan_cap])
         res = self._raise_unless_ok(from_json(raw))
         return list(res.get("released") or [])
 

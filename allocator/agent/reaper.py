@@ -66,7 +66,7 @@ def mark_lost(allocator: Allocator, host_id: str, grace_s: float = DEFAULT_GRACE
     """Declares ``host_id`` lost if its heartbeat is older than ``grace_s``, and frees its stale
     grants (at most ``limit``). None when the host is alive (or gone) and nothing was released."""
     r = _redis.call(allocator, "mark_lost", [allocator.keys.heartbeats, allocator.keys.reclaim],
-                    host_id, int(grace_s * 1000), int(limit))
+                    host_id, int(grace_s * 1000), int(limit), allocator.pass_depth, allocator.scan_cap)
     if not r.get("ok"):
         return None
     lost = LostHost(host_id, bool(r.get("declared")), _redis.as_list(r.get("released")), int(r.get("remaining") or 0),

@@ -2,7 +2,9 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua), then the heartbeats ZSET and the reclaim
 ZSET as the LAST TWO keys (KEYS[#KEYS-1], KEYS[#KEYS]) so the fixed list can grow.
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME), ARGV[3] host id,
-ARGV[4] grace ms, ARGV[5] most allocations to release in this call.
+ARGV[4] grace ms, ARGV[5] most allocations to release in this call, ARGV[6] scheduling pass
+depth (default 100) and ARGV[7] scan cap (default 2048) for the pass run when a task went back
+in line (placed elsewhere now, before a later submission's pass could place that one first).
 Re-checks inside the script that the heartbeat is still older than the grace (the agent may have
 beaten since the reaper looked), then: state "lost" (field lost_at), out of every index, one
 "host_lost" outbox event, and the host leaves the heartbeats set (its agent must register again,
@@ -47,7 +49,7 @@ local lost = declared or s.state == 'lost'
 if lost then rcall('ZREM', K_HEARTBEATS, h) end
 
 -- Stale grants: everything on a lost host; on a host that came back, grants of older generations.
-local released, remaining = {}, 0
+local released, remaining, requeued = {}, 0, false
 for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
   local stale = lost
   if not stale then stale = tonumber(rcall('HGET', alloc_key(id), 'host_gen') or 1) ~= s.gen end
@@ -56,7 +58,7 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
       local _, changed = finish_alloc(id, 'host_lost', now)
       if changed then
         released[#released + 1] = id
-        after_host_lost(id, now)
+        if after_host_lost(id, now) then requeued = true end
         if rcall('HGET', alloc_key(id), 'state') == 'failed' then
           -- Policy "fail" turned the record to failed after its released event: say so in the
           -- outbox too, or the history would keep it as released.
@@ -76,7 +78,9 @@ if lost then
   for _, id in ipairs(failed) do
     emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
   end
+  if #preempted > #failed then requeued = true end
 end
+if requeued then schedule_pass(now, tonumber(ARGV[6] or 100), tonumber(ARGV[7] or 2048)) end
 
 local out = {ok = true, lost = lost, declared = declared, remaining = remaining, gen = s.gen,
   last_heartbeat = beat or cjson.null}

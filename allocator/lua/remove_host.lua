@@ -1,7 +1,9 @@
 --[[ remove_host: take a host out of the ledger.
 KEYS: the ledger's fixed keys (see includes/ledger.lua), then as the LAST THREE the heartbeats
 ZSET, the reclaim ZSET and the host's inventory key (KEYS[#KEYS-2], KEYS[#KEYS-1], KEYS[#KEYS]).
-ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force.
+ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force, ARGV[5]
+scheduling pass depth (default 100) and ARGV[6] scan cap (default 2048) for the pass run when a
+task went back in line.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
 allocations end with reason "host_removed" first, and its function tasks placed there and not
 yet claimed by a worker follow their on_host_lost policy (back to the front of the line, or
@@ -35,7 +37,7 @@ if #ids > 0 and ARGV[4] ~= '1' then
   return cjson.encode({ok = false, code = 'HOST_BUSY',
     message = 'host ' .. h .. ' still holds ' .. #ids .. ' active allocation(s); drain it or remove with force'})
 end
-local failed_tasks = {}
+local failed_tasks, requeued = {}, false
 for _, id in ipairs(ids) do
   local f = rcall('HMGET', alloc_key(id), 'host', 'host_gen', 'activated', 'requeues', 'claim')
   local started = f[5] ~= nil and f[5] == placement_token(f[1], f[2], f[3], f[4])
@@ -44,7 +46,7 @@ for _, id in ipairs(ids) do
     -- Placed and not yet claimed by a worker: nobody will run it there now. A run already
     -- started is stopped by its worker, which may still be alive, so it is not run again
     -- elsewhere meanwhile.
-    after_host_lost(id, now)
+    if after_host_lost(id, now) then requeued = true end
     if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed_tasks[#failed_tasks + 1] = id end
   end
 end
@@ -62,11 +64,13 @@ forget_agent()
 emit('host_removed', h, now, '{}')
 local preempted, failed = orphaned_preemptions(h, now)
 for _, id in ipairs(failed) do failed_tasks[#failed_tasks + 1] = id end
+if #preempted > #failed then requeued = true end
 for _, id in ipairs(failed_tasks) do
   -- Policy "fail" turned the record to failed after its released event: say so in the outbox
   -- too, or the history would keep it as released.
   emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_removed'}))
 end
+if requeued then schedule_pass(now, tonumber(ARGV[5] or 100), tonumber(ARGV[6] or 2048)) end
 local out = {ok = true, released = ids, n = #ids}
 if #preempted > 0 then out.preempted = preempted end
 return cjson.encode(out)

@@ -138,3 +138,15 @@ def test_a_run_already_started_on_a_host_removed_by_force_is_released_not_run_ag
     alloc.remove_host("h1", force=True)
     assert (task.state, alloc.get(task.id).release_reason) == ("released", "host_removed")
     assert alloc.redis.zcard(alloc.keys.pending) == 0
+
+
+def test_a_task_put_back_in_line_by_a_removal_is_placed_before_a_later_submission(alloc, make_agent):
+    make_agent([host("h1"), host("h2", gpus=[])]).run_once()
+    alloc.allocate({"cpu_cores": 8}, ttl_seconds=None, selector=None, strategy="first_fit")  # fills h1's cores
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 8})  # placed on h2, not started
+    assert alloc.get(task.id).host_id == "h2"
+    alloc.register_host(id="h3", cpu_cores=8, ram_mb="32Gi")  # room for one such task
+    alloc.remove_host("h2", force=True)  # the task goes back in line, and its pass places it on h3
+    later = alloc.allocate({"cpu_cores": 8}, on_busy="queue", priority="low")
+    assert alloc.get(task.id).host_id == "h3"
+    assert later.state == "pending"

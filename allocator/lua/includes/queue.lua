@@ -122,13 +122,15 @@ end
 
 -- A task whose host was declared lost: a function task goes back to the front of its priority
 -- (policy "requeue", the default, as Slurm requeues on node failure) or fails (policy "fail":
--- its RQ job is marked failed); a queued direct request just ends (reason host_lost).
+-- its RQ job is marked failed); a queued direct request just ends (reason host_lost). True when
+-- the task went back in line (the caller then runs a pass: a submit's pass tries only the new
+-- task, and would let it jump the requeued one).
 local function after_host_lost(id, now)
   local t = read_task(id)
-  if not t or t.kind ~= 'job' then return end
+  if not t or t.kind ~= 'job' then return false end
   if (rcall('HGET', task_key(id), 'on_host_lost') or 'requeue') == 'requeue' then
     requeue_task(id, t, now, true)
-    return
+    return true
   end
   local job = t.rq_prefix .. 'job:' .. id
   local origin = rcall('HGET', job, 'origin')
@@ -138,6 +140,7 @@ local function after_host_lost(id, now)
   end
   rcall('HSET', job, 'status', 'failed', 'exc_info', 'host lost')
   rcall('HSET', alloc_key(id), 'state', 'failed')
+  return false
 end
 
 -- Preempted function tasks whose run on host h was being stopped when h was lost or removed: no
