@@ -160,6 +160,8 @@ def test_mcp_with_a_task_module_that_cannot_be_imported_exits_2_naming_it(redis_
     from allocator.cli import app
 
     monkeypatch.setattr(task_registry, "registry", task_registry.TaskRegistry())
+    for cached in ("schema", "validator"):  # built on first use in a process; this one has used them
+        monkeypatch.delitem(TOOLS["submit_task"].__dict__, cached, raising=False)
     res = CliRunner().invoke(app, ["mcp", "--redis-url", redis_url],
                              env={"ALLOCATOR_TASK_MODULES": "no_such_module_anywhere"}, input="")
     assert res.exit_code == 2, res.output
