@@ -430,14 +430,10 @@ class Simulation:
         return v
 
     def _pass_ms_of(self, req: _Req) -> int | None:
-        v = _hist(self.durations, req.task_type, "p80_ms")
-        if v:
-            return v
-        if req.expected_ms > 0:
-            return req.expected_ms
-        if req.ttl_ms > 0:
-            return req.ttl_ms
-        return None
+        v = _hist(self.durations, req.task_type, "p80_ms") or req.expected_ms or req.ttl_ms or None
+        if v and req.ttl_ms > 0 and v > req.ttl_ms and req.kind != "job":
+            v = req.ttl_ms  # a lease never outlives its TTL
+        return v
 
     def run_ms(self, task_type: str | None, hint_ms: int, ttl_ms: int) -> int | None:
         """The simulated run time: history estimate (``stat``) for the task type, else the hint,

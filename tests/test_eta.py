@@ -213,6 +213,17 @@ def test_the_simulation_counts_only_the_cores_a_release_gives_back(alloc, clock)
     assert eta(alloc, urgent) == at(2000)
 
 
+def test_a_lease_is_expected_to_end_by_its_ttl_when_its_hint_is_longer(alloc, clock):
+    gpu_host(alloc, n=2)
+    alloc.allocate(WHOLE, ttl_seconds=60, expected_duration=1000)  # reaped at 60 at the latest
+    head = queued(alloc, {"gpus": 2, "cpu_cores": 1}, priority="high", ttl_seconds=None, expected_duration=100)
+    long = queued(alloc, WHOLE, priority="low", ttl_seconds=None, expected_duration=500)
+    # The head's reservation is at 60: a 500 s task on the free GPU would delay it, so it waits.
+    assert alloc.get(long).state == "pending"
+    assert eta(alloc, head) == at(60)
+    assert eta(alloc, long) == at(160)
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end

@@ -140,7 +140,7 @@ local function record(r, gpus, state, reason)
     local expires = tonumber(r.expires or 0)
     if expires > 0 then rcall('ZADD', K_EXPIRY, expires, r.id) end
     -- Same expected end and preemption order as a placement (includes/placement.lua).
-    local ends = expected_end({task_type = r.task_type, expected_ms = r.expected_ms, ttl_ms = r.ttl_ms}, activated)
+    local ends = expected_end({task_type = r.task_type, expected_ms = r.expected_ms, ttl_ms = r.ttl_ms, kind = r.kind}, activated)
     -- An end that is the TTL deadline is the deadline as its worker's claim left it (claim_grant.lua
     -- moves it, or removes it for a job without a time limit).
     local ttl = tonumber(r.ttl_ms or 0) or 0

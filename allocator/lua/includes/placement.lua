@@ -623,17 +623,22 @@ end
 -- Expected run time of a task: the history's p80 for its task type (written by the recorder to
 -- the durations hash), else the task's own hint, else its TTL; nil when none is known. p80
 -- rather than p50: a reservation computed from an underestimate lets backfill delay the head.
+-- A lease never outlives its TTL (it is reaped then): its expected run is at most that. (A job's
+-- claim may move its deadline later, so its TTL is no bound on its run.)
 local function expected_run_ms(req)
+  local ms = 0
   if req.task_type and req.task_type ~= '' then
     local est = rcall('HGET', PREFIX .. 'durations', req.task_type)
     if est then
       local ok, e = pcall(cjson.decode, est)
-      if ok and type(e) == 'table' and tonumber(e.p80_ms or 0) > 0 then return tonumber(e.p80_ms) end
+      if ok and type(e) == 'table' and tonumber(e.p80_ms or 0) > 0 then ms = tonumber(e.p80_ms) end
     end
   end
-  local ms = tonumber(req.expected_ms or 0)
+  if ms <= 0 then ms = tonumber(req.expected_ms or 0) end
+  local ttl = tonumber(req.ttl_ms or 0)
   -- The TTL of a job without a time limit (req.unbounded) bounds only its wait for a worker.
-  if ms <= 0 and not req.unbounded then ms = tonumber(req.ttl_ms or 0) end
+  if ms <= 0 and not req.unbounded then ms = ttl end
+  if ms > ttl and ttl > 0 and req.kind ~= 'job' then ms = ttl end
   if ms <= 0 then return nil end
   return ms
 end
