@@ -237,7 +237,7 @@ class _Req:
 
 class _Alloc:
     __slots__ = ("id", "host", "grants", "cores", "shared", "ram", "priority", "kind", "start", "release",
-                 "pass_end", "byprio", "alive", "slots")
+                 "pass_end", "byprio", "alive", "slots", "by_ttl")
 
     def __init__(self, aid: str, host: str, grants: list[tuple[int, str, int]], cores: int, shared: int, ram: int,
                  priority: int, kind: str, start: int, release: float | None, pass_end: float | None) -> None:
@@ -246,6 +246,7 @@ class _Alloc:
         self.byprio = priority * 10**13 + (10**13 - 1 - start)
         self.alive = True
         self.slots = 0
+        self.by_ttl = False  # its simulated end is its deadline: the reaper ends it, with others due then
 
 
 @dataclass
@@ -495,6 +496,7 @@ class Simulation:
         al = _Alloc(a["id"], a["host"], a["grants"], cores, a["shared"], a["ram"],
                     a["priority"], a.get("kind") or "lease", start, release, a.get("end"))
         al.slots = a.get("slots", 0)
+        al.by_ttl = expires > 0 and release == expires
         return al
 
     def _load_running(self, als: list[_Alloc]) -> None:
@@ -953,6 +955,7 @@ class Simulation:
         al = _Alloc(req.id, h.id, grants, cores, shared, req.ram, req.priority, req.kind, now,
                     None if run is None else now + run, None if pe is None else now + pe)
         al.slots = req.slots
+        al.by_ttl = run is not None and req.ttl_ms > 0 and run == req.ttl_ms
         self._track(al)
 
     def _finish(self, aid: str) -> _Alloc | None:
@@ -1311,6 +1314,19 @@ class Simulation:
             self._quiet = (self._changes, blocked, resv_done, self._last_fit if resv_done else None, ids, None)
         return placed
 
+    def _due_with(self, t: float) -> list[str]:
+        """Takes from the release heap the other allocations that end by their deadline at t."""
+        out = []
+        while self.releases and self.releases[0][0] == t:
+            _, _, aid = self.releases[0]
+            al = self.allocs.get(aid)
+            if al is not None and al.alive and al.release == t and not al.by_ttl:
+                break
+            heapq.heappop(self.releases)
+            if al is not None and al.alive and al.release == t:
+                out.append(aid)
+        return out
+
     def _still_quiet(self, al: _Alloc | None) -> bool:
         """Whether the pass due after allocation al ended is known to place nothing, so that it
         need not run: the pass before placed nothing and every refusal in it was proven by a
@@ -1390,7 +1406,13 @@ class Simulation:
             now = int(t)
             while self.arrivals and self.arrivals[0][0] <= now:  # due at this instant: its pass sees them
                 self._arrive(heapq.heappop(self.arrivals)[1])
-            if self._still_quiet(self._finish(aid)):
+            # Leases due at the same instant are reaped together, before one pass (expire.lua,
+            # the scheduler's tick); a worker's end of a job runs its own pass.
+            together = self._due_with(t) if al.by_ttl else []
+            ended = self._finish(aid)
+            for other in together:
+                self._finish(other)
+            if not together and self._still_quiet(ended):
                 self.passes += 1
                 self.skipped += 1
                 continue

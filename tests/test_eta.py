@@ -224,6 +224,23 @@ def test_a_lease_is_expected_to_end_by_its_ttl_when_its_hint_is_longer(alloc, cl
     assert eta(alloc, long) == at(160)
 
 
+@pytest.mark.parametrize("pinned_to, starts", [("h1", 160), ("h2", 60)])
+def test_leases_due_at_the_same_instant_end_together_before_one_pass(alloc, clock, pinned_to, starts):
+    for h in ("h1", "h2"):
+        gpu_host(alloc, h, labels={"host": h})
+    alloc.allocate(WHOLE, ttl_seconds=60, selector="host=h2")  # both end by their TTL at 60
+    alloc.allocate(WHOLE, ttl_seconds=60, selector="host=h1")
+    first = queued(alloc, WHOLE, ttl_seconds=None, expected_duration=100)
+    pinned = queued(alloc, WHOLE, ttl_seconds=None, expected_duration=100, selector=f"host={pinned_to}")
+    # The reaper frees both GPUs before its pass: the first task takes h1 (the first host), and
+    # the pinned one starts at once on h2 or waits for h1.
+    assert (eta(alloc, first), eta(alloc, pinned)) == (at(60), at(starts))
+    clock.advance(60)
+    alloc.expire()
+    assert alloc.get(first).activated_at == at(60)
+    assert (alloc.get(pinned).state == "active") == (starts == 60)
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end
