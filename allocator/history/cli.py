@@ -148,12 +148,12 @@ def db_downgrade(revision: str = typer.Argument(..., help='e.g. "-1" or "base" (
 def db_current(database_url: str = DB_URL) -> None:
     """Show the database's revision and the newest one the code has."""
     from .db import redacted
-    from .migrate import current, head
+    from .migrate import current, head, known
 
     with _reported():
         cur = current(database_url)
-    typer.echo(f"{redacted(database_url)}: revision {cur or 'none (empty)'}; code head {head()}"
-                  + ("" if cur == head() else " — run `allocator db upgrade`"))
+    advice = "" if cur == head() else " — run `allocator db upgrade`" if known(cur) else " — newer than this code: run a release that has it"
+    typer.echo(f"{redacted(database_url)}: revision {cur or 'none (empty)'}; code head {head()}{advice}")
 
 
 @db_app.command("revision")

@@ -185,14 +185,9 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
         # The grant of the latest placement, whenever its event arrives: a released event that came
         # first set placed_at to this same placement's time (its "activated").
         if row["placed_at"] is None or ev.ts >= row["placed_at"]:
-            gpus = _list(d.get("gpus"))
-            cores = _list(d.get("cores"))
-            row.update(
-                host_id=_text(d.get("host")), host_gen=_int(d.get("host_gen"), None), gpus=gpus, gpu_count=len(gpus),
-                gpu_memory_mb=sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)), cores=cores,
-                cpu_millis=len(cores) * 1000 + (_int(d.get("shared_millis")) or 0), ram_mb=_int(d.get("ram_mb")) or 0,
-                ttl_ms=_int(d.get("ttl_ms"), None), expires_at=ms_to_dt(d.get("expires")), placed_at=ev.ts,
-            )
+            row.update(grant_columns(d), host_gen=_int(d.get("host_gen"), None), gpus=_list(d.get("gpus")),
+                       cores=_list(d.get("cores")), ttl_ms=_int(d.get("ttl_ms"), None),
+                       expires_at=ms_to_dt(d.get("expires")), placed_at=ev.ts)
         if _sets_state(ev, row):
             row.update(state="active", released_at=None, release_reason=None)
     elif kind == "released":
@@ -205,8 +200,12 @@ def fold_allocation(row: dict[str, Any], ev: OutboxEvent) -> None:
             row["submitted_at"] = ms_to_dt(d.get("created"))
         if _sets_state(ev, row):
             row.update(state=_text(d.get("state")) or "released", release_reason=_text(d.get("reason")), released_at=ev.ts)
+        elif row["state"] in ENDED_STATES and row["released_at"] is None:
+            # A newer event ended the row first (a "finished" carrying the state failed, for a task
+            # failed by its host's loss): the release still says why and when.
+            row.update(release_reason=row["release_reason"] or _text(d.get("reason")), released_at=ev.ts)
     elif kind == "cancelled":
-        if row["state"] not in ("released", "failed") and _sets_state(ev, row):
+        if _sets_state(ev, row):
             # The reason says why it left the line: cancelled, or job_gone (its RQ job vanished).
             row.update(state="cancelled", release_reason=_text(d.get("reason")) or "cancelled", released_at=ev.ts)
     elif kind == "requeued":
@@ -246,14 +245,27 @@ def placement_key(ev: OutboxEvent) -> int | None:
     return None
 
 
+def grant_columns(d: dict[str, Any]) -> dict[str, Any]:
+    """Host and sizes of the grant an ``allocated`` event carries."""
+    gpus, cores = _list(d.get("gpus")), _list(d.get("cores"))
+    return {"host_id": _text(d.get("host")), "gpu_count": len(gpus),
+            "gpu_memory_mb": sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)),
+            "cpu_millis": len(cores) * 1000 + (_int(d.get("shared_millis")) or 0), "ram_mb": _int(d.get("ram_mb")) or 0}
+
+
 def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str, Any], placed_ms: int) -> dict[str, Any]:
-    """Applies an allocated/released event to the ``placements`` row of that placement."""
+    """Applies an allocated/released event to the ``placements`` row of that placement. Its grant
+    comes from its own ``allocated`` event: the allocation's row holds its newest placement's,
+    which is another one when the events of an earlier placement arrive late."""
     if row is None:
         row = {"namespace": alloc["namespace"], "allocation_id": alloc["allocation_id"], "placed_ms": placed_ms,
                "host_id": alloc["host_id"], "owner": alloc["owner"], "task_type": alloc["task_type"],
                "gpu_count": 0, "gpu_memory_mb": 0, "cpu_millis": 0, "ram_mb": 0, "placed_at": ms_to_dt(placed_ms),
                "released_at": None, "release_reason": None}
-    if ev.type == "allocated" or row["gpu_count"] == row["cpu_millis"] == row["ram_mb"] == 0:
+    if ev.type == "allocated":
+        row.update(grant_columns(ev.fields), owner=alloc["owner"], task_type=alloc["task_type"])
+    elif row["gpu_count"] == row["cpu_millis"] == row["ram_mb"] == 0 and dt_to_ms(alloc.get("placed_at")) == placed_ms:
+        # Its release came first: the allocation's row may already hold this placement's grant.
         for k in ("host_id", "owner", "task_type", "gpu_count", "gpu_memory_mb", "cpu_millis", "ram_mb"):
             row[k] = alloc[k]
     if ev.type == "released":
@@ -272,8 +284,8 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
     """Applies one host event to the row (a dict of ``hosts`` columns)."""
     newer = _is_newer(ev, row)
     if ev.type in ("host_registered", "host_updated"):
-        if row["registered_at"] is None or ev.type == "host_registered":
-            row["registered_at"] = row["registered_at"] or ev.ts
+        if row["registered_at"] is None or (ev.type == "host_registered" and ev.ts < row["registered_at"]):
+            row["registered_at"] = ev.ts  # the first registration, whatever order the events come in
         # The inventory of the newest registration, or of an older one while the row has none (a
         # drain or a loss folded before the registration that preceded it).
         if newer or not row["spec"]:

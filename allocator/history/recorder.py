@@ -380,7 +380,10 @@ class Recorder:
             if r.error:
                 time.sleep(self.backoff_s[0])
             elif r.read == 0:
+                # What is left waits to be claimable (a dead consumer's entries, after their idle
+                # time): look again shortly rather than spin on Redis.
                 self._own_pending = True
+                time.sleep(0.2)
 
     def run(self, stop: threading.Event | None = None, *, on_estimates: Any = None) -> None:
         """Records until ``stop`` is set; backs off while the database is away; refreshes the

@@ -91,3 +91,39 @@ def test_an_unmigrated_postgres_is_refused_with_the_fix(empty_database_url: URL)
         return
     with pytest.raises(HistoryError, match="allocator db upgrade"):
         migrate.open_engine(empty_database_url.render_as_string(hide_password=False))
+
+
+def test_a_database_migrated_by_a_newer_release_is_refused_as_newer(empty_database_url: URL) -> None:
+    from sqlalchemy import text
+
+    url = empty_database_url.render_as_string(hide_password=False)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(HistoryError, match="newer than this code"):
+        migrate.open_engine(url)
+    res = CliRunner().invoke(app, ["db", "current", "--database-url", url])
+    assert "newer than this code" in res.output and "run `allocator db upgrade`" not in res.output
+
+
+def test_two_first_uses_of_a_sqlite_file_at_once_both_find_it_migrated(tmp_path: Path) -> None:
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'history.sqlite3'}"
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            migrate.open_engine(url).dispose()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert migrate.current(url) == migrate.head()

@@ -9,7 +9,15 @@ import time
 
 from allocator import Allocator
 from allocator.agent.fencing import claim_grant
-from allocator.history.projection import OutboxEvent, fold_allocation, fold_host, new_allocation, new_host
+from allocator.history.projection import (
+    OutboxEvent,
+    fold_allocation,
+    fold_host,
+    fold_placement,
+    new_allocation,
+    new_host,
+    placement_key,
+)
 from allocator.history.recorder import Recorder
 
 from .. import jobs
@@ -56,6 +64,64 @@ def test_a_requeued_and_placed_again_task_shows_its_latest_placement_in_every_or
     assert (in_order["state"], in_order["host_id"], in_order["gpu_count"], in_order["requeues"]) == ("active", "h2", 0, 1)
     for order in itertools.permutations(evs):
         assert folded(list(order)) == in_order
+
+
+def placements_folded(order: list[OutboxEvent]) -> dict[int, dict]:
+    """The placements rows, folded as the recorder does (each after its allocation's row)."""
+    row, rows = new_allocation("ns", "a1"), {}
+    for e in order:
+        fold_allocation(row, e)
+        key = placement_key(e)
+        if key is not None:
+            rows[key] = fold_placement(rows.get(key), e, row, key)
+    return rows
+
+
+def test_each_placement_keeps_its_own_grant_in_every_order_of_its_events():
+    second = {**GRANT, "host": "h2", "gpus": [], "cores": [], "shared_millis": 500, "ram_mb": 2048}
+    evs = [ev(1_001, "allocated", GRANT),
+           ev(2_000, "released", {"host": "h1", "state": "released", "reason": "preempted", "activated": 1_001, "created": 1_000}),
+           ev(2_001, "requeued", {"front": True}),
+           ev(3_000, "allocated", second)]
+    in_order = placements_folded(evs)
+    assert (in_order[1_001]["host_id"], in_order[1_001]["gpu_count"], in_order[1_001]["cpu_millis"]) == ("h1", 1, 2000)
+    assert (in_order[3_000]["host_id"], in_order[3_000]["gpu_count"], in_order[3_000]["cpu_millis"]) == ("h2", 0, 500)
+    for order in itertools.permutations(evs):
+        assert placements_folded(list(order)) == in_order
+
+
+def test_a_requeued_task_cancelled_in_line_is_cancelled_in_every_order():
+    evs = [ev(1_001, "allocated", GRANT),
+           ev(2_000, "released", {"host": "h1", "state": "released", "reason": "preempted", "activated": 1_001, "created": 1_000}),
+           ev(2_001, "requeued", {"front": True}),
+           ev(2_500, "cancelled", {"reason": "cancelled"})]
+    in_order = folded(evs)
+    assert (in_order["state"], in_order["release_reason"]) == ("cancelled", "cancelled")
+    for order in itertools.permutations(evs):
+        assert folded(list(order)) == in_order
+
+
+def test_a_task_failed_by_its_hosts_loss_keeps_its_release_when_the_failure_came_first():
+    evs = [ev(1_001, "allocated", GRANT),
+           ev(2_000, "released", {"host": "h1", "state": "released", "reason": "host_lost", "activated": 1_001, "created": 1_000}),
+           ev(2_001, "finished", {"host": "h1", "outcome": "failed", "state": "failed", "reason": "host_lost"})]
+    in_order = folded(evs)
+    assert (in_order["state"], in_order["release_reason"], in_order["run_ms"]) == ("failed", "host_lost", 999)
+    assert folded(evs[::-1]) == in_order
+
+
+def test_a_host_is_registered_at_its_first_registration_in_every_order():
+    reg = OutboxEvent.parse("1-0", {"type": "host_registered", "id": "h1", "ts": "1",
+                                    "data": json.dumps({"cores": [0], "ram_mb": 1024, "gpus": [], "labels": {}})})
+    upd = OutboxEvent.parse("5-0", {"type": "host_updated", "id": "h1", "ts": "5",
+                                    "data": json.dumps({"cores": [0, 1], "ram_mb": 1024, "gpus": [], "labels": {}})})
+    rows = []
+    for order in ([reg, upd], [upd, reg]):
+        row = new_host("ns", "h1")
+        for e in order:
+            fold_host(row, e)
+        rows.append(row)
+    assert rows[0]["registered_at"] == rows[1]["registered_at"] == reg.ts
 
 
 def test_a_host_keeps_its_inventory_when_a_drain_was_folded_before_its_registration():

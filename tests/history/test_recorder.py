@@ -274,6 +274,18 @@ def test_stale_entries_of_a_dead_consumer_are_claimed(alloc: Allocator, engine) 
     assert live.backlog().total == 0 and count(engine, alloc) == 2
 
 
+def test_a_drain_waits_for_a_dead_consumers_entries_without_spinning(alloc: Allocator, engine, monkeypatch) -> None:
+    register_fleet(alloc)
+    Recorder(alloc, engine, consumer="dead", block_ms=0, estimates_every_s=0).read(0)  # took them and died
+    live = Recorder(alloc, engine, consumer="live", block_ms=0, claim_idle_ms=600, estimates_every_s=0)
+    steps = []
+    step = live.step
+    monkeypatch.setattr(live, "step", lambda **kw: steps.append(1) or step(**kw))
+    live.drain(timeout_s=10)  # the entries become claimable after 0.6 s
+    assert count(engine, alloc) == 2
+    assert len(steps) < 20  # a few looks, not a read loop with no pause
+
+
 def test_background_recorder_keeps_up_with_allocations(alloc: Allocator, engine) -> None:
     register_fleet(alloc)
     rec = Recorder(alloc, engine, block_ms=50, estimates_every_s=0)
