@@ -305,16 +305,40 @@ def test_a_stop_that_came_after_a_run_ended_does_not_mark_the_next_run_stopped(a
     worker = in_process_worker(alloc, "h1")
     after, runs = worker._after, []
 
-    def stop_arrives_late(job, placement=None):
+    def stop_arrives_late(job, placement=None, queue=None):
         runs.append(job.id)
         if len(runs) == 1:
             worker._stopped_job_id = job.id  # RQ's stop-job handler, just after the horse ended
-        return after(job, placement)
+        return after(job, placement, queue)
 
     worker._after = stop_arrives_late
     work_in_process(worker)
     assert len(runs) == 2  # the retry ran
     assert task.job.get_status() == "failed"  # its own failure, not a stop
+
+
+def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
+    import signal
+
+    from rq import Retry
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 1}, retry=Retry(max=1))
+    worker = in_process_worker(alloc, "h1")
+
+    def cold_shutdown(job, queue):  # what RQ's second Ctrl+C does: kill the horse, exit
+        os.kill(worker.horse_pid, signal.SIGKILL)
+        os.waitpid(worker.horse_pid, 0)
+        raise SystemExit()
+
+    worker.monitor_work_horse = cold_shutdown
+    try:
+        work_in_process(worker)
+    except SystemExit:
+        pass
+    assert task.job.get_status() == "queued"  # RQ's retry, taken at once
+    again = alloc.get(task.id)  # back in line, and placed again at once on the free GPU
+    assert (again.state, again.requeues) == ("active", 1)
 
 
 def test_cancelling_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):

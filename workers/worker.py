@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Worker
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
 from allocator.client import Allocator
@@ -111,7 +111,7 @@ class ResourceWorker(Worker):
                 super().execute_job(job, queue)
             finally:
                 self._grant = None
-                self._after(job, claim.token)
+                self._after(job, claim.token, queue)
         finally:
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
@@ -168,7 +168,7 @@ class ResourceWorker(Worker):
             cpu_amount=g.cpu_amount,
         )
 
-    def _after(self, job: Job, placement: str | None = None) -> None:
+    def _after(self, job: Job, placement: str | None = None, queue: Queue | None = None) -> None:
         """Release (or requeue when preempted) whatever the job's outcome was; only the placement
         this run claimed (``placement``) is released. One script call (``finish_job``) also drops
         the horse from the host's pid map and records the ``finished`` event; the job's status is
@@ -184,12 +184,25 @@ class ResourceWorker(Worker):
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if queue is not None:
+            self._fail_abandoned(job, queue)
         outcome = _OUTCOMES.get(self._outcome_cell[0])
         end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, outcome=outcome,
                          job_key=job.key)
         if end.stale:
             log.warning("job %s: its host was declared lost while it ran and the task was placed again; "
                         "this run releases nothing", job.id)
+
+    def _fail_abandoned(self, job: Job, queue: Queue) -> None:
+        """A run still "started" once its horse is gone was ended by no one: a cold shutdown
+        (a second Ctrl+C, SIGTERM twice) kills the horse and leaves the job as it was, where RQ
+        would later find it abandoned and retry it, by then with its grant released as failed.
+        Its failure is handled here, so that a Retry puts the task back in line now."""
+        try:
+            if job.get_status(refresh=True) == JobStatus.STARTED:
+                self.handle_job_failure(job, queue, exc_string="the worker shut down while the job ran (cold shutdown)")
+        except Exception:  # noqa: BLE001 - the release below must happen whatever this does
+            log.exception("job %s: could not record the end of its run", job.id)
 
     # -- stopping a running job -------------------------------------------------------------------
 
