@@ -130,7 +130,7 @@ _BY_CODE: dict[str, type[AllocatorError]] = {
 
 def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> AllocatorError:
     """The exception for an error code returned by a ledger script."""
-    if code.startswith("INSUFFICIENT_") or code == "NO_FIT":
+    if code.startswith("INSUFFICIENT_") or code in ("NO_FIT", "QUEUE_AHEAD"):
         return InsufficientResources(message, code=code, details=details)
     cls = _BY_CODE.get(code, AllocatorError)
     return cls(message, details=details)

@@ -224,6 +224,37 @@ def test_a_policy_commit_does_not_grant_a_gpu_the_line_took_when_a_lease_was_rea
     assert invariants.check(alloc.snapshot()) == []
 
 
+def two_gpu_host(a):
+    a.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(2)])
+
+
+def test_a_direct_request_does_not_take_the_room_reserved_for_the_task_waiting_first(alloc, clock):
+    from allocator import InsufficientResources
+
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)  # one GPU busy until 100
+    head = queued(alloc, "high", {"gpus": 2, "cpu_cores": 1})  # reserved: h1 at 100
+    with pytest.raises(InsufficientResources) as exc:
+        alloc.allocate(WHOLE, priority="low", expected_duration=500)  # would hold the free GPU past 100
+    assert exc.value.code == "QUEUE_AHEAD" and head.allocation_id in exc.value.message
+    assert alloc.would_fit(WHOLE, priority="low", expected_duration=500) is None
+
+
+def test_a_direct_request_that_ends_before_the_waiting_task_can_start_is_placed(alloc, clock):
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    queued(alloc, "high", {"gpus": 2, "cpu_cores": 1})
+    short = alloc.allocate(WHOLE, priority="low", expected_duration=50)  # done before 100: a backfill
+    assert short.state == "active"
+
+
+def test_a_direct_request_of_higher_priority_than_the_waiting_task_is_placed(alloc, clock):
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    queued(alloc, "normal", {"gpus": 2, "cpu_cores": 1})
+    assert alloc.allocate(WHOLE, priority="high", expected_duration=500).state == "active"
+
+
 def test_a_pending_allocation_read_back_shows_its_place_in_line(alloc):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE)

@@ -9,6 +9,10 @@ ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|
         pass_depth (the scheduling pass run when the reaper frees something; absent = none)},
 ARGV[4] the validated request as JSON text, ARGV[5] metadata as JSON text (both stored as given).
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
+While tasks wait in line, the request is placed as a backfill would be (place_beside_line in
+includes/queue.lua): it takes no room the first task's reservation counts on, when that task has
+the same or a higher priority, unless it ends before that task's start; QUEUE_AHEAD when only
+that room would hold it.
 While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.
 Before placing it reaps up to 8 expired allocations, and when it reaps any, runs a scheduling
 pass (waiting tasks get what was freed first). All checks happen before the first write;
@@ -19,7 +23,7 @@ Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
---- @lazy finish_alloc refusal take_services services_fit reindex_host schedule_pass
+--- @lazy finish_alloc refusal take_services services_fit reindex_host schedule_pass place_beside_line
 
 local req = cjson.decode(ARGV[3])
 req.request, req.metadata = ARGV[4], ARGV[5]
@@ -37,7 +41,11 @@ if not req.dry_run and #reap_expired(now, 8) > 0 then
   schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
 end
 
-local p, refused = try_place(req, now)
+-- While tasks wait, the first of them keeps the room its reservation counts on (EASY backfill
+-- rules, as for the tasks behind it): a stream of direct requests must not starve it.
+local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
+local p, refused
+if head then p, refused = place_beside_line(req, head, now) else p, refused = try_place(req, now) end
 if not p then return cjson.encode(refused) end
 if req.dry_run then
   return cjson.encode({ok = true, dry_run = true, host = p.host, gpus = p.gpus, cores = p.cores})

@@ -460,6 +460,40 @@ local function schedule_pass(now, depth, scan_cap)
   return run_pass(ids, now, scan_cap)
 end
 
+-- A direct request (place.lua) while task head waits in line: placed as a backfill would be.
+-- When the head has the same or a higher priority and may start now, the request takes no room
+-- the head's EASY reservation counts on, unless it is expected to end before the head's start;
+-- otherwise (a lower-priority head, one waiting out a retry interval, or none in sight to free
+-- room for it) it is placed as if nobody waited. Refused with QUEUE_AHEAD when only the
+-- reserved room would hold it. Returns try_place's two values.
+local function place_beside_line(req, head, now)
+  local t = read_task(head)
+  if not t or (t.not_before and t.not_before > now) or (t.priority or 0) < req.priority then
+    return try_place(req, now)
+  end
+  local hreq = cjson.decode(t.payload)
+  hreq.id, hreq.scan_cap = head, req.scan_cap
+  local resv = reservation(hreq, now, 256)
+  if not resv then return try_place(req, now) end
+  req.exclude = resv.host
+  local p, refused = try_place(req, now)
+  req.exclude = nil
+  if p then return p end
+  local ends = expected_end(req, now)
+  if ends and ends <= resv.shadow then
+    req.only = resv.host
+    p = try_place(req, now)
+    req.only = nil
+    if p then return p end
+  end
+  if try_place(req, now) then
+    return nil, {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
+      message = 'the room this request needs is reserved for a task of the same or a higher priority ' ..
+        'waiting in line (' .. head .. ', on host ' .. resv.host .. '): queue it (on_busy="queue") to wait its turn'}
+  end
+  return nil, refused
+end
+
 -- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
 -- expired leases), so the tasks ahead of the new one still do not fit: only the new task can
 -- start, and only where it does not delay the head of the line. One task instead of depth.
