@@ -255,6 +255,53 @@ def test_a_direct_request_of_higher_priority_than_the_waiting_task_is_placed(all
     assert alloc.allocate(WHOLE, priority="high", expected_duration=500).state == "active"
 
 
+def test_a_job_without_time_limit_is_not_backfilled_on_the_belief_it_ends_at_its_ttl(alloc, clock):
+    from . import jobs
+
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=7200, ttl_seconds=None)  # one GPU busy for 2 h
+    queued(alloc, "normal", {"gpus": 2, "cpu_cores": 1}, ttl_seconds=None)  # reserved: h1 at +2 h
+    # Its TTL (1 h) bounds only its wait for a worker; it is expected to run 10 h.
+    task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=-1, ttl_seconds=3600, expected_duration=36000)
+    assert task.state == "pending"
+
+
+def test_a_direct_request_respects_the_first_waiting_task_that_may_start(alloc, clock):
+    from rq.job import Job
+
+    from allocator import InsufficientResources
+    from allocator.agent.fencing import finish_job
+
+    from . import jobs
+
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=7200, ttl_seconds=None)
+    retried = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE)  # placed on the other GPU
+    waiting = queued(alloc, "normal", {"gpus": 2, "cpu_cores": 1}, ttl_seconds=None)
+    # retried's run fails and RQ schedules its retry in 600 s: it waits in line, first, but blocks nothing.
+    origin = alloc.rq_connection.hget(Job.key_for(retried.id), "origin").decode()
+    alloc.rq_connection.hset(Job.key_for(retried.id), "status", "scheduled")
+    alloc.rq_connection.zadd(f"rq:scheduled:{origin}", {retried.id: clock() + 600})
+    finish_job(alloc, retried.id, "h1", None, job_key=Job.key_for(retried.id))
+    assert alloc.position(retried.id) == 1
+    with pytest.raises(InsufficientResources) as exc:
+        alloc.allocate(WHOLE, expected_duration=36000, ttl_seconds=None)
+    assert exc.value.code == "QUEUE_AHEAD" and waiting.allocation_id in exc.value.message
+
+
+def test_a_policys_commit_does_not_take_the_room_reserved_for_the_task_waiting_first(alloc, clock):
+    from allocator.api.placing import place_on
+
+    two_gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=100)
+    queued(alloc, "high", {"gpus": 2, "cpu_cores": 1})  # reserved: h1 at 100
+    req = alloc.build_request(WHOLE, priority="low", expected_duration=500)
+    res = place_on(alloc, req, "policy-1", "h1", [], False)
+    assert (res["ok"], res["code"]) == (False, "QUEUE_AHEAD")
+    short = alloc.build_request(WHOLE, priority="low", expected_duration=50)  # ends before 100
+    assert place_on(alloc, short, "policy-2", "h1", [], False)["ok"]
+
+
 def test_a_pending_allocation_read_back_shows_its_place_in_line(alloc):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE)

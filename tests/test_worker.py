@@ -326,7 +326,8 @@ def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
     task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 1}, retry=Retry(max=1))
     worker = in_process_worker(alloc, "h1")
 
-    def cold_shutdown(job, queue):  # what RQ's second Ctrl+C does: kill the horse, exit
+    def cold_shutdown(job, queue, *execution):  # what RQ's second Ctrl+C does: kill the horse, exit
+        wait_until(lambda: job.get_status(refresh=True) == "started")  # the horse runs it
         os.kill(worker.horse_pid, signal.SIGKILL)
         os.waitpid(worker.horse_pid, 0)
         raise SystemExit()
@@ -339,6 +340,43 @@ def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
     assert task.job.get_status() == "queued"  # RQ's retry, taken at once
     again = alloc.get(task.id)  # back in line, and placed again at once on the free GPU
     assert (again.state, again.requeues) == ("active", 1)
+
+
+def test_a_cold_shutdown_while_a_preemption_stops_the_run_puts_the_task_back_in_line(alloc):
+    import signal
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 2}, priority="low")
+    worker = in_process_worker(alloc, "h1")
+
+    worker.handle_payload = lambda message: None  # the stop-job command does not reach the worker before it exits
+    urgent = []
+
+    def preempted_then_cold_shutdown(job, queue, *execution):
+        wait_until(lambda: job.get_status(refresh=True) == "started")  # the horse runs it
+        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
+        os.kill(worker.horse_pid, signal.SIGKILL)
+        os.waitpid(worker.horse_pid, 0)
+        raise SystemExit()
+
+    worker.monitor_work_horse = preempted_then_cold_shutdown
+    try:
+        work_in_process(worker)
+    except SystemExit:
+        pass
+    assert alloc.get(urgent[0].allocation_id).state == "active"
+    assert task.job.get_status() != "failed"
+    again = alloc.get(task.id)
+    assert (again.state, again.requeues) == ("pending", 1)
+
+
+def test_a_success_kept_with_no_result_logs_no_error(alloc, caplog):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, result_ttl=0)
+    with caplog.at_level("ERROR", logger="workers.worker"):
+        work_in_process(in_process_worker(alloc, "h1"))
+    assert alloc.get(task.id).release_reason == "released"
+    assert not [r for r in caplog.records if r.name == "workers.worker"]
 
 
 def test_cancelling_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):

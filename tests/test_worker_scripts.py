@@ -464,6 +464,23 @@ def test_a_job_that_failed_for_good_before_its_preemption_stopped_it_is_not_run_
     assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "failed"
 
 
+def test_a_preempted_run_that_failed_into_a_retry_interval_keeps_the_interval(alloc, clock):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2}, pid=77)
+    # The run failed on its own and RQ scheduled its retry in 600 s, as the preemption came.
+    origin = alloc.rq_connection.hget(Job.key_for(task.id), "origin").decode()
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "scheduled")
+    alloc.rq_connection.zadd(f"rq:scheduled:{origin}", {task.id: clock() + 600})
+    urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert end.requeued
+    alloc.release(urgent.allocation_id)  # the GPUs are free, but the retry's interval is not over
+    assert alloc.get(task.id).state == "pending"
+    clock.advance(600)
+    alloc.schedule()
+    assert alloc.get(task.id).state == "active"
+
+
 def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc):
     gpu_host(alloc)
     task, claim = started_job(alloc, {"gpus": 2}, pid=77)

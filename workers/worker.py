@@ -37,6 +37,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Worker
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
 from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
@@ -199,8 +200,15 @@ class ResourceWorker(Worker):
         would later find it abandoned and retry it, by then with its grant released as failed.
         Its failure is handled here, so that a Retry puts the task back in line now."""
         try:
-            if job.get_status(refresh=True) == JobStatus.STARTED:
-                self.handle_job_failure(job, queue, exc_string="the worker shut down while the job ran (cold shutdown)")
+            if job.get_status(refresh=True) != JobStatus.STARTED:
+                return
+            if self.allocator.redis.hget(self.allocator.keys.task(job.id), "state") in ("preempting", "cancelled"):
+                # Its stop was on its way (a preemption, a cancel): a stopped run, which RQ does
+                # not retry and finish_job puts back in line (preempted) or leaves ended.
+                self._stopped_job_id = job.id
+            self.handle_job_failure(job, queue, exc_string="the worker shut down while the job ran (cold shutdown)")
+        except InvalidJobOperation:
+            return  # RQ deleted the job's hash (a success kept with result_ttl=0): it ended
         except Exception:  # noqa: BLE001 - the release below must happen whatever this does
             log.exception("job %s: could not record the end of its run", job.id)
 

@@ -54,6 +54,15 @@ local function ended(data)
   return cjson.encode(data)
 end
 
+-- When RQ scheduled the retry of task t's job (ms; its score, in seconds, in the scheduled
+-- registry of the queue it ran from), or nil.
+local function retry_at(t)
+  local origin = rcall('HGET', K_JOB, 'origin')
+  local at = origin and rcall('ZSCORE', t.rq_prefix .. 'scheduled:' .. origin, id)
+  if at then return math.floor(tonumber(at) * 1000) end
+  return nil
+end
+
 -- Every read and decision first, then the writes (Redis has no rollback).
 local t = read_task(id)
 local preempting = t ~= nil and t.state == 'preempting'
@@ -87,7 +96,9 @@ if preempting then
     emit('finished', id, now, ended({host = my_host, status = ran, outcome = outcome}))
     return cjson.encode({requeued = false, released = false, stale = false, status = ran, placed = {}})
   end
-  requeue_task(id, t, now, true)
+  -- A run that failed on its own, retried by RQ after an interval (status "scheduled"), keeps
+  -- that interval; else it goes back at the front, as a preempted task does.
+  requeue_task(id, t, now, true, ran == 'scheduled' and retry_at(t) or nil)
   return cjson.encode({requeued = true, released = false, stale = false, placed = schedule_pass(now, depth, scan_cap)})
 end
 if not release then
@@ -98,11 +109,7 @@ if t ~= nil and t.kind == 'job' and (status == 'queued' or status == 'scheduled'
   -- A retry with an interval: RQ scheduled the job (score: when, in seconds) in the registry of
   -- the queue it ran from; the task waits in line until then (requeue_task takes it out of there).
   local not_before = nil
-  if status == 'scheduled' then
-    local origin = rcall('HGET', K_JOB, 'origin')
-    local at = origin and rcall('ZSCORE', t.rq_prefix .. 'scheduled:' .. origin, id)
-    if at then not_before = math.floor(tonumber(at) * 1000) end
-  end
+  if status == 'scheduled' then not_before = retry_at(t) end
   emit('finished', id, now, ended({host = my_host, status = status, outcome = 'retry'}))
   finish_alloc(id, 'retried', now)
   requeue_task(id, t, now, false, not_before)

@@ -4,7 +4,8 @@ ZSET as the LAST TWO keys (KEYS[#KEYS-1], KEYS[#KEYS]) so the fixed list can gro
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME), ARGV[3] host id,
 ARGV[4] grace ms, ARGV[5] most allocations to release in this call, ARGV[6] scheduling pass
 depth (default 100) and ARGV[7] scan cap (default 2048) for the pass run when a task went back
-in line (placed elsewhere now, before a later submission's pass could place that one first).
+in line (placed elsewhere now, before a later submission's pass could place that one first) or
+when grants of an older generation were freed on a host that came back.
 Re-checks inside the script that the heartbeat is still older than the grace (the agent may have
 beaten since the reaper looked), then: state "lost" (field lost_at), out of every index, one
 "host_lost" outbox event, and the host leaves the heartbeats set (its agent must register again,
@@ -80,7 +81,9 @@ if lost then
   end
   if #preempted > #failed then requeued = true end
 end
-if requeued then schedule_pass(now, tonumber(ARGV[6] or 100), tonumber(ARGV[7] or 2048)) end
+-- A pass when a task went back in line, or when grants of an older generation were freed on a
+-- host that came back (ready: what they held can go to the line now).
+if requeued or (#released > 0 and not lost) then schedule_pass(now, tonumber(ARGV[6] or 100), tonumber(ARGV[7] or 2048)) end
 
 local out = {ok = true, lost = lost, declared = declared, remaining = remaining, gen = s.gen,
   last_heartbeat = beat or cjson.null}

@@ -43,9 +43,8 @@ end
 
 -- While tasks wait, the first of them keeps the room its reservation counts on (EASY backfill
 -- rules, as for the tasks behind it): a stream of direct requests must not starve it.
-local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
 local p, refused
-if head then p, refused = place_beside_line(req, head, now) else p, refused = try_place(req, now) end
+if rcall('ZCARD', K_PENDING) > 0 then p, refused = place_beside_line(req, now) else p, refused = try_place(req, now) end
 if not p then return cjson.encode(refused) end
 if req.dry_run then
   return cjson.encode({ok = true, dry_run = true, host = p.host, gpus = p.gpus, cores = p.cores})

@@ -8,8 +8,10 @@ ARGV[6] host id the policy chose,
 ARGV[7] JSON list of the GPUs it chose on that host: GPU indexes (numbers) or uuids (strings);
         [] = the request's strategy picks the GPUs on that host,
 ARGV[8] "1" = yield to the line: refuse with QUEUE_AHEAD while a task of the same or a higher
-        priority is waiting (the caller then puts the request in line), "0" = place regardless
-        (like place.lua).
+        priority is waiting (the caller then puts the request in line), "0" = place beside the
+        line as place.lua does: QUEUE_AHEAD only when the chosen host is the one the first
+        waiting task of the same or a higher priority has its reservation on, and the request
+        is not expected to end before that task's start.
 Idempotent by id: an id that exists returns that record (existing = true).
 Expired leases are reaped first (and a scheduling pass gives the line what they freed); then
 all checks happen before the next write, and a refusal writes nothing more. Refusal codes:
@@ -21,7 +23,7 @@ Returns JSON {ok=true, alloc{...}} | {ok=false, code, message, details{}}.
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
---- @lazy schedule_pass
+--- @lazy schedule_pass line_reservation delays_head queue_ahead
 
 local req = cjson.decode(ARGV[3])
 req.request, req.metadata = ARGV[4], ARGV[5]
@@ -58,6 +60,11 @@ if yield_to_line then
   if ahead > 0 then
     return refuse('QUEUE_AHEAD', ahead .. ' task(s) of the same or a higher priority are waiting', {waiting = ahead})
   end
+end
+
+if not yield_to_line and rcall('ZCARD', K_PENDING) > 0 then
+  local resv, head = line_reservation(req, now)
+  if resv and delays_head(req, h, resv, now) then return cjson.encode(queue_ahead(head, resv)) end
 end
 
 local s = host_state(h)

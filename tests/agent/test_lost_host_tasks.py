@@ -150,3 +150,18 @@ def test_a_task_put_back_in_line_by_a_removal_is_placed_before_a_later_submissio
     later = alloc.allocate({"cpu_cores": 8}, on_busy="queue", priority="low")
     assert alloc.get(task.id).host_id == "h3"
     assert later.state == "pending"
+
+
+def test_grants_of_an_older_generation_freed_on_a_host_that_came_back_go_to_the_line_at_once(alloc, make_agent, clock):
+    from allocator.agent.reaper import mark_lost
+
+    agent = make_agent([host("h1", cores=4, gpus=[])])
+    agent.run_once()
+    old = alloc.allocate({"cpu_cores": 4}, ttl_seconds=None)
+    clock.advance(GRACE)
+    assert mark_lost(alloc, "h1", GRACE, limit=0) is not None  # declared lost; nothing released yet
+    agent.run_once()  # the agent registers it again: a new generation, the old grant still held
+    head = alloc.allocate({"cpu_cores": 4}, on_busy="queue", priority="high")
+    mark_lost(alloc, "h1", GRACE, limit=10)  # frees the old generation's grant on the ready host
+    assert alloc.get(old.allocation_id).state == "released"
+    assert alloc.get(head.allocation_id).state == "active"

@@ -386,6 +386,7 @@ local function consider(st, id, t, now, scan_cap)
   local req = cjson.decode(t.payload)
   req.id = id
   req.scan_cap = scan_cap
+  req.kind = t.kind  -- before any expected_end: a job's TTL is no bound on its run
   if req.only and rcall('EXISTS', host_key(req.only)) == 0 then
     -- Pinned to a host that has been removed (a policy's choice): it could never be placed.
     leave_line(id, t, now, 'host_removed')
@@ -425,7 +426,6 @@ local function consider(st, id, t, now, scan_cap)
   -- Checked only once it would be placed: one read per placement, not per task the pass looks at.
   if job_gone(id, t) then leave_line(id, t, now, 'job_gone'); return false end
   req.created = rcall('HGET', alloc_key(id), 'created')
-  req.kind = t.kind
   grant(req, p, now)
   rcall('ZREM', K_PENDING, id)
   rcall('HSET', task_key(id), 'state', 'placed')
@@ -460,37 +460,55 @@ local function schedule_pass(now, depth, scan_cap)
   return run_pass(ids, now, scan_cap)
 end
 
--- A direct request (place.lua) while task head waits in line: placed as a backfill would be.
--- When the head has the same or a higher priority and may start now, the request takes no room
--- the head's EASY reservation counts on, unless it is expected to end before the head's start;
--- otherwise (a lower-priority head, one waiting out a retry interval, or none in sight to free
--- room for it) it is placed as if nobody waited. Refused with QUEUE_AHEAD when only the
--- reserved room would hold it. Returns try_place's two values.
-local function place_beside_line(req, head, now)
-  local t = read_task(head)
-  if not t or (t.not_before and t.not_before > now) or (t.priority or 0) < req.priority then
-    return try_place(req, now)
+-- The EASY reservation a request placed outside the line (place.lua, place_on.lua) must respect:
+-- that of the line's head, the first task that may start now (one waiting out a retry interval
+-- is skipped, as the pass skips it), when it has the same or a higher priority than req. nil
+-- when no such task waits or nothing in sight frees room for it. Also its id.
+local function line_reservation(req, now)
+  for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, 63)) do
+    local t = read_task(id)
+    if t and not (t.not_before and t.not_before > now) then
+      if (t.priority or 0) < req.priority then return nil end
+      local hreq = cjson.decode(t.payload)
+      hreq.id, hreq.scan_cap, hreq.kind = id, req.scan_cap, t.kind
+      return reservation(hreq, now, 256), id
+    end
   end
-  local hreq = cjson.decode(t.payload)
-  hreq.id, hreq.scan_cap = head, req.scan_cap
-  local resv = reservation(hreq, now, 256)
+  return nil
+end
+
+-- Whether req, placed on host h outside the line, would take room the reservation resv counts
+-- on: h is the reserved host and req is not expected to end before the head's start.
+local function delays_head(req, h, resv, now)
+  if h ~= resv.host then return false end
+  local ends = expected_end(req, now)
+  return not (ends and ends <= resv.shadow)
+end
+
+local function queue_ahead(head, resv)
+  return {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
+    message = 'the room this request needs is reserved for a task of the same or a higher priority ' ..
+      'waiting in line (' .. head .. ', on host ' .. resv.host .. '): queue it to wait its turn'}
+end
+
+-- A direct request (place.lua) while tasks wait in line: placed as a backfill would be. It takes
+-- no room the head's reservation counts on (line_reservation) unless it is expected to end
+-- before the head's start; with no reservation to respect it is placed as if nobody waited.
+-- Refused with QUEUE_AHEAD when only the reserved room would hold it. Returns try_place's values.
+local function place_beside_line(req, now)
+  local resv, head = line_reservation(req, now)
   if not resv then return try_place(req, now) end
   req.exclude = resv.host
   local p, refused = try_place(req, now)
   req.exclude = nil
   if p then return p end
-  local ends = expected_end(req, now)
-  if ends and ends <= resv.shadow then
+  if not delays_head(req, resv.host, resv, now) then
     req.only = resv.host
     p = try_place(req, now)
     req.only = nil
     if p then return p end
   end
-  if try_place(req, now) then
-    return nil, {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
-      message = 'the room this request needs is reserved for a task of the same or a higher priority ' ..
-        'waiting in line (' .. head .. ', on host ' .. resv.host .. '): queue it (on_busy="queue") to wait its turn'}
-  end
+  if try_place(req, now) then return nil, queue_ahead(head, resv) end
   return nil, refused
 end
 
