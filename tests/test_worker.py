@@ -317,17 +317,14 @@ def test_a_stop_that_came_after_a_run_ended_does_not_mark_the_next_run_stopped(a
     assert task.job.get_status() == "failed"  # its own failure, not a stop
 
 
-def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
+def run_into_a_cold_shutdown(worker, while_running=lambda: None) -> None:
+    """Works until the job's horse runs, calls ``while_running``, then does what RQ's second Ctrl+C
+    does: kills the horse and exits."""
     import signal
 
-    from rq import Retry
-
-    gpu_host(alloc)
-    task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 1}, retry=Retry(max=1))
-    worker = in_process_worker(alloc, "h1")
-
-    def cold_shutdown(job, queue, *execution):  # what RQ's second Ctrl+C does: kill the horse, exit
-        wait_until(lambda: job.get_status(refresh=True) == "started")  # the horse runs it
+    def cold_shutdown(job, queue, *execution):
+        wait_until(lambda: job.get_status(refresh=True) == "started")
+        while_running()
         os.kill(worker.horse_pid, signal.SIGKILL)
         os.waitpid(worker.horse_pid, 0)
         raise SystemExit()
@@ -337,33 +334,27 @@ def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
         work_in_process(worker)
     except SystemExit:
         pass
+
+
+def test_a_cold_shutdown_during_a_run_hands_the_job_to_its_retry(alloc):
+    from rq import Retry
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 1}, retry=Retry(max=1))
+    run_into_a_cold_shutdown(in_process_worker(alloc, "h1"))
     assert task.job.get_status() == "queued"  # RQ's retry, taken at once
     again = alloc.get(task.id)  # back in line, and placed again at once on the free GPU
     assert (again.state, again.requeues) == ("active", 1)
 
 
 def test_a_cold_shutdown_while_a_preemption_stops_the_run_puts_the_task_back_in_line(alloc):
-    import signal
-
     gpu_host(alloc)
     task = alloc.enqueue(jobs.sleep_for, 30.0, resources={"gpus": 2}, priority="low")
     worker = in_process_worker(alloc, "h1")
-
     worker.handle_payload = lambda message: None  # the stop-job command does not reach the worker before it exits
     urgent = []
-
-    def preempted_then_cold_shutdown(job, queue, *execution):
-        wait_until(lambda: job.get_status(refresh=True) == "started")  # the horse runs it
-        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
-        os.kill(worker.horse_pid, signal.SIGKILL)
-        os.waitpid(worker.horse_pid, 0)
-        raise SystemExit()
-
-    worker.monitor_work_horse = preempted_then_cold_shutdown
-    try:
-        work_in_process(worker)
-    except SystemExit:
-        pass
+    run_into_a_cold_shutdown(worker, lambda: urgent.append(
+        alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")))
     assert alloc.get(urgent[0].allocation_id).state == "active"
     assert task.job.get_status() != "failed"
     again = alloc.get(task.id)
