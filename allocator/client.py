@@ -342,7 +342,9 @@ class Allocator:
         args = self.place_args(req, allocation_id)
         res = self._raise_unless_ok(self._call("place", *args))
         alloc = Allocation.from_record(res["alloc"])
-        if not res.get("existing"):
+        if res.get("existing"):
+            queue.check_lease(alloc)
+        else:
             # The script does not echo back what the caller sent: fill it in from the request (the
             # JSON just sent decodes to what model_dump(mode="json") builds, at a third of its cost).
             alloc.request, alloc.metadata = from_json(args[1]), req.metadata

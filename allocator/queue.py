@@ -116,6 +116,15 @@ def _submit(a: Allocator, req: AllocationRequest, task_id: str, kind: str, on_ho
                                       a.scan_cap, req.model_dump_json(), json.dumps(req.metadata)))
 
 
+def check_lease(alloc: Allocation) -> None:
+    """A direct request repeated under an id that exists gets that record back, but only if it is
+    a direct allocation's: a function task's id names someone's job, whose record (and, by its
+    release, whose run) is not the caller's. Enqueue refuses the opposite case."""
+    if alloc.kind != "lease":
+        raise InvalidRequest("allocation_id", f"{alloc.allocation_id!r} is the id of a task (an RQ job), "
+                                              "not of a direct allocation")
+
+
 def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:
     """Queues a direct allocation request; it is granted in line like any task."""
     from .client import new_allocation_id
@@ -124,6 +133,8 @@ def submit_lease(a: Allocator, req: AllocationRequest) -> Allocation:
     t0 = time.perf_counter()
     res = _submit(a, req, task_id, "lease")
     alloc = a.require(task_id)
+    if res.get("existing"):
+        check_lease(alloc)
     alloc.queue_position = int(res["position"])
     if alloc.state == "active":
         alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)

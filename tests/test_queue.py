@@ -302,6 +302,27 @@ def test_a_policys_commit_does_not_take_the_room_reserved_for_the_task_waiting_f
     assert place_on(alloc, short, "policy-2", "h1", [], False)["ok"]
 
 
+def test_repeating_a_placed_queued_request_while_others_wait_returns_it(alloc):
+    one_gpu_host(alloc)
+    first = queued(alloc, allocation_id="again-1")  # placed at once
+    queued(alloc)  # waits
+    repeat = queued(alloc, allocation_id="again-1")
+    assert (repeat.allocation_id, repeat.state, repeat.host_id) == ("again-1", "active", first.host_id)
+
+
+def test_a_direct_request_under_a_tasks_id_is_refused(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 64})  # waits: no host has 64 cores
+    before = alloc.get(task.id)
+    for on_busy in ("fail", "queue"):
+        with pytest.raises(InvalidRequest) as exc:
+            alloc.allocate({"cpu_cores": 1}, allocation_id=task.id, on_busy=on_busy)
+        assert exc.value.field == "allocation_id"
+    assert alloc.get(task.id) == before
+
+
 def test_a_pending_allocation_read_back_shows_its_place_in_line(alloc):
     one_gpu_host(alloc)
     alloc.allocate(WHOLE)

@@ -265,7 +265,10 @@ class PolicyRun:
                 return self._ledger_decides(choice)
             res = place_on(a, req, self.allocation_id, choice.node_id, choice.gpus, self.on_busy == "queue")
             if res.get("ok"):
-                return Allocation.from_record(res["alloc"])
+                placed = Allocation.from_record(res["alloc"])
+                if res.get("existing"):
+                    queue.check_lease(placed)
+                return placed
             code = res.get("code", "")
             if code == "QUEUE_AHEAD":
                 return submit_to_line(a, req, self.allocation_id, only=choice.node_id)

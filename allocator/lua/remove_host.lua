@@ -40,7 +40,7 @@ end
 local failed_tasks, requeued = {}, false
 for _, id in ipairs(ids) do
   local f = rcall('HMGET', alloc_key(id), 'host', 'host_gen', 'activated', 'requeues', 'claim')
-  local started = f[5] ~= nil and f[5] == placement_token(f[1], f[2], f[3], f[4])
+  local started = f[5] == placement_token(f[1], f[2], f[3], f[4])  -- f[5] is false when unclaimed
   local _, changed = finish_alloc(id, 'host_removed', now)
   if changed and not started then
     -- Placed and not yet claimed by a worker: nobody will run it there now. A run already

@@ -525,7 +525,8 @@ local function submit_pass(id, now, depth, scan_cap, reaped)
     return schedule_pass(now, depth, scan_cap)
   end
   local rank = rcall('ZRANK', K_PENDING, id)
-  if rank == nil or rank >= depth then return {} end  -- a pass of this depth would not reach it
+  -- (A reply of nil is false in a script: an id no longer in line, a repeat of a placed one.)
+  if not rank or rank >= depth then return {} end  -- a pass of this depth would not reach it
   local ht, t = read_task(head), read_task(id)
   -- A head that may not start yet blocks nothing: the whole pass finds the first one that does.
   if not ht or not t or (ht.not_before and ht.not_before > now) then return schedule_pass(now, depth, scan_cap) end
