@@ -25,6 +25,7 @@ from .errors import AllocationNotFound, InvalidRequest, from_code
 from .keys import MAX_GPUS_PER_HOST, Keys
 from .models import (
     ALLOCATION_STATES,
+    MAX_CORE_ID,
     Allocation,
     AllocationRequest,
     Capacity,
@@ -76,8 +77,6 @@ def check_redis_url(url: str) -> None:
     except ValueError:
         raise InvalidRequest("redis_url", "not a valid Redis URL (host, port and database number, "
                                           "e.g. redis://127.0.0.1:6379/0)") from None
-#: Highest core id a host may declare (Linux supports at most a few thousand CPUs).
-MAX_CORE_ID = 1 << 20
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
 MAX_DEPTH = 64
 
@@ -150,22 +149,6 @@ def _check_host_input(data: Any) -> None:
         for c in cores:
             if isinstance(c, int) and not isinstance(c, bool) and not 0 <= c < MAX_CORE_ID:
                 raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
-
-
-def _check_host_spec(spec: HostSpec) -> None:
-    """Numbers the ledger scripts keep exactly (far below 1e14) and an inventory that adds up."""
-    if len(spec.gpus) > MAX_GPUS_PER_HOST:
-        raise InvalidRequest("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host, got {len(spec.gpus)}")
-    if spec.reserve_gpus > len(spec.gpus):
-        raise InvalidRequest("reserve_gpus", f"{spec.reserve_gpus} reserved but the host has {len(spec.gpus)} GPU(s)")
-    for c in spec.cpu_cores:  # here, after parsing: ids given as text or floats are ints now
-        if c >= MAX_CORE_ID:
-            raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
-    for i, g in enumerate(spec.gpus):
-        if g.index >= MAX_CORE_ID:
-            raise InvalidRequest(f"gpus.{i}.index", f"must be below {MAX_CORE_ID}, got {g.index}")
-        if g.used_mb > g.memory_mb:
-            raise InvalidRequest(f"gpus.{i}.used_mb", f"{g.used_mb} MiB in use is more than the GPU's {g.memory_mb} MiB")
 
 
 class Allocator:
@@ -251,8 +234,7 @@ class Allocator:
         data = host if host is not None else fields
         if not isinstance(data, HostSpec):
             _check_host_input(data)
-        spec = parse(HostSpec, data)
-        _check_host_spec(spec)
+        spec = parse(HostSpec, data)  # its bounds are the model's (HostSpec._bounds)
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")

@@ -374,8 +374,14 @@ class GpuSpec(_Strict):
         return self
 
 
+#: Highest core id (and GPU index) a host may declare (Linux supports at most a few thousand CPUs).
+MAX_CORE_ID = 1 << 20
+
+
 class HostSpec(_Strict):
-    """A host's inventory: what ``register_host`` records (and updates on re-registration)."""
+    """A host's inventory: what ``register_host`` records (and updates on re-registration).
+    Its bounds hold wherever one is built (the API, an agent's static inventory file): numbers
+    the ledger scripts keep exactly (far below 1e14), and an inventory that adds up."""
 
     id: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -413,6 +419,8 @@ class HostSpec(_Strict):
         if isinstance(v, int) and not isinstance(v, bool):
             if v < 0:
                 raise InvalidRequest("cpu_cores", f"must not be negative, got {v}")
+            if v > MAX_CORE_ID:  # before the list of ids is built: a huge count would exhaust memory
+                raise InvalidRequest("cpu_cores", f"at most {MAX_CORE_ID} cores, got {v}")
             return list(range(v))
         if isinstance(v, (list, tuple)):
             for c in v:
@@ -420,6 +428,24 @@ class HostSpec(_Strict):
         else:
             _whole(v, "cpu_cores")
         return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HostSpec:
+        from .keys import MAX_GPUS_PER_HOST
+
+        if len(self.gpus) > MAX_GPUS_PER_HOST:
+            raise InvalidRequest("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host, got {len(self.gpus)}")
+        if self.reserve_gpus > len(self.gpus):
+            raise InvalidRequest("reserve_gpus", f"{self.reserve_gpus} reserved but the host has {len(self.gpus)} GPU(s)")
+        for c in self.cpu_cores:  # after parsing: ids given as text or floats are ints now
+            if not 0 <= c < MAX_CORE_ID:
+                raise InvalidRequest("cpu_cores", f"core ids must be between 0 and {MAX_CORE_ID - 1}, got {c}")
+        for i, g in enumerate(self.gpus):
+            if g.index >= MAX_CORE_ID:
+                raise InvalidRequest(f"gpus.{i}.index", f"must be below {MAX_CORE_ID}, got {g.index}")
+            if g.used_mb > g.memory_mb:
+                raise InvalidRequest(f"gpus.{i}.used_mb", f"{g.used_mb} MiB in use is more than the GPU's {g.memory_mb} MiB")
+        return self
 
     @field_validator("reserve_gpus", "worker_slots", mode="before")
     @classmethod

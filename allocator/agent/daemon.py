@@ -305,6 +305,13 @@ class Agent:
         self.supervisors.clear()
         for h in hosts:
             try:
+                if self.allocator.redis.hget(self.allocator.keys.host(h), "drained_by") == "operator":
+                    # Removing it would drop the operator's drain: the host stays registered,
+                    # draining, is declared lost once its heartbeat is stale (what still runs is
+                    # then reclaimed), and keeps the drain when an agent registers it again.
+                    log.warning("host %s stays registered: an operator drained it", h)
+                    self._registered.pop(h, None)
+                    continue
                 released += self.allocator.remove_host(h, force=True)
             except HostNotFound:
                 pass

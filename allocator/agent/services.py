@@ -348,7 +348,7 @@ class ServiceSupervisor:
                 if p.healthy and time.monotonic() - p.healthy_since >= self.restart_reset_s:
                     self._restarts.pop(name, None)  # it ran well for a while: not a crash loop
                 if refs > 0:
-                    return self._restart(name, port, f"exited with code {code}: {p.log_tail()}", rep)
+                    return self._restart(name, port, f"exited with code {code}: {p.log_tail()}".rstrip(": "), rep)
                 self._state(name, "drop", port=port)
                 rep.stopped.append(name)
                 return None

@@ -2,7 +2,8 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "drain" | "resume" |
 "agent_drain" (the host's agent draining it as it stops: field drained_by = "agent", so that its
-next start knows the drain was its own and resumes the host; "drain" and "resume" clear it) |
+next start knows the drain was its own and resumes the host; "drain" sets drained_by =
+"operator", "resume" clears it) |
 "agent_resume" (that next start: resumes only a drain that is still the agent's, checked here,
 so that an operator's drain made meanwhile stays),
 ARGV[5] scheduling pass depth after a resume (0 = none), ARGV[6] scan cap.
@@ -29,10 +30,14 @@ if ARGV[4] == 'agent_resume' and (state ~= 'draining' or rcall('HGET', hk, 'drai
 end
 local target = 'draining'
 if ARGV[4] == 'resume' or ARGV[4] == 'agent_resume' then target = 'ready' end
-if ARGV[4] ~= 'agent_drain' then
+if ARGV[4] == 'drain' then
+  -- An operator's: kept through a loss of the host (register_host restores it) and the agent's
+  -- stop (the agent leaves such a host registered), until the operator resumes it.
+  rcall('HSET', hk, 'drained_by', 'operator')
+elseif ARGV[4] == 'agent_drain' then
+  if state ~= 'draining' then rcall('HSET', hk, 'drained_by', 'agent') end  -- an operator's stays theirs
+else
   rcall('HDEL', hk, 'drained_by')
-elseif state ~= 'draining' then
-  rcall('HSET', hk, 'drained_by', 'agent')  -- not over an operator's drain: that one stays theirs
 end
 if state ~= target then
   rcall('HSET', hk, 'state', target)

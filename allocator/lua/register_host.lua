@@ -11,7 +11,8 @@ grant grows to all the memory other processes leave it (used_mb down or memory_m
 totals are below what the host's grants hold (fewer cores or less RAM or GPU memory, or more GPU
 memory used by other processes, used_mb), the field "overcommitted" is "1" until a registration
 finds them within it again: a legal state, which the invariants checker then accepts.
-A draining host stays draining; any other state becomes "ready". A host that was "lost" gets
+A draining host stays draining, and so does a lost one an operator had drained (drained_by =
+"operator"); any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost. A new host takes the
 highest generation of the grants restored on it before it registered (allocator recover).
 Returns JSON {created, ord, state}.
@@ -33,9 +34,10 @@ if created then
   ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
   rcall('ZADD', K_HOSTS, ord, h)
 else
-  local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu', 'gen')
+  local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu', 'gen', 'drained_by')
   ord = tonumber(f[1])
-  if f[2] == 'draining' then state = 'draining' end
+  -- A draining host stays draining, and so does a lost one an operator had drained.
+  if f[2] == 'draining' or (f[2] == 'lost' and f[5] == 'operator') then state = 'draining' end
   old_ngpu = tonumber(f[3])
   gen = tonumber(f[4] or 1)
   -- A host declared lost comes back under a new generation: grants made under the old one are

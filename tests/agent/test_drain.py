@@ -154,3 +154,26 @@ def test_a_drain_that_meets_a_redis_error_is_tried_again_while_the_agent_waits(a
     t.join(10)
     assert seen == ["draining"] and len(calls) >= 2
     assert alloc.get(x.allocation_id).release_reason == "host_removed"
+
+
+def test_a_host_an_operator_drained_keeps_the_drain_through_its_loss(alloc, make_agent, clock):
+    from allocator.agent.reaper import reap_lost_hosts
+
+    agent = make_agent([host("h1")])
+    agent.run_once()
+    alloc.drain_host("h1")  # maintenance
+    clock.advance(30)
+    reap_lost_hosts(alloc, 20.0)  # its agent went silent
+    assert _state(alloc) == "lost"
+    make_agent([host("h1")]).run_once()  # an agent registers it again
+    assert _state(alloc) == "draining"
+
+
+def test_an_agent_stopping_leaves_a_host_an_operator_drained_registered_and_draining(alloc, make_agent):
+    agent = make_agent([host("h1"), host("h2")])
+    agent.run_once()
+    alloc.drain_host("h1")
+    agent.shutdown()
+    assert _state(alloc, "h1") == "draining" and alloc.redis.exists(alloc.keys.host("h2")) == 0
+    make_agent([host("h1"), host("h2")]).run_once()  # its next agent
+    assert (_state(alloc, "h1"), _state(alloc, "h2")) == ("draining", "ready")

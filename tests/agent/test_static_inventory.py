@@ -67,6 +67,9 @@ def test_openb_csv_gives_the_1213_hosts():
     ([host("a", gpus=[{"index": 0, "memory_mb": 100, "processes": [{"pid": 0}]}])], "hosts[0].gpus[0].processes[0].pid"),
     ([host("a", gpus=[{"index": 0, "memory_mb": 100, "used_mb": 200}])], "hosts[0].gpus"),
     ({"servers": []}, "hosts"),
+    ([{"id": "a", "cpu_cores": 10_000_000, "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
+    ([{"id": "a", "cpu_cores": 2**62, "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
+    ([{"id": "a", "cpu_cores": [0, 2**40], "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
 ])
 def test_malformed_inventory_names_the_field(doc, field):
     with pytest.raises(InvalidInventory) as e:
