@@ -232,8 +232,9 @@ class Allocator:
         Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
         """
         data = host if host is not None else fields
-        if not isinstance(data, HostSpec):
-            _check_host_input(data)
+        if isinstance(data, HostSpec):
+            data = data.model_dump()  # checked again: a model's fields may have been changed since it was built
+        _check_host_input(data)
         spec = parse(HostSpec, data)  # its bounds are the model's (HostSpec._bounds)
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)

@@ -142,6 +142,17 @@ def test_a_gpu_held_whole_is_overcommitted_not_shrunk_when_another_process_takes
     assert alloc_any.redis.hget(alloc_any.keys.host("h1"), "overcommitted") == "1"
 
 
+def test_a_host_model_changed_after_it_was_built_is_checked_again(alloc):
+    from allocator.models import HostSpec, parse
+
+    spec = parse(HostSpec, {"id": "h1", "cpu_cores": 2, "ram_mb": "4Gi", "gpus": [{"index": 0, "memory_mb": 1000}]})
+    spec.reserve_gpus = 3
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.register_host(spec)
+    assert exc.value.field == "reserve_gpus"
+    assert alloc.capacity().host_count == 0
+
+
 def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
     x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})  # GPU index 1, the host's position 0

@@ -321,6 +321,10 @@ def test_a_direct_request_under_a_tasks_id_is_refused(alloc):
             alloc.allocate({"cpu_cores": 1}, allocation_id=task.id, on_busy=on_busy)
         assert exc.value.field == "allocation_id"
     assert alloc.get(task.id) == before
+    from allocator.api.placing import submit_to_line
+
+    with pytest.raises(InvalidRequest):  # a policy's way into the line, as the WebSocket takes
+        submit_to_line(alloc, alloc.build_request({"cpu_cores": 1}), task.id)
 
 
 def test_a_pending_allocation_read_back_shows_its_place_in_line(alloc):

@@ -47,6 +47,7 @@ from .inventory import HostInventory, host_spec
 from .metrics import AGENT_HOSTS, AGENT_LAST_HEARTBEAT, AGENT_REGISTRATIONS, AGENT_ROUND
 from .orphans import DEFAULT_ORPHAN_CHECK_S, OrphanReaper
 from .providers import InventoryProvider
+from .reaper import mark_lost
 from .services import ServiceSupervisor
 from .watchdog import Attribution, Watchdog, attribute, read_grants
 
@@ -305,11 +306,17 @@ class Agent:
         self.supervisors.clear()
         for h in hosts:
             try:
-                if self.allocator.redis.hget(self.allocator.keys.host(h), "drained_by") == "operator":
-                    # Removing it would drop the operator's drain: the host stays registered,
-                    # draining, is declared lost once its heartbeat is stale (what still runs is
-                    # then reclaimed), and keeps the drain when an agent registers it again.
-                    log.warning("host %s stays registered: an operator drained it", h)
+                state, by = self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
+                if state == "draining" and by != "agent":
+                    # An operator's drain (marked, or from before drains were marked): removing the
+                    # host would drop it. It is declared lost instead, now (no agent serves it,
+                    # what still runs is reclaimed, and nobody can resume it without one), and keeps
+                    # the drain when an agent registers it again.
+                    log.warning("host %s stays registered and is declared lost: an operator drained it", h)
+                    if by is None:
+                        self.allocator.drain_host(h)  # marks it the operator's, as drains are now
+                    lost = mark_lost(self.allocator, h, 0.0, limit=1 << 20)
+                    released += lost.released if lost else []
                     self._registered.pop(h, None)
                     continue
                 released += self.allocator.remove_host(h, force=True)

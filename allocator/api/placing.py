@@ -214,6 +214,8 @@ def submit_to_line(a: Allocator, req: AllocationRequest, allocation_id: str, onl
                        "host_queue_prefix": queue.host_queue_name(a.keys.namespace, "")})
     res = a._raise_unless_ok(a._call("submit", task, a.pass_depth, a.scan_cap, req.model_dump_json(), json.dumps(req.metadata)))
     alloc = a.require(allocation_id)
+    if res.get("existing"):
+        queue.check_lease(alloc)
     alloc.queue_position = int(res.get("position") or 0)
     return alloc
 

@@ -30,6 +30,7 @@ local ord
 local state = 'ready'
 local old_ngpu = 0
 local gen = 1
+local lost_before = false
 if created then
   ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
   rcall('ZADD', K_HOSTS, ord, h)
@@ -42,7 +43,7 @@ else
   gen = tonumber(f[4] or 1)
   -- A host declared lost comes back under a new generation: grants made under the old one are
   -- stale (workers compare the generation before starting a job).
-  if f[2] == 'lost' then gen = gen + 1 end
+  if f[2] == 'lost' then gen = gen + 1; lost_before = true end
 end
 
 -- The new position of each GPU, by uuid.
@@ -157,6 +158,9 @@ if created then
   emit('host_registered', h, now, ARGV[3])
 else
   emit('host_updated', h, now, ARGV[3])
+  -- A lost host an operator had drained comes back draining: the history must say so too (it
+  -- reads a registration as the end of a loss), or allocator recover would resume it.
+  if state == 'draining' and lost_before then emit('host_draining', h, now, '{}') end
 end
 schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
 return cjson.encode({created = created, ord = ord, state = state, gen = gen})

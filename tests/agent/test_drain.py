@@ -167,13 +167,23 @@ def test_a_host_an_operator_drained_keeps_the_drain_through_its_loss(alloc, make
     assert _state(alloc) == "lost"
     make_agent([host("h1")]).run_once()  # an agent registers it again
     assert _state(alloc) == "draining"
+    # The history reads a registration as the end of a loss: the outbox says it drains still.
+    types = [f["type"] for _, f in alloc.redis.xrange(alloc.keys.events) if f["id"] == "h1"]
+    assert types[-2:] == ["host_updated", "host_draining"]
 
 
-def test_an_agent_stopping_leaves_a_host_an_operator_drained_registered_and_draining(alloc, make_agent):
+@pytest.mark.parametrize("marked", [True, False])  # False: drained before drains were marked
+def test_an_agent_stopping_leaves_a_host_an_operator_drained_registered_and_lost(alloc, make_agent, marked):
+    from allocator.errors import AllocatorError
+
     agent = make_agent([host("h1"), host("h2")])
     agent.run_once()
     alloc.drain_host("h1")
+    if not marked:
+        alloc.redis.hdel(alloc.keys.host("h1"), "drained_by")
     agent.shutdown()
-    assert _state(alloc, "h1") == "draining" and alloc.redis.exists(alloc.keys.host("h2")) == 0
+    assert _state(alloc, "h1") == "lost" and alloc.redis.exists(alloc.keys.host("h2")) == 0
+    with pytest.raises(AllocatorError):  # no agent serves it: nobody can resume it meanwhile
+        alloc.resume_host("h1")
     make_agent([host("h1"), host("h2")]).run_once()  # its next agent
     assert (_state(alloc, "h1"), _state(alloc, "h2")) == ("draining", "ready")
