@@ -263,7 +263,6 @@ class Snapshot:
     scan_cap: int = 2048
     recovering: bool = False
     catalogs: dict[str, set[str]] = field(default_factory=dict)  # host -> services it can run
-    complete: bool = True  # False when the line was read only up to a rank (one task's estimate)
     read_ms: float = 0.0
     delayed: dict[str, int] = field(default_factory=dict)  # task in line -> not before (ms), a retry's interval
     # Running function tasks -> (payload, seq): what a simulated preemption puts back in line. Read
@@ -1468,15 +1467,12 @@ def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | 
     }
 
 
-def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache | None = None,
-                  attempts: int = 5) -> Snapshot:
+def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 5) -> Snapshot:
     """A consistent read of what the simulation needs (``WATCH`` on the outbox stream; every
-    ledger script appends to it, so an unchanged stream means an unchanged ledger). With
-    ``upto_rank`` the line is read only that far (enough for the tasks up to that rank)."""
+    ledger script appends to it, so an unchanged stream means an unchanged ledger)."""
     t0 = time.perf_counter()
     k = a.keys
     cache = cache if cache is not None else _Cache()
-    stop = -1 if upto_rank is None else max(0, upto_rank)
     for attempt in range(attempts):
         pipe = a.redis.pipeline(transaction=True)
         try:
@@ -1486,7 +1482,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
             else:
                 reader = a.redis  # last try: no isolation; inconsistencies are tolerated below
             host_ids = reader.zrange(k.hosts, 0, -1)
-            pending = reader.zrange(k.pending, 0, stop, withscores=True)
+            pending = reader.zrange(k.pending, 0, -1, withscores=True)
             delayed = reader.zrange(k.delayed, 0, -1, withscores=True)
             byprio = reader.zrange(k.byprio, 0, -1, withscores=True)
             if reader is pipe:
@@ -1595,7 +1591,7 @@ def read_snapshot(a: Allocator, *, upto_rank: int | None = None, cache: _Cache |
     cache.trim({p[0] for p in pend}, {x["id"] for x in allocs})
     return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
                     pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
-                    complete=upto_rank is None, read_ms=(time.perf_counter() - t0) * 1000,
+                    read_ms=(time.perf_counter() - t0) * 1000,
                     delayed={tid: int(nb) for tid, nb in delayed if nb > now}, jobs=jobs)
 
 
@@ -1650,8 +1646,11 @@ class EtaEngine:
         """One pending task's estimate. The whole line is read: while the task waits, tasks
         ahead of it start and the pass window moves on, so a task far behind it may come into
         the window and backfill into what it needs. The simulation stops once it has started."""
-        if self.a.redis.zrank(self.a.keys.pending, task_id) is None and \
-                not self.a.redis.hexists(self.a.keys.preempting, task_id):
+        pipe = self.a.redis.pipeline(transaction=False)
+        pipe.zrank(self.a.keys.pending, task_id)
+        pipe.hexists(self.a.keys.preempting, task_id)
+        rank, preempting = pipe.execute()
+        if rank is None and not preempting:
             return None
         snap = read_snapshot(self.a, cache=self._cache)
         return self.simulate(snap, {task_id}).starts.get(task_id)
@@ -1716,7 +1715,11 @@ class EtaEngine:
             # Only what waits now: a task cancelled or placed since the tick is no longer listed;
             # one queued since has no cached estimate, and then the whole line is simulated now.
             k = self.a.keys  # (a run being stopped for a preemption waits in line too)
-            pending = set(self.a.redis.zrange(k.pending, 0, -1)) | set(self.a.redis.hkeys(k.preempting))
+            pipe = self.a.redis.pipeline(transaction=False)
+            pipe.zrange(k.pending, 0, -1)
+            pipe.hkeys(k.preempting)
+            waiting, stopping = pipe.execute()
+            pending = set(waiting) | set(stopping)
             if pending <= raw.keys():
                 return {tid: (int(raw[tid]) if raw[tid] else None) for tid in pending}
         return self.compute_all().starts

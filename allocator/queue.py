@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .client import Allocator
 
 RQ_PREFIX = "rq:"
+#: RQ job statuses of a run that has ended, whatever its outcome.
+RUN_ENDED = ("finished", "failed", "stopped", "canceled")
 #: RQ's enqueue options the allocator passes on to RQ (as Queue.enqueue does: ``timeout`` is no
 #: option of RQ's, it reaches the function).
 RQ_OPTIONS = {"job_timeout", "result_ttl", "ttl", "failure_ttl", "description", "meta",
@@ -226,7 +228,7 @@ def stop_job(a: Allocator, task_id: str, worker: str | None) -> None:
         # To the worker the script named: one that has claimed the job may not have marked it
         # started yet (RQ's send_stop_job_command would refuse), and takes the command anyway.
         send_command(a.rq_connection, worker, "stop-job", job_id=task_id)
-    elif job.get_status() not in ("finished", "failed", "stopped", "canceled"):
+    elif job.get_status() not in RUN_ENDED:
         try:
             job.cancel()
         except InvalidJobOperation:

@@ -44,7 +44,7 @@ def cases(snap: Any, sample: int = 0) -> list[tuple[str, Any, set[str] | None]]:
     ranks = [("head", 0), ("middle", n // 2), ("end", n - 1)]
     ranks += [(f"#{r}", r) for r in range(n // (sample + 1), n, n // (sample + 1))][:sample] if sample else []
     for label, rank in ranks:
-        part = dataclasses.replace(snap, pending=snap.pending[:rank + snap.pass_depth + 1], complete=False)
+        part = dataclasses.replace(snap, pending=snap.pending[:rank + snap.pass_depth + 1])
         out.append((label, part, {snap.pending[rank][0]}))
     return out
 

@@ -33,6 +33,7 @@ from sqlalchemy import Engine, select
 from .. import invariants
 from ..client import Allocator
 from ..errors import AllocatorError
+from ..queue import RUN_ENDED
 from ..units import duration_ms
 from .db import dt_to_ms
 from .models import allocations as A
@@ -208,7 +209,6 @@ def lost_line(a: Allocator, engine: Engine) -> list[str]:
 
 
 #: RQ statuses of a run that is over.
-_RUN_OVER = ("finished", "failed", "stopped", "canceled")
 
 
 def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -226,7 +226,7 @@ def _ended_jobs(a: Allocator, rows: list[dict[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for r, status in zip(jobs, pipe.execute()):
         status = status.decode() if isinstance(status, bytes) else status
-        if status in _RUN_OVER:
+        if status in RUN_ENDED:
             out[r["allocation_id"]] = "released" if status == "finished" else "failed"
     return out
 

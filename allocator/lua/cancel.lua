@@ -30,9 +30,7 @@ elseif t and t.kind == 'job' and t.state == 'preempting' then
   -- Preempted, its worker still stopping it: the worker's report must not put it back in line
   -- (finish_job and requeue requeue only a task marked "preempting").
   worker = job_runner(id, nil, t)
-  rcall('HSET', task_key(id), 'state', 'cancelled')
-  rcall('PEXPIRE', task_key(id), 86400000)  -- the preemption made it persistent; ended tasks keep a day
-  rcall('HDEL', K_PREEMPTING, id)
+  end_preempting(id, 'cancelled')
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
 return cjson.encode({ok = true, was = state, job = (t ~= nil and t.kind == 'job'), worker = worker, placed = placed})

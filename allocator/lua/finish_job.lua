@@ -88,9 +88,7 @@ if preempting then
   if ran == 'finished' or ran == 'failed' then
     -- The run ended on its own before the stop could end it: it is done (running it again would
     -- do its work twice, or run a job RQ has failed for good). Its grant went to the preemption.
-    rcall('HSET', task_key(id), 'state', 'done')
-    rcall('PEXPIRE', task_key(id), 86400000)  -- the preemption made it persistent; ended tasks keep a day
-    rcall('HDEL', K_PREEMPTING, id)
+    end_preempting(id, 'done')
     local outcome = 'ok'
     if ran == 'failed' then outcome = 'failed' end
     emit('finished', id, now, ended({host = my_host, status = ran, outcome = outcome}))

@@ -59,12 +59,7 @@ for _, id in ipairs(rcall('SMEMBERS', host_allocs_key(h))) do
       local _, changed = finish_alloc(id, 'host_lost', now)
       if changed then
         released[#released + 1] = id
-        if after_host_lost(id, now) then requeued = true end
-        if rcall('HGET', alloc_key(id), 'state') == 'failed' then
-          -- Policy "fail" turned the record to failed after its released event: say so in the
-          -- outbox too, or the history would keep it as released.
-          emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
-        end
+        if follow_host_policy(id, h, now, 'host_lost') then requeued = true end
       end
     else
       remaining = remaining + 1
@@ -74,12 +69,9 @@ end
 if remaining > 0 then rcall('ZADD', K_RECLAIM, now, h) else rcall('ZREM', K_RECLAIM, h) end
 local preempted = {}
 if lost then
-  local failed
-  preempted, failed = orphaned_preemptions(h, now)
-  for _, id in ipairs(failed) do
-    emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_lost'}))
-  end
-  if #preempted > #failed then requeued = true end
+  local back
+  preempted, back = orphaned_preemptions(h, now, 'host_lost')
+  requeued = requeued or back
 end
 -- A pass when a task went back in line, or when grants of an older generation were freed on a
 -- host that came back (ready: what they held can go to the line now).

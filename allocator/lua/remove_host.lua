@@ -37,7 +37,7 @@ if #ids > 0 and ARGV[4] ~= '1' then
   return cjson.encode({ok = false, code = 'HOST_BUSY',
     message = 'host ' .. h .. ' still holds ' .. #ids .. ' active allocation(s); drain it or remove with force'})
 end
-local failed_tasks, requeued = {}, false
+local requeued = false
 for _, id in ipairs(ids) do
   local f = rcall('HMGET', alloc_key(id), 'host', 'host_gen', 'activated', 'requeues', 'claim')
   local started = f[5] == placement_token(f[1], f[2], f[3], f[4])  -- f[5] is false when unclaimed
@@ -46,8 +46,7 @@ for _, id in ipairs(ids) do
     -- Placed and not yet claimed by a worker: nobody will run it there now. A run already
     -- started is stopped by its worker, which may still be alive, so it is not run again
     -- elsewhere meanwhile.
-    if after_host_lost(id, now) then requeued = true end
-    if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed_tasks[#failed_tasks + 1] = id end
+    if follow_host_policy(id, h, now, 'host_removed') then requeued = true end
   end
 end
 local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
@@ -62,15 +61,8 @@ rcall('DEL', hk, host_allocs_key(h), host_sum_key(h))
 drop_host_services(h)
 forget_agent()
 emit('host_removed', h, now, '{}')
-local preempted, failed = orphaned_preemptions(h, now)
-for _, id in ipairs(failed) do failed_tasks[#failed_tasks + 1] = id end
-if #preempted > #failed then requeued = true end
-for _, id in ipairs(failed_tasks) do
-  -- Policy "fail" turned the record to failed after its released event: say so in the outbox
-  -- too, or the history would keep it as released.
-  emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = 'host_removed'}))
-end
-if requeued then schedule_pass(now, tonumber(ARGV[5] or 100), tonumber(ARGV[6] or 2048)) end
+local preempted, back = orphaned_preemptions(h, now, 'host_removed')
+if requeued or back then schedule_pass(now, tonumber(ARGV[5] or 100), tonumber(ARGV[6] or 2048)) end
 local out = {ok = true, released = ids, n = #ids}
 if #preempted > 0 then out.preempted = preempted end
 return cjson.encode(out)

@@ -120,6 +120,14 @@ local function requeue_task(id, t, now, front, not_before)
   emit('requeued', id, now, cjson.encode({front = front, not_before = not_before}))
 end
 
+-- A preempted task leaves "preempting" for good (state "done" or "cancelled"): out of the index,
+-- and kept a day, as every ended task (the preemption made its hash persistent).
+local function end_preempting(id, state)
+  rcall('HSET', task_key(id), 'state', state)
+  rcall('PEXPIRE', task_key(id), 86400000)
+  rcall('HDEL', K_PREEMPTING, id)
+end
+
 -- A task whose host was declared lost: a function task goes back to the front of its priority
 -- (policy "requeue", the default, as Slurm requeues on node failure) or fails (policy "fail":
 -- its RQ job is marked failed); a queued direct request just ends (reason host_lost). True when
@@ -143,11 +151,23 @@ local function after_host_lost(id, now)
   return false
 end
 
--- Preempted function tasks whose run on host h was being stopped when h was lost or removed: no
--- worker may report their end, so each follows its on_host_lost policy now, as the host's running
--- jobs do (after_host_lost). Returns their ids and those that failed by their policy.
-local function orphaned_preemptions(h, now)
-  local ids, failed = {}, {}
+-- after_host_lost for allocation id, ended on host h (gone: reason host_lost or host_removed),
+-- with the outbox told when its policy failed it. True when the task went back in line.
+local function follow_host_policy(id, h, now, reason)
+  local requeued = after_host_lost(id, now)
+  if rcall('HGET', alloc_key(id), 'state') == 'failed' then
+    -- Policy "fail" turned the record to failed after its released event: say so in the outbox
+    -- too, or the history would keep it as released.
+    emit('finished', id, now, cjson.encode({host = h, outcome = 'failed', state = 'failed', reason = reason}))
+  end
+  return requeued
+end
+
+-- Preempted function tasks whose run on host h was being stopped when h was lost or removed
+-- (reason): no worker may report their end, so each follows its on_host_lost policy now, as the
+-- host's running jobs do. Returns their ids, and whether any went back in line.
+local function orphaned_preemptions(h, now, reason)
+  local ids, requeued = {}, false
   local flat = rcall('HGETALL', K_PREEMPTING)
   for i = 1, #flat, 2 do
     local id = flat[i]
@@ -155,16 +175,14 @@ local function orphaned_preemptions(h, now)
       rcall('HDEL', K_PREEMPTING, id)
       if rcall('HGET', task_key(id), 'state') == 'preempting' then
         -- Out of "preempting" first: a late report of that run must not requeue it again. Done
-        -- (kept a day, as every ended task) unless its policy puts it back in line.
-        rcall('HSET', task_key(id), 'state', 'done')
-        rcall('PEXPIRE', task_key(id), 86400000)
-        after_host_lost(id, now)
+        -- unless its policy puts it back in line.
+        end_preempting(id, 'done')
+        if follow_host_policy(id, h, now, reason) then requeued = true end
         ids[#ids + 1] = id
-        if rcall('HGET', alloc_key(id), 'state') == 'failed' then failed[#failed + 1] = id end
       end
     end
   end
-  return ids, failed
+  return ids, requeued
 end
 
 -- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
@@ -370,6 +388,32 @@ local function attempt(st, req, now)
   return p
 end
 
+-- Whether req, placed on host h outside the line, would take room the reservation resv counts
+-- on: h is the reserved host and req is not expected to end before the head's start.
+local function delays_head(req, h, resv, now)
+  if h ~= resv.host then return false end
+  local ends = expected_end(req, now)
+  return not (ends and ends <= resv.shadow)
+end
+
+-- A placement of req behind the reservation resv (EASY backfill): anywhere but the reserved host,
+-- or on it when req is expected to end before the reserved start; a request pinned to one node
+-- (req.only) may backfill only onto that node. Through the pass's memo when st is given (a
+-- pass), else directly (a request placed outside the line). Returns try_place's two values.
+local function place_behind(st, req, resv, now)
+  local only = req.only
+  req.exclude = resv.host
+  local p, refused
+  if st then p = attempt(st, req, now) else p, refused = try_place(req, now) end
+  req.exclude = nil
+  if not p and (only == nil or only == resv.host) and not delays_head(req, resv.host, resv, now) then
+    req.only = resv.host
+    if st then p = attempt(st, req, now) else p = try_place(req, now) end
+    req.only = only
+  end
+  return p, refused
+end
+
 -- Tries one pending task under the pass's state; places and dispatches it when allowed. The
 -- first task that does not fit blocks: it gets the reservation, and later tasks may start only
 -- where they do not delay it (EASY backfill).
@@ -408,15 +452,7 @@ local function consider(st, id, t, now, scan_cap)
       st.resv = reservation(req, now, 256)
     end
   elseif st.resv then
-    local only = req.only
-    req.exclude = st.resv.host
-    p = attempt(st, req, now)
-    local ends = expected_end(req, now)
-    -- A request pinned to one node (req.only) may backfill only onto that node.
-    if not p and ends and ends <= st.resv.shadow and (only == nil or only == st.resv.host) then
-      req.exclude, req.only = nil, st.resv.host
-      p = attempt(st, req, now)
-    end
+    p = place_behind(st, req, st.resv, now)
   else
     -- The head is blocked and no release in sight frees enough for it: others may run
     -- (there is nothing they could delay).
@@ -477,14 +513,6 @@ local function line_reservation(req, now)
   return nil
 end
 
--- Whether req, placed on host h outside the line, would take room the reservation resv counts
--- on: h is the reserved host and req is not expected to end before the head's start.
-local function delays_head(req, h, resv, now)
-  if h ~= resv.host then return false end
-  local ends = expected_end(req, now)
-  return not (ends and ends <= resv.shadow)
-end
-
 local function queue_ahead(head, resv)
   return {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
     message = 'the room this request needs is reserved for a task of the same or a higher priority ' ..
@@ -498,16 +526,8 @@ end
 local function place_beside_line(req, now)
   local resv, head = line_reservation(req, now)
   if not resv then return try_place(req, now) end
-  req.exclude = resv.host
-  local p, refused = try_place(req, now)
-  req.exclude = nil
+  local p, refused = place_behind(nil, req, resv, now)
   if p then return p end
-  if not delays_head(req, resv.host, resv, now) then
-    req.only = resv.host
-    p = try_place(req, now)
-    req.only = nil
-    if p then return p end
-  end
   if try_place(req, now) then return nil, queue_ahead(head, resv) end
   return nil, refused
 end
