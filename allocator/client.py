@@ -114,7 +114,7 @@ def check_namespace(namespace: Any) -> None:
     workers split at the first ".host.": a namespace holding ".host." or ending in ".host" would
     be split wrongly, and its workers would serve another namespace."""
     check_id(namespace, "namespace", MAX_NAMESPACE_LEN)
-    if ".host." in namespace or namespace.endswith(".host"):
+    if queue.parse_host_queue(queue.host_queue_name(namespace, "h")) != (namespace, "h"):
         raise InvalidRequest("namespace", "must not contain '.host.' or end in '.host' (it separates the namespace "
                                           "from the host in the names of host queues)")
 
