@@ -38,6 +38,13 @@ def folded(order: list[OutboxEvent]) -> dict:
     return {k: v for k, v in row.items() if k not in ("updated_at",)}
 
 
+def host_folded(order: list[OutboxEvent]) -> dict:
+    row = new_host("ns", "h1")
+    for e in order:
+        fold_host(row, e)
+    return row
+
+
 def same_in_every_order(fold, evs: list[OutboxEvent]):
     """fold(evs) in stream order, asserted to be what every other order of the events folds to."""
     in_order = fold(evs)
@@ -113,27 +120,15 @@ def test_a_host_is_registered_at_its_first_registration_in_every_order():
                                     "data": json.dumps({"cores": [0], "ram_mb": 1024, "gpus": [], "labels": {}})})
     upd = OutboxEvent.parse("5-0", {"type": "host_updated", "id": "h1", "ts": "5",
                                     "data": json.dumps({"cores": [0, 1], "ram_mb": 1024, "gpus": [], "labels": {}})})
-    rows = []
-    for order in ([reg, upd], [upd, reg]):
-        row = new_host("ns", "h1")
-        for e in order:
-            fold_host(row, e)
-        rows.append(row)
-    assert rows[0]["registered_at"] == rows[1]["registered_at"] == reg.ts
+    assert same_in_every_order(host_folded, [reg, upd])["registered_at"] == reg.ts
 
 
 def test_a_host_keeps_its_inventory_when_a_drain_was_folded_before_its_registration():
     reg = OutboxEvent.parse("1-0", {"type": "host_registered", "id": "h1", "ts": "1",
                                     "data": json.dumps({"cores": [0, 1, 2, 3], "ram_mb": 4096, "gpus": [], "labels": {}})})
     drain = OutboxEvent.parse("2-0", {"type": "host_draining", "id": "h1", "ts": "2", "data": "{}"})
-    rows = []
-    for order in ([reg, drain], [drain, reg]):
-        row = new_host("ns", "h1")
-        for e in order:
-            fold_host(row, e)
-        rows.append(row)
-    assert rows[0] == rows[1]
-    assert (rows[1]["state"], rows[1]["cpu_cores"], rows[1]["ram_mb"]) == ("draining", 4, 4096)
+    row = same_in_every_order(host_folded, [reg, drain])
+    assert (row["state"], row["cpu_cores"], row["ram_mb"]) == ("draining", 4, 4096)
 
 
 def test_a_job_started_while_its_placement_was_with_a_dead_recorder_is_recorded_active(alloc: Allocator, engine) -> None:
