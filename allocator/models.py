@@ -543,7 +543,7 @@ class Allocation(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     request: dict[str, Any] = Field(default_factory=dict)
     allocation_time_ms: float | None = None
-    released_now: bool | None = Field(None, description="Set by release: whether that call ended it.")
+    released_now: bool | None = Field(None, description="Set by release and cancel: whether that call ended it.")
     kind: str = Field("lease", description="lease (direct allocation) or job (function task).")
     queue_position: int | None = Field(None, description="Place in line while pending (1 = next); 0 once placed; null for a request that left the line unplaced (cancelled).")
     requeues: int = 0

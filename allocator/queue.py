@@ -213,7 +213,10 @@ def cancel(a: Allocator, task_id: str) -> Allocation:
     res = a._raise_unless_ok(a._call("cancel", task_id, a.pass_depth, a.scan_cap))
     if res.get("job"):
         stop_job(a, task_id, res.get("worker"))
-    return a.require(task_id)
+    alloc = a.require(task_id)
+    # This call ended it when it found the task in line or holding its grant (a repeat finds it ended).
+    alloc.released_now = res.get("was") in ("pending", "active")
+    return alloc
 
 
 def stop_job(a: Allocator, task_id: str, worker: str | None) -> None:

@@ -694,15 +694,17 @@ class AllocationManager:
         except AllocationNotFound:
             return {"status": "error", "error": f"Allocation {allocation_id} not found"}
         repeat = not a.released_now
+        # A request cancelled while it waited in line held nothing, so it frees nothing either.
+        held = not repeat and a.host_id is not None
         released_at = a.released_at or a.created_at
         return {
             "status": "released",
             "allocation_id": a.allocation_id,
             "job_id": a.task_id,
-            "workers_released": 0 if repeat else a.workers or int(_seed_info(a).get("workers", 0)),
-            "cpu_freed": 0.0 if repeat else a.cpu_total,
-            "memory_freed": 0 if repeat else a.ram_mb,
-            "gpu_memory_freed": 0 if repeat else a.gpu_memory_mb,
+            "workers_released": a.workers or int(_seed_info(a).get("workers", 0)) if held else 0,
+            "cpu_freed": a.cpu_total if held else 0.0,
+            "memory_freed": a.ram_mb if held else 0,
+            "gpu_memory_freed": a.gpu_memory_mb if held else 0,
             "released_at": _iso(released_at),
             "duration_seconds": round((released_at - a.created_at).total_seconds(), 3),
             "already_released": repeat,

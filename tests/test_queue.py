@@ -396,6 +396,15 @@ def test_cancelling_a_pending_task_allocates_nothing_and_moves_the_line(alloc):
     assert alloc.capacity().active_allocations == 1
 
 
+def test_releasing_a_pending_task_cancels_it_and_says_this_call_did(alloc):
+    one_gpu_host(alloc)
+    alloc.allocate(WHOLE)
+    waiting = queued(alloc)
+    first, again = alloc.release(waiting.allocation_id), alloc.release(waiting.allocation_id)
+    assert (first.state, first.released_now) == ("cancelled", True)
+    assert (again.state, again.released_now) == ("cancelled", False)
+
+
 def test_cancelling_a_lease_leaves_an_rq_job_of_the_same_id_alone(alloc):
     from rq import Queue
 

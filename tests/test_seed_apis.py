@@ -174,6 +174,16 @@ def test_tool_queues_a_request_that_must_wait_by_default(alloc):
     assert alloc.get(r["allocation_id"]).state == "pending"
 
 
+def test_manager_release_of_a_queued_request_cancels_it_and_frees_nothing(alloc):
+    seed_tool_host(alloc)
+    fill_the_gpu(alloc)
+    r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
+    released = AllocationManager(alloc).release_resources(r["allocation_id"])
+    assert (released["status"], released["already_released"]) == ("released", False)
+    assert (released["cpu_freed"], released["memory_freed"], released["gpu_memory_freed"]) == (0.0, 0, 0)
+    assert alloc.get(r["allocation_id"]).state == "cancelled"
+
+
 def test_tool_queued_request_reports_its_estimated_start_time(alloc, clock):
     seed_tool_host(alloc)
     fill_the_gpu(alloc, expected_duration=60)
