@@ -19,6 +19,10 @@ FF_SHIFT = 2**40
 #: Most GPUs a host may have: a GPU's position is kept in the low 10 bits of its ordinal scores.
 MAX_GPUS_PER_HOST = 1024
 
+#: Lifetime of a wake token for a host's service supervisor (lua/includes/ledger.lua has the
+#: same figure): long enough for a busy supervisor to read it, short enough not to outlive one.
+SVC_WAKE_TTL_MS = 300_000
+
 
 def gpu_ord_score(ord_: int, pos: int) -> int:
     """The gpu_ord (and gpu_idle_ord) score of the GPU at position pos of the host with ordinal ord_."""
@@ -314,7 +318,8 @@ class Keys:
         return self._k("svc_catalog:" + host_id)
 
     def svc_wake(self, host_id: str) -> str:
-        """LIST (at most one token): pushed when the host's service supervisor has work to do."""
+        """LIST (at most one token): pushed when the host's service supervisor has work to do;
+        expires after ``SVC_WAKE_TTL_MS`` (the supervisor polls anyway)."""
         return self._k("svc_wake:" + host_id)
 
     def svc_owner(self, host_id: str) -> str:

@@ -22,6 +22,7 @@ from allocator.agent import Agent, StaticProvider
 from allocator.agent.services import ServiceSupervisor, port_is_free
 from allocator.errors import InsufficientResources, InvalidRequest
 from allocator.invariants import check
+from allocator.keys import SVC_WAKE_TTL_MS
 from allocator.seeds import AllocationManager
 from allocator.services import ServiceCatalog, ServiceFailed, publish_catalog
 
@@ -512,6 +513,16 @@ def test_removing_the_host_stops_its_services(alloc, supervisors):
     pid = entry(alloc, "h1", "fs")["pid"]
     alloc.remove_host("h1", force=True)
     assert sup.reconcile().host_gone and pid_gone(pid) and sup.procs == {}
+
+
+def test_a_host_removed_after_its_supervisor_stopped_leaves_no_wake_token_for_good(alloc, supervisors):
+    host(alloc)
+    sup = supervised(alloc, supervisors, cat=catalog(["fs"]))
+    alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: sup.reconcile().running)
+    sup.close(withdraw=False, report=False)  # as an agent that removes its host next
+    alloc.remove_host("h1", force=True)
+    assert 0 < alloc.redis.pttl(alloc.keys.svc_wake("h1")) <= SVC_WAKE_TTL_MS
 
 
 # -- seed 000 on AllocationManager ------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import psutil
 import redis
 
 from ..client import Allocator
+from ..keys import SVC_WAKE_TTL_MS
 from ..services import ServiceCatalog, ServiceSpec, publish_catalog
 from . import _redis
 
@@ -488,7 +489,8 @@ class ServiceSupervisor:
         False (the removal drops them all)."""
         self._stop.set()
         try:
-            self.allocator.redis.lpush(self._keys.svc_wake(self.host_id), "1")
+            wake = self._keys.svc_wake(self.host_id)
+            self.allocator.redis.pipeline(transaction=False).lpush(wake, "1").pexpire(wake, SVC_WAKE_TTL_MS).execute()
         except redis.RedisError:
             pass
         if self._thread is not None and self._thread is not threading.current_thread():

@@ -65,6 +65,7 @@ local function svc_key(h) return PREFIX .. 'svc:' .. h end
 local function svc_ports_key(h) return PREFIX .. 'svc_ports:' .. h end
 local function svc_catalog_key(h) return PREFIX .. 'svc_catalog:' .. h end
 local function svc_wake_key(h) return PREFIX .. 'svc_wake:' .. h end
+local SVC_WAKE_TTL_MS = 300000  -- keys.SVC_WAKE_TTL_MS
 local K_SVC_NAMES = PREFIX .. 'svc_names'
 local K_CPU_ORD = PREFIX .. 'cpu_ord'
 local K_GPU_FFC = PREFIX .. 'gpu_ffc'
@@ -531,10 +532,13 @@ local function grant_core_positions(hk, cores, cver, cpos, host_cver)
   return out
 end
 
+-- The token only shortens a supervisor's wait (it polls anyway), so it expires: a host whose
+-- supervisor is gone (removed by its agent, which stopped it first) keeps no list behind.
 local function wake_services(h)
   local k = svc_wake_key(h)
   rcall('LPUSH', k, '1')
   rcall('LTRIM', k, 0, 0)
+  rcall('PEXPIRE', k, SVC_WAKE_TTL_MS)
 end
 
 -- Drops one reference to each named service instance of host h (an allocation ended); an
