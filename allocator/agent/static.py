@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InvalidRequest
 from ..models import HostSpec, parse
@@ -90,6 +90,39 @@ class _Gpu(_Strict):
     mig_devices: list[_Mig] = Field(default_factory=list)
     check_memory = field_validator("memory_mb", "used_mb", mode="before")(_mem)
 
+    @model_validator(mode="after")
+    def _mig_fits(self) -> _Gpu:
+        # MIG instances are slices of their GPU: together they cannot hold more than it has.
+        total = sum(m.memory_mb for m in self.mig_devices)
+        if total > self.memory_mb:
+            raise ValueError(f"its MIG devices hold {total} MiB together, more than the GPU's {self.memory_mb} MiB")
+        return self
+
+
+def _label_text(v: object) -> str:
+    """A label value as a registration takes it. YAML reads ``rack: 12`` or ``ib: yes`` as a
+    number or a boolean, which the file's author meant as text; null, lists and mappings are no
+    label value, and are refused rather than stored as Python's rendering of them."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    raise ValueError(f"a label value must be text or a number, got {'null' if v is None else type(v).__name__}")
+
+
+def _labels(v: object) -> object:
+    if not isinstance(v, dict):
+        return v
+    out: dict[str, str] = {}
+    for k, x in v.items():
+        try:
+            out[str(k)] = _label_text(x)
+        except ValueError as exc:
+            raise ValueError(f"label {str(k)!r}: {exc}") from None
+    return out
+
 
 class _Host(_Strict):
     id: str
@@ -98,15 +131,12 @@ class _Host(_Strict):
     ram_mb: int
     gpus: list[_Gpu] = Field(default_factory=list)
     check_memory = field_validator("ram_mb", mode="before")(_mem)
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels(cls, v: object) -> object:
-        return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else v
+    check_labels = field_validator("labels", mode="before")(_labels)
 
 
 class _Defaults(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
+    check_labels = field_validator("labels", mode="before")(_labels)
 
 
 class _File(_Strict):

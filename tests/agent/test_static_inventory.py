@@ -46,6 +46,17 @@ def test_mig_devices_become_units_with_their_own_index_and_uuid():
         (200, "MIG-x", "A100 MIG 3g.20gb", 20480, "a-gpu1"), (201, "a-gpu1-mig1", "A100 MIG 2g.10gb", 10240, "a-gpu1")]
 
 
+def test_label_values_yaml_reads_as_numbers_or_booleans_are_kept_as_text(inventory):
+    inventory.write({"defaults": {"labels": {"rack": 12}}, "hosts": [host("a", labels={"ib": True, "gen": 4.5})]})
+    (a,) = load_inventory_file(inventory.path)
+    assert a.labels == {"rack": "12", "ib": "true", "gen": "4.5"}
+
+
+def test_a_null_label_value_is_refused_with_the_label_named():
+    with pytest.raises(InvalidInventory, match="label 'zone': a label value must be text or a number, got null"):
+        parse_inventory([host("a", labels={"zone": None})])
+
+
 def test_openb_csv_gives_the_1213_hosts():
     if not OPENB_CSV.is_file():
         pytest.skip(f"OpenB data not found at {OPENB_CSV}")
@@ -70,6 +81,11 @@ def test_openb_csv_gives_the_1213_hosts():
     ([{"id": "a", "cpu_cores": 10_000_000, "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
     ([{"id": "a", "cpu_cores": 2**62, "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
     ([{"id": "a", "cpu_cores": [0, 2**40], "ram_mb": "1Gi"}], "hosts[0].cpu_cores"),
+    ([host("a", labels={"zone": None})], "hosts[0].labels"),
+    ([host("a", labels={"zone": ["z1", "z2"]})], "hosts[0].labels"),
+    ({"defaults": {"labels": {"zone": {"a": 1}}}, "hosts": [host("a")]}, "defaults.labels"),
+    ([host("a", gpus=[{"index": 0, "memory_mb": "40Gi", "mig_devices": [
+        {"memory_mb": "20Gi"}, {"memory_mb": "20Gi"}, {"memory_mb": "10Gi"}]}])], "hosts[0].gpus[0]"),
 ])
 def test_malformed_inventory_names_the_field(doc, field):
     with pytest.raises(InvalidInventory) as e:
