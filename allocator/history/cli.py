@@ -302,6 +302,8 @@ def recover_cmd(
         return
     console.print(f"restored {len(report.restored)} allocation(s), {len(report.deferred)} waiting for their host to "
                   f"register, {len(report.existing)} already present; hosts re-registered: {len(report.hosts_restored)}")
+    if report.drains_restored:
+        console.print("drained again as their operator had: " + escape(", ".join(report.drains_restored)))
     for c in report.conflicts:
         what = f"{c.get('id')}: {c.get('reason')}"
         console.print(f"[yellow]conflict[/] {escape(what)} (closed as recovery_conflict)")

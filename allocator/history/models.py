@@ -157,6 +157,8 @@ class HostRow(Base):
     namespace: Mapped[str] = mapped_column(String(64), primary_key=True)
     host_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), doc="ready, draining, removed, or what the ledger says")
+    drained_by: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, doc="while draining: operator or agent (null: not recorded, read as operator)")
     labels: Mapped[Any] = mapped_column(JSONType)
     spec: Mapped[Any] = mapped_column(JSONType, doc="the inventory as last registered")
     gpu_count: Mapped[int] = mapped_column(Integer, default=0)

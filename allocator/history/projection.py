@@ -275,7 +275,7 @@ def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str,
 
 
 def new_host(namespace: str, host_id: str) -> dict[str, Any]:
-    return {"namespace": namespace, "host_id": host_id, "state": "ready", "labels": {}, "spec": {}, "gpu_count": 0,
+    return {"namespace": namespace, "host_id": host_id, "state": "ready", "drained_by": None, "labels": {}, "spec": {}, "gpu_count": 0,
             "gpu_memory_mb": 0, "cpu_cores": 0, "ram_mb": 0, "registered_at": None, "updated_at": None,
             "removed_at": None, "last_event_id": None}
 
@@ -303,5 +303,9 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
         row["updated_at"] = ev.ts
         if ev.type == "host_removed":
             row["removed_at"] = ev.ts
+        if ev.type == "host_draining":
+            row["drained_by"] = _text(ev.fields.get("by"))  # absent in events written before it was recorded
+        elif ev.type == "host_resumed":
+            row["drained_by"] = None
     if newer:
         row["last_event_id"] = ev.stream_id

@@ -7,7 +7,9 @@ Steps, with placements refused throughout (the recovery gate, ``recovery.lua``):
    be claimed back by allocations that already run;
 2. re-register the hosts the history knows and the ledger does not (skipped with
    ``restore_hosts=False`` when the agents re-register them; either order works, because a host
-   registration recomputes usage from the allocations already restored on it);
+   registration recomputes usage from the allocations already restored on it); a drain comes
+   back as whoever made it (``hosts.drained_by``), and an operator's drain is applied again to
+   a host its agent registered before the recovery (``restore_drains``);
 3. restore every allocation the history has as active, in placement order, in batches
    (``restore_allocation.lua``): grants are re-checked against what is free, and one that no
    longer fits is closed with reason ``recovery_conflict`` instead of oversubscribing;
@@ -56,12 +58,14 @@ class RecoveryReport:
     existing: list[str] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     hosts_restored: list[str] = field(default_factory=list)
+    drains_restored: list[str] = field(default_factory=list)  # operator drains applied again (restore_drains)
     ended: list[str] = field(default_factory=list)  # function tasks closed, not restored (see _ended_jobs)
     lost: list[str] = field(default_factory=list)  # tasks that waited in line: the line is not rebuilt
 
     def as_dict(self) -> dict[str, Any]:
         return {"restored": len(self.restored), "deferred": len(self.deferred), "existing": len(self.existing),
-                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored, "ended": self.ended,
+                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored,
+                "drains_restored": self.drains_restored, "ended": self.ended,
                 "lost": self.lost}
 
 
@@ -164,10 +168,28 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
             continue
         a.register_host(_host_spec(r["host_id"], r["spec"]))
         if r["state"] == "draining":
-            a.drain_host(r["host_id"])
+            # As whoever drained it: an agent's own drain is resumed by its next start, an
+            # operator's (or one the history does not attribute) stays until resumed.
+            a.drain_host(r["host_id"], by_agent=r["drained_by"] == "agent")
         if watch:  # as if its agent had just reported (the reaper never looks at a host without one)
             a.redis.zadd(a.keys.heartbeats, {r["host_id"]: a.now_ms()}, nx=True)
         done.append(r["host_id"])
+    return done
+
+
+def restore_drains(a: Allocator, engine: Engine) -> list[str]:
+    """Drains again the hosts an operator had drained that came back ready: their agents
+    registered them before or during the recovery, and the ledger that held the drain is gone.
+    An agent's own drain is not (an agent that registers its host has ended it), and a host the
+    ledger already drains, or does not know yet, is left as it is. Returns the hosts drained."""
+    q = select(H.c.host_id, H.c.drained_by).where(H.c.namespace == a.keys.namespace, H.c.state == "draining")
+    with engine.connect() as conn:
+        rows = [(r.host_id, r.drained_by) for r in conn.execute(q)]
+    done: list[str] = []
+    for host_id, by in rows:
+        if by != "agent" and a.redis.hget(a.keys.host(host_id), "state") == "ready":
+            a.drain_host(host_id)
+            done.append(host_id)
     return done
 
 
@@ -240,6 +262,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
     report = RecoveryReport()
     if with_hosts:
         report.hosts_restored = restore_hosts(a, engine, watch=watch_hosts)
+    report.drains_restored = restore_drains(a, engine)
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred
     report.existing, report.conflicts, report.ended = restored.existing, restored.conflicts, restored.ended

@@ -7,6 +7,8 @@ next start knows the drain was its own and resumes the host; "drain" sets draine
 "agent_resume" (that next start: resumes only a drain that is still the agent's, checked here,
 so that an operator's drain made meanwhile stays),
 ARGV[5] scheduling pass depth after a resume (0 = none), ARGV[6] scan cap.
+Emits host_draining (data {by = drained_by}) when the host starts draining or an operator takes
+over its agent's drain, host_resumed when it resumes.
 Returns JSON {ok, state} or {ok=false, code="HOST_NOT_FOUND"}.
 ]]
 --- @include "ledger"
@@ -30,6 +32,7 @@ if ARGV[4] == 'agent_resume' and (state ~= 'draining' or rcall('HGET', hk, 'drai
 end
 local target = 'draining'
 if ARGV[4] == 'resume' or ARGV[4] == 'agent_resume' then target = 'ready' end
+local was_by = rcall('HGET', hk, 'drained_by')
 if ARGV[4] == 'drain' then
   -- An operator's: kept through a loss of the host (register_host restores it) and the agent's
   -- stop (the agent leaves such a host registered), until the operator resumes it.
@@ -39,13 +42,20 @@ elseif ARGV[4] == 'agent_drain' then
 else
   rcall('HDEL', hk, 'drained_by')
 end
+local by = rcall('HGET', hk, 'drained_by')
 if state ~= target then
   rcall('HSET', hk, 'state', target)
   -- reindex_host compares against the previous schedulability, which it reads from parked/state;
   -- walk every GPU since schedulability changed.
   local touched_all = nil
   reindex_host(h, touched_all)
-  emit('host_' .. (target == 'ready' and 'resumed' or 'draining'), h, now, '{}')
-  if target == 'ready' then schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
+end
+-- The history records who drained (allocator recover re-applies the drain as theirs), also when
+-- an operator takes over a drain its agent began.
+if target == 'draining' and (state ~= target or by ~= was_by) then
+  emit('host_draining', h, now, cjson.encode({by = by}))
+elseif state ~= target then
+  emit('host_resumed', h, now, '{}')
+  schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048))
 end
 return cjson.encode({ok = true, state = target})

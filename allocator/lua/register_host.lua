@@ -160,7 +160,7 @@ else
   emit('host_updated', h, now, ARGV[3])
   -- A lost host an operator had drained comes back draining: the history must say so too (it
   -- reads a registration as the end of a loss), or allocator recover would resume it.
-  if state == 'draining' and lost_before then emit('host_draining', h, now, '{}') end
+  if state == 'draining' and lost_before then emit('host_draining', h, now, '{"by":"operator"}') end
 end
 schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
 return cjson.encode({created = created, ord = ord, state = state, gen = gen})

@@ -131,6 +131,13 @@ def test_a_host_keeps_its_inventory_when_a_drain_was_folded_before_its_registrat
     assert (row["state"], row["cpu_cores"], row["ram_mb"]) == ("draining", 4, 4096)
 
 
+def test_a_drain_an_operator_took_over_from_the_agent_is_recorded_as_the_operators():
+    by_agent = OutboxEvent.parse("2-0", {"type": "host_draining", "id": "h1", "ts": "2", "data": '{"by":"agent"}'})
+    by_operator = OutboxEvent.parse("3-0", {"type": "host_draining", "id": "h1", "ts": "3", "data": '{"by":"operator"}'})
+    row = same_in_every_order(host_folded, [by_agent, by_operator])
+    assert (row["state"], row["drained_by"]) == ("draining", "operator")
+
+
 def test_a_job_started_while_its_placement_was_with_a_dead_recorder_is_recorded_active(alloc: Allocator, engine) -> None:
     alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "cpu_cores": 2})

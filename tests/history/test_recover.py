@@ -63,6 +63,33 @@ def test_recover_works_while_agents_register_their_hosts(alloc: Allocator, recor
     assert cap["gpu-b"].gpu_memory_mb.available == 0  # bob's whole T4 is held again
 
 
+def _host_state(a: Allocator, host_id: str) -> tuple[str | None, str | None]:
+    return a.redis.hget(a.keys.host(host_id), "state"), a.redis.hget(a.keys.host(host_id), "drained_by")
+
+
+def test_an_agents_own_drain_comes_back_as_the_agents(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)  # its agent stopping
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert _host_state(alloc, "gpu-a") == ("draining", "agent")
+    assert alloc.resume_host("gpu-a", by_agent=True) == "ready"  # so its next start resumes it
+
+
+def test_an_operators_drain_comes_back_on_a_host_its_agent_registered_first(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)
+    alloc.drain_host("gpu-a")  # the operator takes the drain over
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(FLEET[0])  # its agent came back before the recovery: ready
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.drains_restored == ["gpu-a"]
+    assert _host_state(alloc, "gpu-a") == ("draining", "operator")
+    assert alloc.resume_host("gpu-a", by_agent=True) == "draining"  # an agent's start does not end it
+
+
 def test_tasks_that_waited_in_line_are_reported_lost(alloc: Allocator, recorder: Recorder, engine) -> None:
     register_fleet(alloc)
     waiting = alloc.allocate({"cpu_cores": 1, "gpus": 64}, on_busy="queue")  # no host has 64 GPUs: it waits
