@@ -99,8 +99,8 @@ def _front_score(priority: int, seq: int) -> float:
     return (3 - priority) * BAND + seq
 BACK = 2199023255552  # 2^41: added for tasks not requeued at the front
 
-_ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "expires", "slots",
-                 "task_type", "kind", "state")
+_ALLOC_FIELDS = ("host", "gpus", "cores", "shared_millis", "ram_mb", "priority", "activated", "slots",
+                 "task_type", "kind", "state", "expected_ms", "unbounded")
 _TASK_FIELDS = ("kind", "payload", "seq", "state")
 _META = ("_at", "_cost_ms", "_pending")
 _HOST = operator.itemgetter(2)
@@ -370,7 +370,7 @@ class Simulation:
         self._jobs = snap.jobs  # running function tasks: id -> (payload, seq), for preemption
         for tid, score, payload, kind, seq in snap.pending:
             req = reqs.get(tid)
-            if req is None:
+            if req is None or req.seq != seq:  # seq: an id submitted again is another request
                 try:
                     req = reqs[tid] = _Req(tid, json.loads(payload), kind, seq)
                 except (ValueError, TypeError, AttributeError):
@@ -470,13 +470,15 @@ class Simulation:
     def _running(self, a: dict[str, Any]) -> _Alloc:
         """A running allocation of the snapshot, with its simulated release."""
         start = int(a["start"])
-        expires = int(a.get("expires") or 0)
+        # A job without a time limit has a deadline only until a worker claims it (its wait for
+        # one), and the simulation has it claimed, as its own started jobs.
+        expires = 0 if a.get("unbounded") else int(a.get("expires") or 0)
         end = a.get("end")  # the ends index: history p80 or hint at grant time, else the TTL
         est = _hist(self.durations, a.get("task_type"), self.stat_key)
         if est:
             release: float | None = start + est
-        elif end is not None and (expires <= 0 or end != expires):
-            release = end
+        elif end is not None and (a.get("hinted") or expires <= 0 or end != expires):
+            release = end  # the hint (a lease's capped at its TTL), or an end the claim moved
         elif self.prior:
             release = start + self.prior
         else:
@@ -1314,16 +1316,21 @@ class Simulation:
         return placed
 
     def _due_with(self, t: float) -> list[str]:
-        """Takes from the release heap the other allocations that end by their deadline at t."""
-        out = []
+        """Takes from the release heap every other allocation that ends by its deadline at t: the
+        reaper frees them all in one call. Those that end at t by their expected end (a worker's
+        report, a release) stay in the heap: each is an event of its own."""
+        out, keep = [], []
         while self.releases and self.releases[0][0] == t:
-            _, _, aid = self.releases[0]
-            al = self.allocs.get(aid)
-            if al is not None and al.alive and al.release == t and not al.by_ttl:
-                break
-            heapq.heappop(self.releases)
-            if al is not None and al.alive and al.release == t:
-                out.append(aid)
+            item = heapq.heappop(self.releases)
+            al = self.allocs.get(item[2])
+            if al is None or not al.alive or al.release != t:
+                continue  # an entry the allocation's end has made stale
+            if al.by_ttl:
+                out.append(al.id)
+            else:
+                keep.append(item)
+        for item in keep:
+            heapq.heappush(self.releases, item)
         return out
 
     def _still_quiet(self, al: _Alloc | None) -> bool:
@@ -1428,10 +1435,10 @@ class _Cache:
     """Per-id caches of what does not change: payloads of pending tasks, records of running ones."""
 
     def __init__(self, limit: int = 200_000) -> None:
-        self.tasks: dict[str, tuple[str, str, int]] = {}
+        self.tasks: dict[str, tuple[str, str, int, float]] = {}  # payload, kind, seq, line score
         self.reqs: dict[str, _Req] = {}
-        self.allocs: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.jobs: dict[str, tuple[str, int]] = {}  # running function tasks: payload, seq
+        self.allocs: dict[str, tuple[float, dict[str, Any], str | None]] = {}  # byprio score, record, host cver
+        self.jobs: dict[str, tuple[str, int, float]] = {}  # running function tasks: payload, seq, byprio score
         self.limit = limit
 
     def trim(self, pending: set[str], active: set[str]) -> None:
@@ -1463,7 +1470,8 @@ def _parse_alloc(aid: str, f: dict[str, Any], score: float) -> dict[str, Any] | 
         "shared": int(f.get("shared_millis") or 0),
         "ram": int(f.get("ram_mb") or 0), "priority": int(f.get("priority") or 1), "kind": f.get("kind"),
         "start": int(f.get("activated") or 0) or int(10**13 - 1 - (score - int(score // 10**13) * 10**13)),
-        "task_type": f.get("task_type"), "expires": int(f.get("expires") or 0), "slots": int(f.get("slots") or 0),
+        "task_type": f.get("task_type"), "slots": int(f.get("slots") or 0),
+        "hinted": int(f.get("expected_ms") or 0) > 0, "unbounded": f.get("unbounded") == "1",
     }
 
 
@@ -1473,6 +1481,7 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
     t0 = time.perf_counter()
     k = a.keys
     cache = cache if cache is not None else _Cache()
+    reread: set[str] = set()
     for attempt in range(attempts):
         pipe = a.redis.pipeline(transaction=True)
         try:
@@ -1491,45 +1500,57 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
                 pipe = a.redis.pipeline(transaction=False)
             for h in host_ids:
                 pipe.hgetall(k.host(h))
-            new_allocs = [aid for aid, score in byprio if cache.allocs.get(aid, (None,))[0] != score]
+            new_allocs = [aid for aid, score in byprio
+                          if aid in reread or cache.allocs.get(aid, (None,))[0] != score]
             for aid in new_allocs:
                 pipe.hmget(k.alloc(aid), *_ALLOC_FIELDS)
-            new_tasks = [tid for tid, _ in pending if tid not in cache.tasks]
+            # By id and line score: the score holds the submission's sequence number, so an id
+            # submitted again (after its record was purged) is read again.
+            new_tasks = [tid for tid, score in pending if cache.tasks.get(tid, (None,) * 4)[3] != score]
             for tid in new_tasks:
                 pipe.hmget(k.task(tid), *_TASK_FIELDS)
             pipe.zrange(k.ends, 0, -1, withscores=True)
+            pipe.zrange(k.expiry, 0, -1, withscores=True)  # a worker's claim moves a deadline
             pipe.hgetall(k.durations)
             pipe.hget(k.seq, "recovering")
             pipe.time()
             pipe.hkeys(k.preempting)
             res = pipe.execute()
-            break
         except redis.WatchError:
             continue
         finally:
             pipe.reset()
-    i = 0
-    hosts: dict[str, dict[str, str]] = {}
-    for h in host_ids:
-        if res[i]:
-            hosts[h] = res[i]
-        i += 1
+        # A registration rewrites the grants of the host's allocations (a whole GPU's grant grows,
+        # GPUs renumber): records read under another registration of their host are read again.
+        cver = {h: (res[i] or {}).get("cver") for i, h in enumerate(host_ids)}
+        fresh = set(new_allocs)
+        stale = {aid for aid, _ in byprio if aid not in fresh and aid in cache.allocs
+                 and cache.allocs[aid][2] != cver.get(cache.allocs[aid][1]["host"])}
+        if not stale or attempt == attempts - 1:
+            break
+        reread |= stale
+    i = len(host_ids)
+    hosts: dict[str, dict[str, str]] = {h: res[j] for j, h in enumerate(host_ids) if res[j]}
     byprio_score = dict(byprio)
     for aid in new_allocs:
         rec = _parse_alloc(aid, dict(zip(_ALLOC_FIELDS, res[i])), byprio_score[aid])
         i += 1
         if rec is not None:
-            cache.allocs[aid] = (byprio_score[aid], rec)
+            cache.allocs[aid] = (byprio_score[aid], rec, cver.get(rec["host"]))
+    pending_score = dict(pending)
     for tid in new_tasks:
         f = dict(zip(_TASK_FIELDS, res[i]))
         i += 1
         if f.get("payload") and f.get("state") in ("pending", None):
-            cache.tasks[tid] = (f["payload"], f.get("kind") or "lease", int(f.get("seq") or 0))
+            cache.tasks[tid] = (f["payload"], f.get("kind") or "lease", int(f.get("seq") or 0), pending_score[tid])
+        else:
+            cache.tasks.pop(tid, None)
     ends = dict(res[i])
-    durations_raw = res[i + 1] or {}
-    recovering = res[i + 2] == "1"
-    srv = res[i + 3]
-    stopping = res[i + 4] or []
+    expiry = dict(res[i + 1])
+    durations_raw = res[i + 2] or {}
+    recovering = res[i + 3] == "1"
+    srv = res[i + 4]
+    stopping = res[i + 5] or []
     if a.clock is not None:
         now = int(a.clock() * 1000)
     else:
@@ -1547,7 +1568,7 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
         rec = cache.allocs.get(aid, (None, None))[1]
         if rec is None:
             continue
-        allocs.append({**rec, "end": ends.get(aid)})
+        allocs.append({**rec, "end": ends.get(aid), "expires": int(expiry.get(aid) or 0)})
     pend = []
     for tid, score in pending:
         t = cache.tasks.get(tid)
@@ -1572,15 +1593,16 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
     jobs: dict[str, tuple[str, int]] = {}
     if any('"preempt":true' in p[2].replace(" ", "") for p in pend):
         running = [x["id"] for x in allocs if x.get("kind") == "job"]
-        unread = [aid for aid in running if aid not in cache.jobs]
+        # By id and placement (byprio score): an id placed again is another run, maybe of another request.
+        unread = [aid for aid in running if cache.jobs.get(aid, (None,) * 3)[2] != byprio_score[aid]]
         if unread:
             pipe = a.redis.pipeline(transaction=False)
             for aid in unread:
                 pipe.hmget(k.task(aid), "payload", "seq")
             for aid, (payload, seq) in zip(unread, pipe.execute()):
                 if payload:
-                    cache.jobs[aid] = (payload, int(seq or 0))
-        jobs = {aid: cache.jobs[aid] for aid in running if aid in cache.jobs}
+                    cache.jobs[aid] = (payload, int(seq or 0), byprio_score[aid])
+        jobs = {aid: cache.jobs[aid][:2] for aid in running if aid in cache.jobs}
     catalogs: dict[str, set[str]] = {}
     if any('"services"' in p[2] for p in pend):
         # Which host can run which shared named service (changes only with the host's agent).

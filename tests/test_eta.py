@@ -241,6 +241,24 @@ def test_leases_due_at_the_same_instant_end_together_before_one_pass(alloc, cloc
     assert (alloc.get(pinned).state == "active") == (starts == 60)
 
 
+def test_leases_due_together_end_together_when_a_hinted_end_falls_at_the_same_instant(alloc, clock):
+    gpu_host(alloc, "h1", mem="24Gi", labels={"host": "h1"})
+    for h in ("h2", "h3"):
+        gpu_host(alloc, h, labels={"host": h})
+    # Ended in this order by the simulation's heap: L1 and L2 by their TTL, X by its hint, at 60.
+    alloc.allocate(WHOLE, selector="host=h1", ttl_seconds=60, priority="low")
+    x = alloc.allocate(WHOLE, selector="host=h3", expected_duration=60, ttl_seconds=None)
+    alloc.allocate(WHOLE, selector="host=h2", ttl_seconds=60, priority="high")
+    share = queued(alloc, {"gpus": 1, "gpu_memory_mb": "8Gi", "cpu_cores": 1}, expected_duration=100, ttl_seconds=None)
+    pinned = queued(alloc, WHOLE, selector="host=h1", expected_duration=100, ttl_seconds=None)
+    # The reaper frees h1 and h2 in one call: the share packs onto h2, leaving h1 to the pinned task.
+    assert (eta(alloc, share), eta(alloc, pinned)) == (at(60), at(60))
+    clock.advance(60)
+    alloc.expire()
+    alloc.release(x.allocation_id)
+    assert [alloc.get(t).activated_at for t in (share, pinned)] == [at(60), at(60)]
+
+
 def test_no_estimate_for_unknown_cancelled_or_unplaceable_tasks(alloc):
     gpu_host(alloc)
     alloc.allocate(WHOLE, ttl_seconds=None)  # no hint, no TTL, no history: no expected end
@@ -567,6 +585,72 @@ def test_a_preempted_run_being_stopped_is_in_line_for_the_estimates(alloc, clock
     # The stopped run goes back to the front of "low" once its worker reports: ahead of L, it
     # takes the GPU that frees first (at 51), and L the next one (at 100).
     assert eta(alloc, job.id) == at(51) and eta(alloc, "L") == at(100)
+
+
+@pytest.mark.parametrize("hint_s, ttl_s, ends", [(3600, 3600, 3600), (1000, 600, 600)])
+def test_a_lease_hinted_to_run_at_least_its_ttl_is_expected_to_end_at_its_ttl_not_after_the_prior(
+        alloc, clock, hint_s, ttl_s, ends):
+    alloc.redis.hset(alloc.keys.durations, "other", json.dumps({"p50_ms": 30000, "p80_ms": 40000, "n": 5}))
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, expected_duration=hint_s, ttl_seconds=ttl_s)
+    assert eta(alloc, queued(alloc, expected_duration=10, ttl_seconds=None)) == at(ends)
+
+
+def test_a_job_without_time_limit_is_expected_to_run_its_hint_before_and_after_a_worker_claims_it(alloc, clock):
+    from allocator.agent.fencing import claim_grant
+    from allocator.queue import run_lease_s
+
+    from . import jobs
+
+    gpu_host(alloc)
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=-1, expected_duration=7200)
+    waiting = queued(alloc, expected_duration=60, ttl_seconds=None)
+    assert eta(alloc, waiting) == at(7200)  # its TTL (1 h) bounds only its wait for a worker
+    claim_grant(alloc, job.id, "w1", "h1", start=True, run_lease_s=run_lease_s(-1))  # the deadline goes
+    clock.advance(30)
+    assert eta(alloc, waiting) == at(7200)
+
+
+def test_a_deadline_a_worker_claim_moved_is_read_again(alloc, clock):
+    from allocator.agent.fencing import claim_grant
+    from allocator.queue import run_lease_s
+
+    from . import jobs
+
+    gpu_host(alloc)
+    lease = run_lease_s(7200)  # its time limit and a margin
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=7200)  # no hint, no history
+    waiting = queued(alloc, expected_duration=60, ttl_seconds=None)
+    assert eta(alloc, waiting) == at(lease)  # the deadline of its placement
+    clock.advance(100)
+    claim_grant(alloc, job.id, "w1", "h1", start=True, run_lease_s=lease)  # a worker takes it 100 s later
+    assert eta(alloc, waiting) == at(100 + lease)
+
+
+def test_a_whole_gpu_grant_that_grew_since_the_estimates_read_it_frees_what_it_holds_now(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": "4Gi"}])
+    alloc.allocate(WHOLE, expected_duration=100, ttl_seconds=None)  # granted the 12 GiB left
+    waiting = queued(alloc, {"gpus": 1, "gpu_memory_mb": "14Gi", "cpu_cores": 1}, ttl_seconds=None)
+    assert eta(alloc, waiting) is None  # 12 GiB freed at 100 and 4 GiB used by others: never 14
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": 0}])
+    assert eta(alloc, waiting) == at(100)  # the grant grew to 16 GiB, all of it freed at its end
+
+
+def test_an_id_submitted_again_after_its_record_was_purged_is_estimated_with_its_new_request(alloc, clock):
+    gpu_host(alloc, n=2)
+    holder = alloc.allocate({"gpus": 2, "cpu_cores": 2}, expected_duration=100, ttl_seconds=None)
+    queued(alloc, allocation_id="nightly", expected_duration=50, ttl_seconds=None)
+    assert eta(alloc, "nightly") == at(100)
+    clock.advance(100)
+    alloc.release(holder.allocation_id)
+    alloc.release("nightly")
+    clock.advance(86400 + 1)
+    alloc.expire()  # the records of a day ago are purged
+    assert alloc.get("nightly") is None
+    alloc.allocate(WHOLE, expected_duration=100, ttl_seconds=None)
+    alloc.allocate(WHOLE, expected_duration=500, ttl_seconds=None)
+    queued(alloc, {"gpus": 2, "cpu_cores": 2}, allocation_id="nightly", expected_duration=50, ttl_seconds=None)
+    assert eta(alloc, "nightly") == at(100 + 86400 + 1 + 500)  # both GPUs now: after the second ends
 
 
 def test_a_critical_share_on_a_reserved_gpu_makes_room_for_shares_below_critical(alloc, clock):

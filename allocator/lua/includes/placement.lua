@@ -791,6 +791,10 @@ local function grant(req, p, now)
     cver = p.cver or '', shared_millis = tostring(p.shared), ram_mb = tostring(req.ram),
     created = tostring(created), activated = tostring(now), ttl_ms = tostring(req.ttl_ms),
     expires = tostring(expires), kind = req.kind or 'lease'}
+  -- What the estimates need to tell a hint from a TTL in the ends index, and a job's wait for a
+  -- worker (its TTL while unclaimed, when it has no time limit) from its run.
+  if tonumber(req.expected_ms or 0) > 0 then rec.expected_ms = tostring(req.expected_ms) end
+  if req.unbounded then rec.unbounded = '1' end
   local held = ''
   if req.slots then rec.slots = tostring(req.slots); held = ',"slots":' .. req.slots end
   if req.services then
