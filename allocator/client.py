@@ -675,7 +675,7 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
         gpu_memory_mb=Usage.of(
             sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus), sum(g.memory.available for g in gpus)
         ),
-        gpus_idle=sum(1 for g in gpus if g.holders == 0),
+        gpus_idle=sum(1 for g in gpus if g.holders == 0 and g.memory.available > 0),  # the ledger's idle
         cpu_cores=Usage.of(ncores, ncores - cpu_avail, cpu_avail),
         ram_mb=Usage.of(ram, ram_used, max(0, ram - ram_used)),
         active_allocations=active,

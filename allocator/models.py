@@ -642,7 +642,7 @@ class HostCapacity(BaseModel):
     labels: dict[str, str]
     gpus: list[GpuCapacity]
     gpu_memory_mb: Usage
-    gpus_idle: int
+    gpus_idle: int = Field(description="GPUs with no holder and some memory free (what a whole-GPU request can take).")
     cpu_cores: Usage
     ram_mb: Usage
     active_allocations: int

@@ -182,8 +182,12 @@ class LedgerCollector(Collector):
         specs: list[tuple[str, str, Any]] = [
             ("allocator_gpu_memory_capacity_bytes", "GPU memory of the host", lambda h: h.gpu_memory_mb.total * MIB),
             ("allocator_gpu_memory_allocated_bytes", "GPU memory granted on the host", lambda h: h.gpu_memory_mb.allocated * MIB),
+            ("allocator_gpu_memory_available_bytes", "GPU memory of the host free to grant",
+             lambda h: h.gpu_memory_mb.available * MIB),
+            ("allocator_gpu_memory_unmanaged_bytes", "GPU memory of the host held by processes the allocator does not manage",
+             lambda h: h.gpu_memory_mb.unmanaged * MIB),
             ("allocator_gpus", "GPUs of the host", lambda h: len(h.gpus)),
-            ("allocator_gpus_idle", "GPUs of the host with no holder", lambda h: h.gpus_idle),
+            ("allocator_gpus_idle", "GPUs of the host with no holder and some memory free", lambda h: h.gpus_idle),
             ("allocator_cpu_cores_capacity", "CPU cores the allocator may grant on the host", lambda h: h.cpu_cores.total),
             ("allocator_cpu_cores_allocated", "CPU cores granted on the host (pinned + shared)", lambda h: h.cpu_cores.allocated),
             ("allocator_ram_capacity_bytes", "RAM the allocator may grant on the host", lambda h: h.ram_mb.total * MIB),

@@ -67,6 +67,9 @@ class Candidate:
         return {"gpus": [{"index": g.index, "uuid": g.uuid, "free_mb": g.memory.available,
                           "allocated_mb": g.memory.allocated, "holders": g.holders} for g in self.gpus],
                 "cpu_free": self.cpu_free, "ram_free_mb": self.ram_free,
+                # The ledger parks a host with no free CPU or no free RAM: it takes no new work,
+                # not even a request for no CPU or RAM, until something there is released.
+                "schedulable": self.cpu_free > 0 and self.ram_free > 0,
                 "active_allocations": self.active_allocations, "heartbeat_age_s": self.heartbeat_age_s}
 
     def flat(self) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def input_data(cands: dict[str, Candidate], inputs: dict[str, Any], req: Allocat
         m = entry["cluster_metrics"]
         m["nodes"][c.node_id] = c.metrics()
         m["gpu_memory_free_mb"] += sum(g.memory.available for g in c.gpus)
-        m["gpus_idle"] += sum(1 for g in c.gpus if g.holders == 0)
+        m["gpus_idle"] += sum(1 for g in c.gpus if g.holders == 0 and g.memory.available > 0)
         m["cpu_free"] += c.cpu_free
         m["ram_free_mb"] += c.ram_free
     return {"cluster_data": clusters, "candidates": [c.flat() for c in cands.values()], "inputs": inputs,
@@ -273,7 +276,10 @@ class PolicyRun:
                 return placed
             code = res.get("code", "")
             if code == "QUEUE_AHEAD":
-                return submit_to_line(a, req, self.allocation_id, only=choice.node_id)
+                if self.on_busy == "queue":
+                    return submit_to_line(a, req, self.allocation_id, only=choice.node_id)
+                # Refused as a built-in strategy's request is: only the line's reserved room holds it.
+                raise from_code(code, res.get("message", code), res.get("details") or None)
             if code == "INVALID_GPU_CHOICE":
                 raise PolicyError(res.get("message", "invalid GPU choice"), field="policy_output.gpus")
             if code == "RECOVERING":

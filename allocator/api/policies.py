@@ -85,7 +85,9 @@ class MostFreeMemory(LedgerStrategy):
         r = input_data["request"]
         best: tuple[float, dict[str, Any], list[dict[str, Any]]] | None = None
         for c in input_data["candidates"]:
-            if c["cpu_free"] < r["cpu_cores"] or c["ram_free_mb"] < r["ram_mb"]:
+            # A host with no free CPU or no free RAM takes no new work (the ledger parks it), even
+            # a request for none.
+            if c["cpu_free"] <= 0 or c["ram_free_mb"] <= 0 or c["cpu_free"] < r["cpu_cores"] or c["ram_free_mb"] < r["ram_mb"]:
                 continue
             gpus = _pick(c, r)
             if gpus is None:
@@ -242,7 +244,7 @@ def check_output(raw: Any, candidates: Mapping[str, Any], request_gpus: int) -> 
         for g in gpus:
             if isinstance(g, bool) or not isinstance(g, (int, str)) or g == "":
                 raise PolicyError(f"gpus must hold GPU indexes or uuids, got {g!r}", field="policy_output.gpus")
-            out.gpus.append(int(g) if isinstance(g, str) and g.isdigit() else g)
+            out.gpus.append(int(g) if isinstance(g, str) and g.isascii() and g.isdigit() else g)
     if raw.get("strategy") is not None:
         try:
             out.strategy = Strategy.parse(raw["strategy"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from ..models import MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
 
@@ -213,7 +213,8 @@ class ExecutionSettings(BaseModel):
     on_busy: Literal["fail", "queue"] = Field("queue", description="queue: wait in line, streaming position and ETA.")
     timeout_s: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(None, description="Give up (and cancel) after this long.")
     max_attempts: int | None = Field(None, ge=1, le=10, description="Policy evaluations when its choice is taken meanwhile.")
-    progress_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    # A floor: every frame reads the line and the estimates, and a client must not make that a busy loop.
+    progress_interval_s: Annotated[float, Field(ge=0.1, le=3600)] | None = None
 
 
 class AllocateMessage(BaseModel):
@@ -221,7 +222,7 @@ class AllocateMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    adhoc: bool = Field(description="Must be true.")
+    adhoc: StrictBool = Field(description="Must be true (the JSON boolean).")
     policy_rule_uri: str = Field(min_length=1, max_length=256, description="Dotted path (module:Class) or an allocator.policies entry point.")
     clusters: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, description="Candidate clusters (hosts' 'cluster' label).")
     filter: dict[str, Any] | str | None = Field(None, description="Label selector over hosts.")
@@ -235,6 +236,15 @@ class AllocateMessage(BaseModel):
     def _adhoc(cls, v: bool) -> bool:
         if v is not True:
             raise ValueError("must be true")
+        return v
+
+    @field_validator("policy_rule_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        # One spelling per policy: the loader's cache and each policy's context are kept by it.
+        v = v.strip()
+        if not v:
+            raise ValueError("must name a policy")
         return v
 
 

@@ -79,6 +79,17 @@ def test_metrics_read_the_fleet_from_redis(api: LiveApi) -> None:
     assert value(m2, "allocator_placement_latency_seconds_sum") >= 0
 
 
+def test_gpu_memory_other_processes_hold_is_neither_available_nor_idle(api: LiveApi) -> None:
+    api.allocator.register_host({"id": "u", "cpu_cores": 4, "ram_mb": "16Gi", "gpus": [
+        {"index": 0, "memory_mb": "40Gi", "used_mb": "40Gi"}, {"index": 1, "memory_mb": "40Gi", "used_mb": "30Gi"}]})
+    m = scrape(api)
+    assert value(m, "allocator_gpu_memory_capacity_bytes", host="u") == 80 * 1024 * MIB
+    assert value(m, "allocator_gpu_memory_allocated_bytes", host="u") == 0
+    assert value(m, "allocator_gpu_memory_available_bytes", host="u") == 10 * 1024 * MIB
+    assert value(m, "allocator_gpu_memory_unmanaged_bytes", host="u") == 70 * 1024 * MIB
+    assert value(m, "allocator_gpus_idle", host="u") == 1  # the full GPU cannot be granted whole
+
+
 def test_counts_survive_several_replicas_and_are_counted_once(api: LiveApi) -> None:
     c = api.client()
     for _ in range(5):

@@ -75,6 +75,7 @@ def test_builtins_through_the_same_interface(api: LiveApi) -> None:
     ("WrongOutput", {"output": {"node_id": "gpu-a", "gpus": [0, 1]}}, "policy_output.gpus", "needs 1"),
     ("WrongOutput", {"output": {"gpus": [0]}}, "policy_output.gpus", "without a node_id"),
     ("WrongOutput", {"output": {"strategy": "random"}}, "policy_output.strategy", "expected one of"),
+    ("WrongOutput", {"output": {"node_id": "gpu-a", "gpus": ["²"]}}, "policy_output.gpus", "has no GPU"),
 ])
 def test_bad_policy_allocates_nothing(api: LiveApi, policy: str, params: dict[str, Any], field: str, text: str) -> None:
     before = api.ledger()
@@ -129,6 +130,26 @@ def test_persistent_conflict_fails_clearly_or_waits_for_the_node(api: LiveApi) -
     assert api.allocator.get(accepted["allocation_id"]).host_id == "gpu-a"
 
 
+def test_a_policy_choice_only_the_lines_reserved_room_would_hold_is_refused_when_the_request_must_not_wait(api: LiveApi) -> None:
+    c = api.client()
+    c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "ttl_seconds": 600})
+    c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}, "on_busy": "queue", "expected_duration": 600})
+    before = api.ledger()
+    msg = message(f"{PLUGINS}:PickNode", {"resources": {"gpus": 1, "gpu_model": "A100"}, "expected_duration": 3600},
+                  parameters={"node": "gpu-a"}, settings={"on_busy": "fail"})
+    last, _, code = run(api, msg)
+    assert code == 4409 and last["error"]["code"] == "QUEUE_AHEAD", last  # as REST and the built-in strategies
+    assert api.ledger() == before
+
+
+def test_candidates_say_which_hosts_take_no_new_work(api: LiveApi) -> None:
+    from allocator.api.placing import read_candidates
+
+    api.client().post("/v1/allocations", json={"resources": {"gpus": 0, "cpu_cores": 4, "ram_mb": "1Gi"}, "selector": "cluster=edge"})
+    cands = read_candidates(api.allocator, None)
+    assert {n: c.metrics()["schedulable"] for n, c in cands.items()} == {"gpu-a": True, "gpu-b": True, "gpu-c": False}
+
+
 def test_policy_choice_yields_to_the_line(api: LiveApi) -> None:
     """A waiting task of the same priority is not overtaken by a policy's immediate commit."""
     c = api.client()
@@ -155,6 +176,12 @@ def test_loader_unit_rules() -> None:
     with pytest.raises(PolicyError, match="no eval"):
         loader.instantiate(f"{PLUGINS}:SeedShaped", {}, {})
     assert check_output(None, {}, 0).node_id is None  # None/{} = let the ledger decide
+
+
+def test_a_padded_policy_uri_names_the_same_policy_and_context() -> None:
+    from allocator.api.schemas import AllocateMessage
+
+    assert AllocateMessage.model_validate(message(f"  {PLUGINS}:PickNode ")).policy_rule_uri == f"{PLUGINS}:PickNode"
 
 
 def test_entry_point_policies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,6 +211,14 @@ def test_a_request_pinned_to_a_node_is_not_backfilled_elsewhere(alloc) -> None:
     alloc.allocate({"gpus": 2}, on_busy="queue", allocation_id="head")  # blocked: reservation on A
     submit_to_line(alloc, alloc.build_request({"gpus": 1}, expected_duration=10), "pinned", only="B")
     assert alloc.get("pinned").host_id in (None, "B")
+
+
+def test_most_free_memory_passes_over_a_host_that_takes_no_new_work() -> None:
+    policy = BUILTINS["most_free_memory"]()
+    big, small = _node("big", 0, [(0, 81920, 0)]), _node("small", 0, [(0, 16384, 0)])
+    big["ram_free_mb"] = 0.0  # its RAM is all granted: the ledger parks it
+    out = policy.eval({}, {"request": _request(1), "candidates": [big, small]}, {})
+    assert out["node_id"] == "small"
 
 
 def _node(node_id: str, reserve: int, gpus: list[tuple[int, int, int]]) -> dict[str, Any]:

@@ -173,6 +173,10 @@ def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
 @pytest.mark.parametrize("raw, code, field, close", [
     ("{not json", "MALFORMED_JSON", None, 4400),
     (json.dumps(message(adhoc=False)), "INVALID_REQUEST", "adhoc", 4422),
+    (json.dumps(message(adhoc="true")), "INVALID_REQUEST", "adhoc", 4422),
+    (json.dumps(message(adhoc=1)), "INVALID_REQUEST", "adhoc", 4422),
+    (json.dumps(message(settings={"progress_interval_s": 1e-6})), "INVALID_REQUEST", "settings.progress_interval_s", 4422),
+    (json.dumps(message(policy="   ")), "INVALID_REQUEST", "policy_rule_uri", 4422),
     (json.dumps({k: v for k, v in message().items() if k != "inputs"}), "INVALID_REQUEST", "inputs", 4422),
     (json.dumps(message(inputs={"resources": {"gpus": "many"}})), "INVALID_REQUEST", "inputs.resources.gpus", 4422),
     (json.dumps(message(inputs={"resources": {"ram_mb": "3 bananas"}})), "INVALID_REQUEST", "inputs.resources.ram_mb", 4422),
