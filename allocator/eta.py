@@ -268,6 +268,9 @@ class Snapshot:
     # Running function tasks -> (payload, seq): what a simulated preemption puts back in line. Read
     # only when a task in line may preempt.
     jobs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Function tasks in line whose RQ job expires (RQ's ``ttl``) -> when (ms): the pass drops such
+    # a task (reason job_gone) when it would place it or preempt for it once its job is gone.
+    rq_gone: dict[str, int] = field(default_factory=dict)
 
 
 def _hist(durations: dict[str, dict[str, Any]], task_type: str | None, key: str) -> int | None:
@@ -353,6 +356,8 @@ class Simulation:
         # skips them as the Lua does; each time one becomes due, a pass runs then (the scheduler's
         # tick), with the line's caches invalidated (_arrive).
         self.hold: dict[str, int] = {}
+        self.rq_gone = snap.rq_gone  # task -> when RQ discards its job (ms)
+        self.dropped: set[str] = set()  # tasks the simulated pass dropped because their job was gone
         self.arrivals: list[tuple[int, str]] = []
         self.passes = 0
         self.events = 0
@@ -1204,6 +1209,8 @@ class Simulation:
         blocked: _Req | None = None
         i = 0
         hold = self.hold
+        gone = self.rq_gone
+        dropped = False
         for i, tid in enumerate(ids):
             if hold and tid in hold:
                 continue  # may not start yet: in no one's way
@@ -1211,15 +1218,21 @@ class Simulation:
             p = self.try_place(req)
             if p is None and req.preempt:
                 self._unproven = True  # (another pass may find what to preempt)
+                if gone and self._drop_gone(tid, now):  # (checked before a preemption too)
+                    dropped = True
+                    continue
                 if self._preempt_for(req, now):
                     p = self.try_place(req)
             if p is None:
                 blocked = req
                 break
+            if gone and self._drop_gone(tid, now):
+                dropped = True
+                continue
             self._start(tid, req, p, now)
             placed += 1
         if blocked is None:
-            return placed
+            return placed + dropped  # a drop shifts the window: the scheduler's next tick looks again
         # Blocked: from here on nothing frees capacity (preemption happens only before), so a
         # shape that fits nowhere keeps fitting nowhere for the rest of the pass. Each shape is
         # asked once, for its first task, and its tasks are dropped in one sweep: most of the
@@ -1277,6 +1290,9 @@ class Simulation:
                     if self._memo(req, None, rhost) in refused:
                         known_sig[sig] = 1
                     continue
+                if gone and self._drop_gone(tid, now):
+                    dropped = True
+                    continue
                 self._start(tid, req, p, now)
                 placed += 1
                 continue
@@ -1309,8 +1325,13 @@ class Simulation:
                 elif p is None and self._memo(req, rhost, None) in refused:
                     known_sig[sig] = 1  # pinned elsewhere: no backfill onto the reserved host
             if p is not None:
+                if gone and self._drop_gone(tid, now):
+                    dropped = True
+                    continue
                 self._start(tid, req, p, now)
                 placed += 1
+        if dropped:
+            return placed + 1  # the window moved: not a quiet pass, and the next tick looks again
         if placed == 0 and not self._unproven:
             self._quiet = (self._changes, blocked, resv_done, self._last_fit if resv_done else None, ids, None)
         return placed
@@ -1362,6 +1383,18 @@ class Simulation:
             self.started[tid] = now
             self._started_order.append(tid)
 
+    def _drop_gone(self, tid: str, now: int) -> bool:
+        """job_gone of queue.lua: a function task whose RQ job has expired by the time the pass
+        would place it (or preempt for it) leaves the line and never starts."""
+        at = self.rq_gone.get(tid)
+        if at is None or at > now:
+            return False
+        self.pending.discard((self.score[tid], tid))
+        self.dropped.add(tid)
+        self._pver += 1
+        self._changes += 1
+        return True
+
     def _arrive(self, tid: str) -> None:
         """Task tid may start from now on: the line's window and a quiet pass no longer hold."""
         self.hold.pop(tid, None)
@@ -1387,6 +1420,7 @@ class Simulation:
             self._finish(aid)
         self._settle(now)
         left -= self.started.keys()
+        left -= self.dropped
         while left and (self.releases or self.arrivals) and budget > 0:
             if self.arrivals and (not self.releases or self.arrivals[0][0] < self.releases[0][0]):
                 # A task's retry interval is over: the next pass (the scheduler's tick) sees it.
@@ -1402,6 +1436,7 @@ class Simulation:
                 self._settle(now)
                 if len(self.started) != n:
                     left.difference_update(self._started_order[n:])
+                left.difference_update(self.dropped)
                 continue
             t, _, aid = heapq.heappop(self.releases)
             al = self.allocs.get(aid)
@@ -1426,6 +1461,7 @@ class Simulation:
             self._settle(now)
             if len(self.started) != n:
                 left.difference_update(self._started_order[n:])
+            left.difference_update(self.dropped)
         return {tid: self.started.get(tid) for tid in want}
 
 
@@ -1435,7 +1471,8 @@ class _Cache:
     """Per-id caches of what does not change: payloads of pending tasks, records of running ones."""
 
     def __init__(self, limit: int = 200_000) -> None:
-        self.tasks: dict[str, tuple[str, str, int, float]] = {}  # payload, kind, seq, line score
+        # payload, kind, seq, line score, when RQ discards the job (ms; None: never)
+        self.tasks: dict[str, tuple[str, str, int, float, int | None]] = {}
         self.reqs: dict[str, _Req] = {}
         self.allocs: dict[str, tuple[float, dict[str, Any], str | None]] = {}  # byprio score, record, host cver
         self.jobs: dict[str, tuple[str, int, float]] = {}  # running function tasks: payload, seq, byprio score
@@ -1509,6 +1546,7 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
             new_tasks = [tid for tid, score in pending if cache.tasks.get(tid, (None,) * 4)[3] != score]
             for tid in new_tasks:
                 pipe.hmget(k.task(tid), *_TASK_FIELDS)
+                pipe.pttl(k.rq_job(tid))  # RQ's ttl: a job RQ discards while it waits never starts
             pipe.zrange(k.ends, 0, -1, withscores=True)
             pipe.zrange(k.expiry, 0, -1, withscores=True)  # a worker's claim moves a deadline
             pipe.hgetall(k.durations)
@@ -1538,11 +1576,13 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
         if rec is not None:
             cache.allocs[aid] = (byprio_score[aid], rec, cver.get(rec["host"]))
     pending_score = dict(pending)
+    new_pttl: dict[str, int] = {}
     for tid in new_tasks:
         f = dict(zip(_TASK_FIELDS, res[i]))
-        i += 1
+        new_pttl[tid] = int(res[i + 1])
+        i += 2
         if f.get("payload") and f.get("state") in ("pending", None):
-            cache.tasks[tid] = (f["payload"], f.get("kind") or "lease", int(f.get("seq") or 0), pending_score[tid])
+            cache.tasks[tid] = (f["payload"], f.get("kind") or "lease", int(f.get("seq") or 0), pending_score[tid], None)
         else:
             cache.tasks.pop(tid, None)
     ends = dict(res[i])
@@ -1555,6 +1595,10 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
         now = int(a.clock() * 1000)
     else:
         now = int(srv[0]) * 1000 + int(srv[1]) // 1000
+    for tid, pttl in new_pttl.items():
+        t = cache.tasks.get(tid)
+        if t is not None and t[1] == "job" and pttl != -1:  # -1: kept for good; -2: gone already
+            cache.tasks[tid] = (*t[:4], now + max(0, pttl))
     durations: dict[str, dict[str, Any]] = {}
     for t, v in durations_raw.items():
         try:
@@ -1570,10 +1614,13 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
             continue
         allocs.append({**rec, "end": ends.get(aid), "expires": int(expiry.get(aid) or 0)})
     pend = []
+    rq_gone: dict[str, int] = {}
     for tid, score in pending:
         t = cache.tasks.get(tid)
         if t is not None:
             pend.append((tid, score, t[0], t[1], t[2]))
+            if t[4] is not None:
+                rq_gone[tid] = t[4]
     # Preempted jobs whose worker is stopping the run go back to the front of their priority when
     # it reports (requeue_task): in line already, as far as start times go.
     if stopping:
@@ -1614,7 +1661,7 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
     return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
                     pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
                     read_ms=(time.perf_counter() - t0) * 1000,
-                    delayed={tid: int(nb) for tid, nb in delayed if nb > now}, jobs=jobs)
+                    delayed={tid: int(nb) for tid, nb in delayed if nb > now}, jobs=jobs, rq_gone=rq_gone)
 
 
 # -- the engine and its cache ------------------------------------------------------------------

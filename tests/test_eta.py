@@ -627,6 +627,20 @@ def test_a_deadline_a_worker_claim_moved_is_read_again(alloc, clock):
     assert eta(alloc, waiting) == at(100 + lease)
 
 
+def test_a_job_rq_discards_while_it_waits_never_starts_and_those_behind_it_do(alloc, clock):
+    from . import jobs
+
+    gpu_host(alloc)
+    holder = alloc.allocate(WHOLE, expected_duration=1000, ttl_seconds=None)
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, expected_duration=100, ttl=600)  # RQ drops it after 600 s
+    waiting = queued(alloc, expected_duration=10, ttl_seconds=None)
+    assert (eta(alloc, job.id), eta(alloc, waiting)) == (None, at(1000))
+    clock.advance(1000)
+    alloc.redis.delete(alloc.keys.rq_job(job.id))  # what RQ's expiry does (in real time, not the test's clock)
+    alloc.release(holder.allocation_id)
+    assert (alloc.get(job.id).release_reason, alloc.get(waiting).activated_at) == ("job_gone", at(1000))
+
+
 def test_a_whole_gpu_grant_that_grew_since_the_estimates_read_it_frees_what_it_holds_now(alloc, clock):
     alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": "4Gi"}])
     alloc.allocate(WHOLE, expected_duration=100, ttl_seconds=None)  # granted the 12 GiB left
