@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -90,7 +91,12 @@ def main() -> None:
     try:
         app()
     except InvalidRequest as exc:
-        # Raised before a command's own error reporting took over (a malformed Redis URL, say):
-        # invalid input, exit 2, without a traceback.
+        # Raised before a command's own error reporting took over (a malformed Redis URL or an
+        # operator setting, say): invalid input, exit 2, without a traceback.
         Console(stderr=True).print(f"[bold red]invalid:[/] {escape(str(exc))}", highlight=False)
         raise SystemExit(2) from None
+    except redis.RedisError as exc:
+        # Likewise for a Redis that does not answer: refused, exit 1 (redis-py's message names
+        # the host and port, never a password).
+        Console(stderr=True).print(f"[bold red]refused:[/] Redis unavailable: {escape(str(exc))}", highlight=False)
+        raise SystemExit(1) from None

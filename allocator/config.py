@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .errors import InvalidRequest
+
 DEFAULT_NAMESPACE = "alloc"
+
+
+def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False) -> float:
+    """An operator's numeric setting, or its default when unset; a value that is not a number,
+    or below ``minimum``, is refused naming the variable (a setting of 0 candidates would refuse
+    every placement with a reason that looks like a full fleet)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    kind = "a whole number" if integer else "a number"
+    try:
+        v = int(raw) if integer else float(raw)
+    except ValueError:
+        raise InvalidRequest(name, f"expected {kind} >= {minimum:g}, got {raw!r}") from None
+    if not math.isfinite(v) or v < minimum:
+        raise InvalidRequest(name, f"expected {kind} >= {minimum:g}, got {raw!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -24,7 +45,7 @@ class Settings:
             redis_url=e.get("ALLOCATOR_REDIS_URL") or None,
             namespace=e.get("ALLOCATOR_NAMESPACE") or DEFAULT_NAMESPACE,
             database_url=e.get("ALLOCATOR_DATABASE_URL") or None,
-            scan_cap=int(e.get("ALLOCATOR_SCAN_CAP") or 2048),
-            record_retention_s=int(e.get("ALLOCATOR_RECORD_RETENTION_S") or 86400),
-            pass_depth=int(e.get("ALLOCATOR_PASS_DEPTH") or 100),
+            scan_cap=int(env_number(e, "ALLOCATOR_SCAN_CAP", 2048, minimum=1, integer=True)),
+            record_retention_s=int(env_number(e, "ALLOCATOR_RECORD_RETENTION_S", 86400, minimum=0, integer=True)),
+            pass_depth=int(env_number(e, "ALLOCATOR_PASS_DEPTH", 100, minimum=1, integer=True)),
         )

@@ -194,6 +194,50 @@ def test_a_bad_redis_url_met_before_a_command_reports_errors_is_invalid_input_wi
     assert proc.returncode == 2 and "redis://" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("variable, value", [("ALLOCATOR_SCAN_CAP", "abc"), ("ALLOCATOR_SCAN_CAP", "0"),
+                                              ("ALLOCATOR_PASS_DEPTH", "-1"), ("ALLOCATOR_RECORD_RETENTION_S", "1.5")])
+def test_an_operator_setting_out_of_range_is_invalid_input_naming_the_variable(variable, value):
+    env = {**os.environ, variable: value, "ALLOCATOR_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "allocator", "capacity"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and variable in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_unreachable_redis_met_outside_a_commands_reporting_is_refused_without_a_traceback():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "allocator", "api", "--check", "--redis-url",
+                           "redis://127.0.0.1:1/0?password=s3cret"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1 and "Redis unavailable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stderr  # the start-up log line names the URL with its password masked
+    assert "password=***" in proc.stderr
+
+
+def test_a_task_registry_file_that_cannot_be_read_is_refused_with_exit_2(real, tmp_path):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text("train: [unclosed\n")
+    for path in (str(tmp_path / "missing.yaml"), str(bad)):
+        res = CliRunner().invoke(app, ["api", "--check", "--redis-url", url, "--namespace", real.keys.namespace,
+                                       "--tasks-file", path])
+        assert res.exit_code == 2 and "cannot be read" in res.stderr, res.output
+
+
+def test_a_negative_ttl_on_the_command_line_is_refused_naming_the_option(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, ["allocate", "t1", "--ttl", "-5", "--redis-url", url, "--namespace", real.keys.namespace])
+    assert res.exit_code == 2 and "--ttl" in res.stderr and "0 for no expiry" in res.stderr, res.output
+
+
+def test_the_scheduler_reads_the_host_grace_from_the_environment_as_the_reaper_does(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    real.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")
+    real.redis.zadd(real.keys.heartbeats, {"h1": real.now_ms() - 3000})  # its agent went quiet 3 s ago
+    res = CliRunner().invoke(app, ["scheduler", "--once", "--no-recorder", "--redis-url", url, "--namespace",
+                                   real.keys.namespace], env={"ALLOCATOR_HOST_GRACE_S": "1"})
+    assert res.exit_code == 0, res.output
+    assert real.redis.hget(real.keys.host("h1"), "state") == "lost"
+
+
 def test_api_refuses_a_task_registry_it_cannot_import_with_exit_2(real):
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, ["api", "--check", "--redis-url", url, "--namespace", real.keys.namespace],

@@ -12,7 +12,6 @@ import signal
 import threading
 from typing import Optional
 
-import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -22,7 +21,7 @@ from rich.text import Text
 from ..cli_common import reporting, require_positive
 from ..client import Allocator
 from ..config import Settings
-from ..errors import AllocatorError, InvalidRequest
+from ..errors import InvalidRequest
 from ..models import HostSpec, parse
 from ..services import ServiceCatalog
 from .daemon import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_GRANULARITY_MB, DEFAULT_INTERVAL_S, Agent
@@ -213,14 +212,8 @@ def hosts_command(
 ) -> None:
     """Hosts with state, heartbeat age, GPUs and free capacity."""
     a = _allocator(redis_url, namespace)
-    try:
+    with reporting(as_json, url=redis_url or Settings.from_env().redis_url):  # (as every command words it)
         rows = host_rows(a)
-    except AllocatorError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    except redis.RedisError as exc:  # unreachable, wrong password, TLS refused: a message, not a traceback
-        err.print(f"[red]error:[/] Redis: {escape(str(exc))}")
-        raise typer.Exit(1) from None
     if as_json:
         console.print_json(json.dumps([r.to_dict() for r in rows]))
         return

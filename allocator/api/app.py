@@ -26,7 +26,7 @@ from .. import __version__
 from ..client import Allocator
 from ..errors import AllocatorError
 from .config import ApiConfig
-from .errors import error_body, from_validation_errors, status_of
+from .errors import BackendUnavailable, error_body, from_validation_errors, status_of
 from .metrics import build_registry, count_refusal, tally
 from .policies import PolicyLoader
 from .routes import open_router, v1
@@ -133,6 +133,13 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
             code = "MALFORMED_JSON"  # FastAPI's answer to a body its JSON parser gave up on (nesting too deep)
         body: dict[str, Any] = {"error": {"code": code, "message": str(exc.detail), "field": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.RedisError)
+    async def _backend_error(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Not a bug of the server: the client should retry (503), and the log needs no traceback.
+        log.warning("Redis unavailable on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        err = BackendUnavailable(f"the ledger's Redis is unavailable ({type(exc).__name__}); try again shortly")
+        return JSONResponse(error_body(err), status_code=status_of(err))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import logging
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
+from ..cli_common import redacted
 from ..config import Settings
-
-
-def redact(url: str | None) -> str:
-    """A Redis URL fit for logs: the password (and user) replaced."""
-    if not url:
-        return "(embedded)"
-    parts = urlsplit(url)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc="***@" + host)
-    return urlunsplit(parts)
 
 
 def api_command(
@@ -64,7 +51,7 @@ def api_command(
         raise typer.BadParameter(
             str(exc), param_hint="--tasks / --tasks-file (ALLOCATOR_TASKS, ALLOCATOR_TASKS_FILE, ALLOCATOR_TASK_MODULES)") from None
     log = logging.getLogger("allocator.api")
-    log.info("namespace %r on Redis %s; token %s; tasks: %s; policy modules: %s", allocator.keys.namespace, redact(url),
+    log.info("namespace %r on Redis %s; token %s; tasks: %s; policy modules: %s", allocator.keys.namespace, redacted(url) if url else "(embedded)",
              "required" if config.token else "NOT required (set ALLOCATOR_API_TOKEN)", task_names,
              ", ".join(config.allowed_policy_modules))
     if check:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..config import env_number
+
 BUILTIN_POLICY_MODULE = "allocator.api.policies"
 
 
 def _split(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").split(",") if p.strip())
-
-
-def _float(env: dict[str, str] | os._Environ[str], name: str, default: float) -> float:
-    raw = env.get(name)
-    return float(raw) if raw not in (None, "") else default
 
 
 @dataclass(frozen=True)
@@ -51,11 +48,11 @@ class ApiConfig:
             "tasks": e.get("ALLOCATOR_TASKS") or None,
             "tasks_file": e.get("ALLOCATOR_TASKS_FILE") or None,
             "policy_modules": _split(e.get("ALLOCATOR_POLICY_MODULES")),
-            "poll_interval_s": _float(e, "ALLOCATOR_API_POLL_S", 0.1),
-            "progress_interval_s": _float(e, "ALLOCATOR_API_PROGRESS_S", 5.0),
-            "policy_timeout_s": _float(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0),
-            "policy_attempts": int(_float(e, "ALLOCATOR_POLICY_ATTEMPTS", 3)),
-            "tally_interval_s": _float(e, "ALLOCATOR_API_TALLY_S", 1.0),
+            "poll_interval_s": env_number(e, "ALLOCATOR_API_POLL_S", 0.1, minimum=0.001),
+            "progress_interval_s": env_number(e, "ALLOCATOR_API_PROGRESS_S", 5.0, minimum=0.1),
+            "policy_timeout_s": env_number(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0, minimum=0.001),
+            "policy_attempts": int(env_number(e, "ALLOCATOR_POLICY_ATTEMPTS", 3, minimum=1, integer=True)),
+            "tally_interval_s": env_number(e, "ALLOCATOR_API_TALLY_S", 1.0, minimum=0.001),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["policy_modules"], str):

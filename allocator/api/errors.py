@@ -3,7 +3,8 @@
 Every error leaves the server as ``{"error": {"code", "message", "field"}}`` (``field`` null when
 no single field is to blame, ``details`` when the ledger gave some), with the status that tells a
 client what to do: 400 unreadable body, 401 missing/wrong token, 404 unknown id, 409 valid but
-not possible now (refused, conflict), 422 a field is wrong, 503 the ledger is recovering. The
+not possible now (refused, conflict), 422 a field is wrong, 503 the ledger is recovering or its
+Redis does not answer. The
 WebSocket uses the same body and closes with code 4000 + status (4401, 4409, 4422, ...).
 """
 
@@ -30,6 +31,13 @@ class NoCandidates(InvalidRequest):
     """No registered, ready host matches the request's clusters and filter."""
 
     code = "NO_CANDIDATES"
+
+
+class BackendUnavailable(AllocatorError):
+    """The ledger's Redis did not answer: nothing was decided, try again (503, as while recovering)."""
+
+    code = "BACKEND_UNAVAILABLE"
+    default_message = "the ledger's Redis is unavailable; try again shortly"
 
 
 class PolicyError(AllocatorError):
@@ -66,7 +74,7 @@ def http_status(exc: AllocatorError) -> int:
         return 422
     if isinstance(exc, NotFound):
         return 404
-    if isinstance(exc, Recovering):
+    if isinstance(exc, (Recovering, BackendUnavailable)):
         return 503
     if isinstance(exc, Refused):
         return 409

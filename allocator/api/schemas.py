@@ -165,7 +165,9 @@ class TaskStatus(BaseModel):
     task_id: str
     state: str = Field(description="pending, active, released, failed or cancelled.")
     position: int | None = Field(None, description="Place in line (1 = next); 0 once placed; null for a task that left the line unplaced.")
-    estimated_start_time: datetime | None = Field(None, description="Predicted start while pending; null when unknown.")
+    estimated_start_time: datetime | None = Field(
+        None, description="Predicted start while pending, its start once placed (as the tool and the CLI report); "
+                          "null when unknown or ended.")
     allocation: Allocation | None = None
     task: str | None = Field(None, description="Registered task name (function tasks).")
     job_status: str | None = Field(None, description="RQ job status (function tasks).")

@@ -102,13 +102,13 @@ class TaskRegistry:
                 raise TaskRegistryError(f"ALLOCATOR_TASKS entry {part.strip()!r} is not name=module:function")
             entries[name.strip()] = target.strip()
         if file:
-            text = Path(file).read_text(encoding="utf-8")
-            if file.endswith(".json"):
-                data = json.loads(text)
-            else:
-                import yaml
+            import yaml
 
-                data = yaml.safe_load(text)
+            try:
+                text = Path(file).read_text(encoding="utf-8")
+                data = json.loads(text) if file.endswith(".json") else yaml.safe_load(text)
+            except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:  # (JSON's error is a ValueError)
+                raise TaskRegistryError(f"{file}: cannot be read: {type(exc).__name__}: {exc}") from None
             if not isinstance(data, dict):
                 raise TaskRegistryError(f"{file}: expected a mapping of task name to 'module:function'")
             entries.update(data)

@@ -22,16 +22,18 @@ import asyncio
 import json
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 import redis
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..client import new_allocation_id
 from ..errors import AllocatorError, InvalidRequest, Refused
 from ..models import Allocation
-from .errors import MalformedBody, NoCandidates, Unauthorized, WaitTimeout, error_body, from_validation_errors, status_of
+from .errors import (BackendUnavailable, MalformedBody, NoCandidates, Unauthorized, WaitTimeout, error_body,
+                     from_validation_errors, status_of)
 from .metrics import count_refusal
 from .placing import (
     ClusterClient,
@@ -74,6 +76,14 @@ async def ws_allocate(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     await Session(st, websocket).serve()
+
+
+_TIME = TypeAdapter(datetime)
+
+
+def _json_time(t: datetime | None) -> str | None:
+    """A time as the REST routes write it (pydantic's JSON form: UTC with a trailing Z)."""
+    return None if t is None else _TIME.dump_python(t, mode="json")
 
 
 class Session:
@@ -265,7 +275,7 @@ class Session:
                         return await asyncio.to_thread(self.a.require, alloc.allocation_id)
                     if status.state != "pending":
                         raise RequestEnded(f"the request left the line without being placed (state {status.state})")
-                    cur = (status.position, status.eta.isoformat() if status.eta else None)
+                    cur = (status.position, _json_time(status.eta))
                     if cur != last:
                         await self.send({"type": kind, "allocation_id": alloc.allocation_id, "position": cur[0],
                                          "estimated_start_time": cur[1], "node_id": pinned})
@@ -321,6 +331,10 @@ class Session:
         await self._close(4000 + status)
 
     async def internal_error(self, exc: Exception) -> None:
+        if isinstance(exc, redis.RedisError):  # not a bug: the client may retry (4503)
+            log.warning("websocket request %s: Redis unavailable: %s: %s", self.allocation_id, type(exc).__name__, exc)
+            await self.fail(BackendUnavailable(f"the ledger's Redis is unavailable ({type(exc).__name__}); try again shortly"))
+            return
         log.error("websocket request %s failed: %s: %s", self.allocation_id, type(exc).__name__, exc, exc_info=exc)
         try:
             await self.ws.send_json({"type": "error", "error": {"code": "INTERNAL", "message": "internal server error",

@@ -344,6 +344,39 @@ def test_health_reports_degraded_redis() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("variable, value", [("ALLOCATOR_POLICY_ATTEMPTS", "0"), ("ALLOCATOR_POLICY_TIMEOUT_S", "abc"),
+                                              ("ALLOCATOR_API_POLL_S", "-1"), ("ALLOCATOR_API_PROGRESS_S", "nan")])
+def test_an_api_setting_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
+    from allocator.api.config import ApiConfig
+    from allocator.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as e:
+        ApiConfig.from_env({variable: value})
+    assert e.value.field == variable
+
+
+def test_routes_answer_503_backend_unavailable_while_redis_is_down() -> None:
+    from allocator import Allocator
+    from allocator.api.config import ApiConfig
+
+    from .conftest import start_server
+
+    server = start_server(Allocator("redis://127.0.0.1:1/0", namespace="unreachable"), ApiConfig(token=None, tally_interval_s=30))
+    try:
+        for r in (httpx.get(server.url + "/v1/capacity"), httpx.get(server.url + "/v1/tasks"),
+                  httpx.post(server.url + "/v1/allocations", json={"resources": {"cpu_cores": 1}})):
+            assert r.status_code == 503 and r.json()["error"]["code"] == "BACKEND_UNAVAILABLE", r.text
+    finally:
+        server.stop()
+
+
+def test_a_task_placed_at_once_reports_its_start_as_the_tool_does(api: LiveApi) -> None:
+    c = api.client()
+    x = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "on_busy": "queue"}).json()
+    status = c.get(f"/v1/tasks/{x['allocation_id']}").json()
+    assert status["state"] == "active" and status["estimated_start_time"] == x["activated_at"]
+
+
 def test_function_task_placed_by_the_pass_keeps_kind_job(api: LiveApi) -> None:
     t = api.client().post("/v1/tasks", json={"task": "add", "args": [1, 1], "resources": {"gpus": 1}}).json()
     assert t["state"] == "active"

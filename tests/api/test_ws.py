@@ -84,7 +84,7 @@ def test_request_waits_streams_position_then_is_placed(api: LiveApi) -> None:
         queued = recv(ws)
         assert queued["type"] == "queued" and queued["position"] == 1
         assert queued["allocation_id"] == accepted["allocation_id"]
-        assert "estimated_start_time" in queued
+        assert queued["estimated_start_time"].endswith("Z")  # as REST writes times (the blocker's expected end)
         assert api.allocator.get(accepted["allocation_id"]).state == "pending"
         # A keep-alive position frame arrives while nothing changes.
         assert recv(ws)["type"] == "position"
