@@ -214,8 +214,7 @@ def cancel(a: Allocator, task_id: str) -> Allocation:
     if res.get("job"):
         stop_job(a, task_id, res.get("worker"))
     alloc = a.require(task_id)
-    # This call ended it when it found the task in line or holding its grant (a repeat finds it ended).
-    alloc.released_now = res.get("was") in ("pending", "active")
+    alloc.released_now = bool(res.get("ended"))  # (a repeat finds it ended)
     return alloc
 
 

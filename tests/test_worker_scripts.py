@@ -486,13 +486,26 @@ def test_a_task_cancelled_while_its_preemption_stops_it_does_not_come_back(alloc
     task, claim = started_job(alloc, {"gpus": 2}, pid=77)
     urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
     assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "preempting"
-    alloc.cancel(task.id)  # before the worker has stopped the horse
+    assert alloc.cancel(task.id).released_now is True  # before the worker has stopped the horse
     end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
     assert (end.requeued, end.released) == (False, False)
     assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "cancelled"
     assert 0 < alloc.redis.pttl(alloc.keys.task(task.id)) <= 86_400_000
     alloc.release(urgent.allocation_id)
     assert alloc.get(task.id).state == "released" and alloc.redis.zscore(alloc.keys.pending, task.id) is None
+
+
+def test_a_task_released_while_its_preemption_stops_it_does_not_come_back(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2}, pid=77)
+    urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "preempting"
+    assert alloc.release(task.id).released_now is True  # as cancel: the user wants it gone
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert (end.requeued, end.released) == (False, False)
+    assert alloc.redis.hget(alloc.keys.task(task.id), "state") == "cancelled"
+    alloc.release(urgent.allocation_id)
+    assert alloc.redis.zscore(alloc.keys.pending, task.id) is None
 
 
 def test_a_user_releasing_a_running_job_stops_it_on_its_worker(alloc):

@@ -4,7 +4,8 @@ stopping is marked cancelled, so that it does not go back in line. Then a schedu
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task/allocation id, ARGV[4] pass depth,
 ARGV[5] scan cap.
-Returns JSON {ok, was ("pending"|"active"|state), job (true for a function task: the caller
+Returns JSON {ok, was ("pending"|"active"|state), ended (whether this call ended it: it was pending
+or active, or a preempted job it kept from going back in line), job (true for a function task: the caller
 stops or cancels its RQ job; a lease's id may name an RQ job that is not the namespace's),
 worker (RQ worker name starting or running it, if any: see job_runner in includes/queue.lua)}
 or {ok=false, code="ALLOCATION_NOT_FOUND"}.
@@ -21,6 +22,7 @@ if not state then
 end
 local t = read_task(id)
 local worker = nil
+local ended = state == 'pending' or state == 'active'
 if state == 'pending' then
   leave_line(id, t, now, 'cancelled')
 elseif state == 'active' then
@@ -31,6 +33,8 @@ elseif t and t.kind == 'job' and t.state == 'preempting' then
   -- (finish_job and requeue requeue only a task marked "preempting").
   worker = job_runner(id, nil, t)
   end_preempting(id, 'cancelled')
+  ended = true
 end
 local placed = schedule_pass(now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-return cjson.encode({ok = true, was = state, job = (t ~= nil and t.kind == 'job'), worker = worker, placed = placed})
+return cjson.encode({ok = true, was = state, ended = ended, job = (t ~= nil and t.kind == 'job'), worker = worker,
+  placed = placed})

@@ -10,6 +10,8 @@ Freed capacity goes to waiting tasks in the same call.
 A running function task released without a placement token (by a user, not by its worker) is
 stopped too: its task is marked cancelled, and the reply names the worker running it (the caller
 sends it stop-job), as cancel.lua does.
+A function task preempted and still being stopped by its worker is marked cancelled instead
+(changed = true), so that it does not go back in line.
 A second release of the same id changes nothing and reports changed = false.
 Returns JSON {ok=true, changed, stale?, job?, worker?, alloc{...}}
         or {ok=false, code="ALLOCATION_NOT_FOUND", message}.
@@ -34,9 +36,19 @@ if not a then
   return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})
 end
 local job, worker = false, nil
-if changed and (want == nil or want == '') and a.kind == 'job' then
+if (want == nil or want == '') and a.kind == 'job' then
   local t = read_task(id)
-  if t and t.kind == 'job' then job, worker = true, end_task_run(id, a, t) end
+  if t and t.kind == 'job' then
+    if changed then
+      job, worker = true, end_task_run(id, a, t)
+    elseif t.state == 'preempting' then
+      -- Preempted, its worker still stopping the run: released by a user, it must not go back
+      -- in line when the worker reports (as cancel.lua).
+      job, worker = true, job_runner(id, nil, t)
+      end_preempting(id, 'cancelled')
+      changed = true
+    end
+  end
 end
 local placed = {}
 if changed then placed = schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
