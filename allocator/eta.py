@@ -356,7 +356,7 @@ class Simulation:
         # skips them as the Lua does; each time one becomes due, a pass runs then (the scheduler's
         # tick), with the line's caches invalidated (_arrive).
         self.hold: dict[str, int] = {}
-        self.rq_gone = snap.rq_gone  # task -> when RQ discards its job (ms)
+        self.rq_gone = dict(snap.rq_gone)  # task in line -> when RQ discards its job (ms)
         self.dropped: set[str] = set()  # tasks the simulated pass dropped because their job was gone
         self.arrivals: list[tuple[int, str]] = []
         self.passes = 0
@@ -1376,6 +1376,9 @@ class Simulation:
         return True
 
     def _start(self, tid: str, req: _Req, p: tuple[_Host, list[_Gpu]], now: int) -> None:
+        # RQ keeps a job that has started (it persists the hash): preempted and back in line, it
+        # is no longer discarded by its ttl.
+        self.rq_gone.pop(tid, None)
         self._grant(req, p, now)
         self.pending.discard((self.score[tid], tid))
         self._pver += 1

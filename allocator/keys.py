@@ -104,6 +104,13 @@ class Keys:
         return self._k("cpu_idx")
 
     @property
+    def drain_on_register(self) -> str:
+        """HASH host -> "operator": drains allocator recover found in the history for hosts no
+        agent had registered again yet; register_host applies one when it creates the host (the
+        scripts build it from the prefix)."""
+        return self._k("drain_on_register")
+
+    @property
     def cpu_ord(self) -> str:
         """ZSET host -> registration ordinal, schedulable hosts only: the order first fit walks
         for CPU-only requests (the scripts build it from the prefix; it is not among their KEYS)."""

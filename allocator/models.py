@@ -168,6 +168,8 @@ def parse(model: type[M], data: object, prefix: str = "") -> M:
             reason = "unknown field"
         elif err["type"] == "missing":
             reason = "required field is missing"
+        elif err["type"] == "value_error" and cause is not None:
+            reason = str(cause)  # the validator's own words, without pydantic's "Value error, "
         raise InvalidRequest(field, reason) from None
 
 

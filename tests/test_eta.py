@@ -641,6 +641,22 @@ def test_a_job_rq_discards_while_it_waits_never_starts_and_those_behind_it_do(al
     assert (alloc.get(job.id).release_reason, alloc.get(waiting).activated_at) == ("job_gone", at(1000))
 
 
+def test_a_job_started_then_preempted_is_not_discarded_by_its_rq_ttl_when_it_waits_again(alloc, clock):
+    from . import jobs
+
+    gpu_host(alloc)
+    alloc.allocate(WHOLE, priority="high", expected_duration=100, ttl_seconds=None)
+    urgent = queued(alloc, priority="high", strategy="priority", expected_duration=50, ttl_seconds=None)
+    nb = int((T0 + 500) * 1000)  # it waits out a retry interval until 500 (as finish_job writes one)
+    alloc.redis.hset(alloc.keys.task(urgent), "not_before", nb)
+    alloc.redis.hset(alloc.keys.alloc(urgent), "not_before", nb)
+    alloc.redis.zadd(alloc.keys.delayed, {urgent: nb})
+    job = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, priority="low", expected_duration=1000, ttl=300)
+    last = queued(alloc, priority="low", expected_duration=10, ttl_seconds=None)
+    # The job starts at 100 (RQ then keeps it), is preempted at 500 and runs again from 550.
+    assert (eta(alloc, job.id), eta(alloc, urgent), eta(alloc, last)) == (at(100), at(500), at(1550))
+
+
 def test_a_whole_gpu_grant_that_grew_since_the_estimates_read_it_frees_what_it_holds_now(alloc, clock):
     alloc.register_host(id="h1", cpu_cores=8, ram_mb="64Gi", gpus=[{"index": 0, "memory_mb": "16Gi", "used_mb": "4Gi"}])
     alloc.allocate(WHOLE, expected_duration=100, ttl_seconds=None)  # granted the 12 GiB left

@@ -99,29 +99,21 @@ class _Gpu(_Strict):
         return self
 
 
-def _label_text(v: object) -> str:
-    """A label value as a registration takes it. YAML reads ``rack: 12`` or ``ib: yes`` as a
-    number or a boolean, which the file's author meant as text; null, lists and mappings are no
-    label value, and are refused rather than stored as Python's rendering of them."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    raise ValueError(f"a label value must be text or a number, got {'null' if v is None else type(v).__name__}")
-
-
 def _labels(v: object) -> object:
+    """Labels as a registration takes them: text names and text values. YAML reads ``rack: 12``,
+    ``cuda: 12.10``, ``rack: 012`` or ``ib: yes`` as a number or a boolean, and turning those back
+    into text would not give what the author wrote (``12.1``, ``10``, ``true``): they are refused
+    with a hint to quote them, as Kubernetes does."""
     if not isinstance(v, dict):
         return v
-    out: dict[str, str] = {}
     for k, x in v.items():
-        try:
-            out[str(k)] = _label_text(x)
-        except ValueError as exc:
-            raise ValueError(f"label {str(k)!r}: {exc}") from None
-    return out
+        if not isinstance(k, str):
+            raise ValueError(f"label name {k!r} must be text; quote it")
+        if not isinstance(x, str):
+            what = "null" if x is None else type(x).__name__
+            hint = "; quote it" if isinstance(x, (bool, int, float)) else ""
+            raise ValueError(f"label {k!r}: a label value must be text, got {what} {x!r}{hint}")
+    return v
 
 
 class _Host(_Strict):

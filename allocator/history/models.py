@@ -158,7 +158,11 @@ class HostRow(Base):
     host_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), doc="ready, draining, removed, or what the ledger says")
     drained_by: Mapped[str | None] = mapped_column(
-        String(16), nullable=True, doc="while draining: operator or agent (null: not recorded, read as operator)")
+        String(16), nullable=True, doc="who drains it, operator or agent; null when it does not drain")
+    state_event_id: Mapped[str | None] = mapped_column(
+        String(40), nullable=True, doc="the event that set whether it is up, lost or removed (events may arrive out of order)")
+    drain_event_id: Mapped[str | None] = mapped_column(
+        String(40), nullable=True, doc="the event that set whether it drains (a drain, resume, loss or removal)")
     labels: Mapped[Any] = mapped_column(JSONType)
     spec: Mapped[Any] = mapped_column(JSONType, doc="the inventory as last registered")
     gpu_count: Mapped[int] = mapped_column(Integer, default=0)

@@ -125,13 +125,18 @@ def _is_newer(ev: OutboxEvent, row: dict[str, Any]) -> bool:
     return last is None or ev.position > parse_stream_id(last)
 
 
-def _sets_state(ev: OutboxEvent, row: dict[str, Any]) -> bool:
-    """Whether ev may change the row's state: newer than the event that set it. Claims it."""
-    last = row.get("state_event_id")
+def _claims(ev: OutboxEvent, row: dict[str, Any], column: str) -> bool:
+    """Whether ev is newer than the event recorded in ``column``; then it is recorded there."""
+    last = row.get(column)
     if last is not None and ev.position <= parse_stream_id(last):
         return False
-    row["state_event_id"] = ev.stream_id
+    row[column] = ev.stream_id
     return True
+
+
+def _sets_state(ev: OutboxEvent, row: dict[str, Any]) -> bool:
+    """Whether ev may change the row's state: newer than the event that set it. Claims it."""
+    return _claims(ev, row, "state_event_id")
 
 
 def _touch(ev: OutboxEvent, row: dict[str, Any]) -> None:
@@ -275,13 +280,21 @@ def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str,
 
 
 def new_host(namespace: str, host_id: str) -> dict[str, Any]:
-    return {"namespace": namespace, "host_id": host_id, "state": "ready", "drained_by": None, "labels": {}, "spec": {}, "gpu_count": 0,
+    return {"namespace": namespace, "host_id": host_id, "state": "ready", "drained_by": None, "state_event_id": None,
+            "drain_event_id": None,
+            "labels": {}, "spec": {}, "gpu_count": 0,
             "gpu_memory_mb": 0, "cpu_cores": 0, "ram_mb": 0, "registered_at": None, "updated_at": None,
             "removed_at": None, "last_event_id": None}
 
 
 def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
-    """Applies one host event to the row (a dict of ``hosts`` columns)."""
+    """Applies one host event to the row (a dict of ``hosts`` columns).
+
+    A host's state has two parts, each following the newest event that sets it, so events that
+    arrive out of order fold as in order: whether it is up, lost or removed (registrations,
+    losses, removals: ``state_event_id``), and whether it drains and for whom (drains, resumes,
+    and losses and removals, which end a drain: ``drain_event_id``; the ledger announces again an
+    operator's drain that outlives a loss). ``state`` is lost or removed, else draining or ready."""
     newer = _is_newer(ev, row)
     if ev.type in ("host_registered", "host_updated"):
         if row["registered_at"] is None or (ev.type == "host_registered" and ev.ts < row["registered_at"]):
@@ -294,18 +307,19 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
             row.update(spec=spec, labels=spec.get("labels") if isinstance(spec.get("labels"), dict) else {},
                        gpu_count=len(gpus), gpu_memory_mb=sum(_int(g.get("memory_mb")) or 0 for g in gpus if isinstance(g, dict)),
                        cpu_cores=len(_list(spec.get("cores"))), ram_mb=_int(spec.get("ram_mb")) or 0)
-        if newer:
-            row["updated_at"] = ev.ts
-            if row["state"] in ("removed", "lost"):
-                row["state"], row["removed_at"] = "ready", None
-    elif newer:
-        row["state"] = HOST_STATE_BY_EVENT.get(ev.type, row["state"])
-        row["updated_at"] = ev.ts
-        if ev.type == "host_removed":
-            row["removed_at"] = ev.ts
-        if ev.type == "host_draining":
-            row["drained_by"] = _text(ev.fields.get("by"))  # absent in events written before it was recorded
-        elif ev.type == "host_resumed":
+        if _claims(ev, row, "state_event_id") and row["state"] in ("removed", "lost"):
+            row["state"], row["removed_at"] = "ready", None  # back after a loss or a removal
+    elif ev.type in ("host_lost", "host_removed"):
+        if _claims(ev, row, "state_event_id"):
+            row["state"] = HOST_STATE_BY_EVENT[ev.type]
+            row["removed_at"] = ev.ts if ev.type == "host_removed" else None
+        if _claims(ev, row, "drain_event_id"):
             row["drained_by"] = None
+    elif ev.type in ("host_draining", "host_resumed") and _claims(ev, row, "drain_event_id"):
+        # Events written before the drainer was recorded count as an operator's drain.
+        row["drained_by"] = (_text(ev.fields.get("by")) or "operator") if ev.type == "host_draining" else None
+    if row["state"] not in ("removed", "lost"):
+        row["state"] = "draining" if row["drained_by"] else "ready"
     if newer:
+        row["updated_at"] = ev.ts
         row["last_event_id"] = ev.stream_id

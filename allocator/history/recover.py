@@ -180,16 +180,25 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
 def restore_drains(a: Allocator, engine: Engine) -> list[str]:
     """Drains again the hosts an operator had drained that came back ready: their agents
     registered them before or during the recovery, and the ledger that held the drain is gone.
-    An agent's own drain is not (an agent that registers its host has ended it), and a host the
-    ledger already drains, or does not know yet, is left as it is. Returns the hosts drained."""
+    A host not registered yet gets the drain when it registers (``Keys.drain_on_register``). An
+    agent's own drain is not restored this way (an agent that registers its host has ended it),
+    and a host the ledger already drains, or has lost, is left as it is. Returns the hosts drained
+    now or at their registration."""
     q = select(H.c.host_id, H.c.drained_by).where(H.c.namespace == a.keys.namespace, H.c.state == "draining")
     with engine.connect() as conn:
         rows = [(r.host_id, r.drained_by) for r in conn.execute(q)]
     done: list[str] = []
     for host_id, by in rows:
-        if by != "agent" and a.redis.hget(a.keys.host(host_id), "state") == "ready":
+        if by == "agent":
+            continue
+        state = a.redis.hget(a.keys.host(host_id), "state")
+        if state is None:
+            a.redis.hset(a.keys.drain_on_register, host_id, "operator")
+        elif state == "ready":
             a.drain_host(host_id)
-            done.append(host_id)
+        else:
+            continue
+        done.append(host_id)
     return done
 
 

@@ -12,7 +12,8 @@ totals are below what the host's grants hold (fewer cores or less RAM or GPU mem
 memory used by other processes, used_mb), the field "overcommitted" is "1" until a registration
 finds them within it again: a legal state, which the invariants checker then accepts.
 A draining host stays draining, and so does a lost one an operator had drained (drained_by =
-"operator"); any other state becomes "ready". A host that was "lost" gets
+"operator"), and a new host that allocator recover listed in drain_on_register (an operator's
+drain the history has for a host no agent had registered yet); any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost. A new host takes the
 highest generation of the grants restored on it before it registered (allocator recover).
 Returns JSON {created, ord, state}.
@@ -31,9 +32,13 @@ local state = 'ready'
 local old_ngpu = 0
 local gen = 1
 local lost_before = false
+local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
+local drain_kept = false
 if created then
   ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
   rcall('ZADD', K_HOSTS, ord, h)
+  -- An operator's drain allocator recover found in the history for a host not registered yet.
+  if rcall('HDEL', K_DRAIN_ON_REGISTER, h) == 1 then state = 'draining'; drain_kept = true end
 else
   local f = rcall('HMGET', hk, 'ord', 'state', 'ngpu', 'gen', 'drained_by')
   ord = tonumber(f[1])
@@ -153,9 +158,11 @@ for i = 1, #svc, 2 do
     rcall('HSET', svc_key(h), svc[i], cjson.encode(e))
   end
 end
+if drain_kept then rcall('HSET', hk, 'drained_by', 'operator') end
 reindex_host(h, nil)
 if created then
   emit('host_registered', h, now, ARGV[3])
+  if drain_kept then emit('host_draining', h, now, '{"by":"operator"}') end
 else
   emit('host_updated', h, now, ARGV[3])
   -- A lost host an operator had drained comes back draining: the history must say so too (it

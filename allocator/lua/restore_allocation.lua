@@ -129,6 +129,8 @@ local function record(r, gpus, state, reason)
     kind = r.kind or 'lease', requeues = tostring(r.requeues or 0)}
   local slots = tonumber(r.slots or 0) or 0
   if slots > 0 then rec.slots = tostring(slots) end
+  -- As grant writes it: the estimates tell a hint from a TTL by it.
+  if tonumber(r.expected_ms or 0) > 0 then rec.expected_ms = tostring(r.expected_ms) end
   if state ~= 'active' then
     rec.released = tostring(now)
     rec.reason = reason or 'recovery_conflict'

@@ -46,14 +46,24 @@ def test_mig_devices_become_units_with_their_own_index_and_uuid():
         (200, "MIG-x", "A100 MIG 3g.20gb", 20480, "a-gpu1"), (201, "a-gpu1-mig1", "A100 MIG 2g.10gb", 10240, "a-gpu1")]
 
 
-def test_label_values_yaml_reads_as_numbers_or_booleans_are_kept_as_text(inventory):
-    inventory.write({"defaults": {"labels": {"rack": 12}}, "hosts": [host("a", labels={"ib": True, "gen": 4.5})]})
-    (a,) = load_inventory_file(inventory.path)
-    assert a.labels == {"rack": "12", "ib": "true", "gen": "4.5"}
+@pytest.mark.parametrize("line, shown", [("rack: 12", "int 12"), ("cuda: 12.10", "float 12.1"), ("ib: yes", "bool True")])
+def test_a_label_value_yaml_reads_as_a_number_or_boolean_is_refused_with_a_hint_to_quote_it(tmp_path, line, shown):
+    p = tmp_path / "fleet.yaml"
+    p.write_text(f"hosts:\n  - id: a\n    cpu_cores: 2\n    ram_mb: 1Gi\n    labels: {{{line}}}\n")
+    with pytest.raises(InvalidInventory, match=f"got {shown}; quote it") as e:
+        load_inventory_file(p)
+    assert e.value.field == "hosts[0].labels"
+
+
+def test_quoted_label_values_are_kept_as_written(tmp_path):
+    p = tmp_path / "fleet.yaml"
+    p.write_text("defaults:\n  labels: {rack: '012'}\nhosts:\n  - {id: a, cpu_cores: 2, ram_mb: 1Gi, labels: {cuda: '12.10'}}\n")
+    (a,) = load_inventory_file(p)
+    assert a.labels == {"rack": "012", "cuda": "12.10"}
 
 
 def test_a_null_label_value_is_refused_with_the_label_named():
-    with pytest.raises(InvalidInventory, match="label 'zone': a label value must be text or a number, got null"):
+    with pytest.raises(InvalidInventory, match="label 'zone': a label value must be text, got null"):
         parse_inventory([host("a", labels={"zone": None})])
 
 
@@ -84,6 +94,7 @@ def test_openb_csv_gives_the_1213_hosts():
     ([host("a", labels={"zone": None})], "hosts[0].labels"),
     ([host("a", labels={"zone": ["z1", "z2"]})], "hosts[0].labels"),
     ({"defaults": {"labels": {"zone": {"a": 1}}}, "hosts": [host("a")]}, "defaults.labels"),
+    ([host("a", labels={None: "gpu"})], "hosts[0].labels"),
     ([host("a", gpus=[{"index": 0, "memory_mb": "40Gi", "mig_devices": [
         {"memory_mb": "20Gi"}, {"memory_mb": "20Gi"}, {"memory_mb": "10Gi"}]}])], "hosts[0].gpus[0]"),
 ])

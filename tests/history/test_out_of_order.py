@@ -138,6 +138,39 @@ def test_a_drain_an_operator_took_over_from_the_agent_is_recorded_as_the_operato
     assert (row["state"], row["drained_by"]) == ("draining", "operator")
 
 
+def _host_event(n: int, kind: str, data: dict) -> OutboxEvent:
+    return OutboxEvent.parse(f"{n}-0", {"type": kind, "id": "h1", "ts": str(n), "data": json.dumps(data)})
+
+
+HOST_SPEC = {"cores": [0, 1], "ram_mb": 1024, "gpus": [], "labels": {}}
+
+
+def test_a_drain_claimed_late_is_not_hidden_by_a_registration_that_came_after_it():
+    evs = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_draining", {"by": "agent"}),
+           _host_event(3, "host_draining", {"by": "operator"}), _host_event(4, "host_updated", HOST_SPEC)]
+    row = same_in_every_order(host_folded, evs)
+    assert (row["state"], row["drained_by"]) == ("draining", "operator")
+
+
+def test_an_agents_drain_ends_with_a_loss_and_an_operators_is_announced_again_after_it():
+    agent = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_draining", {"by": "agent"}),
+             _host_event(3, "host_lost", {}), _host_event(4, "host_updated", HOST_SPEC)]
+    assert same_in_every_order(host_folded, agent)["state"] == "ready"  # the ledger: back ready
+    operator = [*agent[:1], _host_event(2, "host_draining", {"by": "operator"}), *agent[2:],
+                _host_event(5, "host_draining", {"by": "operator"})]  # register_host announces it again
+    row = same_in_every_order(host_folded, operator)
+    assert (row["state"], row["drained_by"]) == ("draining", "operator")
+
+
+def test_a_registration_brings_a_host_back_only_from_a_loss_before_it():
+    evs = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_updated", HOST_SPEC),
+           _host_event(3, "host_lost", {})]
+    assert same_in_every_order(host_folded, evs)["state"] == "lost"
+    evs = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_lost", {}),
+           _host_event(3, "host_updated", HOST_SPEC)]
+    assert same_in_every_order(host_folded, evs)["state"] == "ready"
+
+
 def test_a_job_started_while_its_placement_was_with_a_dead_recorder_is_recorded_active(alloc: Allocator, engine) -> None:
     alloc.register_host(id="h1", cpu_cores=8, ram_mb="32Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "cpu_cores": 2})

@@ -16,7 +16,7 @@ from allocator.errors import AllocatorError, InsufficientResources, Recovering
 from allocator.history import recover as rec_mod
 from allocator.history.recorder import Recorder
 
-from .fleet import FLEET, all_rows, allocation_row, events, register_fleet
+from .fleet import FLEET, all_rows, allocation_row, events, hosts, register_fleet
 
 
 def _active(a: Allocator) -> dict[str, tuple[Any, ...]]:
@@ -88,6 +88,31 @@ def test_an_operators_drain_comes_back_on_a_host_its_agent_registered_first(allo
     assert report.drains_restored == ["gpu-a"]
     assert _host_state(alloc, "gpu-a") == ("draining", "operator")
     assert alloc.resume_host("gpu-a", by_agent=True) == "draining"  # an agent's start does not end it
+
+
+def test_an_operators_drain_comes_back_on_a_host_its_agent_registers_after_the_recovery(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.drains_restored == ["gpu-a"]
+    alloc.register_host(FLEET[0])  # its agent, after the recovery
+    alloc.register_host(FLEET[1])
+    assert _host_state(alloc, "gpu-a") == ("draining", "operator")
+    assert _host_state(alloc, "gpu-b") == ("ready", None)
+    recorder.drain()
+    assert {r["host_id"]: (r["state"], r["drained_by"]) for r in all_rows(engine, alloc, hosts)} == {
+        "gpu-a": ("draining", "operator"), "gpu-b": ("ready", None)}
+
+
+def test_a_restored_lease_keeps_its_hint_for_the_estimates(alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    held = alloc.allocate({"gpus": 1, "gpu_model": "T4"}, expected_duration=3600, ttl_seconds=600)  # ends at its TTL
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.hget(alloc.keys.alloc(held.allocation_id), "expected_ms") == "3600000"
 
 
 def test_tasks_that_waited_in_line_are_reported_lost(alloc: Allocator, recorder: Recorder, engine) -> None:
