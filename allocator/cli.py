@@ -16,7 +16,7 @@ from .api import cli as api_cli
 from .history import cli as history_cli
 from .client import Allocator
 from .config import Settings
-from .errors import InsufficientResources, InvalidRequest
+from .errors import REDIS_UNAVAILABLE, InsufficientResources, InvalidRequest
 
 app = typer.Typer(help="rq-allocator: GPU memory, CPU core and RAM allocation for queued tasks.", no_args_is_help=True)
 console = Console()
@@ -98,5 +98,6 @@ def main() -> None:
     except redis.RedisError as exc:
         # Likewise for a Redis that does not answer: refused, exit 1 (redis-py's message names
         # the host and port, never a password).
-        Console(stderr=True).print(f"[bold red]refused:[/] Redis unavailable: {escape(str(exc))}", highlight=False)
+        what = "Redis unavailable" if isinstance(exc, REDIS_UNAVAILABLE) else f"Redis error ({type(exc).__name__})"
+        Console(stderr=True).print(f"[bold red]refused:[/] {what}: {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from None

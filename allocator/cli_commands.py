@@ -8,6 +8,7 @@ Read commands take ``--json``. Exit codes as in ``cli_common``: 0 done, 1 refuse
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Optional
 
@@ -47,7 +48,7 @@ def _requirements(gpus: Optional[int], gpu_memory: Optional[str], gpu_model: Opt
         if value is not None:
             req[key] = value
     if ttl is not None:
-        if ttl < 0:  # (the model's own message offers null, which a command line cannot give)
+        if not math.isfinite(ttl) or ttl < 0:  # (the model's message offers null, which a command line cannot give)
             raise InvalidRequest("resource_requirements.ttl_seconds",
                                  f"must be a positive number of seconds, or 0 for no expiry, got {ttl:g}")
         req["ttl_seconds"] = None if ttl == 0 else ttl

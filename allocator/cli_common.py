@@ -8,6 +8,7 @@ Exit codes: 0 done; 1 refused (does not fit, not found, Redis unreachable); 2 in
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from rich.markup import escape
 
 from .client import Allocator
 from .config import Settings
-from .errors import AllocatorError, InvalidRequest, NotFound, Refused
+from .errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, NotFound, Refused
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
 
@@ -67,19 +68,22 @@ def option_for(field: str) -> str:
 def redacted(url: str) -> str:
     """The URL without its password (before the host, or as redis-py's ``?password=``), for messages."""
     try:
-        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+        from urllib.parse import parse_qsl, urlencode, urlsplit
 
         u = urlsplit(url)
         netloc, query = u.netloc, u.query
         if u.password:
-            netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+            # The host part as written (IPv6 brackets, a unix socket's empty host), not as parsed.
+            netloc = f"{u.username or ''}:***@{netloc.rpartition('@')[2]}"
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)
             if any(k.lower() == "password" for k, _ in pairs):
                 query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
         if (netloc, query) == (u.netloc, u.query):
-            return url  # nothing to hide: as given (urlunsplit would rewrite unix:///path)
-        return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
+            return url  # nothing to hide: as given
+        # Built by hand: urlunsplit drops the "//" of a URL without a host (unix:///path).
+        return (f"{u.scheme}://{netloc}{u.path}" + (f"?{query}" if query else "")
+                + (f"#{u.fragment}" if u.fragment else ""))
     except ValueError:
         return "<redis url>"
 
@@ -119,9 +123,9 @@ def require_positive(value: float, option: str, *, zero_means: str | None = None
     """Refuses a period that is not above zero (exit 2, naming the option): a grace of 0 s would
     declare every host lost at each pass, an interval of 0 s spins. ``zero_means``: what 0 asks
     for where it is allowed (e.g. "no reaper")."""
-    if value > 0 or (zero_means is not None and value == 0):
-        return
-    allowed = f"above 0 s, or 0 for {zero_means}" if zero_means else "above 0 s"
+    if math.isfinite(value) and (value > 0 or (zero_means is not None and value == 0)):
+        return  # (inf or nan would overflow where the period becomes milliseconds)
+    allowed = f"a finite number above 0 s, or 0 for {zero_means}" if zero_means else "a finite number above 0 s"
     raise typer.BadParameter(f"must be {allowed}, got {value:g}", param_hint=option)
 
 
@@ -148,4 +152,6 @@ def reporting(as_json: bool = False, url: Optional[str] = None) -> Iterator[None
         fail(EXIT_REFUSED, exc.code, exc.message, as_json=as_json)
     except redis.RedisError as exc:
         where = f" at {redacted(url)}" if url else ""
-        fail(EXIT_REFUSED, "BACKEND_UNAVAILABLE", f"Redis unavailable{where}: {exc}", as_json=as_json)
+        if isinstance(exc, REDIS_UNAVAILABLE):
+            fail(EXIT_REFUSED, "BACKEND_UNAVAILABLE", f"Redis unavailable{where}: {exc}", as_json=as_json)
+        fail(EXIT_REFUSED, "BACKEND_ERROR", f"Redis error{where} ({type(exc).__name__}): {exc}", as_json=as_json)

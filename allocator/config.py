@@ -12,20 +12,22 @@ from .errors import InvalidRequest
 DEFAULT_NAMESPACE = "alloc"
 
 
-def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False) -> float:
+def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float = math.inf,
+               integer: bool = False) -> float:
     """An operator's numeric setting, or its default when unset; a value that is not a number,
-    or below ``minimum``, is refused naming the variable (a setting of 0 candidates would refuse
-    every placement with a reason that looks like a full fleet)."""
+    or outside ``minimum``..``maximum``, is refused naming the variable (a setting of 0
+    candidates would refuse every placement with a reason that looks like a full fleet)."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     kind = "a whole number" if integer else "a number"
+    bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
     try:
         v = int(raw) if integer else float(raw)
     except ValueError:
-        raise InvalidRequest(name, f"expected {kind} >= {minimum:g}, got {raw!r}") from None
-    if not math.isfinite(v) or v < minimum:
-        raise InvalidRequest(name, f"expected {kind} >= {minimum:g}, got {raw!r}")
+        raise InvalidRequest(name, f"expected {kind} {bounds}, got {raw!r}") from None
+    if not math.isfinite(v) or not minimum <= v <= maximum:
+        raise InvalidRequest(name, f"expected {kind} {bounds}, got {raw!r}")
     return v
 
 

@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.exceptions as _redis_errors
+
+#: Redis errors that mean the ledger cannot be reached or written now (try again later), as
+#: opposed to a reply that shows a bug or a key clash (a wrong type, a script's error).
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    _redis_errors.ConnectionError, _redis_errors.TimeoutError, _redis_errors.BusyLoadingError,
+    _redis_errors.ReadOnlyError, _redis_errors.MasterDownError, _redis_errors.ClusterDownError,
+    _redis_errors.TryAgainError, _redis_errors.OutOfMemoryError,
+)
+
 
 class AllocatorError(Exception):
     """Root of every error the allocator raises on purpose."""

@@ -222,10 +222,19 @@ def test_a_task_registry_file_that_cannot_be_read_is_refused_with_exit_2(real, t
         assert res.exit_code == 2 and "cannot be read" in res.stderr, res.output
 
 
-def test_a_negative_ttl_on_the_command_line_is_refused_naming_the_option(real):
+@pytest.mark.parametrize("ttl", ["-5", "nan", "inf"])
+def test_a_ttl_that_is_no_positive_number_on_the_command_line_is_refused_naming_the_option(real, ttl):
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
-    res = CliRunner().invoke(app, ["allocate", "t1", "--ttl", "-5", "--redis-url", url, "--namespace", real.keys.namespace])
+    res = CliRunner().invoke(app, ["allocate", "t1", "--ttl", ttl, "--redis-url", url, "--namespace", real.keys.namespace])
     assert res.exit_code == 2 and "--ttl" in res.stderr and "0 for no expiry" in res.stderr, res.output
+
+
+@pytest.mark.parametrize("command", [["scheduler", "--once", "--no-recorder"], ["reaper"]])
+def test_an_infinite_host_grace_is_refused(real, command):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, [*command, "--redis-url", url, "--namespace", real.keys.namespace],
+                             env={"ALLOCATOR_HOST_GRACE_S": "inf"})
+    assert res.exit_code == 2 and "--grace" in res.stderr and "finite" in res.stderr, res.output
 
 
 def test_the_scheduler_reads_the_host_grace_from_the_environment_as_the_reaper_does(real):
@@ -450,6 +459,9 @@ def test_a_password_given_as_a_url_parameter_is_not_echoed():
     assert "hunter2" not in redacted("redis://127.0.0.1:1/0?password=hunter2")
     assert "hunter2" not in redacted("redis://user:hunter2@127.0.0.1:1/0")
     assert redacted("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"  # nothing to hide: as given
+    assert redacted("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert redacted("unix://:pw@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
+    assert redacted("unix:///tmp/r.sock?password=pw") == "unix:///tmp/r.sock?password=***"
     res = CliRunner().invoke(app, ["list", "--redis-url", "redis://127.0.0.1:1/0?password=hunter2"])
     assert res.exit_code == 1 and "hunter2" not in res.output
 

@@ -17,14 +17,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..client import Allocator
-from ..errors import AllocatorError
+from ..errors import REDIS_UNAVAILABLE, AllocatorError
 from .config import ApiConfig
 from .errors import BackendUnavailable, error_body, from_validation_errors, status_of
 from .metrics import build_registry, count_refusal, tally
@@ -134,12 +134,21 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
         body: dict[str, Any] = {"error": {"code": code, "message": str(exc.detail), "field": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(redis.RedisError)
-    async def _backend_error(request: Request, exc: redis.RedisError) -> JSONResponse:
+    async def _backend_error(conn: Request | WebSocket, exc: Exception) -> JSONResponse | None:
         # Not a bug of the server: the client should retry (503), and the log needs no traceback.
-        log.warning("Redis unavailable on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        log.warning("Redis unavailable on %s %s: %s: %s", getattr(conn, "method", "WS"), conn.url.path,
+                    type(exc).__name__, exc)
         err = BackendUnavailable(f"the ledger's Redis is unavailable ({type(exc).__name__}); try again shortly")
+        if isinstance(conn, WebSocket):  # (a session reports its own; this is what escaped it)
+            try:
+                await conn.close(code=4000 + status_of(err))
+            except Exception:
+                pass
+            return None
         return JSONResponse(error_body(err), status_code=status_of(err))
+
+    for kind in REDIS_UNAVAILABLE:
+        app.add_exception_handler(kind, _backend_error)  # any other Redis error is a bug: the 500 below
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

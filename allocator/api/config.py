@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..config import env_number
 
 BUILTIN_POLICY_MODULE = "allocator.api.policies"
+DAY_S = 86400.0
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -48,11 +49,13 @@ class ApiConfig:
             "tasks": e.get("ALLOCATOR_TASKS") or None,
             "tasks_file": e.get("ALLOCATOR_TASKS_FILE") or None,
             "policy_modules": _split(e.get("ALLOCATOR_POLICY_MODULES")),
-            "poll_interval_s": env_number(e, "ALLOCATOR_API_POLL_S", 0.1, minimum=0.001),
-            "progress_interval_s": env_number(e, "ALLOCATOR_API_PROGRESS_S", 5.0, minimum=0.1),
-            "policy_timeout_s": env_number(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0, minimum=0.001),
-            "policy_attempts": int(env_number(e, "ALLOCATOR_POLICY_ATTEMPTS", 3, minimum=1, integer=True)),
-            "tally_interval_s": env_number(e, "ALLOCATOR_API_TALLY_S", 1.0, minimum=0.001),
+            # Periods and time limits: above 0, at most a day (longer would overflow a wait's
+            # timeout and means no limit at all, which none of them may be).
+            "poll_interval_s": env_number(e, "ALLOCATOR_API_POLL_S", 0.1, minimum=0.001, maximum=DAY_S),
+            "progress_interval_s": env_number(e, "ALLOCATOR_API_PROGRESS_S", 5.0, minimum=0.1, maximum=3600),
+            "policy_timeout_s": env_number(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0, minimum=0.001, maximum=DAY_S),
+            "policy_attempts": int(env_number(e, "ALLOCATOR_POLICY_ATTEMPTS", 3, minimum=1, maximum=10, integer=True)),
+            "tally_interval_s": env_number(e, "ALLOCATOR_API_TALLY_S", 1.0, minimum=0.001, maximum=DAY_S),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["policy_modules"], str):

@@ -242,7 +242,9 @@ def task_status(a: Allocator, task_id: str, *, with_allocation: bool = True) -> 
         except NoSuchJobError:
             job_status = None
     return TaskStatus(task_id=task_id, state=alloc.state, position=position,
-                      estimated_start_time=estimated_start(a, task_id) if alloc.state in ("pending", "active") else None,
+                      # Only a prediction made while it waits counts for the ETA-error metric.
+                      estimated_start_time=(estimated_start(a, task_id, record=alloc.state == "pending")
+                                            if alloc.state in ("pending", "active") else None),
                       allocation=alloc if with_allocation else None, task=task,
                       job_status=job_status)
 

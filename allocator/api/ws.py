@@ -30,7 +30,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
 from ..client import new_allocation_id
-from ..errors import AllocatorError, InvalidRequest, Refused
+from ..errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, Refused
 from ..models import Allocation
 from .errors import (BackendUnavailable, MalformedBody, NoCandidates, Unauthorized, WaitTimeout, error_body,
                      from_validation_errors, status_of)
@@ -315,6 +315,9 @@ class Session:
             log.info("request %s cancelled: the client left before its placement", self.allocation_id)
         except AllocatorError:
             pass
+        except REDIS_UNAVAILABLE as exc:  # its lease's TTL ends what could not be cancelled now
+            log.warning("request %s could not be cancelled (Redis unavailable: %s: %s)", self.allocation_id,
+                        type(exc).__name__, exc)
 
     async def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -331,7 +334,7 @@ class Session:
         await self._close(4000 + status)
 
     async def internal_error(self, exc: Exception) -> None:
-        if isinstance(exc, redis.RedisError):  # not a bug: the client may retry (4503)
+        if isinstance(exc, REDIS_UNAVAILABLE):  # not a bug: the client may retry (4503)
             log.warning("websocket request %s: Redis unavailable: %s: %s", self.allocation_id, type(exc).__name__, exc)
             await self.fail(BackendUnavailable(f"the ledger's Redis is unavailable ({type(exc).__name__}); try again shortly"))
             return

@@ -345,7 +345,8 @@ def test_health_reports_degraded_redis() -> None:
 
 
 @pytest.mark.parametrize("variable, value", [("ALLOCATOR_POLICY_ATTEMPTS", "0"), ("ALLOCATOR_POLICY_TIMEOUT_S", "abc"),
-                                              ("ALLOCATOR_API_POLL_S", "-1"), ("ALLOCATOR_API_PROGRESS_S", "nan")])
+                                              ("ALLOCATOR_API_POLL_S", "-1"), ("ALLOCATOR_API_PROGRESS_S", "nan"),
+                                              ("ALLOCATOR_POLICY_TIMEOUT_S", "1e10"), ("ALLOCATOR_API_TALLY_S", "inf")])
 def test_an_api_setting_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
     from allocator.api.config import ApiConfig
     from allocator.errors import InvalidRequest
@@ -370,11 +371,19 @@ def test_routes_answer_503_backend_unavailable_while_redis_is_down() -> None:
         server.stop()
 
 
+def test_a_redis_reply_that_shows_a_bug_is_a_500_not_a_retry(api: LiveApi) -> None:
+    api.allocator.redis.delete(api.allocator.keys.hosts)
+    api.allocator.redis.set(api.allocator.keys.hosts, "not a sorted set")  # a key clash: WRONGTYPE
+    r = api.client().get("/v1/capacity")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "INTERNAL"
+
+
 def test_a_task_placed_at_once_reports_its_start_as_the_tool_does(api: LiveApi) -> None:
     c = api.client()
     x = c.post("/v1/allocations", json={"resources": {"gpus": 1, "gpu_model": "A100"}, "on_busy": "queue"}).json()
     status = c.get(f"/v1/tasks/{x['allocation_id']}").json()
     assert status["state"] == "active" and status["estimated_start_time"] == x["activated_at"]
+    assert api.allocator.redis.hget(api.allocator.keys.eta_predictions, x["allocation_id"]) is None  # no prediction
 
 
 def test_function_task_placed_by_the_pass_keeps_kind_job(api: LiveApi) -> None:

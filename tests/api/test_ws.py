@@ -162,6 +162,24 @@ def test_fail_when_busy_and_timeout_settings(api: LiveApi) -> None:
     assert api.allocator.get(accepted["allocation_id"]).state == "cancelled"
 
 
+def test_redis_failing_after_the_grant_closes_4503_backend_unavailable(api: LiveApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    import allocator.api.ws as ws_module
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(ws_module, "placement_of", down)  # Redis goes away once the grant is made...
+    monkeypatch.setattr(api.allocator, "cancel", down)  # ...and stays away for the cancel that follows
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1}})))
+        assert recv(ws)["type"] == "accepted"
+        err = recv(ws)
+        assert err["type"] == "error" and err["error"]["code"] == "BACKEND_UNAVAILABLE", err
+        assert closed_code(ws) == 4503
+
+
 def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
     with pytest.raises(InvalidStatus) as info:
         open_ws(api, auth=False)
