@@ -8,6 +8,8 @@ models and the same Alembic migrations; the few dialect differences live in this
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -78,15 +80,35 @@ def make_engine(url: str | URL | None = None, *, connect_timeout_s: int = 5, **k
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            if u.database and u.database != ":memory:":
-                cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            if u.database and u.database != ":memory:":
+                _wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         return engine
     connect_args = {"connect_timeout": connect_timeout_s, **kwargs.pop("connect_args", {})}
     return create_engine(u, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+
+
+def _wal(cur: Any, attempts: int = 100, pause_s: float = 0.05) -> None:
+    """Put a SQLite file in WAL mode, waiting out another connection that holds it.
+
+    The switch needs the file to itself and SQLite answers "database is locked" at once rather
+    than through the busy timeout, so two processes opening a new file together (the recorder
+    and a command) made one of them fail. A file already in WAL is left alone; the mode stays
+    with the file.
+    """
+    for attempt in range(attempts):
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
