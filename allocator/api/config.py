@@ -40,6 +40,7 @@ class ApiConfig:
     policy_timeout_s: float = 10.0
     policy_attempts: int = 3
     tally_interval_s: float = 1.0
+    cancel_retry_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> ApiConfig:
@@ -56,6 +57,9 @@ class ApiConfig:
             "policy_timeout_s": env_number(e, "ALLOCATOR_POLICY_TIMEOUT_S", 10.0, minimum=0.001, maximum=DAY_S),
             "policy_attempts": int(env_number(e, "ALLOCATOR_POLICY_ATTEMPTS", 3, minimum=1, maximum=10, integer=True)),
             "tally_interval_s": env_number(e, "ALLOCATOR_API_TALLY_S", 1.0, minimum=0.001, maximum=DAY_S),
+            # How long a WebSocket session keeps trying to cancel what it made while Redis does not
+            # answer (a restart or failover), before leaving it to its lease's TTL.
+            "cancel_retry_s": env_number(e, "ALLOCATOR_API_CANCEL_RETRY_S", 5.0, minimum=0, maximum=300),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["policy_modules"], str):

@@ -51,6 +51,7 @@ from .state import ApiState
 log = logging.getLogger(__name__)
 router = APIRouter()
 FIRST_MESSAGE_TIMEOUT_S = 30.0
+CANCEL_RETRY_PAUSE_S = 0.25
 # Built-ins whose eval ignores the candidates (exact types: a subclass may read them).
 LEDGER_STRATEGIES = (BestFit, FirstFit, WorstFit, PriorityPreempt)
 
@@ -78,6 +79,13 @@ async def ws_allocate(websocket: WebSocket) -> None:
     await Session(st, websocket).serve()
 
 
+def _not_cancelled(allocation_id: str | None, what: str) -> BackendUnavailable:
+    """The answer when a cancel could not reach Redis: the request stands until its TTL ends it
+    or a later cancel (REST DELETE) gets through."""
+    return BackendUnavailable(f"the ledger's Redis is unavailable: the request was not {what}; its TTL ends it, "
+                              f"or cancel it again (DELETE /v1/allocations/{allocation_id})")
+
+
 _TIME = TypeAdapter(datetime)
 
 
@@ -92,6 +100,7 @@ class Session:
     def __init__(self, st: ApiState, ws: WebSocket) -> None:
         self.st, self.ws, self.a = st, ws, st.allocator
         self.stop = asyncio.Event()  # the client left or asked to cancel
+        self.asked_cancel = False  # it sent {"type": "cancel"} (and may still read the answer)
         self.allocation_id: str | None = None
         # Whether this session made the allocation: one the client named by an id that already
         # existed (placing is idempotent by id) belongs to whoever made it, and is never cancelled here.
@@ -224,6 +233,7 @@ class Session:
                     break
                 try:
                     if json.loads(msg.get("text") or "{}").get("type") == "cancel":
+                        self.asked_cancel = True
                         break
                 except (ValueError, AttributeError):
                     continue
@@ -243,7 +253,7 @@ class Session:
                 await attempt
             except AllocatorError:
                 return None
-            await self.cancel()
+            await self.stop_here()
             return None
         return attempt.result()
 
@@ -267,7 +277,7 @@ class Session:
                 if getter not in done:
                     getter.cancel()
                 if self.stop.is_set():
-                    await self.cancel()
+                    await self.stop_here()
                     return None
                 if getter in done:
                     status = getter.result()
@@ -282,7 +292,8 @@ class Session:
                         kind, last, next_progress = "position", cur, time.monotonic() + interval
                     continue
                 if deadline is not None and time.monotonic() >= deadline:
-                    await self.cancel()
+                    if not await self.cancel():
+                        raise _not_cancelled(self.allocation_id, f"cancelled when it was not placed within {self.settings.timeout_s:g} s")
                     what = "the request was cancelled" if self.owned else "it was not this session's to cancel"
                     raise WaitTimeout(f"not placed within {self.settings.timeout_s:g} s; {what}")
                 if last is not None:
@@ -294,7 +305,7 @@ class Session:
 
     async def deliver(self, alloc: Allocation, run: PolicyRun) -> None:
         if self.stop.is_set():
-            await self.cancel()
+            await self.stop_here()
             return
         placement = await asyncio.to_thread(placement_of, self.a, alloc)
         msg = {"type": "placed", "placement": placement.model_dump() if placement else None,
@@ -307,17 +318,36 @@ class Session:
         self.st.api_latency.labels("ws").observe(time.perf_counter() - self.t0)
         await self._close(1000)
 
-    async def cancel(self) -> None:
+    async def cancel(self) -> bool:
+        """Cancels what this session made; False when Redis could not be reached to do it.
+
+        A Redis restarting or failing over answers again within seconds, so the cancel is tried
+        again for ``cancel_retry_s`` before what it made is left to its lease's TTL (a grant
+        the client never learnt of would otherwise hold its GPUs that long)."""
         if self.allocation_id is None or not self.owned:
-            return
-        try:
-            await asyncio.to_thread(self.a.cancel, self.allocation_id)
-            log.info("request %s cancelled: the client left before its placement", self.allocation_id)
-        except AllocatorError:
-            pass
-        except REDIS_UNAVAILABLE as exc:  # its lease's TTL ends what could not be cancelled now
-            log.warning("request %s could not be cancelled (Redis unavailable: %s: %s)", self.allocation_id,
-                        type(exc).__name__, exc)
+            return True
+        deadline = time.monotonic() + self.st.config.cancel_retry_s
+        while True:
+            try:
+                await asyncio.to_thread(self.a.cancel, self.allocation_id)
+                log.info("request %s cancelled before its placement reached the client", self.allocation_id)
+                return True
+            except AllocatorError:  # it had ended already
+                return True
+            except REDIS_UNAVAILABLE as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("request %s could not be cancelled (Redis unavailable: %s: %s); its TTL ends it",
+                                self.allocation_id, type(exc).__name__, exc)
+                    return False
+                await asyncio.sleep(min(CANCEL_RETRY_PAUSE_S, left))
+
+    async def stop_here(self) -> None:
+        """Ends the session at the client's word or on its departure, cancelling what it made. A
+        client that asked to cancel is still listening: when the cancel failed it is told so
+        (4503), not given the normal close that means it was done."""
+        if not await self.cancel() and self.asked_cancel:
+            raise _not_cancelled(self.allocation_id, "cancelled at the client's request")
 
     async def send(self, msg: dict[str, Any]) -> None:
         try:

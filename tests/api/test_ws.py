@@ -4,6 +4,7 @@ cancellation by disconnect, auth, and bad messages."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -162,10 +163,14 @@ def test_fail_when_busy_and_timeout_settings(api: LiveApi) -> None:
     assert api.allocator.get(accepted["allocation_id"]).state == "cancelled"
 
 
-def test_redis_failing_after_the_grant_closes_4503_backend_unavailable(api: LiveApi, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redis_failing_after_the_grant_closes_4503_backend_unavailable(api_factory: Callable[..., LiveApi],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import redis
 
     import allocator.api.ws as ws_module
+
+    api = api_factory(cancel_retry_s=0.2)
+    api.register_fleet()
 
     def down(*args: Any, **kwargs: Any) -> None:
         raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
@@ -178,6 +183,68 @@ def test_redis_failing_after_the_grant_closes_4503_backend_unavailable(api: Live
         err = recv(ws)
         assert err["type"] == "error" and err["error"]["code"] == "BACKEND_UNAVAILABLE", err
         assert closed_code(ws) == 4503
+
+
+def _redis_away_for(calls: int, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, failing as a Redis that does not answer for its first ``calls`` calls (all when < 0)."""
+    import redis
+
+    failed = [0]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if calls < 0 or failed[0] < calls:
+            failed[0] += 1
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return real(*args, **kwargs)
+
+    return flaky
+
+
+def test_a_cancel_that_meets_redis_away_for_a_moment_is_tried_again(api_factory: Callable[..., LiveApi],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    api = api_factory(cancel_retry_s=5)
+    api.register_fleet()
+    fill_a100s(api)
+    monkeypatch.setattr(api.allocator, "cancel", _redis_away_for(2, api.allocator.cancel))
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}})))
+        accepted = recv(ws)
+        assert recv(ws)["type"] == "queued"
+        ws.send(json.dumps({"type": "cancel"}))
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                assert recv(ws)["type"] == "position"
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+    assert api.allocator.get(accepted["allocation_id"]).state == "cancelled"
+
+
+def test_a_cancel_message_that_cannot_reach_redis_is_answered_4503_not_a_normal_close(
+        api_factory: Callable[..., LiveApi], monkeypatch: pytest.MonkeyPatch) -> None:
+    api = api_factory(cancel_retry_s=0.3)
+    api.register_fleet()
+    fill_a100s(api)
+    monkeypatch.setattr(api.allocator, "cancel", _redis_away_for(-1, api.allocator.cancel))
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}})))
+        accepted = recv(ws)
+        assert recv(ws)["type"] == "queued"
+        ws.send(json.dumps({"type": "cancel"}))
+        err, _ = _error_after_positions(ws)
+        assert err["error"]["code"] == "BACKEND_UNAVAILABLE"
+        assert "was not cancelled at the client's request" in err["error"]["message"]
+        assert accepted["allocation_id"] in err["error"]["message"]
+        assert closed_code(ws) == 4503
+    assert api.allocator.get(accepted["allocation_id"]).state == "pending"
+
+
+def _error_after_positions(ws: ClientConnection) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    seen = []
+    while True:
+        m = recv(ws)
+        seen.append(m)
+        if m["type"] == "error":
+            return m, seen
+        assert m["type"] == "position", m
 
 
 def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
