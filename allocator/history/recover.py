@@ -178,27 +178,25 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
 
 
 def restore_drains(a: Allocator, engine: Engine) -> list[str]:
-    """Drains again the hosts an operator had drained that came back ready: their agents
-    registered them before or during the recovery, and the ledger that held the drain is gone.
-    A host not registered yet gets the drain when it registers (``Keys.drain_on_register``). An
-    agent's own drain is not restored this way (an agent that registers its host has ended it),
-    and a host the ledger already drains, or has lost, is left as it is. Returns the hosts drained
-    now or at their registration."""
+    """Applies the drains the history has to the rebuilt ledger (``drain_host.lua``'s "restore"
+    and "end_agent_drain"), whatever registered the hosts and whenever: restore_hosts, or agents
+    before or during the recovery.
+
+    An operator's drain stays until the operator resumes: a ready host drains again, a draining
+    or lost one becomes the operator's (a lost one comes back draining), and one not registered
+    yet gets the drain when it registers (``Keys.drain_on_register``). An agent's own drain ended
+    with the ledger that held it (its agent's next registration starts the host ready), so a
+    host not registered or ready is recorded as resumed and the history stops calling it
+    draining. Returns the hosts with an operator's drain restored."""
     q = select(H.c.host_id, H.c.drained_by).where(H.c.namespace == a.keys.namespace, H.c.state == "draining")
     with engine.connect() as conn:
         rows = [(r.host_id, r.drained_by) for r in conn.execute(q)]
     done: list[str] = []
     for host_id, by in rows:
-        if by == "agent":
-            continue
-        state = a.redis.hget(a.keys.host(host_id), "state")
-        if state is None:
-            a.redis.hset(a.keys.drain_on_register, host_id, "operator")
-        elif state == "ready":
-            a.drain_host(host_id)
-        else:
-            continue
-        done.append(host_id)
+        mode = "end_agent_drain" if by == "agent" else "restore"
+        _script(a, "drain_host", host_id, mode, 0, a.scan_cap)
+        if mode == "restore":
+            done.append(host_id)
     return done
 
 

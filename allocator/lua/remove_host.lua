@@ -12,7 +12,9 @@ claimed is only released: its worker, which may still be alive, stops it (rerunn
 at once could run it twice). Preempted function tasks
 whose run there was being stopped do the same. Its service catalog and instances are dropped,
 and so are its heartbeat, reclaim entry and published inventory: a host registered again under
-the same id without an agent must not be declared lost for the old agent's silence.
+the same id without an agent must not be declared lost for the old agent's silence. A host not
+registered that allocator recover left a drain for (drain_on_register) is removed too: the drain
+is withdrawn and host_removed recorded.
 Returns JSON {ok, released[], preempted[]?} or {ok=false, code, message}.
 ]]
 --- @include "ledger"
@@ -30,6 +32,12 @@ local function forget_agent()
 end
 if rcall('EXISTS', hk) == 0 then
   forget_agent()
+  -- A host allocator recover left a drain for (drain_on_register) is known to the history:
+  -- removing it withdraws the drain and records the removal.
+  if rcall('HDEL', PREFIX .. 'drain_on_register', h) == 1 then
+    emit('host_removed', h, now, '{}')
+    return cjson.encode({ok = true, released = {}, n = 0})
+  end
   return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
 end
 local ids = rcall('SMEMBERS', host_allocs_key(h))

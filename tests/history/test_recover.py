@@ -106,6 +106,98 @@ def test_an_operators_drain_comes_back_on_a_host_its_agent_registers_after_the_r
         "gpu-a": ("draining", "operator"), "gpu-b": ("ready", None)}
 
 
+def _history_state(engine, a: Allocator, recorder: Recorder) -> dict[str, tuple[str, str | None]]:
+    recorder.drain()
+    return {r["host_id"]: (r["state"], r["drained_by"]) for r in all_rows(engine, a, hosts)}
+
+
+def test_an_operators_drain_of_a_host_lost_after_its_agent_registered_it_comes_back_at_its_registration(
+        alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(FLEET[0])  # its agent came back first...
+    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "gpu-a", 30).declared  # ...and its machine died before the recovery ran
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.drains_restored == ["gpu-a"]
+    alloc.register_host(FLEET[0])
+    assert _host_state(alloc, "gpu-a") == ("draining", "operator")
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("draining", "operator")
+
+
+def test_an_operators_drain_restored_over_an_agents_is_recorded_as_the_operators(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(FLEET[0])
+    alloc.drain_host("gpu-a", by_agent=True)  # its agent stopping again before the recovery
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.drains_restored == ["gpu-a"]
+    assert _host_state(alloc, "gpu-a") == ("draining", "operator")
+    assert alloc.resume_host("gpu-a", by_agent=True) == "draining"  # the agent's next start does not end it
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("draining", "operator")
+
+
+def test_an_agents_drain_of_a_host_its_agent_registered_first_ends_in_the_history_too(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)  # its agent stopping
+    recorder.drain()
+    alloc.destroy()
+    alloc.register_host(FLEET[0])  # its agent started again: ready
+    report = rec_mod.recover(alloc, engine, with_hosts=False)
+    assert report.drains_restored == []
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
+
+
+def test_an_agents_drain_of_a_host_not_registered_yet_ends_in_the_history_too(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine, with_hosts=False)
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
+    alloc.register_host(FLEET[0])  # its agent's next start
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+
+
+def test_resuming_a_host_whose_restored_drain_waits_for_its_registration_withdraws_the_drain(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine, with_hosts=False)
+    assert alloc.resume_host("gpu-a") == "unregistered"
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
+    alloc.register_host(FLEET[0])
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+
+
+def test_removing_a_host_whose_restored_drain_waits_for_its_registration_succeeds_and_is_recorded(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    rec_mod.recover(alloc, engine, with_hosts=False)
+    assert alloc.remove_host("gpu-a") == []
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("removed", None)
+    alloc.register_host(FLEET[0])  # registered again later: a new host, not drained
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+    with pytest.raises(AllocatorError, match="not registered"):
+        alloc.remove_host("gpu-z")
+
+
 def test_a_restored_lease_keeps_its_hint_for_the_estimates(alloc: Allocator, recorder: Recorder, engine) -> None:
     register_fleet(alloc)
     held = alloc.allocate({"gpus": 1, "gpu_model": "T4"}, expected_duration=3600, ttl_seconds=600)  # ends at its TTL
