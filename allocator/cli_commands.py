@@ -35,7 +35,7 @@ from .cli_common import (
 )
 from .client import Allocator
 from .errors import InvalidRequest
-from .models import Allocation
+from .models import MAX_SECONDS, Allocation
 
 STATES = ("pending", "active", "released", "failed", "cancelled")
 
@@ -48,9 +48,13 @@ def _requirements(gpus: Optional[int], gpu_memory: Optional[str], gpu_model: Opt
         if value is not None:
             req[key] = value
     if ttl is not None:
-        if not math.isfinite(ttl) or ttl < 0:  # (the model's message offers null, which a command line cannot give)
+        # (the model's messages offer null, which a command line cannot give)
+        if not math.isfinite(ttl) or ttl < 0:
             raise InvalidRequest("resource_requirements.ttl_seconds",
                                  f"must be a positive number of seconds, or 0 for no expiry, got {ttl:g}")
+        if ttl > MAX_SECONDS:
+            raise InvalidRequest("resource_requirements.ttl_seconds",
+                                 f"at most {MAX_SECONDS} seconds (ten years), or 0 for no expiry, got {ttl:g}")
         req["ttl_seconds"] = None if ttl == 0 else ttl
     return req
 

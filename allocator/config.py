@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import InvalidRequest
+from .models import MAX_SECONDS
 
 DEFAULT_NAMESPACE = "alloc"
 
@@ -48,6 +49,9 @@ class Settings:
             namespace=e.get("ALLOCATOR_NAMESPACE") or DEFAULT_NAMESPACE,
             database_url=e.get("ALLOCATOR_DATABASE_URL") or None,
             scan_cap=int(env_number(e, "ALLOCATOR_SCAN_CAP", 2048, minimum=1, integer=True)),
-            record_retention_s=int(env_number(e, "ALLOCATOR_RECORD_RETENTION_S", 86400, minimum=0, integer=True)),
+            # At most ten years: Redis refuses an expiry that long in milliseconds past its range, and
+            # a release would then fail after it had been decided.
+            record_retention_s=int(env_number(e, "ALLOCATOR_RECORD_RETENTION_S", 86400, minimum=0,
+                                              maximum=MAX_SECONDS, integer=True)),
             pass_depth=int(env_number(e, "ALLOCATOR_PASS_DEPTH", 100, minimum=1, integer=True)),
         )

@@ -305,8 +305,10 @@ class AllocationRequest(_Strict):
     def _ttl(cls, v: object) -> object:
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > MAX_SECONDS:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0:
             raise InvalidRequest("ttl_seconds", f"must be a positive number of seconds (or null for none), got {v!r}")
+        if v > MAX_SECONDS:
+            raise InvalidRequest("ttl_seconds", f"at most {MAX_SECONDS} seconds (ten years; null for no expiry), got {v!r}")
         return v
 
     @field_validator("expected_duration", mode="before")
@@ -316,8 +318,10 @@ class AllocationRequest(_Strict):
             return None
         if hasattr(v, "total_seconds"):
             v = v.total_seconds()
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0 or v > MAX_SECONDS:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v <= 0:
             raise InvalidRequest("expected_duration", f"must be a positive number of seconds, got {v!r}")
+        if v > MAX_SECONDS:
+            raise InvalidRequest("expected_duration", f"at most {MAX_SECONDS} seconds (ten years), got {v!r}")
         return v
 
     @field_validator("metadata", mode="before")

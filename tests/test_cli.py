@@ -195,7 +195,8 @@ def test_a_bad_redis_url_met_before_a_command_reports_errors_is_invalid_input_wi
 
 
 @pytest.mark.parametrize("variable, value", [("ALLOCATOR_SCAN_CAP", "abc"), ("ALLOCATOR_SCAN_CAP", "0"),
-                                              ("ALLOCATOR_PASS_DEPTH", "-1"), ("ALLOCATOR_RECORD_RETENTION_S", "1.5")])
+                                              ("ALLOCATOR_PASS_DEPTH", "-1"), ("ALLOCATOR_RECORD_RETENTION_S", "1.5"),
+                                              ("ALLOCATOR_RECORD_RETENTION_S", "99999999999999999999")])
 def test_an_operator_setting_out_of_range_is_invalid_input_naming_the_variable(variable, value):
     env = {**os.environ, variable: value, "ALLOCATOR_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "allocator", "capacity"], capture_output=True, text=True, env=env,
@@ -222,7 +223,7 @@ def test_a_task_registry_file_that_cannot_be_read_is_refused_with_exit_2(real, t
         assert res.exit_code == 2 and "cannot be read" in res.stderr, res.output
 
 
-@pytest.mark.parametrize("ttl", ["-5", "nan", "inf"])
+@pytest.mark.parametrize("ttl", ["-5", "nan", "inf", "1e12"])
 def test_a_ttl_that_is_no_positive_number_on_the_command_line_is_refused_naming_the_option(real, ttl):
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, ["allocate", "t1", "--ttl", ttl, "--redis-url", url, "--namespace", real.keys.namespace])

@@ -91,6 +91,14 @@ def test_bad_request_fields_name_the_field(data, field):
     assert exc.value.field == field
 
 
+@pytest.mark.parametrize("field", ["ttl_seconds", "expected_duration"])
+def test_a_time_beyond_ten_years_is_refused_saying_the_limit_not_that_it_is_not_positive(field):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, field: 1e12})
+    assert exc.value.field == field and "at most 315360000 seconds" in exc.value.reason
+    assert "positive" not in exc.value.reason
+
+
 def test_selector_string_form():
     assert parse_selector("cluster=a|b, zone=z1") == {"cluster": ["a", "b"], "zone": ["z1"]}
 

@@ -33,6 +33,7 @@ import csv
 import json
 import logging
 import os
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,9 @@ class _Gpu(_Strict):
 
 def _labels(v: object) -> object:
     """Labels as a registration takes them: text names and text values. YAML reads ``rack: 12``,
-    ``cuda: 12.10``, ``rack: 012`` or ``ib: yes`` as a number or a boolean, and turning those back
-    into text would not give what the author wrote (``12.1``, ``10``, ``true``): they are refused
+    ``cuda: 12.10``, ``rack: 012``, ``ib: yes`` or ``since: 2026-01-05`` as a number, a boolean or
+    a date, and turning those back into text would not give what the author wrote (``12.1``,
+    ``10``, ``true``, Python's rendering of a date or time): they are refused
     with a hint to quote them, as Kubernetes does."""
     if not isinstance(v, dict):
         return v
@@ -111,7 +113,7 @@ def _labels(v: object) -> object:
             raise ValueError(f"label name {k!r} must be text; quote it")
         if not isinstance(x, str):
             what = "null" if x is None else type(x).__name__
-            hint = "; quote it" if isinstance(x, (bool, int, float)) else ""
+            hint = "; quote it" if isinstance(x, (bool, int, float, date)) else ""
             raise ValueError(f"label {k!r}: a label value must be text, got {what} {x!r}{hint}")
     return v
 
