@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import redis
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
+SERVER_NAMES = ("redis-server", "redis-stack-server", "valkey-server")  # what a server process is called
+DEFAULT_PORT = 6379  # of a redis:// URL without one
 
 
 class CpuError(ValueError):
@@ -47,15 +49,52 @@ def parse_cpus(text: str, option: str) -> set[int]:
     return cpus
 
 
+def process_names(pid: int) -> tuple[str, str]:
+    """What this machine calls process ``pid``: its ``comm`` (the executable's name, 15 characters
+    at most) and the first word of its command line (Redis rewrites its argv into a title such as
+    ``redis-server 127.0.0.1:6379``); empty where it cannot be read."""
+    def read(name: str) -> str:
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    words = read("cmdline").replace("\0", " ").split()
+    return read("comm").strip(), os.path.basename(words[0]) if words else ""
+
+
+def _is_server_name(name: str) -> bool:
+    # comm keeps 15 characters: "redis-stack-server" reads "redis-stack-ser" there.
+    return any(name in (s, s[:15]) for s in SERVER_NAMES)
+
+
 def local_server_pid(r: redis.Redis, url: str) -> int:
     """The process id of the Redis server behind ``url``, which must run on this machine (a TCP
-    URL to a local address or a Unix socket) for its CPUs to be set from here."""
+    URL to a local address or a Unix socket) for its CPUs to be set from here.
+
+    The pid comes from the server's INFO, in the server's own pid namespace: a server in another
+    container may report a pid that here belongs to an unrelated process, which pinning would
+    then move. So the local process must also be a Redis server (by its name) and, for a TCP URL,
+    the server must listen on the URL's port (INFO's tcp_port); otherwise CpuError says which
+    did not match."""
     parsed = urlparse(url)
-    if parsed.scheme in ("redis", "rediss") and (parsed.hostname or "") not in LOCAL_HOSTS:
+    tcp = parsed.scheme in ("redis", "rediss")
+    if tcp and (parsed.hostname or "") not in LOCAL_HOSTS:
         raise CpuError(f"--redis-cpus: the server at {parsed.hostname} is not on this machine")
-    pid = int(r.info("server").get("process_id") or 0)
+    info = r.info("server")
+    pid = int(info.get("process_id") or 0)
     if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
         raise CpuError(f"--redis-cpus: no local process {pid} for the server (another machine or container?)")
+    comm, argv0 = process_names(pid)
+    if not (_is_server_name(comm) or _is_server_name(argv0)):
+        raise CpuError(f"--redis-cpus: the server reports process {pid}, but process {pid} here is "
+                       f"{comm or argv0 or 'unreadable'!r}, not a Redis server (another container?)")
+    if tcp:
+        port, served = parsed.port or DEFAULT_PORT, int(info.get("tcp_port") or 0)
+        if served != port:
+            raise CpuError(f"--redis-cpus: the server reports tcp_port {served}, not the URL's port {port} "
+                           f"(a forwarded port of another container?), so local process {pid} need not be it")
     return pid
 
 

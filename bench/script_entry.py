@@ -6,7 +6,12 @@ call uses it. This benchmark cuts each script just before its own first statemen
 includes) and returns there, so what is measured is the library's definition alone: once as
 the loader builds it (only the definitions the script uses, ``allocator/scripts.py``) and once
 with every include inlined whole, as it was built before. The trivial script (``noop.lua``),
-measured in the same run, is the baseline. Server time comes from
+measured in the same run, is the baseline. Every text, the baseline included, gets the ledger's
+16 KEYS and, as ARGV, only the key prefix and an empty clock (what ``Allocator`` sends without an
+injected clock): a library reads no other argument before the script's own code runs, so the
+difference to the baseline is the library's definition alone. The absolute µs are not what a
+whole call costs, which also carries the script's own ARGV and does its work (for ``place``,
+see ``bench/place_floor.py``). Server time comes from
 ``INFO commandstats`` (deltas around each measurement; ``*`` marks one where the server's call
 count disagreed with ours, i.e. another client ran scripts meanwhile).
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,53 @@ def test_only_a_server_on_this_machine_can_be_pinned(redis_url):
     if (urlparse(redis_url).hostname or "") not in cpus.LOCAL_HOSTS:
         pytest.skip("the test Redis runs on another machine")
     assert cpus.local_server_pid(r, redis_url) == int(r.info("server")["process_id"])
+
+
+class FakeInfo:
+    """A server's INFO, as another container's Redis would answer it: only what the check reads."""
+
+    def __init__(self, process_id: int, tcp_port: int = 6379) -> None:
+        self.server = {"process_id": process_id, "tcp_port": tcp_port}
+
+    def info(self, section: str | None = None) -> dict:
+        return self.server
+
+
+@pytest.fixture
+def fake_server():
+    """A local process whose command line names redis-server (its comm stays sleep's): what the
+    pid of a server may look like here, without a server."""
+    child = subprocess.Popen(["redis-server", "30"], executable=shutil.which("sleep"))
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_pid_that_is_no_redis_server_here_is_not_pinned():
+    # Another container's server may report the pid of an unrelated local process: this one.
+    with pytest.raises(cpus.CpuError, match=f"process {os.getpid()} here is 'python.*', not a Redis server"):
+        cpus.local_server_pid(FakeInfo(os.getpid()), "redis://127.0.0.1:6379/0")
+
+
+def test_a_server_that_listens_on_another_port_than_the_urls_is_not_pinned(fake_server):
+    assert cpus.local_server_pid(FakeInfo(fake_server, 6379), "redis://127.0.0.1/0") == fake_server
+    with pytest.raises(cpus.CpuError, match="reports tcp_port 6379, not the URL's port 6390"):
+        cpus.local_server_pid(FakeInfo(fake_server, 6379), "redis://127.0.0.1:6390/0")
+    # A Unix socket has no port to compare: the process's name is the check.
+    assert cpus.local_server_pid(FakeInfo(fake_server, 0), "unix:///tmp/redis.sock") == fake_server
+
+
+def test_the_local_test_server_is_recognised_by_its_name_and_port(redis_url):
+    if (urlparse(redis_url).hostname or "") not in cpus.LOCAL_HOSTS:
+        pytest.skip("the test Redis runs on another machine")
+    info = redis.Redis.from_url(redis_url).info("server")
+    pid = int(info["process_id"])
+    if not cpus.process_names(pid)[0]:
+        pytest.skip(f"the test Redis's process {pid} is not visible here (another container)")
+    fake = FakeInfo(pid, int(info["tcp_port"]))
+    assert cpus.local_server_pid(fake, redis_url) == pid
 
 
 def test_pinning_a_process_sets_its_cpus_and_returns_the_ones_it_had():

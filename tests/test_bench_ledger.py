@@ -9,7 +9,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import ledger  # noqa: E402
+from bench import fleets, ledger  # noqa: E402
 
 
 def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(redis_url, tmp_path):
@@ -42,7 +42,7 @@ def test_repeated_runs_judge_the_goals_on_the_medians(redis_url, tmp_path):
     (row,) = json.loads(out.read_text())["results"]
     runs = row["runs"]
     assert len(runs) == 3
-    assert row["ratio"] == sorted(x["ratio"] for x in runs)[1]
+    assert row["ratio"] == row["ratio_median"] == sorted(x["ratio"] for x in runs)[1]
     assert row["p99_median_ms"] == sorted(x["a_p99_ms"] for x in runs)[1]
     assert row["steady_p99_median_ms"] == sorted(x["steady_a_p99_ms"] for x in runs)[1]
     assert row["p50_median_ms"] == sorted(x["a_p50_ms"] for x in runs)[1]  # what the scale goal is judged on
@@ -77,3 +77,89 @@ def test_percentiles_are_nearest_rank():
     values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
     assert (pct(values, 50), pct(values, 99), pct(values, 100)) == (50.0, 99.0, 100.0)
     assert pct(values[:3], 50) == 2.0
+
+
+def _run(ratio: float, p99: float, steady_p99: float, p50: float, server_us: float) -> dict:
+    """One run's row as ``measure`` returns it: only the figures ``summarize_repeats`` reads."""
+    return {"fleet": "5,000 hosts", "clients": 4, "ratio": ratio, "steady_ratio": ratio / 2,
+            "burst": {"a_p99_ms": p99, "a_p50_ms": p50},
+            "ledger": {"a_p99_ms": steady_p99, "server_us_per_evalsha": server_us}}
+
+
+def test_an_even_number_of_runs_shows_one_run_untouched_and_takes_medians_some_run_had():
+    reps = [_run(0.4, 1.0, 4.0, 0.30, 90.0), _run(0.1, 4.0, 2.0, 0.10, 60.0),
+            _run(0.3, 2.0, 1.0, 0.40, 70.0), _run(0.2, 3.0, 3.0, 0.20, 80.0)]
+    row = ledger.summarize_repeats(reps)
+    shown = reps[3]  # ratios 0.1, 0.2, 0.3, 0.4: the lower middle run is shown
+    assert row["burst"] is shown["burst"] and row["ledger"] is shown["ledger"]
+    assert (row["ratio"], row["steady_ratio"]) == (0.2, 0.1)  # its own, not the mean 0.25 of two runs
+    assert (row["ratio_median"], row["steady_ratio_median"]) == (0.2, 0.1)
+    # Each figure's own lower middle value, whichever run had it.
+    assert (row["p99_median_ms"], row["steady_p99_median_ms"], row["p50_median_ms"], row["server_us_median"]) == (
+        2.0, 2.0, 0.20, 70.0)
+    assert [x["ratio"] for x in row["runs"]] == [0.4, 0.1, 0.3, 0.2]
+
+
+def test_the_goals_are_judged_on_the_medians_not_on_the_run_shown():
+    row = {"fleet": "big", "clients": 4, "ratio": 0.1, "ratio_median": 0.6, "p99_median_ms": 1.5,
+           "steady_p99_median_ms": 2.5, "burst": {"a_p99_ms": 9.0}, "ledger": {"a_p99_ms": 0.5}}
+    goals = ledger.evaluate_goals([row], "big", "small")
+    assert [(g["value"], g["met"]) for g in goals] == [(0.6, True), (1.5, True), (2.5, False)]
+
+
+class _Recorder:
+    """``Allocator.scripts`` that notes each call's script and ARGV before running it."""
+
+    def __init__(self, scripts, seen: list) -> None:
+        self.scripts, self.seen = scripts, seen
+
+    def __getitem__(self, name: str):
+        script = self.scripts[name]
+
+        def call(keys, args):
+            self.seen.append((name, [a.decode() if isinstance(a, bytes) else str(a) for a in args]))
+            return script(keys=keys, args=args)
+
+        return call
+
+
+def _without_ids(name: str, args: list[str], aid: str) -> list[str]:
+    """ARGV with the allocation id taken out (the only part that differs from call to call)."""
+    if name == "place":
+        payload = json.loads(args[2])
+        assert payload.pop("id") == aid
+        return [args[0], args[1], json.dumps(payload), *args[3:]]
+    return [x.replace(aid, "ID") for x in args]
+
+
+def test_the_script_phase_sends_the_arguments_allocate_and_release_send(alloc):
+    for h in fleets.small_fleet(1):
+        alloc.register_host(h)
+    request = {"gpus": 1, "gpu_memory_mb": 2048, "cpu_cores": 2, "ram_mb": 4096}
+    seen: list = []
+    alloc.scripts = _Recorder(alloc.scripts, seen)
+    api = alloc.allocate(request, strategy="best_fit").allocation_id
+    alloc.release(api)
+    do_alloc, do_release = ledger.script_ops(alloc, [request], "best_fit")
+    direct = do_alloc(0)
+    assert direct is not None
+    do_release(direct)
+    assert [name for name, _ in seen] == ["place", "release", "place", "release"]
+    for (name, by_api), (_, by_script) in zip(seen[:2], seen[2:]):
+        assert _without_ids(name, by_script, direct) == _without_ids(name, by_api, api), name
+    # So place stores what the real call stores: the request and its metadata.
+    stored = [alloc.redis.hget(alloc.keys.alloc(x), "request") for x in (api, direct)]
+    assert stored[0] is not None and stored[1] == stored[0]
+
+
+def test_the_client_overhead_times_the_argv_allocate_builds(alloc, monkeypatch):
+    built: list = []
+    place_args = alloc.place_args
+
+    def counted(*args, **kwargs):
+        built.append(args)
+        return place_args(*args, **kwargs)
+
+    monkeypatch.setattr(alloc, "place_args", counted)
+    ledger.client_overhead(alloc, "best_fit", n=5)
+    assert len(built) == 1 + 5  # the sample allocation, then every timed call

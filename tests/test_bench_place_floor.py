@@ -3,13 +3,15 @@ scripts next to place and the trivial script, and leaves nothing behind."""
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import place_floor  # noqa: E402
+from allocator import Allocator  # noqa: E402
+from bench import fleets, place_floor  # noqa: E402
 
 
 def test_a_monitor_line_is_split_into_its_client_and_exact_argument_bytes():
@@ -61,3 +63,19 @@ def test_only_the_own_clients_place_calls_are_recorded_when_others_run_the_same_
     ]
     assert place_floor.place_calls(lines, b"abc", b"127.0.0.1:5000") == [
         [[b"GET", b"mine-1"]], [[b"GET", b"mine-2"], [b"SET", b"mine-2", b"x"]]]
+
+
+def test_the_recorded_place_calls_carry_the_arguments_allocate_sends(redis_url):
+    """The floor's place figures are those of the real call: request, metadata and all."""
+    alloc = Allocator(redis_url, namespace=f"bench-floor-{uuid.uuid4().hex[:8]}")
+    try:
+        for h in fleets.small_fleet(1):
+            alloc.register_host(h)
+        request = {"gpus": 1, "gpu_memory_mb": 2048, "cpu_cores": 2, "ram_mb": 4096}
+        (call,) = place_floor.capture(alloc, redis_url, [request])
+        req = alloc.build_request(request, strategy="best_fit")
+        assert [a if isinstance(a, str) else a.decode() for a in call["args"]] == [
+            alloc.keys.prefix, alloc._now_arg(), *alloc.place_args(req, call["id"])]
+        assert alloc.redis.hget(alloc.keys.alloc(call["id"]), "request") == req.model_dump_json()
+    finally:
+        alloc.destroy()

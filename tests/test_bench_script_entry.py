@@ -2,6 +2,7 @@
 as it would be with every include inlined whole, next to the trivial script, and writes nothing."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,3 +47,12 @@ def test_the_anatomy_measures_both_skeletons(redis_url, tmp_path):
                               "--redis-url", redis_url, "--json", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["runs_not_wrapped"] and row["runs_bodies_gone"] and row["runs_no_upvalues"]
+
+
+@pytest.mark.parametrize("name", script_entry.DEFAULT_SCRIPTS)
+def test_a_prelude_reads_no_argument_beyond_the_prefix_and_clock_the_benchmark_sends(name):
+    # The benchmark sends [prefix, ""] to every prelude and to noop alike; were a library to read
+    # a script's own ARGV before the script's code, that would not be the library's real cost.
+    pre = script_entry.prelude(name, script_entry.source(name))
+    code = re.sub(r"--[^\n]*", "", re.sub(r"--\[\[.*?\]\]", "", pre, flags=re.DOTALL))
+    assert set(re.findall(r"ARGV\[(\d+)\]", code)) <= {"1", "2"}
