@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,6 +59,10 @@ def fake_server():
     pid of a server may look like here, without a server."""
     child = subprocess.Popen(["redis-server", "30"], executable=shutil.which("sleep"))
     try:
+        # Until the exec, the child is a copy of this process and carries its name.
+        deadline = time.monotonic() + 10
+        while cpus.process_names(child.pid)[1] != "redis-server" and time.monotonic() < deadline:
+            time.sleep(0.005)
         yield child.pid
     finally:
         child.kill()
