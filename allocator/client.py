@@ -356,7 +356,9 @@ class Allocator:
         return self.submit(req)
 
     def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
-        """Where the request would be placed now (host, gpus, cores), or None; changes nothing."""
+        """Where the request would be placed now (host, gpus, cores), or None. It grants nothing;
+        like a placement it first ends up to 8 leases past their TTL (and lets waiting tasks take
+        what they free), so that its answer is what ``allocate`` would do next."""
         req = self.build_request(resources, **fields)
         # A fresh id: the dry run asks where the request would go, not whether the id exists.
         res = self._call("place", *self.place_args(req, new_allocation_id(), True))
@@ -430,9 +432,10 @@ class Allocator:
         state: str | None = None,
         task_id: str | None = None,
         host_id: str | None = None,
-        limit: int = 1000,
+        limit: int | None = 1000,
     ) -> list[Allocation]:
-        """Allocations, newest first; finished ones stay listed for the retention period."""
+        """Allocations, newest first; finished ones stay listed for the retention period.
+        ``limit``: the newest this many (None: all)."""
         if state is not None and state not in ALLOCATION_STATES:
             raise InvalidRequest("state", f"expected one of {', '.join(ALLOCATION_STATES)}, got {state!r}")
         if host_id is not None:

@@ -22,6 +22,9 @@ from .units import parse_cpu_millis, parse_memory_mb
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 ID_RULE = "1-128 characters: letters, digits and . _ : @ / -, starting with a letter or digit"
+# A function task's id is also its RQ job's, and RQ takes fewer characters.
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+JOB_ID_RULE = "1-128 characters: letters, digits, _ and -, starting with a letter or digit (an RQ job id)"
 MAX_SECONDS = 10 * 365 * 86400  # the longest TTL or duration a request may give (ten years)
 #: The states an allocation's record can be in.
 ALLOCATION_STATES = ("pending", "active", "released", "failed", "cancelled")

@@ -25,7 +25,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from .errors import AllocationNotFound, InvalidRequest
-from .models import MAX_SECONDS, Allocation, AllocationRequest, Priority
+from .models import JOB_ID_PATTERN, JOB_ID_RULE, MAX_SECONDS, Allocation, AllocationRequest, Priority
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -168,6 +168,10 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     alloc_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ALLOC_FIELDS}
     rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
     task_id = kwargs.pop("job_id", None) or new_allocation_id()
+    if not isinstance(task_id, str) or not JOB_ID_PATTERN.match(task_id):
+        # RQ would refuse it with a ValueError of its own, after the request was built.
+        shown = repr(task_id[:140]) if isinstance(task_id, str) else type(task_id).__name__
+        raise InvalidRequest("job_id", f"{JOB_ID_RULE}, got {shown}")
     on_host_lost = kwargs.pop("on_host_lost", "requeue")
     if "args" in kwargs or "kwargs" in kwargs:
         args, kwargs = _explicit_call(args, kwargs)

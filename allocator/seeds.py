@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
 from .errors import AllocationNotFound, InsufficientResources, InvalidRequest, Refused
-from .models import SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority
+from .models import MAX_SECONDS, SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority
 from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
 
@@ -38,6 +38,19 @@ log = logging.getLogger(__name__)
 
 MANAGER_API = "AllocationManager"
 RESOURCE_ALLOCATOR_API = "ResourceAllocator"
+MAX_AGE_HOURS = MAX_SECONDS // 3600  # ten years, the longest TTL a request may give
+
+
+class NotAllocated(Refused, ValueError):
+    """Seed 002's ValueError for a refusal other than a lack of resources (the ledger being
+    rebuilt by ``allocator recover``): its controllers catch ValueError alone. ``code`` is the
+    refusal's own."""
+
+    default_message = "the allocation was refused"
+
+    def __init__(self, refused: Refused) -> None:
+        self.code = refused.code
+        super().__init__(refused.message, details=refused.details)
 
 _default: Allocator | None = None
 _default_lock = threading.Lock()
@@ -56,12 +69,12 @@ def default_allocator() -> Allocator:
 
 
 def _iso(dt: datetime | None) -> str | None:
-    """ISO-8601 UTC with a trailing Z, as the seeds print timestamps."""
+    """ISO-8601 UTC in whole seconds with a trailing Z, as the seeds print timestamps
+    ("2025-12-08T19:00:00Z"): one form always, so a client parsing it with the seed's format
+    does not fail on the calls that happen to fall between two seconds."""
     if dt is None:
         return None
-    dt = dt.astimezone(timezone.utc)
-    spec = "seconds" if dt.microsecond == 0 else "milliseconds"
-    return dt.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+    return dt.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def _num(x: float) -> int | float:
@@ -456,8 +469,9 @@ class AllocationManager:
     """Seed 000's manager: jobs request workers (and MCP servers) and release them by id.
 
     ``AllocationManager(total_cpu=16.0, total_memory=32768, total_workers=10)`` registers one host
-    (``host_id``, int(total_cpu) cores, total_memory MiB) — the seed's quick start. With an
-    ``allocator`` and no totals it uses the hosts already registered. ``AllocationManager()`` with
+    (``host_id``, int(total_cpu) cores, total_memory MiB) — the seed's quick start; the totals may
+    also be given by position, in that order. With an ``allocator`` (by name) and no totals it
+    uses the hosts already registered. ``AllocationManager()`` with
     neither (the seed's direct use) works on the default ledger (``Allocator.from_env()``): on its
     hosts when it has some, else on one host of the seed's default capacity (``DEFAULT_CAPACITY``:
     16 cores, 32768 MiB, 10 worker slots), so that call never registers a host beside a fleet. A worker is one worker slot
@@ -478,11 +492,11 @@ class AllocationManager:
 
     def __init__(
         self,
-        allocator: Allocator | None = None,
-        *,
         total_cpu: float | None = None,
         total_memory: int | None = None,
         total_workers: int | None = None,
+        *,
+        allocator: Allocator | None = None,
         host_id: str = "local",
         worker_cpu: float = 1.0,
         worker_memory: int = 2048,
@@ -615,6 +629,8 @@ class AllocationManager:
         except InsufficientResources as exc:
             msg = exc.message if exc.code == "INSUFFICIENT_SERVICE_PORTS" else (self._workers_message(n) if n else None) or exc.message
             return self._failed(allocation_id, job_id, msg, "INSUFFICIENT_WORKERS" if msg != exc.message else exc.code)
+        except Refused as exc:  # e.g. RECOVERING while allocator recover rebuilds the ledger: never raised
+            return self._failed(allocation_id, job_id, exc.message, exc.code)
         return self._request_result(alloc)
 
     def _seed_record(self, workers: int, servers: list[str]) -> dict[str, Any]:
@@ -693,6 +709,8 @@ class AllocationManager:
             a = self.allocator.release(allocation_id)
         except AllocationNotFound:
             return {"status": "error", "error": f"Allocation {allocation_id} not found"}
+        except InvalidRequest as exc:  # not an id at all (None, a number, "", too long): the seed's error shape
+            return {"status": "error", "error": exc.message, "error_code": exc.code, "error_field": exc.field}
         repeat = not a.released_now
         # A request cancelled while it waited in line held nothing, so it frees nothing either.
         held = not repeat and a.host_id is not None
@@ -714,7 +732,7 @@ class AllocationManager:
     # -- reads -------------------------------------------------------------------------------
 
     def _active(self) -> list[Allocation]:
-        return self.allocator.list(state="active")
+        return self.allocator.list(state="active", limit=None)
 
     def _available_workers(self, cap: Capacity) -> int:
         return max((_host_slots(h, self.worker_millis, self.worker_memory) for h in cap.hosts), default=0)
@@ -787,7 +805,7 @@ class AllocationManager:
             # One of seed 000's states; a release here is one atomic step, so nothing is ever in it.
             return []
         try:
-            found = self.allocator.list(state=state, task_id=job_id)
+            found = self.allocator.list(state=state, task_id=job_id, limit=None)  # the seed sets no limit
         except InvalidRequest as exc:
             raise exc.renamed({"task_id": "job_id"}) from None
         return [
@@ -878,11 +896,17 @@ class ResourceAllocator:
         return spot is not None
 
     async def allocate_resources(self, resource_limits: Mapping[str, str]) -> dict[str, str]:
-        """Allocates now; raises ValueError (InvalidRequest / InsufficientResources) otherwise."""
+        """Allocates now; raises ValueError otherwise (InvalidRequest, InsufficientResources, or
+        NotAllocated while the ledger is being rebuilt), as seed 002 documents."""
         resources = _limits_to_resources(resource_limits)
         seed = {"api": RESOURCE_ALLOCATOR_API, "limits": {k: str(v) for k, v in resource_limits.items()}}
         req = _with_seed_record(self.allocator.build_request(resources, ttl_seconds=None), seed)
-        a = await asyncio.to_thread(self.allocator.allocate_request, req)
+        try:
+            a = await asyncio.to_thread(self.allocator.allocate_request, req)
+        except Refused as exc:
+            if isinstance(exc, ValueError):
+                raise
+            raise NotAllocated(exc) from exc
         return self._allocation_data(a)
 
     @staticmethod
@@ -925,7 +949,8 @@ class ResourceAllocator:
         }
 
     def _own_active(self) -> list[Allocation]:
-        return [a for a in self.allocator.list(state="active") if _seed_info(a).get("api") == RESOURCE_ALLOCATOR_API]
+        return [a for a in self.allocator.list(state="active", limit=None)
+                if _seed_info(a).get("api") == RESOURCE_ALLOCATOR_API]
 
     def get_active_allocations(self) -> dict[str, dict[str, str]]:
         """Active allocations made through this API, by id."""
@@ -934,13 +959,18 @@ class ResourceAllocator:
     async def cleanup_expired_allocations(self, max_age_hours: float = 24) -> int:
         """Releases this API's allocations created more than ``max_age_hours`` ago; returns how many."""
         if (isinstance(max_age_hours, bool) or not isinstance(max_age_hours, (int, float))
-                or not 0 <= max_age_hours < float("inf")):
-            raise InvalidRequest("max_age_hours", f"must be a number of hours >= 0, got {max_age_hours!r}")
+                or not 0 <= max_age_hours <= MAX_AGE_HOURS):
+            raise InvalidRequest("max_age_hours", f"must be a number of hours from 0 to {MAX_AGE_HOURS}, got {max_age_hours!r}")
         cutoff = _now(self.allocator) - max_age_hours * 3600
         old = [a for a in await asyncio.to_thread(self._own_active) if a.created_at.timestamp() < cutoff]
+        released = 0
         for a in old:
-            await asyncio.to_thread(self.allocator.release, a.allocation_id, reason="expired")
-        return len(old)
+            try:
+                done = await asyncio.to_thread(self.allocator.release, a.allocation_id, reason="expired")
+            except AllocationNotFound:  # purged meanwhile
+                continue
+            released += bool(done.released_now)  # another cleanup running at once may have ended it
+        return released
 
 
-__all__ = ["AllocationManager", "ResourceAllocator", "allocate_resources", "could_ever_fit", "default_allocator", "never_fits", "tool_result"]
+__all__ = ["AllocationManager", "NotAllocated", "ResourceAllocator", "allocate_resources", "could_ever_fit", "default_allocator", "never_fits", "tool_result"]

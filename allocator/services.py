@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import AllocationNotFound, AllocatorError, InvalidRequest
-from .models import SERVICE_NAME, Allocation, parse
+from .models import MAX_SECONDS, SERVICE_NAME, Allocation, parse
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -58,16 +58,17 @@ class ServiceSpec(BaseModel):
     (default ``http://{host}:{port}``).
     """
 
-    # Timeouts are finite: the ledger stores them as JSON, which has no infinity.
+    # Timeouts are finite: the ledger stores them as JSON, which has no infinity. At most ten
+    # years, as a request's TTL: "never" written as 1e306 overflowed the supervisor's milliseconds.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     command: list[str]
     health: str = "tcp"
     endpoint: str = "http://{host}:{port}"
-    idle_timeout_s: float = Field(DEFAULT_IDLE_TIMEOUT_S, ge=0)
-    start_timeout_s: float = Field(DEFAULT_START_TIMEOUT_S, gt=0)
-    stop_timeout_s: float = Field(DEFAULT_STOP_TIMEOUT_S, gt=0)
+    idle_timeout_s: float = Field(DEFAULT_IDLE_TIMEOUT_S, ge=0, le=MAX_SECONDS)
+    start_timeout_s: float = Field(DEFAULT_START_TIMEOUT_S, gt=0, le=MAX_SECONDS)
+    stop_timeout_s: float = Field(DEFAULT_STOP_TIMEOUT_S, gt=0, le=MAX_SECONDS)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
 

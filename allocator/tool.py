@@ -81,7 +81,7 @@ class ToolContext:
 
     @cached_property
     def manager(self) -> seeds.AllocationManager:
-        return seeds.AllocationManager(self.allocator)
+        return seeds.AllocationManager(allocator=self.allocator)
 
 
 Handler = Callable[[ToolContext, dict[str, Any]], ToolOutcome]

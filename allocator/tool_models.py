@@ -11,12 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .models import JOB_ID_PATTERN, SERVICE_NAME
+
 Memory = Annotated[int | str, Field(description="MiB as a number, or a size string such as '512Mi', '4Gi', '2G'.")]
 Cpu = Annotated[float | str, Field(description="Cores: 2 pins two exclusive cores; 0.5 or '500m' shares the host's pool.")]
 PriorityName = Literal["low", "normal", "high", "critical"]
 PriorityValue = Annotated[int, Field(ge=0, le=3)] | PriorityName
 StrategyName = Literal["first_fit", "best_fit", "worst_fit", "priority"]
-AllocationState = Literal["pending", "active", "released", "failed", "cancelled"]
+# Seed 000's "releasing" too: a release is one atomic step here, so nothing is ever listed in it.
+AllocationState = Literal["pending", "active", "releasing", "released", "failed", "cancelled"]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Text = Annotated[str, Field(min_length=1, max_length=256)]
 Seconds = Annotated[float, Field(gt=0, le=315_360_000)]
@@ -55,7 +58,9 @@ class RequestResourcesParams(_Params):
     """Reserve worker slots (and optionally GPUs) for a job (seed 000 request_resources)."""
 
     job_id: Text = Field(description="Unique job identifier.")
-    mcp_servers: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(description="Named shared services the job uses (recorded; may be empty).")
+    mcp_servers: list[Annotated[str, Field(pattern=SERVICE_NAME.pattern)]] = Field(
+        description="Named shared services the job uses (may be empty): each must be in the catalog of some host; they are "
+                    "started (or shared) on the allocation's host and the call waits for them to run (up to 30 s).")
     workers: Annotated[int, Field(ge=0, le=10_000)] | None = Field(None, description="Worker slots (1 core and 2048 MiB each; default 0).")
     priority: PriorityValue | None = Field(None, description="low, normal (default), high, critical.")
     ttl_seconds: TtlSeconds | None = Field(None, description="Lease length in seconds (default 3600).")
@@ -101,7 +106,8 @@ class SubmitTaskParams(_Params):
     resources: TaskResources | None = Field(None, description="Resources; the task's registered defaults when omitted.")
     priority: PriorityValue | None = Field(None, description="low, normal (default), high, critical.")
     strategy: StrategyName | None = Field(None, description="Placement strategy (default best_fit).")
-    task_id: Id | None = Field(None, description="Task id (default: generated). Submitting the same id again changes nothing.")
+    task_id: Annotated[str, Field(pattern=JOB_ID_PATTERN.pattern)] | None = Field(
+        None, description="Task id (default: generated): letters, digits, _ and -, as RQ takes. Submitting the same id again changes nothing.")
     task_type: Text | None = Field(None, description="Task type (default: the task's registered type).")
     owner: Text | None = Field(None, description="Who the task is for (usage accounting).")
     expected_duration: Seconds | None = Field(None, description="Expected run time in seconds (backfill and ETA).")

@@ -505,12 +505,13 @@ def test_enqueueing_an_id_already_submitted_returns_that_task_and_changes_nothin
     assert alloc.get("same").priority == "normal"
 
 
-def test_enqueueing_with_an_invalid_job_id_names_job_id(alloc):
+@pytest.mark.parametrize("job_id", ["a b/c", "run.1", "a:b"])  # ids an allocation takes and RQ does not
+def test_enqueueing_with_an_invalid_job_id_names_job_id(alloc, job_id):
     from . import jobs
 
     one_gpu_host(alloc)
     with pytest.raises(InvalidRequest) as exc:
-        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id="a b/c")
+        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_id=job_id)
     assert exc.value.field == "job_id"
 
 

@@ -33,7 +33,7 @@ def seed_tool_host(a) -> None:
 def quick_start_manager(a) -> AllocationManager:
     """The seed's quick start, with a catalog of tiny real services for its MCP server names
     (filesystem, github, database) run by the manager on a free port range."""
-    return AllocationManager(a, total_cpu=16.0, total_memory=32768, total_workers=10,
+    return AllocationManager(allocator=a, total_cpu=16.0, total_memory=32768, total_workers=10,
                              services=catalog(), service_ports=free_ports(10))
 
 
@@ -178,7 +178,7 @@ def test_manager_release_of_a_queued_request_cancels_it_and_frees_nothing(alloc)
     seed_tool_host(alloc)
     fill_the_gpu(alloc)
     r = allocate_resources("task_123", "ml_inference", SEED_REQUIREMENTS, allocator=alloc)
-    released = AllocationManager(alloc).release_resources(r["allocation_id"])
+    released = AllocationManager(allocator=alloc).release_resources(r["allocation_id"])
     assert (released["status"], released["already_released"]) == ("released", False)
     assert (released["cpu_freed"], released["memory_freed"], released["gpu_memory_freed"]) == (0.0, 0, 0)
     assert alloc.get(r["allocation_id"]).state == "cancelled"
@@ -333,7 +333,7 @@ def test_manager_without_arguments_registers_no_host_beside_a_fleet(alloc, monke
     ({"total_workers": 4}, (16.0, 32768, 4)),
 ])
 def test_manager_with_some_totals_takes_the_seed_defaults_for_the_others(alloc, given, expected):
-    manager = AllocationManager(alloc, **given)
+    manager = AllocationManager(allocator=alloc, **given)
     cap = manager.get_capacity()
     assert (cap["total_cpu"], cap["total_memory"], cap["total_workers"]) == expected
     assert manager.request_resources(job_id="j", mcp_servers=[], workers=2)["status"] == "active"
@@ -346,7 +346,7 @@ def test_manager_with_some_totals_takes_the_seed_defaults_for_the_others(alloc, 
 ])
 def test_manager_with_a_bad_total_names_it_and_registers_nothing(alloc, given, field):
     with pytest.raises(InvalidRequest) as exc:
-        AllocationManager(alloc, **given)
+        AllocationManager(allocator=alloc, **given)
     assert exc.value.field == field
     assert alloc.capacity().host_count == 0
 
@@ -366,7 +366,7 @@ def test_resource_allocator_with_a_bad_total_names_it(alloc, given, field):
 
 
 def test_a_request_without_a_job_id_is_refused_naming_job_id(alloc):
-    manager = AllocationManager(alloc, total_cpu=4.0, total_memory=8192, total_workers=2)
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=8192, total_workers=2)
     for job_id in (None, ""):
         r = manager.request_resources(job_id=job_id, mcp_servers=[], workers=1)
         assert (r["status"], r["error_field"]) == ("failed", "job_id")
@@ -388,7 +388,7 @@ def test_seed_004_refusals_name_the_selector_or_the_gpu_model(alloc):
 
 def test_manager_capacity_reports_gpu_totals(alloc):
     alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}, {"index": 1, "memory_mb": 16384}])
-    manager = AllocationManager(alloc)
+    manager = AllocationManager(allocator=alloc)
     manager.request_resources("job-1", workers=1, gpus=1, gpu_memory_mb=4096)
     cap = manager.get_capacity()
     assert (cap["total_gpus"], cap["total_gpu_memory"], cap["allocated_gpu_memory"], cap["available_gpu_memory"]) == (
@@ -414,7 +414,7 @@ def test_manager_seed_error_example_reports_all_ten_workers_available(alloc):
 def test_manager_counts_available_workers_on_the_largest_single_host(alloc):
     alloc.register_host(id="a", cpu_cores=4, ram_mb=16384)
     alloc.register_host(id="b", cpu_cores=4, ram_mb=16384)
-    manager = AllocationManager(alloc)
+    manager = AllocationManager(allocator=alloc)
     r = manager.request_resources("job-001", workers=6)
     assert r["error"] == "Insufficient workers: requested 6, available 4"
     assert manager.get_capacity()["available_workers"] == 4
@@ -422,21 +422,21 @@ def test_manager_counts_available_workers_on_the_largest_single_host(alloc):
 
 def test_manager_worker_slots_are_bounded_by_memory_too(alloc):
     alloc.register_host(id="a", cpu_cores=8, ram_mb=4096)
-    manager = AllocationManager(alloc)
+    manager = AllocationManager(allocator=alloc)
     r = manager.request_resources("job-001", workers=3)
     assert r["error"] == "Insufficient workers: requested 3, available 2"
 
 
 def test_manager_fractional_worker_cpu_adds_up_in_millicores(alloc):
     alloc.register_host(id="a", cpu_cores=4, ram_mb=8192)
-    manager = AllocationManager(alloc, worker_cpu=0.1, worker_memory=256)
+    manager = AllocationManager(allocator=alloc, worker_cpu=0.1, worker_memory=256)
     r = manager.request_resources("job-001", workers=3)
     assert r["resources"]["cpu"] == 0.3 and r["resources"]["memory"] == 768
 
 
 def test_manager_adds_explicit_resources_to_the_workers(alloc):
     alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}])
-    manager = AllocationManager(alloc)
+    manager = AllocationManager(allocator=alloc)
     r = manager.request_resources("job-1", workers=2, gpus=1, gpu_memory_mb=4096, cpu_cores=1, ram_mb="1Gi")
     assert (r["resources"]["cpu"], r["resources"]["memory"], r["resources"]["gpu_memory_mb"]) == (3.0, 5120, 4096)
     assert r["resources"]["gpus"][0]["index"] == 0
@@ -548,7 +548,7 @@ def test_manager_cleanup_leaves_allocations_within_their_ttl(alloc, clock):
 
 
 def test_manager_without_totals_registers_no_host(alloc):
-    AllocationManager(alloc)
+    AllocationManager(allocator=alloc)
     assert alloc.capacity().host_count == 0
 
 
@@ -679,7 +679,7 @@ def test_resource_allocator_cleanup_refuses_an_age_that_is_not_a_number_of_hours
 
 def test_seed_layers_read_a_record_whose_seed_fields_are_malformed_as_having_none(alloc):
     """A record restored or written by an older version may hold anything under the key."""
-    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    m = AllocationManager(allocator=alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
     ra = ResourceAllocator(allocator=alloc)
     made = m.request_resources("job-1", workers=1)
     alloc.redis.hset(alloc.keys.alloc(made["allocation_id"]), "metadata",
@@ -691,7 +691,7 @@ def test_seed_layers_read_a_record_whose_seed_fields_are_malformed_as_having_non
 
 
 def test_manager_names_resource_fields_as_its_caller_passes_them(alloc):
-    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    m = AllocationManager(allocator=alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
     r = m.request_resources("job-1", gpus="many")
     assert r["status"] == "failed" and r["error_field"] == "gpus"
     r = m.request_resources("job-1", metadata={"task_type": "x" * 300})
@@ -699,7 +699,7 @@ def test_manager_names_resource_fields_as_its_caller_passes_them(alloc):
 
 
 def test_manager_listing_refuses_an_unknown_state_naming_it(alloc):
-    m = AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
+    m = AllocationManager(allocator=alloc, total_cpu=8.0, total_memory=8192, total_workers=4)
     with pytest.raises(InvalidRequest) as exc:
         m.list_allocations(state="ACTIVE")
     assert exc.value.field == "state"
@@ -711,7 +711,7 @@ def test_manager_listing_refuses_an_unknown_state_naming_it(alloc):
 
 def test_constructor_totals_are_named_as_the_seeds_pass_them(alloc):
     with pytest.raises(InvalidRequest) as exc:
-        AllocationManager(alloc, total_cpu=8.0, total_memory=8192, total_workers=2**30)
+        AllocationManager(allocator=alloc, total_cpu=8.0, total_memory=8192, total_workers=2**30)
     assert exc.value.field == "total_workers"
     with pytest.raises(InvalidRequest) as exc:
         ResourceAllocator(total_cpu=4.0, total_memory_gb=10**13, allocator=alloc, register=True)
@@ -726,3 +726,91 @@ def test_resource_allocator_registers_whole_cores_of_a_fractional_total(alloc):
 def test_resource_allocator_with_an_allocator_registers_no_host_by_default(alloc):
     ResourceAllocator(allocator=alloc)
     assert alloc.capacity().host_count == 0
+
+
+# -- agreement, reach and refusals across the seed layers -------------------------------------------
+
+
+def test_check_availability_counts_a_lease_past_its_ttl_as_free_as_the_allocation_then_does(alloc, clock):
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    alloc.allocate({"cpu_cores": 8}, ttl_seconds=60)  # another client holds every core...
+    clock.advance(61)  # ...for a lease that has ended
+    assert run(ra.check_availability({"cpu": "2", "memory": "4Gi"})) is True
+    run(ra.allocate_resources({"cpu": "2", "memory": "4Gi"}))
+
+
+def test_check_availability_says_no_when_a_waiting_task_takes_what_an_expired_lease_frees(alloc, clock):
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    alloc.allocate({"cpu_cores": 4}, ttl_seconds=60)
+    alloc.allocate({"cpu_cores": 6}, priority="low", on_busy="queue")  # waits for the lease's cores
+    clock.advance(61)
+    assert run(ra.check_availability({"cpu": "4"})) is False
+    with pytest.raises(InsufficientResources):
+        run(ra.allocate_resources({"cpu": "4"}))
+
+
+def test_the_seed_listings_and_cleanup_reach_past_the_newest_thousand(alloc, clock):
+    alloc.register_host(id="big", cpu_cores=8, ram_mb=1 << 20)
+    ra = ResourceAllocator(allocator=alloc)
+    old = run(ra.allocate_resources({"cpu": "0.001"}))
+    clock.advance(25 * 3600)
+    for _ in range(1000):
+        alloc.allocate({"cpu_cores": 0.001})
+    manager = AllocationManager(allocator=alloc)
+    assert len(manager.list_allocations(state="active")) == manager.get_capacity()["active_allocations"] == 1001
+    assert old["allocation_id"] in ra.get_active_allocations()
+    assert run(ra.cleanup_expired_allocations(24)) == 1
+    assert alloc.get(old["allocation_id"]).state == "released"
+
+
+def test_two_cleanups_at_once_count_each_release_once(alloc, clock):
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    for _ in range(5):
+        run(ra.allocate_resources({"cpu": "0.5"}))
+    clock.advance(25 * 3600)
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(ra.cleanup_expired_allocations(24), ra.cleanup_expired_allocations(24)))
+
+    assert sum(run(both())) == 5
+
+
+def test_a_cleanup_age_beyond_ten_years_is_refused_naming_it(alloc):
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    with pytest.raises(InvalidRequest) as exc:
+        run(ra.cleanup_expired_allocations(max_age_hours=10**400))
+    assert exc.value.field == "max_age_hours"
+
+
+def test_while_the_ledger_is_rebuilt_the_seed_layers_answer_in_their_own_shapes(alloc):
+    from allocator.history import recover
+
+    ra = ResourceAllocator(total_cpu=8.0, total_memory_gb=16, allocator=alloc, register=True)
+    manager = AllocationManager(allocator=alloc)
+    recover.begin(alloc)
+    r = manager.request_resources("job-1", workers=0, cpu_cores=1)
+    assert r["status"] == "failed" and r["error_code"] == "RECOVERING"
+    with pytest.raises(ValueError) as exc:  # seed 002's controllers catch ValueError
+        run(ra.allocate_resources({"cpu": "1"}))
+    assert exc.value.code == "RECOVERING"
+
+
+def test_the_manager_takes_the_seeds_totals_by_position(alloc):
+    manager = AllocationManager(8.0, 8192, 4, allocator=alloc)
+    assert (manager.get_capacity()["total_cpu"], manager.get_capacity()["total_workers"]) == (8.0, 4)
+
+
+@pytest.mark.parametrize("bad", [None, 5, "", "x" * 300, "bad id!"])
+def test_releasing_something_that_is_no_allocation_id_answers_the_seeds_error_shape(alloc, bad):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.release_resources(bad)
+    assert r["status"] == "error" and r["error"]
+
+
+def test_seed_timestamps_are_whole_seconds_whatever_the_clock_reads(alloc, clock):
+    clock.advance(0.797)
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-1", workers=1)
+    created = manager.get_allocation(r["allocation_id"])["timestamps"]["created_at"]
+    assert created == iso(clock)
+    datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ")

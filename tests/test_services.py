@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import urllib.request
@@ -239,7 +240,7 @@ def test_port_pool_exhaustion_is_refused_cleanly(alloc):
 def test_port_pool_exhaustion_through_the_manager_is_a_failed_result(alloc):
     host(alloc, "local", ports=free_ports(1), worker_slots=4)
     publish_catalog(alloc, "local", catalog(["a", "b"]))
-    m = AllocationManager(alloc, service_wait_s=0)
+    m = AllocationManager(allocator=alloc, service_wait_s=0)
     m.request_resources("job-1", ["a"])
     r = m.request_resources("job-2", ["b"], workers=1)
     assert r["status"] == "failed" and r["error_code"] == "INSUFFICIENT_SERVICE_PORTS" and "port" in r["error"]
@@ -302,6 +303,21 @@ def test_an_agent_runs_the_named_services_of_one_host_only(alloc, tmp_path):
         assert alloc.redis.hkeys(alloc.keys.svc_catalog("h2")) == []
     finally:
         agent.shutdown()
+
+
+def test_an_agent_stopping_on_a_host_an_operator_drained_leaves_no_service_listed_running(alloc, tmp_path):
+    lo, _ = free_ports(8)
+    inv = InventoryFile(tmp_path / "fleet.yaml")
+    inv.write([{"id": "h1", "cpu_cores": 8, "ram_mb": "16Gi", "gpus": []}])
+    agent = Agent(alloc, StaticProvider(inv.path), services=catalog(["fs"]), service_ports=(lo, lo + 7), drain_timeout_s=0)
+    agent.run_once()
+    alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: agent.supervisors["h1"].reconcile().running)
+    alloc.drain_host("h1")
+    agent.shutdown()  # the host stays registered (lost, the operator's drain kept)
+    assert alloc.redis.hget(alloc.keys.host("h1"), "state") == "lost"
+    assert all(e.state != "running" for e in alloc.services()), alloc.services()
+    ok(alloc)
 
 
 def test_a_real_service_is_started_shared_kept_and_stopped_after_the_idle_timeout(live, tmp_path, supervisors):
@@ -488,6 +504,60 @@ def test_a_restarted_supervisor_adopts_running_services_and_only_one_acts(alloc,
     assert second.procs["fs"].pid == pid and entry(alloc, "h1", "fs")["state"] == "running"
 
 
+@pytest.fixture
+def unrelated() -> Iterator[subprocess.Popen]:
+    """A process that is no service: what a recorded pid may name after a reboot."""
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield other
+    other.kill()
+    other.wait()
+
+
+def _pid_now_names(a: Allocator, name: str, pid: int) -> None:
+    e = entry(a, "h1", name)
+    assert e is not None
+    # The entry keeps the start time of the process it recorded, an hour before this one started.
+    e["pid"], e["created"] = pid, psutil.Process(pid).create_time() - 3600
+    a.redis.hset(a.keys.svc("h1"), name, json.dumps(e))
+
+
+def test_a_stop_left_by_a_dead_supervisor_spares_a_process_that_took_the_pid_since(alloc, supervisors, unrelated):
+    host(alloc)
+    first = supervised(alloc, supervisors, cat=catalog(["fs"], idle_timeout_s=0))
+    x = alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: first.reconcile().running)
+    alloc.release(x.allocation_id)
+    assert first._state("fs", "stop", port=entry(alloc, "h1", "fs")["port"], idle_ms=0).get("ok")
+    gone = first.procs.pop("fs")  # the first agent dies mid-stop, and its service with it (a reboot)
+    gone.popen.kill()
+    gone.popen.wait()
+    alloc.redis.delete(alloc.keys.svc_owner("h1"))
+    _pid_now_names(alloc, "fs", unrelated.pid)
+    second = supervised(alloc, supervisors, cat=catalog(["fs"], idle_timeout_s=0))
+    assert second.reconcile().stopped == ["fs"]
+    assert unrelated.poll() is None
+
+
+def test_a_running_entry_whose_pid_another_process_took_since_is_restarted_and_that_process_spared(alloc, supervisors, unrelated):
+    host(alloc)
+    first = supervised(alloc, supervisors, cat=catalog(["fs"]))
+    alloc.allocate({"cpu_cores": 1}, services=["fs"])
+    wait_until(lambda: first.reconcile().running)
+    first.close(withdraw=False, report=False)  # a reboot: the agent and its service go; the entry stays running
+    _pid_now_names(alloc, "fs", unrelated.pid)
+    second = supervised(alloc, supervisors, cat=catalog(["fs"]))
+    rep = second.reconcile()
+    assert rep.adopted == [] and unrelated.poll() is None
+    wait_until(lambda: second.reconcile() and entry(alloc, "h1", "fs")["state"] == "running", what="the restart")
+    assert entry(alloc, "h1", "fs")["pid"] != unrelated.pid
+
+
+def test_a_catalog_timeout_beyond_ten_years_is_refused_naming_it():
+    with pytest.raises(InvalidRequest) as exc:
+        ServiceCatalog.load({"fs": {"command": ["true"], "idle_timeout_s": 1e306}})
+    assert "idle_timeout_s" in exc.value.field
+
+
 def test_a_supervisor_that_died_while_its_service_started_leaves_no_process_holding_the_port(alloc, supervisors):
     host(alloc)
     # It listens at once but never answers the HTTP health check: it stays "starting".
@@ -531,7 +601,7 @@ def test_a_host_removed_after_its_supervisor_stopped_leaves_no_wake_token_for_go
 @pytest.fixture
 def manager(alloc) -> Iterator[AllocationManager]:
     lo, hi = free_ports(100)
-    m = AllocationManager(alloc, total_cpu=16.0, total_memory=32768, total_workers=10, services=catalog(),
+    m = AllocationManager(allocator=alloc, total_cpu=16.0, total_memory=32768, total_workers=10, services=catalog(),
                           service_ports=(lo, hi))
     yield m
     m.close()
@@ -592,7 +662,7 @@ def test_seed_unknown_server_is_a_failed_result_naming_mcp_servers(manager):
 
 def test_closing_a_manager_leaves_no_service_listed_as_running(alloc):
     lo, hi = free_ports(10)
-    m = AllocationManager(alloc, total_cpu=8.0, total_memory=16384, services=catalog(["filesystem", "github"]),
+    m = AllocationManager(allocator=alloc, total_cpu=8.0, total_memory=16384, services=catalog(["filesystem", "github"]),
                           service_ports=(lo, hi))
     held = m.request_resources("job-1", ["filesystem"], workers=1)
     idle = m.request_resources("job-2", ["github"], workers=1)
@@ -609,7 +679,7 @@ def test_closing_a_manager_leaves_no_service_listed_as_running(alloc):
 
 def test_closing_a_manager_places_no_waiting_task_on_its_host_for_its_services(alloc):
     lo, hi = free_ports(10)
-    m = AllocationManager(alloc, total_cpu=2.0, total_memory=4096, services=catalog(["filesystem"]), service_ports=(lo, hi))
+    m = AllocationManager(allocator=alloc, total_cpu=2.0, total_memory=4096, services=catalog(["filesystem"]), service_ports=(lo, hi))
     held = m.request_resources("job-1", ["filesystem"], workers=2)
     assert held["status"] == "active"
     waiting = alloc.allocate({"cpu_cores": 2}, services=["filesystem"], on_busy="queue")
@@ -618,7 +688,7 @@ def test_closing_a_manager_places_no_waiting_task_on_its_host_for_its_services(a
 
 
 def test_seed_server_that_fails_to_start_fails_the_request(alloc):
-    m = AllocationManager(alloc, total_cpu=4.0, total_memory=8192, services={"filesystem": {"command": FAILING_SERVICE}},
+    m = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=8192, services={"filesystem": {"command": FAILING_SERVICE}},
                           service_ports=free_ports(4))
     try:
         r = m.request_resources("job-001", ["filesystem"], workers=2)
@@ -635,7 +705,7 @@ def test_seed_server_that_fails_to_start_fails_the_request(alloc):
 def test_request_returns_starting_servers_when_the_wait_runs_out(alloc, supervisors):
     host(alloc, "local")
     publish_catalog(alloc, "local", catalog(["filesystem"]))  # nobody runs it yet
-    m = AllocationManager(alloc, service_wait_s=0.05)
+    m = AllocationManager(allocator=alloc, service_wait_s=0.05)
     r = m.request_resources("job-001", ["filesystem"])
     assert r["status"] == "active"
     assert [(s["status"], s["endpoint"]) for s in r["mcp_servers"]] == [("starting", None)]
@@ -648,7 +718,7 @@ def test_request_returns_starting_servers_when_the_wait_runs_out(alloc, supervis
 def test_helper_for_other_tests_serves_a_registered_host(alloc):
     sup = register_with_services(alloc, id="local", cpu_cores=16, ram_mb=32768)
     try:
-        r = AllocationManager(alloc).request_resources("job-001", list(SEED_SERVERS), workers=1)
+        r = AllocationManager(allocator=alloc).request_resources("job-001", list(SEED_SERVERS), workers=1)
         assert [s["status"] for s in r["mcp_servers"]] == ["running"] * 3
     finally:
         sup.close()

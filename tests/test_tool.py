@@ -320,10 +320,18 @@ def test_submit_task_does_not_rewrite_an_rq_job_it_does_not_own(alloc):
         alloc.rq_connection.srem("rq:queues", "rq:queue:elsewhere")
 
 
-def test_submit_task_with_an_invalid_id_names_task_id(alloc):
+@pytest.mark.parametrize("task_id", ["a b/c", "run.1", "a/b", "a:b", "me@x"])
+def test_submit_task_with_an_id_rq_cannot_take_names_task_id(alloc, task_id):
     alloc.register_host(id="h1", cpu_cores=1, ram_mb="4Gi")
-    out = call(alloc, "submit_task", {"task": "demo.etl", "task_id": "a b/c"})
+    before = ledger_dump(alloc)
+    out = call(alloc, "submit_task", {"task": "demo.etl", "task_id": task_id})
     assert (out.status, out.payload["error"]["field"]) == (INVALID, "task_id")
+    assert ledger_dump(alloc) == before
+
+
+def test_list_allocations_takes_the_seeds_releasing_state(alloc):
+    out = call(alloc, "list_allocations", {"state": "releasing"})
+    assert out.status == OK and out.payload["allocations"] == []
 
 
 def test_a_whole_number_sent_as_a_float_is_the_integer(alloc):

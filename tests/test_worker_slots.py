@@ -145,8 +145,8 @@ def test_concurrent_requests_never_exceed_the_slots(redis_url):
 
 
 def test_two_managers_share_the_cap_through_the_ledger(alloc):
-    one = AllocationManager(alloc, total_cpu=16.0, total_memory=32768, total_workers=10)
-    two = AllocationManager(alloc)
+    one = AllocationManager(allocator=alloc, total_cpu=16.0, total_memory=32768, total_workers=10)
+    two = AllocationManager(allocator=alloc)
     assert one.request_resources("job-1", workers=6)["status"] == "active"
     r = two.request_resources("job-2", workers=6)
     assert r["error"] == "Insufficient workers: requested 6, available 4"

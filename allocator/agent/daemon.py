@@ -301,12 +301,15 @@ class Agent:
             left = float("inf") if deadline is None else deadline - time.monotonic()
             abort.wait(max(0.0, min(0.2, self.interval_s, left)))
         released: list[str] = []
-        for sup in self.supervisors.values():
-            sup.close(withdraw=True, report=False)  # stops the host's services; the removal below drops them
+        drains = self._drains(hosts)
+        for h, sup in self.supervisors.items():
+            # Stops the host's services. The removal below drops their entries; a host that stays
+            # registered (an operator's drain) must hear they are gone, or it lists them running.
+            sup.close(withdraw=True, report=h in drains and drains[h][1] != "agent")
         self.supervisors.clear()
         for h in hosts:
             try:
-                state, by = self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
+                state, by = drains.get(h) or self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
                 if state == "draining" and by != "agent":
                     # An operator's drain (marked, or from before drains were marked): removing the
                     # host would drop it. It is declared lost instead, now (no agent serves it,
@@ -329,6 +332,18 @@ class Agent:
             log.warning("deregistered with %d allocation(s) still running; released (reason host_removed)", len(released))
         self.provider.close()
         return released
+
+    def _drains(self, hosts: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """The draining hosts among ``hosts``, with who drains them (a Redis error reads as none:
+        the deregistration below reads them again)."""
+        try:
+            pipe = self.allocator.redis.pipeline(transaction=False)
+            for h in hosts:
+                pipe.hmget(self.allocator.keys.host(h), "state", "drained_by")
+            rows = pipe.execute()
+        except redis.RedisError:
+            return {}
+        return {h: (state, by) for h, (state, by) in zip(hosts, rows) if state == "draining"}
 
     def _drain(self, hosts: list[str]) -> list[str]:
         """Drains ``hosts`` as this agent's own drain; returns those to try again (a Redis error).

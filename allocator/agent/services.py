@@ -125,6 +125,13 @@ def _created(pid: int) -> float:
         return 0.0
 
 
+def _same_process(pid: int, e: dict[str, Any]) -> bool:
+    """Whether ``pid`` is still the process the entry recorded: alive, with the start time kept
+    beside it (an entry without one cannot tell, and is not trusted)."""
+    created = float(e.get("created") or 0)
+    return bool(created) and abs(_created(pid) - created) <= 0.05  # (stored with 14 digits)
+
+
 def port_is_free(port: int) -> bool:
     """Whether nothing listens on ``port`` (any address); TIME_WAIT leftovers do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -369,12 +376,11 @@ class ServiceSupervisor:
             log.info("service %s on %s: stopped after %.1f s idle", name, self.host_id, idle_ms / 1000)
             return time.monotonic() if res.get("restart") else None
         if state == "stopping":
-            # Left over from a supervisor that died while stopping it.
-            if p is None and int(e.get("pid") or 0):
-                p = _Proc(name, port, int(e["pid"]))
             if p is not None:
                 self._terminate(p, spec.stop_timeout_s if spec else 2.0)
                 self.procs.pop(name, None)
+            else:  # left over from a supervisor that died while stopping it: only the very process
+                self._stop_orphan(name, e)
             res = self._state(name, "stopped", port=port)
             rep.stopped.append(name)
             return time.monotonic() if res.get("restart") else None
@@ -428,10 +434,12 @@ class ServiceSupervisor:
         return time.monotonic()
 
     def _adopt(self, name: str, e: dict[str, Any], spec: ServiceSpec | None, rep: ReconcileReport) -> float | None:
-        """A running entry this supervisor did not start: keep its process if it is alive and healthy."""
+        """A running entry this supervisor did not start: keep its process if it is alive, is the
+        very process recorded (a pid reused since has another start time) and is healthy."""
         port, refs, pid = int(e["port"]), int(e.get("refs") or 0), int(e.get("pid") or 0)
         p = _Proc(name, port, pid, healthy=True)
-        if pid and spec is not None and p.exit_code() is None and healthy(spec, port, self.address):
+        if (pid and spec is not None and _same_process(pid, e) and p.exit_code() is None
+                and healthy(spec, port, self.address)):
             self.procs[name] = p
             rep.adopted.append(name)
             return time.monotonic()
@@ -446,8 +454,8 @@ class ServiceSupervisor:
         """Stops the process an entry records (pid and start time) that this supervisor does not
         run: one left by a supervisor that died. Only the very process recorded: a pid reused by
         another process since (other start time) is left alone."""
-        pid, created = int(e.get("pid") or 0), float(e.get("created") or 0)
-        if pid <= 0 or not created or abs(_created(pid) - created) > 0.05:  # (stored with 14 digits)
+        pid = int(e.get("pid") or 0)
+        if pid <= 0 or not _same_process(pid, e):
             return
         log.warning("service %s on %s: stopping pid %d left by an earlier supervisor", name, self.host_id, pid)
         self._terminate(_Proc(name, int(e["port"]), pid), 2.0)

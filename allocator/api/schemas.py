@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
-from ..models import MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
+from ..models import JOB_ID_PATTERN, MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
 
 ALLOC_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
-JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+JOB_ID = JOB_ID_PATTERN.pattern
 
 PriorityIn = Annotated[
     Literal["low", "normal", "high", "critical"] | Annotated[int, Field(ge=0, le=3)],

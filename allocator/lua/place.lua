@@ -15,8 +15,10 @@ the same or a higher priority, unless it ends before that task's start; QUEUE_AH
 that room would hold it.
 While the field "recovering" of KEYS[12] is "1" (allocator recover) it refuses with RECOVERING.
 Before placing it reaps up to 8 expired allocations, and when it reaps any, runs a scheduling
-pass (waiting tasks get what was freed first). All checks happen before the first write;
-a refusal writes nothing (apart from that reaping and pass).
+pass (waiting tasks get what was freed first). A dry run does the same, so that it answers as
+the placement made next would (a lease past its TTL holds nothing then, and a waiting task may
+take what it freed); it grants nothing itself. All checks happen before the first write; a
+refusal writes nothing (apart from that reaping and pass).
 Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
               | {ok=false, code, message, details{}}.
 ]]
@@ -36,7 +38,7 @@ if rcall('HGET', K_SEQ, 'recovering') == '1' then
   return cjson.encode({ok = false, code = 'RECOVERING', details = {},
     message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'})
 end
-if not req.dry_run and #reap_expired(now, 8) > 0 then
+if #reap_expired(now, 8) > 0 then
   -- What the reaper freed goes to the tasks in line first, as after any release.
   schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
 end

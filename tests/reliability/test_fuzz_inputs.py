@@ -206,7 +206,7 @@ def test_seed002_resource_strings_allocate_or_raise_value_error(fleet: Allocator
        priority=st.one_of(st.sampled_from(["low", "high"]), VALUES))
 def test_seed000_request_resources_answers_in_its_shape(fleet: Allocator, job_id: Any, servers: Any, workers: Any,
                                                         priority: Any) -> None:
-    m = AllocationManager(fleet)
+    m = AllocationManager(allocator=fleet)
     before = ledger_dump(fleet)
     res = m.request_resources(job_id, servers, workers, priority)
     assert isinstance(res, dict) and res.get("status") in ("active", "pending", "failed")
@@ -237,7 +237,7 @@ def test_deep_nesting_is_refused_by_name(fleet: Allocator, where: str) -> None:
 
 
 def test_seed000_a_huge_worker_count_is_refused_by_name(fleet: Allocator) -> None:
-    res = AllocationManager(fleet).request_resources("job-huge", [], 10**400, "normal")
+    res = AllocationManager(allocator=fleet).request_resources("job-huge", [], 10**400, "normal")
     assert res["status"] == "failed" and res.get("error_code") == "INVALID_REQUEST"
 
 
