@@ -438,6 +438,8 @@ class Allocator:
         ``limit``: the newest this many (None: all)."""
         if state is not None and state not in ALLOCATION_STATES:
             raise InvalidRequest("state", f"expected one of {', '.join(ALLOCATION_STATES)}, got {state!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidRequest("limit", f"expected a whole number >= 0 or None, got {limit!r}")
         if host_id is not None:
             check_id(host_id, "host_id")
         if task_id is not None:
@@ -473,6 +475,8 @@ class Allocator:
 
     def expire(self, *, batch: int = 500) -> list[str]:
         """Releases every allocation whose TTL has passed (in bounded batches); returns their ids."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidRequest("batch", f"expected a whole number >= 1, got {batch!r}")  # 0 or less never ends
         expired: list[str] = []
         while True:
             res = self._call("expire", batch, self.record_retention_s * 1000, self.pass_depth, self.scan_cap)
@@ -575,6 +579,7 @@ class Allocator:
                 sum(getattr(x, attr).allocated for x in hosts),
                 sum(getattr(x, attr).available for x in hosts if x.state == "ready"),
                 sum(getattr(x, attr).available for x in hosts if x.state != "ready"),
+                unmanaged=sum(getattr(x, attr).unmanaged for x in hosts),  # each host's, never netted
             )
 
         return Capacity(
@@ -660,7 +665,7 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
                 index=int(h[p + "idx"]),
                 uuid=h[p + "uuid"],
                 model=h[p + "model"],
-                memory=Usage.of(total, used, max(0, total - ext - used)),
+                memory=Usage.of(total, used, max(0, total - ext - used), unmanaged=min(ext, total)),
                 holders=int(h[p + "n"]),
             )
         )
@@ -676,7 +681,8 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
         labels=json.loads(h.get("labels") or "{}") or {},
         gpus=gpus,
         gpu_memory_mb=Usage.of(
-            sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus), sum(g.memory.available for g in gpus)
+            sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus), sum(g.memory.available for g in gpus),
+            unmanaged=sum(g.memory.unmanaged for g in gpus),
         ),
         gpus_idle=sum(1 for g in gpus if g.holders == 0 and g.memory.available > 0),  # the ledger's idle
         cpu_cores=Usage.of(ncores, ncores - cpu_avail, cpu_avail),

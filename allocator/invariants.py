@@ -22,6 +22,15 @@ def _list(text: str | None) -> list[Any]:
     return v if isinstance(v, list) else []
 
 
+def _scalars(items: list[Any], field: str) -> list[Any]:
+    """``items`` when each is a number or a string (core ids, service names); a list or an object
+    among them is a damaged record, which would otherwise fail as a key."""
+    for x in items:
+        if isinstance(x, (list, dict)) or x is None:
+            raise TypeError(f"{field} holds {json.dumps(x)}, not an id or a name")
+    return items
+
+
 def _overcommitted(f: dict[str, str]) -> bool:
     """Whether the host's last registration left its grants above its totals: legal, see
     register_host.lua; its capacity bounds are then not checked."""
@@ -62,9 +71,10 @@ def check(snap: dict[str, Any]) -> list[str]:
             bad.append(f"{aid}: in the active set but state is {a.get('state')}")
         try:
             grants = [(g["uuid"], int(g["memory_mb"])) for g in _list(a.get("gpus"))]
-            held = _list(a.get("cores"))
+            held = _scalars(_list(a.get("cores")), "cores")
             numbers = (int(a.get("shared_millis") or 0), int(a.get("ram_mb") or 0), int(a.get("slots") or 0))
-            names = _list(a.get("services"))
+            names = _scalars(_list(a.get("services")), "services")
+            expires = int(a.get("expires") or 0)
         except (ValueError, TypeError, KeyError) as exc:
             bad.append(f"{aid}: unreadable record ({type(exc).__name__}: {exc})")
             continue
@@ -83,7 +93,6 @@ def check(snap: dict[str, Any]) -> list[str]:
         slots[h] += numbers[2]
         for name in names:
             svc_refs[h][name] += 1
-        expires = int(a.get("expires") or 0)
         in_expiry = aid in (snap["expiry"] or {})
         if (expires > 0) != in_expiry:
             bad.append(f"{aid}: expiry index out of step (expires={expires}, indexed={in_expiry})")
@@ -229,6 +238,10 @@ def _check_slots_and_services(h: str, f: dict[str, str], snap: dict[str, Any], s
     if slots > total and not _overcommitted(f):
         bad.append(f"{h}: worker slots oversubscribed {slots} > {total}")
     entries = {n: json.loads(v) for n, v in ((snap.get("services") or {}).get(h) or {}).items()}
+    for name, e in list(entries.items()):
+        if not isinstance(e, dict):
+            bad.append(f"{h}: service {name}: unreadable instance {json.dumps(e)}")
+            del entries[name]
     ports = dict((snap.get("service_ports") or {}).get(h) or {})
     for name, n in refs.items():
         if name not in entries:

@@ -425,17 +425,22 @@ class HostSpec(_Strict):
     @field_validator("cpu_cores", mode="before")
     @classmethod
     def _cores(cls, v: object) -> object:
+        # A count written 4.0 or "4" (a JSON float, a quoted YAML value) is the count 4.
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        elif isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
+            v = int(v.strip())
         if isinstance(v, int) and not isinstance(v, bool):
             if v < 0:
                 raise InvalidRequest("cpu_cores", f"must not be negative, got {v}")
             if v > MAX_CORE_ID:  # before the list of ids is built: a huge count would exhaust memory
                 raise InvalidRequest("cpu_cores", f"at most {MAX_CORE_ID} cores, got {v}")
             return list(range(v))
-        if isinstance(v, (list, tuple)):
-            for c in v:
-                _whole(c, "cpu_cores")
-        else:
+        if not isinstance(v, (list, tuple)):
             _whole(v, "cpu_cores")
+            raise InvalidRequest("cpu_cores", f"expected a number of cores n (ids 0..n-1) or a list of core ids, got {v!r}"[:300])
+        for c in v:
+            _whole(c, "cpu_cores")
         return v
 
     @model_validator(mode="after")
@@ -630,8 +635,13 @@ class Usage(BaseModel):
     utilization_pct: float = Field(description="In use (allocated and unmanaged) as a share of the total.")
 
     @classmethod
-    def of(cls, total: float, allocated: float, available: float, unschedulable: float = 0.0) -> Usage:
-        unmanaged = max(0.0, total - allocated - available - unschedulable)
+    def of(cls, total: float, allocated: float, available: float, unschedulable: float = 0.0,
+           unmanaged: float | None = None) -> Usage:
+        """``unmanaged`` given (GPU memory: what other processes use), or what the other figures
+        leave of the total. Given, it stays right on a host whose re-registration left its grants
+        above its totals, where the remainder is nothing."""
+        if unmanaged is None:
+            unmanaged = max(0.0, total - allocated - available - unschedulable)
         pct = 100.0 * (total - available - unschedulable) / total if total else 0.0
         return cls(total=total, allocated=allocated, available=available, unmanaged=unmanaged,
                    unschedulable=unschedulable, utilization_pct=round(pct, 2))

@@ -33,3 +33,17 @@ def test_what_is_free_on_a_draining_host_is_not_available_to_the_fleet(alloc):
     assert cap.cpu_cores.unmanaged == 0 and cap.cpu_cores.utilization_pct == 0
     h1 = next(h for h in cap.hosts if h.host_id == "h1")
     assert h1.cpu_cores.available == 4  # the host itself still says what is free on it
+
+
+def test_unmanaged_gpu_memory_is_what_other_processes_use_even_on_an_overcommitted_host(alloc):
+    gpu = {"index": 0, "uuid": "GPU-a", "model": "T4", "memory_mb": 8000, "used_mb": 2000}
+    alloc.register_host(id="a", cpu_cores=2, ram_mb="4Gi", gpus=[gpu])
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 6000})
+    alloc.register_host(id="a", cpu_cores=2, ram_mb="4Gi", gpus=[{**gpu, "used_mb": 4000}])  # grants now over the total
+    alloc.register_host(id="b", cpu_cores=2, ram_mb="4Gi",
+                        gpus=[{"index": 0, "uuid": "GPU-b", "model": "T4", "memory_mb": 8000, "used_mb": 4000}])
+    cap = alloc.capacity()
+    a, b = (h.gpu_memory_mb for h in cap.hosts)
+    assert (a.allocated, a.available, a.unmanaged) == (6000, 0, 4000)
+    assert (b.allocated, b.available, b.unmanaged) == (0, 4000, 4000)
+    assert cap.gpu_memory_mb.unmanaged == 8000  # each host's, not what the fleet's figures leave over

@@ -42,6 +42,24 @@ def test_a_record_with_unparsable_grants_is_reported_not_raised(alloc):
     assert any(v.startswith(f"{x.allocation_id}: unreadable record") for v in invariants.check(snap))
 
 
+@pytest.mark.parametrize("field, value", [("expires", "soon"), ("cores", "[[0]]"), ("services", '[{"a": 1}]'),
+                                          ("cores", "[null]")])
+def test_a_record_with_a_damaged_field_is_reported_not_raised(alloc, field, value):
+    one_gpu_host(alloc)
+    x = alloc.allocate({"cpu_cores": 1})
+    snap = alloc.snapshot()
+    snap["allocs"][x.allocation_id][field] = value
+    assert any(v.startswith(f"{x.allocation_id}: unreadable record") for v in invariants.check(snap))
+
+
+@pytest.mark.parametrize("value", ["[1]", "null", "7"])
+def test_a_service_instance_that_is_no_object_is_reported_not_raised(alloc, value):
+    one_gpu_host(alloc)
+    snap = alloc.snapshot()
+    snap.setdefault("services", {})["h1"] = {"svcA": value}
+    assert "h1: service svcA: unreadable instance " + value in invariants.check(snap)
+
+
 def test_a_host_reregistered_below_what_it_grants_is_not_a_violation(alloc):
     one_gpu_host(alloc)
     alloc.allocate({"gpus": 1, "gpu_memory_mb": "12Gi", "cpu_cores": 4, "ram_mb": "16Gi"})

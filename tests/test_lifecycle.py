@@ -158,3 +158,16 @@ def test_no_placement_while_the_ledger_is_recovering(alloc_any):
     alloc_any.redis.hset(alloc_any.keys.seq, "recovering", "1")
     with pytest.raises(Recovering):
         alloc_any.allocate({"gpu_memory_mb": "1Gi"})
+
+
+@pytest.mark.parametrize("batch", [0, -1, 1.5, True])
+def test_expire_with_a_batch_below_one_is_refused_not_run_for_ever(alloc, batch):
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.expire(batch=batch)
+    assert exc.value.field == "batch"
+
+
+def test_a_negative_list_limit_is_refused_naming_it(alloc):
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.list(limit=-1)
+    assert exc.value.field == "limit"

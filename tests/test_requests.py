@@ -164,3 +164,15 @@ def test_a_worker_refuses_a_namespace_holding_the_host_queue_separator():
     res = CliRunner().invoke(app, ["worker", "--host", "h1", "--namespace", "team.host.x", "--burst",
                                    "--redis-url", "redis://127.0.0.1:1/0"])
     assert res.exit_code == 2 and "--namespace" in res.stderr
+
+
+@pytest.mark.parametrize("count", [4, 4.0, "4", " 4 "])
+def test_a_host_core_count_written_as_a_float_or_text_is_that_count(count):
+    assert parse(HostSpec, {"id": "h1", "cpu_cores": count, "ram_mb": 1}).cpu_cores == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("count", ["x", "4.5", None, {"a": 1}])
+def test_a_host_core_count_that_is_no_count_or_list_says_what_it_takes(count):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(HostSpec, {"id": "h1", "cpu_cores": count, "ram_mb": 1})
+    assert exc.value.field == "cpu_cores" and "a list of core ids" in exc.value.reason
