@@ -91,7 +91,7 @@ class Strategy(str, enum.Enum):
 
 
 def _check_id(value: object, field: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidRequest(field, f"{value!r} is not a valid id ({ID_RULE})")
     return value
 
@@ -138,7 +138,7 @@ def parse_service_names(value: object, field: str = "services") -> list[str] | N
         raise InvalidRequest(field, f"expected a list of service names, got {value!r}")
     out: list[str] = []
     for v in value:
-        if not isinstance(v, str) or not SERVICE_NAME.match(v):
+        if not isinstance(v, str) or not SERVICE_NAME.fullmatch(v):
             raise InvalidRequest(field, f"{v!r} is not a service name (1-64 letters, digits, . _ -, starting with a letter or digit)")
         if v not in out:
             out.append(v)
@@ -624,7 +624,9 @@ _PRIORITY_LABELS = {str(p.value): p.label for p in Priority}
 
 
 class Usage(BaseModel):
-    """Totals of one resource: ``total = allocated + available + unmanaged + unschedulable``."""
+    """Totals of one resource: ``total = allocated + available + unmanaged + unschedulable``,
+    except on a host whose re-registration left its grants above its totals (``overcommitted``),
+    where allocated and unmanaged may together exceed the total."""
 
     total: float
     allocated: float

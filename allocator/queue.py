@@ -168,7 +168,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     alloc_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ALLOC_FIELDS}
     rq_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in RQ_OPTIONS}
     task_id = kwargs.pop("job_id", None) or new_allocation_id()
-    if not isinstance(task_id, str) or not JOB_ID_PATTERN.match(task_id):
+    if not isinstance(task_id, str) or not JOB_ID_PATTERN.fullmatch(task_id):
         # RQ would refuse it with a ValueError of its own, after the request was built.
         shown = repr(task_id[:140]) if isinstance(task_id, str) else type(task_id).__name__
         raise InvalidRequest("job_id", f"{JOB_ID_RULE}, got {shown}")

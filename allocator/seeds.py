@@ -886,7 +886,9 @@ class ResourceAllocator:
                 raise exc.renamed({"ram_mb": "total_memory_gb", "cpu_cores": "total_cpu"}) from None
 
     async def check_availability(self, resource_limits: Mapping[str, str]) -> bool:
-        """True when the limits fit now; changes nothing. Invalid limits are logged and read False."""
+        """True when the limits fit now, as ``allocate_resources`` would find (``Allocator.would_fit``:
+        it grants nothing, and first ends leases past their TTL as a placement does). Invalid limits
+        are logged and read False."""
         try:
             resources = _limits_to_resources(resource_limits)
             spot = await asyncio.to_thread(self.allocator.would_fit, resources, ttl_seconds=None)

@@ -75,7 +75,7 @@ class ServiceSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SERVICE_NAME.match(v):
+        if not SERVICE_NAME.fullmatch(v):
             raise InvalidRequest("name", f"{v!r} is not a service name (1-64 letters, digits, . _ -)")
         return v
 

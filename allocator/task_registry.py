@@ -58,7 +58,7 @@ class TaskRegistry:
         task_type: str | None = None,
         expected_duration: float | None = None,
     ) -> RegisteredTask:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"task name {name!r} must match {NAME_PATTERN.pattern}")
         if getattr(func, "__module__", None) in (None, "__main__") or "<" in getattr(func, "__qualname__", "<"):
             raise ValueError(f"task {name!r}: workers import tasks by module path; {func!r} is not importable")

@@ -505,7 +505,7 @@ def test_enqueueing_an_id_already_submitted_returns_that_task_and_changes_nothin
     assert alloc.get("same").priority == "normal"
 
 
-@pytest.mark.parametrize("job_id", ["a b/c", "run.1", "a:b"])  # ids an allocation takes and RQ does not
+@pytest.mark.parametrize("job_id", ["a b/c", "run.1", "a:b", "abc\n"])  # ids an allocation takes and RQ does not
 def test_enqueueing_with_an_invalid_job_id_names_job_id(alloc, job_id):
     from . import jobs
 

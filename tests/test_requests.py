@@ -80,6 +80,7 @@ def test_strategy_spread_is_worst_fit():
         ({"metadata": "x"}, "metadata"),
         ({"metadata": {"f": object()}}, "metadata"),
         ({"allocation_id": "bad id#"}, "allocation_id"),
+        ({"allocation_id": "trailing-newline\n"}, "allocation_id"),
         ({"task_id": ""}, "task_id"),
         ({"selector": {"cluster": []}}, "selector.cluster"),
         ({"selector": "cluster"}, "selector"),

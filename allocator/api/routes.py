@@ -193,7 +193,9 @@ def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_
 
 @v1.post("/allocations/check", response_model=WouldFit, tags=["allocations"])
 def would_fit(body: AllocationFields, st: ApiState = Depends(api_state)) -> WouldFit:
-    """Where the request would be placed now; changes nothing."""
+    """Where the request would be placed now. It grants nothing; like a placement it first ends
+    up to 8 leases past their TTL (waiting tasks may take what they free), so that it answers what
+    the next placement would do."""
     res = st.allocator.would_fit(body.resources_dict(), **body.allocation_fields())
     return WouldFit(fits=False) if res is None else WouldFit(fits=True, **res)
 

@@ -75,14 +75,14 @@ class TaskRegistry:
         self._shared = _shared() if include_shared else None
         self._tasks: dict[str, RegisteredTask] = {}
         for name, spec in (entries or {}).items():
-            if not isinstance(name, str) or not NAME.match(name):
+            if not isinstance(name, str) or not NAME.fullmatch(name):
                 raise TaskRegistryError(f"task name {name!r} must be 1-64 letters, digits, '_', '.', '-'")
             if isinstance(spec, str):
                 spec = {"function": spec}
             if not isinstance(spec, Mapping) or not isinstance(spec.get("function"), str):
                 raise TaskRegistryError(f"task {name!r}: expected 'module:function' or a mapping with 'function'")
             target = spec["function"].strip()
-            if not TARGET.match(target):
+            if not TARGET.fullmatch(target):
                 raise TaskRegistryError(f"task {name!r}: {target!r} is not 'module:function'")
             resources = spec.get("resources") or {}
             if not isinstance(resources, Mapping):

@@ -293,8 +293,9 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
     A host's state has two parts, each following the newest event that sets it, so events that
     arrive out of order fold as in order: whether it is up, lost or removed (registrations,
     losses, removals: ``state_event_id``), and whether it drains and for whom (drains, resumes,
-    and losses and removals, which end a drain: ``drain_event_id``; the ledger announces again an
-    operator's drain that outlives a loss). ``state`` is lost or removed, else draining or ready."""
+    and losses and removals, which end a drain: ``drain_event_id``; an operator's drain outlives
+    a loss, as in the ledger, which announces it again at the host's registration). ``state`` is
+    lost or removed, else draining or ready; a lost row keeps ``drained_by`` = operator."""
     newer = _is_newer(ev, row)
     if ev.type in ("host_registered", "host_updated"):
         if row["registered_at"] is None or (ev.type == "host_registered" and ev.ts < row["registered_at"]):
@@ -313,8 +314,8 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
         if _claims(ev, row, "state_event_id"):
             row["state"] = HOST_STATE_BY_EVENT[ev.type]
             row["removed_at"] = ev.ts if ev.type == "host_removed" else None
-        if _claims(ev, row, "drain_event_id"):
-            row["drained_by"] = None
+        if _claims(ev, row, "drain_event_id") and (ev.type == "host_removed" or row["drained_by"] != "operator"):
+            row["drained_by"] = None  # an operator's drain outlives a loss, as in the ledger
     elif ev.type in ("host_draining", "host_resumed") and _claims(ev, row, "drain_event_id"):
         # Events written before the drainer was recorded count as an operator's drain.
         row["drained_by"] = (_text(ev.fields.get("by")) or "operator") if ev.type == "host_draining" else None

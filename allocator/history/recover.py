@@ -188,7 +188,10 @@ def restore_drains(a: Allocator, engine: Engine) -> list[str]:
     with the ledger that held it (its agent's next registration starts the host ready), so a
     host not registered or ready is recorded as resumed and the history stops calling it
     draining. Returns the hosts with an operator's drain restored."""
-    q = select(H.c.host_id, H.c.drained_by).where(H.c.namespace == a.keys.namespace, H.c.state == "draining")
+    # A lost host keeps an operator's drain: its next registration must come back draining.
+    q = select(H.c.host_id, H.c.drained_by).where(
+        H.c.namespace == a.keys.namespace,
+        (H.c.state == "draining") | ((H.c.state == "lost") & (H.c.drained_by == "operator")))
     with engine.connect() as conn:
         rows = [(r.host_id, r.drained_by) for r in conn.execute(q)]
     done: list[str] = []

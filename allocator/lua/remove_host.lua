@@ -13,8 +13,9 @@ at once could run it twice). Preempted function tasks
 whose run there was being stopped do the same. Its service catalog and instances are dropped,
 and so are its heartbeat, reclaim entry and published inventory: a host registered again under
 the same id without an agent must not be declared lost for the old agent's silence. A host not
-registered that allocator recover left a drain for (drain_on_register) is removed too: the drain
-is withdrawn and host_removed recorded.
+registered that allocator recover left work for is removed the same way: allocations restored on
+it (deferred until it registers) count as its allocations, and a drain waiting for it
+(drain_on_register) is withdrawn.
 Returns JSON {ok, released[], preempted[]?} or {ok=false, code, message}.
 ]]
 --- @include "ledger"
@@ -30,17 +31,17 @@ local function forget_agent()
   rcall('ZREM', K_RECLAIM, h)
   rcall('DEL', K_INVENTORY)
 end
-if rcall('EXISTS', hk) == 0 then
-  forget_agent()
-  -- A host allocator recover left a drain for (drain_on_register) is known to the history:
-  -- removing it withdraws the drain and records the removal.
-  if rcall('HDEL', PREFIX .. 'drain_on_register', h) == 1 then
-    emit('host_removed', h, now, '{}')
-    return cjson.encode({ok = true, released = {}, n = 0})
-  end
-  return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
-end
+local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
+local registered = rcall('EXISTS', hk) == 1
 local ids = rcall('SMEMBERS', host_allocs_key(h))
+if not registered then
+  forget_agent()
+  -- A host allocator recover restored allocations for (deferred until it registers) or left a
+  -- drain for (drain_on_register) is known: it is removed as a registered one would be.
+  if #ids == 0 and rcall('HEXISTS', K_DRAIN_ON_REGISTER, h) == 0 then
+    return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
+  end
+end
 if #ids > 0 and ARGV[4] ~= '1' then
   return cjson.encode({ok = false, code = 'HOST_BUSY',
     message = 'host ' .. h .. ' still holds ' .. #ids .. ' active allocation(s); drain it or remove with force'})
@@ -57,17 +58,20 @@ for _, id in ipairs(ids) do
     if follow_host_policy(id, h, now, 'host_removed') then requeued = true end
   end
 end
-local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
-for pos = 0, ngpu - 1 do
-  local m = gpu_member(h, pos)
-  rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_FFC, m)
-  rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
+if registered then
+  local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
+  for pos = 0, ngpu - 1 do
+    local m = gpu_member(h, pos)
+    rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_FFC, m)
+    rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
+  end
+  rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_HOSTS, h); rcall('ZREM', K_HOSTS, h)
+  rcall('ZREM', K_CPU_ORD, h)
+  drop_host_services(h)
+  forget_agent()
 end
-rcall('ZREM', K_CPU_IDX, h); rcall('ZREM', K_RAM_IDX, h); rcall('ZREM', K_IDLE_HOSTS, h); rcall('ZREM', K_HOSTS, h)
-rcall('ZREM', K_CPU_ORD, h)
 rcall('DEL', hk, host_allocs_key(h), host_sum_key(h))
-drop_host_services(h)
-forget_agent()
+rcall('HDEL', K_DRAIN_ON_REGISTER, h)
 emit('host_removed', h, now, '{}')
 local preempted, back = orphaned_preemptions(h, now, 'host_removed')
 if requeued or back then schedule_pass(now, tonumber(ARGV[5] or 100), tonumber(ARGV[6] or 2048)) end

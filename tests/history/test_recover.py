@@ -16,6 +16,8 @@ from allocator.errors import AllocatorError, InsufficientResources, Recovering
 from allocator.history import recover as rec_mod
 from allocator.history.recorder import Recorder
 
+from tests.conftest import ledger_dump
+
 from .fleet import FLEET, all_rows, allocation_row, events, hosts, register_fleet
 
 
@@ -196,6 +198,49 @@ def test_removing_a_host_whose_restored_drain_waits_for_its_registration_succeed
     assert _host_state(alloc, "gpu-a") == ("ready", None)
     with pytest.raises(AllocatorError, match="not registered"):
         alloc.remove_host("gpu-z")
+
+
+def test_an_operators_drain_of_a_host_lost_before_the_data_comes_back_at_its_registration(
+        alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a")
+    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "gpu-a", 30).declared  # its agent stopped (or its machine died), drain kept
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("lost", "operator")
+    alloc.destroy()
+    report = rec_mod.recover(alloc, engine)
+    assert "gpu-a" not in report.hosts_restored and report.drains_restored == ["gpu-a"]
+    alloc.register_host(FLEET[0])  # its agent's next start
+    assert _host_state(alloc, "gpu-a") == ("draining", "operator")
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("draining", "operator")
+
+
+@pytest.mark.parametrize("with_drain", [True, False])
+def test_removing_a_host_whose_restored_allocations_wait_for_it_needs_force_and_ends_them(
+        alloc: Allocator, recorder: Recorder, engine, with_drain: bool) -> None:
+    from allocator.errors import HostBusy
+
+    register_fleet(alloc)
+    x = alloc.allocate({"gpus": 1, "gpu_model": "A100"})
+    assert x.host_id == "gpu-a"
+    if with_drain:
+        alloc.drain_host("gpu-a")
+    recorder.drain()
+    alloc.destroy()
+    assert rec_mod.recover(alloc, engine, with_hosts=False).deferred == [x.allocation_id]
+    before = ledger_dump(alloc)
+    with pytest.raises(HostBusy):
+        alloc.remove_host("gpu-a")
+    assert ledger_dump(alloc) == before
+    assert alloc.remove_host("gpu-a", force=True) == [x.allocation_id]
+    assert alloc.get(x.allocation_id).state == "released"
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("removed", None)
+    alloc.register_host(FLEET[0])  # a new host under the old id: nothing held, not drained
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+    assert invariants.check(alloc.snapshot()) == []
 
 
 def test_a_restored_lease_keeps_its_hint_for_the_estimates(alloc: Allocator, recorder: Recorder, engine) -> None:
