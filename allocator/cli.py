@@ -9,12 +9,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import cli_commands, demo, live, tool_cli, worker_cli
 from .agent import cli as agent_cli
 from .api import cli as api_cli
 from .history import cli as history_cli
 from .client import Allocator
+from .cli_common import startup_failure
 from .config import Settings
 from .errors import REDIS_UNAVAILABLE, InsufficientResources, InvalidRequest
 
@@ -101,3 +103,12 @@ def main() -> None:
         what = "Redis unavailable" if isinstance(exc, REDIS_UNAVAILABLE) else f"Redis error ({type(exc).__name__})"
         Console(stderr=True).print(f"[bold red]refused:[/] {what}: {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from None
+    except Exception as exc:
+        # An embedded Redis that cannot start, a history database out of reach (``example``,
+        # ``api``, ...): one line, not a traceback. Anything else is a bug and keeps its traceback.
+        known = startup_failure(exc)
+        if known is None:
+            raise
+        code, line = known
+        Console(stderr=True).print(Text(line, style="bold red"), highlight=False)
+        raise SystemExit(code) from None

@@ -223,7 +223,7 @@ def list_(
         fail(EXIT_INVALID, InvalidRequest.code, f"--state: expected one of {', '.join(STATES)}, got {state!r}", "state",
              as_json=as_json)
     a = open_allocator(redis_url, namespace, as_json=as_json)
-    with reporting(as_json, settings_url(redis_url)):
+    with reporting(as_json, settings_url(redis_url), options={"task_id": "--task-id"}):
         rows = a.list(state=state, task_id=task_id, host_id=host, limit=limit)
     if as_json:
         print_json([x.model_dump(mode="json", exclude={"request", "allocation_time_ms", "released_now"}) for x in rows])

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from .client import Allocator
 from .config import Settings
-from .errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, NotFound, Refused
+from .errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, NotConfigured, NotFound, Refused
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
 
@@ -54,9 +54,12 @@ FIELD_OPTIONS = {
 }
 
 
-def option_for(field: str) -> str:
+def option_for(field: str, options: Optional[dict[str, str]] = None) -> str:
     """The command-line option a request field came from (``metadata.x`` from ``--metadata``),
-    or the field itself when no option gives it."""
+    or the field itself when no option gives it. ``options``: the command's own names where they
+    differ (``list --task-id`` where ``allocate`` takes TASK_ID)."""
+    if options and field in options:
+        return options[field]
     if field in FIELD_OPTIONS:
         return FIELD_OPTIONS[field]
     for prefix in ("resource_requirements.selector", "metadata"):
@@ -129,6 +132,25 @@ def require_positive(value: float, option: str, *, zero_means: str | None = None
     raise typer.BadParameter(f"must be {allowed}, got {value:g}", param_hint=option)
 
 
+def startup_failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one line for an error met while a command sets itself up (an embedded
+    Redis that cannot start, a history database that cannot be reached or is no URL), or None
+    for anything else (a bug: its traceback is wanted)."""
+    import sqlalchemy.exc
+
+    if isinstance(exc, (InvalidRequest, NotConfigured)):
+        return EXIT_INVALID, f"invalid: {exc}"
+    if isinstance(exc, AllocatorError):
+        return EXIT_REFUSED, f"refused: {exc}"
+    if isinstance(exc, sqlalchemy.exc.ArgumentError):  # not a database URL
+        return EXIT_INVALID, f"invalid: history database URL: {str(exc).splitlines()[0]}"
+    if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        return EXIT_REFUSED, f"refused: history database unavailable ({type(orig).__name__}): {first}"
+    return None
+
+
 def fail(code: int, error_code: str, message: str, field: Optional[str] = None, *, as_json: bool = False) -> NoReturn:
     """Reports an error (stderr; also stdout as JSON with --json) and exits with ``code``."""
     if as_json:
@@ -139,12 +161,13 @@ def fail(code: int, error_code: str, message: str, field: Optional[str] = None, 
 
 
 @contextmanager
-def reporting(as_json: bool = False, url: Optional[str] = None) -> Iterator[None]:
-    """Maps allocator errors to messages and exit codes (2 invalid, 1 refused/unavailable)."""
+def reporting(as_json: bool = False, url: Optional[str] = None, options: Optional[dict[str, str]] = None) -> Iterator[None]:
+    """Maps allocator errors to messages and exit codes (2 invalid, 1 refused/unavailable);
+    ``options``: see ``option_for``."""
     try:
         yield
     except InvalidRequest as exc:
-        field = option_for(exc.field)
+        field = option_for(exc.field, options)
         fail(EXIT_INVALID, exc.code, f"{field}: {exc.reason}", exc.field, as_json=as_json)
     except (Refused, NotFound) as exc:
         fail(EXIT_REFUSED, exc.code, exc.message, as_json=as_json)

@@ -34,6 +34,7 @@ from .models import (
     Resources,
     Strategy,
     Usage,
+    check_printable,
     parse,
 )
 from .scripts import Scripts
@@ -126,6 +127,7 @@ def check_id(value: Any, field: str, max_len: int = 256) -> None:
         shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
         raise InvalidRequest(field, f"expected a non-empty string of at most {max_len} characters, got {shown}")
     check_text(value, field)
+    check_printable(value, field)
 
 
 def _utf8(text: str) -> bool:

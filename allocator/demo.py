@@ -36,6 +36,7 @@ from rich.text import Text
 
 from . import demo_plan as plan
 from . import embedded, seeds, views
+from .cli_common import startup_failure
 from .client import Allocator, delete_keys
 from .live import render, take_snapshot
 from .queue import host_queue_name
@@ -444,6 +445,12 @@ def demo(
     except redis.RedisError as exc:
         where = f" at {_redacted(redis_url)}" if redis_url else ""
         console.print(Text(f"refused: Redis unavailable{where}: {exc}", style="bold red"))
+    except Exception as exc:
+        known = startup_failure(exc)  # no redis-server to start, a history database out of reach
+        if known is None:
+            raise
+        code, line = known
+        console.print(Text(line, style="bold red"))
     finally:
         with console.status("stopping workers, scheduler and Redis"):
             run.stop()

@@ -59,10 +59,28 @@ def print_summary(demo: Demo, elapsed: float) -> None:
     order = [p.label for p in sorted(Priority, reverse=True)]
     console.print("wait by priority: " + "; ".join(
         f"{p} mean {sum(w) / len(w):.1f}s max {max(w):.1f}s" for p in order if (w := waits.get(p))))
-    console.print("per host: " + "; ".join(
-        f"{h}: {int(v[0])} task(s), {v[1]:.0f} GPU-s, {v[2]:.0f} core-s" for h, v in sorted(per_host.items())))
+    recorded = _per_host_recorded(demo)
+    if recorded is not None:
+        console.print("per host (every placement, preempted runs included, as the history recorded them): " + recorded)
+    else:  # no history: the ledger keeps each task's last run only
+        console.print("per host (each task's last run): " + "; ".join(
+            f"{h}: {int(v[0])} task(s), {v[1]:.0f} GPU-s, {v[2]:.0f} core-s" for h, v in sorted(per_host.items())))
     _history(demo)
     console.print(f"demo took {elapsed:.1f} s from start to the last task (speed ×{demo.speed:g})")
+
+
+def _per_host_recorded(demo: Demo) -> str | None:
+    """Per-host use from the history, which has every placement: a task's ledger record keeps
+    only its last run, so a run a preemption stopped would be missing from the host it ran on."""
+    if demo.svc.engine is None:
+        return None
+    try:
+        from .history.queries import usage
+    except ImportError:
+        return None
+    rows = usage(demo.svc.engine, demo.namespace, since=demo.started_at, by="host")
+    return "; ".join(f"{r.key}: {r.placements} placement(s), {r.gpu_hours * 3600:.0f} GPU-s, {r.cpu_hours * 3600:.0f} core-s"
+                     for r in sorted(rows, key=lambda r: str(r.key)))
 
 
 def _history(demo: Demo) -> None:

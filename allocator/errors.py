@@ -71,6 +71,14 @@ class InvalidRequest(AllocatorError, ValueError):
         return InvalidRequest(self.field[len(prefix):], self.reason) if self.field.startswith(prefix) else self
 
 
+class NotConfigured(AllocatorError):
+    """What the command needs is not set up: no Redis URL and no redis-server for the embedded
+    default. Invalid input for the command line (exit 2), as a missing setting is."""
+
+    code = "NOT_CONFIGURED"
+    default_message = "not configured"
+
+
 class Refused(AllocatorError):
     """A valid request that cannot be granted now."""
 

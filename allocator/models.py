@@ -11,6 +11,7 @@ import enum
 import json
 import math
 import re
+import unicodedata
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -88,6 +89,18 @@ class Strategy(str, enum.Enum):
     def scan_mode(self) -> str:
         """The index walk the place script uses for this strategy."""
         return {"first_fit": "first", "worst_fit": "worst"}.get(self.value, "best")
+
+
+def check_printable(value: object, field: str) -> object:
+    """Refuses control characters (ESC, BEL, newline, DEL, C1) in text the command line and
+    ``allocator top`` print as given: ids, task types, owners, labels, GPU models. Received
+    from the API or the tool, they would move the cursor, clear or retitle an operator's
+    terminal."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if unicodedata.category(ch) == "Cc":
+                raise InvalidRequest(field, f"contains a control character ({ch!r} at position {i})")
+    return value
 
 
 def _check_id(value: object, field: str) -> str:
@@ -288,6 +301,11 @@ class AllocationRequest(_Strict):
     def _services(cls, v: object) -> object:
         return parse_service_names(v)
 
+    @field_validator("task_id", "task_type", "owner", mode="before")
+    @classmethod
+    def _printable(cls, v: object, info: Any) -> object:
+        return check_printable(v, info.field_name)
+
     @field_validator("priority", mode="before")
     @classmethod
     def _prio(cls, v: object) -> object:
@@ -370,6 +388,11 @@ class GpuSpec(_Strict):
     @classmethod
     def _mem(cls, v: object, info: Any) -> object:
         return parse_memory_mb(v, info.field_name)
+
+    @field_validator("uuid", "model", mode="before")
+    @classmethod
+    def _printable(cls, v: object, info: Any) -> object:
+        return check_printable(v, info.field_name)
 
     @field_validator("index", mode="before")
     @classmethod
@@ -481,6 +504,8 @@ class HostSpec(_Strict):
             for k, x in v.items():
                 if not isinstance(k, str):
                     raise InvalidRequest("labels", f"label names must be strings, got {k!r}")
+                check_printable(k, "labels")
+                check_printable(x, f"labels.{k}")
                 # Text, or a number written as text; a list, None or a mapping has no label form.
                 if isinstance(x, bool) or not isinstance(x, (str, int, float)) or (isinstance(x, float) and not math.isfinite(x)):
                     raise InvalidRequest(f"labels.{k}", f"expected text or a number, got {x!r}")

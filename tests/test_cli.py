@@ -497,3 +497,9 @@ def test_the_agent_refuses_named_services_for_an_inventory_of_several_hosts(tmp_
     res = CliRunner().invoke(app, ["agent", "--inventory", str(inv), "--services", str(svc), "--once",
                                    "--redis-url", "redis://127.0.0.1:1/0"])
     assert res.exit_code == 2 and "services" in res.stderr
+
+
+def test_a_bad_task_id_filter_of_list_is_named_by_its_option(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, ["list", "--task-id", "", "--redis-url", url, "--namespace", real.keys.namespace])
+    assert res.exit_code == 2 and "--task-id:" in res.stderr and "TASK_ID" not in res.stderr, res.output

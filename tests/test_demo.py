@@ -59,3 +59,40 @@ def test_demo_runs_everything_and_cleans_up_with_no_services_configured(tmp_path
     assert list((tmp_path / "tmp").iterdir()) == []  # its Redis data dir, SQLite file and logs
     assert not (tmp_path / "state").exists()
     assert elapsed < 120
+
+
+def _demo_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOCATOR_")}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env.update(PYTHONPATH=str(ROOT), ALLOCATOR_STATE_DIR=str(tmp_path / "state"), HOME=str(tmp_path),
+               TMPDIR=str(tmp_path / "tmp"))
+    return env
+
+
+def test_a_demo_whose_history_url_is_no_url_says_so_in_one_line_and_cleans_up(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "allocator", "demo", "--plain", "--database-url", "foo"],
+                          capture_output=True, text=True, env=_demo_env(tmp_path), cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "invalid: history database URL" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # its private Redis and temporary files are gone
+
+
+def test_a_demo_whose_history_database_is_out_of_reach_is_refused_in_one_line(tmp_path):
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"
+    proc = subprocess.run([sys.executable, "-m", "allocator", "demo", "--plain", "--database-url", url],
+                          capture_output=True, text=True, env=_demo_env(tmp_path), cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "refused: history database unavailable" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_startup_errors_of_any_command_read_as_one_line_with_their_exit_code():
+    import sqlalchemy.exc
+
+    from allocator.cli_common import startup_failure
+    from allocator.errors import AllocatorError, NotConfigured
+
+    assert startup_failure(NotConfigured("no Redis URL configured")) == (2, "invalid: no Redis URL configured")
+    assert startup_failure(AllocatorError("the embedded redis-server did not start")) == (
+        1, "refused: the embedded redis-server did not start")
+    assert startup_failure(sqlalchemy.exc.ArgumentError("Could not parse"))[0] == 2
+    assert startup_failure(KeyError("a bug")) is None  # keeps its traceback

@@ -177,3 +177,23 @@ def test_a_host_core_count_that_is_no_count_or_list_says_what_it_takes(count):
     with pytest.raises(InvalidRequest) as exc:
         parse(HostSpec, {"id": "h1", "cpu_cores": count, "ram_mb": 1})
     assert exc.value.field == "cpu_cores" and "a list of core ids" in exc.value.reason
+
+
+@pytest.mark.parametrize("field", ["task_id", "task_type", "owner"])
+@pytest.mark.parametrize("text", ["t\x1b]0;pwned\x07", "a\x1b[2J", "line\nbreak", "del\x7f", "c1\x9b"])
+def test_text_printed_in_an_operators_terminal_may_not_hold_control_characters(field, text):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, field: text})
+    assert exc.value.field == field and "control character" in exc.value.reason
+
+
+@pytest.mark.parametrize("labels, field", [({"rack": "r\x1b[31m1"}, "labels.rack"), ({"ra\x1bck": "r1"}, "labels")])
+def test_host_labels_may_not_hold_control_characters(labels, field):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(HostSpec, {"id": "h1", "cpu_cores": 1, "ram_mb": 1, "labels": labels})
+    assert exc.value.field == field
+
+
+def test_text_in_other_scripts_is_not_a_control_character():
+    req = parse(AllocationRequest, {"resources": {}, "task_id": "entraînement-1", "owner": "日本", "task_type": "ml infer"})
+    assert (req.task_id, req.owner) == ("entraînement-1", "日本")
