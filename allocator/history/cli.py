@@ -304,6 +304,8 @@ def recover_cmd(
                   f"register, {len(report.existing)} already present; hosts re-registered: {len(report.hosts_restored)}")
     if report.drains_restored:
         console.print("drained again as their operator had: " + escape(", ".join(report.drains_restored)))
+    for h in report.hosts_refused:
+        console.print(f"[yellow]host not restored[/] {escape(h['host_id'])}: {escape(h['reason'])} (its agent registers it)")
     for c in report.conflicts:
         what = f"{c.get('id')}: {c.get('reason')}"
         console.print(f"[yellow]conflict[/] {escape(what)} (closed as recovery_conflict)")

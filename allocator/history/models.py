@@ -158,7 +158,7 @@ class HostRow(Base):
     host_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), doc="ready, draining, removed, or what the ledger says")
     drained_by: Mapped[str | None] = mapped_column(
-        String(16), nullable=True, doc="who drains it, operator or agent; null when it does not drain (a lost host keeps an operator's)")
+        String(16), nullable=True, doc="who drains it, operator or agent; null when it does not drain (a lost host keeps who drained it)")
     state_event_id: Mapped[str | None] = mapped_column(
         String(40), nullable=True, doc="the event that set whether it is up, lost or removed (events may arrive out of order)")
     drain_event_id: Mapped[str | None] = mapped_column(

@@ -293,9 +293,10 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
     A host's state has two parts, each following the newest event that sets it, so events that
     arrive out of order fold as in order: whether it is up, lost or removed (registrations,
     losses, removals: ``state_event_id``), and whether it drains and for whom (drains, resumes,
-    and losses and removals, which end a drain: ``drain_event_id``; an operator's drain outlives
-    a loss, as in the ledger, which announces it again at the host's registration). ``state`` is
-    lost or removed, else draining or ready; a lost row keeps ``drained_by`` = operator."""
+    and removals, which end a drain: ``drain_event_id``; a loss ends none, as in the ledger, which
+    keeps an operator's drain through it and announces the end of an agent's at the host's next
+    registration). ``state`` is lost or removed, else draining or ready; a lost row keeps who
+    drained it."""
     newer = _is_newer(ev, row)
     if ev.type in ("host_registered", "host_updated"):
         if row["registered_at"] is None or (ev.type == "host_registered" and ev.ts < row["registered_at"]):
@@ -314,8 +315,10 @@ def fold_host(row: dict[str, Any], ev: OutboxEvent) -> None:
         if _claims(ev, row, "state_event_id"):
             row["state"] = HOST_STATE_BY_EVENT[ev.type]
             row["removed_at"] = ev.ts if ev.type == "host_removed" else None
-        if _claims(ev, row, "drain_event_id") and (ev.type == "host_removed" or row["drained_by"] != "operator"):
-            row["drained_by"] = None  # an operator's drain outlives a loss, as in the ledger
+        # A removal ends any drain. A loss ends none here: the ledger keeps an operator's drain
+        # through it and announces the end of an agent's at the host's registration (host_resumed).
+        if ev.type == "host_removed" and _claims(ev, row, "drain_event_id"):
+            row["drained_by"] = None
     elif ev.type in ("host_draining", "host_resumed") and _claims(ev, row, "drain_event_id"):
         # Events written before the drainer was recorded count as an operator's drain.
         row["drained_by"] = (_text(ev.fields.get("by")) or "operator") if ev.type == "host_draining" else None

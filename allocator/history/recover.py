@@ -34,7 +34,7 @@ from sqlalchemy import Engine, select
 
 from .. import invariants
 from ..client import Allocator
-from ..errors import AllocatorError
+from ..errors import AllocatorError, InvalidRequest
 from ..queue import RUN_ENDED
 from ..units import duration_ms
 from .db import dt_to_ms
@@ -58,13 +58,16 @@ class RecoveryReport:
     existing: list[str] = field(default_factory=list)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     hosts_restored: list[str] = field(default_factory=list)
+    # Hosts whose recorded inventory this release refuses (e.g. a control character in a GPU
+    # model recorded before such were refused): left for their agents to register.
+    hosts_refused: list[dict[str, str]] = field(default_factory=list)
     drains_restored: list[str] = field(default_factory=list)  # operator drains applied again (restore_drains)
     ended: list[str] = field(default_factory=list)  # function tasks closed, not restored (see _ended_jobs)
     lost: list[str] = field(default_factory=list)  # tasks that waited in line: the line is not rebuilt
 
     def as_dict(self) -> dict[str, Any]:
         return {"restored": len(self.restored), "deferred": len(self.deferred), "existing": len(self.existing),
-                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored,
+                "conflicts": self.conflicts, "hosts_restored": self.hosts_restored, "hosts_refused": self.hosts_refused,
                 "drains_restored": self.drains_restored, "ended": self.ended,
                 "lost": self.lost}
 
@@ -150,14 +153,16 @@ def _host_spec(host_id: str, stored: Any) -> dict[str, Any]:
     return out
 
 
-def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[str]:
+def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False,
+                  refused: list[dict[str, str]] | None = None) -> list[str]:
     """Registers hosts the history knows (not removed or lost) that the ledger lacks, in the order
     they were first registered: a registration gives a new host the next ordinal, and first fit
     scans hosts by ordinal, so the restored fleet is scanned in the order it was before. ``watch``
     (every host is served by an agent): each gets a heartbeat at the recovery's time, so a machine
     that died with the data is declared lost after the grace. Without it a restored host is not
     watched until its agent reports, as a host registered by hand never is (the history does not
-    say which hosts had an agent)."""
+    say which hosts had an agent). A host whose recorded inventory no longer validates is skipped
+    (listed in ``refused``): one host must not keep the whole ledger closed to placements."""
     q = (select(H).where(H.c.namespace == a.keys.namespace, H.c.state.in_(("ready", "draining")))
          .order_by(H.c.registered_at, H.c.host_id))
     with engine.connect() as conn:
@@ -166,7 +171,13 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False) -> list[
     for r in rows:
         if a.redis.exists(a.keys.host(r["host_id"])):
             continue
-        a.register_host(_host_spec(r["host_id"], r["spec"]))
+        try:
+            a.register_host(_host_spec(r["host_id"], r["spec"]))
+        except InvalidRequest as exc:
+            log.warning("host %s not restored: its recorded inventory is refused now (%s)", r["host_id"], exc)
+            if refused is not None:
+                refused.append({"host_id": r["host_id"], "reason": str(exc)})
+            continue
         if r["state"] == "draining":
             # As whoever drained it: an agent's own drain is resumed by its next start, an
             # operator's (or one the history does not attribute) stays until resumed.
@@ -188,10 +199,11 @@ def restore_drains(a: Allocator, engine: Engine) -> list[str]:
     with the ledger that held it (its agent's next registration starts the host ready), so a
     host not registered or ready is recorded as resumed and the history stops calling it
     draining. Returns the hosts with an operator's drain restored."""
-    # A lost host keeps an operator's drain: its next registration must come back draining.
+    # A lost host keeps its drain in the history: an operator's must come back at its next
+    # registration, an agent's ends (the ledger that would have said so is gone).
     q = select(H.c.host_id, H.c.drained_by).where(
         H.c.namespace == a.keys.namespace,
-        (H.c.state == "draining") | ((H.c.state == "lost") & (H.c.drained_by == "operator")))
+        (H.c.state == "draining") | ((H.c.state == "lost") & H.c.drained_by.is_not(None)))
     with engine.connect() as conn:
         rows = [(r.host_id, r.drained_by) for r in conn.execute(q)]
     done: list[str] = []
@@ -271,7 +283,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
     begin(a)
     report = RecoveryReport()
     if with_hosts:
-        report.hosts_restored = restore_hosts(a, engine, watch=watch_hosts)
+        report.hosts_restored = restore_hosts(a, engine, watch=watch_hosts, refused=report.hosts_refused)
     report.drains_restored = restore_drains(a, engine)
     restored = restore_allocations(a, engine, batch=batch)
     report.restored, report.deferred = restored.restored, restored.deferred

@@ -34,6 +34,7 @@ local gen = 1
 local lost_before = false
 local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
 local drain_kept = false
+local agent_drain_ended = false
 if created then
   ord = tonumber(rcall('HINCRBY', K_SEQ, 'host_ord', 1))
   rcall('ZADD', K_HOSTS, ord, h)
@@ -49,6 +50,8 @@ else
   -- A host declared lost comes back under a new generation: grants made under the old one are
   -- stale (workers compare the generation before starting a job).
   if f[2] == 'lost' then gen = gen + 1; lost_before = true end
+  -- An agent's drain ends with the loss of its host (the agent that registers it now is a new start).
+  agent_drain_ended = lost_before and state == 'ready' and f[5] == 'agent'
 end
 
 -- The new position of each GPU, by uuid.
@@ -159,6 +162,7 @@ for i = 1, #svc, 2 do
   end
 end
 if drain_kept then rcall('HSET', hk, 'drained_by', 'operator') end
+if agent_drain_ended then rcall('HDEL', hk, 'drained_by') end
 reindex_host(h, nil)
 if created then
   emit('host_registered', h, now, ARGV[3])
@@ -168,6 +172,9 @@ else
   -- A lost host an operator had drained comes back draining: the history must say so too (it
   -- reads a registration as the end of a loss), or allocator recover would resume it.
   if state == 'draining' and lost_before then emit('host_draining', h, now, '{"by":"operator"}') end
+  -- Likewise the end of an agent's drain (the history keeps a drain through a loss, as the
+  -- ledger keeps an operator's).
+  if agent_drain_ended then emit('host_resumed', h, now, '{}') end
 end
 schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
 return cjson.encode({created = created, ord = ord, state = state, gen = gen})

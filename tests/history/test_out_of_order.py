@@ -152,14 +152,29 @@ def test_a_drain_claimed_late_is_not_hidden_by_a_registration_that_came_after_it
     assert (row["state"], row["drained_by"]) == ("draining", "operator")
 
 
-def test_an_agents_drain_ends_with_a_loss_and_an_operators_is_announced_again_after_it():
+def test_an_agents_drain_ends_at_the_registration_after_a_loss_and_an_operators_outlives_it():
+    # register_host announces both: host_resumed for an agent's drain, host_draining again for an operator's.
     agent = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_draining", {"by": "agent"}),
-             _host_event(3, "host_lost", {}), _host_event(4, "host_updated", HOST_SPEC)]
+             _host_event(3, "host_lost", {}), _host_event(4, "host_updated", HOST_SPEC), _host_event(5, "host_resumed", {})]
     assert same_in_every_order(host_folded, agent)["state"] == "ready"  # the ledger: back ready
-    operator = [*agent[:1], _host_event(2, "host_draining", {"by": "operator"}), *agent[2:],
-                _host_event(5, "host_draining", {"by": "operator"})]  # register_host announces it again
+    operator = [*agent[:1], _host_event(2, "host_draining", {"by": "operator"}), *agent[2:4],
+                _host_event(5, "host_draining", {"by": "operator"})]
     row = same_in_every_order(host_folded, operator)
     assert (row["state"], row["drained_by"]) == ("draining", "operator")
+
+
+def test_a_lost_host_keeps_its_operators_drain_whatever_order_the_events_come_in():
+    evs = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_draining", {"by": "operator"}),
+           _host_event(3, "host_lost", {})]
+    row = same_in_every_order(host_folded, evs)
+    assert (row["state"], row["drained_by"]) == ("lost", "operator")
+
+
+def test_a_removal_ends_a_drain_whatever_order_the_events_come_in():
+    evs = [_host_event(1, "host_registered", HOST_SPEC), _host_event(2, "host_draining", {"by": "operator"}),
+           _host_event(3, "host_removed", {})]
+    row = same_in_every_order(host_folded, evs)
+    assert (row["state"], row["drained_by"]) == ("removed", None)
 
 
 def test_a_registration_brings_a_host_back_only_from_a_loss_before_it():

@@ -243,6 +243,70 @@ def test_removing_a_host_whose_restored_allocations_wait_for_it_needs_force_and_
     assert invariants.check(alloc.snapshot()) == []
 
 
+def test_an_agents_drain_ends_in_the_history_when_its_lost_host_registers_again(
+        alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)
+    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "gpu-a", 30).declared
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("lost", "agent")
+    alloc.register_host(FLEET[0])  # a new start of its agent
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
+
+
+def test_an_agents_drain_of_a_host_lost_before_the_data_ends_with_the_recovery(
+        alloc: Allocator, recorder: Recorder, engine, clock) -> None:
+    from allocator.agent.reaper import mark_lost
+
+    register_fleet(alloc)
+    alloc.drain_host("gpu-a", by_agent=True)
+    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "gpu-a", 30).declared
+    recorder.drain()
+    alloc.destroy()
+    assert rec_mod.recover(alloc, engine).drains_restored == []
+    alloc.register_host(FLEET[0])
+    assert _host_state(alloc, "gpu-a") == ("ready", None)
+    assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
+
+
+def test_a_restored_allocation_that_ends_before_its_host_registers_leaves_the_host_holding_nothing(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    register_fleet(alloc)
+    x = alloc.allocate({"gpus": 1, "gpu_model": "A100"})
+    recorder.drain()
+    alloc.destroy()
+    assert rec_mod.recover(alloc, engine, with_hosts=False).deferred == [x.allocation_id]
+    alloc.release(x.allocation_id)  # its owner is done before the agent comes back
+    assert alloc.redis.scard(alloc.keys.host_allocs("gpu-a")) == 0
+    alloc.register_host(FLEET[0])
+    assert {h.host_id: h.active_allocations for h in alloc.capacity().hosts}["gpu-a"] == 0
+    assert invariants.check(alloc.snapshot()) == []
+    assert alloc.remove_host("gpu-a") == []  # nothing holds it
+
+
+def test_a_host_whose_recorded_inventory_is_refused_now_does_not_stop_the_recovery(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    from sqlalchemy import update
+
+    register_fleet(alloc)
+    recorder.drain()
+    spec = next(r["spec"] for r in all_rows(engine, alloc, hosts) if r["host_id"] == "gpu-a")
+    bad = {**spec, "gpus": [{**g, "model": "A100\tSXM"} for g in spec["gpus"]]}  # accepted by an earlier release
+    with engine.begin() as conn:
+        conn.execute(update(hosts).where(hosts.c.namespace == alloc.keys.namespace, hosts.c.host_id == "gpu-a")
+                     .values(spec=bad))
+    alloc.destroy()
+    report = rec_mod.recover(alloc, engine)
+    assert report.hosts_restored == ["gpu-b"] and [h["host_id"] for h in report.hosts_refused] == ["gpu-a"]
+    assert not rec_mod.is_recovering(alloc)
+
+
 def test_a_restored_lease_keeps_its_hint_for_the_estimates(alloc: Allocator, recorder: Recorder, engine) -> None:
     register_fleet(alloc)
     held = alloc.allocate({"gpus": 1, "gpu_model": "T4"}, expected_duration=3600, ttl_seconds=600)  # ends at its TTL

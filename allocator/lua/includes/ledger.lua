@@ -602,7 +602,12 @@ local function return_grant(id, a)
     names[#names + 1] = p .. 'ext'
   end
   local f = rcall('HMGET', hk, unpack(names))
-  if not f[1] then return end  -- the host is gone
+  if not f[1] then
+    -- The host is gone, or not registered yet (an allocation allocator recover deferred): no
+    -- counters to give back, but the host's set must not keep an allocation that ended.
+    rcall('SREM', host_allocs_key(h), id)
+    return
+  end
   -- A grant recorded at a position its GPU no longer has (an update moved the GPU before
   -- register_host rewrote grants' positions): found by uuid, its fields read there.
   local pos_of = nil  -- uuid -> position on the host, read once when some grant needs it
