@@ -22,6 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..models import ALLOCATION_STATES
+
 console = Console()
 err = Console(stderr=True)
 
@@ -37,11 +39,19 @@ _REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_when(text: str | None, *, now: datetime | None = None) -> datetime | None:
-    """"24h", "7d", "90m" (that long ago) or an ISO date/time (UTC unless it says otherwise)."""
+def parse_when(text: str | None, *, now: datetime | None = None, option: str | None = None) -> datetime | None:
+    """"24h", "7d", "90m" (that long ago) or an ISO date/time (UTC unless it says otherwise).
+    ``option``: the option it came from, named in the error."""
     if text is None or text == "":
         return None
-    now = now or datetime.now(timezone.utc)
+    try:
+        return _when(text, now or datetime.now(timezone.utc))
+    except typer.BadParameter as exc:
+        exc.param_hint = option
+        raise
+
+
+def _when(text: str, now: datetime) -> datetime:
     m = _REL.match(text)
     if m:
         try:
@@ -182,6 +192,9 @@ def history_cmd(
     """Allocations from the durable history (newest first), or one allocation's events."""
     from .queries import allocation, allocation_events, history
 
+    if state is not None and state not in ALLOCATION_STATES:
+        raise typer.BadParameter(f"expected one of {', '.join(ALLOCATION_STATES)}, got {state!r}", param_hint="--state")
+
     with _reported():
         engine = _engine(database_url)
         if allocation_id:
@@ -200,7 +213,7 @@ def history_cmd(
             console.print(t)
             return
         rows = history(engine, namespace, task_type=task_type, host=host, state=state, owner=owner,
-                       since=parse_when(since), limit=limit)
+                       since=parse_when(since, option="--since"), limit=limit)
     if as_json:
         _dump(rows)
     else:
@@ -247,16 +260,19 @@ def usage_cmd(
 
     if by not in ("owner", "task_type", "host"):
         raise typer.BadParameter("--by must be owner, task_type or host")
-    start, end = parse_when(since), parse_when(until)
+    now = datetime.now(timezone.utc)
+    start, end = parse_when(since, now=now, option="--since"), parse_when(until, now=now, option="--until")
     if start is None:
         raise typer.BadParameter("expected e.g. 24h, 7d, 30m or an ISO date/time, got an empty value", param_hint="--since")
+    if end is not None and end <= start:
+        raise typer.BadParameter(f"{until!r} is not after --since ({start:%Y-%m-%d %H:%M:%S} UTC)", param_hint="--until")
     with _reported():
         rows = usage(_engine(database_url), namespace, since=start, until=end, by=by)  # type: ignore[arg-type]
     if as_json:
         _dump({"by": by, "since": start, "until": end or datetime.now(timezone.utc), "rows": [r.as_dict() for r in rows]})
         return
     t = Table(by, "placements", "GPU-h", "GPU-mem GiB-h", "CPU-h", "RAM GiB-h", "placed", "wait h", "mean wait",
-              title=f"usage since {start:%Y-%m-%d %H:%M} UTC")
+              title=f"usage since {start:%Y-%m-%d %H:%M} UTC" + (f" until {end:%Y-%m-%d %H:%M} UTC" if end else ""))
     for r in rows:
         t.add_row(Text(str(r.key)), str(r.placements), f"{r.gpu_hours:.2f}", f"{r.gpu_memory_gib_hours:.1f}", f"{r.cpu_hours:.2f}",
                   f"{r.ram_gib_hours:.1f}", str(r.allocations_placed), f"{r.wait_hours:.2f}",

@@ -169,7 +169,9 @@ def _epoch_ms_pg(element: epoch_ms, compiler: Any, **kw: Any) -> str:
 
 @compiles(epoch_ms, "sqlite")
 def _epoch_ms_sqlite(element: epoch_ms, compiler: Any, **kw: Any) -> str:
-    return f"((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400000.0)"
+    # julianday() is a double a few microseconds off; times are stored to the millisecond, so
+    # rounding gives the exact figure Postgres does (sums of held time would differ otherwise).
+    return f"ROUND((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400000.0)"
 
 
 def epoch_ms_of(col: ColumnElement[Any]) -> epoch_ms:

@@ -137,6 +137,9 @@ class PlacementRow(Base):
     task_type: Mapped[str | None] = mapped_column(String(256))
     gpu_count: Mapped[int] = mapped_column(Integer, default=0)
     gpu_memory_mb: Mapped[int] = mapped_column(BigInteger, default=0)
+    gpu_share_milli: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, doc="thousandths of a GPU held: 1000 a whole GPU, a slice its share of the GPU's memory; "
+                                    "null for rows recorded before (counted as gpu_count whole GPUs)")
     cpu_millis: Mapped[int] = mapped_column(Integer, default=0)
     ram_mb: Mapped[int] = mapped_column(BigInteger, default=0)
     placed_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -258,6 +258,19 @@ def grant_columns(d: dict[str, Any]) -> dict[str, Any]:
             "cpu_millis": len(cores) * 1000 + (_int(d.get("shared_millis")) or 0), "ram_mb": _int(d.get("ram_mb")) or 0}
 
 
+def gpu_share_milli(d: dict[str, Any]) -> int:
+    """Thousandths of a GPU an ``allocated`` event's grant holds: 1000 for each whole GPU, a
+    slice its share of its GPU's memory (``total``, which slices carry since this was counted).
+    A slice recorded without it counts as a whole GPU, as every grant did before."""
+    milli = 0
+    for g in _list(d.get("gpus")):
+        if not isinstance(g, dict):
+            continue
+        total, mb = _int(g.get("total")), _int(g.get("memory_mb")) or 0
+        milli += 1000 if g.get("whole") or not total else min(1000, max(0, round(1000 * mb / total)))
+    return milli
+
+
 def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str, Any], placed_ms: int) -> dict[str, Any]:
     """Applies an allocated/released event to the ``placements`` row of that placement. Its grant
     comes from its own ``allocated`` event: the allocation's row holds its newest placement's,
@@ -265,10 +278,11 @@ def fold_placement(row: dict[str, Any] | None, ev: OutboxEvent, alloc: dict[str,
     if row is None:
         row = {"namespace": alloc["namespace"], "allocation_id": alloc["allocation_id"], "placed_ms": placed_ms,
                "host_id": alloc["host_id"], "owner": alloc["owner"], "task_type": alloc["task_type"],
-               "gpu_count": 0, "gpu_memory_mb": 0, "cpu_millis": 0, "ram_mb": 0, "placed_at": ms_to_dt(placed_ms),
-               "released_at": None, "release_reason": None}
+               "gpu_count": 0, "gpu_memory_mb": 0, "gpu_share_milli": None, "cpu_millis": 0, "ram_mb": 0,
+               "placed_at": ms_to_dt(placed_ms), "released_at": None, "release_reason": None}
     if ev.type == "allocated":
-        row.update(grant_columns(ev.fields), owner=alloc["owner"], task_type=alloc["task_type"])
+        row.update(grant_columns(ev.fields), owner=alloc["owner"], task_type=alloc["task_type"],
+                   gpu_share_milli=gpu_share_milli(ev.fields))
     elif row["gpu_count"] == row["cpu_millis"] == row["ram_mb"] == 0 and dt_to_ms(alloc.get("placed_at")) == placed_ms:
         # Its release came first: the allocation's row may already hold this placement's grant.
         for k in ("host_id", "owner", "task_type", "gpu_count", "gpu_memory_mb", "cpu_millis", "ram_mb"):

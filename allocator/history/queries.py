@@ -2,7 +2,9 @@
 
 Usage counts the time resources were *held* (placement to release, or to now while still held),
 clipped to the period asked for, from the ``placements`` table so that a preempted and re-placed
-task is charged for every run. Wait is the queue wait of the allocations placed in the period.
+task is charged for every run. GPU-hours charge a GPU memory slice its share of the GPU. Wait is
+that of each placement made in the period: from the task's submission, or from the end of its
+previous placement (a preempted or requeued task waits again from then), to the placement.
 """
 
 from __future__ import annotations
@@ -75,12 +77,36 @@ class UsageRow:
     gpu_memory_gib_hours: float
     cpu_hours: float
     ram_gib_hours: float
-    allocations_placed: int
+    allocations_placed: int  # placements made in the period (each with its own wait; the name is kept for --json readers)
     wait_hours: float
     mean_wait_s: float | None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _placement_waits(namespace: str, key: Any, since: datetime, until: datetime) -> Any:
+    """Per group: the placements made in [since, until) and their summed wait. A placement's wait
+    runs from when its task last entered the line: its submission, or the end of its previous
+    placement (preempted, or its host lost), so a task's earlier runs are not counted as waiting."""
+    placed = epoch_ms(P.c.placed_at)
+    previous_end = func.lag(epoch_ms(P.c.released_at)).over(partition_by=(P.c.namespace, P.c.allocation_id),
+                                                            order_by=P.c.placed_ms)
+    entered = func.coalesce(previous_end, epoch_ms(A.c.submitted_at), placed)
+    wait = case((placed > entered, placed - entered), else_=literal(0))
+    in_period = (select(P.c.allocation_id)
+                 .where(P.c.namespace == namespace, P.c.placed_at >= since, P.c.placed_at < until))
+    each = (
+        select(key.label("key"), P.c.placed_at.label("placed_at"), wait.label("wait_ms"))
+        .select_from(P.outerjoin(A, and_(A.c.namespace == P.c.namespace, A.c.allocation_id == P.c.allocation_id)))
+        .where(P.c.namespace == namespace, P.c.allocation_id.in_(in_period))
+        .subquery()
+    )
+    return (
+        select(each.c.key, func.count().label("n"), func.sum(each.c.wait_ms).label("wait_ms"))
+        .where(each.c.placed_at >= since, each.c.placed_at < until)
+        .group_by(each.c.key)
+    )
 
 
 def usage(
@@ -98,9 +124,10 @@ def usage(
     """
     now = now or datetime.now(timezone.utc)
     until = until or now
+    if until <= since:  # an empty period (a start after its end, or in the future): nothing held in it
+        return []
     since_ms, until_ms, now_ms = dt_to_ms(since), dt_to_ms(until), dt_to_ms(now)
     pcol = {"owner": P.c.owner, "task_type": P.c.task_type, "host": P.c.host_id}[by]
-    acol = {"owner": A.c.owner, "task_type": A.c.task_type, "host": A.c.host_id}[by]
 
     placed = epoch_ms(P.c.placed_at)
     ended = case((P.c.released_at.is_(None), literal(now_ms)), else_=epoch_ms(P.c.released_at))
@@ -111,7 +138,7 @@ def usage(
         select(
             pcol.label("key"),
             func.count().label("placements"),
-            func.sum(P.c.gpu_count * held_ms).label("gpu_ms"),
+            func.sum(func.coalesce(P.c.gpu_share_milli, P.c.gpu_count * 1000) * held_ms).label("gpu_milli_ms"),
             func.sum(P.c.gpu_memory_mb * held_ms).label("gpu_mem_mb_ms"),
             func.sum(P.c.cpu_millis * held_ms).label("cpu_milli_ms"),
             func.sum(P.c.ram_mb * held_ms).label("ram_mb_ms"),
@@ -120,11 +147,7 @@ def usage(
                or_(P.c.released_at.is_(None), P.c.released_at > since))
         .group_by(pcol)
     )
-    waits = (
-        select(acol.label("key"), func.count().label("n"), func.sum(A.c.wait_ms).label("wait_ms"))
-        .where(A.c.namespace == namespace, A.c.placed_at >= since, A.c.placed_at < until)
-        .group_by(acol)
-    )
+    waits = _placement_waits(namespace, pcol, since, until)
     out: dict[str, dict[str, Any]] = {}
     with engine.connect() as conn:
         for r in conn.execute(held).mappings():
@@ -139,7 +162,7 @@ def usage(
         rows.append(UsageRow(
             key=key,
             placements=int(h.get("placements") or 0),
-            gpu_hours=float(h.get("gpu_ms") or 0) / MS_PER_HOUR,
+            gpu_hours=float(h.get("gpu_milli_ms") or 0) / 1000 / MS_PER_HOUR,
             gpu_memory_gib_hours=float(h.get("gpu_mem_mb_ms") or 0) / 1024 / MS_PER_HOUR,
             cpu_hours=float(h.get("cpu_milli_ms") or 0) / 1000 / MS_PER_HOUR,
             ram_gib_hours=float(h.get("ram_mb_ms") or 0) / 1024 / MS_PER_HOUR,

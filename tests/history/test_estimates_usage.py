@@ -73,11 +73,13 @@ def test_usage_counts_held_resources_per_owner_clipped_to_the_period(
     alloc.release(a.allocation_id)
     recorder.drain()
     rows = {r.key: r for r in usage(engine, alloc.keys.namespace, since=t0, until=_now(clock), by="owner")}
-    assert round(rows["alice"].gpu_hours, 6) == 2.0 and round(rows["alice"].gpu_memory_gib_hours, 6) == 20.0
+    # alice's 10 GiB slice goes to the 16 GiB T4 (best fit): 0.625 of a GPU for 2 h.
+    assert a.host_id == "gpu-b"
+    assert round(rows["alice"].gpu_hours, 6) == 1.25 and round(rows["alice"].gpu_memory_gib_hours, 6) == 20.0
     assert round(rows["alice"].cpu_hours, 6) == 4.0 and round(rows["alice"].ram_gib_hours, 6) == 8.0
     assert round(rows["bob"].gpu_hours, 6) == 1.0 and rows["bob"].allocations_placed == 1
     later = {r.key: r for r in usage(engine, alloc.keys.namespace, since=t0 + timedelta(hours=1), until=_now(clock))}
-    assert round(later["alice"].gpu_hours, 6) == 1.0 and "bob" not in later
+    assert round(later["alice"].gpu_hours, 6) == 0.625 and "bob" not in later
 
 
 def test_usage_counts_allocations_still_held_up_to_now(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
@@ -188,3 +190,81 @@ def test_cli_recorder_and_estimates_report_an_unreachable_redis_with_exit_1(engi
     for command in (["recorder", "--once"], ["estimates"], ["recover"]):
         r = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0", "--database-url", url])
         assert r.exit_code == 1 and "Redis unavailable" in r.stderr, command
+
+
+def _requeued_job(alloc: Allocator, clock: FakeClock) -> int:
+    """job-1 of carol: submitted and placed at t0, preempted at t0+1h, placed again at t0+2h,
+    released at t0+4h. Returns t0 in ms."""
+    t0 = round(clock.now * 1000)
+    h = 3_600_000
+
+    def ev(kind: str, ts: int, data: dict) -> None:
+        alloc.redis.xadd(alloc.keys.events, {"type": kind, "id": "job-1", "ts": ts, "data": json.dumps(data)})
+
+    grant = {"host": "h", "gpus": [{"pos": 0, "index": 0, "uuid": "u", "model": "A100", "memory_mb": 40960, "whole": True}],
+             "cores": [], "shared_millis": 0, "ram_mb": 0, "owner": "carol", "task_type": "train", "created": t0}
+    ev("submitted", t0, {"owner": "carol", "task_type": "train", "priority": 0})
+    ev("allocated", t0, grant)
+    ev("released", t0 + h, {"host": "h", "state": "released", "reason": "preempted", "activated": t0, "created": t0})
+    ev("requeued", t0 + h, {"front": True})
+    ev("allocated", t0 + 2 * h, grant)
+    ev("released", t0 + 4 * h, {"host": "h", "state": "released", "reason": "released", "activated": t0 + 2 * h, "created": t0})
+    return t0
+
+
+def test_each_placement_waits_from_when_its_task_entered_the_line_again(
+        alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
+    _requeued_job(alloc, clock)
+    recorder.drain()
+    t0 = _now(clock)
+    (row,) = usage(engine, alloc.keys.namespace, since=t0, until=t0 + timedelta(hours=5))
+    # Placed at once, then again an hour after its preemption: 1 h of wait, not the 2 h since submission.
+    assert (row.allocations_placed, row.wait_hours, row.mean_wait_s) == (2, 1.0, 1800.0)
+    (first,) = usage(engine, alloc.keys.namespace, since=t0, until=t0 + timedelta(hours=1.5))
+    assert (first.allocations_placed, first.wait_hours) == (1, 0.0)  # its first placement is in this period
+    (second,) = usage(engine, alloc.keys.namespace, since=t0 + timedelta(hours=1.5), until=t0 + timedelta(hours=2.75))
+    assert (second.allocations_placed, second.wait_hours) == (1, 1.0)
+
+
+def test_gpu_memory_slices_are_charged_their_share_of_the_gpu(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "40Gi"}])
+    t0 = _now(clock)
+    slices = [alloc.allocate({"gpu_memory_mb": "8Gi", "cpu_cores": 0.5}, owner="team") for _ in range(4)]
+    clock.advance(3600)
+    for x in slices:
+        alloc.release(x.allocation_id)
+    recorder.drain()
+    (row,) = usage(engine, alloc.keys.namespace, since=t0, until=_now(clock), by="host")
+    assert (row.gpu_hours, row.gpu_memory_gib_hours, row.cpu_hours) == (0.8, 32.0, 2.0)  # four fifths of one GPU for 1 h
+
+
+def test_usage_figures_are_exact_on_either_database(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
+    register_fleet(alloc)
+    t0 = _now(clock)
+    x = alloc.allocate({"gpus": 1, "cpu_cores": 2}, owner="alice")
+    clock.advance(7200)
+    alloc.release(x.allocation_id)
+    recorder.drain()
+    (row,) = usage(engine, alloc.keys.namespace, since=t0, until=_now(clock))
+    assert (row.gpu_hours, row.cpu_hours) == (2.0, 4.0)  # not 1.9999999925 (SQLite's julianday is a double)
+
+
+def test_an_empty_period_holds_nothing(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
+    register_fleet(alloc)
+    alloc.allocate({"gpus": 1, "cpu_cores": 1})  # still held
+    recorder.drain()
+    t0 = _now(clock)
+    assert usage(engine, alloc.keys.namespace, since=t0 + timedelta(hours=2), until=t0 + timedelta(hours=1)) == []
+
+
+@pytest.mark.parametrize("args, option", [
+    (["usage", "--since", "24h", "--until", "bogus"], "--until"),
+    (["usage", "--since", "2026-13-01"], "--since"),
+    (["usage", "--since", "1h", "--until", "2h"], "--until"),  # the end before the start
+    (["history", "--since", "yesterday"], "--since"),
+    (["history", "--state", "bogus"], "--state"),
+])
+def test_cli_history_and_usage_name_the_option_a_bad_value_came_from(database_url: URL, args: list[str], option: str) -> None:
+    env = {"ALLOCATOR_DATABASE_URL": database_url.render_as_string(hide_password=False)}
+    r = CliRunner().invoke(app, args, env=env)
+    assert r.exit_code == 2 and option in r.output, r.output

@@ -752,6 +752,8 @@ local function grant(req, p, now)
   local idle_was = idle
   for i, g in ipairs(p.gpus) do
     local cur = p.free[i]
+    -- A slice records its GPU's memory, so that the history can charge it its share of a GPU.
+    if not g.whole then g.total = cur.total end
     out[#out + 1] = 'g' .. g.pos .. ':used'
     out[#out + 1] = cur.used + g.memory_mb
     out[#out + 1] = 'g' .. g.pos .. ':n'
