@@ -103,6 +103,15 @@ def check_printable(value: object, field: str) -> object:
     return value
 
 
+def shown(text: object) -> str:
+    """``text`` for a terminal: control characters written as escapes (``\x1b``). For text read
+    back from records an earlier release accepted, which ``check_printable`` would refuse now."""
+    t = str(text)
+    if not any(unicodedata.category(ch) == "Cc" for ch in t):
+        return t
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in t)
+
+
 def _check_id(value: object, field: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidRequest(field, f"{value!r} is not a valid id ({ID_RULE})")

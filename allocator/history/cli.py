@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..models import ALLOCATION_STATES
+from ..models import ALLOCATION_STATES, shown
 
 console = Console()
 err = Console(stderr=True)
@@ -318,12 +318,15 @@ def recover_cmd(
         return
     console.print(f"restored {len(report.restored)} allocation(s), {len(report.deferred)} waiting for their host to "
                   f"register, {len(report.existing)} already present; hosts re-registered: {len(report.hosts_restored)}")
+    # Ids and reasons come from the history, where an earlier release may have let control
+    # characters in: written as escapes, never acted on by the terminal.
     if report.drains_restored:
-        console.print("drained again as their operator had: " + escape(", ".join(report.drains_restored)))
+        console.print("drained again as their operator had: " + escape(shown(", ".join(report.drains_restored))))
     for h in report.hosts_refused:
-        console.print(f"[yellow]host not restored[/] {escape(h['host_id'])}: {escape(h['reason'])} (its agent registers it)")
+        console.print(f"[yellow]host not restored[/] {escape(shown(h['host_id']))}: {escape(shown(h['reason']))} "
+                      "(left to its agent, if its inventory is valid now)")
     for c in report.conflicts:
-        what = f"{c.get('id')}: {c.get('reason')}"
+        what = shown(f"{c.get('id')}: {c.get('reason')}")
         console.print(f"[yellow]conflict[/] {escape(what)} (closed as recovery_conflict)")
     console.print("placements are open again")
 

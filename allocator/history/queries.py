@@ -143,8 +143,9 @@ def usage(
             func.sum(P.c.cpu_millis * held_ms).label("cpu_milli_ms"),
             func.sum(P.c.ram_mb * held_ms).label("ram_mb_ms"),
         )
-        .where(P.c.namespace == namespace, P.c.placed_at < until,
-               or_(P.c.released_at.is_(None), P.c.released_at > since))
+        # Held at some time in the period: placed before its end, and released (or "now", while
+        # still held) after its start, so a period after "now" holds nothing.
+        .where(P.c.namespace == namespace, P.c.placed_at < until, ended > since_ms)
         .group_by(pcol)
     )
     waits = _placement_waits(namespace, pcol, since, until)

@@ -35,6 +35,7 @@ from sqlalchemy import Engine, select
 from .. import invariants
 from ..client import Allocator
 from ..errors import AllocatorError, InvalidRequest
+from ..models import shown
 from ..queue import RUN_ENDED
 from ..units import duration_ms
 from .db import dt_to_ms
@@ -174,7 +175,7 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False,
         try:
             a.register_host(_host_spec(r["host_id"], r["spec"]))
         except InvalidRequest as exc:
-            log.warning("host %s not restored: its recorded inventory is refused now (%s)", r["host_id"], exc)
+            log.warning("host %r not restored: its recorded inventory is refused now (%s)", r["host_id"], shown(exc))
             if refused is not None:
                 refused.append({"host_id": r["host_id"], "reason": str(exc)})
             continue

@@ -255,6 +255,8 @@ def test_an_empty_period_holds_nothing(alloc: Allocator, recorder: Recorder, eng
     recorder.drain()
     t0 = _now(clock)
     assert usage(engine, alloc.keys.namespace, since=t0 + timedelta(hours=2), until=t0 + timedelta(hours=1)) == []
+    # A period after "now": the allocation held up to now holds nothing in it.
+    assert usage(engine, alloc.keys.namespace, since=t0 + timedelta(hours=1), until=t0 + timedelta(hours=2), now=t0) == []
 
 
 @pytest.mark.parametrize("args, option", [

@@ -307,6 +307,24 @@ def test_a_host_whose_recorded_inventory_is_refused_now_does_not_stop_the_recove
     assert not rec_mod.is_recovering(alloc)
 
 
+def test_recover_writes_a_refused_host_id_from_the_history_as_escapes_not_terminal_codes(
+        alloc: Allocator, recorder: Recorder, engine, database_url: URL) -> None:
+    from sqlalchemy import update
+
+    register_fleet(alloc)
+    recorder.drain()
+    bad = "gpu-b\x1b]0;PWNED\x07"  # an id an earlier release accepted
+    with engine.begin() as conn:
+        conn.execute(update(hosts).where(hosts.c.namespace == alloc.keys.namespace, hosts.c.host_id == "gpu-b")
+                     .values(host_id=bad))
+    alloc.destroy()
+    url = "redis://{host}:{port}/{db}".format(**alloc.redis.connection_pool.connection_kwargs)
+    r = CliRunner().invoke(app, ["recover", "--database-url", database_url.render_as_string(hide_password=False),
+                                 "--redis-url", url, "--namespace", alloc.keys.namespace])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.output and "\\x1b]0;PWNED\\x07" in r.output
+
+
 def test_a_restored_lease_keeps_its_hint_for_the_estimates(alloc: Allocator, recorder: Recorder, engine) -> None:
     register_fleet(alloc)
     held = alloc.allocate({"gpus": 1, "gpu_model": "T4"}, expected_duration=3600, ttl_seconds=600)  # ends at its TTL
