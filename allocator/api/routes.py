@@ -172,9 +172,12 @@ def delete_host(host_id: str = _id(), force: bool = Query(False, description="En
 
 
 @v1.post("/allocations", response_model=Allocation, status_code=201, tags=["allocations"],
-         responses={**_err(409, 503), 202: {"model": Allocation, "description": "Queued (on_busy=queue): waiting in line"}})
+         responses={**_err(409, 503), 202: {"model": Allocation, "description": "Queued (on_busy=queue): waiting in line"},
+                    200: {"model": Allocation, "description": "A repeat of an id whose allocation has ended: its record"}})
 def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_state)) -> Allocation:
-    """Allocates now (201), or queues (202, ``on_busy=queue``), or refuses with the reason (409)."""
+    """Allocates now (201), or queues (202, ``on_busy=queue``), or refuses with the reason (409).
+    Idempotent by ``allocation_id``: a repeat answers as the allocation stands (201 active, 202
+    pending, 200 with the record once it has ended)."""
     a = st.allocator
     t0 = time.perf_counter()
     try:
@@ -186,6 +189,10 @@ def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_
     if alloc.state == "pending":
         response.status_code = 202
         estimated_start(a, alloc.allocation_id)
+    elif alloc.state != "active":
+        # A repeat of an id whose allocation has ended since (released, cancelled, failed): its
+        # record, but not "created", which would read as a lease the client holds.
+        response.status_code = 200
     else:
         st.api_latency.labels("rest").observe(time.perf_counter() - t0)
     return alloc

@@ -103,8 +103,17 @@ class TaskSubmitBody(AllocationFields):
     args: list[Any] = Field(default_factory=list, max_length=256)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     job_id: Annotated[str, Field(pattern=JOB_ID)] | None = Field(None, description="Id for the task (idempotency); default: generated.")
-    job_timeout: Annotated[int, Field(ge=1, le=MAX_SECONDS)] | None = None
-    result_ttl: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = None
+    job_timeout: Annotated[int, Field(ge=-1, le=MAX_SECONDS)] | None = Field(
+        None, description="Seconds the run may take (RQ's job_timeout); -1: no limit.")
+    result_ttl: Annotated[int, Field(ge=-1, le=MAX_SECONDS)] | None = Field(
+        None, description="Seconds RQ keeps the result; 0: not kept; -1: kept until deleted.")
+
+    @field_validator("job_timeout")
+    @classmethod
+    def _timeout(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("0 is no time limit RQ takes: give seconds >= 1, or -1 for none")
+        return v
 
 
 class GpuIn(_In):

@@ -169,6 +169,23 @@ def test_allocate_is_idempotent_by_allocation_id(api: LiveApi) -> None:
     assert first["gpus"] == second["gpus"] and len(api.allocator.list(state="active")) == 1
 
 
+def test_a_repeat_of_an_allocation_that_has_ended_is_not_answered_created(api: LiveApi) -> None:
+    c = api.client()
+    body = {"resources": {"gpu_memory_mb": "4Gi"}, "allocation_id": "my-lease-2"}
+    assert c.post("/v1/allocations", json=body).status_code == 201
+    assert c.delete("/v1/allocations/my-lease-2").status_code == 200
+    again = c.post("/v1/allocations", json=body)
+    assert again.status_code == 200 and again.json()["state"] == "released"
+
+
+def test_a_function_task_over_rest_may_have_no_time_limit_as_in_rq(api: LiveApi) -> None:
+    c = api.client()
+    r = c.post("/v1/tasks", json={"task": "add", "args": [1, 2], "job_timeout": -1, "result_ttl": -1})
+    assert r.status_code == 202, r.text
+    zero = c.post("/v1/tasks", json={"task": "add", "args": [1, 2], "job_timeout": 0})
+    assert zero.status_code == 422 and err(zero)["field"] == "job_timeout" and "-1 for none" in err(zero)["message"]
+
+
 def test_refusal_and_invalid_input_change_nothing(api: LiveApi) -> None:
     c = api.client()
     before = api.ledger()
