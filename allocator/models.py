@@ -112,7 +112,8 @@ def shown(text: object) -> str:
     return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in t)
 
 
-def _check_id(value: object, field: str) -> str:
+def check_id_format(value: object, field: str) -> str:
+    """An id as hosts and allocations take it (``ID_RULE``), or InvalidRequest naming ``field``."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidRequest(field, f"{value!r} is not a valid id ({ID_RULE})")
     return value
@@ -381,7 +382,7 @@ class AllocationRequest(_Strict):
     @field_validator("allocation_id", mode="before")
     @classmethod
     def _alloc_id(cls, v: object) -> object:
-        return None if v is None else _check_id(v, "allocation_id")
+        return None if v is None else check_id_format(v, "allocation_id")
 
 
 class GpuSpec(_Strict):
@@ -452,7 +453,7 @@ class HostSpec(_Strict):
     @field_validator("id", mode="before")
     @classmethod
     def _id(cls, v: object) -> object:
-        return _check_id(v, "id")
+        return check_id_format(v, "id")
 
     @field_validator("cpu_cores", mode="before")
     @classmethod

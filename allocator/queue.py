@@ -158,6 +158,37 @@ def _explicit_call(args: tuple[Any, ...], rest: dict[str, Any]) -> tuple[tuple[A
     return tuple(f_args or ()), dict(f_kwargs or {})
 
 
+_TIMEOUT_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+#: The longest run time a worker can enforce: RQ's worker stops a run with an alarm, whose
+#: seconds are a C int (68 years).
+MAX_JOB_TIMEOUT_S = 2**31 - 1
+
+
+def _job_timeout(value: Any) -> Any:
+    """RQ's ``job_timeout`` as a worker can run it: -1 (no limit), or 1 s to ``MAX_JOB_TIMEOUT_S``
+    as seconds or RQ's "90s", "15m", "2h", "1d". Anything else is refused here, naming the option:
+    RQ took ``True`` for one second, failed every run of a limit its alarm cannot hold, and
+    refused NaN with a bare AssertionError."""
+    if value is None:  # RQ's default
+        return None
+    seconds: float | None = None
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text.lstrip("-").isdigit():
+            seconds = float(int(text))
+        elif len(text) > 1 and text[:-1].isdigit() and text[-1] in _TIMEOUT_UNITS:
+            seconds = float(int(text[:-1]) * _TIMEOUT_UNITS[text[-1]])
+    if seconds is None or not math.isfinite(seconds) or not (seconds == -1 or 1 <= seconds <= MAX_JOB_TIMEOUT_S):
+        shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
+        raise InvalidRequest("job_timeout", f"expected -1 (no limit) or 1 to {MAX_JOB_TIMEOUT_S} seconds "
+                                            f"(a number, or e.g. '90s', '15m', '2h', '1d'), got {shown}")
+    return value
+
+
 def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwargs: dict[str, Any]) -> Task:
     """Creates the RQ job in its priority queue, then submits it to the scheduler."""
     from .client import new_allocation_id
@@ -197,7 +228,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
         raise InvalidRequest("job_id", f"an RQ job {task_id!r} already exists outside this allocator's line "
                                        "(another namespace or plain RQ); choose another id")
     if "job_timeout" in rq_opts:
-        rq_opts["timeout"] = rq_opts.pop("job_timeout")
+        rq_opts["timeout"] = _job_timeout(rq_opts.pop("job_timeout"))
     q = Queue(pending_queue_name(a.keys.namespace, req.priority), connection=a.rq_connection)
     job = q.create_job(func, args=args, kwargs=kwargs, job_id=task_id, **rq_opts)
     # A job's TTL bounds its wait for a worker and then its run: never shorter than RQ lets it run

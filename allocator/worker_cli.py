@@ -14,6 +14,7 @@ from .cli_common import reporting, require_positive
 from .client import Allocator, check_namespace, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest
+from .models import check_id_format
 from .queue import host_queue_name
 
 REDIS_URL_HELP = "Redis URL (ALLOCATOR_REDIS_URL)."
@@ -45,6 +46,13 @@ def worker(
         check_namespace(ns)
     except InvalidRequest as exc:
         raise typer.BadParameter(exc.reason, param_hint="--namespace") from None
+    try:
+        check_id_format(host, "host")  # a host id no registration takes would name a queue no task reaches
+    except InvalidRequest as exc:
+        raise typer.BadParameter(exc.reason, param_hint="--host") from None
+    if not isinstance(logging.getLevelName(logging_level.upper()), int):
+        raise typer.BadParameter(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {logging_level!r}",
+                                 param_hint="--logging-level")
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
     with reporting(url=url):

@@ -503,3 +503,12 @@ def test_a_bad_task_id_filter_of_list_is_named_by_its_option(real):
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, ["list", "--task-id", "", "--redis-url", url, "--namespace", real.keys.namespace])
     assert res.exit_code == 2 and "--task-id:" in res.stderr and "TASK_ID" not in res.stderr, res.output
+
+
+@pytest.mark.parametrize("args, option", [(["--host", ""], "--host"), (["--host", "h 1"], "--host"),
+                                          (["--host", "h\x1b]0;x\x07"], "--host"),
+                                          (["--host", "h1", "--logging-level", "bogus"], "--logging-level")])
+def test_a_worker_with_a_host_or_log_level_it_cannot_use_is_invalid_input_naming_the_option(real, args, option):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, ["worker", *args, "--burst", "--redis-url", url, "--namespace", real.keys.namespace])
+    assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output

@@ -4,6 +4,8 @@ import pytest
 
 from allocator import InvalidRequest
 
+from .conftest import ledger_dump
+
 WHOLE = {"gpus": 1, "cpu_cores": 1}
 
 
@@ -576,3 +578,23 @@ def test_a_waiting_task_whose_rq_job_was_cancelled_leaves_the_line_instead_of_ru
     alloc.release(holder.allocation_id)
     rec = alloc.get(task.id)
     assert (rec.state, rec.release_reason) == ("cancelled", "job_gone")
+
+
+@pytest.mark.parametrize("timeout", [True, float("nan"), float("inf"), 4_000_000_000, 0, "x", "-5"])
+def test_a_job_timeout_no_worker_can_run_is_refused_naming_it_and_writes_nothing(alloc, timeout):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=timeout)
+    assert exc.value.field == "job_timeout"
+    assert ledger_dump(alloc) == before
+
+
+@pytest.mark.parametrize("timeout", [-1, 30, "90s", "2h"])
+def test_a_job_timeout_rq_takes_is_taken(alloc, timeout):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    assert alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=timeout).id
