@@ -104,20 +104,7 @@ def test_usage_reports_queue_wait(alloc: Allocator, recorder: Recorder, engine, 
 
 
 def test_a_requeued_allocation_is_charged_for_every_placement(alloc: Allocator, recorder: Recorder, engine, clock: FakeClock) -> None:
-    t0 = round(clock.now * 1000)
-    h = 3_600_000
-
-    def ev(kind: str, ts: int, data: dict) -> None:
-        alloc.redis.xadd(alloc.keys.events, {"type": kind, "id": "job-1", "ts": ts, "data": json.dumps(data)})
-
-    grant = {"host": "h", "gpus": [{"pos": 0, "index": 0, "uuid": "u", "model": "A100", "memory_mb": 1024}], "cores": [],
-             "shared_millis": 0, "ram_mb": 0, "owner": "carol", "task_type": "train", "created": t0}
-    ev("submitted", t0, {"owner": "carol", "task_type": "train", "priority": 0})
-    ev("allocated", t0, grant)
-    ev("released", t0 + h, {"host": "h", "state": "released", "reason": "preempted", "activated": t0, "created": t0})
-    ev("requeued", t0 + h, {"front": True})
-    ev("allocated", t0 + 2 * h, grant)
-    ev("released", t0 + 4 * h, {"host": "h", "state": "released", "reason": "released", "activated": t0 + 2 * h, "created": t0})
+    _requeued_job(alloc, clock)  # placed for 1 h, preempted, placed again for 2 h
     recorder.drain()
     (row,) = usage(engine, alloc.keys.namespace, since=_now(clock), until=_now(clock) + timedelta(hours=5))
     assert (row.key, row.placements, round(row.gpu_hours, 6)) == ("carol", 2, 3.0)

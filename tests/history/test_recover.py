@@ -160,13 +160,29 @@ def test_an_agents_drain_of_a_host_its_agent_registered_first_ends_in_the_histor
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
 
 
-def test_an_agents_drain_of_a_host_not_registered_yet_ends_in_the_history_too(
-        alloc: Allocator, recorder: Recorder, engine) -> None:
+def _lost_while_drained(alloc: Allocator, clock, *, by_agent: bool = False) -> None:
+    """gpu-a drained (by its agent or an operator), then declared lost: no heartbeat for 100 s."""
+    from allocator.agent.reaper import mark_lost
+
+    alloc.drain_host("gpu-a", by_agent=by_agent)
+    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
+    clock.advance(100)
+    assert mark_lost(alloc, "gpu-a", 30).declared
+
+
+def _recovered_without_hosts_after_a_drain(alloc: Allocator, recorder: Recorder, engine, *, by_agent: bool = False) -> None:
+    """gpu-a drained (by its agent or an operator) and recorded; Redis loses its data; recover
+    --no-hosts: no agent has registered gpu-a again yet."""
     register_fleet(alloc)
-    alloc.drain_host("gpu-a", by_agent=True)
+    alloc.drain_host("gpu-a", by_agent=by_agent)
     recorder.drain()
     alloc.destroy()
     rec_mod.recover(alloc, engine, with_hosts=False)
+
+
+def test_an_agents_drain_of_a_host_not_registered_yet_ends_in_the_history_too(
+        alloc: Allocator, recorder: Recorder, engine) -> None:
+    _recovered_without_hosts_after_a_drain(alloc, recorder, engine, by_agent=True)
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
     alloc.register_host(FLEET[0])  # its agent's next start
     assert _host_state(alloc, "gpu-a") == ("ready", None)
@@ -174,11 +190,7 @@ def test_an_agents_drain_of_a_host_not_registered_yet_ends_in_the_history_too(
 
 def test_resuming_a_host_whose_restored_drain_waits_for_its_registration_withdraws_the_drain(
         alloc: Allocator, recorder: Recorder, engine) -> None:
-    register_fleet(alloc)
-    alloc.drain_host("gpu-a")
-    recorder.drain()
-    alloc.destroy()
-    rec_mod.recover(alloc, engine, with_hosts=False)
+    _recovered_without_hosts_after_a_drain(alloc, recorder, engine)  # the drain waits for gpu-a's registration
     assert alloc.resume_host("gpu-a") == "unregistered"
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("ready", None)
     alloc.register_host(FLEET[0])
@@ -187,11 +199,7 @@ def test_resuming_a_host_whose_restored_drain_waits_for_its_registration_withdra
 
 def test_removing_a_host_whose_restored_drain_waits_for_its_registration_succeeds_and_is_recorded(
         alloc: Allocator, recorder: Recorder, engine) -> None:
-    register_fleet(alloc)
-    alloc.drain_host("gpu-a")
-    recorder.drain()
-    alloc.destroy()
-    rec_mod.recover(alloc, engine, with_hosts=False)
+    _recovered_without_hosts_after_a_drain(alloc, recorder, engine)  # the drain waits for gpu-a's registration
     assert alloc.remove_host("gpu-a") == []
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("removed", None)
     alloc.register_host(FLEET[0])  # registered again later: a new host, not drained
@@ -202,13 +210,8 @@ def test_removing_a_host_whose_restored_drain_waits_for_its_registration_succeed
 
 def test_an_operators_drain_of_a_host_lost_before_the_data_comes_back_at_its_registration(
         alloc: Allocator, recorder: Recorder, engine, clock) -> None:
-    from allocator.agent.reaper import mark_lost
-
     register_fleet(alloc)
-    alloc.drain_host("gpu-a")
-    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
-    clock.advance(100)
-    assert mark_lost(alloc, "gpu-a", 30).declared  # its agent stopped (or its machine died), drain kept
+    _lost_while_drained(alloc, clock)  # its agent stopped (or its machine died), drain kept
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("lost", "operator")
     alloc.destroy()
     report = rec_mod.recover(alloc, engine)
@@ -245,13 +248,8 @@ def test_removing_a_host_whose_restored_allocations_wait_for_it_needs_force_and_
 
 def test_an_agents_drain_ends_in_the_history_when_its_lost_host_registers_again(
         alloc: Allocator, recorder: Recorder, engine, clock) -> None:
-    from allocator.agent.reaper import mark_lost
-
     register_fleet(alloc)
-    alloc.drain_host("gpu-a", by_agent=True)
-    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
-    clock.advance(100)
-    assert mark_lost(alloc, "gpu-a", 30).declared
+    _lost_while_drained(alloc, clock, by_agent=True)
     assert _history_state(engine, alloc, recorder)["gpu-a"] == ("lost", "agent")
     alloc.register_host(FLEET[0])  # a new start of its agent
     assert _host_state(alloc, "gpu-a") == ("ready", None)
@@ -260,13 +258,8 @@ def test_an_agents_drain_ends_in_the_history_when_its_lost_host_registers_again(
 
 def test_an_agents_drain_of_a_host_lost_before_the_data_ends_with_the_recovery(
         alloc: Allocator, recorder: Recorder, engine, clock) -> None:
-    from allocator.agent.reaper import mark_lost
-
     register_fleet(alloc)
-    alloc.drain_host("gpu-a", by_agent=True)
-    alloc.redis.zadd(alloc.keys.heartbeats, {"gpu-a": clock.now * 1000})
-    clock.advance(100)
-    assert mark_lost(alloc, "gpu-a", 30).declared
+    _lost_while_drained(alloc, clock, by_agent=True)
     recorder.drain()
     alloc.destroy()
     assert rec_mod.recover(alloc, engine).drains_restored == []
