@@ -117,6 +117,14 @@ class HostBusy(Refused):
     default_message = "host still holds active allocations"
 
 
+class AllocationEnded(Refused):
+    """A request named the id of an allocation that has ended: placing is idempotent by id, so
+    that id cannot be placed again (a new request needs a new id)."""
+
+    code = "ALLOCATION_ENDED"
+    default_message = "that allocation has ended; a new request needs a new id"
+
+
 class Recovering(Refused):
     """The ledger is being rebuilt from the durable history; placements resume when it is done."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -164,29 +165,30 @@ _TIMEOUT_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 MAX_JOB_TIMEOUT_S = 2**31 - 1
 
 
-def _job_timeout(value: Any) -> Any:
-    """RQ's ``job_timeout`` as a worker can run it: -1 (no limit), or 1 s to ``MAX_JOB_TIMEOUT_S``
-    as seconds or RQ's "90s", "15m", "2h", "1d". Anything else is refused here, naming the option:
-    RQ took ``True`` for one second, failed every run of a limit its alarm cannot hold, and
-    refused NaN with a bare AssertionError."""
-    if value is None:  # RQ's default
+def _job_timeout(value: Any) -> int | None:
+    """RQ's ``job_timeout`` as a worker can run it, in seconds: -1 (no limit), or 1 s to
+    ``MAX_JOB_TIMEOUT_S`` as a number or as RQ writes it ("90", "15m", "2h", "1d"). Anything else
+    is refused here, naming the option: RQ took ``True`` for one second, failed every run of a
+    limit its alarm cannot hold, and refused NaN with a bare AssertionError. None: RQ's default."""
+    if value is None:
         return None
     seconds: float | None = None
-    if isinstance(value, bool):
-        seconds = None
-    elif isinstance(value, (int, float)):
-        seconds = float(value)
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, complex)):
+        seconds = float(value)  # int, float, Decimal, NumPy's numbers
     elif isinstance(value, str):
         text = value.strip().lower()
-        if text.lstrip("-").isdigit():
+        try:
             seconds = float(int(text))
-        elif len(text) > 1 and text[:-1].isdigit() and text[-1] in _TIMEOUT_UNITS:
-            seconds = float(int(text[:-1]) * _TIMEOUT_UNITS[text[-1]])
+        except ValueError:
+            try:
+                seconds = float(int(text[:-1]) * _TIMEOUT_UNITS[text[-1:]]) if text[:-1].strip() == text[:-1] else None
+            except (ValueError, KeyError):
+                seconds = None
     if seconds is None or not math.isfinite(seconds) or not (seconds == -1 or 1 <= seconds <= MAX_JOB_TIMEOUT_S):
         shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
         raise InvalidRequest("job_timeout", f"expected -1 (no limit) or 1 to {MAX_JOB_TIMEOUT_S} seconds "
                                             f"(a number, or e.g. '90s', '15m', '2h', '1d'), got {shown}")
-    return value
+    return int(seconds)
 
 
 def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwargs: dict[str, Any]) -> Task:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
-from .errors import AllocationNotFound, InsufficientResources, InvalidRequest, Refused
+from .errors import AllocationEnded, AllocationNotFound, InsufficientResources, InvalidRequest, Refused
 from .models import MAX_SECONDS, SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority
 from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
@@ -390,6 +390,9 @@ def allocate_resources(
                 and resource_requirements.get("selector"):
             field = "resource_requirements.selector"  # fits nowhere, now or ever: where it may go
         return _tool_failure(task_id, exc.code, exc.message, field)
+    if alloc.state not in ("active", "pending"):  # an allocation_id given again after it ended
+        return _tool_failure(task_id, AllocationEnded.code, f"allocation {alloc.allocation_id} has ended "
+                             f"({alloc.state}); a new request needs a new id", "allocation_id")
     return tool_result(a, alloc)
 
 

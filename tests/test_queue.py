@@ -580,7 +580,7 @@ def test_a_waiting_task_whose_rq_job_was_cancelled_leaves_the_line_instead_of_ru
     assert (rec.state, rec.release_reason) == ("cancelled", "job_gone")
 
 
-@pytest.mark.parametrize("timeout", [True, float("nan"), float("inf"), 4_000_000_000, 0, "x", "-5"])
+@pytest.mark.parametrize("timeout", [True, float("nan"), float("inf"), 4_000_000_000, 0, "x", "-5", "--1", "\u00b2", "\u00b2h"])
 def test_a_job_timeout_no_worker_can_run_is_refused_naming_it_and_writes_nothing(alloc, timeout):
     from . import jobs
 
@@ -592,9 +592,12 @@ def test_a_job_timeout_no_worker_can_run_is_refused_naming_it_and_writes_nothing
     assert ledger_dump(alloc) == before
 
 
-@pytest.mark.parametrize("timeout", [-1, 30, "90s", "2h"])
-def test_a_job_timeout_rq_takes_is_taken(alloc, timeout):
+@pytest.mark.parametrize("timeout, seconds", [(-1, -1), (30, 30), ("90s", 90), ("2h", 7200), (" 90s ", 90), ("+5", 5)])
+def test_a_job_timeout_rq_takes_is_given_to_rq_in_seconds(alloc, timeout, seconds):
+    from rq.job import Job
+
     from . import jobs
 
     one_gpu_host(alloc)
-    assert alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=timeout).id
+    task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=timeout)
+    assert Job.fetch(task.id, connection=alloc.rq_connection).timeout == seconds

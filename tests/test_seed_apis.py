@@ -814,3 +814,12 @@ def test_seed_timestamps_are_whole_seconds_whatever_the_clock_reads(alloc, clock
     created = manager.get_allocation(r["allocation_id"])["timestamps"]["created_at"]
     assert created == iso(clock)
     datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_tool_call_naming_an_allocation_that_has_ended_fails_instead_of_reporting_it_placed(alloc):
+    seed_tool_host(alloc)
+    first = allocate_resources("task_1", "ml_inference", SEED_REQUIREMENTS, allocator=alloc, allocation_id="lease-y")
+    alloc.release(first["allocation_id"])
+    again = allocate_resources("task_1", "ml_inference", SEED_REQUIREMENTS, allocator=alloc, allocation_id="lease-y")
+    assert again["success"] is False and again["error"]["code"] == "ALLOCATION_ENDED"
+    assert again["error"]["field"] == "allocation_id"

@@ -30,7 +30,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import TypeAdapter, ValidationError
 
 from ..client import new_allocation_id
-from ..errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, Refused
+from ..errors import REDIS_UNAVAILABLE, AllocationEnded, AllocatorError, InvalidRequest, Refused
 from ..models import Allocation
 from .errors import (BackendUnavailable, MalformedBody, NoCandidates, Unauthorized, WaitTimeout, error_body,
                      from_validation_errors, status_of)
@@ -143,6 +143,10 @@ class Session:
         try:
             await self.send({"type": "accepted", "allocation_id": self.allocation_id, "policy": self.uri})
             alloc = await self.place(run)
+            if alloc is not None and alloc.state not in ("active", "pending"):
+                # The client named an allocation that has ended: "placed" would read as a lease it holds.
+                raise AllocationEnded(f"allocation {alloc.allocation_id} has ended ({alloc.state}); "
+                                      "a new request needs a new id")
             if alloc is not None and alloc.state == "pending":
                 alloc = await self.wait(alloc, run)
             if alloc is not None:

@@ -247,6 +247,19 @@ def _error_after_positions(ws: ClientConnection) -> tuple[dict[str, Any], list[d
         assert m["type"] == "position", m
 
 
+def test_a_message_naming_an_allocation_that_has_ended_is_refused_not_placed(api: LiveApi) -> None:
+    c = api.client()
+    assert c.post("/v1/allocations", json={"resources": {"gpus": 1}, "allocation_id": "ended-1"}).status_code == 201
+    assert c.delete("/v1/allocations/ended-1").status_code == 200
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1}, "allocation_id": "ended-1"})))
+        assert recv(ws)["type"] == "accepted"
+        err = recv(ws)
+        assert err["type"] == "error" and err["error"]["code"] == "ALLOCATION_ENDED", err
+        assert closed_code(ws) == 4409
+    assert api.allocator.get("ended-1").state == "released"
+
+
 def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
     with pytest.raises(InvalidStatus) as info:
         open_ws(api, auth=False)
