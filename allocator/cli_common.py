@@ -22,6 +22,7 @@ from rich.markup import escape
 from .client import Allocator
 from .config import Settings
 from .errors import REDIS_UNAVAILABLE, AllocatorError, InvalidRequest, NotConfigured, NotFound, Refused
+from .models import MAX_SECONDS
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2
 
@@ -126,9 +127,10 @@ def require_positive(value: float, option: str, *, zero_means: str | None = None
     """Refuses a period that is not above zero (exit 2, naming the option): a grace of 0 s would
     declare every host lost at each pass, an interval of 0 s spins. ``zero_means``: what 0 asks
     for where it is allowed (e.g. "no reaper")."""
-    if math.isfinite(value) and (value > 0 or (zero_means is not None and value == 0)):
-        return  # (inf or nan would overflow where the period becomes milliseconds)
-    allowed = f"a finite number above 0 s, or 0 for {zero_means}" if zero_means else "a finite number above 0 s"
+    if math.isfinite(value) and value <= MAX_SECONDS and (value > 0 or (zero_means is not None and value == 0)):
+        return  # (inf, nan or 1e308 would overflow where the period becomes milliseconds)
+    most = f"at most {MAX_SECONDS} s (ten years)"
+    allowed = f"above 0 s and {most}, or 0 for {zero_means}" if zero_means else f"above 0 s and {most}"
     raise typer.BadParameter(f"must be {allowed}, got {value:g}", param_hint=option)
 
 

@@ -230,12 +230,20 @@ def test_a_ttl_that_is_no_positive_number_on_the_command_line_is_refused_naming_
     assert res.exit_code == 2 and "--ttl" in res.stderr and "0 for no expiry" in res.stderr, res.output
 
 
+@pytest.mark.parametrize("grace", ["inf", "1e308"])
 @pytest.mark.parametrize("command", [["scheduler", "--once", "--no-recorder"], ["reaper"]])
-def test_an_infinite_host_grace_is_refused(real, command):
+def test_an_infinite_or_overflowing_host_grace_is_refused(real, command, grace):
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, [*command, "--redis-url", url, "--namespace", real.keys.namespace],
-                             env={"ALLOCATOR_HOST_GRACE_S": "inf"})
-    assert res.exit_code == 2 and "--grace" in res.stderr and "finite" in res.stderr, res.output
+                             env={"ALLOCATOR_HOST_GRACE_S": grace})
+    assert res.exit_code == 2 and "--grace" in res.stderr and "at most 315360000 s" in res.stderr, res.output
+
+
+@pytest.mark.parametrize("command", [["reaper", "--interval", "1e308"], ["agent", "--once", "--interval", "1e16"]])
+def test_a_period_past_ten_years_is_refused_naming_the_option(real, command):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, [*command, "--redis-url", url, "--namespace", real.keys.namespace])
+    assert res.exit_code == 2 and "--interval" in res.stderr and "Traceback" not in res.output, res.output
 
 
 def test_the_scheduler_reads_the_host_grace_from_the_environment_as_the_reaper_does(real):

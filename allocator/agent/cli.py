@@ -159,9 +159,15 @@ def agent_command(
     try:
         extra = parse_labels(labels)
         catalog = ServiceCatalog.load(services)
-        ports = parse(HostSpec, {"id": "x", "service_ports": service_ports}).service_ports if service_ports else None
-        if worker_slots is not None and worker_slots < 0:
-            raise InvalidRequest("worker_slots", f"must not be negative, got {worker_slots}")
+        # Checked as a registration would check them, now: refused only at each registration, the
+        # agent would run on without registering its hosts.
+        probe: dict[str, object] = {"id": "x", "labels": extra}
+        if service_ports:
+            probe["service_ports"] = service_ports
+        if worker_slots is not None:
+            probe["worker_slots"] = worker_slots
+        checked = parse(HostSpec, probe)
+        ports = checked.service_ports if service_ports else None
         provider: InventoryProvider
         if inventory:
             provider = StaticProvider(inventory)

@@ -209,11 +209,30 @@ def load_openb_csv(path: Path) -> list[HostInventory]:
         return _openb_rows(csv.DictReader(fh), source)
 
 
+def _check_openb_row(source: str, line: int, sn: str, ngpu: int, cpu_milli: int, ram: int, model: str) -> None:
+    """A CSV row is held to what a YAML host is (``HostSpec``'s bounds), before its core and GPU
+    lists are built: a count of 10^12 would exhaust memory, a negative one registered 0."""
+    from ..keys import MAX_GPUS_PER_HOST
+
+    where = f"line {line}"
+    for name, v in (("gpu", ngpu), ("cpu_milli", cpu_milli), ("memory_mib", ram)):
+        if v < 0:
+            raise InvalidInventory(source, where, f"{name}: must not be negative, got {v}")
+    if ngpu > MAX_GPUS_PER_HOST:
+        raise InvalidInventory(source, where, f"gpu: at most {MAX_GPUS_PER_HOST} GPUs per host, got {ngpu}")
+    try:
+        parse(HostSpec, {"id": sn, "cpu_cores": cpu_milli // 1000, "ram_mb": ram,
+                         "gpus": [{"index": 0, "model": model, "memory_mb": 1}] if ngpu else []})
+    except InvalidRequest as exc:
+        raise InvalidInventory(source, where, str(exc)) from None
+
+
 def _openb_rows(reader: csv.DictReader, source: str) -> list[HostInventory]:
     out: list[HostInventory] = []
     missing = [c for c in OPENB_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise InvalidInventory(source, "header", f"missing column(s) {', '.join(missing)}; expected {','.join(OPENB_COLUMNS)}")
+    first_seen: dict[str, int] = {}
     for line, row in enumerate(reader, start=2):
         if any(row.get(c) is None for c in OPENB_COLUMNS):
             raise InvalidInventory(source, f"line {line}", f"fewer fields than the header's {len(OPENB_COLUMNS)}")
@@ -222,6 +241,10 @@ def _openb_rows(reader: csv.DictReader, source: str) -> list[HostInventory]:
         except ValueError as exc:
             raise InvalidInventory(source, f"line {line}", f"not a number: {exc}") from None
         sn, model = row["sn"].strip(), (row["model"] or "").strip() or "GPU"
+        _check_openb_row(source, line, sn, ngpu, cpu_milli, ram, model)
+        if sn in first_seen:
+            raise InvalidInventory(source, f"line {line}", f"host {sn!r} again (first at line {first_seen[sn]})")
+        first_seen[sn] = line
         mem = OPENB_GPU_MEMORY_MB.get(model, OPENB_DEFAULT_GPU_MEMORY_MB)
         gpus = [GpuUnit(index=i, uuid=f"{sn}-gpu{i}", model=model, memory_mb=mem) for i in range(ngpu)]
         labels = {"cluster": "openb"}

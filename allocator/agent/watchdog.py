@@ -93,8 +93,11 @@ def attribute(
     resolve: Callable[[int, dict[int, str]], str | None] | None = ancestor_owner,
 ) -> Attribution:
     """Splits each GPU's used memory into managed (within active grants) and unmanaged, and finds
-    allocations over their grant. A process whose memory NVML cannot report is assumed to use its
-    whole grant (neither over it, nor leaving room for others)."""
+    allocations over their grant. A process whose memory NVML cannot report counts as using none
+    of it: the GPU's used memory is then all another tenant's as far as the ledger knows. That
+    over-counts what is taken by that process's real use, never the other way: assuming it used
+    its whole grant subtracted the grant from other tenants' memory when it used less, and the
+    ledger then granted memory those tenants held."""
     out = Attribution()
     for unit in inv.gpus:
         used: dict[str, int] = {}
@@ -116,8 +119,7 @@ def attribute(
         for aid, plist in pids.items():
             granted = grants[aid].gpu_mb.get(unit.uuid, 0)
             if aid in unknown:
-                managed += granted
-                continue
+                continue  # no size to attribute: none of the used memory is counted as its
             managed += min(used.get(aid, 0), granted)
             if used.get(aid, 0) > granted:
                 out.overuse.append(Overuse(inv.host_id, aid, unit.uuid, used[aid], granted, tuple(sorted(plist))))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from allocator.cli import app
@@ -72,3 +74,11 @@ def test_host_rows_show_a_lost_host_and_since_when(alloc, make_agent, clock):
     clock.advance(3)
     (row,) = host_rows(alloc)
     assert (row.state, row.heartbeat_age_s, row.lost_since_s, row.gen) == ("lost", None, 3.0, 1)
+
+
+@pytest.mark.parametrize("args, field", [(["--labels", "k=x\x07"], "labels.k"), (["--worker-slots", "99999999999"], "worker_slots")])
+def test_labels_and_worker_slots_a_registration_refuses_are_refused_at_start_up(tmp_path, args, field):
+    inv = tmp_path / "one.yaml"
+    inv.write_text("hosts:\n  - {id: h1, cpu_cores: 2, ram_mb: 1Gi}\n")
+    res = CliRunner().invoke(app, ["agent", "--once", "--inventory", str(inv), "--redis-url", "redis://127.0.0.1:1/0", *args])
+    assert res.exit_code == 2 and field in res.output, res.output

@@ -203,3 +203,29 @@ def test_an_inventory_that_could_not_be_read_is_read_again_next_round(inventory,
     monkeypatch.setattr(static, "load_inventory_file", unreadable_once)
     assert [h.host_id for h in p.hosts()] == ["a"]  # kept the last good one
     assert [h.host_id for h in p.hosts()] == ["a", "b"]  # and read it again, though the file did not change
+
+
+@pytest.mark.parametrize("row, what", [
+    ("h1,,2000000000000,1024,0,", "cpu_cores"),
+    ("h1,T4,4000,1024,3000000000,", "gpu: at most"),
+    ("h1,,4000,-5,0,", "memory_mib: must not be negative"),
+    ("h1,,-4000,1024,0,", "cpu_milli: must not be negative"),
+    ("bad id|x,,4000,1024,0,", "id"),
+])
+def test_an_openb_row_a_yaml_host_could_not_be_is_refused_naming_its_line(tmp_path, row, what):
+    p = tmp_path / "fleet.csv"
+    p.write_text("sn,model,cpu_milli,memory_mib,gpu,first_time\n" + row + "\n")
+    with pytest.raises(InvalidInventory) as e:
+        load_inventory_file(p)
+    assert e.value.field == "line 2" and what in e.value.reason
+
+
+def test_an_openb_host_listed_twice_is_refused():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fleet.csv"
+        p.write_text("sn,model,cpu_milli,memory_mib,gpu,first_time\nh1,,4000,1024,0,\nh1,,8000,1024,0,\n")
+        with pytest.raises(InvalidInventory, match="again") as e:
+            load_inventory_file(p)
+        assert e.value.field == "line 3"

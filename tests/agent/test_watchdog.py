@@ -65,10 +65,12 @@ def test_attribution_splits_managed_and_unmanaged_memory():
     assert [(o.allocation_id, o.used_mb, o.granted_mb, o.pids) for o in att.overuse] == [("b", 5000, 4096, (2,))]
 
 
-def test_process_with_unknown_memory_is_assumed_to_use_its_grant():
-    inv = HostInventory("h", [0], 1024, [GpuUnit(0, "g0", "T4", 16384, used_mb=6000, processes=[GpuProcess(1, None)])])
-    att = attribute(inv, {1: "a"}, {"a": Grant("a", "h", True, {"g0": 4096})}, resolve=None)
-    assert att.unmanaged_mb == {"g0": 6000 - 4096} and att.overuse == []
+def test_a_process_of_unknown_memory_leaves_the_other_tenants_memory_unmanaged():
+    # 4 GiB held by another tenant, and a grant of 8 GiB whose process NVML cannot size (it uses
+    # 2 GiB): subtracting the whole grant left 0 unmanaged, and the ledger granted the 4 GiB again.
+    inv = HostInventory("h", [0], 1024, [GpuUnit(0, "g0", "T4", 16384, used_mb=6144, processes=[GpuProcess(1, None)])])
+    att = attribute(inv, {1: "a"}, {"a": Grant("a", "h", True, {"g0": 8192})}, resolve=None)
+    assert att.unmanaged_mb == {"g0": 6144} and att.overuse == []  # over-counted, never under
 
 
 def test_memory_on_a_gpu_outside_the_grant_is_overuse():
