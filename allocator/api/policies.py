@@ -202,6 +202,10 @@ class PolicyLoader:
         """A policy object for one request: ``Class(rule_id, settings, parameters)`` (the seed's
         constructor), or ``Class()`` for a class that takes no arguments, or the object itself."""
         target = self.resolve(uri)
+        if not callable(getattr(target, "eval", None)):
+            # Checked before anything named is built: a helper class of an allowed module (or one
+            # it imports, such as Allocator) is not run for a request it would then refuse.
+            raise PolicyError(f"policy {uri!r} has no eval(parameters, input_data, context) method")
         if inspect.isclass(target):
             try:
                 n = len([p for p in inspect.signature(target).parameters.values()

@@ -84,3 +84,12 @@ class AlwaysNode(SeedShaped):
 
     def eval(self, parameters: dict[str, Any], input_data: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
         return {"node_id": parameters["node"]}
+
+
+class NotAPolicy:
+    """A helper of an allowed module: no eval. Counts its constructions, which must be none."""
+
+    built = 0
+
+    def __init__(self, *args: Any) -> None:
+        NotAPolicy.built += 1

@@ -178,6 +178,17 @@ def test_loader_unit_rules() -> None:
     assert check_output(None, {}, 0).node_id is None  # None/{} = let the ledger decide
 
 
+@pytest.mark.parametrize("attr", ["NotAPolicy", "Allocator"])  # Allocator(): an embedded redis-server for nothing
+def test_a_class_of_an_allowed_module_that_is_no_policy_is_refused_without_being_built(attr: str) -> None:
+    from tests.api import policy_plugins
+
+    loader = PolicyLoader(("allocator.api.policies", PLUGINS))
+    before = policy_plugins.NotAPolicy.built
+    with pytest.raises(PolicyError, match="has no eval"):
+        loader.instantiate(f"{PLUGINS}:{attr}", {}, {})
+    assert policy_plugins.NotAPolicy.built == before
+
+
 def test_a_padded_policy_uri_names_the_same_policy_and_context() -> None:
     from allocator.api.schemas import AllocateMessage
 
