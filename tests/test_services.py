@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -538,18 +539,26 @@ def test_a_stop_left_by_a_dead_supervisor_spares_a_process_that_took_the_pid_sin
     assert unrelated.poll() is None
 
 
-def test_a_running_entry_whose_pid_another_process_took_since_is_restarted_and_that_process_spared(alloc, supervisors, unrelated):
+def test_a_running_entry_whose_pid_another_process_took_since_is_not_adopted_even_if_its_port_answers(alloc, supervisors):
     host(alloc)
     first = supervised(alloc, supervisors, cat=catalog(["fs"]))
     alloc.allocate({"cpu_cores": 1}, services=["fs"])
     wait_until(lambda: first.reconcile().running)
+    port = entry(alloc, "h1", "fs")["port"]
     first.close(withdraw=False, report=False)  # a reboot: the agent and its service go; the entry stays running
-    _pid_now_names(alloc, "fs", unrelated.pid)
-    second = supervised(alloc, supervisors, cat=catalog(["fs"]))
-    rep = second.reconcile()
-    assert rep.adopted == [] and unrelated.poll() is None
-    wait_until(lambda: second.reconcile() and entry(alloc, "h1", "fs")["state"] == "running", what="the restart")
-    assert entry(alloc, "h1", "fs")["pid"] != unrelated.pid
+    # Another program now has the recorded pid and listens on the port: alive and "healthy".
+    other = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                              f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(300)"], start_new_session=True)
+    try:
+        wait_until(lambda: not port_is_free(port), what="the other program's listener")
+        _pid_now_names(alloc, "fs", other.pid)
+        second = supervised(alloc, supervisors, cat=catalog(["fs"]))
+        assert second.reconcile().adopted == []  # adopting it would stop that program when the service idles
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_catalog_timeout_beyond_ten_years_is_refused_naming_it():
