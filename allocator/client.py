@@ -36,6 +36,7 @@ from .models import (
     Usage,
     check_printable,
     parse,
+    short_repr,
 )
 from .scripts import Scripts
 from .units import duration_ms
@@ -124,8 +125,7 @@ def check_id(value: Any, field: str, max_len: int = 256) -> None:
     """An id (or short name) used in a key or a script argument: a non-empty string of at most
     ``max_len`` characters that ``check_text`` accepts."""
     if not isinstance(value, str) or not value or len(value) > max_len:
-        shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
-        raise InvalidRequest(field, f"expected a non-empty string of at most {max_len} characters, got {shown}")
+        raise InvalidRequest(field, f"expected a non-empty string of at most {max_len} characters, got {short_repr(value)}")
     check_text(value, field)
     check_printable(value, field)
 

@@ -29,6 +29,8 @@ JOB_ID_RULE = "1-128 characters: letters, digits, _ and -, starting with a lette
 MAX_SECONDS = 10 * 365 * 86400  # the longest TTL or duration a request may give (ten years)
 #: The states an allocation's record can be in.
 ALLOCATION_STATES = ("pending", "active", "released", "failed", "cancelled")
+#: The states an allocation does not leave: its id is spent.
+ENDED_STATES = frozenset({"released", "failed", "cancelled"})
 #: The metadata key under which the seed APIs (allocator.seeds) keep their own record of an
 #: allocation (which API made it, workers, MCP server names, the original limit strings). They
 #: read it back as theirs, so no request may bring it.
@@ -106,10 +108,14 @@ def check_printable(value: object, field: str) -> object:
 def shown(text: object) -> str:
     """``text`` for a terminal: control characters written as escapes (``\x1b``). For text read
     back from records an earlier release accepted, which ``check_printable`` would refuse now."""
-    t = str(text)
-    if not any(unicodedata.category(ch) == "Cc" for ch in t):
-        return t
-    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in t)
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in str(text))
+
+
+def short_repr(value: object, limit: int = 64) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: a refused value
+    may be megabytes of text."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 4] + "..."
 
 
 def check_id_format(value: object, field: str) -> str:
@@ -461,8 +467,8 @@ class HostSpec(_Strict):
         # A count written 4.0 or "4" (a JSON float, a quoted YAML value) is the count 4.
         if isinstance(v, float) and math.isfinite(v) and v.is_integer():
             v = int(v)
-        elif isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
-            v = int(v.strip())
+        elif isinstance(v, str) and re.fullmatch(r"\s*[0-9]+\s*", v):
+            v = int(v)
         if isinstance(v, int) and not isinstance(v, bool):
             if v < 0:
                 raise InvalidRequest("cpu_cores", f"must not be negative, got {v}")
@@ -471,7 +477,7 @@ class HostSpec(_Strict):
             return list(range(v))
         if not isinstance(v, (list, tuple)):
             _whole(v, "cpu_cores")
-            raise InvalidRequest("cpu_cores", f"expected a number of cores n (ids 0..n-1) or a list of core ids, got {v!r}"[:300])
+            raise InvalidRequest("cpu_cores", f"expected a number of cores n (ids 0..n-1) or a list of core ids, got {short_repr(v)}")
         for c in v:
             _whole(c, "cpu_cores")
         return v
@@ -601,6 +607,11 @@ class Allocation(BaseModel):
     workers: int = Field(0, description="Worker slots held.")
     services: list[str] = Field(default_factory=list, description="Shared named services held (one reference each).")
     error: str | None = Field(None, description="Why a failed allocation failed (e.g. a service did not start).")
+
+    @property
+    def ended(self) -> bool:
+        """Released, failed or cancelled: a request naming its id again is not placed again."""
+        return self.state in ENDED_STATES
 
     @property
     def gpu_memory_mb(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -26,7 +27,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 
 from .errors import AllocationNotFound, InvalidRequest
-from .models import JOB_ID_PATTERN, JOB_ID_RULE, MAX_SECONDS, Allocation, AllocationRequest, Priority
+from .models import JOB_ID_PATTERN, JOB_ID_RULE, MAX_SECONDS, Allocation, AllocationRequest, Priority, short_repr
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -159,7 +160,9 @@ def _explicit_call(args: tuple[Any, ...], rest: dict[str, Any]) -> tuple[tuple[A
     return tuple(f_args or ()), dict(f_kwargs or {})
 
 
-_TIMEOUT_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+#: RQ's written timeouts ("90", "90s", "15m", "2h", "1d"; "-1": no limit), as its parse_timeout reads them.
+_TIMEOUT_TEXT = re.compile(r"([+-]?[0-9]+)([smhd]?)")
+_TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The longest run time a worker can enforce: RQ's worker stops a run with an alarm, whose
 #: seconds are a C int (68 years).
 MAX_JOB_TIMEOUT_S = 2**31 - 1
@@ -175,19 +178,11 @@ def _job_timeout(value: Any) -> int | None:
     seconds: float | None = None
     if isinstance(value, numbers.Number) and not isinstance(value, (bool, complex)):
         seconds = float(value)  # int, float, Decimal, NumPy's numbers
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        try:
-            seconds = float(int(text))
-        except ValueError:
-            try:
-                seconds = float(int(text[:-1]) * _TIMEOUT_UNITS[text[-1:]]) if text[:-1].strip() == text[:-1] else None
-            except (ValueError, KeyError):
-                seconds = None
+    elif isinstance(value, str) and (m := _TIMEOUT_TEXT.fullmatch(value.strip().lower())):
+        seconds = float(int(m[1]) * _TIMEOUT_UNITS[m[2]])
     if seconds is None or not math.isfinite(seconds) or not (seconds == -1 or 1 <= seconds <= MAX_JOB_TIMEOUT_S):
-        shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
         raise InvalidRequest("job_timeout", f"expected -1 (no limit) or 1 to {MAX_JOB_TIMEOUT_S} seconds "
-                                            f"(a number, or e.g. '90s', '15m', '2h', '1d'), got {shown}")
+                                            f"(a number, or e.g. '90s', '15m', '2h', '1d'), got {short_repr(value)}")
     return int(seconds)
 
 
@@ -203,8 +198,7 @@ def enqueue(a: Allocator, func: Any, args: tuple[Any, ...], resources: Any, kwar
     task_id = kwargs.pop("job_id", None) or new_allocation_id()
     if not isinstance(task_id, str) or not JOB_ID_PATTERN.fullmatch(task_id):
         # RQ would refuse it with a ValueError of its own, after the request was built.
-        shown = repr(task_id[:140]) if isinstance(task_id, str) else type(task_id).__name__
-        raise InvalidRequest("job_id", f"{JOB_ID_RULE}, got {shown}")
+        raise InvalidRequest("job_id", f"{JOB_ID_RULE}, got {short_repr(task_id)}")
     on_host_lost = kwargs.pop("on_host_lost", "requeue")
     if "args" in kwargs or "kwargs" in kwargs:
         args, kwargs = _explicit_call(args, kwargs)

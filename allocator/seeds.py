@@ -390,7 +390,7 @@ def allocate_resources(
                 and resource_requirements.get("selector"):
             field = "resource_requirements.selector"  # fits nowhere, now or ever: where it may go
         return _tool_failure(task_id, exc.code, exc.message, field)
-    if alloc.state not in ("active", "pending"):  # an allocation_id given again after it ended
+    if alloc.ended:  # an allocation_id given again after it ended
         return _tool_failure(task_id, AllocationEnded.code, f"allocation {alloc.allocation_id} has ended "
                              f"({alloc.state}); a new request needs a new id", "allocation_id")
     return tool_result(a, alloc)

@@ -76,6 +76,12 @@ class RoundReport:
     total_ms: float = 0.0
 
 
+def _operators_drain(state_by: tuple[str | None, str | None] | None) -> bool:
+    """Whether a host (state, drained_by) drains for an operator: marked so, or drained before
+    drains were marked. Such a host stays registered when its agent stops."""
+    return state_by is not None and state_by[0] == "draining" and state_by[1] != "agent"
+
+
 class Agent:
     """Publishes the inventory and heartbeat of a provider's hosts; see the module docstring."""
 
@@ -301,16 +307,16 @@ class Agent:
             left = float("inf") if deadline is None else deadline - time.monotonic()
             abort.wait(max(0.0, min(0.2, self.interval_s, left)))
         released: list[str] = []
-        drains = self._drains(hosts)
+        states = self._host_states(hosts)
         for h, sup in self.supervisors.items():
             # Stops the host's services. The removal below drops their entries; a host that stays
             # registered (an operator's drain) must hear they are gone, or it lists them running.
-            sup.close(withdraw=True, report=h in drains and drains[h][1] != "agent")
+            sup.close(withdraw=True, report=_operators_drain(states.get(h)))
         self.supervisors.clear()
         for h in hosts:
             try:
-                state, by = drains.get(h) or self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
-                if state == "draining" and by != "agent":
+                state, by = states.get(h) or self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
+                if _operators_drain((state, by)):
                     # An operator's drain (marked, or from before drains were marked): removing the
                     # host would drop it. It is declared lost instead, now (no agent serves it,
                     # what still runs is reclaimed, and nobody can resume it without one), and keeps
@@ -333,9 +339,9 @@ class Agent:
         self.provider.close()
         return released
 
-    def _drains(self, hosts: list[str]) -> dict[str, tuple[str | None, str | None]]:
-        """The draining hosts among ``hosts``, with who drains them (a Redis error reads as none:
-        the deregistration below reads them again)."""
+    def _host_states(self, hosts: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """Each host's state and who drains it, in one round trip (a Redis error reads as none
+        known: the deregistration reads each again)."""
         try:
             pipe = self.allocator.redis.pipeline(transaction=False)
             for h in hosts:
@@ -343,7 +349,7 @@ class Agent:
             rows = pipe.execute()
         except redis.RedisError:
             return {}
-        return {h: (state, by) for h, (state, by) in zip(hosts, rows) if state == "draining"}
+        return {h: (state, by) for h, (state, by) in zip(hosts, rows)}
 
     def _drain(self, hosts: list[str]) -> list[str]:
         """Drains ``hosts`` as this agent's own drain; returns those to try again (a Redis error).

@@ -189,7 +189,7 @@ def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_
     if alloc.state == "pending":
         response.status_code = 202
         estimated_start(a, alloc.allocation_id)
-    elif alloc.state != "active":
+    elif alloc.ended:
         # A repeat of an id whose allocation has ended since (released, cancelled, failed): its
         # record, but not "created", which would read as a lease the client holds.
         response.status_code = 200

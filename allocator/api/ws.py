@@ -143,7 +143,7 @@ class Session:
         try:
             await self.send({"type": "accepted", "allocation_id": self.allocation_id, "policy": self.uri})
             alloc = await self.place(run)
-            if alloc is not None and alloc.state not in ("active", "pending"):
+            if alloc is not None and alloc.ended:
                 # The client named an allocation that has ended: "placed" would read as a lease it holds.
                 raise AllocationEnded(f"allocation {alloc.allocation_id} has ended ({alloc.state}); "
                                       "a new request needs a new id")

@@ -36,9 +36,6 @@ NAMING = {
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
-# Allocation states as the history knows them: the ledger's active/released/failed plus the
-# queue's pending and cancelled.
-ENDED_STATES = frozenset({"released", "failed", "cancelled"})
 
 
 class Base(DeclarativeBase):

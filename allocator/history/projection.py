@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ..models import ENDED_STATES
 from .db import dt_to_ms, ms_to_dt
-from .models import ENDED_STATES
 
 ALLOCATION_EVENTS = frozenset({"submitted", "allocated", "released", "cancelled", "requeued", "started", "finished"})
 HOST_EVENTS = frozenset({"host_registered", "host_updated", "host_draining", "host_resumed", "host_lost", "host_removed"})

@@ -28,7 +28,6 @@ local now = now_ms()
 local h = ARGV[3]
 local mode = ARGV[4]
 local hk = host_key(h)
-local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
 local state = rcall('HGET', hk, 'state')
 if not state then
   if mode == 'restore' then

@@ -32,7 +32,6 @@ local state = 'ready'
 local old_ngpu = 0
 local gen = 1
 local lost_before = false
-local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
 local drain_kept = false
 local agent_drain_ended = false
 if created then

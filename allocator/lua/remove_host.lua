@@ -31,7 +31,6 @@ local function forget_agent()
   rcall('ZREM', K_RECLAIM, h)
   rcall('DEL', K_INVENTORY)
 end
-local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'
 local registered = rcall('EXISTS', hk) == 1
 local ids = rcall('SMEMBERS', host_allocs_key(h))
 if not registered then

@@ -28,6 +28,8 @@ Three more indexes are built from the prefix:
   K_GPU_IDLE_ORD (PREFIX .. 'gpu_idle_ord'): ZSET "<host>#<pos>" -> ord*1024+pos, the members of
     gpu_idle (GPUs with no holder) in registration order: first fit for whole GPUs walks it, so
     GPUs that hold shares are not walked one by one.
+and one hash: K_DRAIN_ON_REGISTER (PREFIX .. 'drain_on_register'): host -> "operator", drains
+allocator recover found in the history for hosts not registered yet (register_host applies one).
 Per-host and per-allocation keys are built from the prefix, which carries the hash tag, so every
 key a script touches lives in the same cluster slot.
 
@@ -70,6 +72,7 @@ local K_SVC_NAMES = PREFIX .. 'svc_names'
 local K_CPU_ORD = PREFIX .. 'cpu_ord'
 local K_GPU_FFC = PREFIX .. 'gpu_ffc'
 local K_GPU_IDLE_ORD = PREFIX .. 'gpu_idle_ord'
+local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_register
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
