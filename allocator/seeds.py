@@ -199,7 +199,7 @@ def _available(cap: Capacity) -> dict[str, Any]:
 def _eta(allocator: Allocator, alloc: Allocation) -> datetime | None:
     """When the task starts: its activation time once placed; the ETA estimate while pending.
 
-    The estimate comes from ``Allocator.estimated_start_time`` (allocator/eta.py) when that
+    The estimate comes from ``Allocator.estimated_start_time`` (allocator/eta/) when that
     exists; None (shown as null) when it does not or cannot tell.
     """
     if alloc.state != "pending":

@@ -1,7 +1,7 @@
 """Read-side views shared by the CLI, the tools and the live view: the pending line with positions
 and ETAs, a task's requested resources, and human formatting of sizes and times.
 
-ETAs come from ``Allocator.estimated_start_times()`` / ``estimated_start_time(id)`` (allocator/eta.py)
+ETAs come from ``Allocator.estimated_start_times()`` / ``estimated_start_time(id)`` (allocator/eta/)
 when those exist; without them an ETA is unknown (None, shown as "-").
 """
 

@@ -1,4 +1,4 @@
-"""Cost of the ETA engine (allocator/eta.py) at scale: the 1,213 OpenB hosts filled with running
+"""Cost of the ETA engine (allocator/eta/) at scale: the 1,213 OpenB hosts filled with running
 allocations, then N pending tasks (default 10,000), all from the OpenB request mix.
 
 Measures ``Allocator.refresh_estimated_start_times()`` (every pending task: what the scheduler
@@ -8,8 +8,9 @@ demand for the task at the head, the middle and the end of the line.
 
   .venv/bin/python bench/eta_cost.py [--pending 10000] [--redis-url ...]
 
-``--compare OTHER_ETA_PY`` then measures another version of ``allocator/eta.py`` (e.g. a copy of the
-previous one) on the same state and checks that every estimate (tick and on demand) is the same.
+``--compare OTHER_ETA`` then measures another version of the package ``allocator/eta/`` (a copy of
+the directory, or of the single module ``allocator/eta.py`` it was before) on the same state and
+checks that every estimate (tick and on demand) is the same.
 ``--estimates FILE`` writes every estimate (JSON, in line order: the state is deterministic, fixed
 clock and trace order, the ids are not). ``--snapshot FILE`` pickles a tick's ledger snapshot for
 offline runs of the simulation alone (``bench/eta_replay.py``). ``--profile`` profiles one warm
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--estimates", default=None, help="write every estimate (tick and on demand) to this JSON file")
     ap.add_argument("--snapshot", default=None, help="pickle the ledger snapshot of a tick to this file")
     ap.add_argument("--compare", default=None,
-                    help="another version of allocator/eta.py: measure it on the same state, check the estimates")
+                    help="another version of allocator/eta/ (a directory) or of the former allocator/eta.py: "
+                         "measure it on the same state, check the estimates")
     args = ap.parse_args(argv)
 
     clock = Clock()
@@ -150,17 +152,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows, estimates = measure(a, args.repeat)
         out["runs"] = rows
         if args.compare:
-            # The same state through another version of allocator/eta.py: its figures, and
+            # The same state through another version of the estimates: its figures, and
             # whether every estimate is the same.
-            from allocator import eta
+            from allocator.eta import engine
             from bench.eta_replay import load_module
-            mine = eta.Simulation
-            eta.Simulation = load_module(args.compare).Simulation  # what EtaEngine.simulate builds
+            mine = engine.Simulation
+            engine.Simulation = load_module(args.compare).Simulation  # what EtaEngine.simulate builds
             try:
                 print(f"-- {args.compare}", flush=True)
                 other_rows, other_est = measure(a, args.repeat)
             finally:
-                eta.Simulation = mine
+                engine.Simulation = mine
             same_tick = sum(1 for x, y in zip(estimates["tick"], other_est["tick"]) if x == y)
             same = estimates == other_est
             print(f"-- estimates of the tick: {same_tick} of {len(estimates['tick'])} the same; "

@@ -2,10 +2,11 @@
 --snapshot``: times the full refresh and the on-demand estimates (head, middle, end of the line,
 each on the line read up to its rank + pass depth, as ``EtaEngine.compute_one`` reads it; CPU
 time of the simulation, snapshot read excluded), and
-with ``--compare OTHER_ETA_PY`` checks that another version of ``allocator/eta.py`` (e.g. a copy
-of the previous one) gives exactly the same estimates on the same snapshot.
+with ``--compare OTHER_ETA`` checks that another version of the package ``allocator/eta/`` (a copy
+of the directory, e.g. ``git archive``'d from an earlier commit, or of the single module
+``allocator/eta.py`` it was before) gives exactly the same estimates on the same snapshot.
 
-  .venv/bin/python bench/eta_replay.py SNAPSHOT.pkl [--compare /tmp/eta_old.py] [--sample 20] [--profile]
+  .venv/bin/python bench/eta_replay.py SNAPSHOT.pkl [--compare /tmp/old/allocator/eta] [--sample 20] [--profile]
 """
 
 from __future__ import annotations
@@ -27,11 +28,25 @@ from allocator import eta  # noqa: E402
 
 
 def load_module(path: str) -> ModuleType:
-    """Another version of allocator/eta.py, imported under a name of its own."""
-    spec = importlib.util.spec_from_file_location("eta_other", path)
-    assert spec is not None and spec.loader is not None
+    """Another version of the estimates, imported under a name of its own: a copy of the package
+    ``allocator/eta/`` (a directory), or of the single module ``allocator/eta.py`` it was before.
+    It is loaded as a part of ``allocator``, so that its relative imports (``..keys``, ``.keys``)
+    resolve to this checkout's modules."""
+    import allocator  # noqa: F401  (the parent package must be imported first)
+
+    name = "allocator._eta_other"
+    p = Path(path)
+    if p.is_dir():
+        spec = importlib.util.spec_from_file_location(name, p / "__init__.py",
+                                                      submodule_search_locations=[str(p)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--compare: {path} is neither a Python file nor a package directory")
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["eta_other"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -64,7 +79,7 @@ def simulate(mod: ModuleType, snap: Any, targets: set[str] | None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("snapshot")
-    ap.add_argument("--compare", default=None, help="another eta.py: its estimates must be the same")
+    ap.add_argument("--compare", default=None, help="another version of allocator/eta/ (a directory) or of the former allocator/eta.py: its estimates must be the same")
     ap.add_argument("--profile", action="store_true", help="cProfile the full refresh (top 25 by own time)")
     ap.add_argument("--only", default=None, help="run only this case (all, head, middle, end)")
     ap.add_argument("--repeat", type=int, default=1, help="time each case this many times, report the fastest")

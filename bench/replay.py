@@ -41,7 +41,7 @@ arrivals are compressed by ``--compress``; the tasks created before the trace's 
 (first percentile of creation times) arrive at time 0. The offered GPU load is printed.
 
 ETA accuracy: right after each submission (same virtual instant, after the pass it triggered)
-the replay asks ``Allocator.estimated_start_time`` (the engine in allocator/eta.py, on demand,
+the replay asks ``Allocator.estimated_start_time`` (the engine in allocator/eta/, on demand,
 as a client would) and compares it with the task's real first start: share within
 max(60 s, 20% of the task's wait), share within 10 min, median absolute error; for all tasks
 (a task placed at once has its true start as estimate) and for the tasks that had to wait.

@@ -16,7 +16,7 @@ local function task_key(id) return PREFIX .. 'task:' .. id end
 -- RQ's Retry(interval=...) asks). They keep their place in K_PENDING; a pass skips them until
 -- then, and they hold nothing up meanwhile. The first pass that meets one that is due takes it
 -- out of here: from then on it is an ordinary task in line. The scheduler's ETA reads it
--- (allocator/eta.py).
+-- (allocator/eta/).
 local K_DELAYED = PREFIX .. 'delayed'
 -- HASH task id -> host id: preempted function tasks whose worker on that host is stopping the
 -- run (task state "preempting"). The worker's report puts them back in line (requeue.lua,
