@@ -68,7 +68,7 @@ def allocate(
     cpu_cores: Optional[str] = typer.Option(None, "--cpu-cores", help="Cores: 2 (pinned) or 0.5 / 500m (shared). Default 1."),
     ram: Optional[str] = typer.Option(None, "--ram", help="RAM: MiB or '4Gi'."),
     priority: str = typer.Option("normal", "--priority", help="low, normal, high, critical (or 0..3)."),
-    strategy: str = typer.Option("best_fit", "--strategy", help="first_fit, best_fit, worst_fit or priority (may preempt)."),
+    strategy: str = typer.Option("best_fit", "--strategy", help="first_fit, best_fit, worst_fit or priority (with --queue: may preempt lower-priority work)."),
     ttl: Optional[float] = typer.Option(None, "--ttl", help="Lease seconds (default 3600; 0 = no expiry)."),
     expected_duration: Optional[float] = typer.Option(None, "--expected-duration", help="Expected seconds of use (backfill, ETAs)."),
     selector: Optional[str] = typer.Option(None, "--selector", help="Host labels, e.g. 'cluster=lab,zone=z1|z2'."),

@@ -567,8 +567,9 @@ class Allocator:
             pipe.hgetall(self.keys.host(h))
             pipe.scard(self.keys.host_allocs(h))
         replies = pipe.execute() if host_ids else []
+        held = self._cores_held([h for i, h in enumerate(host_ids) if replies[2 * i].get("overcommitted") == "1"])
         hosts = [
-            _host_capacity(h, replies[2 * i], int(replies[2 * i + 1]))
+            _host_capacity(h, replies[2 * i], int(replies[2 * i + 1]), held.get(h))
             for i, h in enumerate(host_ids)
             if replies[2 * i]
         ]
@@ -595,6 +596,35 @@ class Allocator:
             active_allocations=int(self.redis.zcard(self.keys.active)),
             worker_slots=fleet("worker_slots"),
         )
+
+    def _cores_held(self, host_ids: list[str]) -> dict[str, int]:
+        """Exclusive cores the active grants on each host hold. Only an overcommitted host needs
+        this read: there a grant may hold cores its host no longer lists, which the host's own
+        count of free cores cannot show. (Read after the hosts, not in their MULTI: such hosts
+        are rare, and the figure is as of this read.)"""
+        if not host_ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=True)
+        for h in host_ids:
+            pipe.smembers(self.keys.host_allocs(h))
+        members = pipe.execute()
+        pipe = self.redis.pipeline(transaction=True)
+        for ids in members:
+            for i in sorted(ids):
+                pipe.hmget(self.keys.alloc(i), "state", "host", "cores")
+        fields = iter(pipe.execute())
+        out: dict[str, int] = {}
+        for h, ids in zip(host_ids, members):
+            n = 0
+            for state, host, cores in (next(fields) for _ in ids):
+                if state == "active" and host == h:
+                    try:
+                        got = json.loads(cores or "[]")
+                    except ValueError:
+                        got = []
+                    n += len(got) if isinstance(got, list) else 0
+            out[h] = n
+        return out
 
     def now_ms(self) -> int:
         """The ledger's clock: the injected one, else the Redis server's."""
@@ -657,7 +687,10 @@ class Allocator:
         return n + delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
 
 
-def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity:
+def _host_capacity(host_id: str, h: dict[str, str], active: int, cores_held: int | None = None) -> HostCapacity:
+    """One host's figures from its hash. ``cores_held``: the exclusive cores its grants hold,
+    given for an overcommitted host (see ``Allocator._cores_held``); elsewhere they are the listed
+    cores that are not free."""
     gpus: list[GpuCapacity] = []
     for pos in range(int(h.get("ngpu", 0))):
         p = f"g{pos}:"
@@ -675,6 +708,10 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
     ncores = len(cores) if isinstance(cores, list) else 0
     cfree, shared = int(h["cfree"]), int(h["shared"])
     cpu_avail = max(0, cfree * 1000 - shared) / 1000
+    # Granted: pinned cores plus the shared pool's share, which may exceed the total where an
+    # update left the host overcommitted (as RAM and GPU memory do).
+    pinned = ncores - cfree if cores_held is None else cores_held
+    cpu = Usage.of(ncores, pinned + shared / 1000, cpu_avail, unmanaged=0.0)
     ram, ram_used = int(h["ram"]), int(h["ram_used"])
     slots, slots_used = int(h.get("slots") or 0), int(h.get("slots_used") or 0)
     return HostCapacity(
@@ -687,7 +724,7 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int) -> HostCapacity
             unmanaged=sum(g.memory.unmanaged for g in gpus),
         ),
         gpus_idle=sum(1 for g in gpus if g.holders == 0 and g.memory.available > 0),  # the ledger's idle
-        cpu_cores=Usage.of(ncores, ncores - cpu_avail, cpu_avail),
+        cpu_cores=cpu,
         ram_mb=Usage.of(ram, ram_used, max(0, ram - ram_used)),
         active_allocations=active,
         worker_slots=Usage.of(slots, slots_used, max(0, slots - slots_used)),

@@ -709,7 +709,8 @@ class HostCapacity(BaseModel):
     labels: dict[str, str]
     gpus: list[GpuCapacity]
     gpu_memory_mb: Usage
-    gpus_idle: int = Field(description="GPUs with no holder and some memory free (what a whole-GPU request can take).")
+    gpus_idle: int = Field(description="GPUs with no holder and some memory free: what a critical whole-GPU "
+                                       "request can take; other priorities can take all but reserve_gpus of them.")
     cpu_cores: Usage
     ram_mb: Usage
     active_allocations: int

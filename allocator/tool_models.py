@@ -50,7 +50,7 @@ class ResourceAllocatorParams(_Params):
     task_id: Text = Field(description="ID of the task to allocate resources for.")
     task_type: Text = Field(description="Type of task, e.g. ml_inference, rendering, processing.")
     resource_requirements: ResourceRequirements
-    allocation_strategy: StrategyName | None = Field("best_fit", description="Placement strategy (default best_fit); priority may preempt lower-priority work.")
+    allocation_strategy: StrategyName | None = Field("best_fit", description="Placement strategy (default best_fit); priority may preempt lower-priority work while the request waits in line (on_busy queue).")
     on_busy: Literal["queue", "fail"] | None = Field("queue", description="When nothing fits now: wait in line (default) or fail at once.")
 
 

@@ -47,3 +47,25 @@ def test_unmanaged_gpu_memory_is_what_other_processes_use_even_on_an_overcommitt
     assert (a.allocated, a.available, a.unmanaged) == (6000, 0, 4000)
     assert (b.allocated, b.available, b.unmanaged) == (0, 4000, 4000)
     assert cap.gpu_memory_mb.unmanaged == 8000  # each host's, not what the fleet's figures leave over
+
+
+def test_cores_granted_on_a_host_an_update_overcommitted_count_in_full(alloc):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")
+    alloc.allocate({"cpu_cores": 3, "ram_mb": "6Gi"})
+    alloc.allocate({"cpu_cores": "0.5", "ram_mb": "1Gi"})
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="4Gi")  # legal: the host is marked overcommitted
+    h1 = alloc.capacity().hosts[0]
+    assert (h1.cpu_cores.total, h1.cpu_cores.allocated, h1.cpu_cores.available) == (2, 3.5, 0)
+    assert (h1.ram_mb.total, h1.ram_mb.allocated) == (4096, 7168)
+
+
+def test_cores_a_host_no_longer_lists_still_count_as_granted(alloc):
+    alloc.register_host(id="h1", cpu_cores=[0, 1, 2, 3], ram_mb="8Gi")
+    x = alloc.allocate({"cpu_cores": 2})
+    assert x.cpu_cores == [0, 1]
+    alloc.register_host(id="h1", cpu_cores=[2, 3, 4, 5], ram_mb="8Gi")
+    cpu = alloc.capacity().hosts[0].cpu_cores
+    assert (cpu.total, cpu.allocated, cpu.available) == (4, 2, 4)
+    alloc.release(x.allocation_id)
+    cpu = alloc.capacity().hosts[0].cpu_cores
+    assert (cpu.total, cpu.allocated, cpu.available) == (4, 0, 4)

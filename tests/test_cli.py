@@ -149,6 +149,13 @@ def test_no_redis_configured_is_invalid_input(real):
     assert res.exit_code == 2 and "no Redis configured" in res.stderr
 
 
+@pytest.mark.parametrize("command", ["capacity", "list", "queue", "hosts"])
+def test_a_read_view_with_json_and_no_redis_configured_prints_the_error_document(real, command):
+    res = CliRunner().invoke(app, [command, "--json"], env={"ALLOCATOR_REDIS_URL": ""})
+    assert res.exit_code == 2
+    assert json.loads(res.stdout)["error"]["code"] == "NOT_CONFIGURED"
+
+
 def test_unreachable_redis_is_refused_with_exit_1():
     res = CliRunner().invoke(app, ["capacity", "--redis-url", "redis://127.0.0.1:1/0"])
     assert res.exit_code == 1 and "Redis unavailable" in res.stderr

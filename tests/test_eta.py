@@ -569,6 +569,31 @@ def test_a_running_job_the_simulation_preempts_goes_back_in_line_ahead_of_later_
     assert alloc.get("L").activated_at == at(1300)
 
 
+def test_a_job_the_simulation_preempts_is_placed_before_later_tasks_of_the_same_pass(alloc, clock):
+    from . import jobs
+
+    cpu2 = {"cpu_cores": 2, "ram_mb": "1Gi"}
+    alloc.register_host(id="h0", cpu_cores=3, ram_mb="4Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="4Gi")
+    job = alloc.enqueue(jobs.add, 1, 2, resources=cpu2, priority="normal", strategy="first_fit",
+                        expected_duration=500)
+    alloc.allocate({"gpus": 1, "cpu_cores": 1}, priority="critical", allocation_id="X", ttl_seconds=100)
+    alloc.allocate(cpu2, allocation_id="B", ttl_seconds=100)
+    queued(alloc, {"gpus": 1, "cpu_cores": 2}, priority="critical", strategy="priority", expected_duration=1000,
+           allocation_id="C")
+    queued(alloc, cpu2, priority="low", expected_duration=10, allocation_id="L2")
+    # At 100 the reaper frees X and B in one pass: C preempts the job, which goes back in line
+    # ahead of L2 and runs on h1 from 100 to 600; then L2 has h1.
+    assert eta(alloc, "L2") == at(600)
+    clock.now = T0 + 100
+    alloc.expire()
+    while alloc.schedule():
+        pass
+    assert (alloc.get(job.id).host_id, alloc.get("L2").state) == ("h1", "pending")
+    _tick(alloc, clock, 600, job.id)
+    assert alloc.get("L2").activated_at == at(600)
+
+
 def test_a_preempted_run_being_stopped_is_in_line_for_the_estimates(alloc, clock):
     from allocator.agent.fencing import claim_grant
 

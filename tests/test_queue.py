@@ -125,6 +125,45 @@ def test_priority_strategy_preempts_lower_priority_work(alloc):
     assert (victim.state, victim.release_reason) == ("released", "preempted")
 
 
+def test_a_preempted_task_back_in_line_comes_before_later_lower_priority_tasks_in_the_same_pass(alloc, clock):
+    from . import jobs
+
+    # h0: the only GPU; h1: CPU only. The victim (normal, unclaimed) runs on h0; X holds the GPU
+    # and B fills h1 until 100 s; C (critical) and L2 (low) wait. At 100 s one pass reaps X and B:
+    # C preempts the victim, which goes back to the front of its priority, ahead of L2, and fits
+    # on h1 where B was. The rest of that pass must not give h1 to L2 instead.
+    cpu2 = {"cpu_cores": 2, "ram_mb": "1Gi"}
+    alloc.register_host(id="h0", cpu_cores=3, ram_mb="4Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb="4Gi")
+    victim = alloc.enqueue(jobs.add, 1, 2, resources=cpu2, priority="normal", strategy="first_fit")
+    assert alloc.get(victim.id).host_id == "h0"
+    alloc.allocate({"gpus": 1, "cpu_cores": 1, "ram_mb": "1Gi"}, priority="critical", allocation_id="X",
+                   ttl_seconds=100)
+    alloc.allocate(cpu2, allocation_id="B", ttl_seconds=100)
+    queued(alloc, "critical", {"gpus": 1, "cpu_cores": 2, "ram_mb": "1Gi"}, strategy="priority", allocation_id="C")
+    queued(alloc, "low", cpu2, allocation_id="L2")
+    clock.advance(100)
+    assert sorted(alloc.expire()) == ["B", "X"]
+    assert (alloc.get("C").state, alloc.get("C").host_id) == ("active", "h0")
+    back = alloc.get(victim.id)
+    assert (back.state, back.host_id, back.requeues) == ("active", "h1", 1)
+    assert alloc.get("L2").state == "pending"
+
+
+def test_a_task_back_in_line_shows_no_deadline_ram_or_slots_of_its_earlier_placement(alloc):
+    from . import jobs
+
+    one_gpu_host(alloc)
+    victim = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1, "cpu_cores": 1, "ram_mb": "1Gi", "workers": 1},
+                           priority="low", ttl_seconds=600)
+    placed = alloc.get(victim.id)
+    assert (placed.expires_at is not None, placed.ram_mb, placed.workers) == (True, 1024, 1)
+    queued(alloc, "high", strategy="priority")
+    back = alloc.get(victim.id)
+    assert (back.state, back.requeues) == ("pending", 1)
+    assert (back.expires_at, back.ram_mb, back.workers, back.services) == (None, 0, 0, [])
+
+
 def test_preemption_never_touches_equal_or_higher_priority(alloc):
     one_gpu_host(alloc)
     peer = alloc.allocate(WHOLE, priority="high")

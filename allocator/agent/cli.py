@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..cli_common import reporting, require_positive
+from ..cli_common import open_allocator, reporting, require_positive
 from ..client import Allocator
 from ..config import Settings
 from ..errors import InvalidRequest
@@ -217,7 +217,7 @@ def hosts_command(
     ),
 ) -> None:
     """Hosts with state, heartbeat age, GPUs and free capacity."""
-    a = _allocator(redis_url, namespace)
+    a = open_allocator(redis_url, namespace, as_json=as_json)  # (its errors as every read view words them)
     with reporting(as_json, url=redis_url or Settings.from_env().redis_url):  # (as every command words it)
         rows = host_rows(a)
     if as_json:

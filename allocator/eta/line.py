@@ -185,7 +185,9 @@ class Line:
         return None
 
     def _preempt_for(self, req: _Req, now: int) -> bool:
+        """preempt_for of queue.lua; ``_requeued`` says whether a victim went back in line."""
         self._refused = set()  # capacity comes back: the pass's memo of refusals is void
+        self._requeued = False
         bound = req.priority * 10**13
         cands = self._byprio_index().irange(maximum=(bound, ""), inclusive=(True, False))
         r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
@@ -199,6 +201,7 @@ class Line:
                     self.score[victim] = _front_score(t.priority, t.seq)
                     self.pending.add((self.score[victim], victim))
                     self._pver += 1
+                    self._requeued = True
         return True
 
     # -- the pass ------------------------------------------------------------------------------
@@ -228,6 +231,7 @@ class Line:
                 continue  # may not start yet: in no one's way
             req = tasks[tid]
             p = self.try_place(req)
+            requeued = False
             if p is None and req.preempt:
                 self._unproven = True  # (another pass may find what to preempt)
                 if gone and self._drop_gone(tid, now):  # (checked before a preemption too)
@@ -235,6 +239,7 @@ class Line:
                     continue
                 if self._preempt_for(req, now):
                     p = self.try_place(req)
+                    requeued = self._requeued
             if p is None:
                 blocked = req
                 break
@@ -243,6 +248,10 @@ class Line:
                 continue
             self._start(tid, req, p, now)
             placed += 1
+            if requeued:
+                # A victim went back in line, maybe ahead of tasks this walk has yet to reach:
+                # run_pass starts a new pass over the line as it now stands (_settle does).
+                return placed
         if blocked is None:
             return placed + dropped  # a drop shifts the window: the scheduler's next tick looks again
         # Blocked: from here on nothing frees capacity (preemption happens only before), so a

@@ -98,6 +98,9 @@ local function requeue_task(id, t, now, front, not_before)
   rcall('ZADD', K_PENDING, pending_score(t.priority, front, t.seq), id)
   rcall('HSET', alloc_key(id), 'state', 'pending', 'host', '', 'gpus', '[]', 'cores', '[]',
         'shared_millis', '0', 'activated', '', 'released', '', 'reason', '')
+  -- What the placement granted and a task never placed has none of: no deadline while it waits
+  -- (its TTL starts at its next placement), no RAM, worker slots or services held.
+  rcall('HDEL', alloc_key(id), 'expires', 'ram_mb', 'slots', 'services')
   rcall('HINCRBY', alloc_key(id), 'requeues', 1)
   rcall('ZREM', K_DONE, id)
   if t.kind == 'job' then
@@ -343,11 +346,13 @@ local function end_task_run(id, a, t)
 end
 
 -- Priority preemption: lower-priority allocations, newest first, until req fits on one host.
+-- Returns the host, and whether a victim went back in line at once (an unclaimed job).
 local function preempt_for(req, now, limit)
   local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
   local h, victims = first_fit_after(req, ids, limit)
   if not h then return nil end
   victims = fewest_victims(req, h, victims)
+  local back = false
   for _, v in ipairs(victims) do
     local a = finish_alloc(v, 'preempted', now)
     local t = read_task(v)
@@ -361,13 +366,14 @@ local function preempt_for(req, now, limit)
         rcall('PUBLISH', t.rq_prefix .. 'pubsub:' .. worker, cjson.encode({command = 'stop-job', job_id = v}))
       else
         requeue_task(v, t, now, true)
+        back = true
       end
     elseif t then
       rcall('HSET', task_key(v), 'state', 'done')
     end
   end
   emit('preempted', req.id, now, cjson.encode({host = h, victims = victims}))
-  return h
+  return h, back
 end
 
 -- State of one scheduling pass. Within a pass free capacity only shrinks (placements take,
@@ -442,8 +448,10 @@ local function consider(st, id, t, now, scan_cap)
     if not p and req.preempt then
       -- Checked here too: a task nobody will run must not end others' work.
       if job_gone(id, t) then leave_line(id, t, now, 'job_gone'); return false end
-      if preempt_for(req, now, 128) then
+      local h, back = preempt_for(req, now, 128)
+      if h then
         st.refused = {}
+        st.requeued = back
         p = attempt(st, req, now)
       end
     end
@@ -469,17 +477,27 @@ local function consider(st, id, t, now, scan_cap)
   return true
 end
 
--- The pass proper over ids, the pending tasks at the head of the line, in order.
-local function run_pass(ids, now, scan_cap)
+-- The pass proper over the first depth pending tasks, in order. A preemption that puts a victim
+-- back in line (at the front of its priority, maybe ahead of tasks this walk has yet to reach)
+-- ends the walk once the preempting task is placed, and a new pass starts over the line as it
+-- now stands: the rest of the old walk would pass over the victim, and a task behind it could
+-- take the room it fits in.
+local function run_pass(ids, now, depth, scan_cap)
   local placed = {}
-  local st = new_pass()
-  for _, id in ipairs(ids) do
-    local t = read_task(id)
-    if not t then
-      rcall('ZREM', K_PENDING, id)
-    elseif consider(st, id, t, now, scan_cap) then
-      placed[#placed + 1] = id
+  for _ = 1, depth do
+    local st, again = new_pass(), false
+    for _, id in ipairs(ids) do
+      local t = read_task(id)
+      if not t then
+        rcall('ZREM', K_PENDING, id)
+      elseif consider(st, id, t, now, scan_cap) then
+        placed[#placed + 1] = id
+        if st.requeued then again = true; break end
+      end
+      st.requeued = nil
     end
+    if not again then break end
+    ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
   end
   return placed
 end
@@ -493,7 +511,7 @@ local function schedule_pass(now, depth, scan_cap)
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
   local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
   if #ids == 0 then return {} end
-  return run_pass(ids, now, scan_cap)
+  return run_pass(ids, now, depth, scan_cap)
 end
 
 -- The EASY reservation a request placed outside the line (place.lua, place_on.lua) must respect:
