@@ -180,3 +180,16 @@ def reporting(as_json: bool = False, url: Optional[str] = None, options: Optiona
         if isinstance(exc, REDIS_UNAVAILABLE):
             fail(EXIT_REFUSED, "BACKEND_UNAVAILABLE", f"Redis unavailable{where}: {exc}", as_json=as_json)
         fail(EXIT_REFUSED, "BACKEND_ERROR", f"Redis error{where} ({type(exc).__name__}): {exc}", as_json=as_json)
+
+
+@contextmanager
+def listen_failure_exits_1(host: str, port: int) -> Iterator[None]:
+    """uvicorn exits 3 when it cannot listen (port in use, address not allowed), after logging
+    why; every command's codes are 0, 1 and 2, and such a failure is a refusal: 1."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == 3:
+            err.print(f"[red]error:[/] cannot listen on {escape(host)}:{port} (see the log line above)")
+            raise SystemExit(EXIT_REFUSED) from None
+        raise

@@ -13,6 +13,11 @@ from .models import MAX_SECONDS
 DEFAULT_NAMESPACE = "alloc"
 
 
+def _shown(v: float) -> str:
+    """A bound as the docs write it: 315360000, not 3.1536e+08."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float = math.inf,
                integer: bool = False) -> float:
     """An operator's numeric setting, or its default when unset; a value that is not a number,
@@ -22,7 +27,7 @@ def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: fl
     if raw is None or raw.strip() == "":
         return default
     kind = "a whole number" if integer else "a number"
-    bounds = f">= {minimum:g}" if maximum == math.inf else f"from {minimum:g} to {maximum:g}"
+    bounds = f">= {_shown(minimum)}" if maximum == math.inf else f"from {_shown(minimum)} to {_shown(maximum)}"
     try:
         v = int(raw) if integer else float(raw)
     except ValueError:

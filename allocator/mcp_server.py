@@ -9,6 +9,7 @@ structured content is the error document. stdio by default; streamable HTTP with
 
 from __future__ import annotations
 
+import hmac
 import logging
 import sys
 from collections.abc import Callable
@@ -70,13 +71,46 @@ def build_server(allocator: Allocator | Callable[[], Allocator]) -> MCPServer:
                      tools=[_tool(spec, ctx) for spec in TOOLS.values()])
 
 
+class BearerAuth:
+    """An HTTP request without ``Authorization: Bearer <token>`` is answered 401 before it reaches
+    the tools (as the HTTP API guards /v1 with ``ALLOCATOR_API_TOKEN``); the lifespan passes."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            got = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self._expected):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": "a bearer token is required (ALLOCATOR_MCP_TOKEN)"}'})
+                return
+        await self.app(scope, receive, send)
+
+
+def http_app(allocator: Allocator | Callable[[], Allocator], *, token: str | None = None, host: str = "127.0.0.1",
+             path: str = "/mcp") -> Any:
+    """The streamable-HTTP ASGI app (stateless, JSON responses), behind ``BearerAuth`` when a
+    token is given."""
+    app = build_server(allocator).streamable_http_app(streamable_http_path=path, stateless_http=True,
+                                                      json_response=True, host=host)
+    return BearerAuth(app, token) if token else app
+
+
 def serve(allocator: Allocator | Callable[[], Allocator], *, http: bool = False, host: str = "127.0.0.1",
-          port: int = 8765, path: str = "/mcp") -> None:
+          port: int = 8765, path: str = "/mcp", token: str | None = None) -> None:
     """Runs the server until interrupted (stdio: stdout is the wire, so logs go to stderr)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    server = build_server(allocator)
     if http:
-        server.run("streamable-http", host=host, port=port, streamable_http_path=path, stateless_http=True,
-                   json_response=True)
+        import uvicorn
+
+        if not token:
+            logging.getLogger("allocator.mcp").warning(
+                "serving MCP over HTTP on %s:%s with NO token: anyone who reaches the port can allocate, "
+                "release and cancel (set ALLOCATOR_MCP_TOKEN)", host, port)
+        uvicorn.run(http_app(allocator, token=token, host=host, path=path), host=host, port=port, log_level="warning")
     else:
-        server.run()
+        build_server(allocator).run()

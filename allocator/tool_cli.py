@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import NAMESPACE, REDIS_URL, err, settings_url
-from .client import Allocator
+from .cli_common import NAMESPACE, REDIS_URL, err, listen_failure_exits_1, settings_url
+from .client import Allocator, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest, TaskRegistryError
 from .tool import ToolContext, definitions, dumps, run_document
@@ -77,19 +77,32 @@ def tool(
 def mcp(
     http: bool = typer.Option(False, "--http", help="Serve streamable HTTP instead of stdio."),
     host: str = typer.Option("127.0.0.1", "--host", help="HTTP bind address."),
-    port: int = typer.Option(8765, "--port", help="HTTP port."),
+    port: int = typer.Option(8765, "--port", min=1, max=65535, help="HTTP port."),
     path: str = typer.Option("/mcp", "--path", help="HTTP endpoint path."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="ALLOCATOR_MCP_TOKEN", show_default=False,
+                                        help="With --http: bearer token every request must carry (prefer the variable: flags show in ps)."),
     redis_url: Optional[str] = REDIS_URL,
     namespace: Optional[str] = NAMESPACE,
 ) -> None:
-    """Serve the allocator tools over MCP (stdio for a local agent host, --http for remote clients)."""
+    """Serve the allocator tools over MCP (stdio for a local agent host, --http for remote clients,
+    with --token / ALLOCATOR_MCP_TOKEN)."""
     from .mcp_server import serve
 
-    if not settings_url(redis_url):
+    url = settings_url(redis_url)
+    if not url:
         err.print("[bold red]invalid:[/] no Redis configured: set ALLOCATOR_REDIS_URL or --redis-url")
         raise typer.Exit(2)
     try:
-        serve(_allocator_factory(redis_url, namespace), http=http, host=host, port=port, path=path)
+        # The operator's settings and URL are checked now: an error in them is the operator's, not
+        # the invalid input of every tool call that would meet it later.
+        Settings.from_env()
+        check_redis_url(url)
+    except InvalidRequest as exc:
+        err.print(f"[bold red]invalid:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    try:
+        with listen_failure_exits_1(host, port):
+            serve(_allocator_factory(redis_url, namespace), http=http, host=host, port=port, path=path, token=token)
     except TaskRegistryError as exc:  # the tools' schemas list the registered task names
         err.print(f"[bold red]invalid:[/] {escape(exc.message)}")
         raise typer.Exit(2) from None

@@ -80,9 +80,9 @@ def scheduler(
     settings = Settings.from_env()
     require_positive(interval, "--interval")
     require_positive(grace, "--grace", zero_means="no reaper")
-    a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
-    if not (redis_url or settings.redis_url):
+    if not (redis_url or settings.redis_url):  # (before any Allocator: one without a URL starts a private server)
         raise typer.BadParameter("a scheduler needs a shared Redis: set --redis-url or ALLOCATOR_REDIS_URL")
+    a = Allocator.from_env(**{k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v})
     if once:
         with reporting(url=redis_url or settings.redis_url):
             a.redis.ping()  # --once reports an unreachable Redis (exit 1) instead of a failed pass

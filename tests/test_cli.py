@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from allocator import Allocator
+from allocator import Allocator, InvalidRequest
 from allocator.cli import app
 
 from .conftest import ledger_dump
@@ -527,3 +528,46 @@ def test_a_worker_with_a_host_or_log_level_it_cannot_use_is_invalid_input_naming
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, ["worker", *args, "--burst", "--redis-url", url, "--namespace", real.keys.namespace])
     assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("command", [["api", "--port", "99999"], ["mcp", "--http", "--port", "99999"],
+                                     ["agent", "--metrics-port", "99999"], ["reaper", "--metrics-port", "70000"]])
+def test_a_port_out_of_range_is_invalid_input(command):
+    res = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and "port" in res.output.lower()
+
+
+def test_a_metrics_port_in_use_is_refused_in_one_line(redis_url):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(app, ["reaper", "--metrics-port", str(port), "--redis-url", redis_url])
+    assert res.exit_code == 1 and "cannot listen" in res.stderr and "Traceback" not in res.output
+
+
+def test_an_api_port_in_use_exits_1(redis_url):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(app, ["api", "--port", str(port), "--redis-url", redis_url])
+    assert res.exit_code == 1 and "cannot listen" in res.stderr
+
+
+def test_a_setting_out_of_range_shows_its_bounds_as_the_docs_write_them():
+    from allocator.config import Settings
+
+    with pytest.raises(InvalidRequest) as exc:
+        Settings.from_env({"ALLOCATOR_RECORD_RETENTION_S": "-1"})
+    assert "from 0 to 315360000" in str(exc.value)
+
+
+def test_a_scheduler_without_a_redis_url_starts_no_private_server_before_refusing(monkeypatch):
+    from allocator import embedded
+
+    started = []
+    monkeypatch.setattr(embedded, "embedded_url", lambda *a, **k: started.append(1) or "redis://127.0.0.1:1/0")
+    res = CliRunner().invoke(app, ["scheduler", "--once"], env={"ALLOCATOR_REDIS_URL": ""})
+    assert res.exit_code == 2 and "shared Redis" in res.output
+    assert started == []

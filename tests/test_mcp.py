@@ -166,3 +166,31 @@ def test_mcp_with_a_task_module_that_cannot_be_imported_exits_2_naming_it(redis_
                              env={"ALLOCATOR_TASK_MODULES": "no_such_module_anywhere"}, input="")
     assert res.exit_code == 2, res.output
     assert "no_such_module_anywhere" in res.output
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+@pytest.mark.parametrize("sent, status", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
+def test_mcp_over_http_with_a_token_answers_only_requests_that_carry_it(alloc, sent, status):
+    from starlette.testclient import TestClient
+
+    from allocator.mcp_server import http_app
+
+    headers = dict(MCP_HEADERS, **({"authorization": sent} if sent else {}))
+    with TestClient(http_app(alloc, token="s3cret"), base_url="http://127.0.0.1:8765") as c:
+        assert c.post("/mcp", json=INITIALIZE, headers=headers).status_code == status
+
+
+@pytest.mark.parametrize("variable, value", [("ALLOCATOR_SCAN_CAP", "0"), ("ALLOCATOR_REDIS_URL", "http://127.0.0.1:6379")])
+def test_mcp_with_a_bad_setting_exits_2_at_start_up_naming_it(redis_url, variable, value):
+    from typer.testing import CliRunner
+
+    from allocator.cli import app
+
+    env = {"ALLOCATOR_REDIS_URL": redis_url, variable: value}
+    res = CliRunner().invoke(app, ["mcp"], env=env, input="")
+    assert res.exit_code == 2, res.output
+    assert ("ALLOCATOR_SCAN_CAP" if variable == "ALLOCATOR_SCAN_CAP" else "redis://") in res.output

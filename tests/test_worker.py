@@ -578,3 +578,16 @@ def test_a_task_waiting_for_an_expired_jobs_gpus_is_placed_when_its_claim_fails(
     assert late.job.get_status() == "canceled"
     assert waiting.job.get_status() == "finished"
     assert waiting.job.return_value() == 7
+
+
+def test_a_worker_applies_the_operators_settings_to_the_passes_it_runs(alloc, monkeypatch):
+    from rq import Queue
+
+    from workers import ResourceWorker
+
+    monkeypatch.setenv("ALLOCATOR_PASS_DEPTH", "1")
+    monkeypatch.setenv("ALLOCATOR_SCAN_CAP", "7")
+    monkeypatch.setenv("ALLOCATOR_RECORD_RETENTION_S", "60")
+    conn = alloc.rq_connection
+    w = ResourceWorker([Queue(host_queue_name(alloc.keys.namespace, "h1"), connection=conn)], connection=conn)
+    assert (w.allocator.pass_depth, w.allocator.scan_cap, w.allocator.record_retention_s) == (1, 7, 60)

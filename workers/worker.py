@@ -63,7 +63,9 @@ class ResourceWorker(Worker):
             raise ValueError("ResourceWorker listens on exactly one host queue; got "
                              + ", ".join(repr(q.name) for q in self.queues) + " (run one worker per queue)")
         self.namespace, self.host_id = parsed
-        self.allocator = allocator or Allocator(client=_text_client(self.connection), namespace=self.namespace)
+        # The operator's settings (ALLOCATOR_PASS_DEPTH, _SCAN_CAP, _RECORD_RETENTION_S) apply to the
+        # passes and releases a worker runs, as to every other process of the fleet.
+        self.allocator = allocator or Allocator.from_env(client=_text_client(self.connection), namespace=self.namespace)
         self._grant: Grant | None = None
         self._pid_recorded = 0
         # The job between its claim and the end of its run, and a stop asked before its horse

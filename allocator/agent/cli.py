@@ -55,16 +55,31 @@ def parse_labels(values: list[str] | None) -> dict[str, str]:
 
 
 def _allocator(redis_url: str | None, namespace: str | None) -> Allocator:
-    s = Settings.from_env()
-    url = redis_url or s.redis_url
-    if not url:
-        err.print("[red]error:[/] no Redis URL: pass --redis-url or set ALLOCATOR_REDIS_URL")
-        raise typer.Exit(2)
+    """The agent's and the reaper's Allocator, with the operator's settings (pass depth, scan cap,
+    record retention) applied to the passes and releases they run, as in every other process."""
     try:
-        return Allocator(url, namespace=namespace or s.namespace)
-    except InvalidRequest as exc:  # a malformed URL
+        s = Settings.from_env()
+        url = redis_url or s.redis_url
+        if not url:
+            err.print("[red]error:[/] no Redis URL: pass --redis-url or set ALLOCATOR_REDIS_URL")
+            raise typer.Exit(2)
+        return Allocator.from_env(redis_url=url, namespace=namespace or s.namespace)
+    except InvalidRequest as exc:  # a malformed URL or setting
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
+
+
+def _serve_metrics(port: int) -> None:
+    """Prometheus metrics on ``port`` (0: none); a port in use or not allowed is one line, exit 1."""
+    if not port:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        err.print(f"[red]error:[/] --metrics-port {port}: cannot listen there: {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(1) from None
 
 
 def _signals(stop: threading.Event, abort: threading.Event) -> None:
@@ -119,7 +134,7 @@ def agent_command(
         help="Unmanaged GPU memory is rounded up to this many MiB.",
     ),
     metrics_port: int = typer.Option(
-        0, "--metrics-port",
+        0, "--metrics-port", min=0, max=65535,
         help="Serve Prometheus metrics on this port (0: off).",
     ),
     services: Optional[str] = typer.Option(
@@ -192,10 +207,7 @@ def agent_command(
             rep = agent.run_once()
         console.print_json(json.dumps(rep.__dict__))
         return
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port)
+    _serve_metrics(metrics_port)
     stop, abort = threading.Event(), threading.Event()
     _signals(stop, abort)
     logging.getLogger(__name__).info("agent serving %s every %.1f s", inventory or agent_host_label(provider), interval)
@@ -254,7 +266,7 @@ def reaper_command(
         help="Also release allocations past their TTL.",
     ),
     metrics_port: int = typer.Option(
-        0, "--metrics-port",
+        0, "--metrics-port", min=0, max=65535,
         help="Serve Prometheus metrics on this port (0: off).",
     ),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help=REDIS_HELP),
@@ -269,10 +281,7 @@ def reaper_command(
     require_positive(grace, "--grace")
     require_positive(interval, "--interval")
     a = _allocator(redis_url, namespace)
-    if metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port)
+    _serve_metrics(metrics_port)
     stop, abort = threading.Event(), threading.Event()
     _signals(stop, abort)
     run_reaper(a, grace, interval, stop, expire_leases=expire)

@@ -13,13 +13,13 @@ from typing import Optional
 
 import typer
 
-from ..cli_common import redacted
+from ..cli_common import listen_failure_exits_1, redacted
 from ..config import Settings
 
 
 def api_command(
     bind: str = typer.Option("127.0.0.1", "--bind", envvar="ALLOCATOR_API_BIND", help="Address to listen on (0.0.0.0 in a container)."),
-    port: int = typer.Option(8000, "--port", envvar="ALLOCATOR_API_PORT", help="TCP port."),
+    port: int = typer.Option(8000, "--port", envvar="ALLOCATOR_API_PORT", min=1, max=65535, help="TCP port."),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", envvar="ALLOCATOR_REDIS_URL", help="Redis URL of the ledger; unset = embedded."),
     namespace: Optional[str] = typer.Option(None, "--namespace", envvar="ALLOCATOR_NAMESPACE", help="Key namespace (default alloc)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="ALLOCATOR_API_TOKEN", show_default=False,
@@ -66,7 +66,8 @@ def api_command(
     from uvicorn.config import WS_PROTOCOLS
 
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"
-    uvicorn.run(app, host=bind, port=port, log_level=log_level.lower(), proxy_headers=True, ws=ws)
+    with listen_failure_exits_1(bind, port):
+        uvicorn.run(app, host=bind, port=port, log_level=log_level.lower(), proxy_headers=True, ws=ws)
 
 
 def register(app: typer.Typer) -> None:

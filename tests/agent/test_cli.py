@@ -82,3 +82,13 @@ def test_labels_and_worker_slots_a_registration_refuses_are_refused_at_start_up(
     inv.write_text("hosts:\n  - {id: h1, cpu_cores: 2, ram_mb: 1Gi}\n")
     res = CliRunner().invoke(app, ["agent", "--once", "--inventory", str(inv), "--redis-url", "redis://127.0.0.1:1/0", *args])
     assert res.exit_code == 2 and field in res.output, res.output
+
+
+def test_the_agent_applies_the_operators_pass_depth_to_the_pass_its_registration_runs(live_alloc, inventory,
+                                                                                       redis_url):
+    waiting = [live_alloc.allocate({"cpu_cores": 1}, on_busy="queue").allocation_id for _ in range(3)]
+    inventory.write([host("c1")])
+    r = runner.invoke(app, ["agent", "--once", "--inventory", str(inventory.path), *_args(live_alloc, redis_url)],
+                      env={"ALLOCATOR_PASS_DEPTH": "1"})
+    assert r.exit_code == 0, r.output
+    assert [live_alloc.get(i).state for i in waiting] == ["active", "pending", "pending"]

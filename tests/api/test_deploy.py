@@ -58,6 +58,10 @@ def test_compose_services(compose: dict[str, Any]) -> None:
         == "${ALLOCATOR_HOST_ID:-gpu-host-1}"
     assert "hostname" not in s["agent"]  # the agent's services are reached at its container's name
     assert any(str(p).endswith(":8000") for p in s["api"]["ports"])
+    # Prometheus outside the compose network scrapes each agent's --metrics-port (docs/deploy.md).
+    assert "--metrics-port" in s["agent"]["command"]
+    port = s["agent"]["command"][s["agent"]["command"].index("--metrics-port") + 1]
+    assert any(str(p).endswith(f":{port}") for p in s["agent"]["ports"])
     assert "ALLOCATOR_API_TOKEN" in s["api"]["environment"]
 
 
