@@ -22,7 +22,7 @@ from . import embedded, queue
 from . import services as _services
 from .config import Settings
 from .errors import AllocationNotFound, InvalidRequest, from_code
-from .keys import MAX_GPUS_PER_HOST, Keys
+from .keys import Keys
 from .models import (
     ALLOCATION_STATES,
     Allocation,

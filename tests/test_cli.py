@@ -537,22 +537,13 @@ def test_a_port_out_of_range_is_invalid_input(command):
     assert res.exit_code == 2 and "port" in res.output.lower()
 
 
-def test_a_metrics_port_in_use_is_refused_in_one_line(redis_url):
+@pytest.mark.parametrize("command, address", [(["reaper", "--metrics-port"], "0.0.0.0"), (["api", "--port"], "127.0.0.1")])
+def test_a_port_in_use_is_refused_in_one_line_with_exit_1(redis_url, command, address):
     with socket.socket() as busy:
-        busy.bind(("0.0.0.0", 0))
+        busy.bind((address, 0))
         busy.listen()
-        port = busy.getsockname()[1]
-        res = CliRunner().invoke(app, ["reaper", "--metrics-port", str(port), "--redis-url", redis_url])
+        res = CliRunner().invoke(app, [*command, str(busy.getsockname()[1]), "--redis-url", redis_url])
     assert res.exit_code == 1 and "cannot listen" in res.stderr and "Traceback" not in res.output
-
-
-def test_an_api_port_in_use_exits_1(redis_url):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        res = CliRunner().invoke(app, ["api", "--port", str(port), "--redis-url", redis_url])
-    assert res.exit_code == 1 and "cannot listen" in res.stderr
 
 
 def test_a_setting_out_of_range_shows_its_bounds_as_the_docs_write_them():
