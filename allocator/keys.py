@@ -147,7 +147,8 @@ class Keys:
 
     @property
     def ends(self) -> str:
-        """Active allocations by expected end (duration hint, else TTL): backfill and ETA."""
+        """Active allocations by expected end (the history's p80 for the task type, else the duration
+        hint, else the TTL): backfill and ETA."""
         return self._k("ends")
 
     @property

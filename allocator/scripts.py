@@ -58,7 +58,6 @@ SCRIPT_NAMES = (
     "submit",
     "schedule",
     "cancel",
-    "requeue",
     "recovery",
     "restore_allocation",
     "trim_outbox",

@@ -15,7 +15,7 @@ a successful job with result_ttl=0 before the worker gets here), ARGV[11] "1" wh
 calls for a worker that died (the "finished" event then says worker_lost: true).
 Steps, in the order the worker used to take them one call each:
 1. the horse's entry leaves the host's work-horse map;
-2. a task marked "preempting" goes back to the front of its priority (as requeue.lua), then a
+2. a task marked "preempting" goes back to the front of its priority (requeue_task), then a
    scheduling pass; nothing else; unless the run had ended on its own before the stop reached
    it, finished or finally failed (status "finished" or "failed"; a failure RQ retries is
    "queued" or "scheduled" and goes back in line): then the task is done (event "finished",

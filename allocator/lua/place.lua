@@ -6,7 +6,8 @@ ARGV[3] request JSON {id, task_id, task_type, owner, priority, strategy ("best"|
         cpu_millis, exclusive (bool), ram, ttl_ms (0 = none), expected_ms (0 = unknown),
         preempt (bool), selector{label=[values]} or absent, scan_cap, dry_run (bool),
         unbounded (true for a job without a time limit: its TTL is no estimate of its run) or absent,
-        pass_depth (the scheduling pass run when the reaper frees something; absent = none)},
+        pass_depth (the scheduling pass run when the reaper frees something; absent = none),
+        slots (worker slots) and services (names of named services) when asked for},
 ARGV[4] the validated request as JSON text, ARGV[5] metadata as JSON text (both stored as given).
 Idempotent by id: a second call with an id that exists returns that record (existing = true).
 While tasks wait in line, the request is placed as a backfill would be (place_beside_line in

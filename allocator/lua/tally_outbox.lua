@@ -5,7 +5,7 @@ several API replicas can run it at once and every event is still counted once.
 KEYS: the ledger's fixed keys (see includes/ledger.lua), then two more as the LAST keys (found
 from #KEYS so the fixed list can grow): KEYS[#KEYS-1] the statistics HASH, KEYS[#KEYS] the ETA
 predictions HASH (task id -> predicted start ms, written when an ETA is first reported).
-ARGV[1] key prefix, ARGV[2] clock override ms (unused), ARGV[3] most entries to count in this
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME; written as cursor_at), ARGV[3] most entries to count in this
 call, ARGV[4] JSON list of placement-latency bucket bounds in ms (ascending), ARGV[5] JSON list
 of ETA-error bucket bounds in ms (ascending).
 Statistics fields: cursor (last counted stream id), cursor_at (when a tally last ran, ms: while

@@ -1,6 +1,6 @@
 --[[ trim_outbox: drop the outbox entries that every consumer group has acknowledged.
 KEYS: the ledger's fixed keys (see includes/ledger.lua); only KEYS[11] (events) is used.
-ARGV[1] key prefix, ARGV[2] clock override ms (unused).
+ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME; compared with the tally's cursor_at).
 For each consumer group the first entry still needed is its oldest pending (delivered, not yet
 acknowledged) entry, or the one after its last-delivered id when nothing is pending. The stream is
 trimmed (XTRIM MINID, exact) below the smallest of those, so an entry leaves only after every

@@ -13,7 +13,7 @@ Every script receives the same fixed KEYS (built by allocator/keys.py):
   KEYS[10] done      ZSET allocation id -> ended ms    (finished records awaiting purge)
   KEYS[11] events    STREAM outbox, one entry per ledger change
   KEYS[12] seq       HASH counters (host ordinals, task sequence) and flags (recovering)
-  KEYS[13] ends      ZSET allocation id -> expected end ms (duration hint, else TTL)
+  KEYS[13] ends      ZSET allocation id -> expected end ms (history p80, else hint, else TTL)
   KEYS[14] byprio    ZSET allocation id -> priority*1e13 + (1e13-1-start ms): preemption order
   KEYS[15] pending   ZSET task id -> queue order (priority band, then front flag, then sequence)
   KEYS[16] idle_hosts ZSET host -> number of its GPUs with no holder (schedulable hosts with one or more)

@@ -19,7 +19,7 @@ local function task_key(id) return PREFIX .. 'task:' .. id end
 -- (allocator/eta/).
 local K_DELAYED = PREFIX .. 'delayed'
 -- HASH task id -> host id: preempted function tasks whose worker on that host is stopping the
--- run (task state "preempting"). The worker's report puts them back in line (requeue.lua,
+-- run (task state "preempting"). The worker's report puts them back in line (its call of
 -- finish_job.lua); when the host is lost instead, no report comes, and mark_lost.lua applies
 -- their on_host_lost policy from here.
 local K_PREEMPTING = PREFIX .. 'preempting'
@@ -359,7 +359,7 @@ local function preempt_for(req, now, limit)
     if t and t.kind == 'job' then
       local worker = job_runner(v, a, t)
       if worker then
-        -- The worker stops the horse, then requeues the task (see requeue.lua).
+        -- The worker stops the horse, then requeues the task (finish_job.lua).
         rcall('HSET', task_key(v), 'state', 'preempting')
         rcall('HSET', K_PREEMPTING, v, a.host)
         rcall('PERSIST', task_key(v))
