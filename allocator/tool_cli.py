@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from .cli_common import NAMESPACE, REDIS_URL, err, listen_failure_exits_1, settings_url
-from .client import Allocator, check_redis_url
+from .client import Allocator, check_namespace, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest, TaskRegistryError
 from .tool import ToolContext, definitions, dumps, run_document
@@ -95,8 +95,9 @@ def mcp(
     try:
         # The operator's settings and URL are checked now: an error in them is the operator's, not
         # the invalid input of every tool call that would meet it later.
-        Settings.from_env()
+        settings = Settings.from_env()
         check_redis_url(url)
+        check_namespace(namespace or settings.namespace)
     except InvalidRequest as exc:
         err.print(f"[bold red]invalid:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -173,7 +173,8 @@ INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
 MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
-@pytest.mark.parametrize("sent, status", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
+@pytest.mark.parametrize("sent, status", [(None, 401), ("Bearer wrong", 401), ("s3cret", 401), ("Basic s3cret", 401),
+                                          ("Bearer s3cret", 200), ("bearer s3cret", 200)])
 def test_mcp_over_http_with_a_token_answers_only_requests_that_carry_it(alloc, sent, status):
     from starlette.testclient import TestClient
 
@@ -184,8 +185,10 @@ def test_mcp_over_http_with_a_token_answers_only_requests_that_carry_it(alloc, s
         assert c.post("/mcp", json=INITIALIZE, headers=headers).status_code == status
 
 
-@pytest.mark.parametrize("variable, value", [("ALLOCATOR_SCAN_CAP", "0"), ("ALLOCATOR_REDIS_URL", "http://127.0.0.1:6379")])
-def test_mcp_with_a_bad_setting_exits_2_at_start_up_naming_it(redis_url, variable, value):
+@pytest.mark.parametrize("variable, value, named", [("ALLOCATOR_SCAN_CAP", "0", "ALLOCATOR_SCAN_CAP"),
+                                                     ("ALLOCATOR_REDIS_URL", "http://127.0.0.1:6379", "redis://"),
+                                                     ("ALLOCATOR_NAMESPACE", "x" * 70, "namespace")])
+def test_mcp_with_a_bad_setting_exits_2_at_start_up_naming_it(redis_url, variable, value, named):
     from typer.testing import CliRunner
 
     from allocator.cli import app
@@ -193,4 +196,4 @@ def test_mcp_with_a_bad_setting_exits_2_at_start_up_naming_it(redis_url, variabl
     env = {"ALLOCATOR_REDIS_URL": redis_url, variable: value}
     res = CliRunner().invoke(app, ["mcp"], env=env, input="")
     assert res.exit_code == 2, res.output
-    assert ("ALLOCATOR_SCAN_CAP" if variable == "ALLOCATOR_SCAN_CAP" else "redis://") in res.output
+    assert named in res.output
