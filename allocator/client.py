@@ -314,6 +314,11 @@ class Allocator:
 
         Idempotent by ``allocation_id``: repeating it returns the allocation made the first time.
         """
+        return self.submit_placed(req)[0]
+
+    def submit_placed(self, req: AllocationRequest) -> tuple[Allocation, bool]:
+        """``submit``, and whether the id was taken already (the allocation returned is then the
+        one made before, by whoever made it)."""
         allocation_id = req.allocation_id or new_allocation_id()
         t0 = time.perf_counter()
         args = self.place_args(req, allocation_id)
@@ -326,7 +331,7 @@ class Allocator:
             # JSON just sent decodes to what model_dump(mode="json") builds, at a third of its cost).
             alloc.request, alloc.metadata = from_json(args[1]), req.metadata
         alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
-        return alloc
+        return alloc, bool(res.get("existing"))
 
     def place_args(self, req: AllocationRequest, allocation_id: str, dry_run: bool = False) -> tuple[str, str, str]:
         """ARGV of place.lua after the prefix and clock: payload, request JSON, metadata JSON."""

@@ -209,6 +209,12 @@ def place_on(a: Allocator, req: AllocationRequest, allocation_id: str, host: str
 def submit_to_line(a: Allocator, req: AllocationRequest, allocation_id: str, only: str | None = None) -> Allocation:
     """Puts a direct request in line (``submit.lua``), optionally pinned to one host; it is placed
     now if it fits and nothing ahead blocks it, else later by a scheduling pass."""
+    return line_submit(a, req, allocation_id, only)[0]
+
+
+def line_submit(a: Allocator, req: AllocationRequest, allocation_id: str, only: str | None = None
+                ) -> tuple[Allocation, bool]:
+    """``submit_to_line``, and whether the id was taken already."""
     payload = json.loads(a._place_payload(req, allocation_id, False))
     if only:
         payload["only"] = only
@@ -220,7 +226,7 @@ def submit_to_line(a: Allocator, req: AllocationRequest, allocation_id: str, onl
     if res.get("existing"):
         queue.check_lease(alloc)
     alloc.queue_position = int(res.get("position") or 0)
-    return alloc
+    return alloc, bool(res.get("existing"))
 
 
 def placement_of(a: Allocator, alloc: Allocation) -> Placement | None:
@@ -247,6 +253,13 @@ class PolicyRun:
     selector_field: str = "clusters"
     needs_candidates: bool = True  # False for the built-in ledger strategies, which do not read them
     log: list[dict[str, Any]] = field(default_factory=list)
+    # The id was taken by the time this run committed (another client, REST or CLI, made an
+    # allocation under it meanwhile): what ``run`` returns is not this run's to cancel.
+    existing: bool = False
+
+    def _line(self, req: AllocationRequest, only: str | None = None) -> Allocation:
+        alloc, self.existing = line_submit(self.allocator, req, self.allocation_id, only)
+        return alloc
 
     def run(self) -> Allocation:
         """Returns the allocation: active when placed, pending when it waits in line."""
@@ -272,12 +285,13 @@ class PolicyRun:
             if res.get("ok"):
                 placed = Allocation.from_record(res["alloc"])
                 if res.get("existing"):
+                    self.existing = True
                     queue.check_lease(placed)
                 return placed
             code = res.get("code", "")
             if code == "QUEUE_AHEAD":
                 if self.on_busy == "queue":
-                    return submit_to_line(a, req, self.allocation_id, only=choice.node_id)
+                    return self._line(req, only=choice.node_id)
                 # Refused as a built-in strategy's request is: only the line's reserved room holds it.
                 raise from_code(code, res.get("message", code), res.get("details") or None)
             if code == "INVALID_GPU_CHOICE":
@@ -291,7 +305,7 @@ class PolicyRun:
             log.info("policy choice %s refused on attempt %d: %s", choice.node_id, attempt, last["message"])
         assert choice is not None and last is not None
         if self.on_busy == "queue":
-            return submit_to_line(a, req, self.allocation_id, only=choice.node_id)
+            return self._line(req, only=choice.node_id)
         raise PolicyConflict(f"the policy's choice did not fit on any of {self.attempts} attempt(s); "
                              f"last: {last['message']}", details={"last_code": last["code"], "node_id": last["node_id"]})
 
@@ -300,8 +314,9 @@ class PolicyRun:
         req = self.request.model_copy(update={"selector": scope, "strategy": choice.strategy or self.request.strategy,
                                               "allocation_id": self.allocation_id})
         if self.on_busy == "queue":
-            return submit_to_line(self.allocator, req, self.allocation_id)
-        return self.allocator.submit(req)
+            return self._line(req)
+        alloc, self.existing = self.allocator.submit_placed(req)
+        return alloc
 
 
 def timed_eval(executor: Executor, policy: Any, parameters: dict[str, Any], context: dict[str, Any],

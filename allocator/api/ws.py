@@ -257,9 +257,19 @@ class Session:
                 await attempt
             except AllocatorError:
                 return None
+            self._disown_if_taken(run)
             await self.stop_here()
             return None
-        return attempt.result()
+        alloc = attempt.result()
+        self._disown_if_taken(run)
+        return alloc
+
+    def _disown_if_taken(self, run: PolicyRun) -> None:
+        """Another client (REST, the CLI, the tool) made an allocation under the client-named id
+        while the policy ran: the session's claim only keeps other sessions out, so what the run
+        returns is theirs, and this session must never cancel it."""
+        if run.existing:
+            self.owned = False
 
     async def wait(self, alloc: Allocation, run: PolicyRun) -> Allocation | None:
         waiters = self.st.waiters

@@ -106,6 +106,34 @@ def test_conflict_is_retried_with_fresh_capacity(api: LiveApi, redis_url: str) -
     assert [g.holders for g in api.allocator.capacity().hosts[0].gpus] == [1, 1]
 
 
+@pytest.mark.parametrize("on_busy", ["fail", "queue"])
+def test_a_session_whose_named_id_another_client_took_meanwhile_never_cancels_it(api: LiveApi, on_busy: str) -> None:
+    import asyncio
+
+    from allocator.api.placing import PolicyRun
+    from allocator.api.ws import Session
+
+    a = api.allocator
+    session = Session(api.app.state.api, ws=None)
+    session.allocation_id = "job-42"  # the id the client named, free when the session claimed it
+
+    def evaluate(data: dict[str, Any]) -> dict[str, Any]:
+        a.allocate({"gpus": 1}, allocation_id="job-42")  # another client (REST, the CLI) takes it meanwhile
+        return {}
+
+    async def client_left_while_the_policy_ran() -> None:
+        session.stop.set()
+        alloc = await session.place(run)  # the attempt ends, then what the session made is undone
+        if alloc is not None:
+            await session.deliver(alloc, run)
+
+    run = PolicyRun(a, a.build_request({"gpus": 1}, allocation_id="job-42"), "job-42", None, {}, evaluate,
+                    on_busy=on_busy, needs_candidates=False)
+    asyncio.run(client_left_while_the_policy_ran())
+    assert a.get("job-42").state == "active"  # the other client's grant stands
+    assert not session.owned
+
+
 def test_persistent_conflict_fails_clearly_or_waits_for_the_node(api: LiveApi) -> None:
     c = api.client()
     c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}, "allocation_id": "hog"})
