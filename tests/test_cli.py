@@ -183,7 +183,8 @@ def test_the_agent_once_reports_an_unreachable_redis_in_one_line_with_exit_1(tmp
 
 @pytest.mark.parametrize("command", [
     ["scheduler", "--grace", "-1"], ["scheduler", "--interval", "0"], ["reaper", "--grace", "0"],
-    ["reaper", "--interval", "-2"], ["agent", "--interval", "0"],
+    ["reaper", "--interval", "-2"], ["agent", "--interval", "0"], ["agent", "--kill-grace", "nan"],
+    ["agent", "--kill-grace", "-5"], ["agent", "--kill-grace", "1e308"], ["agent", "--granularity-mb", "-5"],
 ])
 def test_periods_that_are_not_above_zero_are_invalid_input(command):
     res = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0"])

@@ -130,7 +130,7 @@ def agent_command(
         help="On SIGTERM: seconds to let running work finish before it is released (<0: wait for it).",
     ),
     granularity: int = typer.Option(
-        DEFAULT_GRANULARITY_MB, "--granularity-mb",
+        DEFAULT_GRANULARITY_MB, "--granularity-mb", min=1,
         help="Unmanaged GPU memory is rounded up to this many MiB.",
     ),
     metrics_port: int = typer.Option(
@@ -171,6 +171,7 @@ def agent_command(
     """Host agent: publish inventory and heartbeats, keep capacity truthful, watch GPU memory grants."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_positive(interval, "--interval")
+    require_positive(kill_grace, "--kill-grace", zero_means="SIGKILL at once")
     try:
         extra = parse_labels(labels)
         catalog = ServiceCatalog.load(services)

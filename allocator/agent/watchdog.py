@@ -50,6 +50,7 @@ class Grant:
     host_id: str
     active: bool
     gpu_mb: dict[str, int]  # GPU uuid -> MiB granted on it
+    whole: frozenset[str] = frozenset()  # GPUs (uuids) it holds whole
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ def attribute(
         managed = 0
         for aid, plist in pids.items():
             granted = grants[aid].gpu_mb.get(unit.uuid, 0)
+            if unit.uuid in grants[aid].whole:
+                # A GPU held whole is its holder's, all that other processes leave of it: its
+                # grant is that room as the agent last rounded it up (--granularity-mb), so a
+                # holder filling the GPU is not over it by the rounding.
+                granted = max(granted, unit.memory_mb - (unit.used_mb - used.get(aid, 0)))
             if aid in unknown:
                 continue  # no size to attribute: none of the used memory is counted as its
             managed += min(used.get(aid, 0), granted)
@@ -148,9 +154,12 @@ def read_grants(allocator: Allocator, host_ids: Iterable[str]) -> tuple[dict[str
             if state is None:
                 continue
             per_gpu: dict[str, int] = {}
+            whole: set[str] = set()
             for g in _redis.as_list(json.loads(gpus or "[]")):
                 per_gpu[g["uuid"]] = per_gpu.get(g["uuid"], 0) + int(g["memory_mb"])
-            grants[a] = Grant(a, host or "", state == "active", per_gpu)
+                if g.get("whole"):
+                    whole.add(g["uuid"])
+            grants[a] = Grant(a, host or "", state == "active", per_gpu, frozenset(whole))
     return maps, grants
 
 

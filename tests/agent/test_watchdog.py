@@ -119,6 +119,26 @@ def test_within_grant_produces_nothing(alloc, make_agent, inventory):
     assert agent.run_once().overuse == 0 and events(alloc, "gpu_memory_exceeded") == []
 
 
+def test_a_whole_gpu_holder_filling_what_others_leave_is_not_over_its_rounded_grant(alloc, make_agent, inventory):
+    # 100 MiB used by another process is rounded up to 256 (--granularity-mb), so the whole grant
+    # is 16,128 MiB; the holder then fills the 16,284 MiB the GPU really has left.
+    h = unique("wd")
+    agent = make_agent([host(h, gpus=_gpu_with({9999: 100}))], granularity_mb=256)
+    agent.run_once()
+    x = alloc.allocate({"gpus": 1})
+    assert x.gpus[0].memory_mb == 16128
+    alloc.redis.hset(alloc.keys.host_pids(h), "4242", x.allocation_id)
+    inventory.write([host(h, gpus=_gpu_with({9999: 100, 4242: 16284}))])
+    assert agent.run_once().overuse == 0 and events(alloc, "gpu_memory_exceeded") == []
+
+
+def test_a_whole_gpu_holder_is_its_own_tenant_beside_others_only_by_what_they_use():
+    inv = HostInventory("h", [0], 1024, [GpuUnit(0, "g0", "T4", 16384, used_mb=16384, processes=[
+        GpuProcess(1, 16284), GpuProcess(3, 100)])])
+    att = attribute(inv, {1: "a"}, {"a": Grant("a", "h", True, {"g0": 16128}, frozenset({"g0"}))}, resolve=None)
+    assert att.overuse == [] and att.unmanaged_mb == {"g0": 100}
+
+
 def test_enforce_stops_a_real_process_over_its_grant(alloc, make_agent, inventory, child):
     h = unique("wd")
     agent = make_agent([host(h)], enforce=True)
