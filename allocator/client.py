@@ -247,15 +247,17 @@ class Allocator:
         mode = "agent_resume" if by_agent else "resume"
         return str(self._raise_unless_ok(self._call("drain_host", host_id, mode, self.pass_depth, self.scan_cap))["state"])
 
-    def remove_host(self, host_id: str, *, force: bool = False) -> list[str]:
+    def remove_host(self, host_id: str, *, force: bool = False, keep_operator_drain: bool = False) -> list[str]:
         """Removes a host; refused while it holds allocations unless ``force`` (which ends them:
         its function tasks not yet started go back in line or fail by their ``on_host_lost``, as
         on a lost host; started runs are stopped by their workers).
-        Its heartbeat and published inventory go too."""
+        Its heartbeat and published inventory go too. ``keep_operator_drain`` (an agent that
+        stops): refused with ``OperatorDrained``, in the same script, while an operator drains it."""
         check_id(host_id, "host_id")
         keys = [*self._ledger_keys, self.keys.heartbeats, self.keys.reclaim, self.keys.host_inventory(host_id)]
         raw = self.scripts["remove_host"](keys=keys, args=[self._prefix_arg, self._now_arg(), host_id, "1" if force else "0",
-                                                           self.pass_depth, self.scan_cap])
+                                                           self.pass_depth, self.scan_cap,
+                                                           "1" if keep_operator_drain else "0"])
         res = self._raise_unless_ok(from_json(raw))
         return list(res.get("released") or [])
 

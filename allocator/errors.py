@@ -117,6 +117,14 @@ class HostBusy(Refused):
     default_message = "host still holds active allocations"
 
 
+class OperatorDrained(Refused):
+    """An agent's deregistration of a host an operator drains: the host stays registered (the
+    drain is the operator's to end)."""
+
+    code = "OPERATOR_DRAINED"
+    default_message = "host is drained by an operator; it stays registered"
+
+
 class AllocationEnded(Refused):
     """A request named the id of an allocation that has ended: placing is idempotent by id, so
     that id cannot be placed again (a new request needs a new id)."""
@@ -150,6 +158,7 @@ _BY_CODE: dict[str, type[AllocatorError]] = {
     "HOST_BUSY": HostBusy,
     "HOST_LOST": HostLost,
     "LEDGER_CORRUPT": LedgerCorrupt,
+    "OPERATOR_DRAINED": OperatorDrained,
     "RECOVERING": Recovering,
 }
 

@@ -39,7 +39,7 @@ from typing import Any
 import redis
 
 from ..client import Allocator
-from ..errors import AllocatorError, HostNotFound, InvalidRequest
+from ..errors import AllocatorError, HostNotFound, InvalidRequest, OperatorDrained
 from ..queue import host_queue_name
 from ..services import ServiceCatalog
 from . import _redis
@@ -316,6 +316,13 @@ class Agent:
         for h in hosts:
             try:
                 state, by = states.get(h) or self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
+                if not _operators_drain((state, by)):
+                    try:
+                        released += self.allocator.remove_host(h, force=True, keep_operator_drain=True)
+                        self._registered.pop(h, None)
+                        continue
+                    except OperatorDrained:  # an operator drained it since its state was read
+                        state, by = self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
                 if _operators_drain((state, by)):
                     # An operator's drain (marked, or from before drains were marked): removing the
                     # host would drop it. It is declared lost instead, now (no agent serves it,
@@ -328,7 +335,6 @@ class Agent:
                     released += lost.released if lost else []
                     self._registered.pop(h, None)
                     continue
-                released += self.allocator.remove_host(h, force=True)
             except HostNotFound:
                 pass
             except (AllocatorError, redis.RedisError) as exc:  # deregister the others all the same

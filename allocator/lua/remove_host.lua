@@ -3,7 +3,9 @@ KEYS: the ledger's fixed keys (see includes/ledger.lua), then as the LAST THREE 
 ZSET, the reclaim ZSET and the host's inventory key (KEYS[#KEYS-2], KEYS[#KEYS-1], KEYS[#KEYS]).
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force, ARGV[5]
 scheduling pass depth (default 100) and ARGV[6] scan cap (default 2048) for the pass run when a
-task went back in line.
+task went back in line, ARGV[7] "1" = an agent deregistering its host as it stops: refused with
+OPERATOR_DRAINED, nothing written, while an operator drains the host (drained_by other than
+"agent"), checked here so that a drain made after the agent read the host's state is kept.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
 allocations end with reason "host_removed" first, and its function tasks placed there and not
 yet claimed by a worker follow their on_host_lost policy (back to the front of the line, or
@@ -39,6 +41,13 @@ if not registered then
   -- drain for (drain_on_register) is known: it is removed as a registered one would be.
   if #ids == 0 and rcall('HEXISTS', K_DRAIN_ON_REGISTER, h) == 0 then
     return cjson.encode({ok = false, code = 'HOST_NOT_FOUND', message = 'host ' .. h .. ' is not registered'})
+  end
+end
+if registered and ARGV[7] == '1' then
+  local st = rcall('HMGET', hk, 'state', 'drained_by')
+  if st[1] == 'draining' and st[2] ~= 'agent' then
+    return cjson.encode({ok = false, code = 'OPERATOR_DRAINED',
+      message = 'host ' .. h .. ' is drained by an operator; it stays registered'})
   end
 end
 if #ids > 0 and ARGV[4] ~= '1' then

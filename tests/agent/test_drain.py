@@ -187,3 +187,21 @@ def test_an_agent_stopping_leaves_a_host_an_operator_drained_registered_and_lost
         alloc.resume_host("h1")
     make_agent([host("h1"), host("h2")]).run_once()  # its next agent
     assert (_state(alloc, "h1"), _state(alloc, "h2")) == ("draining", "ready")
+
+
+def test_an_operator_drain_made_while_an_agent_stops_is_kept(alloc, make_agent, monkeypatch):
+    agent = make_agent([host("h1"), host("h2")])
+    agent.run_once()
+    read = agent._host_states
+
+    def operator_drains_after_the_read(hosts):  # the agent read the states, then the drain lands
+        states = read(hosts)
+        alloc.drain_host("h2")
+        return states
+
+    monkeypatch.setattr(agent, "_host_states", operator_drains_after_the_read)
+    agent.shutdown()
+    assert alloc.redis.exists(alloc.keys.host("h1")) == 0
+    assert _state(alloc, "h2") == "lost"  # kept registered, as for a drain read in time
+    make_agent([host("h1"), host("h2")]).run_once()
+    assert (_state(alloc, "h1"), _state(alloc, "h2")) == ("ready", "draining")
