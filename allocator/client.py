@@ -220,10 +220,12 @@ class Allocator:
 
     # -- hosts -------------------------------------------------------------------------------
 
-    def register_host(self, host: HostSpec | Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    def register_host(self, host: HostSpec | Mapping[str, Any] | None = None, *, only_new: bool = False,
+                      **fields: Any) -> dict[str, Any]:
         """Adds a host or updates its inventory; existing grants stay valid.
 
         Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
+        ``only_new``: a host registered already is left as it is (the reply says ``skipped``).
         """
         data = host if host is not None else fields
         if isinstance(data, HostSpec):
@@ -233,7 +235,7 @@ class Allocator:
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")
-        return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap)
+        return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap, "1" if only_new else "0")
 
     def drain_host(self, host_id: str, *, by_agent: bool = False) -> None:
         """No new placements on the host; what runs there keeps its resources. ``by_agent``: the

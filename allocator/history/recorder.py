@@ -157,18 +157,18 @@ class Recorder:
     def _ledger_lost(self) -> None:
         """The outbox lost its consumer group: Redis lost its data or the namespace was wiped."""
         self.stream_resets += 1
-        if self.redis.hget(self.keys.seq, "recovered_at"):
-            # The loss wiped the ledger's seq hash too, so a recovery stamp there means
-            # `allocator recover` already rebuilt the ledger since: closing the gate again
-            # would stop placements for nothing.
-            log.warning("outbox stream %s lost its consumer group; the ledger was recovered since", self.keys.events)
-        else:
-            # The ledger no longer knows what runs. Stop placements (agents re-registering would
-            # otherwise hand out resources still in use) until an operator runs `allocator
-            # recover`, which rebuilds the active allocations and reopens.
-            self.redis.hset(self.keys.seq, "recovering", "1")
+        # The ledger no longer knows what runs. Stop placements (agents re-registering would
+        # otherwise hand out resources still in use) until an operator runs `allocator recover`,
+        # which rebuilds the active allocations and reopens; unless it has already (the loss
+        # wiped the seq hash, so a recovery stamp there is newer): recovery.lua decides both in
+        # one step, so a recovery finishing meanwhile is not undone.
+        res = json.loads(self.allocator.scripts["recovery"](keys=self.keys.ledger_keys(),
+                                                             args=[self.keys.prefix, "", "lost", "{}"]))
+        if res.get("changed") or res.get("recovering"):
             log.warning("outbox stream %s lost its consumer group: placements stopped until "
                         "`allocator recover` rebuilds the ledger", self.keys.events)
+        else:
+            log.warning("outbox stream %s lost its consumer group; the ledger was recovered since", self.keys.events)
 
     def _call_nogroup_safe(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -173,7 +173,10 @@ def restore_hosts(a: Allocator, engine: Engine, *, watch: bool = False,
         if a.redis.exists(a.keys.host(r["host_id"])):
             continue
         try:
-            a.register_host(_host_spec(r["host_id"], r["spec"]))
+            # Only if still absent, checked in the script: an agent may register the host between
+            # the check above and this call, and its inventory is newer than the history's.
+            if a.register_host(_host_spec(r["host_id"], r["spec"]), only_new=True).get("skipped"):
+                continue
         except InvalidRequest as exc:
             log.warning("host %r not restored: its recorded inventory is refused now (%s)", r["host_id"], shown(exc))
             if refused is not None:

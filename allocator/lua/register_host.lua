@@ -3,7 +3,9 @@ KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] host JSON {id, labels{}, cores[], ram_mb, reserve_gpus, gpus[{index, uuid, model, memory_mb, used_mb}],
         worker_slots (absent/null = one per core), service_ports [first, last] (absent = 9000-9099)},
-ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap.
+ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap, ARGV[6] "1" = only a new
+host: one registered already is left as it is (allocator recover restoring the history's
+inventory must not overwrite an agent's newer registration; checked here, not before the call).
 Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A grant whose GPU moved to another position is rewritten with the new position; a whole GPU's
@@ -27,6 +29,9 @@ local spec = cjson.decode(ARGV[3])
 local h = spec.id
 local hk = host_key(h)
 local created = rcall('EXISTS', hk) == 0
+if not created and ARGV[6] == '1' then
+  return cjson.encode({created = false, skipped = true, state = rcall('HGET', hk, 'state')})
+end
 local ord
 local state = 'ready'
 local old_ngpu = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from datetime import datetime, timezone
 
 import pytest
@@ -262,6 +263,29 @@ def test_a_recorder_that_notices_the_loss_after_a_recovery_leaves_placements_ope
     recorder.drain()
     assert recorder.stream_resets == 1
     assert alloc.allocate({"cpu_cores": 1}).state == "active"
+
+
+def test_the_recorder_decides_to_stop_placements_in_one_step_with_the_recovery_stamp(alloc: Allocator,
+                                                                                     recorder: Recorder) -> None:
+    # A read of the stamp, then a write of the gate, let a recovery that finished in between be
+    # undone (placements refused until recover ran again): the recorder reads nothing itself.
+    register_fleet(alloc)
+    recorder.drain()
+    alloc.destroy()  # Redis lost its data
+    hget = recorder.redis.hget
+
+    def no_separate_read(key: str, field: str) -> Any:
+        assert field not in ("recovered_at", "recovering"), "decided outside recovery.lua"
+        return hget(key, field)
+
+    recorder.redis.hget = no_separate_read  # type: ignore[method-assign]
+    try:
+        recorder.drain()
+    finally:
+        recorder.redis.hget = hget  # type: ignore[method-assign]
+    assert recorder.stream_resets == 1
+    with pytest.raises(Recovering):
+        alloc.allocate({"cpu_cores": 1})
 
 
 def test_stale_entries_of_a_dead_consumer_are_claimed(alloc: Allocator, engine) -> None:

@@ -65,6 +65,24 @@ def test_recover_works_while_agents_register_their_hosts(alloc: Allocator, recor
     assert cap["gpu-b"].gpu_memory_mb.available == 0  # bob's whole T4 is held again
 
 
+def test_an_agent_registering_its_host_while_recover_restores_it_keeps_its_newer_inventory(
+        alloc: Allocator, recorder: Recorder, engine, monkeypatch) -> None:
+    register_fleet(alloc)
+    recorder.drain()
+    alloc.destroy()
+    newer = {**FLEET[0], "gpus": [{**g, "used_mb": 4096} for g in FLEET[0]["gpus"]]}  # others took 4 GiB since
+    register = alloc.register_host
+
+    def agent_registers_first(host: Any = None, **kw: Any) -> Any:  # between recover's check and its call
+        if isinstance(host, dict) and host.get("id") == "gpu-a" and not alloc.redis.exists(alloc.keys.host("gpu-a")):
+            register(newer)
+        return register(host, **kw)
+
+    monkeypatch.setattr(alloc, "register_host", agent_registers_first)
+    rec_mod.recover(alloc, engine)
+    assert alloc.redis.hget(alloc.keys.host("gpu-a"), "g0:ext") == "4096"
+
+
 def _host_state(a: Allocator, host_id: str) -> tuple[str | None, str | None]:
     return a.redis.hget(a.keys.host(host_id), "state"), a.redis.hget(a.keys.host(host_id), "drained_by")
 
