@@ -78,8 +78,12 @@ class RoundReport:
 
 def _operators_drain(state_by: tuple[str | None, str | None] | None) -> bool:
     """Whether a host (state, drained_by) drains for an operator: marked so, or drained before
-    drains were marked. Such a host stays registered when its agent stops."""
-    return state_by is not None and state_by[0] == "draining" and state_by[1] != "agent"
+    drains were marked; or lost while an operator drained it (the drain comes back with its
+    registration). Such a host stays registered when its agent stops."""
+    if state_by is None:
+        return False
+    state, by = state_by
+    return (state == "draining" and by != "agent") or (state == "lost" and by == "operator")
 
 
 class Agent:

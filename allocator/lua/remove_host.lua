@@ -4,8 +4,8 @@ ZSET, the reclaim ZSET and the host's inventory key (KEYS[#KEYS-2], KEYS[#KEYS-1
 ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] host id, ARGV[4] "1" = force, ARGV[5]
 scheduling pass depth (default 100) and ARGV[6] scan cap (default 2048) for the pass run when a
 task went back in line, ARGV[7] "1" = an agent deregistering its host as it stops: refused with
-OPERATOR_DRAINED, nothing written, while an operator drains the host (drained_by other than
-"agent"), checked here so that a drain made after the agent read the host's state is kept.
+OPERATOR_DRAINED, nothing written, while an operator drains the host (draining, drained_by other
+than "agent"; or lost with drained_by "operator", whose drain comes back at its registration), checked here so that a drain made after the agent read the host's state is kept.
 Without force a host that still holds active allocations is refused (HOST_BUSY); with force its
 allocations end with reason "host_removed" first, and its function tasks placed there and not
 yet claimed by a worker follow their on_host_lost policy (back to the front of the line, or
@@ -45,7 +45,7 @@ if not registered then
 end
 if registered and ARGV[7] == '1' then
   local st = rcall('HMGET', hk, 'state', 'drained_by')
-  if st[1] == 'draining' and st[2] ~= 'agent' then
+  if (st[1] == 'draining' and st[2] ~= 'agent') or (st[1] == 'lost' and st[2] == 'operator') then
     return cjson.encode({ok = false, code = 'OPERATOR_DRAINED',
       message = 'host ' .. h .. ' is drained by an operator; it stays registered'})
   end

@@ -205,3 +205,16 @@ def test_an_operator_drain_made_while_an_agent_stops_is_kept(alloc, make_agent, 
     assert _state(alloc, "h2") == "lost"  # kept registered, as for a drain read in time
     make_agent([host("h1"), host("h2")]).run_once()
     assert (_state(alloc, "h1"), _state(alloc, "h2")) == ("ready", "draining")
+
+
+def test_an_agent_stopping_keeps_a_host_an_operator_drained_before_it_was_lost(alloc, make_agent):
+    from allocator.agent.reaper import mark_lost
+
+    agent = make_agent([host("h1")])
+    agent.run_once()
+    alloc.drain_host("h1")
+    mark_lost(alloc, "h1", 0.0)  # lost, the operator's drain kept for its return
+    agent.shutdown()
+    assert _state(alloc, "h1") == "lost"
+    make_agent([host("h1")]).run_once()  # its next agent
+    assert _state(alloc, "h1") == "draining"
