@@ -319,26 +319,22 @@ class Agent:
         self.supervisors.clear()
         for h in hosts:
             try:
-                state, by = states.get(h) or self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
-                if not _operators_drain((state, by)):
-                    try:
-                        released += self.allocator.remove_host(h, force=True, keep_operator_drain=True)
-                        self._registered.pop(h, None)
-                        continue
-                    except OperatorDrained:  # an operator drained it since its state was read
-                        state, by = self.allocator.redis.hmget(self.allocator.keys.host(h), "state", "drained_by")
-                if _operators_drain((state, by)):
-                    # An operator's drain (marked, or from before drains were marked): removing the
-                    # host would drop it. It is declared lost instead, now (no agent serves it,
-                    # what still runs is reclaimed, and nobody can resume it without one), and keeps
-                    # the drain when an agent registers it again.
-                    log.warning("host %s stays registered and is declared lost: an operator drained it", h)
-                    if by is None:
+                # Whether an operator drains it is decided in the removal's script, so that a drain
+                # made after the states above were read is seen.
+                released += self.allocator.remove_host(h, force=True, keep_operator_drain=True)
+            except OperatorDrained:
+                # An operator's drain (marked, or from before drains were marked), or a host lost
+                # while one drained it: removing the host would drop the drain. It is declared lost
+                # instead, now (no agent serves it, what still runs is reclaimed, and nobody can
+                # resume it without one), and keeps the drain when an agent registers it again.
+                log.warning("host %s stays registered and is declared lost: an operator drained it", h)
+                try:
+                    if self.allocator.redis.hget(self.allocator.keys.host(h), "drained_by") is None:
                         self.allocator.drain_host(h)  # marks it the operator's, as drains are now
                     lost = mark_lost(self.allocator, h, 0.0, limit=1 << 20)
                     released += lost.released if lost else []
-                    self._registered.pop(h, None)
-                    continue
+                except (AllocatorError, redis.RedisError) as exc:
+                    log.error("could not declare %s lost: %s", h, exc)
             except HostNotFound:
                 pass
             except (AllocatorError, redis.RedisError) as exc:  # deregister the others all the same

@@ -184,15 +184,15 @@ class Line:
                 heapq.heappush(heap, (p, 1, ver, hid))
         return None
 
-    def _preempt_for(self, req: _Req, now: int) -> bool:
-        """preempt_for of queue.lua; ``_requeued`` says whether a victim went back in line."""
+    def _preempt_for(self, req: _Req, now: int) -> tuple[bool, bool]:
+        """preempt_for of queue.lua: whether it made room, and whether a victim went back in line."""
         self._refused = set()  # capacity comes back: the pass's memo of refusals is void
-        self._requeued = False
+        back = False
         bound = req.priority * 10**13
         cands = self._byprio_index().irange(maximum=(bound, ""), inclusive=(True, False))
         r = self._first_fit_after(req, ((s, a) for s, a in cands if s < bound), PREEMPT_LIMIT)
         if r is None:
-            return False
+            return False, False
         for victim in self._fewest_victims(req, r[0], r[1]):
             al = self._finish(victim)
             if al is not None and al.kind == "job":
@@ -201,8 +201,8 @@ class Line:
                     self.score[victim] = _front_score(t.priority, t.seq)
                     self.pending.add((self.score[victim], victim))
                     self._pver += 1
-                    self._requeued = True
-        return True
+                    back = True
+        return True, back
 
     # -- the pass ------------------------------------------------------------------------------
 
@@ -237,9 +237,9 @@ class Line:
                 if gone and self._drop_gone(tid, now):  # (checked before a preemption too)
                     dropped = True
                     continue
-                if self._preempt_for(req, now):
+                made_room, requeued = self._preempt_for(req, now)
+                if made_room:
                     p = self.try_place(req)
-                    requeued = self._requeued
             if p is None:
                 blocked = req
                 break

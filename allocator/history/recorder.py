@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from ..client import Allocator
 from .models import allocations, events, hosts, placements
+from .recover import close_after_loss
 from .projection import (
     ALLOCATION_EVENTS,
     HOST_EVENTS,
@@ -162,9 +163,7 @@ class Recorder:
         # which rebuilds the active allocations and reopens; unless it has already (the loss
         # wiped the seq hash, so a recovery stamp there is newer): recovery.lua decides both in
         # one step, so a recovery finishing meanwhile is not undone.
-        res = json.loads(self.allocator.scripts["recovery"](keys=self.keys.ledger_keys(),
-                                                             args=[self.keys.prefix, "", "lost", "{}"]))
-        if res.get("changed") or res.get("recovering"):
+        if close_after_loss(self.allocator):
             log.warning("outbox stream %s lost its consumer group: placements stopped until "
                         "`allocator recover` rebuilds the ledger", self.keys.events)
         else:

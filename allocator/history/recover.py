@@ -96,6 +96,13 @@ def finish(a: Allocator, report: RecoveryReport | None = None) -> bool:
     return bool(_script(a, "recovery", "end", json.dumps(details))["changed"])
 
 
+def close_after_loss(a: Allocator) -> bool:
+    """Closes the recovery gate after a loss of Redis's data, unless a recovery stamp shows the
+    ledger was rebuilt since (decided in ``recovery.lua``); True if placements are now stopped."""
+    res = _script(a, "recovery", "lost", "{}")
+    return bool(res["changed"] or res["recovering"])
+
+
 def is_recovering(a: Allocator) -> bool:
     return a.redis.hget(a.keys.seq, "recovering") == "1"
 
