@@ -2,7 +2,10 @@
 
 The model knows nothing about indexes or scan order: it only says whether *some* host could take
 a request. The ledger must then grant it (no false refusals on a small fleet), the grant must be
-legal in the model (nothing oversubscribed, no core twice), and every figure must agree.
+legal in the model (nothing oversubscribed, no core twice), and every figure must agree. Beside
+allocations, releases and expiry, the operator's host changes play too: drains and resumes, a
+registration of the same or a larger inventory, a host added later, and removal (refused while the
+host holds grants, or forced, which ends them).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
 
 from allocator import Allocator, InsufficientResources
+from allocator.errors import HostBusy
 from allocator.invariants import check
 
 from .conftest import FakeClock
@@ -51,6 +56,7 @@ class MHost:
     taken: set[int] = field(default_factory=set)
     shared: int = 0
     ram_used: int = 0
+    drained: bool = False
 
     @property
     def cpu_free(self) -> int:
@@ -69,6 +75,8 @@ class MHost:
         return ok
 
     def fits(self, req: dict) -> bool:
+        if self.drained:
+            return False
         if self.cpu_free <= 0 or self.ram - self.ram_used <= 0:
             return False  # a host with no free CPU or RAM takes no new work (it is parked)
         if self.cpu_free < req["cpu_millis"] or self.ram - self.ram_used < req["ram_mb"]:
@@ -93,16 +101,64 @@ class LedgerMachine(RuleBasedStateMachine):
         self.a = Allocator(REDIS_URL, namespace="test-sm-" + uuid.uuid4().hex[:10], clock=self.clock)
         self.hosts: dict[str, MHost] = {}
         self.grants: dict[str, dict] = {}
+        self.next_host = 0
 
     @initialize(n_hosts=st.integers(1, 3), data=st.data())
     def fleet(self, n_hosts: int, data: st.DataObject) -> None:
-        for i in range(n_hosts):
-            ngpu = data.draw(st.integers(0, 3))
-            gpus = [MGpu(f"h{i}-gpu{g}", data.draw(st.sampled_from(MODELS)), data.draw(st.sampled_from([8192, 16384]))) for g in range(ngpu)]
-            h = MHost(f"h{i}", list(range(data.draw(st.integers(1, 4)))), data.draw(st.sampled_from([4096, 8192])), gpus)
-            self.hosts[h.id] = h
-            self.a.register_host(id=h.id, cpu_cores=h.cores, ram_mb=h.ram,
-                                 gpus=[{"index": k, "uuid": g.uuid, "model": g.model, "memory_mb": g.total} for k, g in enumerate(gpus)])
+        for _ in range(n_hosts):
+            self.add_host(data)
+
+    def _register(self, h: MHost) -> None:
+        self.a.register_host(id=h.id, cpu_cores=h.cores, ram_mb=h.ram,
+                             gpus=[{"index": k, "uuid": g.uuid, "model": g.model, "memory_mb": g.total} for k, g in enumerate(h.gpus)])
+
+    @rule(data=st.data())
+    def add_host(self, data: st.DataObject) -> None:
+        i, self.next_host = self.next_host, self.next_host + 1
+        ngpu = data.draw(st.integers(0, 3))
+        gpus = [MGpu(f"h{i}-gpu{g}", data.draw(st.sampled_from(MODELS)), data.draw(st.sampled_from([8192, 16384]))) for g in range(ngpu)]
+        h = MHost(f"h{i}", list(range(data.draw(st.integers(1, 4)))), data.draw(st.sampled_from([4096, 8192])), gpus)
+        self.hosts[h.id] = h
+        self._register(h)
+
+    def _pick(self, data: st.DataObject) -> MHost:
+        return self.hosts[data.draw(st.sampled_from(sorted(self.hosts)), label="host")]
+
+    @precondition(lambda self: self.hosts)
+    @rule(data=st.data(), drained=st.booleans())
+    def drain_or_resume(self, data: st.DataObject, drained: bool) -> None:
+        h = self._pick(data)
+        if drained:
+            self.a.drain_host(h.id)
+        else:
+            self.a.resume_host(h.id)
+        h.drained = drained
+
+    @precondition(lambda self: self.hosts)
+    @rule(data=st.data(), more_ram=st.sampled_from([0, 0, 2048]))
+    def register_again(self, data: st.DataObject, more_ram: int) -> None:
+        """The same inventory again, or more RAM: grants stay, figures follow, a drain stays."""
+        h = self._pick(data)
+        h.ram += more_ram
+        self._register(h)
+
+    @precondition(lambda self: len(self.hosts) > 1)
+    @rule(data=st.data(), force=st.booleans())
+    def remove(self, data: st.DataObject, force: bool) -> None:
+        """Mostly a host that holds grants, the case that matters; one host always stays."""
+        holding = sorted({g["host"] for g in self.grants.values()})
+        h = self.hosts[data.draw(st.sampled_from(holding), label="host")] if holding else self._pick(data)
+        held = {aid for aid, g in self.grants.items() if g["host"] == h.id}
+        try:
+            released = self.a.remove_host(h.id, force=force)
+        except HostBusy:
+            assert held and not force, f"removal of {h.id} refused, holding {held}"
+            return
+        assert not held or force, f"{h.id} removed while it held {held}"
+        assert set(released) == held
+        for aid in held:
+            self._free(aid)
+        del self.hosts[h.id]
 
     @rule(target=held, req=requests, strategy=st.sampled_from(["best_fit", "first_fit", "worst_fit", "priority"]),
           ttl=st.sampled_from([None, 30, 120]))
