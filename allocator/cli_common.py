@@ -134,6 +134,18 @@ def require_positive(value: float, option: str, *, zero_means: str | None = None
     raise typer.BadParameter(f"must be {allowed}, got {value:g}", param_hint=option)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str, option: str) -> str:
+    """The level named, upper-cased, or exit 2 naming the option: logging would raise a traceback
+    for a name it does not know, and uvicorn knows only these five (and its own TRACE)."""
+    if value.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {value!r}",
+                                 param_hint=option)
+    return value.upper()
+
+
 def startup_failure(exc: BaseException) -> tuple[int, str] | None:
     """The exit code and one line for an error met while a command sets itself up (an embedded
     Redis that cannot start, a history database that cannot be reached or is no URL), or None

@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from .cli_common import NAMESPACE, REDIS_URL, err, listen_failure_exits_1, settings_url
+from .cli_common import log_level as check_log_level
 from .client import Allocator, check_namespace, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest, TaskRegistryError
@@ -46,7 +47,7 @@ def tool(
     Exit 0 done, 1 refused (does not fit, not found), 2 invalid input. `--schema [FORMAT]` prints
     the tool definitions for agent frameworks.
     """
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=check_log_level(log_level, "--log-level"), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if schema or fmt is not None:
         name = fmt or "native"
         if not schema or name not in SCHEMA_FORMATS:

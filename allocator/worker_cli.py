@@ -10,7 +10,7 @@ import time
 import redis
 import typer
 
-from .cli_common import reporting, require_positive
+from .cli_common import log_level, reporting, require_positive
 from .client import Allocator, check_namespace, check_redis_url
 from .config import Settings
 from .errors import InvalidRequest
@@ -50,9 +50,7 @@ def worker(
         check_id_format(host, "host")  # a host id no registration takes would name a queue no task reaches
     except InvalidRequest as exc:
         raise typer.BadParameter(exc.reason, param_hint="--host") from None
-    if not isinstance(logging.getLevelName(logging_level.upper()), int):
-        raise typer.BadParameter(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {logging_level!r}",
-                                 param_hint="--logging-level")
+    logging_level = log_level(logging_level, "--logging-level")
     connection = redis.Redis.from_url(url)
     queue = host_queue_name(ns, host)
     with reporting(url=url):

@@ -185,6 +185,8 @@ def test_the_agent_once_reports_an_unreachable_redis_in_one_line_with_exit_1(tmp
     ["scheduler", "--grace", "-1"], ["scheduler", "--interval", "0"], ["reaper", "--grace", "0"],
     ["reaper", "--interval", "-2"], ["agent", "--interval", "0"], ["agent", "--kill-grace", "nan"],
     ["agent", "--kill-grace", "-5"], ["agent", "--kill-grace", "1e308"], ["agent", "--granularity-mb", "-5"],
+    ["agent", "--drain-timeout", "nan"], ["agent", "--drain-timeout", "inf"], ["agent", "--orphan-check", "nan"],
+    ["agent", "--orphan-check", "-1"],
 ])
 def test_periods_that_are_not_above_zero_are_invalid_input(command):
     res = CliRunner().invoke(app, [*command, "--redis-url", "redis://127.0.0.1:1/0"])
@@ -529,6 +531,18 @@ def test_a_worker_with_a_host_or_log_level_it_cannot_use_is_invalid_input_naming
     url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
     res = CliRunner().invoke(app, ["worker", *args, "--burst", "--redis-url", url, "--namespace", real.keys.namespace])
     assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("command", [["agent", "--once"], ["reaper"], ["api", "--check"], ["tool", "--schema"]])
+def test_an_unknown_log_level_is_invalid_input_naming_the_option(command):
+    res = CliRunner().invoke(app, [*command, "--log-level", "bogus", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and "--log-level" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("host_id", ["", "bad id"])
+def test_an_agent_host_id_no_registration_takes_is_invalid_input_before_it_runs(host_id):
+    res = CliRunner().invoke(app, ["agent", "--no-nvml", "--once", "--host-id", host_id, "--redis-url", "redis://127.0.0.1:1/0"])
+    assert res.exit_code == 2 and "--host-id" in res.output, res.output
 
 
 @pytest.mark.parametrize("command", [["api", "--port", "99999"], ["mcp", "--http", "--port", "99999"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 from typing import Optional
@@ -18,11 +19,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..cli_common import log_level as check_log_level
 from ..cli_common import open_allocator, reporting, require_positive
 from ..client import Allocator
 from ..config import Settings
 from ..errors import InvalidRequest
-from ..models import HostSpec, parse
+from ..models import MAX_SECONDS, HostSpec, check_id_format, parse
 from ..services import ServiceCatalog
 from .daemon import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_GRANULARITY_MB, DEFAULT_INTERVAL_S, Agent
 from .hosts import host_rows
@@ -169,10 +171,16 @@ def agent_command(
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
     """Host agent: publish inventory and heartbeats, keep capacity truthful, watch GPU memory grants."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=check_log_level(log_level, "--log-level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_positive(interval, "--interval")
     require_positive(kill_grace, "--kill-grace", zero_means="SIGKILL at once")
+    require_positive(orphan_check, "--orphan-check", zero_means="no checks")
+    if math.isnan(drain_timeout) or drain_timeout > MAX_SECONDS:  # nan: a deadline never reached
+        raise typer.BadParameter(f"must be at most {MAX_SECONDS} s, or below 0 to wait for the work, got {drain_timeout:g}",
+                                 param_hint="--drain-timeout")
     try:
+        if host_id is not None:
+            check_id_format(host_id, "--host-id")  # ('' would silently mean the hostname)
         extra = parse_labels(labels)
         catalog = ServiceCatalog.load(services)
         # Checked as a registration would check them, now: refused only at each registration, the
@@ -194,6 +202,7 @@ def agent_command(
                                                  "of one host (this inventory has several)")
         else:
             provider = LocalProvider(host_id, nvml=nvml, use_psutil=use_psutil)
+            check_id_format(provider.host_id, "--host-id")  # the hostname, by default
     except InvalidRequest as exc:
         err.print(f"[red]invalid input:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
@@ -278,7 +287,7 @@ def reaper_command(
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
     """Reaper alone (``allocator scheduler`` also runs it): lost hosts and expired leases."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=check_log_level(log_level, "--log-level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_positive(grace, "--grace")
     require_positive(interval, "--interval")
     a = _allocator(redis_url, namespace)

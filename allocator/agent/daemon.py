@@ -157,14 +157,15 @@ class Agent:
         invalid: set[str] = set()
         for h, spec in specs.items():
             if self._registered.get(h) != spec:
-                if self._register(h, spec, "changed" if h in self._registered else "new"):
-                    rep.registered.append(h)
-                else:
+                reason = self._register(h, spec, "changed" if h in self._registered else "new")
+                if reason is None:
                     invalid.add(h)
+                else:
+                    (rep.reregistered if reason == "returned" else rep.registered).append(h)
         t2 = time.perf_counter()
         again = self._heartbeat(self.hosts)
         for h in again:
-            if h not in invalid and self._register(h, specs[h], "returned"):
+            if h not in invalid and self._register(h, specs[h], "returned") is not None:
                 rep.reregistered.append(h)
         if rep.reregistered:
             self._heartbeat(rep.reregistered)
@@ -232,12 +233,17 @@ class Agent:
             else:
                 sup.reconcile()
 
-    def _register(self, host_id: str, spec: dict[str, Any], reason: str) -> bool:
+    def _register(self, host_id: str, spec: dict[str, Any], reason: str) -> str | None:
+        """Registers ``spec``; returns the reason it counts under, or None where it was refused. A
+        change registered as the host comes back (lost or removed meanwhile) counts as returned:
+        the heartbeat that would have said so comes after it."""
         try:
             res = self.allocator.register_host(spec)
         except InvalidRequest as exc:
             log.error("host %s not registered, its inventory is invalid: %s", host_id, exc)
-            return False
+            return None
+        if reason == "changed" and (res.get("created") or res.get("was_lost")):
+            reason = "returned"
         if reason == "new" and res.get("state") == "draining":
             # Drained by an agent that stopped before it deregistered the host (killed while it
             # waited for running work): that drain was the agent's own, not an operator's, which
@@ -249,7 +255,7 @@ class Agent:
         AGENT_REGISTRATIONS.labels(reason=reason).inc()
         if reason == "returned":
             log.warning("host %s was declared lost or removed; registered again (generation %s)", host_id, res.get("gen"))
-        return True
+        return reason
 
     def _inventory_json(self, inv: HostInventory, att: Attribution | None, spec: dict[str, Any]) -> str:
         un = att.unmanaged_mb if att else {}

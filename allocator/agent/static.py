@@ -64,10 +64,19 @@ def _mem(v: object, info: Any) -> object:
     return None if v is None else parse_memory_mb(v, info.field_name)
 
 
+def _no_bool(v: object) -> object:
+    """YAML reads ``yes``/``on`` as true, which pydantic would take as the number 1 (a core count,
+    a GPU index): refused, as a registration refuses it."""
+    if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+        raise ValueError(f"expected a number, got {v!r}")
+    return v
+
+
 class _Proc(_Strict):
     pid: int = Field(ge=1)
     used_mb: int | None = None
     check_memory = field_validator("used_mb", mode="before")(_mem)
+    check_numbers = field_validator("pid", mode="before")(_no_bool)
 
 
 class _Mig(_Strict):
@@ -78,6 +87,7 @@ class _Mig(_Strict):
     utilization_pct: float | None = Field(None, ge=0, le=100)
     processes: list[_Proc] = Field(default_factory=list)
     check_memory = field_validator("memory_mb", "used_mb", mode="before")(_mem)
+    check_numbers = field_validator("utilization_pct", mode="before")(_no_bool)
 
 
 class _Gpu(_Strict):
@@ -90,6 +100,7 @@ class _Gpu(_Strict):
     processes: list[_Proc] = Field(default_factory=list)
     mig_devices: list[_Mig] = Field(default_factory=list)
     check_memory = field_validator("memory_mb", "used_mb", mode="before")(_mem)
+    check_numbers = field_validator("index", "utilization_pct", mode="before")(_no_bool)
 
     @model_validator(mode="after")
     def _mig_fits(self) -> _Gpu:
@@ -125,6 +136,7 @@ class _Host(_Strict):
     ram_mb: int
     gpus: list[_Gpu] = Field(default_factory=list)
     check_memory = field_validator("ram_mb", mode="before")(_mem)
+    check_numbers = field_validator("cpu_cores", mode="before")(_no_bool)
     check_labels = field_validator("labels", mode="before")(_labels)
 
 

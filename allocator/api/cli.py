@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from ..cli_common import listen_failure_exits_1, redacted
+from ..cli_common import log_level as check_log_level
 from ..config import Settings
 
 
@@ -39,7 +40,8 @@ def api_command(
     from .config import ApiConfig
     from ..errors import TaskRegistryError
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_level = check_log_level(log_level, "--log-level")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = Settings.from_env()
     url = redis_url or s.redis_url
     allocator = Allocator.from_env(**{k: v for k, v in {"redis_url": url, "namespace": namespace}.items() if v})

@@ -18,7 +18,7 @@ A draining host stays draining, and so does a lost one an operator had drained (
 drain the history has for a host no agent had registered yet); any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost. A new host takes the
 highest generation of the grants restored on it before it registered (allocator recover).
-Returns JSON {created, ord, state}.
+Returns JSON {created, ord, state, gen, was_lost} (was_lost: the host was "lost" until this call).
 ]]
 --- @include "ledger"
 --- @include "placement"
@@ -181,4 +181,4 @@ else
   if agent_drain_ended then emit('host_resumed', h, now, '{}') end
 end
 schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
-return cjson.encode({created = created, ord = ord, state = state, gen = gen})
+return cjson.encode({created = created, ord = ord, state = state, gen = gen, was_lost = lost_before})

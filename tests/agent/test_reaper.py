@@ -111,6 +111,26 @@ def test_returning_host_registers_again_under_a_new_generation(alloc, make_agent
     assert alloc.grant_is_current(x.allocation_id)
 
 
+def test_a_host_that_returns_with_a_changed_inventory_is_reported_as_returned(alloc, make_agent, inventory, clock):
+    agent = make_agent([host("h1", cores=8)])
+    agent.run_once()
+    clock.advance(GRACE)
+    reap_lost_hosts(alloc, GRACE)
+    inventory.write([host("h1", cores=4)])  # it comes back smaller: registered as a change, before any heartbeat
+    rep = agent.run_once()
+    assert (rep.reregistered, rep.registered) == (["h1"], [])
+    assert alloc.redis.hget(alloc.keys.host("h1"), "gen") == "2"
+
+
+def test_a_host_removed_then_changed_is_reported_as_returned(alloc, make_agent, inventory):
+    agent = make_agent([host("h1", cores=8)])
+    agent.run_once()
+    alloc.remove_host("h1")
+    inventory.write([host("h1", cores=4)])
+    rep = agent.run_once()
+    assert (rep.reregistered, rep.registered) == (["h1"], [])
+
+
 def test_stale_grants_left_on_a_returned_host_are_freed(alloc, make_agent, clock):
     agent = make_agent([host("h1", cores=8)])
     agent.run_once()

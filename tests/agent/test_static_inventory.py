@@ -59,6 +59,18 @@ def test_a_label_value_yaml_reads_as_a_number_boolean_or_date_is_refused_with_a_
     assert e.value.field == "hosts[0].labels"
 
 
+@pytest.mark.parametrize("entry, field", [("cpu_cores: yes", "hosts[0].cpu_cores"), ("cpu_cores: [0, on]", "hosts[0].cpu_cores"),
+                                          ("gpus: [{index: on, memory_mb: 16Gi}]", "hosts[0].gpus[0].index"),
+                                          ("gpus: [{index: 0, memory_mb: 16Gi, utilization_pct: yes}]", "hosts[0].gpus[0].utilization_pct"),
+                                          ("gpus: [{index: 0, memory_mb: 16Gi, processes: [{pid: yes}]}]", "hosts[0].gpus[0].processes[0].pid")])
+def test_a_yaml_boolean_where_a_number_belongs_is_refused_not_read_as_1(tmp_path, entry, field):
+    p = tmp_path / "fleet.yaml"
+    p.write_text("hosts:\n  - id: a\n    ram_mb: 1Gi\n" + ("    cpu_cores: 2\n" if "cpu_cores" not in entry else "") + f"    {entry}\n")
+    with pytest.raises(InvalidInventory, match="expected a number, got") as e:
+        load_inventory_file(p)
+    assert e.value.field == field
+
+
 def test_quoted_label_values_are_kept_as_written(tmp_path):
     p = tmp_path / "fleet.yaml"
     p.write_text("defaults:\n  labels: {rack: '012'}\nhosts:\n  - {id: a, cpu_cores: 2, ram_mb: 1Gi, labels: {cuda: '12.10'}}\n")
