@@ -439,6 +439,20 @@ def test_preempted_running_job_is_requeued_at_the_front(alloc_any):
     assert a.get(task.id).state == "active"
 
 
+def test_a_preempted_job_whose_rq_job_is_gone_is_not_recreated_as_a_stub_but_leaves_the_line(alloc):
+    gpu_host(alloc)
+    task, claim = started_job(alloc, {"gpus": 2}, pid=77)
+    urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+    alloc.rq_connection.delete(Job.key_for(task.id))  # deleted as the run stopped
+    end = finish_job(alloc, task.id, "h1", claim.token, horse_pid=77, job_key=Job.key_for(task.id))
+    assert end.requeued
+    assert alloc.rq_connection.exists(Job.key_for(task.id)) == 0
+    alloc.release(urgent.allocation_id)  # the pass finds the job gone: nothing is placed for it
+    a = alloc.get(task.id)
+    assert (a.state, a.release_reason) == ("cancelled", "job_gone")
+    assert alloc.capacity().active_allocations == 0
+
+
 def test_a_job_that_finished_before_its_preemption_stopped_it_is_not_run_again(alloc):
     gpu_host(alloc)
     task, claim = started_job(alloc, {"gpus": 2}, pid=77)

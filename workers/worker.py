@@ -214,6 +214,24 @@ class ResourceWorker(Worker):
         except Exception:  # noqa: BLE001 - the release below must happen whatever this does
             log.exception("job %s: could not record the end of its run", job.id)
 
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Any = None) -> None:
+        """RQ's, but a run stopped because its task goes back in line (preempted, or its host
+        declared lost) is not filed as failed: the line runs the job again. RQ's filing would
+        apply the job's failure_ttl to its hash, an expiry, or at 0 its deletion, and the job
+        would be gone before the line reached it (its grant then held by a stub no worker runs)."""
+        saved = self.disable_default_exception_handler
+        if self._stopped_job_id == job.id and self._goes_back_in_line(job.id):
+            self.disable_default_exception_handler = True  # (RQ's switch for exactly that filing)
+        try:
+            super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
+                                       execution=execution)
+        finally:
+            self.disable_default_exception_handler = saved
+
+    def _goes_back_in_line(self, job_id: str) -> bool:
+        return self.allocator.redis.hget(self.allocator.keys.task(job_id), "state") in ("preempting", "pending")
+
     # -- stopping a running job -------------------------------------------------------------------
 
     def get_current_job_id(self) -> str | None:

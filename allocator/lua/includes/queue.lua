@@ -118,7 +118,9 @@ local function requeue_task(id, t, now, front, not_before)
     else
       rcall('RPUSH', t.rq_prefix .. 'queue:' .. t.rq_queue, id)
     end
-    rcall('HSET', job, 'origin', t.rq_queue, 'status', 'queued')
+    -- A job hash that is gone stays gone (the pass drops the task as job_gone): written here, it
+    -- would come back as a stub of two fields that passes that check, and no worker runs a stub.
+    if rcall('EXISTS', job) == 1 then rcall('HSET', job, 'origin', t.rq_queue, 'status', 'queued') end
   end
   emit('requeued', id, now, cjson.encode({front = front, not_before = not_before}))
 end
