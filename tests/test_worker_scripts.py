@@ -710,3 +710,45 @@ def test_the_agent_puts_back_in_line_a_retry_whose_worker_died(alloc):
     assert alloc.get(task.id).requeues == 1
     assert events_of(alloc, task.id, "finished")[-1]["data"] == {"host": "h1", "status": "queued", "outcome": "retry",
                                                                   "worker_lost": True}
+
+
+def test_the_agent_retries_a_run_left_started_by_a_worker_killed_with_its_horse_as_rq_would(alloc):
+    from allocator.agent.orphans import OrphanReaper
+    from rq import Retry
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, retry=Retry(max=2))
+    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")  # both killed mid-run
+    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    assert rep.requeued == [task.id]
+    rec = alloc.get(task.id)
+    assert (rec.state, rec.requeues, rec.release_reason) == ("active", 1, None)  # placed again at once
+    job = Job.fetch(task.id, connection=alloc.rq_connection)
+    assert (job.get_status(), job.retries_left) == ("queued", 1)
+    assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "retry"
+
+
+def test_a_run_left_started_keeps_the_interval_rq_would_wait_before_its_retry(alloc, clock):
+    from allocator.agent.orphans import OrphanReaper
+    from rq import Retry
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, retry=Retry(max=2, interval=[10, 60]))
+    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")
+    OrphanReaper(alloc, node="n1").check(["h1"])
+    rec = alloc.get(task.id)
+    assert rec.state == "pending" and rec.not_before == datetime.fromtimestamp(math.floor(clock() * 1000) / 1000 + 10, timezone.utc)
+
+
+def test_a_run_left_started_without_retries_left_is_released_as_failed(alloc):
+    from allocator.agent.orphans import OrphanReaper
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")
+    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    assert rep.released == [task.id]
+    assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("failed", "failed")

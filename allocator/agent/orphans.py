@@ -21,9 +21,13 @@ on this machine claimed, and the work horses in ``Keys.host_pids(host)`` (pid ->
   run had finished. Dead horses leave the pid map.
 
 A pid that exists is taken as alive (a reused pid only delays the release). Zombies count as
-dead. Claims made on another machine are left to that machine's agent. The RQ job of an
-interrupted run keeps status ``started`` until RQ's own maintenance (a worker of the same queue)
-moves it to the failed registry.
+dead. Claims made on another machine are left to that machine's agent. A run killed with its
+worker (the OOM killer, ``docker kill``) leaves its RQ job ``started``: with retries left, the
+same script retries it as RQ retries an abandoned job (one retry fewer, RQ's interval), since
+RQ's own maintenance would do so later, with the grant already released, and the worker would
+then refuse the claim and cancel the job. RQ's ``on_failure`` callback, which its maintenance
+calls for an abandoned job, is not called: the agent runs no code of the job's. Without retries
+left the job stays ``started`` until RQ's maintenance moves it to the failed registry.
 """
 
 from __future__ import annotations

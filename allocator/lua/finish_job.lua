@@ -33,7 +33,10 @@ Steps, in the order the worker used to take them one call each:
    for (its score in that registry): the task keeps its place in line but passes skip it until
    then (see K_DELAYED in includes/queue.lua).
 A job hash that is gone counts as the worker's outcome (ARGV[10]), or status "None" (released as
-failed) when it gives none.
+failed) when it gives none. For a worker that died with its horse (ARGV[11]) the job is still
+"started": with retries left (field retries_left of the job hash) the run is retried here as RQ
+retries an abandoned job (one retry fewer; the interval RQ would take from retry_intervals), by
+step 4; RQ's own maintenance, later, would retry it with the grant already released as failed.
 Returns JSON {requeued, released, stale, status, placed[]}; requeued and released both true for a retry.
 ]]
 --- @include "ledger"
@@ -61,6 +64,20 @@ local function retry_at(t)
   local at = origin and rcall('ZSCORE', t.rq_prefix .. 'scheduled:' .. origin, id)
   if at then return math.floor(tonumber(at) * 1000) end
   return nil
+end
+
+-- The retry RQ would give an abandoned run (status still "started", its worker and horse gone):
+-- retries left (or nil) and its interval in ms (RQ's Job.get_retry_interval, before the decrement).
+local function abandoned_retry()
+  local f = rcall('HMGET', K_JOB, 'retries_left', 'retry_intervals')
+  local left = tonumber(f[1] or '')
+  if not left or left < 1 then return nil end
+  local ok, intervals = pcall(cjson.decode, f[2] or 'null')
+  local wait = 0
+  if ok and type(intervals) == 'table' and #intervals > 0 then
+    wait = tonumber(intervals[math.max(#intervals - left, 0) + 1]) or 0
+  end
+  return left, wait * 1000
 end
 
 -- Every read and decision first, then the writes (Redis has no rollback).
@@ -103,11 +120,19 @@ if not release then
   return cjson.encode({requeued = false, released = false, stale = stale, placed = {}})
 end
 
+local not_before = nil
+if worker_lost and status == 'started' and t ~= nil and t.kind == 'job' then
+  local left, wait = abandoned_retry()
+  if left then
+    rcall('HSET', K_JOB, 'retries_left', left - 1)
+    status = 'queued'
+    if wait > 0 then status, not_before = 'scheduled', now + wait end
+  end
+end
 if t ~= nil and t.kind == 'job' and (status == 'queued' or status == 'scheduled') then
   -- A retry with an interval: RQ scheduled the job (score: when, in seconds) in the registry of
   -- the queue it ran from; the task waits in line until then (requeue_task takes it out of there).
-  local not_before = nil
-  if status == 'scheduled' then not_before = retry_at(t) end
+  if status == 'scheduled' and not not_before then not_before = retry_at(t) end
   emit('finished', id, now, ended({host = my_host, status = status, outcome = 'retry'}))
   finish_alloc(id, 'retried', now)
   requeue_task(id, t, now, false, not_before)
