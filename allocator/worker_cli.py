@@ -87,6 +87,13 @@ def scheduler(
     stop = threading.Event()
     if not once:  # SIGTERM ends the loop like Ctrl-C, so the recorder leaves its consumer group cleanly
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if recorder and not once:
+        from .history.db import resolve_url
+
+        try:
+            resolve_url(database_url)  # no URL: refused now (an unreachable database is retried)
+        except InvalidRequest as exc:
+            raise typer.BadParameter(exc.reason, param_hint="--database-url") from None
     recording = _start_recorder_when_possible(a, database_url) if recorder and not once else None
     try:
         run_scheduler(a, interval, stop, once=once, grace_s=grace or None)

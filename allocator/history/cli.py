@@ -42,8 +42,10 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 def parse_when(text: str | None, *, now: datetime | None = None, option: str | None = None) -> datetime | None:
     """"24h", "7d", "90m" (that long ago) or an ISO date/time (UTC unless it says otherwise).
     ``option``: the option it came from, named in the error."""
-    if text is None or text == "":
+    if text is None:
         return None
+    if not text.strip():  # (a script's empty variable: refused, not read as "no bound")
+        raise typer.BadParameter("expected e.g. 24h, 7d, 30m or an ISO date/time, got an empty value", param_hint=option)
     try:
         return _when(text, now or datetime.now(timezone.utc))
     except typer.BadParameter as exc:
@@ -262,8 +264,7 @@ def usage_cmd(
         raise typer.BadParameter("--by must be owner, task_type or host")
     now = datetime.now(timezone.utc)
     start, end = parse_when(since, now=now, option="--since"), parse_when(until, now=now, option="--until")
-    if start is None:
-        raise typer.BadParameter("expected e.g. 24h, 7d, 30m or an ISO date/time, got an empty value", param_hint="--since")
+    assert start is not None  # (--since has a default, and an empty value is refused)
     if end is not None and end <= start:
         raise typer.BadParameter(f"{until!r} is not after --since ({start:%Y-%m-%d %H:%M:%S} UTC)", param_hint="--until")
     with _reported():

@@ -16,11 +16,12 @@ from typing import Any
 
 from sqlalchemy import DateTime, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 from sqlalchemy.types import Float, TypeDecorator
 
-from ..errors import AllocatorError
+from ..errors import AllocatorError, InvalidRequest
 
 
 class HistoryError(AllocatorError):
@@ -52,11 +53,15 @@ def resolve_url(url: str | URL | None) -> URL:
         return make_url(f"sqlite:///{path}")
     if isinstance(url, str) and url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]
-    u = make_url(url)
+    try:
+        u = make_url(url)
+    except ArgumentError as exc:  # no URL at all: invalid input, which no retry would mend
+        raise InvalidRequest("history database URL", str(exc).splitlines()[0]) from None
     if u.drivername == "postgresql":
         u = u.set(drivername="postgresql+psycopg")
     if u.get_backend_name() not in ("postgresql", "sqlite"):
-        raise HistoryError(f"unsupported history database {u.get_backend_name()!r}: use postgresql+psycopg:// or sqlite://")
+        raise InvalidRequest("history database URL",
+                             f"unsupported database {u.get_backend_name()!r}: use postgresql+psycopg:// or sqlite://")
     return u
 
 

@@ -160,6 +160,14 @@ def test_cli_usage_refuses_a_period_start_it_cannot_read_with_exit_2(database_ur
     assert r.exit_code == 2 and "Invalid value" in r.stderr
 
 
+@pytest.mark.parametrize("command", [["history"], ["usage"], ["estimates"], ["recover"], ["recorder", "--once"],
+                                     ["db", "current"], ["db", "upgrade"], ["scheduler"]])
+@pytest.mark.parametrize("url", ["foo", "mysql://db/x"])
+def test_a_history_database_url_that_is_no_url_it_can_use_is_invalid_input_on_every_command(command, url) -> None:
+    r = CliRunner().invoke(app, [*command, "--database-url", url], env={"ALLOCATOR_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert r.exit_code == 2 and "database" in r.output.lower() and "Traceback" not in r.output, r.output
+
+
 def test_cli_db_upgrade_to_an_unknown_revision_is_invalid_input(database_url: URL) -> None:
     r = CliRunner().invoke(app, ["db", "upgrade", "bogus", "--database-url", database_url.render_as_string(hide_password=False)])
     assert r.exit_code == 2 and "bogus" in r.stderr
@@ -251,6 +259,8 @@ def test_an_empty_period_holds_nothing(alloc: Allocator, recorder: Recorder, eng
     (["usage", "--since", "2026-13-01"], "--since"),
     (["usage", "--since", "1h", "--until", "2h"], "--until"),  # the end before the start
     (["history", "--since", "yesterday"], "--since"),
+    (["history", "--since", ""], "--since"),  # an empty variable: refused, not "the whole history"
+    (["usage", "--since", "24h", "--until", ""], "--until"),
     (["history", "--state", "bogus"], "--state"),
 ])
 def test_cli_history_and_usage_name_the_option_a_bad_value_came_from(database_url: URL, args: list[str], option: str) -> None:
