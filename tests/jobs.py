@@ -66,3 +66,13 @@ def leave_a_child_behind(pid_file: str) -> str:
     with open(pid_file, "w") as f:
         f.write(str(child.pid))
     return "done"
+
+
+def log_run(path: str, seconds: float) -> str:
+    """Appends "start", sleeps, appends "end": the file tells which runs were stopped midway."""
+    with open(path, "a") as f:
+        f.write("start\n")
+    time.sleep(seconds)
+    with open(path, "a") as f:
+        f.write("end\n")
+    return "done"

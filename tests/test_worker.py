@@ -615,3 +615,25 @@ def test_a_worker_applies_the_operators_settings_to_the_passes_it_runs(alloc, mo
     conn = alloc.rq_connection
     w = ResourceWorker([Queue(host_queue_name(alloc.keys.namespace, "h1"), connection=conn)], connection=conn)
     assert (w.allocator.pass_depth, w.allocator.scan_cap, w.allocator.record_retention_s) == (1, 7, 60)
+
+
+def test_a_run_whose_task_was_placed_again_on_its_host_after_a_loss_is_stopped_at_the_next_tick(alloc, tmp_path):
+    from allocator.agent import mark_lost
+
+    gpu_host(alloc)
+    runs = tmp_path / "runs"
+    task = alloc.enqueue(jobs.log_run, str(runs), 3.0, resources={"gpus": 1})
+
+    def lost_and_placed_again() -> None:
+        alloc.redis.zadd(alloc.keys.heartbeats, {"h1": 0})  # its agent went silent long ago
+        assert mark_lost(alloc, "h1", grace_s=1) is not None  # the task goes back in line
+        gpu_host(alloc)  # the host comes back (generation 2) and the task is placed on it again
+        rec = alloc.get(task.id)
+        assert (rec.state, rec.host_id, rec.requeues) == ("active", "h1", 1)
+
+    work_losing_stop_commands(alloc, "h1", once_running=lost_and_placed_again)
+    # The first run was stopped at its next monitoring tick (it would have held the GPU beside the
+    # second run, which then ran to its end).
+    assert runs.read_text().split() == ["start", "start", "end"]
+    assert alloc.get(task.id).release_reason == "released" and alloc.capacity().gpus_idle == 2
+

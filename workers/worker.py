@@ -67,6 +67,7 @@ class ResourceWorker(Worker):
         # passes and releases a worker runs, as to every other process of the fleet.
         self.allocator = allocator or Allocator.from_env(client=_text_client(self.connection), namespace=self.namespace)
         self._grant: Grant | None = None
+        self._claimed = ""  # the placement token of the run in hand
         self._pid_recorded = 0
         # The job between its claim and the end of its run, and a stop asked before its horse
         # existed (the signal to send once it does); the lock orders that with the fork.
@@ -109,11 +110,12 @@ class ResourceWorker(Worker):
                 self._refuse(job, queue, claim)
                 return
             self._grant = self._grant_for(job.id, claim.grant)
+            self._claimed = claim.token or ""
             self._outcome_cell[0] = _UNKNOWN
             try:
                 super().execute_job(job, queue)
             finally:
-                self._grant = None
+                self._grant, self._claimed = None, ""
                 self._after(job, claim.token, queue)
         finally:
             with self._horse_lock:
@@ -274,8 +276,8 @@ class ResourceWorker(Worker):
         k = self.allocator.keys
         pipe = self.allocator.redis.pipeline(transaction=False)
         pipe.hget(k.task(job.id), "state")
-        pipe.hmget(k.alloc(job.id), "state", "host")
-        state, (alloc_state, host) = pipe.execute()
+        pipe.hmget(k.alloc(job.id), "state", "host", "host_gen", "requeues")
+        state, (alloc_state, host, host_gen, requeues) = pipe.execute()
         why = None
         if state in ("preempting", "cancelled"):
             why = f"its task is {state}"
@@ -284,6 +286,10 @@ class ResourceWorker(Worker):
             # or no worker to tell: a run restored by `allocator recover` has neither. A record
             # that is missing (Redis lost its data, not yet recovered) stops nothing.
             why = f"its allocation is {alloc_state}" + (f" on {host}" if alloc_state == "active" else "")
+        elif alloc_state is not None and self._claimed and _placed_again(self._claimed, host_gen, requeues):
+            # Its host was declared lost while it ran, and the task placed again on the same host
+            # once it came back: that placement's run gets the grant, this one holds nothing.
+            why = "its task was placed again on this host since this run's claim (the host was declared lost)"
         if why:
             log.warning("job %s: %s but the stop command did not arrive; stopping it now", job.id, why)
             self._stopped_job_id = job.id
@@ -323,6 +329,14 @@ class ResourceWorker(Worker):
 
 _UNKNOWN, _FINISHED, _FAILED = 0, 1, 2
 _OUTCOMES = {_FINISHED: "finished", _FAILED: "failed"}
+
+
+def _placed_again(claimed: str, host_gen: str | None, requeues: str | None) -> bool:
+    """Whether the record's placement is a later one than the claimed token's (see
+    ``placement_token``): a new host generation or one more requeue. (Its placement time is not
+    compared: ``allocator recover`` restores it from the history, to the millisecond it keeps.)"""
+    _, gen, _, n = claimed.split("|")
+    return (host_gen or "1", requeues or "0") != (gen, n)
 
 
 def _text_client(connection: redis.Redis) -> redis.Redis:
