@@ -229,6 +229,8 @@ def tool_result(allocator: Allocator, alloc: Allocation, cap: Capacity | None = 
     ``resources.cpu_shared``, ``metadata.task_type``, ``metadata.expires_at`` and
     ``metadata.state`` (active, or pending while queued). A pending request has no GPU or core
     ids yet: ``gpu_id`` is null, ``cpu_cores`` is [], and the memory figures are what it asks for.
+    ``cpu_cores`` is always a list of pinned core ids: a grant from the shared pool (0.5) has none,
+    and its amount is ``cpu_shared``.
     """
     cap = cap if cap is not None else allocator.capacity()
     meta = {
@@ -248,7 +250,7 @@ def tool_result(allocator: Allocator, alloc: Allocation, cap: Capacity | None = 
         resources = {
             "gpu_id": f"gpu_{alloc.gpus[0].index}" if alloc.gpus else None,
             "gpu_memory_mb": alloc.gpu_memory_mb,
-            "cpu_cores": list(alloc.cpu_cores) if alloc.cpu_shared == 0 else _num(alloc.cpu_shared),
+            "cpu_cores": list(alloc.cpu_cores),  # always the pinned ids (a list, as the seed shows); a share is in cpu_shared
             "ram_mb": alloc.ram_mb,
             "host_id": alloc.host_id,
             "gpus": [g.model_dump() for g in alloc.gpus],
@@ -484,7 +486,9 @@ class AllocationManager:
     totals, the manager registers its host, and a total left out takes the seed's default.
 
     MCP servers are the ledger's shared named services (docs/services.md): each name must be in
-    the catalog of some host; ``services`` (a catalog, a mapping or a YAML/JSON path) makes this
+    the catalog of some host. In a fleet where no host has a catalog (the seed's quick start as
+    written), the names are accepted and recorded only: nothing is started, and each is listed with
+    status "not_started" and endpoint None. ``services`` (a catalog, a mapping or a YAML/JSON path) makes this
     manager run the services of its own host ``host_id`` in a background thread (in a fleet the
     host agents run them); ``service_ports`` is that host's port pool (default 9000-9099).
     ``request_resources`` waits up to ``service_wait_s`` for its servers to be running and returns
@@ -608,6 +612,7 @@ class AllocationManager:
             wanted = self._resources(n, resources)
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidRequest("metadata", f"expected a JSON object, got {type(metadata).__name__}")
+            run = servers if servers and self._fleet_runs_services() else []
             req = self.allocator.build_request(
                 wanted,
                 allocation_id=allocation_id,
@@ -616,10 +621,10 @@ class AllocationManager:
                 priority=priority,
                 ttl_seconds=ttl_seconds,
                 metadata=metadata,
-                services=servers,
+                services=run,
             )
             alloc = self.allocator.allocate_request(_with_seed_record(req, self._seed_record(n, servers)))
-            if servers:
+            if run:
                 wait_for_services(self.allocator, alloc.allocation_id, self.service_wait_s)
                 alloc = self.allocator.require(alloc.allocation_id)
         except ServiceFailed as exc:
@@ -635,6 +640,13 @@ class AllocationManager:
         except Refused as exc:  # e.g. RECOVERING while allocator recover rebuilds the ledger: never raised
             return self._failed(allocation_id, job_id, exc.message, exc.code)
         return self._request_result(alloc)
+
+    def _fleet_runs_services(self) -> bool:
+        """Whether any host offers named services (has a catalog): then MCP server names are
+        services to start, each one some host must offer; else they are only recorded."""
+        if self._supervisor is not None:
+            return True
+        return bool(self.allocator.redis.zrangebyscore(self.allocator.keys.svc_names, 1, "+inf", start=0, num=1))
 
     def _seed_record(self, workers: int, servers: list[str]) -> dict[str, Any]:
         return {
@@ -673,7 +685,10 @@ class AllocationManager:
 
     def _servers(self, a: Allocation) -> list[dict[str, Any]]:
         """Seed 000's MCP server entries (name, endpoint, status, plus server_name, port, host_id)."""
-        names = a.services or list(_seed_info(a).get("mcp_servers", []))
+        if not a.services:  # recorded only, in a fleet that runs no services (see request_resources)
+            return [{"name": name, "server_name": name, "endpoint": None, "status": "not_started", "port": None,
+                     "host_id": a.host_id} for name in _seed_info(a).get("mcp_servers", [])]
+        names = a.services
         got = held(self.allocator, a) if a.state == "active" else [None] * len(names)
         out = []
         for name, inst in zip(names, got):

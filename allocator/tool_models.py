@@ -60,7 +60,8 @@ class RequestResourcesParams(_Params):
     job_id: Text = Field(description="Unique job identifier.")
     mcp_servers: list[Annotated[str, Field(pattern=SERVICE_NAME.pattern)]] = Field(
         description="Named shared services the job uses (may be empty): each must be in the catalog of some host; they are "
-                    "started (or shared) on the allocation's host and the call waits for them to run (up to 30 s).")
+                    "started (or shared) on the allocation's host and the call waits for them to run (up to 30 s). Where no host "
+                    "has a service catalog, the names are only recorded (status not_started, no endpoint).")
     workers: Annotated[int, Field(ge=0, le=10_000)] | None = Field(None, description="Worker slots (1 core and 2048 MiB each; default 0).")
     priority: PriorityValue | None = Field(None, description="low, normal (default), high, critical.")
     ttl_seconds: TtlSeconds | None = Field(None, description="Lease length in seconds (default 3600).")

@@ -80,10 +80,10 @@ def test_tool_without_gpu_memory_reports_no_gpu(alloc):
     assert r["resources"]["gpu_id"] is None and r["resources"]["gpu_memory_mb"] == 0
 
 
-def test_tool_fractional_cpu_reports_the_shared_amount(alloc):
+def test_tool_fractional_cpu_reports_the_shared_amount_and_no_core_ids(alloc):
     seed_tool_host(alloc)
     r = allocate_resources("t", "processing", {"cpu_cores": 0.5}, allocator=alloc)
-    assert r["resources"]["cpu_cores"] == 0.5
+    assert (r["resources"]["cpu_cores"], r["resources"]["cpu_shared"]) == ([], 0.5)  # a list, as for pinned cores
     assert r["metadata"]["available_resources"]["cpu_cores"] == 9.5
 
 
@@ -267,6 +267,20 @@ def test_manager_quick_start_allocates_and_releases(alloc):
     assert (released["status"], released["workers_released"], released["cpu_freed"], released["memory_freed"]) == (
         "released", 4, 4.0, 8192,
     )
+
+
+def test_manager_quick_start_as_the_seed_writes_it_records_mcp_servers_where_no_host_runs_services(alloc):
+    manager = AllocationManager(allocator=alloc, total_cpu=16.0, total_memory=32768, total_workers=10)
+    allocation = manager.request_resources(job_id="feature-dev-001", mcp_servers=["filesystem", "github", "database"],
+                                           workers=4, priority="high", ttl_seconds=7200)
+    assert allocation["status"] == "active" and len(allocation["workers_allocated"]) == 4
+    assert [(s["name"], s["status"], s["endpoint"]) for s in allocation["mcp_servers"]] == [
+        ("filesystem", "not_started", None), ("github", "not_started", None), ("database", "not_started", None)]
+    assert manager.get_allocation(allocation["allocation_id"])["mcp_servers"] == allocation["mcp_servers"]
+    assert manager.get_capacity()["running_mcp_servers"] == []
+    r = manager.request_resources(job_id="job-002", mcp_servers=["filesystem"], workers=20)  # the seed's error example
+    assert r["error"] == "Insufficient workers: requested 20, available 6"
+    assert manager.release_resources(allocation["allocation_id"])["workers_released"] == 4
 
 
 def test_manager_request_result_has_every_seed_key(alloc, clock):

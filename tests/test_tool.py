@@ -156,13 +156,23 @@ def test_seed000_request_resources_returns_the_seed_shape(alloc, clock):
     }
 
 
-def test_seed000_services_no_host_offers_are_invalid(alloc):
+def test_seed000_services_no_host_offers_are_invalid_where_hosts_run_services(alloc):
     """MCP server names must be in some host's service catalog (docs/services.md)."""
+    from allocator.services import ServiceCatalog, publish_catalog
+
     quick_start_host(alloc)
+    publish_catalog(alloc, "local", ServiceCatalog.load({"github": {"command": ["true", "{port}"]}}))
     before = ledger_dump(alloc)
     out = call(alloc, "request_resources", {**EXAMPLES["request_resources"], "mcp_servers": ["filesystem"]})
     assert out.status == INVALID and out.payload["error"]["field"] == "mcp_servers"
     assert ledger_dump(alloc) == before
+
+
+def test_seed000_services_are_recorded_not_started_where_no_host_runs_services(alloc):
+    quick_start_host(alloc)
+    out = call(alloc, "request_resources", {**EXAMPLES["request_resources"], "mcp_servers": ["filesystem"]})
+    assert out.status == OK
+    assert [(s["name"], s["status"], s["endpoint"]) for s in out.payload["mcp_servers"]] == [("filesystem", "not_started", None)]
 
 
 def test_seed000_failure_example_reports_the_workers_available(alloc):
