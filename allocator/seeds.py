@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Allocator, new_allocation_id
 from .errors import AllocationEnded, AllocationNotFound, InsufficientResources, InvalidRequest, Refused
-from .models import MAX_SECONDS, SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority
+from .models import MAX_SECONDS, SEED_KEY, Allocation, AllocationRequest, Capacity, HostCapacity, Priority, parse_service_names
 from .services import ServiceCatalog, ServiceFailed, held, wait_for_services
 from .units import parse_cpu_millis, parse_memory_mb
 
@@ -438,7 +438,8 @@ def _check_mcp_servers(names: object) -> list[str]:
         raise InvalidRequest("mcp_servers", f"expected a list of server names, got {names!r}")
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise InvalidRequest("mcp_servers", "every server name must be a non-empty string")
-    return list(names)
+    # Service names, checked as such even where they are only recorded (no host runs services).
+    return parse_service_names(list(names), "mcp_servers") or []
 
 
 def _task_type(metadata: dict[str, Any] | None) -> str | None:
