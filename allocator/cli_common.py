@@ -76,6 +76,10 @@ def redacted(url: str) -> str:
 
         u = urlsplit(url)
         netloc, query = u.netloc, u.query
+        if "@" not in netloc and "@" in url.partition("://")[2]:
+            # A password with "#", "?" or "/" not percent-encoded: the URL ends its host part
+            # there, and the rest of the password shows up as a port, path, query or fragment.
+            return f"{u.scheme}://***"
         if u.password:
             # The host part as written (IPv6 brackets, a unix socket's empty host), not as parsed.
             netloc = f"{u.username or ''}:***@{netloc.rpartition('@')[2]}"

@@ -73,11 +73,15 @@ def check_redis_url(url: str) -> None:
     if not url.startswith(REDIS_URL_SCHEMES):
         raise InvalidRequest("redis_url", "expected a URL starting with redis://, rediss:// or unix:// "
                                           "(e.g. redis://127.0.0.1:6379/0)")
+    if "#" in url:  # redis-py would drop what follows, and connect somewhere else
+        raise InvalidRequest("redis_url", "'#' ends a URL: percent-encode it in a password (%23)")
     try:
         redis.connection.parse_url(url)  # a bad port, IPv6 address or database number
     except ValueError:
         raise InvalidRequest("redis_url", "not a valid Redis URL (host, port and database number, "
                                           "e.g. redis://127.0.0.1:6379/0)") from None
+
+
 #: Deepest nesting accepted in request metadata (JSON objects and arrays).
 MAX_DEPTH = 64
 

@@ -111,6 +111,10 @@ def shown(text: object) -> str:
     return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in str(text))
 
 
+#: Largest request metadata, as compact JSON: labels and notes, not a store for payloads.
+MAX_METADATA_BYTES = 64 * 1024
+
+
 def short_repr(value: object, limit: int = 64) -> str:
     """``repr(value)`` for an error message, cut to about ``limit`` characters: a refused value
     may be megabytes of text."""
@@ -133,11 +137,11 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
         out: dict[str, list[str]] = {}
         for part in value.split(","):
             if "=" not in part:
-                raise InvalidRequest(field, f"{part!r} is not label=value (alternatives with |)")
+                raise InvalidRequest(field, f"{short_repr(part)} is not label=value (alternatives with |)")
             k, v = part.split("=", 1)
             if k.strip() in out:
                 # "a=x,a=y" reads as x and y at once in Kubernetes, as x or y to others: neither is taken.
-                raise InvalidRequest(field, f"label {k.strip()!r} is given twice; give its alternatives once, as {k.strip()}=x|y")
+                raise InvalidRequest(field, f"label {short_repr(k.strip())} is given twice; give its alternatives once, as {k.strip()}=x|y")
             out[k.strip()] = [x.strip() for x in v.split("|") if x.strip()]
         value = out
     if not isinstance(value, dict):
@@ -145,10 +149,10 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
     sel: dict[str, list[str]] = {}
     for k, v in value.items():
         if not isinstance(k, str) or not k:
-            raise InvalidRequest(field, f"label names must be non-empty strings, got {k!r}")
+            raise InvalidRequest(field, f"label names must be non-empty strings, got {short_repr(k)}")
         vals = [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
         if not isinstance(vals, list) or not vals or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in vals):
-            raise InvalidRequest(f"{field}.{k}", f"expected a value or a non-empty list of values, got {v!r}")
+            raise InvalidRequest(f"{field}.{k}", f"expected a value or a non-empty list of values, got {short_repr(v)}")
         sel[k] = [str(x) for x in vals]
     return sel
 
@@ -164,11 +168,11 @@ def parse_service_names(value: object, field: str = "services") -> list[str] | N
     if value is None or value == [] or value == ():
         return None
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise InvalidRequest(field, f"expected a list of service names, got {value!r}")
+        raise InvalidRequest(field, f"expected a list of service names, got {short_repr(value)}")
     out: list[str] = []
     for v in value:
         if not isinstance(v, str) or not SERVICE_NAME.fullmatch(v):
-            raise InvalidRequest(field, f"{v!r} is not a service name (1-64 letters, digits, . _ -, starting with a letter or digit)")
+            raise InvalidRequest(field, f"{short_repr(v)} is not a service name (1-64 letters, digits, . _ -, starting with a letter or digit)")
         if v not in out:
             out.append(v)
     if len(out) > 64:
@@ -371,9 +375,12 @@ class AllocationRequest(_Strict):
         if SEED_KEY in v:
             raise InvalidRequest(f"metadata.{SEED_KEY}", "is reserved for the seed APIs' own record of an allocation")
         try:
-            json.dumps(v, allow_nan=False)
+            size = len(json.dumps(v, allow_nan=False, separators=(",", ":")).encode())
         except (TypeError, ValueError) as exc:
             raise InvalidRequest("metadata", f"must be JSON-serialisable: {exc}") from None
+        if size > MAX_METADATA_BYTES:
+            # It is kept in the record twice (metadata and request), in an outbox event and the history.
+            raise InvalidRequest("metadata", f"{size} bytes as JSON, more than the {MAX_METADATA_BYTES} a request may carry")
         return v
 
     @field_validator("task_id", "task_type", "owner", mode="before")

@@ -466,7 +466,7 @@ def test_an_error_message_holding_markup_is_printed_as_it_is(cli):
     assert "[red]x" in res.output
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1:x/0", "redis://u:p@[::1"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1:x/0", "redis://u:p@[::1", "redis://:9999#tPW@127.0.0.1:6379/11"])
 def test_a_malformed_redis_url_is_invalid_input(url):
     res = CliRunner().invoke(app, ["list", "--redis-url", url])
     assert res.exit_code == 2, res.output
@@ -481,6 +481,8 @@ def test_a_password_given_as_a_url_parameter_is_not_echoed():
     assert redacted("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"  # nothing to hide: as given
     assert redacted("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
     assert redacted("unix://:pw@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
+    for cut in ("#", "?", "/"):  # a password not percent-encoded, cut where the host part ends
+        assert redacted(f"redis://:9999{cut}tPW@127.0.0.1:6379/11") == "redis://***"
     assert redacted("unix:///tmp/r.sock?password=pw") == "unix:///tmp/r.sock?password=***"
     res = CliRunner().invoke(app, ["list", "--redis-url", "redis://127.0.0.1:1/0?password=hunter2"])
     assert res.exit_code == 1 and "hunter2" not in res.output

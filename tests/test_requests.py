@@ -5,6 +5,8 @@ import pytest
 from allocator import InvalidRequest, Priority, Resources, Strategy
 from allocator.models import AllocationRequest, HostSpec, parse, parse_selector
 
+from .conftest import ledger_dump
+
 
 def test_gpu_memory_without_gpu_count_means_one_gpu():
     r = parse(Resources, {"gpu_memory_mb": "20Gi", "cpu_cores": 4, "ram_mb": "32Gi"})
@@ -197,3 +199,21 @@ def test_host_labels_may_not_hold_control_characters(labels, field):
 def test_text_in_other_scripts_is_not_a_control_character():
     req = parse(AllocationRequest, {"resources": {}, "task_id": "entraînement-1", "owner": "日本", "task_type": "ml infer"})
     assert (req.task_id, req.owner) == ("entraînement-1", "日本")
+
+
+def test_a_refused_selector_value_is_quoted_short_in_the_error():
+    with pytest.raises(InvalidRequest) as e:
+        parse_selector({"cluster": [["x" * 100_000]]})
+    assert e.value.field == "selector.cluster" and len(str(e.value)) < 200
+
+
+def test_metadata_larger_than_64_kib_as_json_is_refused_naming_it(alloc):
+    from allocator.models import MAX_METADATA_BYTES
+
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as e:
+        alloc.allocate({"cpu_cores": 0}, metadata={"blob": "x" * MAX_METADATA_BYTES})
+    assert e.value.field == "metadata" and "more than the 65536" in str(e.value)
+    assert ledger_dump(alloc) == before
+    alloc.build_request({"cpu_cores": 0}, metadata={"blob": "x" * (MAX_METADATA_BYTES - 20)})  # just under: taken
+

@@ -27,6 +27,7 @@ from ..client import Allocator
 from ..errors import REDIS_UNAVAILABLE, AllocatorError
 from .config import ApiConfig
 from .errors import BackendUnavailable, error_body, from_validation_errors, status_of
+from .gate import RequestGate
 from .metrics import build_registry, count_refusal, tally
 from .policies import PolicyLoader
 from .routes import open_router, v1
@@ -94,6 +95,7 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
     app.include_router(open_router)
     app.include_router(v1)
     app.include_router(ws_router)
+    app.add_middleware(RequestGate, state=state)
 
     @app.exception_handler(AllocatorError)
     async def _allocator_error(request: Request, exc: AllocatorError) -> JSONResponse:
@@ -101,23 +103,9 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
-    def _unauthorized(request: Request) -> JSONResponse | None:
-        """FastAPI reads the body before the token dependency runs: a caller without the token gets
-        401 for a body it could not read or validate, and nothing of its request is counted (no
-        write for an unauthenticated call)."""
-        if request.url.path.startswith("/v1/"):
-            try:
-                state.check_token(request.headers.get("authorization"))
-            except AllocatorError as denied:
-                return JSONResponse(error_body(denied), status_code=status_of(denied),
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return None
-
+    # (A /v1 request without the token never gets here: RequestGate refuses it before its body.)
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        denied = _unauthorized(request)
-        if denied is not None:
-            return denied
         err = from_validation_errors(list(exc.errors()))
         if request.method == "POST" and request.url.path == "/v1/allocations":
             await asyncio.to_thread(count_refusal, state.allocator, err.code)  # an allocation attempt refused
@@ -125,9 +113,6 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        denied = _unauthorized(request) if exc.status_code == 400 else None
-        if denied is not None:
-            return denied
         code = HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
         if exc.status_code == 400 and "error parsing the body" in str(exc.detail):
             code = "MALFORMED_JSON"  # FastAPI's answer to a body its JSON parser gave up on (nesting too deep)

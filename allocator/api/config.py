@@ -41,6 +41,7 @@ class ApiConfig:
     policy_attempts: int = 3
     tally_interval_s: float = 1.0
     cancel_retry_s: float = 5.0
+    max_body_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> ApiConfig:
@@ -60,6 +61,9 @@ class ApiConfig:
             # How long a WebSocket session keeps trying to cancel what it made while Redis does not
             # answer (a restart or failover), before leaving it to its lease's TTL.
             "cancel_retry_s": env_number(e, "ALLOCATOR_API_CANCEL_RETRY_S", 5.0, minimum=0, maximum=300),
+            # A request body larger than this is refused (413) before it is read whole.
+            "max_body_bytes": int(env_number(e, "ALLOCATOR_API_MAX_BODY_BYTES", 1 << 20, minimum=1024, maximum=1 << 30,
+                                             integer=True)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values["policy_modules"], str):

@@ -319,6 +319,28 @@ def test_a_body_too_deep_to_parse_without_the_token_gets_401(api: LiveApi) -> No
     assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
 
 
+def test_a_request_without_the_token_gets_401_whatever_its_body(api_factory) -> None:
+    """Refused before its body is read (FastAPI reads a route's whole body before its dependencies)."""
+    api = api_factory(max_body_bytes=4096)
+    for body in (b"{" * 100, b" " * 1_000_000):
+        r = api.client(auth=False).post("/v1/allocations", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_a_body_over_the_limit_is_refused_with_413(api_factory) -> None:
+    api = api_factory(max_body_bytes=4096)
+    api.register_fleet()
+    before = api.ledger()
+    big = {"resources": {"gpus": 1}, "metadata": {"blob": "x" * 5000}}
+    r = api.client().post("/v1/allocations", json=big)
+    assert r.status_code == 413 and err(r)["code"] == "TOO_LARGE", r.text
+    r = api.client().post("/v1/allocations", content=iter([b'{"resources": {"gpus": 1}, "metadata": {"blob": "', b"x" * 5000, b'"}}']),
+                          headers={"content-type": "application/json"})  # chunked: no length given
+    assert r.status_code == 413 and err(r)["code"] == "TOO_LARGE", r.text
+    assert api.ledger() == before
+    assert api.client().post("/v1/allocations", json={"resources": {"gpus": 1}}).status_code == 201
+
+
 def test_unknown_route_and_method_use_the_error_shape(api: LiveApi) -> None:
     c = api.client()
     assert err(c.get("/v1/nothing-here"))["code"] == "NOT_FOUND"
@@ -363,7 +385,8 @@ def test_health_reports_degraded_redis() -> None:
 
 @pytest.mark.parametrize("variable, value", [("ALLOCATOR_POLICY_ATTEMPTS", "0"), ("ALLOCATOR_POLICY_TIMEOUT_S", "abc"),
                                               ("ALLOCATOR_API_POLL_S", "-1"), ("ALLOCATOR_API_PROGRESS_S", "nan"),
-                                              ("ALLOCATOR_POLICY_TIMEOUT_S", "1e10"), ("ALLOCATOR_API_TALLY_S", "inf")])
+                                              ("ALLOCATOR_POLICY_TIMEOUT_S", "1e10"), ("ALLOCATOR_API_TALLY_S", "inf"),
+                                              ("ALLOCATOR_API_MAX_BODY_BYTES", "100"), ("ALLOCATOR_API_MAX_BODY_BYTES", "1.5")])
 def test_an_api_setting_out_of_range_is_refused_naming_the_variable(variable: str, value: str) -> None:
     from allocator.api.config import ApiConfig
     from allocator.errors import InvalidRequest
