@@ -24,6 +24,7 @@ import logging
 import time
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -75,8 +76,21 @@ async def ws_allocate(websocket: WebSocket) -> None:
     except Unauthorized:
         await websocket.close(code=4401)  # before accept: the handshake is refused (HTTP 403)
         return
+    if not st.config.token and _cross_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
+        # Browsers let any page open a WebSocket to any address: without a token, a page the
+        # operator visits could allocate on a server it can reach. (With a token it cannot: a
+        # browser's WebSocket sends no Authorization header.) Clients that are no browser send no Origin.
+        await websocket.close(code=4403)
+        return
     await websocket.accept()
     await Session(st, websocket).serve()
+
+
+def _cross_origin(origin: str | None, host: str | None) -> bool:
+    """Whether a handshake's Origin names another host (and port) than the one it was sent to."""
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != (host or "").lower()
 
 
 def _not_cancelled(allocation_id: str | None, what: str) -> BackendUnavailable:

@@ -268,6 +268,21 @@ def test_auth_is_required_on_the_socket(api: LiveApi) -> None:
         connect(api.ws_url, additional_headers={"Authorization": "Bearer wrong"}, open_timeout=5)
 
 
+def test_without_a_token_a_socket_opened_from_another_origin_is_refused(api_factory) -> None:
+    """Any web page can open a WebSocket to a local server; without a token only its own origin
+    (or a client that sends none, as programs do) may use it."""
+    api = api_factory(token=None)
+    api.register_fleet()
+    with pytest.raises(InvalidStatus) as info:
+        connect(api.ws_url, origin="https://evil.example", open_timeout=5)
+    assert info.value.response.status_code == 403
+    own = api.url.replace("http://", "")
+    for headers in ({"origin": f"http://{own}"}, {}):
+        with connect(api.ws_url, additional_headers=headers, open_timeout=5) as ws:
+            ws.send(json.dumps(message(inputs={"resources": {"gpus": 1}, "ttl_seconds": 60})))
+            assert recv(ws)["type"] in ("placed", "accepted", "position"), headers
+
+
 @pytest.mark.parametrize("raw, code, field, close", [
     ("{not json", "MALFORMED_JSON", None, 4400),
     (json.dumps(message(adhoc=False)), "INVALID_REQUEST", "adhoc", 4422),
