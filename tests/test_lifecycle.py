@@ -101,6 +101,19 @@ def test_refused_or_invalid_request_leaves_the_ledger_byte_for_byte_unchanged(al
     assert ledger_dump(alloc_any) == before
 
 
+def test_a_refusal_still_releases_leases_past_their_ttl(alloc, clock):
+    """The one write a refused place makes: its reap of expired leases (which the refusal then
+    counts as free), as expire() would have made them."""
+    one_gpu_host(alloc)
+    lease = alloc.allocate({"cpu_cores": 1}, ttl_seconds=10)
+    clock.advance(20)
+    with pytest.raises(InsufficientResources):
+        alloc.allocate({"cpu_cores": 1000})
+    rec = alloc.get(lease.allocation_id)
+    assert (rec.state, rec.release_reason) == ("released", "expired")
+    assert alloc.expire() == []
+
+
 def test_would_fit_with_the_id_of_an_existing_allocation_answers_where_it_would_go(alloc):
     alloc.register_host(id="h1", cpu_cores=2, ram_mb="8Gi")
     alloc.allocate({"cpu_cores": 1}, allocation_id="x")
