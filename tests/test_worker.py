@@ -230,10 +230,11 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_running_job_preempted_is_stopped_and_requeued_at_the_front(alloc, tmp_path):
+@pytest.mark.parametrize("failure_ttl", [None, 0, 5])
+def test_running_job_preempted_is_stopped_and_requeued_at_the_front(alloc, tmp_path, failure_ttl):
     gpu_host(alloc)
     flag = tmp_path / "go"
-    low = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 2}, priority="low")
+    low = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 2}, priority="low", failure_ttl=failure_ttl)
     later_low = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 2}, priority="low")
     worker = start_worker(alloc, "h1")
     try:
@@ -243,25 +244,6 @@ def test_running_job_preempted_is_stopped_and_requeued_at_the_front(alloc, tmp_p
         wait_until(lambda: low.state == "pending")
         assert alloc.get(low.id).requeues == 1
         assert (low.position, later_low.position) == (1, 2)  # front of its queue, ahead of later work
-        flag.touch()
-        alloc.release(urgent.allocation_id)
-        wait_until(lambda: low.job.get_status() == "finished")
-        assert low.job.return_value() == "done"
-    finally:
-        worker.terminate()
-        worker.wait(10)
-
-
-@pytest.mark.parametrize("failure_ttl", [0, 5])
-def test_a_preempted_job_keeps_its_rq_job_whatever_its_failure_ttl_and_runs_again(alloc, tmp_path, failure_ttl):
-    gpu_host(alloc)
-    flag = tmp_path / "go"
-    low = alloc.enqueue(jobs.sleep_until_file, str(flag), resources={"gpus": 2}, priority="low", failure_ttl=failure_ttl)
-    worker = start_worker(alloc, "h1")
-    try:
-        wait_until(lambda: low.job.get_status() == "started")
-        urgent = alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
-        wait_until(lambda: low.state == "pending")
         # The stopped run was not filed as failed: the failure_ttl that filing applies would expire
         # the job's hash (at 0: delete it) while it waits in line.
         conn = alloc.rq_connection

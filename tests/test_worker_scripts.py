@@ -696,15 +696,21 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_the_agent_puts_back_in_line_a_retry_whose_worker_died(alloc):
+def orphaned_run(a, rq_status: str, **enqueue: Any) -> tuple[Any, Any]:
+    """A placed function task claimed on machine n1 by a worker that has died, its RQ job left at
+    ``rq_status``; then the agent's check of that machine. Returns (task, report)."""
     from allocator.agent.orphans import OrphanReaper
 
-    gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
-    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    gpu_host(a)
+    task = a.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, **enqueue)
+    assert claim_grant(a, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+    a.rq_connection.hset(Job.key_for(task.id), "status", rq_status)
+    return task, OrphanReaper(a, node="n1").check(["h1"])
+
+
+def test_the_agent_puts_back_in_line_a_retry_whose_worker_died(alloc):
     # The run failed and RQ's Retry put the job back (status "queued"); then the worker died.
-    alloc.rq_connection.hset(Job.key_for(task.id), "status", "queued")
-    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    task, rep = orphaned_run(alloc, "queued")
     assert rep.requeued == [task.id]
     assert alloc.get(task.id).release_reason is None and alloc.get(task.id).state in ("pending", "active")
     assert alloc.get(task.id).requeues == 1
@@ -713,14 +719,9 @@ def test_the_agent_puts_back_in_line_a_retry_whose_worker_died(alloc):
 
 
 def test_the_agent_retries_a_run_left_started_by_a_worker_killed_with_its_horse_as_rq_would(alloc):
-    from allocator.agent.orphans import OrphanReaper
     from rq import Retry
 
-    gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, retry=Retry(max=2))
-    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
-    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")  # both killed mid-run
-    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    task, rep = orphaned_run(alloc, "started", retry=Retry(max=2))  # both killed mid-run
     assert rep.requeued == [task.id]
     rec = alloc.get(task.id)
     assert (rec.state, rec.requeues, rec.release_reason) == ("active", 1, None)  # placed again at once
@@ -730,25 +731,14 @@ def test_the_agent_retries_a_run_left_started_by_a_worker_killed_with_its_horse_
 
 
 def test_a_run_left_started_keeps_the_interval_rq_would_wait_before_its_retry(alloc, clock):
-    from allocator.agent.orphans import OrphanReaper
     from rq import Retry
 
-    gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, retry=Retry(max=2, interval=[10, 60]))
-    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
-    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")
-    OrphanReaper(alloc, node="n1").check(["h1"])
+    task, _ = orphaned_run(alloc, "started", retry=Retry(max=2, interval=[10, 60]))
     rec = alloc.get(task.id)
     assert rec.state == "pending" and rec.not_before == datetime.fromtimestamp(math.floor(clock() * 1000) / 1000 + 10, timezone.utc)
 
 
 def test_a_run_left_started_without_retries_left_is_released_as_failed(alloc):
-    from allocator.agent.orphans import OrphanReaper
-
-    gpu_host(alloc)
-    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
-    assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
-    alloc.rq_connection.hset(Job.key_for(task.id), "status", "started")
-    rep = OrphanReaper(alloc, node="n1").check(["h1"])
+    task, rep = orphaned_run(alloc, "started")
     assert rep.released == [task.id]
     assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("failed", "failed")
