@@ -225,11 +225,13 @@ class Allocator:
     # -- hosts -------------------------------------------------------------------------------
 
     def register_host(self, host: HostSpec | Mapping[str, Any] | None = None, *, only_new: bool = False,
-                      **fields: Any) -> dict[str, Any]:
+                      heartbeat: bool = False, **fields: Any) -> dict[str, Any]:
         """Adds a host or updates its inventory; existing grants stay valid.
 
         Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
         ``only_new``: a host registered already is left as it is (the reply says ``skipped``).
+        ``heartbeat``: the host's agent registers it, and the registration counts as a heartbeat
+        (the reaper then watches the host from this moment).
         """
         data = host if host is not None else fields
         if isinstance(data, HostSpec):
@@ -239,7 +241,10 @@ class Allocator:
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")
-        return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap, "1" if only_new else "0")
+        args = [self._prefix_arg, self._now_arg(), json.dumps(payload), self.pass_depth, self.scan_cap,
+                "1" if only_new else "0", "1" if heartbeat else "0"]
+        keys = [*self._ledger_keys, self.keys.heartbeats] if heartbeat else self._ledger_keys
+        return from_json(self.scripts["register_host"](keys=keys, args=args))
 
     def drain_host(self, host_id: str, *, by_agent: bool = False) -> None:
         """No new placements on the host; what runs there keeps its resources. ``by_agent``: the

@@ -238,7 +238,7 @@ class Agent:
         change registered as the host comes back (lost or removed meanwhile) counts as returned:
         the heartbeat that would have said so comes after it."""
         try:
-            res = self.allocator.register_host(spec)
+            res = self.allocator.register_host(spec, heartbeat=True)
         except InvalidRequest as exc:
             log.error("host %s not registered, its inventory is invalid: %s", host_id, exc)
             return None

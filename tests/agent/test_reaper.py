@@ -33,6 +33,16 @@ def test_host_without_heartbeat_for_the_grace_is_lost_and_its_allocations_freed(
     check(alloc.snapshot())
 
 
+def test_a_host_whose_agent_died_before_its_first_heartbeat_is_still_declared_lost(alloc, make_agent, clock):
+    agent = make_agent([host("h1")])
+    agent._heartbeat = lambda hosts: []  # it registers the host, then dies before the heartbeat
+    agent.run_once()
+    assert alloc.redis.zscore(alloc.keys.heartbeats, "h1") == int(clock() * 1000)  # the registration counted
+    clock.advance(GRACE)
+    (lost,) = reap_lost_hosts(alloc, GRACE)
+    assert lost.declared and alloc.capacity().hosts[0].state == "lost"
+
+
 def test_host_is_not_lost_before_the_grace(alloc, make_agent, clock):
     make_agent([host("h1")]).run_once()
     clock.advance(GRACE - 0.001)
