@@ -139,15 +139,18 @@ def require_positive(value: float, option: str, *, zero_means: str | None = None
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # logging's other names for two of them
 
 
 def log_level(value: str, option: str) -> str:
-    """The level named, upper-cased, or exit 2 naming the option: logging would raise a traceback
-    for a name it does not know, and uvicorn knows only these five (and its own TRACE)."""
-    if value.upper() not in LOG_LEVELS:
+    """The level named, upper-cased (an alias as its usual name), or exit 2 naming the option:
+    logging would raise a traceback for a name it does not know, and uvicorn knows only these
+    five (and its own TRACE)."""
+    name = _LOG_ALIASES.get(value.upper(), value.upper())
+    if name not in LOG_LEVELS:
         raise typer.BadParameter(f"expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {value!r}",
                                  param_hint=option)
-    return value.upper()
+    return name
 
 
 def startup_failure(exc: BaseException) -> tuple[int, str] | None:

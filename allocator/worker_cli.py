@@ -87,7 +87,7 @@ def scheduler(
     stop = threading.Event()
     if not once:  # SIGTERM ends the loop like Ctrl-C, so the recorder leaves its consumer group cleanly
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if recorder and not once:
+    if recorder and not once and database_url:
         from .history.db import resolve_url
 
         try:

@@ -541,6 +541,30 @@ def test_an_unknown_log_level_is_invalid_input_naming_the_option(command):
     assert res.exit_code == 2 and "--log-level" in res.output and "Traceback" not in res.output, res.output
 
 
+def test_log_levels_go_by_logging_s_other_names_too(real):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    res = CliRunner().invoke(app, ["worker", "--host", "h1", "--burst", "--logging-level", "warn", "--redis-url", url,
+                                   "--namespace", real.keys.namespace])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_scheduler_without_a_database_url_starts_where_the_default_history_file_cannot_be_made(real, tmp_path):
+    url = "redis://{host}:{port}/{db}".format(**real.redis.connection_pool.connection_kwargs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALLOCATOR_STATE_DIR": "/proc/no/such/dir"}
+    env.pop("ALLOCATOR_DATABASE_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "allocator", "scheduler", "--redis-url", url, "--namespace",
+                             real.keys.namespace, "--interval", "0.1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "recorder not started" not in line:  # schedules, and the recorder tries again later
+            line = proc.stdout.readline()
+            assert line, "the scheduler exited"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("host_id", ["", "bad id"])
 def test_an_agent_host_id_no_registration_takes_is_invalid_input_before_it_runs(host_id):
     res = CliRunner().invoke(app, ["agent", "--no-nvml", "--once", "--host-id", host_id, "--redis-url", "redis://127.0.0.1:1/0"])

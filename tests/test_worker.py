@@ -599,12 +599,14 @@ def test_a_worker_applies_the_operators_settings_to_the_passes_it_runs(alloc, mo
     assert (w.allocator.pass_depth, w.allocator.scan_cap, w.allocator.record_retention_s) == (1, 7, 60)
 
 
-def test_a_run_whose_task_was_placed_again_on_its_host_after_a_loss_is_stopped_at_the_next_tick(alloc, tmp_path):
+@pytest.mark.parametrize("failure_ttl", [None, 0])
+def test_a_run_whose_task_was_placed_again_on_its_host_after_a_loss_is_stopped_at_the_next_tick(alloc, tmp_path,
+                                                                                               failure_ttl):
     from allocator.agent import mark_lost
 
     gpu_host(alloc)
     runs = tmp_path / "runs"
-    task = alloc.enqueue(jobs.log_run, str(runs), 3.0, resources={"gpus": 1})
+    task = alloc.enqueue(jobs.log_run, str(runs), 3.0, resources={"gpus": 1}, failure_ttl=failure_ttl)
 
     def lost_and_placed_again() -> None:
         alloc.redis.zadd(alloc.keys.heartbeats, {"h1": 0})  # its agent went silent long ago
@@ -618,4 +620,25 @@ def test_a_run_whose_task_was_placed_again_on_its_host_after_a_loss_is_stopped_a
     # second run, which then ran to its end).
     assert runs.read_text().split() == ["start", "start", "end"]
     assert alloc.get(task.id).release_reason == "released" and alloc.capacity().gpus_idle == 2
+
+
+def test_a_run_whose_task_was_placed_elsewhere_after_a_loss_is_stopped_and_the_job_runs_there(alloc, tmp_path):
+    from allocator.agent import mark_lost
+
+    gpu_host(alloc, "h1")
+    runs = tmp_path / "runs"
+    task = alloc.enqueue(jobs.log_run, str(runs), 3.0, resources={"gpus": 1}, failure_ttl=0)
+    gpu_host(alloc, "h2")
+
+    def lost_and_placed_elsewhere() -> None:
+        alloc.redis.zadd(alloc.keys.heartbeats, {"h1": 0})
+        assert mark_lost(alloc, "h1", grace_s=1) is not None
+        assert (alloc.get(task.id).state, alloc.get(task.id).host_id) == ("active", "h2")
+
+    work_losing_stop_commands(alloc, "h1", once_running=lost_and_placed_elsewhere)
+    # The stopped run was not filed as failed: at failure_ttl 0 that deleted the job h2 is to run.
+    assert alloc.rq_connection.exists(task.job.key) == 1
+    run_worker(alloc, "h2")
+    assert runs.read_text().split() == ["start", "start", "end"]
+    assert alloc.get(task.id).release_reason == "released"
 

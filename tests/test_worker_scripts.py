@@ -698,13 +698,16 @@ def _dead_pid() -> int:
 
 def orphaned_run(a, rq_status: str, **enqueue: Any) -> tuple[Any, Any]:
     """A placed function task claimed on machine n1 by a worker that has died, its RQ job left at
-    ``rq_status``; then the agent's check of that machine. Returns (task, report)."""
+    ``rq_status`` and its run in RQ's started registry (as ``<id>:<execution id>``); then the
+    agent's check of that machine. Returns (task, report)."""
     from allocator.agent.orphans import OrphanReaper
 
     gpu_host(a)
     task = a.enqueue(jobs.add, 1, 2, resources={"gpus": 1}, **enqueue)
     assert claim_grant(a, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
     a.rq_connection.hset(Job.key_for(task.id), "status", rq_status)
+    a.rq_connection.zadd(f"rq:executions:{task.id}", {"e1": 1})
+    a.rq_connection.zadd(f"rq:wip:{a.keys.namespace}.host.h1", {f"{task.id}:e1": 1})
     return task, OrphanReaper(a, node="n1").check(["h1"])
 
 
@@ -728,6 +731,8 @@ def test_the_agent_retries_a_run_left_started_by_a_worker_killed_with_its_horse_
     job = Job.fetch(task.id, connection=alloc.rq_connection)
     assert (job.get_status(), job.retries_left) == ("queued", 1)
     assert events_of(alloc, task.id, "finished")[-1]["data"]["outcome"] == "retry"
+    # The dead run left RQ's started registry: RQ's maintenance would take the next run for it.
+    assert alloc.rq_connection.zcard(f"rq:wip:{alloc.keys.namespace}.host.h1") == 0
 
 
 def test_a_run_left_started_keeps_the_interval_rq_would_wait_before_its_retry(alloc, clock):

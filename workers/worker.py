@@ -40,7 +40,7 @@ from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
-from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
+from allocator.agent.fencing import PLACEMENT_FIELDS, ClaimedGrant, GrantStatus, claim_grant, finish_job, placement_token
 from allocator.client import Allocator
 from allocator.queue import parse_host_queue, run_lease_s
 
@@ -115,9 +115,10 @@ class ResourceWorker(Worker):
             try:
                 super().execute_job(job, queue)
             finally:
-                self._grant, self._claimed = None, ""
+                self._grant = None
                 self._after(job, claim.token, queue)
         finally:
+            self._claimed = ""
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
                 # A stop that came after the horse had ended (a preemption just after the run):
@@ -223,7 +224,7 @@ class ResourceWorker(Worker):
         apply the job's failure_ttl to its hash, an expiry, or at 0 its deletion, and the job
         would be gone before the line reached it (its grant then held by a stub no worker runs)."""
         saved = self.disable_default_exception_handler
-        if self._stopped_job_id == job.id and self._goes_back_in_line(job.id):
+        if self._stopped_job_id == job.id and self._runs_again(job.id):
             self.disable_default_exception_handler = True  # (RQ's switch for exactly that filing)
         try:
             super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
@@ -231,8 +232,17 @@ class ResourceWorker(Worker):
         finally:
             self.disable_default_exception_handler = saved
 
-    def _goes_back_in_line(self, job_id: str) -> bool:
-        return self.allocator.redis.hget(self.allocator.keys.task(job_id), "state") in ("preempting", "pending")
+    def _runs_again(self, job_id: str) -> bool:
+        """Whether the task goes back in line (preempted, or its host declared lost) or was placed
+        again under another placement than this run's claim (elsewhere, or on this host anew)."""
+        k = self.allocator.keys
+        pipe = self.allocator.redis.pipeline(transaction=False)
+        pipe.hget(k.task(job_id), "state")
+        pipe.hmget(k.alloc(job_id), "state", *PLACEMENT_FIELDS)
+        task_state, (state, *placement) = pipe.execute()
+        if task_state in ("preempting", "pending"):
+            return True
+        return state == "active" and bool(self._claimed) and placement_token(*placement) != self._claimed
 
     # -- stopping a running job -------------------------------------------------------------------
 

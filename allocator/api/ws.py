@@ -76,7 +76,8 @@ async def ws_allocate(websocket: WebSocket) -> None:
     except Unauthorized:
         await websocket.close(code=4401)  # before accept: the handshake is refused (HTTP 403)
         return
-    if not st.config.token and _cross_origin(websocket.headers.get("origin"), websocket.headers.get("host")):
+    if not st.config.token and _cross_origin(websocket.headers.get("origin"), websocket.headers.get("host"),
+                                             websocket.headers.get("x-forwarded-host")):
         # Browsers let any page open a WebSocket to any address: without a token, a page the
         # operator visits could allocate on a server it can reach. (With a token it cannot: a
         # browser's WebSocket sends no Authorization header.) Clients that are no browser send no Origin.
@@ -86,11 +87,12 @@ async def ws_allocate(websocket: WebSocket) -> None:
     await Session(st, websocket).serve()
 
 
-def _cross_origin(origin: str | None, host: str | None) -> bool:
-    """Whether a handshake's Origin names another host (and port) than the one it was sent to."""
+def _cross_origin(origin: str | None, host: str | None, forwarded_host: str | None = None) -> bool:
+    """Whether a handshake's Origin names another host (and port) than the one it was sent to
+    (or, behind a reverse proxy that rewrites Host, the one it names in X-Forwarded-Host)."""
     if origin is None:
         return False
-    return urlsplit(origin).netloc.lower() != (host or "").lower()
+    return urlsplit(origin).netloc.lower() not in {(host or "").lower(), (forwarded_host or "").lower()} - {""}
 
 
 def _not_cancelled(allocation_id: str | None, what: str) -> BackendUnavailable:

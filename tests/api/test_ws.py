@@ -277,7 +277,8 @@ def test_without_a_token_a_socket_opened_from_another_origin_is_refused(api_fact
         connect(api.ws_url, origin="https://evil.example", open_timeout=5)
     assert info.value.response.status_code == 403
     own = api.url.replace("http://", "")
-    for headers in ({"origin": f"http://{own}"}, {}):
+    behind_a_proxy = {"origin": "https://gpu.example", "x-forwarded-host": "gpu.example"}  # Host rewritten by it
+    for headers in ({"origin": f"http://{own}"}, {}, behind_a_proxy):
         with connect(api.ws_url, additional_headers=headers, open_timeout=5) as ws:
             ws.send(json.dumps(message(inputs={"resources": {"gpus": 1}, "ttl_seconds": 60})))
             assert recv(ws)["type"] in ("placed", "accepted", "position"), headers

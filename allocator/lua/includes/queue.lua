@@ -111,6 +111,11 @@ local function requeue_task(id, t, now, front, not_before)
       for _, reg in ipairs({'failed', 'wip', 'canceled', 'finished', 'scheduled'}) do
         rcall('ZREM', t.rq_prefix .. reg .. ':' .. origin, id)
       end
+      -- RQ's started registry lists runs as <id>:<execution id>. A run whose worker died is
+      -- still there, and RQ's maintenance would take the job's next run for it, abandoned.
+      for _, e in ipairs(rcall('ZRANGE', t.rq_prefix .. 'executions:' .. id, 0, -1)) do
+        rcall('ZREM', t.rq_prefix .. 'wip:' .. origin, id .. ':' .. e)
+      end
     end
     rcall('LREM', t.rq_prefix .. 'queue:' .. t.rq_queue, 0, id)
     if front then
