@@ -40,7 +40,7 @@ from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
-from allocator.agent.fencing import PLACEMENT_FIELDS, ClaimedGrant, GrantStatus, claim_grant, finish_job, placement_token
+from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
 from allocator.client import Allocator
 from allocator.queue import parse_host_queue, run_lease_s
 
@@ -219,10 +219,10 @@ class ResourceWorker(Worker):
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
                            execution: Any = None) -> None:
-        """RQ's, but a run stopped because its task goes back in line (preempted, or its host
-        declared lost) is not filed as failed: the line runs the job again. RQ's filing would
-        apply the job's failure_ttl to its hash, an expiry, or at 0 its deletion, and the job
-        would be gone before the line reached it (its grant then held by a stub no worker runs)."""
+        """RQ's, but a run stopped because its task runs again (preempted, or its host declared
+        lost: back in line, or placed again) is not filed as failed. RQ's filing would apply the
+        job's failure_ttl to its hash, an expiry, or at 0 its deletion, and the job would be gone
+        before its next run (its grant then held by a stub no worker runs)."""
         saved = self.disable_default_exception_handler
         if self._stopped_job_id == job.id and self._runs_again(job.id):
             self.disable_default_exception_handler = True  # (RQ's switch for exactly that filing)
@@ -238,11 +238,12 @@ class ResourceWorker(Worker):
         k = self.allocator.keys
         pipe = self.allocator.redis.pipeline(transaction=False)
         pipe.hget(k.task(job_id), "state")
-        pipe.hmget(k.alloc(job_id), "state", *PLACEMENT_FIELDS)
-        task_state, (state, *placement) = pipe.execute()
+        pipe.hmget(k.alloc(job_id), "state", "host", "host_gen", "requeues")
+        task_state, (state, host, host_gen, requeues) = pipe.execute()
         if task_state in ("preempting", "pending"):
             return True
-        return state == "active" and bool(self._claimed) and placement_token(*placement) != self._claimed
+        return state == "active" and bool(self._claimed) and (
+            host != self.host_id or _placed_again(self._claimed, host_gen, requeues))
 
     # -- stopping a running job -------------------------------------------------------------------
 
