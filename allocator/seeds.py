@@ -288,7 +288,7 @@ def could_ever_fit(cap: Capacity, req: AllocationRequest) -> bool:
     """
     r = req.resources
     for h in cap.hosts:
-        if h.state == "lost":
+        if h.state == "lost" or not _takes_work(h):
             continue
         if req.selector and any(h.labels.get(k) not in vals for k, vals in req.selector.items()):
             continue
@@ -300,12 +300,21 @@ def could_ever_fit(cap: Capacity, req: AllocationRequest) -> bool:
     return False
 
 
+def _takes_work(h: HostCapacity) -> bool:
+    """A host registered without cores or RAM (an agent run with --no-psutil) is parked for good:
+    the ledger places nothing, not even a request for none, on a host with no free CPU or RAM."""
+    return h.cpu_cores.total > 0 and h.ram_mb.total > 0
+
+
 def never_fits(cap: Capacity, req: AllocationRequest) -> InsufficientResources:
     """Why no host could ever hold the request (for one ``could_ever_fit`` rejected)."""
     r = req.resources
     hosts = [h for h in cap.hosts if h.state != "lost"]
     if not hosts:
         return InsufficientResources("no host is registered", code="NO_FIT")
+    if not any(_takes_work(h) for h in hosts):
+        return InsufficientResources("no host has CPU cores and RAM registered (a host without them takes no work)",
+                                     code="NO_FIT")
     if r.gpus:
         model = f" of model {'|'.join(r.gpu_model)}" if r.gpu_model else ""
         if r.gpu_model and not any(g.model in r.gpu_model for h in hosts for g in h.gpus):

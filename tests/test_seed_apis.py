@@ -837,3 +837,11 @@ def test_the_tool_call_naming_an_allocation_that_has_ended_fails_instead_of_repo
     again = allocate_resources("task_1", "ml_inference", SEED_REQUIREMENTS, allocator=alloc, allocation_id="lease-y")
     assert again["success"] is False and again["error"]["code"] == "ALLOCATION_ENDED"
     assert again["error"]["field"] == "allocation_id"
+
+
+def test_a_request_only_hosts_without_cpu_or_ram_could_take_is_refused_not_left_waiting_for_ever(alloc):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb=0)  # as an agent run with --no-psutil may register it
+    r = allocate_resources("t", "processing", {"cpu_cores": 1, "ram_mb": 0}, allocator=alloc)
+    assert r["success"] is False and "no host has CPU cores and RAM" in r["error"]["message"], r
+    assert alloc.list() == []
+
