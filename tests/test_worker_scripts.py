@@ -747,3 +747,54 @@ def test_a_run_left_started_without_retries_left_is_released_as_failed(alloc):
     task, rep = orphaned_run(alloc, "started")
     assert rep.released == [task.id]
     assert (alloc.get(task.id).state, alloc.get(task.id).release_reason) == ("failed", "failed")
+
+
+@pytest.mark.parametrize("grant_ends", ["cancelled", "preempted"])
+def test_the_agent_stops_an_orphaned_horse_once_its_grant_ends(alloc, grant_ends):
+    import subprocess
+
+    from allocator.agent.orphans import OrphanReaper, pid_alive
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})
+    horse = subprocess.Popen(["sleep", "60"], start_new_session=True)  # runs on, its worker parent dead
+    try:
+        assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+        alloc.redis.hset(alloc.keys.host_pids("h1"), str(horse.pid), task.id)
+        reaper = OrphanReaper(alloc, node="n1")
+        assert reaper.check(["h1"]).running_without_worker == [task.id]  # its grant still holds: left alone
+        if grant_ends == "cancelled":
+            alloc.cancel(task.id)
+        else:
+            alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue")
+        assert reaper.check(["h1"]).stopped == [task.id]  # nothing may run on what the ledger handed on
+        horse.wait(5)
+        assert not pid_alive(horse.pid)
+        reaper.check(["h1"])  # then settled as a dead worker's run
+        assert alloc.redis.hlen(alloc.keys.host_pids("h1")) == 0
+        if grant_ends == "preempted":
+            assert alloc.get(task.id).state == "pending"
+    finally:
+        horse.kill()
+        horse.wait()
+
+
+def test_a_job_left_taken_but_unclaimed_by_a_dead_worker_goes_back_to_its_host_queue(alloc):
+    from rq import Queue
+
+    from workers import ResourceWorker
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    q = Queue(f"{alloc.keys.namespace}.host.h1", connection=alloc.rq_connection)
+    # A worker took it (RQ moves it to the queue's intermediate list) and died before its claim.
+    iq = q.intermediate_queue
+    alloc.rq_connection.lmove(q.key, iq.key, "LEFT", "RIGHT")
+    worker = ResourceWorker([q], connection=alloc.rq_connection, allocator=alloc)
+    iq.set_first_seen(task.id)
+    iq.should_be_cleaned_up = lambda job_id: True  # as RQ's maintenance, a minute later
+    iq.cleanup(worker, q)
+    assert alloc.rq_connection.lrange(q.key, 0, -1) == [task.id.encode()]
+    assert alloc.rq_connection.lrange(iq.key, 0, -1) == []
+    assert (task.job.get_status(), alloc.get(task.id).state) == ("queued", "active")  # not failed: a worker runs it
+

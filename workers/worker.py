@@ -223,6 +223,8 @@ class ResourceWorker(Worker):
         lost: back in line, or placed again) is not filed as failed. RQ's filing would apply the
         job's failure_ttl to its hash, an expiry, or at 0 its deletion, and the job would be gone
         before its next run (its grant then held by a stub no worker runs)."""
+        if job.id != self._job_in_hand and self._stuck_before_its_claim(job, queue):
+            return
         saved = self.disable_default_exception_handler
         if self._stopped_job_id == job.id and self._runs_again(job.id):
             self.disable_default_exception_handler = True  # (RQ's switch for exactly that filing)
@@ -231,6 +233,19 @@ class ResourceWorker(Worker):
                                        execution=execution)
         finally:
             self.disable_default_exception_handler = saved
+
+    def _stuck_before_its_claim(self, job: Job, queue: Queue) -> bool:
+        """RQ's maintenance fails a job left in a queue's intermediate list by a worker that died
+        after taking it and before its claim. Its grant is still placed for it on this host and
+        nobody claimed it: it goes back to the head of the host queue for a live worker (RQ then
+        drops it from the intermediate list), where failing it left the grant held until its TTL."""
+        state, host, claim = self.allocator.redis.hmget(self.allocator.keys.alloc(job.id), "state", "host", "claim")
+        if state != "active" or host != self.host_id or claim:
+            return False
+        log.warning("job %s was taken by a worker that died before starting it; back to the head of %s",
+                    job.id, queue.name)
+        queue.connection.lpush(queue.key, job.id)
+        return True
 
     def _runs_again(self, job_id: str) -> bool:
         """Whether the task goes back in line (preempted, or its host declared lost) or was placed

@@ -10,8 +10,11 @@ A worker claims each placement before it starts the job (``claim_grant.lua``); t
 the worker's machine and pid. Each check, for the allocations of the agent's hosts that a worker
 on this machine claimed, and the work horses in ``Keys.host_pids(host)`` (pid -> allocation id):
 
-- the worker parent alive, or any of the run's work horses alive: nothing to do (an orphaned
-  horse keeps running, and keeps its grant, until it exits);
+- the worker parent alive: nothing to do;
+- the parent dead and a work horse of the run alive: it keeps running, and keeps its grant,
+  until it exits; but once its grant has ended (its task preempted or cancelled, its allocation
+  released, or placed again), the agent kills it, as the stop its worker can no longer take
+  would have, so that nothing runs on what the ledger has handed on;
 - neither alive: the run is over and nobody will release it. The agent does what the worker
   would have done after the run, in the same script (``finish_job.lua``), with the placement the
   worker claimed (so a newer placement of the same task is never touched): a ``finished`` outbox
@@ -33,6 +36,8 @@ left the job stays ``started`` until RQ's maintenance moves it to the failed reg
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,6 +71,7 @@ class OrphanReport:
     released: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     running_without_worker: list[str] = field(default_factory=list)  # horse alive, parent dead
+    stopped: list[str] = field(default_factory=list)  # such a horse killed: its grant had ended
 
 
 class OrphanReaper:
@@ -126,7 +132,13 @@ class OrphanReaper:
                 continue
             runs = horses.get(aid, [])
             if any(pid_alive(pid) for _, pid in runs):
-                rep.running_without_worker.append(aid)
+                if _grant_ended(rec, task_state):
+                    _kill(runs)  # no worker is left to take the stop its grant's end sent
+                    rep.stopped.append(aid)
+                    log.warning("job %s on %s: its worker died and its grant ended (%s); its run was stopped",
+                                aid, rec["host"], task_state or rec["state"])
+                else:
+                    rep.running_without_worker.append(aid)
                 continue
             self._settle(aid, rec, task_state, runs, rep)
         return rep
@@ -154,3 +166,28 @@ class OrphanReaper:
         if end.requeued or end.released:
             log.warning("job %s on %s: its worker (pid %s) died; %s (job %s)", aid, rec["host"], rec["claimed_pid"],
                         "back in line" if end.requeued else "allocation released", end.status or "gone")
+
+
+def _grant_ended(rec: dict[str, str | None], task_state: str | None) -> bool:
+    """Whether a run's grant has ended: its task is preempted or cancelled, or its allocation is
+    no longer active under the placement the run claimed. A record that is missing (Redis lost
+    its data, not yet recovered) ends nothing."""
+    if task_state in ("preempting", "cancelled"):
+        return True
+    if rec["state"] is None:
+        return False
+    return rec["state"] != "active" or placement_token(*(rec[f] for f in PLACEMENT_FIELDS)) != rec["claim"]
+
+
+def _kill(runs: list[tuple[str, int]]) -> None:
+    """SIGKILL to each horse and what it started (a horse leads its own process group), as the
+    worker's stop would have sent."""
+    for _, pid in runs:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
