@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -757,7 +758,8 @@ def test_the_agent_stops_an_orphaned_horse_once_its_grant_ends(alloc, grant_ends
 
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})
-    horse = subprocess.Popen(["sleep", "60"], start_new_session=True)  # runs on, its worker parent dead
+    # A fork of its worker runs on with the worker's command line; its worker parent is dead.
+    horse = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "worker"], start_new_session=True)
     try:
         assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
         alloc.redis.hset(alloc.keys.host_pids("h1"), str(horse.pid), task.id)
@@ -797,4 +799,23 @@ def test_a_job_left_taken_but_unclaimed_by_a_dead_worker_goes_back_to_its_host_q
     assert alloc.rq_connection.lrange(q.key, 0, -1) == [task.id.encode()]
     assert alloc.rq_connection.lrange(iq.key, 0, -1) == []
     assert (task.job.get_status(), alloc.get(task.id).state) == ("queued", "active")  # not failed: a worker runs it
+
+
+def test_the_agent_leaves_alone_a_process_that_reused_an_orphaned_horse_s_pid(alloc):
+    import subprocess
+
+    from allocator.agent.orphans import OrphanReaper, pid_alive
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 2})
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # no worker's: the horse's pid reused
+    try:
+        assert claim_grant(alloc, task.id, "w1", "h1", start=True, node="n1", pid=_dead_pid()).current
+        alloc.redis.hset(alloc.keys.host_pids("h1"), str(other.pid), task.id)
+        alloc.cancel(task.id)
+        OrphanReaper(alloc, node="n1").check(["h1"])
+        assert pid_alive(other.pid)
+    finally:
+        other.kill()
+        other.wait()
 

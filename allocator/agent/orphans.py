@@ -181,13 +181,16 @@ def _grant_ended(rec: dict[str, str | None], task_state: str | None) -> bool:
 
 def _kill(runs: list[tuple[str, int]]) -> None:
     """SIGKILL to each horse and what it started (a horse leads its own process group), as the
-    worker's stop would have sent."""
+    worker's stop would have sent. Only to a process that still looks like a work horse (a fork
+    of its worker, whose command line names the worker): a pid reused by another process
+    meanwhile is left alone."""
     for _, pid in runs:
         try:
+            if not any("worker" in part for part in psutil.Process(pid).cmdline()):
+                continue
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
             else:
                 os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError, psutil.Error):
             pass
-
