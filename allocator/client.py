@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -208,8 +208,10 @@ class Allocator:
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
 
-    def _call(self, name: str, *args: object) -> Any:
-        raw = self.scripts[name](keys=self._ledger_keys, args=[self._prefix_arg, self._now_arg(), *args])
+    def _call(self, name: str, *args: object, extra_keys: Sequence[str] = ()) -> Any:
+        """A script with the ledger's keys (then ``extra_keys``), the prefix and clock, then ``args``."""
+        keys = [*self._ledger_keys, *extra_keys] if extra_keys else self._ledger_keys
+        raw = self.scripts[name](keys=keys, args=[self._prefix_arg, self._now_arg(), *args])
         # pydantic-core's parser: the same values as json.loads at a fraction of its cost (every
         # allocate and release decodes one reply).
         return from_json(raw)
@@ -241,10 +243,8 @@ class Allocator:
         payload = spec.model_dump()
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")
-        args = [self._prefix_arg, self._now_arg(), json.dumps(payload), self.pass_depth, self.scan_cap,
-                "1" if only_new else "0", "1" if heartbeat else "0"]
-        keys = [*self._ledger_keys, self.keys.heartbeats] if heartbeat else self._ledger_keys
-        return from_json(self.scripts["register_host"](keys=keys, args=args))
+        return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap, "1" if only_new else "0",
+                          "1" if heartbeat else "0", extra_keys=[self.keys.heartbeats] if heartbeat else ())
 
     def drain_host(self, host_id: str, *, by_agent: bool = False) -> None:
         """No new placements on the host; what runs there keeps its resources. ``by_agent``: the

@@ -440,17 +440,6 @@ def _check_workers(workers: object) -> int:
     return workers
 
 
-def _check_mcp_servers(names: object) -> list[str]:
-    if names is None:
-        return []
-    if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise InvalidRequest("mcp_servers", f"expected a list of server names, got {names!r}")
-    if not all(isinstance(n, str) and n.strip() for n in names):
-        raise InvalidRequest("mcp_servers", "every server name must be a non-empty string")
-    # Service names, checked as such even where they are only recorded (no host runs services).
-    return parse_service_names(list(names), "mcp_servers") or []
-
-
 def _task_type(metadata: dict[str, Any] | None) -> str | None:
     """The seed passes the task type in metadata; record it natively when it is a string."""
     value = (metadata or {}).get("task_type")
@@ -618,7 +607,8 @@ class AllocationManager:
             if not isinstance(job_id, str) or not job_id:
                 raise InvalidRequest("job_id", f"required: a non-empty string, got {job_id!r}")
             n = _check_workers(workers)
-            servers = _check_mcp_servers(mcp_servers)
+            # Service names, checked as such even where they are only recorded (no host runs services).
+            servers = parse_service_names(mcp_servers, "mcp_servers") or []
             wanted = self._resources(n, resources)
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidRequest("metadata", f"expected a JSON object, got {type(metadata).__name__}")

@@ -40,7 +40,7 @@ from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 
-from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job
+from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job, signal_run
 from allocator.client import Allocator
 from allocator.queue import parse_host_queue, run_lease_s
 
@@ -250,15 +250,20 @@ class ResourceWorker(Worker):
     def _runs_again(self, job_id: str) -> bool:
         """Whether the task goes back in line (preempted, or its host declared lost) or was placed
         again under another placement than this run's claim (elsewhere, or on this host anew)."""
-        k = self.allocator.keys
-        pipe = self.allocator.redis.pipeline(transaction=False)
-        pipe.hget(k.task(job_id), "state")
-        pipe.hmget(k.alloc(job_id), "state", "host", "host_gen", "requeues")
-        task_state, (state, host, host_gen, requeues) = pipe.execute()
+        task_state, state, host, host_gen, requeues = self._standing(job_id)
         if task_state in ("preempting", "pending"):
             return True
         return state == "active" and bool(self._claimed) and (
             host != self.host_id or _placed_again(self._claimed, host_gen, requeues))
+
+    def _standing(self, job_id: str) -> tuple[str | None, ...]:
+        """The task's state, and its allocation's state, host, host generation and requeue count."""
+        k = self.allocator.keys
+        pipe = self.allocator.redis.pipeline(transaction=False)
+        pipe.hget(k.task(job_id), "state")
+        pipe.hmget(k.alloc(job_id), "state", "host", "host_gen", "requeues")
+        task_state, fields = pipe.execute()
+        return (task_state, *fields)
 
     # -- stopping a running job -------------------------------------------------------------------
 
@@ -280,10 +285,7 @@ class ResourceWorker(Worker):
 
     def _signal_horse(self, pid: int, sig: int) -> None:
         try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, sig)  # the horse and whatever it started
-            else:
-                os.kill(pid, sig)  # just forked, not yet in its own group: it runs nothing else yet
+            signal_run(pid, sig)
             self.log.info("Worker %s: killed horse pid %s", self.name, pid)
         except ProcessLookupError:
             self.log.debug("Worker %s: horse already dead", self.name)
@@ -299,11 +301,7 @@ class ResourceWorker(Worker):
             self._record_pid()
         if self._stopped_job_id == job.id:
             return
-        k = self.allocator.keys
-        pipe = self.allocator.redis.pipeline(transaction=False)
-        pipe.hget(k.task(job.id), "state")
-        pipe.hmget(k.alloc(job.id), "state", "host", "host_gen", "requeues")
-        state, (alloc_state, host, host_gen, requeues) = pipe.execute()
+        state, alloc_state, host, host_gen, requeues = self._standing(job.id)
         why = None
         if state in ("preempting", "cancelled"):
             why = f"its task is {state}"

@@ -192,3 +192,14 @@ def require_current_grant(allocator: Allocator, allocation_id: str) -> GrantStat
         raise StaleGrant(f"allocation {allocation_id}{where} may not start work: {st.reason}{gens}",
                          details={"reason": st.reason, "host": st.host_id})
     return st
+
+
+def signal_run(pid: int, sig: int) -> None:
+    """Sends ``sig`` to a work horse and whatever it started: a horse leads its own process group
+    (one just forked, not yet in its group, runs nothing else yet). ProcessLookupError when it is
+    gone."""
+    if os.getpgid(pid) == pid:
+        os.killpg(pid, sig)
+    else:
+        os.kill(pid, sig)
+

@@ -36,7 +36,6 @@ left the job stays ``started`` until RQ's maintenance moves it to the failed reg
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from ..client import Allocator
-from .fencing import PLACEMENT_FIELDS, finish_job, node_name, placement_token
+from .fencing import PLACEMENT_FIELDS, finish_job, node_name, placement_token, signal_run
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +149,7 @@ class OrphanReaper:
         for h, pid in runs:
             a.redis.hdel(a.keys.host_pids(h), str(pid))
         if task_state != "preempting":
-            token = placement_token(*(rec[f] for f in PLACEMENT_FIELDS))
-            if rec["state"] != "active" or token != rec["claim"]:
+            if not _holds_its_claim(rec):
                 return  # already ended, or placed again since that run: not this run's to release
         # What the worker itself does after a run (finish_job.lua): a preempted task back in line,
         # a failed run RQ's Retry put back ("queued"/"scheduled") in line again, else the release,
@@ -174,9 +172,12 @@ def _grant_ended(rec: dict[str, str | None], task_state: str | None) -> bool:
     its data, not yet recovered) ends nothing."""
     if task_state in ("preempting", "cancelled"):
         return True
-    if rec["state"] is None:
-        return False
-    return rec["state"] != "active" or placement_token(*(rec[f] for f in PLACEMENT_FIELDS)) != rec["claim"]
+    return rec["state"] is not None and not _holds_its_claim(rec)
+
+
+def _holds_its_claim(rec: dict[str, str | None]) -> bool:
+    """Whether the allocation is active under the placement its run claimed."""
+    return rec["state"] == "active" and placement_token(*(rec[f] for f in PLACEMENT_FIELDS)) == rec["claim"]
 
 
 def _kill(runs: list[tuple[str, int]]) -> None:
@@ -188,9 +189,6 @@ def _kill(runs: list[tuple[str, int]]) -> None:
         try:
             if not any("worker" in part for part in psutil.Process(pid).cmdline()):
                 continue
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
+            signal_run(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
