@@ -18,10 +18,11 @@ from typing import Any
 import redis
 from pydantic_core import from_json, to_json
 
+from . import batch as _batch
 from . import embedded, queue
 from . import services as _services
 from .config import Settings
-from .errors import AllocationNotFound, InvalidRequest, from_code
+from .errors import AllocationNotFound, AllocatorError, InvalidRequest, from_code
 from .keys import Keys
 from .models import (
     ALLOCATION_STATES,
@@ -336,6 +337,13 @@ class Allocator:
         t0 = time.perf_counter()
         args = self.place_args(req, allocation_id)
         res = self._raise_unless_ok(self._call("place", *args))
+        alloc = self.placed(res, req, args)
+        alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
+        return alloc, bool(res.get("existing"))
+
+    def placed(self, res: dict[str, Any], req: AllocationRequest, args: tuple[str, str, str]) -> Allocation:
+        """The allocation of place's successful reply ``res`` to ``req`` sent with ``args``
+        (``place_args``). A repeat of an id must name a direct allocation (``queue.check_lease``)."""
         alloc = Allocation.from_record(res["alloc"])
         if res.get("existing"):
             queue.check_lease(alloc)
@@ -343,8 +351,7 @@ class Allocator:
             # The script does not echo back what the caller sent: fill it in from the request (the
             # JSON just sent decodes to what model_dump(mode="json") builds, at a third of its cost).
             alloc.request, alloc.metadata = from_json(args[1]), req.metadata
-        alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
-        return alloc, bool(res.get("existing"))
+        return alloc
 
     def place_args(self, req: AllocationRequest, allocation_id: str, dry_run: bool = False) -> tuple[str, str, str]:
         """ARGV of place.lua after the prefix and clock: payload, request JSON, metadata JSON."""
@@ -374,6 +381,16 @@ class Allocator:
         if on_busy == "queue":
             return queue.submit_lease(self, req)
         return self.submit(req)
+
+    def allocate_many(self, requests: Iterable[AllocationRequest | Mapping[str, Any]], *,
+                      chunk_size: int = _batch.DEFAULT_CHUNK) -> list[Allocation | AllocatorError]:
+        """Places several requests now, each on its own and in order, ``chunk_size`` per script
+        call: one entry per request, its ``Allocation`` or the error ``allocate`` would have
+        raised for it (a refusal does not stop the others; nothing is all-or-nothing). Each
+        request is a mapping of ``allocate``'s arguments (``resources`` and the fields) or an
+        ``AllocationRequest``; ``InvalidRequest`` (field ``requests[i]...``) before anything is
+        placed when one is malformed. See ``allocator.batch``."""
+        return _batch.allocate_many(self, requests, chunk_size=chunk_size)
 
     def would_fit(self, resources: ResourcesLike | None = None, **fields: Any) -> dict[str, Any] | None:
         """Where the request would be placed now (host, gpus, cores), or None. It grants nothing;

@@ -51,6 +51,7 @@ SCRIPT_NAMES = (
     "drain_host",
     "remove_host",
     "place",
+    "place_many",
     "release",
     "expire",
     "snapshot",

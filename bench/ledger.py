@@ -14,6 +14,9 @@ a fresh namespace, then for 1 and 4 client processes:
   allocates and, once the window is full, releases the oldest first, so every allocation costs an
   allocate and a release call. The window is filled before the clock starts and emptied after it
   stops.
+- ``batch`` (``--batch N``, 0 skips it): the burst phase with ``Allocator.allocate_many``, N
+  requests per call (``chunk_size=N``): the allocation rate of a caller with many requests at
+  once. Latencies are per call (N allocations each); releases are single calls as in ``burst``.
 - ``script`` (diagnostic, ``--no-script-only`` skips it): the same loop calling the ``place`` and
   ``release`` scripts directly with pre-built ARGV, the same arguments ``Allocator.allocate`` and
   ``Allocator.release`` send (``script_ops``), i.e. without the pydantic validation, the ARGV's
@@ -120,13 +123,14 @@ def make_requests(rng: random.Random, n: int) -> list[dict[str, Any]]:
 
 @dataclass
 class PhaseConfig:
-    kind: str  # "trivial" | "burst" | "ledger" | "script"
+    kind: str  # "trivial" | "burst" | "batch" | "ledger" | "script"
     redis_url: str
     namespace: str
     seconds: float
     window: int
     strategy: str
     seed: int
+    batch: int = 1  # requests per allocate call (the "batch" phase)
 
 
 @dataclass
@@ -183,6 +187,18 @@ class _Allocs:
             self.allocs += 1
         return aid, e
 
+    def take_many(self, i: int, n: int) -> tuple[list[str], float]:
+        """Allocates requests ``i`` to ``i + n - 1`` in one call (``do_alloc`` takes both then);
+        returns the ids of those placed and the end time. One latency per call."""
+        s = time.perf_counter()
+        ids = self.do_alloc(i, n)
+        e = time.perf_counter()
+        self.lat.append(e - s)
+        placed = [x for x in ids if x is not None]
+        self.allocs += len(placed)
+        self.refusals += len(ids) - len(placed)
+        return placed, e
+
 
 def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do_release: Any) -> dict[str, Any]:
     """Rounds of ``cfg.window`` allocations then their releases, in step with the other processes."""
@@ -192,22 +208,29 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
     spans_a: list[tuple[float, float]] = []
     spans_r: list[tuple[float, float]] = []
     for i in range(20):  # warm up: connection, scripts, code paths
-        aid = do_alloc(i)
-        if aid is not None:
-            do_release(aid)
+        for aid in do_alloc(i, 1) if cfg.kind == "batch" else [do_alloc(i)]:
+            if aid is not None:
+                do_release(aid)
     i = 0
     barrier.wait(timeout=120)
     while True:
         rounds.barrier.wait(timeout=120)
         if not rounds.go.value:
             break
-        held = []
+        held: list[str] = []
         t0 = e = perf()
-        for _ in range(cfg.window):
-            aid, e = taken.take(i)
-            i += 1
-            if aid is not None:
-                held.append(aid)
+        if cfg.kind == "batch":
+            for start in range(0, cfg.window, cfg.batch):
+                n = min(cfg.batch, cfg.window - start)
+                ids, e = taken.take_many(i, n)
+                i += n
+                held += ids
+        else:
+            for _ in range(cfg.window):
+                aid, e = taken.take(i)
+                i += 1
+                if aid is not None:
+                    held.append(aid)
         spans_a.append((t0, e))
         rounds.barrier.wait(timeout=120)  # everyone has allocated: now release
         t0 = e = perf()
@@ -232,6 +255,23 @@ def api_ops(alloc: Allocator, reqs: list[dict[str, Any]],
             return alloc.allocate(reqs[i % n], strategy=strategy).allocation_id
         except InsufficientResources:
             return None
+
+    def do_release(aid: str) -> None:
+        alloc.release(aid)
+
+    return do_alloc, do_release
+
+
+def batch_ops(alloc: Allocator, reqs: list[dict[str, Any]],
+              strategy: str) -> tuple[Callable[[int, int], list[str | None]], Callable[[str], None]]:
+    """Allocate and release of the batch phase: ``Allocator.allocate_many`` of requests ``i`` to
+    ``i + n - 1`` in one call (None for each refusal), and ``Allocator.release``."""
+    m = len(reqs)
+
+    def do_alloc(i: int, n: int) -> list[str | None]:
+        res = alloc.allocate_many([{"resources": reqs[(i + k) % m], "strategy": strategy} for k in range(n)],
+                                  chunk_size=n)
+        return [x.allocation_id if isinstance(x, Allocation) else None for x in res]
 
     def do_release(aid: str) -> None:
         alloc.release(aid)
@@ -299,12 +339,15 @@ def _run_worker(cfg: PhaseConfig, wid: int, barrier: Any, rounds: Rounds | None 
     reqs = make_requests(rng, 4096)
     window: deque[str] = deque()
 
+    do_alloc: Any
     if cfg.kind in ("ledger", "burst"):
         do_alloc, do_release = api_ops(alloc, reqs, cfg.strategy)
+    elif cfg.kind == "batch":
+        do_alloc, do_release = batch_ops(alloc, reqs, cfg.strategy)
     else:  # "script": the Lua scripts with pre-built ARGV, no pydantic on the hot path
         do_alloc, do_release = script_ops(alloc, reqs, cfg.strategy)
 
-    if cfg.kind == "burst":
+    if cfg.kind in ("burst", "batch"):
         assert rounds is not None
         return _run_burst(cfg, rounds, barrier, do_alloc, do_release)
 
@@ -402,7 +445,7 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
     barrier = ctx.Barrier(clients + 1)
     out = ctx.Queue()
     rounds = None
-    if cfg.kind == "burst":
+    if cfg.kind in ("burst", "batch"):
         go, deadline = ctx.Value("b", 1), ctx.Value("d", 0.0)
         rounds = Rounds(ctx.Barrier(clients, action=functools.partial(_decide, go, deadline, cfg.seconds)), go)
     procs = [ctx.Process(target=_worker, args=(cfg, w, barrier, out, rounds), daemon=True) for w in range(clients)]
@@ -453,11 +496,13 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         "server_evalsha_calls": int(d_calls),
         "redis_cpu_pct": 100 * (after["cpu"] - before["cpu"]) / wall if wall > 0 else float("nan"),
     }
+    if cfg.kind == "batch":
+        summary["batch"] = cfg.batch
     if cfg.kind == "trivial":
         summary["calls"] = sum(res["calls"] for res in results.values())
         summary["calls_per_s"] = sum(res["calls"] / res["elapsed"] for res in results.values())
         summary["client_calls"] = summary["calls"]
-    elif cfg.kind == "burst":
+    elif cfg.kind in ("burst", "batch"):
         wall_a, wall_r = _round_walls(results, "spans_a"), _round_walls(results, "spans_r")
         summary["rounds"] = min(len(res["spans_a"]) for res in results.values())
         summary["allocating_s"], summary["releasing_s"] = wall_a, wall_r
@@ -474,6 +519,8 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         summary["r_p50_ms"] = pct(lat_r, 50)
         summary["r_p99_ms"] = pct(lat_r, 99)
         summary["client_calls"] = summary["allocs"] + summary["refusals"] + summary["releases"]
+        if cfg.kind == "batch":  # one script call per batch, not per allocation
+            summary["client_calls"] = len(lat_a) + summary["releases"]
     # The Redis server is shared: the EVALSHA counters are ours only if their count matches.
     summary["server_stats_clean"] = bool(d_calls) and abs(d_calls - summary["client_calls"]) <= max(
         50, 0.03 * summary["client_calls"]
@@ -483,9 +530,11 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redis) -> dict[str, Any]:
     """One run of every phase with ``n`` client processes on the registered fleet ``ns``."""
-    base = PhaseConfig("trivial", args.redis_url, ns, args.seconds, args.window, args.strategy, args.seed)
+    base = PhaseConfig("trivial", args.redis_url, ns, args.seconds, args.window, args.strategy, args.seed,
+                       max(1, args.batch))
     row: dict[str, Any] = {"fleet": label, "clients": n}
-    kinds = ["trivial", "burst", "ledger"] + ([] if args.no_script_only else ["script"])
+    kinds = (["trivial", "burst"] + (["batch"] if args.batch > 0 else []) + ["ledger"]
+             + ([] if args.no_script_only else ["script"]))
     for kind in kinds:
         with console.status(f"{label}: {n} client(s), {kind} for {args.seconds:g} s"):
             cfg = PhaseConfig(**{**base.__dict__, "kind": kind})
@@ -493,10 +542,17 @@ def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redi
     B, L, T = row["burst"], row["ledger"], row["trivial"]
     row["ratio"] = B["allocs_per_s"] / T["calls_per_s"]
     row["steady_ratio"] = L["allocs_per_s"] / T["calls_per_s"]
+    if "batch" in row:
+        row["batch_ratio"] = row["batch"]["allocs_per_s"] / T["calls_per_s"]
     console.print(f"  {n} client(s): {B['allocs_per_s']:,.0f} allocs/s (p50 {B['a_p50_ms']:.3f} ms, "
                   f"p99 {B['a_p99_ms']:.3f} ms, {B['refusals']} refused), trivial {T['calls_per_s']:,.0f} "
                   f"calls/s (p50 {T['a_p50_ms']:.3f} ms) -> ratio {row['ratio']:.3f}; steady state "
                   f"{L['allocs_per_s']:,.0f} allocs/s (p99 {L['a_p99_ms']:.3f} ms) -> {row['steady_ratio']:.3f}")
+    if "batch" in row:
+        A = row["batch"]
+        console.print(f"  {n} client(s), allocate_many of {args.batch}: {A['allocs_per_s']:,.0f} allocs/s (per call: "
+                      f"p50 {A['a_p50_ms']:.3f} ms, p99 {A['a_p99_ms']:.3f} ms, {A['refusals']} refused) -> ratio "
+                      f"{row['batch_ratio']:.3f}")
     return row
 
 
@@ -531,6 +587,11 @@ def summarize_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
     row["server_us_median"] = median(lambda x: x["ledger"]["server_us_per_evalsha"])
     row["runs"] = [{"ratio": x["ratio"], "steady_ratio": x["steady_ratio"], "a_p99_ms": x["burst"]["a_p99_ms"],
                     "steady_a_p99_ms": x["ledger"]["a_p99_ms"], "a_p50_ms": x["burst"]["a_p50_ms"]} for x in reps]
+    if all("batch" in x for x in reps):
+        row["batch_ratio_median"] = median(lambda x: x["batch_ratio"])
+        row["batch_p99_median_ms"] = median(lambda x: x["batch"]["a_p99_ms"])
+        for run, x in zip(row["runs"], reps):
+            run["batch_ratio"], run["batch_a_p99_ms"] = x["batch_ratio"], x["batch"]["a_p99_ms"]
     return row
 
 
@@ -706,6 +767,18 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
         out.append(f"| {row['fleet']} | {row['clients']} | {fmt(L['allocs_per_s'], 0)} | {fmt(L['a_p50_ms'], 3)} / "
                    f"{fmt(L['a_p99_ms'], 3)} | {fmt(L['r_p50_ms'], 3)} / {fmt(L['r_p99_ms'], 3)} | "
                    f"{L['refusals']} of {L['allocs'] + L['refusals']:,} | {fmt(row['steady_ratio'], 3)} |")
+    if any("batch" in row for row in rows):
+        out += ["", "Batches (`Allocator.allocate_many`, the burst phase's rounds; latency per call):", "",
+                "| fleet | clients | requests per call | allocs/s | call p50 / p99 ms | refused | allocs/s ÷ trivial | "
+                "÷ allocate's allocs/s |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in rows:
+            if "batch" in row:
+                A, B = row["batch"], row["burst"]
+                out.append(f"| {row['fleet']} | {row['clients']} | {A['batch']} | {fmt(A['allocs_per_s'], 0)} | "
+                           f"{fmt(A['a_p50_ms'], 3)} / {fmt(A['a_p99_ms'], 3)} | {A['refusals']} of "
+                           f"{A['allocs'] + A['refusals']:,} | **{fmt(row['batch_ratio'], 3)}** | "
+                           f"{fmt(A['allocs_per_s'] / B['allocs_per_s'], 2)}x |")
     out += ["", "| fleet | clients | (allocate + release calls)/s ÷ trivial | script-only allocs/s | script-only ÷ trivial | "
             f"place script p50 / p99 ms | server µs per EVALSHA: ledger / trivial | of which Redis commands µs | "
             f"ledger calls over {SLOW_US} µs | server µs vs 16 hosts (medians) | Redis CPU %: ledger / trivial |",
@@ -734,7 +807,10 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
                        f"median ratio, the lower middle of an even count; goals: each figure's median, likewise): "
                        f"ratio " + ", ".join(f"{x['ratio']:.3f}" for x in runs)
                        + "; allocate p99 ms " + ", ".join(f"{x['a_p99_ms']:.3f}" for x in runs)
-                       + "; steady state p99 ms " + ", ".join(f"{x['steady_a_p99_ms']:.3f}" for x in runs))
+                       + "; steady state p99 ms " + ", ".join(f"{x['steady_a_p99_ms']:.3f}" for x in runs)
+                       + ("; batch ratio " + ", ".join(f"{x['batch_ratio']:.3f}" for x in runs)
+                          + "; batch call p99 ms " + ", ".join(f"{x['batch_a_p99_ms']:.3f}" for x in runs)
+                          if "batch_ratio" in runs[0] else ""))
     for g in goals:
         out.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['goal']} (measured {g['value']:.3f})")
     return "\n".join(out) + "\n"
@@ -758,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pin the (local) Redis server to these CPUs for the run, e.g. 0 (default: leave it)")
     ap.add_argument("--client-cpus", default=None,
                     help="run this benchmark and its client processes on these CPUs, e.g. 1 (default: any)")
+    ap.add_argument("--batch", type=int, default=25,
+                    help="requests per Allocator.allocate_many call in the batch phase; 0 skips it (default 25: two calls per round of the default window)")
     ap.add_argument("--no-script-only", action="store_true", help="skip the diagnostic script-only phase")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1,

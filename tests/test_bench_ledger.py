@@ -16,7 +16,7 @@ def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(
     out = tmp_path / "ledger.json"
     md = tmp_path / "ledger.md"
     rc = ledger.main(["--seconds", "0.3", "--fleets", "small", "--small-hosts", "4", "--clients", "1,2",
-                      "--window", "4", "--redis-url", redis_url, "--json", str(out), "--markdown", str(md)])
+                      "--window", "4", "--batch", "3", "--redis-url", redis_url, "--json", str(out), "--markdown", str(md)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert [row["clients"] for row in doc["results"]] == [1, 2]
@@ -28,7 +28,12 @@ def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(
         assert row["ratio"] == burst["allocs_per_s"] / trivial["calls_per_s"]
         assert steady["allocs"] > 0 and row["steady_ratio"] > 0
         assert row["script"]["allocs"] > 0
-    assert "allocs/s ÷ trivial" in md.read_text()
+        batch = row["batch"]  # rounds of allocate_many: 3 requests, then the window's last one
+        assert batch["rounds"] >= 1 and batch["allocs"] == 4 * row["clients"] * batch["rounds"] and batch["refusals"] == 0
+        assert batch["releases"] == batch["allocs"] and batch["batch"] == 3
+        assert row["batch_ratio"] == batch["allocs_per_s"] / trivial["calls_per_s"]
+    text = md.read_text()
+    assert "allocs/s ÷ trivial" in text and "Batches (`Allocator.allocate_many`" in text
     r = redis.Redis.from_url(redis_url)
     assert not list(r.scan_iter(match=f"*{doc['fleets'][0]['namespace']}*"))
 

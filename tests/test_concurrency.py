@@ -8,6 +8,7 @@ import uuid
 
 from allocator import Allocator, InsufficientResources
 from allocator.invariants import check
+from allocator.models import Allocation
 
 FLEET = [
     {"id": f"h{i}", "cpu_cores": 8, "ram_mb": "64Gi", "labels": {"cluster": "c" + str(i % 2)},
@@ -38,6 +39,17 @@ def client(url: str, namespace: str, seed: int, ops: int, out: mp.Queue) -> None
             if rng.random() < 0.1:
                 a.release(aid)  # a retry must change nothing
             stats["released"] += 1
+            continue
+        if rng.random() < 0.15:  # a few requests at once, each placed on its own
+            batch = [{"resources": random_request(rng), "allocation_id": f"c{seed}-{uuid.uuid4().hex[:8]}"}
+                     for _ in range(rng.randint(2, 5))]
+            for x in a.allocate_many(batch, chunk_size=rng.choice([1, 2, 32])):
+                if isinstance(x, Allocation):
+                    held.append(x.allocation_id)
+                    stats["allocated"] += 1
+                else:
+                    assert isinstance(x, InsufficientResources), x
+                    stats["refused"] += 1
             continue
         aid = f"c{seed}-{uuid.uuid4().hex[:8]}"
         try:

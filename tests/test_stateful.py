@@ -163,14 +163,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(target=held, req=requests, strategy=st.sampled_from(["best_fit", "first_fit", "worst_fit", "priority"]),
           ttl=st.sampled_from([None, 30, 120]))
     def allocate(self, req: dict, strategy: str, ttl: int | None):
-        resources = {"cpu_cores": req["cpu_millis"] / 1000, "ram_mb": req["ram_mb"]}
-        for k in ("gpus", "gpu_memory_mb", "gpu_model"):
-            if k in req:
-                resources[k] = req[k]
-        if "gpu_model" in req and "gpus" not in req and "gpu_memory_mb" not in req:
-            resources["gpus"] = req["gpus"] = 1
-        if "gpu_memory_mb" in req and "gpus" not in req:
-            req["gpus"] = 1
+        resources = self._resources(req)
         feasible = any(h.fits(req) for h in self.hosts.values())
         try:
             x = self.a.allocate(resources, strategy=strategy, ttl_seconds=ttl)
@@ -180,6 +173,35 @@ class LedgerMachine(RuleBasedStateMachine):
         assert feasible, f"granted {req} although no host fits"
         self._apply(x, req)
         return x.allocation_id
+
+    @rule(target=held, reqs=st.lists(requests, min_size=1, max_size=4),
+          strategy=st.sampled_from(["best_fit", "first_fit", "worst_fit"]), chunk_size=st.sampled_from([1, 3, 32]))
+    def allocate_many(self, reqs: list[dict], strategy: str, chunk_size: int):
+        """Each request of a batch is placed as if allocated alone after the ones before it."""
+        batch = [{"resources": self._resources(req), "strategy": strategy} for req in reqs]
+        placed = []
+        for req, x in zip(reqs, self.a.allocate_many(batch, chunk_size=chunk_size), strict=True):
+            feasible = any(h.fits(req) for h in self.hosts.values())
+            if isinstance(x, InsufficientResources):
+                assert not feasible, f"refused although a host fits {req}"
+                continue
+            assert feasible, f"granted {req} although no host fits"
+            self._apply(x, req)
+            placed.append(x.allocation_id)
+        return multiple(*placed)
+
+    @staticmethod
+    def _resources(req: dict) -> dict:
+        """The request as ``allocate`` takes it (and ``req`` completed with its implied GPU count)."""
+        resources = {"cpu_cores": req["cpu_millis"] / 1000, "ram_mb": req["ram_mb"]}
+        for k in ("gpus", "gpu_memory_mb", "gpu_model"):
+            if k in req:
+                resources[k] = req[k]
+        if "gpu_model" in req and "gpus" not in req and "gpu_memory_mb" not in req:
+            resources["gpus"] = req["gpus"] = 1
+        if "gpu_memory_mb" in req and "gpus" not in req:
+            req["gpus"] = 1
+        return resources
 
     def _apply(self, x, req: dict) -> None:
         h = self.hosts[x.host_id]

@@ -35,22 +35,6 @@ local now = now_ms()
 if rcall('EXISTS', alloc_key(req.id)) == 1 then
   return cjson.encode({ok = true, existing = true, alloc = read_alloc(req.id)})
 end
-if rcall('HGET', K_SEQ, 'recovering') == '1' then
-  return cjson.encode({ok = false, code = 'RECOVERING', details = {},
-    message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'})
-end
-if #reap_expired(now, 8) > 0 then
-  -- What the reaper freed goes to the tasks in line first, as after any release.
-  schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap)
-end
-
--- While tasks wait, the first of them keeps the room its reservation counts on (EASY backfill
--- rules, as for the tasks behind it): a stream of direct requests must not starve it.
-local p, refused
-if rcall('ZCARD', K_PENDING) > 0 then p, refused = place_beside_line(req, now) else p, refused = try_place(req, now) end
-if not p then return cjson.encode(refused) end
-if req.dry_run then
-  return cjson.encode({ok = true, dry_run = true, host = p.host, gpus = p.gpus, cores = p.cores})
-end
-local rec = grant(req, p, now)
-return cjson.encode({ok = true, alloc = rec})
+local refused = before_placing(req, now)
+if refused then return cjson.encode(refused) end
+return cjson.encode(place_now(req, now))

@@ -557,6 +557,31 @@ local function place_beside_line(req, now)
   return nil, refused
 end
 
+-- What place.lua and place_many.lua do once before their first placement: refuse while the
+-- ledger is being rebuilt (allocator recover), and end up to 8 leases past their TTL, whose
+-- capacity goes to the tasks in line first (a scheduling pass), as after any release.
+-- Returns the refusal, or nil.
+local function before_placing(req, now)
+  if rcall('HGET', K_SEQ, 'recovering') == '1' then
+    return {ok = false, code = 'RECOVERING', details = {},
+      message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'}
+  end
+  if #reap_expired(now, 8) > 0 then schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap) end
+  return nil
+end
+
+-- One direct request placed now (after before_placing): the reply of place.lua, an allocation,
+-- a dry run's answer or a refusal. While tasks wait, the first of them keeps the room its
+-- reservation counts on (EASY backfill rules, as for the tasks behind it): a stream of direct
+-- requests must not starve it.
+local function place_now(req, now)
+  local p, refused
+  if rcall('ZCARD', K_PENDING) > 0 then p, refused = place_beside_line(req, now) else p, refused = try_place(req, now) end
+  if not p then return refused end
+  if req.dry_run then return {ok = true, dry_run = true, host = p.host, gpus = p.gpus, cores = p.cores} end
+  return {ok = true, alloc = grant(req, p, now)}
+end
+
 -- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
 -- expired leases), so the tasks ahead of the new one still do not fit: only the new task can
 -- start, and only where it does not delay the head of the line. One task instead of depth.
