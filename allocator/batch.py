@@ -10,14 +10,14 @@ one call never holds Redis for long: every script blocks the server while it run
 What is returned follows ``asyncio.gather(..., return_exceptions=True)``: one entry per request,
 in order, an ``Allocation`` or the ``AllocatorError`` that ``allocate`` would have raised for it.
 Only input that cannot be placed at all raises, before anything is sent (``InvalidRequest``
-naming ``requests[i].<field>``), and so does a Redis error, as for ``allocate``: give each
+naming ``requests.<i>.<field>``), and so does a Redis error, as for ``allocate``: give each
 request an ``allocation_id`` to retry such a call without placing anything twice.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import services as _services
@@ -36,8 +36,10 @@ BatchItem = AllocationRequest | Mapping[str, Any]
 BatchResult = Allocation | AllocatorError
 
 
-def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: int = DEFAULT_CHUNK) -> list[BatchResult]:
-    """``Allocator.allocate_many``: see the module's docstring."""
+def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: int = DEFAULT_CHUNK,
+                  progress: Callable[[int, int], None] | None = None) -> list[BatchResult]:
+    """``Allocator.allocate_many``: see the module's docstring. ``progress(done, total)`` is
+    called after each script call (the command line's progress bar)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
         raise InvalidRequest("chunk_size", f"expected a whole number from 1 to {MAX_CHUNK}, got {short_repr(chunk_size)}")
     reqs = build_requests(a, requests)
@@ -48,6 +50,9 @@ def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: in
             results.extend(_place_chunk(a, chunk, start))
         except AllocatorError as exc:  # the whole call refused (RECOVERING): neither it nor the rest placed
             results.extend([exc] * (len(reqs) - start))
+        if progress is not None:
+            progress(len(results), len(reqs))
+        if len(results) == len(reqs):
             break
     return results
 
@@ -63,7 +68,7 @@ def build_requests(a: Allocator, requests: Iterable[BatchItem]) -> list[Allocati
             if req.services:
                 _services.check_names(a, req.services)
         except InvalidRequest as exc:
-            raise InvalidRequest(f"requests[{i}].{exc.field}" if exc.field else f"requests[{i}]", exc.reason) from None
+            raise InvalidRequest(f"requests.{i}.{exc.field}" if exc.field else f"requests.{i}", exc.reason) from None
         out.append(req)
     return out
 
@@ -96,7 +101,7 @@ def _place_chunk(a: Allocator, chunk: list[AllocationRequest], start: int) -> li
         try:
             alloc = a.placed(a._raise_unless_ok(reply), req, triple)
         except InvalidRequest as exc:
-            out.append(InvalidRequest(f"requests[{i}].{exc.field}", exc.reason))
+            out.append(InvalidRequest(f"requests.{i}.{exc.field}", exc.reason))
             continue
         except AllocatorError as exc:
             out.append(exc)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import cli_commands, demo, live, tool_cli, worker_cli
+from . import cli_batch, cli_commands, demo, live, tool_cli, worker_cli
 from .agent import cli as agent_cli
 from .api import cli as api_cli
 from .history import cli as history_cli
@@ -84,6 +84,7 @@ agent_cli.register(app)  # agent, hosts, reaper
 history_cli.register(app)  # db, history, usage, recover, recorder, estimates
 api_cli.register(app)  # api (HTTP + WebSocket + /metrics)
 cli_commands.register(app)  # allocate, release, show, list, capacity, queue, cancel
+cli_batch.register(app)  # allocate-many
 tool_cli.register(app)  # tool, mcp
 live.register(app)  # top
 demo.register(app)  # demo

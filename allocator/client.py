@@ -388,7 +388,7 @@ class Allocator:
         call: one entry per request, its ``Allocation`` or the error ``allocate`` would have
         raised for it (a refusal does not stop the others; nothing is all-or-nothing). Each
         request is a mapping of ``allocate``'s arguments (``resources`` and the fields) or an
-        ``AllocationRequest``; ``InvalidRequest`` (field ``requests[i]...``) before anything is
+        ``AllocationRequest``; ``InvalidRequest`` (field ``requests.<i>...``) before anything is
         placed when one is malformed. See ``allocator.batch``."""
         return _batch.allocate_many(self, requests, chunk_size=chunk_size)
 

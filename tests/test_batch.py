@@ -60,15 +60,15 @@ def test_an_invalid_request_places_nothing_and_names_its_index_and_field(alloc_a
     before = ledger_dump(alloc_any)
     with pytest.raises(InvalidRequest) as exc:
         alloc_any.allocate_many([share(4), {"resources": {"gpus": -1}}])
-    assert exc.value.field == "requests[1].resources.gpus"
+    assert exc.value.field == "requests.1.resources.gpus"
     assert ledger_dump(alloc_any) == before
 
 
 @pytest.mark.parametrize("item, field", [
-    ("gpus=1", "requests[0]"),
-    ({"resources": {"cpu_cores": 1}, "colour": "red"}, "requests[0].colour"),
-    ({"resources": {"cpu_cores": 1}, "on_busy": "queue"}, "requests[0].on_busy"),
-    ({1: "x"}, "requests[0]"),
+    ("gpus=1", "requests.0"),
+    ({"resources": {"cpu_cores": 1}, "colour": "red"}, "requests.0.colour"),
+    ({"resources": {"cpu_cores": 1}, "on_busy": "queue"}, "requests.0.on_busy"),
+    ({1: "x"}, "requests.0"),
 ])
 def test_an_entry_that_is_no_request_is_refused_naming_it(alloc, item, field):
     two_gpu_host(alloc)
@@ -120,7 +120,7 @@ def test_the_id_of_a_task_in_a_batch_is_an_error_in_its_entry_and_the_others_are
     two_gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1}, job_id="job-7")
     res = alloc.allocate_many([{**share(4), "allocation_id": task.id}, share(4)])
-    assert isinstance(res[0], InvalidRequest) and res[0].field == "requests[0].allocation_id"
+    assert isinstance(res[0], InvalidRequest) and res[0].field == "requests.0.allocation_id"
     assert isinstance(res[1], Allocation) and res[1].state == "active"
 
 

@@ -107,7 +107,7 @@ def create_app(allocator: Allocator | None = None, config: ApiConfig | None = No
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = from_validation_errors(list(exc.errors()))
-        if request.method == "POST" and request.url.path == "/v1/allocations":
+        if request.method == "POST" and request.url.path in ("/v1/allocations", "/v1/allocations/batch"):
             await asyncio.to_thread(count_refusal, state.allocator, err.code)  # an allocation attempt refused
         return JSONResponse(error_body(err), status_code=status_of(err))
 

@@ -25,10 +25,14 @@ from .. import queue
 from ..client import Allocator, check_id
 from ..errors import AllocationNotFound, AllocatorError, HostNotFound, InvalidRequest
 from ..models import Allocation, Capacity, Priority
+from .errors import error_body, status_of
 from .metrics import count_refusal
 from .schemas import (
     AllocateBody,
+    AllocateManyBody,
     AllocationFields,
+    BatchResult,
+    BatchResults,
     ErrorBody,
     Health,
     HostIn,
@@ -196,6 +200,31 @@ def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_
     else:
         st.api_latency.labels("rest").observe(time.perf_counter() - t0)
     return alloc
+
+
+@v1.post("/allocations/batch", response_model=BatchResults, tags=["allocations"], responses=_err(503))
+def allocate_many(body: AllocateManyBody, st: ApiState = Depends(api_state)) -> BatchResults:
+    """Places several requests now, in order, each on its own, ``chunk_size`` per script call:
+    one result per request, with the status ``POST /v1/allocations`` would have answered (201
+    placed, 200 a repeat of an ended allocation's id, 409 refused, 422 a field, 503 recovering).
+    A refusal does not stop the others; nothing is all-or-nothing. A malformed request answers
+    422 for the whole batch (field ``requests.<i>...``), and nothing is placed."""
+    a = st.allocator
+    items = [{"resources": r.resources_dict(), "allocation_id": r.allocation_id, **r.allocation_fields()}
+             for r in body.requests]
+    try:
+        outcomes = a.allocate_many(items, chunk_size=body.chunk_size)
+    except AllocatorError as exc:
+        count_refusal(a, exc.code)
+        raise
+    results = []
+    for x in outcomes:
+        if isinstance(x, Allocation):
+            results.append(BatchResult(status=200 if x.ended else 201, allocation=x))
+        else:
+            count_refusal(a, x.code)
+            results.append(BatchResult(status=status_of(x), error=error_body(x)["error"]))
+    return BatchResults(results=results, allocated=sum(1 for r in results if r.status == 201))
 
 
 @v1.post("/allocations/check", response_model=WouldFit, tags=["allocations"])

@@ -96,6 +96,20 @@ class AllocateBody(AllocationFields):
     on_busy: Literal["fail", "queue"] = Field("fail", description="fail: 409 when it does not fit now; queue: wait in line (202).")
 
 
+class BatchRequest(AllocationFields):
+    """One request of a batch: the fields of ``POST /v1/allocations`` but ``on_busy`` (a batch
+    places now or refuses)."""
+
+    allocation_id: Annotated[str, Field(pattern=ALLOC_ID)] | None = Field(None, description="Idempotency key: repeating it returns the first result.")
+
+
+class AllocateManyBody(_In):
+    """Several requests placed in order, each on its own (``Allocator.allocate_many``)."""
+
+    requests: list[BatchRequest] = Field(max_length=1000, description="At most 1,000; an empty list places nothing.")
+    chunk_size: int = Field(32, ge=1, le=256, description="Requests per script call (each call holds Redis while it runs).")
+
+
 class TaskSubmitBody(AllocationFields):
     """A registered function task to queue: its name, JSON arguments, and what it needs."""
 
@@ -150,6 +164,21 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class BatchResult(BaseModel):
+    """One request's outcome: its allocation, or the error ``POST /v1/allocations`` would have
+    answered (``status``: the HTTP status that route would have used)."""
+
+    status: int
+    allocation: Allocation | None = None
+    error: dict[str, Any] | None = Field(None, description="What `POST /v1/allocations` would have answered under "
+                                                           "`error`: code, message, field (and details when the ledger gave some).")
+
+
+class BatchResults(BaseModel):
+    results: list[BatchResult]
+    allocated: int = Field(description="How many requests hold an allocation (new or a repeat's).")
 
 
 class Health(BaseModel):

@@ -439,3 +439,62 @@ def test_function_task_placed_by_the_pass_keeps_kind_job(api: LiveApi) -> None:
     t = api.client().post("/v1/tasks", json={"task": "add", "args": [1, 1], "resources": {"gpus": 1}}).json()
     assert t["state"] == "active"
     assert api.allocator.get(t["task_id"]).kind == "job"
+
+
+def test_a_batch_places_each_request_in_order_and_answers_each_with_its_status(api: LiveApi) -> None:
+    c = api.client()
+    edge_only = {"resources": {"gpus": 1, "gpu_memory_mb": "30Gi"}, "selector": {"cluster": "edge"}}
+    r = c.post("/v1/allocations/batch", json={"requests": [
+        edge_only,
+        {"resources": {"gpus": 1, "gpu_memory_mb": "30Gi"}, "task_type": "sweep", "allocation_id": "sweep-2"},
+        {"resources": {"gpu_memory_mb": "48Gi"}},
+    ]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    first, second, third = body["results"]
+    alone = c.post("/v1/allocations", json=edge_only)
+    assert first["status"] == alone.status_code == 409 and first["allocation"] is None
+    assert first["error"] == err(alone)
+    assert second["status"] == 201 and second["allocation"]["allocation_id"] == "sweep-2"
+    assert second["allocation"]["host_id"] == "gpu-a" and second["allocation"]["task_type"] == "sweep"
+    assert third["status"] == 409 and "largest free 40960 MiB" in third["error"]["message"]
+    assert body["allocated"] == 1
+    assert [x.allocation_id for x in api.allocator.list(state="active")] == ["sweep-2"]
+
+
+def test_a_batch_repeated_answers_as_its_allocations_stand(api: LiveApi) -> None:
+    c = api.client()
+    body = {"requests": [{"resources": {"gpu_memory_mb": "4Gi"}, "allocation_id": f"s-{i}"} for i in range(3)],
+            "chunk_size": 2}
+    first = c.post("/v1/allocations/batch", json=body).json()
+    c.delete("/v1/allocations/s-1")
+    again = c.post("/v1/allocations/batch", json=body).json()
+    assert [x["status"] for x in first["results"]] == [201, 201, 201]
+    assert [x["status"] for x in again["results"]] == [201, 200, 201]
+    assert again["results"][1]["allocation"]["state"] == "released" and again["allocated"] == 2
+    assert len(api.allocator.list(state="active")) == 2
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"requests": [{"resources": {"gpus": 1}}, {"resources": {"gpus": -1}}]}, "requests.1.resources.gpus"),
+    ({"requests": [{"resources": {"ram_mb": "12 parsecs"}}]}, "requests.0.resources.ram_mb"),
+    ({"requests": [{"resources": {}, "on_busy": "queue"}]}, "requests.0.on_busy"),
+    ({"requests": [{"resources": {}}] * 1001}, "requests"),
+    ({"requests": [{"resources": {}}], "chunk_size": 0}, "chunk_size"),
+    ({"requests": [{"resources": {}}], "chunk_size": 300}, "chunk_size"),
+])
+def test_a_malformed_batch_places_nothing_and_names_the_field(api: LiveApi, body: dict, field: str) -> None:
+    c = api.client()
+    before = api.ledger()
+    r = c.post("/v1/allocations/batch", json=body)
+    assert r.status_code == 422, r.text
+    assert err(r)["field"] == field
+    assert api.ledger() == before
+
+
+def test_a_batch_while_the_ledger_is_recovering_answers_503_for_each_request(api: LiveApi) -> None:
+    c = api.client()
+    api.allocator.redis.hset(api.allocator.keys.seq, "recovering", "1")
+    r = c.post("/v1/allocations/batch", json={"requests": [{"resources": {"cpu_cores": 1}}] * 2})
+    assert r.status_code == 200
+    assert [(x["status"], x["error"]["code"]) for x in r.json()["results"]] == [(503, "RECOVERING")] * 2

@@ -1,0 +1,96 @@
+"""``allocator allocate-many FILE``: many direct requests from a file, placed in batches.
+
+The file (``-``: standard input) holds a JSON array of requests or one JSON object per line,
+each the body of ``POST /v1/allocations`` (``resources``, ``priority``, ``strategy``,
+``ttl_seconds``, ``selector``, ``metadata``, ``task_id``, ``task_type``, ``owner``,
+``allocation_id``). Every request is checked before any is placed; then they go
+``--chunk-size`` per script call (``Allocator.allocate_many``), each placed on its own.
+Exit codes as in ``cli_common``: 0 every request placed, 1 some refused (the table or the JSON
+says which), 2 the file or a request is invalid (nothing placed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from . import batch, views
+from .cli_common import AS_JSON, EXIT_OK, EXIT_REFUSED, NAMESPACE, REDIS_URL, err, open_allocator, out, print_json, reporting, settings_url
+from .errors import AllocatorError, InvalidRequest
+from .models import Allocation
+
+
+def read_requests(text: str) -> list[Any]:
+    """A JSON array, or JSON lines (blank lines skipped); ``InvalidRequest`` (field ``file``)
+    naming the line that is not JSON."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequest("file", f"not a valid JSON array ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if not isinstance(items, list):
+            raise InvalidRequest("file", "expected a JSON array of requests or one JSON object per line")
+        return items
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except (ValueError, RecursionError) as exc:
+                raise InvalidRequest("file", f"line {n} is not valid JSON ({type(exc).__name__})") from None
+    return items
+
+
+def _entry(x: Allocation | AllocatorError) -> dict[str, Any]:
+    if isinstance(x, Allocation):
+        return {"ok": True, "allocation": x.model_dump(mode="json"), "error": None}
+    e = x.to_dict()
+    e.setdefault("field", getattr(x, "field", None))
+    return {"ok": False, "allocation": None, "error": e}
+
+
+def allocate_many(
+    file: str = typer.Argument(..., help="JSON array or JSON lines of requests; '-' reads standard input."),
+    chunk_size: int = typer.Option(batch.DEFAULT_CHUNK, "--chunk-size", help=f"Requests per script call (1-{batch.MAX_CHUNK})."),
+    as_json: bool = AS_JSON,
+    redis_url: Optional[str] = REDIS_URL,
+    namespace: Optional[str] = NAMESPACE,
+) -> None:
+    """Place many requests now, each on its own, in batches (refusals do not stop the others)."""
+    with reporting(as_json, settings_url(redis_url), options={"chunk_size": "--chunk-size"}):
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidRequest("file", f"cannot read {file!r}: {type(exc).__name__}: {exc}") from None
+        items = read_requests(text)
+        a = open_allocator(redis_url, namespace, as_json=as_json)
+        with Progress(TextColumn("placing"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
+                      disable=len(items) <= chunk_size) as bar:
+            task = bar.add_task("place", total=len(items))
+            results = batch.allocate_many(a, items, chunk_size=chunk_size,
+                                          progress=lambda done, total: bar.update(task, completed=done))
+    placed = sum(isinstance(x, Allocation) for x in results)
+    if as_json:
+        print_json({"results": [_entry(x) for x in results], "placed": placed, "refused": len(results) - placed})
+    else:
+        t = Table(title=f"{placed} of {len(results)} placed")
+        for col in ("#", "result", "allocation", "grant or reason"):
+            t.add_column(col)
+        for i, x in enumerate(results):
+            if isinstance(x, Allocation):
+                t.add_row(str(i), "[green]placed[/]", escape(x.allocation_id), escape(views.grant_text(x)))
+            else:
+                t.add_row(str(i), f"[red]{escape(x.code.lower())}[/]", "-", escape(x.message))
+        out.print(t)
+    raise typer.Exit(EXIT_OK if placed == len(results) else EXIT_REFUSED)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("allocate-many")(allocate_many)

@@ -1,0 +1,66 @@
+"""``allocator allocate-many``: requests from a file or stdin, placed in batches, one row each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import ledger_dump
+from .test_cli import as_json, cli, real  # noqa: F401  (fixtures)
+
+REQ = {"resources": {"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 2}}
+
+
+def test_requests_as_json_lines_on_stdin_are_placed_in_order(cli, real):
+    lines = "\n".join(json.dumps({**REQ, "allocation_id": f"s-{i}"}) for i in range(2)) + "\n\n"
+    res = cli("allocate-many", "-", "--json", input=lines)
+    assert res.exit_code == 0, res.output
+    doc = as_json(res)
+    assert (doc["placed"], doc["refused"]) == (2, 0)
+    assert [x["allocation"]["allocation_id"] for x in doc["results"]] == ["s-0", "s-1"]
+    assert [x["allocation"]["cpu_cores"] for x in doc["results"]] == [[0, 1], [2, 3]]
+    assert {x.allocation_id for x in real.list(state="active")} == {"s-0", "s-1"}
+
+
+def test_a_refused_request_exits_1_and_the_others_are_placed(cli, real, tmp_path):
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps([REQ, {"resources": {"gpu_memory_mb": "9Gi"}}, REQ]))
+    res = cli("allocate-many", str(f), "--chunk-size", "2", "--json")
+    assert res.exit_code == 1, res.output
+    doc = as_json(res)
+    assert [x["ok"] for x in doc["results"]] == [True, False, True]
+    assert doc["results"][1]["error"]["code"] == "INSUFFICIENT_GPU_MEMORY"
+    assert len(real.list(state="active")) == 2
+
+
+def test_the_table_names_each_request_and_what_it_got(cli, tmp_path):
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps([REQ, {"resources": {"cpu_cores": 64}}]))
+    res = cli("allocate-many", str(f))
+    assert res.exit_code == 1
+    assert "1 of 2 placed" in res.stdout and "h1 GPU0 (T4, 4 GiB) cores [0, 1]" in res.stdout
+    assert "insufficient_cpu" in res.stdout
+
+
+@pytest.mark.parametrize("text, field", [
+    ('[{"resources": {"gpus": -1}}]', "requests.0.resources.gpus"),
+    ('{"resources": {}}\nnot json\n', "file"),
+    ('[{"resources": ', "file"),
+])
+def test_an_invalid_file_exits_2_and_places_nothing(cli, real, text, field):
+    before = ledger_dump(real)
+    res = cli("allocate-many", "-", "--json", input=text)
+    assert res.exit_code == 2, res.output
+    assert as_json(res)["error"]["field"] == field
+    assert ledger_dump(real) == before
+
+
+def test_a_missing_file_exits_2(cli, tmp_path):
+    res = cli("allocate-many", str(tmp_path / "nope.json"))
+    assert res.exit_code == 2 and "cannot read" in res.stderr
+
+
+def test_a_chunk_size_out_of_range_exits_2_naming_the_option(cli):
+    res = cli("allocate-many", "-", "--chunk-size", "0", input=json.dumps([REQ]))
+    assert res.exit_code == 2 and "--chunk-size" in res.stderr
