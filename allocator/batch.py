@@ -1,14 +1,17 @@
 """Several direct requests placed in one script call: ``Allocator.allocate_many``.
 
 A caller with many requests at once (a job array, a parameter sweep, a scheduler of its own)
-pays the script's entry, the clock, the reaper's look and a network round trip once per call
-instead of once per request (docs/benchmarks.md, "Batches"). Each request is placed on its own,
-in order, as ``allocate`` would place it right after the ones before it: a refusal does not stop
-the others, and nothing is all-or-nothing. Requests are sent ``chunk_size`` at a time, so that
+pays the script's entry, the clock and a network round trip once per call instead of once per
+request (docs/benchmarks.md, "Run S"). Each request is placed on its own, in order, as
+``allocate`` would place it right after the ones before it: a refusal does not stop the others,
+and nothing is all-or-nothing. Requests are sent ``chunk_size`` at a time, and a call stops
+once it has held Redis for ``BUDGET_MS`` (the rest of its chunk goes in the next call), so that
 one call never holds Redis for long: every script blocks the server while it runs.
 
 What is returned follows ``asyncio.gather(..., return_exceptions=True)``: one entry per request,
-in order, an ``Allocation`` or the ``AllocatorError`` that ``allocate`` would have raised for it.
+in order, the ``Allocation`` ``allocate`` would have returned (a repeat of an id returns that
+allocation as it stands, pending or ended included) or the ``AllocatorError`` it would have
+raised. Every allocation of one script call carries that call's time as ``allocation_time_ms``.
 Only input that cannot be placed at all raises, before anything is sent (``InvalidRequest``
 naming ``requests.<i>.<field>``), and so does a Redis error, as for ``allocate``: give each
 request an ``allocation_id`` to retry such a call without placing anything twice.
@@ -31,9 +34,15 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK = 32
 #: The most ``chunk_size`` may be (a few hundred placements hold Redis for tens of milliseconds).
 MAX_CHUNK = 256
+#: Server time after which one call stops placing and leaves the rest of its chunk to the next
+#: call: a refused request pays its whole scan (milliseconds on a large fleet), and while a
+#: script runs Redis serves nobody else, so a chunk of refusals must not hold it for seconds.
+BUDGET_MS = 20
 
 BatchItem = AllocationRequest | Mapping[str, Any]
 BatchResult = Allocation | AllocatorError
+#: A request ready to send: the validated request and place.lua's three arguments for it.
+Prepared = tuple[AllocationRequest, tuple[str, str, str]]
 
 
 def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: int = DEFAULT_CHUNK,
@@ -42,26 +51,24 @@ def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: in
     called after each script call (the command line's progress bar)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
         raise InvalidRequest("chunk_size", f"expected a whole number from 1 to {MAX_CHUNK}, got {short_repr(chunk_size)}")
-    reqs = build_requests(a, requests)
+    prepared = prepare(a, requests)
     results: list[BatchResult] = []
-    for start in range(0, len(reqs), chunk_size):
-        chunk = reqs[start:start + chunk_size]
-        try:
-            results.extend(_place_chunk(a, chunk, start))
-        except AllocatorError as exc:  # the whole call refused (RECOVERING): neither it nor the rest placed
-            results.extend([exc] * (len(reqs) - start))
+    while len(results) < len(prepared):
+        start = len(results)
+        results.extend(_place_chunk(a, prepared[start:start + chunk_size], start))
         if progress is not None:
-            progress(len(results), len(reqs))
-        if len(results) == len(reqs):
-            break
+            progress(len(results), len(prepared))
     return results
 
 
-def build_requests(a: Allocator, requests: Iterable[BatchItem]) -> list[AllocationRequest]:
-    """Every request validated (and its service names known) before any is sent."""
+def prepare(a: Allocator, requests: Iterable[BatchItem]) -> list[Prepared]:
+    """Every request validated (its service names known) and its arguments built before any is
+    sent, so that nothing can fail once the first chunk is placed."""
+    from .client import new_allocation_id
+
     if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
         raise InvalidRequest("requests", f"expected a list of requests, got {type(requests).__name__}")
-    out: list[AllocationRequest] = []
+    out: list[Prepared] = []
     for i, item in enumerate(requests):
         try:
             req = _build(a, item)
@@ -69,13 +76,15 @@ def build_requests(a: Allocator, requests: Iterable[BatchItem]) -> list[Allocati
                 _services.check_names(a, req.services)
         except InvalidRequest as exc:
             raise InvalidRequest(f"requests.{i}.{exc.field}" if exc.field else f"requests.{i}", exc.reason) from None
-        out.append(req)
+        out.append((req, a.place_args(req, req.allocation_id or new_allocation_id())))
     return out
 
 
 def _build(a: Allocator, item: BatchItem) -> AllocationRequest:
     if isinstance(item, AllocationRequest):
-        return item
+        # Validated again: a model changed after it was built (model_copy(update=...), attribute
+        # assignment) is not checked by pydantic, and a negative size would corrupt the ledger.
+        item = {"resources": item.resources.model_dump(), **item.model_dump(exclude={"resources"})}
     if not isinstance(item, Mapping):
         raise InvalidRequest("", f"expected a mapping of allocate's fields or an AllocationRequest, got {type(item).__name__}")
     fields = dict(item)
@@ -88,18 +97,16 @@ def _build(a: Allocator, item: BatchItem) -> AllocationRequest:
     return a.build_request(resources, **fields)
 
 
-def _place_chunk(a: Allocator, chunk: list[AllocationRequest], start: int) -> list[BatchResult]:
-    """One ``place_many`` call; raises only when the whole call was refused."""
-    from .client import new_allocation_id
-
-    args = [a.place_args(req, req.allocation_id or new_allocation_id()) for req in chunk]
+def _place_chunk(a: Allocator, chunk: list[Prepared], start: int) -> list[BatchResult]:
+    """One ``place_many`` call: the allocation or error of each request it got to before its
+    time budget ran out (at least the first)."""
     t0 = time.perf_counter()
-    res = a._raise_unless_ok(a._call("place_many", *[x for triple in args for x in triple]))
+    res = a._raise_unless_ok(a._call("place_many", BUDGET_MS, *[x for _, args in chunk for x in args]))
     ms = round((time.perf_counter() - t0) * 1000, 3)
     out: list[BatchResult] = []
-    for i, (req, triple, reply) in enumerate(zip(chunk, args, res["results"]), start):
+    for i, ((req, args), reply) in enumerate(zip(chunk, res["results"]), start):
         try:
-            alloc = a.placed(a._raise_unless_ok(reply), req, triple)
+            alloc = a.placed(a._raise_unless_ok(reply), req, args)
         except InvalidRequest as exc:
             out.append(InvalidRequest(f"requests.{i}.{exc.field}", exc.reason))
             continue

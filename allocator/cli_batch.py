@@ -5,8 +5,9 @@ each the body of ``POST /v1/allocations`` (``resources``, ``priority``, ``strate
 ``ttl_seconds``, ``selector``, ``metadata``, ``task_id``, ``task_type``, ``owner``,
 ``allocation_id``). Every request is checked before any is placed; then they go
 ``--chunk-size`` per script call (``Allocator.allocate_many``), each placed on its own.
-Exit codes as in ``cli_common``: 0 every request placed, 1 some refused (the table or the JSON
-says which), 2 the file or a request is invalid (nothing placed).
+Exit codes as in ``cli_common``: 0 every request holds an active allocation, 1 some do not (a
+refusal, or a repeated id whose allocation waits in line or has ended; the table or the JSON says
+which), 2 the file or a request is invalid (nothing placed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .models import Allocation
 
 def read_requests(text: str) -> list[Any]:
     """A JSON array, or JSON lines (blank lines skipped); ``InvalidRequest`` (field ``file``)
-    naming the line that is not JSON."""
+    naming the line that is not JSON. A byte order mark at the start is skipped."""
+    text = text.removeprefix("\ufeff")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -48,9 +50,15 @@ def read_requests(text: str) -> list[Any]:
     return items
 
 
+def _active(x: Allocation | AllocatorError) -> bool:
+    """Whether the request holds an active allocation now (a repeated id may name one that waits
+    in line or has ended)."""
+    return isinstance(x, Allocation) and x.state == "active"
+
+
 def _entry(x: Allocation | AllocatorError) -> dict[str, Any]:
     if isinstance(x, Allocation):
-        return {"ok": True, "allocation": x.model_dump(mode="json"), "error": None}
+        return {"ok": _active(x), "allocation": x.model_dump(mode="json"), "error": None}
     e = x.to_dict()
     e.setdefault("field", getattr(x, "field", None))
     return {"ok": False, "allocation": None, "error": e}
@@ -76,16 +84,19 @@ def allocate_many(
             task = bar.add_task("place", total=len(items))
             results = batch.allocate_many(a, items, chunk_size=chunk_size,
                                           progress=lambda done, total: bar.update(task, completed=done))
-    placed = sum(isinstance(x, Allocation) for x in results)
+    placed = sum(_active(x) for x in results)
     if as_json:
-        print_json({"results": [_entry(x) for x in results], "placed": placed, "refused": len(results) - placed})
+        print_json({"results": [_entry(x) for x in results], "placed": placed, "not_placed": len(results) - placed})
     else:
         t = Table(title=f"{placed} of {len(results)} placed")
         for col in ("#", "result", "allocation", "grant or reason"):
             t.add_column(col)
         for i, x in enumerate(results):
-            if isinstance(x, Allocation):
+            if _active(x):
                 t.add_row(str(i), "[green]placed[/]", escape(x.allocation_id), escape(views.grant_text(x)))
+            elif isinstance(x, Allocation):  # a repeated id: the allocation as it stands
+                t.add_row(str(i), f"[yellow]{escape(x.state)}[/]", escape(x.allocation_id),
+                          "an earlier request with this id " + ("waits in line" if x.state == "pending" else f"has ended ({escape(x.release_reason or '-')})"))
             else:
                 t.add_row(str(i), f"[red]{escape(x.code.lower())}[/]", "-", escape(x.message))
         out.print(t)

@@ -275,7 +275,7 @@ class Allocator:
 
     # -- allocations -------------------------------------------------------------------------
 
-    def build_request(self, resources: ResourcesLike | None = None, **fields: Any) -> AllocationRequest:
+    def build_request(self, resources: ResourcesLike | None = None, /, **fields: Any) -> AllocationRequest:
         """Validates a request; ``InvalidRequest`` names the first bad field."""
         data = {k: v for k, v in fields.items() if v is not None or k == "ttl_seconds"}
         # Text that is not valid Unicode (or holds NUL) and nesting deeper than MAX_DEPTH are
@@ -385,8 +385,8 @@ class Allocator:
     def allocate_many(self, requests: Iterable[AllocationRequest | Mapping[str, Any]], *,
                       chunk_size: int = _batch.DEFAULT_CHUNK) -> list[Allocation | AllocatorError]:
         """Places several requests now, each on its own and in order, ``chunk_size`` per script
-        call: one entry per request, its ``Allocation`` or the error ``allocate`` would have
-        raised for it (a refusal does not stop the others; nothing is all-or-nothing). Each
+        call: one entry per request, what ``allocate`` would have returned for it, or the error
+        it would have raised (a refusal does not stop the others; nothing is all-or-nothing). Each
         request is a mapping of ``allocate``'s arguments (``resources`` and the fields) or an
         ``AllocationRequest``; ``InvalidRequest`` (field ``requests.<i>...``) before anything is
         placed when one is malformed. See ``allocator.batch``."""

@@ -77,6 +77,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from allocator.batch import MAX_CHUNK  # noqa: E402
 from allocator.client import Allocator, new_allocation_id  # noqa: E402
 from allocator.errors import InsufficientResources  # noqa: E402
 from allocator.models import Allocation  # noqa: E402
@@ -496,8 +497,8 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         "server_evalsha_calls": int(d_calls),
         "redis_cpu_pct": 100 * (after["cpu"] - before["cpu"]) / wall if wall > 0 else float("nan"),
     }
-    if cfg.kind == "batch":
-        summary["batch"] = cfg.batch
+    if cfg.kind == "batch":  # requests per call: a window smaller than --batch is one call
+        summary["batch"] = min(cfg.batch, cfg.window)
     if cfg.kind == "trivial":
         summary["calls"] = sum(res["calls"] for res in results.values())
         summary["calls_per_s"] = sum(res["calls"] / res["elapsed"] for res in results.values())
@@ -843,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
     ap.add_argument("--markdown", dest="md_path", default=None, help="write the result tables as Markdown to this file")
     args = ap.parse_args(argv)
+    if not 0 <= args.batch <= MAX_CHUNK:
+        ap.error(f"--batch: expected 0 (no batch phase) to {MAX_CHUNK} requests per call, got {args.batch}")
 
     # Ctrl-C (and SIGTERM) raise KeyboardInterrupt even when started from a script that ignores
     # SIGINT, so the namespaces are always destroyed.

@@ -69,6 +69,7 @@ def test_an_invalid_request_places_nothing_and_names_its_index_and_field(alloc_a
     ({"resources": {"cpu_cores": 1}, "colour": "red"}, "requests.0.colour"),
     ({"resources": {"cpu_cores": 1}, "on_busy": "queue"}, "requests.0.on_busy"),
     ({1: "x"}, "requests.0"),
+    ({"resources": {"cpu_cores": 1}, "self": 1}, "requests.0.self"),
 ])
 def test_an_entry_that_is_no_request_is_refused_naming_it(alloc, item, field):
     two_gpu_host(alloc)
@@ -91,6 +92,19 @@ def test_a_chunk_size_out_of_range_is_refused(alloc, chunk_size):
     with pytest.raises(InvalidRequest) as exc:
         alloc.allocate_many([{"resources": {"cpu_cores": 1}}], chunk_size=chunk_size)
     assert exc.value.field == "chunk_size"
+
+
+def test_a_call_that_used_up_its_time_budget_leaves_the_rest_to_the_next_call(alloc, monkeypatch):
+    from allocator import batch
+
+    two_gpu_host(alloc)
+    monkeypatch.setattr(batch, "BUDGET_MS", 0)  # every call stops after its first request
+    calls = []
+    res = batch.allocate_many(alloc, [share(4), share(30), {"resources": {"cpu_cores": 1}}],
+                              progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert isinstance(res[0], Allocation) and isinstance(res[1], InsufficientResources)
+    assert isinstance(res[2], Allocation) and res[2].cpu_cores == [1]
 
 
 def test_no_requests_place_nothing(alloc):
@@ -133,6 +147,33 @@ def test_a_batch_while_the_ledger_is_recovering_places_nothing_and_every_entry_s
     assert ledger_dump(alloc) == before
 
 
+def test_a_repeat_in_a_batch_while_the_ledger_is_recovering_gets_its_allocation_as_allocate_would(alloc):
+    two_gpu_host(alloc)
+    held = alloc.allocate(**share(4), allocation_id="sweep-1")
+    alloc.redis.hset(alloc.keys.seq, "recovering", "1")
+    new, repeat = alloc.allocate_many([share(4), {**share(4), "allocation_id": "sweep-1"}])
+    assert isinstance(new, Recovering)
+    assert isinstance(repeat, Allocation) and repeat.gpus == held.gpus
+
+
+def test_a_changed_allocation_request_is_validated_again_and_nothing_is_placed(alloc):
+    two_gpu_host(alloc)
+    template = alloc.build_request({"cpu_cores": 1, "ram_mb": "1Gi"})
+    bad = template.model_copy(update={"resources": template.resources.model_copy(update={"ram_mb": -1000})})
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.allocate_many([template.model_copy(update={"allocation_id": f"s-{i}"}) for i in range(40)] + [bad])
+    assert exc.value.field == "requests.40.resources.ram_mb"
+    assert ledger_dump(alloc) == before
+
+
+def test_allocation_requests_built_from_one_template_are_placed(alloc):
+    two_gpu_host(alloc)
+    template = alloc.build_request({"cpu_cores": 1})
+    res = alloc.allocate_many([template.model_copy(update={"allocation_id": f"s-{i}"}) for i in range(3)])
+    assert [(x.allocation_id, x.cpu_cores) for x in res] == [("s-0", [0]), ("s-1", [1]), ("s-2", [2])]
+
+
 def test_a_batch_appends_one_allocated_event_per_placement_and_none_for_a_refusal(alloc):
     two_gpu_host(alloc)
     start = alloc.redis.xrevrange(alloc.keys.events, count=1)[0][0]
@@ -140,6 +181,15 @@ def test_a_batch_appends_one_allocated_event_per_placement_and_none_for_a_refusa
     events = alloc.redis.xrange(alloc.keys.events, min=f"({start}")
     assert [(e["type"], e["id"]) for _, e in events] == [("allocated", x.allocation_id) for x in placed]
     assert len(placed) == 2
+
+
+def test_each_request_of_a_batch_reaps_expired_leases_as_its_own_allocate_would(alloc, clock):
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi")
+    for _ in range(16):
+        alloc.allocate({"cpu_cores": "0.5"}, ttl_seconds=10)
+    clock.advance(11)  # all 16 expired; a placement reaps at most 8 of them
+    res = alloc.allocate_many([{"resources": {"cpu_cores": 1}}] * 8)
+    assert [x.cpu_cores for x in res] == [[i] for i in range(8)]
 
 
 def test_a_batch_reaps_an_expired_lease_before_placing(alloc, clock):

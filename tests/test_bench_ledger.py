@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,6 +37,12 @@ def test_the_ledger_benchmark_measures_bursts_steady_state_and_the_trivial_call(
     assert "allocs/s ÷ trivial" in text and "Batches (`Allocator.allocate_many`" in text
     r = redis.Redis.from_url(redis_url)
     assert not list(r.scan_iter(match=f"*{doc['fleets'][0]['namespace']}*"))
+
+
+def test_a_batch_size_past_what_one_call_takes_is_refused_before_anything_runs(redis_url, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ledger.main(["--batch", "300", "--redis-url", redis_url])
+    assert exc.value.code == 2 and "--batch" in capsys.readouterr().err
 
 
 def test_repeated_runs_judge_the_goals_on_the_medians(redis_url, tmp_path):

@@ -17,7 +17,7 @@ def test_requests_as_json_lines_on_stdin_are_placed_in_order(cli, real):
     res = cli("allocate-many", "-", "--json", input=lines)
     assert res.exit_code == 0, res.output
     doc = as_json(res)
-    assert (doc["placed"], doc["refused"]) == (2, 0)
+    assert (doc["placed"], doc["not_placed"]) == (2, 0)
     assert [x["allocation"]["allocation_id"] for x in doc["results"]] == ["s-0", "s-1"]
     assert [x["allocation"]["cpu_cores"] for x in doc["results"]] == [[0, 1], [2, 3]]
     assert {x.allocation_id for x in real.list(state="active")} == {"s-0", "s-1"}
@@ -32,6 +32,20 @@ def test_a_refused_request_exits_1_and_the_others_are_placed(cli, real, tmp_path
     assert [x["ok"] for x in doc["results"]] == [True, False, True]
     assert doc["results"][1]["error"]["code"] == "INSUFFICIENT_GPU_MEMORY"
     assert len(real.list(state="active")) == 2
+
+
+def test_a_repeated_id_whose_allocation_has_ended_is_not_counted_as_placed(cli, real):
+    x = real.allocate(REQ["resources"], allocation_id="s-0")
+    real.release(x.allocation_id)
+    res = cli("allocate-many", "-", input=json.dumps({**REQ, "allocation_id": "s-0"}))
+    assert res.exit_code == 1, res.output
+    assert "0 of 1 placed" in res.stdout and "released" in res.stdout
+
+
+def test_a_json_array_after_a_byte_order_mark_is_read(cli, tmp_path):
+    f = tmp_path / "sweep.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps([REQ]).encode())
+    assert cli("allocate-many", str(f), "--json").exit_code == 0
 
 
 def test_the_table_names_each_request_and_what_it_got(cli, tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -66,10 +67,20 @@ def tally(a: Allocator, *, batch: int = 1000, max_batches: int = 100) -> int:
 
 def count_refusal(a: Allocator, reason: str) -> None:
     """One allocation attempt through the API ended without an allocation (fleet-wide counter)."""
+    count_refusals(a, [reason])
+
+
+def count_refusals(a: Allocator, reasons: list[str]) -> None:
+    """``count_refusal`` for each of ``reasons`` (a batch's refused requests), in one round trip."""
+    if not reasons:
+        return
     try:
-        a.redis.hincrby(a.keys.api_stats, "refusals|" + reason.lower(), 1)
+        pipe = a.redis.pipeline(transaction=False)
+        for reason, n in Counter(reasons).items():
+            pipe.hincrby(a.keys.api_stats, "refusals|" + reason.lower(), n)
+        pipe.execute()
     except redis.RedisError as exc:
-        log.warning("could not count a refusal: %s", exc)
+        log.warning("could not count refusals: %s", exc)
 
 
 def _histogram(name: str, doc: str, stats: dict[str, str], prefix: str, bounds_ms: list[int]) -> HistogramMetricFamily:

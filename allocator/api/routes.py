@@ -26,7 +26,7 @@ from ..client import Allocator, check_id
 from ..errors import AllocationNotFound, AllocatorError, HostNotFound, InvalidRequest
 from ..models import Allocation, Capacity, Priority
 from .errors import error_body, status_of
-from .metrics import count_refusal
+from .metrics import count_refusal, count_refusals
 from .schemas import (
     AllocateBody,
     AllocateManyBody,
@@ -206,7 +206,8 @@ def allocate(body: AllocateBody, response: Response, st: ApiState = Depends(api_
 def allocate_many(body: AllocateManyBody, st: ApiState = Depends(api_state)) -> BatchResults:
     """Places several requests now, in order, each on its own, ``chunk_size`` per script call:
     one result per request, with the status ``POST /v1/allocations`` would have answered (201
-    placed, 200 a repeat of an ended allocation's id, 409 refused, 422 a field, 503 recovering).
+    placed; for a repeat of an id, 202 while it waits in line, 200 once it has ended; 409
+    refused, 422 its id names a task, 503 recovering).
     A refusal does not stop the others; nothing is all-or-nothing. A malformed request answers
     422 for the whole batch (field ``requests.<i>...``), and nothing is placed."""
     a = st.allocator
@@ -220,10 +221,10 @@ def allocate_many(body: AllocateManyBody, st: ApiState = Depends(api_state)) -> 
     results = []
     for x in outcomes:
         if isinstance(x, Allocation):
-            results.append(BatchResult(status=200 if x.ended else 201, allocation=x))
+            results.append(BatchResult(status=202 if x.state == "pending" else 200 if x.ended else 201, allocation=x))
         else:
-            count_refusal(a, x.code)
             results.append(BatchResult(status=status_of(x), error=error_body(x)["error"]))
+    count_refusals(a, [x.code for x in outcomes if isinstance(x, AllocatorError)])
     return BatchResults(results=results, allocated=sum(1 for r in results if r.status == 201))
 
 

@@ -178,7 +178,7 @@ class BatchResult(BaseModel):
 
 class BatchResults(BaseModel):
     results: list[BatchResult]
-    allocated: int = Field(description="How many requests hold an allocation (new or a repeat's).")
+    allocated: int = Field(description="How many requests hold an active allocation (status 201).")
 
 
 class Health(BaseModel):

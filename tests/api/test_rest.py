@@ -475,6 +475,16 @@ def test_a_batch_repeated_answers_as_its_allocations_stand(api: LiveApi) -> None
     assert len(api.allocator.list(state="active")) == 2
 
 
+def test_a_batch_answers_a_repeat_of_a_queued_request_202_as_the_single_route_does(api: LiveApi) -> None:
+    c = api.client()
+    c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}})
+    queued = {"resources": {"gpus": 2, "gpu_model": "A100"}, "allocation_id": "wait-1"}
+    assert c.post("/v1/allocations", json={**queued, "on_busy": "queue"}).status_code == 202
+    r = c.post("/v1/allocations/batch", json={"requests": [queued]}).json()
+    assert r["results"][0]["status"] == 202 and r["results"][0]["allocation"]["state"] == "pending"
+    assert r["allocated"] == 0
+
+
 @pytest.mark.parametrize("body, field", [
     ({"requests": [{"resources": {"gpus": 1}}, {"resources": {"gpus": -1}}]}, "requests.1.resources.gpus"),
     ({"requests": [{"resources": {"ram_mb": "12 parsecs"}}]}, "requests.0.resources.ram_mb"),

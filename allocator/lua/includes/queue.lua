@@ -557,10 +557,9 @@ local function place_beside_line(req, now)
   return nil, refused
 end
 
--- What place.lua and place_many.lua do once before their first placement: refuse while the
--- ledger is being rebuilt (allocator recover), and end up to 8 leases past their TTL, whose
--- capacity goes to the tasks in line first (a scheduling pass), as after any release.
--- Returns the refusal, or nil.
+-- What place.lua and place_many.lua do before each placement: refuse while the ledger is being
+-- rebuilt (allocator recover), and end up to 8 leases past their TTL, whose capacity goes to the
+-- tasks in line first (a scheduling pass), as after any release. Returns the refusal, or nil.
 local function before_placing(req, now)
   if rcall('HGET', K_SEQ, 'recovering') == '1' then
     return {ok = false, code = 'RECOVERING', details = {},
