@@ -1,12 +1,14 @@
 """Several direct requests placed in one script call: ``Allocator.allocate_many``.
 
 A caller with many requests at once (a job array, a parameter sweep, a scheduler of its own)
-pays the script's entry, the clock and a network round trip once per call instead of once per
-request (docs/benchmarks.md, "Run S"). Each request is placed on its own, in order, as
+pays the script's entry, the placement time's read and a network round trip once per call
+instead of once per request (docs/benchmarks.md, "Run S"). Each request is placed on its own, in order, as
 ``allocate`` would place it right after the ones before it: a refusal does not stop the others,
 and nothing is all-or-nothing. Requests are sent ``chunk_size`` at a time, and a call stops
-once it has held Redis for ``BUDGET_MS`` (the rest of its chunk goes in the next call), so that
-one call never holds Redis for long: every script blocks the server while it runs.
+after the request during which it passed ``BUDGET_MS`` of server time (the rest of its chunk
+goes in the next call), so that one call never holds Redis for long: every script blocks the
+server while it runs. An id given twice is idempotent, as for ``allocate``: the second entry
+gets the first's allocation.
 
 What is returned follows ``asyncio.gather(..., return_exceptions=True)``: one entry per request,
 in order, the ``Allocation`` ``allocate`` would have returned (a repeat of an id returns that
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import services as _services
 from .errors import AllocatorError, InvalidRequest
-from .models import Allocation, AllocationRequest, short_repr
+from .models import Allocation, AllocationRequest, Resources, short_repr
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -84,15 +86,20 @@ def _build(a: Allocator, item: BatchItem) -> AllocationRequest:
     if isinstance(item, AllocationRequest):
         # Validated again: a model changed after it was built (model_copy(update=...), attribute
         # assignment) is not checked by pydantic, and a negative size would corrupt the ledger.
-        item = {"resources": item.resources.model_dump(), **item.model_dump(exclude={"resources"})}
+        # (So a request takes nothing here that allocate's validation refuses, such as the seed
+        # APIs' record in its metadata.)
+        res = item.resources
+        item = {"resources": res.model_dump() if isinstance(res, Resources) else res,
+                **item.model_dump(exclude={"resources"})}
     if not isinstance(item, Mapping):
         raise InvalidRequest("", f"expected a mapping of allocate's fields or an AllocationRequest, got {type(item).__name__}")
     fields = dict(item)
     if not all(isinstance(k, str) for k in fields):
         raise InvalidRequest("", "field names must be strings")
-    if "on_busy" in fields:
+    if fields.get("on_busy", "fail") != "fail":
         raise InvalidRequest("on_busy", "allocate_many places each request now or refuses it; "
                                         "put a request in line with allocate(..., on_busy='queue')")
+    fields.pop("on_busy", None)
     resources = fields.pop("resources", None)
     return a.build_request(resources, **fields)
 

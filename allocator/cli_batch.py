@@ -3,7 +3,8 @@
 The file (``-``: standard input) holds a JSON array of requests or one JSON object per line,
 each the body of ``POST /v1/allocations`` (``resources``, ``priority``, ``strategy``,
 ``ttl_seconds``, ``selector``, ``metadata``, ``task_id``, ``task_type``, ``owner``,
-``allocation_id``). Every request is checked before any is placed; then they go
+``allocation_id``; ``on_busy`` only as ``"fail"``). An ``allocation_id`` given twice is
+idempotent: both entries show, and count, the one allocation. Every request is checked before any is placed; then they go
 ``--chunk-size`` per script call (``Allocator.allocate_many``), each placed on its own.
 Exit codes as in ``cli_common``: 0 every request holds an active allocation, 1 some do not (a
 refusal, or a repeated id whose allocation waits in line or has ended; the table or the JSON says
@@ -79,8 +80,7 @@ def allocate_many(
             raise InvalidRequest("file", f"cannot read {file!r}: {type(exc).__name__}: {exc}") from None
         items = read_requests(text)
         a = open_allocator(redis_url, namespace, as_json=as_json)
-        with Progress(TextColumn("placing"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
-                      disable=len(items) <= chunk_size) as bar:
+        with Progress(TextColumn("placing"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
             task = bar.add_task("place", total=len(items))
             results = batch.allocate_many(a, items, chunk_size=chunk_size,
                                           progress=lambda done, total: bar.update(task, completed=done))

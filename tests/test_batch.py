@@ -156,6 +156,22 @@ def test_a_repeat_in_a_batch_while_the_ledger_is_recovering_gets_its_allocation_
     assert isinstance(repeat, Allocation) and repeat.gpus == held.gpus
 
 
+def test_an_allocation_request_whose_resources_were_replaced_by_a_mapping_is_validated(alloc):
+    two_gpu_host(alloc)
+    template = alloc.build_request({"cpu_cores": 1})
+    [x] = alloc.allocate_many([template.model_copy(update={"resources": {"cpu_cores": 2}})])
+    assert x.cpu_cores == [0, 1]
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.allocate_many([template.model_copy(update={"resources": {"cpu_cores": -2}})])
+    assert exc.value.field == "requests.0.resources.cpu_cores"
+
+
+def test_on_busy_fail_is_what_a_batch_does_and_is_accepted(alloc):
+    two_gpu_host(alloc)
+    [x] = alloc.allocate_many([{"resources": {"cpu_cores": 1}, "on_busy": "fail"}])
+    assert x.state == "active"
+
+
 def test_a_changed_allocation_request_is_validated_again_and_nothing_is_placed(alloc):
     two_gpu_host(alloc)
     template = alloc.build_request({"cpu_cores": 1, "ram_mb": "1Gi"})

@@ -1,8 +1,8 @@
 --[[ place_many: place.lua for several requests in one call, each placed on its own, in order.
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
-ARGV[3] time budget in ms: once the requests placed so far took that long (server time), the
-call stops and returns what it did (at least one request is always placed),
+ARGV[3] time budget in ms: the call stops after the request during which that much server time
+passed, and returns what it did (at least one request is always placed),
 then three arguments per request, as place.lua's ARGV[3..5]: the request JSON read by the
 scripts (place.lua's header lists its fields; dry_run is never set here), the validated request
 as JSON text, metadata as JSON text.
@@ -11,9 +11,9 @@ requests before it: an allocation, its existing record (idempotent by id, a repe
 call included), or a refusal (RECOVERING included) that places nothing for that request and does
 not stop the others. There is no all-or-nothing: a request refused leaves the others placed.
 As in place.lua, each request that is not a repeat first reaps up to 8 expired allocations (a
-scheduling pass when it reaps any). The clock is read once: the requests of a call are placed at
-one instant. Entering the script, reading the clock and the round trip are paid once per call
-instead of once per request (docs/benchmarks.md, "Run S").
+scheduling pass when it reaps any). The placement time is read once: the requests of a call are
+placed at one instant. Entering the script and the round trip are paid once per call instead of
+once per request (docs/benchmarks.md, "Run S").
 The budget bounds how long the call holds Redis: a refused request still pays its whole scan
 (several ms on a large fleet, more while tasks wait in line), and no other client's command
 runs while a script does.
