@@ -11,7 +11,7 @@ is one of them. A host whose re-registration lowered its totals below what its g
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from .keys import gpu_ffc_score, gpu_ord_score
@@ -132,6 +132,33 @@ def check(snap: dict[str, Any]) -> list[str]:
         held = set(snap["host_allocs"].get(h) or [])
         if held != on_host[h]:
             bad.append(f"{h}: host allocation set {sorted(held)} != active allocations {sorted(on_host[h])}")
+    bad.extend(_check_names(hosts, snap.get("names") or {}))
+    return bad
+
+
+def _check_names(hosts: dict[str, dict[str, str]], names: dict[str, str]) -> list[str]:
+    """The count of GPU models and labels (``keys.names``) is that of the hosts marked ``named``:
+    a model or label counted that no host has would be found by a walk, but one missing from
+    the count would be refused at once while hosts have it."""
+    want: Counter[str] = Counter()
+    counted = 0
+    for h, f in hosts.items():
+        if f.get("named") != "1":
+            continue
+        counted += 1
+        try:
+            labels = json.loads(f.get("labels") or "{}")
+            want.update(f"l:{k}={v}" for k, v in labels.items())
+            want.update(f"m:{f[f'g{pos}:model']}" for pos in range(int(f.get("ngpu") or 0)))
+        except (KeyError, ValueError, AttributeError) as exc:
+            return [f"{h}: unreadable models or labels ({type(exc).__name__}: {exc})"]
+    got = {k: int(v) for k, v in names.items() if k != "hosts"}
+    bad = []
+    if got != dict(want):
+        diff = sorted(set(got.items()) ^ set(want.items()))[:5]
+        bad.append(f"names count differs from the hosts' models and labels: {diff}")
+    if int(names.get("hosts") or 0) != counted:
+        bad.append(f"names count covers {names.get('hosts') or 0} hosts, {counted} are marked named")
     return bad
 
 

@@ -162,6 +162,14 @@ class Keys:
         return self._k("pending")
 
     @property
+    def names(self) -> str:
+        """HASH of what the registered hosts have: ``m:<model>`` -> GPUs of that model,
+        ``l:<label>=<value>`` -> hosts with that label, ``hosts`` -> hosts counted (each has the
+        field ``named``). A request for a model or label none has is refused without a walk
+        (the scripts build it from the prefix; it is not among their KEYS)."""
+        return self._k("names")
+
+    @property
     def delayed(self) -> str:
         """ZSET task id -> not-before ms: tasks in line that may not start yet (a retry's interval).
         They keep their place in ``pending``; passes skip them until then (the scripts build it

@@ -235,16 +235,22 @@ def test_gpu_model_constraint_skips_other_models(alloc_any):
     two_hosts(alloc_any)
     x = alloc_any.allocate({"gpu_memory_mb": "4Gi", "gpu_model": "A100|V100M32"})
     assert where(x) == ("h1", [1])
-    with pytest.raises(InsufficientResources, match="GPU models"):
+    with pytest.raises(InsufficientResources, match="no registered host has a GPU of model H100"):
         alloc_any.allocate({"gpu_memory_mb": "4Gi", "gpu_model": "H100"})
+    alloc_any.drain_host("h1")  # the only A100 host: the walk finds no host with one free
+    with pytest.raises(InsufficientResources, match="on the requested GPU models"):
+        alloc_any.allocate({"gpu_memory_mb": "4Gi", "gpu_model": "A100"})
 
 
 def test_label_selector_limits_candidate_hosts(alloc_any):
     two_hosts(alloc_any)
     x = alloc_any.allocate({"gpu_memory_mb": "4Gi"}, selector="cluster=b")
     assert where(x) == ("h2", [0])
-    with pytest.raises(InsufficientResources, match="selector"):
+    with pytest.raises(InsufficientResources, match="no registered host has the label cluster=nowhere"):
         alloc_any.allocate({"gpu_memory_mb": "4Gi"}, selector={"cluster": "nowhere"})
+    alloc_any.drain_host("h2")  # the only host in cluster b: the walk finds none free
+    with pytest.raises(InsufficientResources, match="among hosts matching the selector"):
+        alloc_any.allocate({"gpu_memory_mb": "4Gi"}, selector="cluster=b")
 
 
 def test_cpu_only_requests_best_fit_by_free_cpu(alloc_any):

@@ -21,6 +21,8 @@ A draining host stays draining, and so does a lost one an operator had drained (
 drain the history has for a host no agent had registered yet); any other state becomes "ready". A host that was "lost" gets
 the next generation (field gen), which fences grants made before it was lost. A new host takes the
 highest generation of the grants restored on it before it registered (allocator recover).
+The host's GPU models and labels are counted in PREFIX..'names' (its old ones taken out first;
+count_names in includes/ledger.lua), for the quick refusal of a model or label no host has.
 Returns JSON {created, ord, state, gen, was_lost} (was_lost: the host was "lost" until this call).
 ]]
 --- @include "ledger"
@@ -147,6 +149,8 @@ for pos0, g in ipairs(spec.gpus or {}) do
     fields[#fields + 1] = p .. vals[i]; fields[#fields + 1] = vals[i + 1]
   end
 end
+-- The host's old models and labels leave the count before its fields change (counted again below).
+if not created then count_names(hk, -1) end
 -- Drop the fields and index members of GPUs beyond the new count.
 for pos = #(spec.gpus or {}), old_ngpu - 1 do
   local p = 'g' .. pos .. ':'
@@ -156,6 +160,7 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
 rcall('HSET', hk, unpack(fields))
+count_names(hk, 1)
 if over then rcall('HSET', hk, 'overcommitted', '1') else rcall('HDEL', hk, 'overcommitted') end
 -- Service references follow the active allocations too.
 local svc = rcall('HGETALL', svc_key(h))

@@ -5,7 +5,7 @@ ARGV[1] key prefix, ARGV[2] unused.
 Returns JSON {hosts{id={field=value}}, summaries{id=[numbers of its scan summary] or absent},
 allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
 cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, idle_hosts{}, cpu_ord{}, gpu_ffc{}, gpu_idle_ord{},
-pending{id=allocation state},
+pending{id=allocation state}, names{field=count} (the count of GPU models and labels),
 services{host={name=entry JSON}}, service_ports{host={port=name}}}.
 ]]
 --- @include "ledger"
@@ -41,6 +41,7 @@ out.gpu_idx, out.gpu_idle, out.gpu_ord = zmap(K_GPU_IDX), zmap(K_GPU_IDLE), zmap
 out.cpu_idx, out.ram_idx, out.expiry = zmap(K_CPU_IDX), zmap(K_RAM_IDX), zmap(K_EXPIRY)
 out.ends, out.byprio, out.idle_hosts = zmap(K_ENDS), zmap(K_BYPRIO), zmap(K_IDLE_HOSTS)
 out.cpu_ord, out.gpu_ffc, out.gpu_idle_ord = zmap(K_CPU_ORD), zmap(K_GPU_FFC), zmap(K_GPU_IDLE_ORD)
+out.names = hmap(K_NAMES)
 out.pending = {}
 for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, -1)) do
   out.pending[id] = rcall('HGET', alloc_key(id), 'state') or 'missing'

@@ -1,0 +1,79 @@
+"""A request for a GPU model or a label no registered host has is refused at once, from the
+count of the hosts' models and labels (keys.names), instead of after a walk to the scan cap."""
+
+import pytest
+
+from allocator import InsufficientResources, invariants
+
+
+def fleet(a, n: int = 4, model: str = "T4", cluster: str = "lab") -> None:
+    for i in range(n):
+        a.register_host(id=f"h{i}", labels={"cluster": cluster}, cpu_cores=4, ram_mb="16Gi",
+                        gpus=[{"index": g, "model": model, "memory_mb": "16Gi"} for g in range(2)])
+
+
+def refusal(a, resources: dict, **fields) -> InsufficientResources:
+    with pytest.raises(InsufficientResources) as exc:
+        a.allocate(resources, **fields)
+    return exc.value
+
+
+def test_a_gpu_model_no_host_has_is_refused_at_once_naming_it(alloc_any):
+    fleet(alloc_any)
+    alloc_any.scan_cap = 2  # a walk would stop at the cap and say so
+    e = refusal(alloc_any, {"gpus": 1, "gpu_model": "A10O|H200"})
+    assert e.message == "no registered host has a GPU of model A10O or H200"
+    assert e.details == {"unknown_gpu_models": ["A10O", "H200"]}
+
+
+def test_a_selector_no_host_matches_is_refused_at_once_naming_the_label(alloc_any):
+    fleet(alloc_any)
+    alloc_any.scan_cap = 2
+    e = refusal(alloc_any, {"gpus": 1}, selector="cluster=prod|edge")
+    assert e.message == "no registered host has the label cluster=prod|edge"
+
+
+def test_a_model_only_a_drained_host_has_is_refused_by_the_walk_not_as_absent(alloc_any):
+    fleet(alloc_any)
+    alloc_any.register_host(id="a100", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "40Gi"}])
+    alloc_any.drain_host("a100")
+    e = refusal(alloc_any, {"gpus": 1, "gpu_model": "A100"})
+    assert "no registered host" not in e.message
+    alloc_any.resume_host("a100")
+    assert alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a100"
+
+
+def test_the_count_follows_registrations_and_removals(alloc_any):
+    fleet(alloc_any, n=2)
+    alloc_any.register_host(id="h1", labels={"cluster": "gpu"}, cpu_cores=4, ram_mb="16Gi",
+                            gpus=[{"index": 0, "model": "A100", "memory_mb": "40Gi"}])  # h1 changes
+    assert alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}, selector="cluster=gpu").host_id == "h1"
+    assert alloc_any.allocate({"gpus": 1, "gpu_model": "T4"}, selector="cluster=lab").host_id == "h0"
+    alloc_any.remove_host("h0", force=True)
+    assert refusal(alloc_any, {"gpus": 1, "gpu_model": "T4"}).message == "no registered host has a GPU of model T4"
+    assert alloc_any.redis.hgetall(alloc_any.keys.names) == {
+        "hosts": "1", "m:A100": "1", "l:cluster=gpu": "1"}
+    assert invariants.check(alloc_any.snapshot()) == []
+
+
+def test_a_host_registered_before_the_count_existed_turns_the_quick_refusal_off_until_it_registers_again(alloc):
+    fleet(alloc, n=2)
+    # As a ledger written before the count: no count, no host marked.
+    alloc.redis.delete(alloc.keys.names)
+    for h in ("h0", "h1"):
+        alloc.redis.hdel(alloc.keys.host(h), "named")
+    alloc.scan_cap = 2
+    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    alloc.register_host(id="h0", labels={"cluster": "lab"}, cpu_cores=4, ram_mb="16Gi",
+                        gpus=[{"index": 0, "model": "T4", "memory_mb": "16Gi"}])
+    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message  # h1 not counted yet
+    alloc.register_host(id="h1", labels={"cluster": "lab"}, cpu_cores=4, ram_mb="16Gi",
+                        gpus=[{"index": 0, "model": "T4", "memory_mb": "16Gi"}])
+    assert refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message == "no registered host has a GPU of model A100"
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_the_checker_reports_a_count_out_of_step_with_the_hosts(alloc):
+    fleet(alloc, n=1)
+    alloc.redis.hincrby(alloc.keys.names, "m:T4", 1)
+    assert any("names count" in v for v in invariants.check(alloc.snapshot()))
