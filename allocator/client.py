@@ -685,6 +685,12 @@ class Allocator:
         """Atomic copy of the whole ledger (hosts, indexes, active allocations); for checks."""
         return json.loads(self.scripts["snapshot"](keys=self.keys.ledger_keys(), args=[self.keys.prefix, ""]))
 
+    def recount_names(self) -> int:
+        """Rebuilds the count of the hosts' GPU models and labels (``keys.names``) from the host
+        hashes, for a ledger an earlier release wrote to after this one had counted (the checker
+        reports it); returns the hosts counted. Reads every host, in one script."""
+        return int(self._call("recount_names")["hosts"])
+
     def _own_rq_jobs(self, batch: int = 1000) -> Iterator[str]:
         """The namespace's allocation ids whose RQ job is the namespace's (its origin one of the
         namespace's queues): RQ job ids are global to a Redis, and a lease's id may name another

@@ -137,28 +137,36 @@ def check(snap: dict[str, Any]) -> list[str]:
 
 
 def _check_names(hosts: dict[str, dict[str, str]], names: dict[str, str]) -> list[str]:
-    """The count of GPU models and labels (``keys.names``) is that of the hosts marked ``named``:
-    a model or label counted that no host has would be found by a walk, but one missing from
-    the count would be refused at once while hosts have it."""
+    """The count of GPU models and labels (``keys.names``) is what the hosts marked ``named``
+    list, and each list is the host's models and labels as its fields stand: a model or label
+    missing from the count would be refused at once while a host has it. (A count out of step
+    is rebuilt by ``Allocator.recount_names()``.)"""
     want: Counter[str] = Counter()
+    bad = []
     counted = 0
     for h, f in hosts.items():
-        if f.get("named") != "1":
+        if "named" not in f:
             continue
         counted += 1
         try:
+            listed = json.loads(f["named"])
             labels = json.loads(f.get("labels") or "{}")
-            want.update(f"l:{k}={v}" for k, v in labels.items())
-            want.update(f"m:{f[f'g{pos}:model']}" for pos in range(int(f.get("ngpu") or 0)))
-        except (KeyError, ValueError, AttributeError) as exc:
-            return [f"{h}: unreadable models or labels ({type(exc).__name__}: {exc})"]
+            now = [f"l:{k}={v}" for k, v in labels.items()]
+            now += [f"m:{f[f'g{pos}:model']}" for pos in range(int(f.get("ngpu") or 0))]
+        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            bad.append(f"{h}: unreadable models or labels ({type(exc).__name__}: {exc})")
+            continue
+        if not isinstance(listed, list) or Counter(map(str, listed)) != Counter(now):
+            bad.append(f"{h}: counted models and labels {listed} are not its own {sorted(now)} "
+                       "(Allocator.recount_names() rebuilds the count)")
+        want.update(map(str, listed) if isinstance(listed, list) else [])
     got = {k: int(v) for k, v in names.items() if k != "hosts"}
-    bad = []
     if got != dict(want):
         diff = sorted(set(got.items()) ^ set(want.items()))[:5]
-        bad.append(f"names count differs from the hosts' models and labels: {diff}")
+        bad.append(f"names count differs from what the hosts list: {diff} (Allocator.recount_names() rebuilds it)")
     if int(names.get("hosts") or 0) != counted:
-        bad.append(f"names count covers {names.get('hosts') or 0} hosts, {counted} are marked named")
+        bad.append(f"names count covers {names.get('hosts') or 0} hosts, {counted} are marked named "
+                   "(Allocator.recount_names() rebuilds it)")
     return bad
 
 

@@ -55,6 +55,7 @@ SCRIPT_NAMES = (
     "release",
     "expire",
     "snapshot",
+    "recount_names",
     "noop",
     "submit",
     "schedule",

@@ -77,3 +77,27 @@ def test_the_checker_reports_a_count_out_of_step_with_the_hosts(alloc):
     fleet(alloc, n=1)
     alloc.redis.hincrby(alloc.keys.names, "m:T4", 1)
     assert any("names count" in v for v in invariants.check(alloc.snapshot()))
+
+
+def test_a_registration_heals_a_host_an_earlier_release_changed_after_it_was_counted(alloc):
+    fleet(alloc, n=2)
+    # What a release without the count does on a re-registration: new fields, the mark kept.
+    alloc.redis.hset(alloc.keys.host("h1"), mapping={"labels": '{"cluster": "gpu"}', "g0:model": "A100", "g1:model": "A100"})
+    assert any("not its own" in v for v in invariants.check(alloc.snapshot()))
+    alloc.register_host(id="h1", labels={"cluster": "gpu"}, cpu_cores=4, ram_mb="16Gi",
+                        gpus=[{"index": g, "model": "A100", "memory_mb": "16Gi"} for g in range(2)])
+    assert invariants.check(alloc.snapshot()) == []
+    assert alloc.allocate({"gpus": 1, "gpu_model": "A100"}, selector="cluster=gpu").host_id == "h1"
+
+
+def test_recount_rebuilds_a_count_an_earlier_release_left_behind(alloc):
+    fleet(alloc, n=2)
+    # A release without the count removed h0 and registered h2: the count still has h0.
+    alloc.redis.delete(alloc.keys.host("h0"))
+    alloc.redis.zrem(alloc.keys.hosts, "h0")
+    alloc.redis.hset(alloc.keys.host("h2"), mapping={"labels": '{"cluster": "edge"}', "ngpu": 1, "g0:model": "L4"})
+    alloc.redis.zadd(alloc.keys.hosts, {"h2": 3})
+    assert invariants.check(alloc.snapshot()) != []
+    assert alloc.recount_names() == 2
+    assert alloc.redis.hgetall(alloc.keys.names) == {"hosts": "2", "m:T4": "2", "m:L4": "1", "l:cluster=lab": "1",
+                                                     "l:cluster=edge": "1"}

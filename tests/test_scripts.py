@@ -81,6 +81,15 @@ def test_every_script_compiles_and_holds_every_helper_it_names(redis_url):
         assert missing == [], name
 
 
+def test_every_script_also_compiles_with_the_whole_library_inlined(redis_url):
+    # bench/script_entry.py measures that text; Lua allows a chunk 200 locals, and the library's
+    # top-level definitions count against it there.
+    r = redis.Redis.from_url(redis_url)
+    for name in SCRIPT_NAMES:
+        for wrap in (True, False):
+            r.script_load(source(name, used_only=False, wrap=wrap))
+
+
 def test_names_in_comments_and_strings_are_no_references():
     text = """-- see unused(x)
 local s = "key(x) -- not code" .. 'read(y)' .. [==[ unused ]==]

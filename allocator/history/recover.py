@@ -300,6 +300,7 @@ def recover(a: Allocator, engine: Engine, *, with_hosts: bool = True, watch_host
     report.restored, report.deferred = restored.restored, restored.deferred
     report.existing, report.conflicts, report.ended = restored.existing, restored.conflicts, restored.ended
     report.lost = lost_line(a, engine)
+    a.recount_names()  # the count of models and labels, whatever wrote the hosts before
     violations = invariants.check(a.snapshot())
     if violations:
         raise RecoveryFailed(details={"violations": violations[:50], **report.as_dict()})

@@ -41,7 +41,7 @@ out.gpu_idx, out.gpu_idle, out.gpu_ord = zmap(K_GPU_IDX), zmap(K_GPU_IDLE), zmap
 out.cpu_idx, out.ram_idx, out.expiry = zmap(K_CPU_IDX), zmap(K_RAM_IDX), zmap(K_EXPIRY)
 out.ends, out.byprio, out.idle_hosts = zmap(K_ENDS), zmap(K_BYPRIO), zmap(K_IDLE_HOSTS)
 out.cpu_ord, out.gpu_ffc, out.gpu_idle_ord = zmap(K_CPU_ORD), zmap(K_GPU_FFC), zmap(K_GPU_IDLE_ORD)
-out.names = hmap(K_NAMES)
+out.names = hmap(PREFIX .. 'names')
 out.pending = {}
 for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, -1)) do
   out.pending[id] = rcall('HGET', alloc_key(id), 'state') or 'missing'

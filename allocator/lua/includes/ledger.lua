@@ -73,43 +73,49 @@ local K_CPU_ORD = PREFIX .. 'cpu_ord'
 local K_GPU_FFC = PREFIX .. 'gpu_ffc'
 local K_GPU_IDLE_ORD = PREFIX .. 'gpu_idle_ord'
 local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_register
-local K_NAMES = PREFIX .. 'names'  -- keys.names
 
 -- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
--- The K_NAMES fields of host hk as its hash stands: 'm:<model>' once per GPU, 'l:<label>=<value>'
--- once per label.
-local function host_names(hk)
-  local f = rcall('HMGET', hk, 'labels', 'ngpu')
-  local out = {}
-  local ok, labels = pcall(cjson.decode, f[1] or '{}')
-  if ok and type(labels) == 'table' then
-    for k, v in pairs(labels) do out[#out + 1] = 'l:' .. k .. '=' .. tostring(v) end
-  end
-  local n = tonumber(f[2] or 0) or 0
-  if n > 0 then
-    local fields = {}
-    for pos = 0, n - 1 do fields[#fields + 1] = 'g' .. pos .. ':model' end
-    for _, m in ipairs(rcall('HMGET', hk, unpack(fields))) do
-      if m then out[#out + 1] = 'm:' .. m end
-    end
-  end
-  return out
-end
-
--- Counts host hk's GPU models and labels into K_NAMES (by = 1) or takes them out (by = -1), so
--- that a request for a model or label no registered host has is refused without a walk
--- (absent_name in placement.lua). The host's field 'named' says it is counted, and the field
--- 'hosts' of K_NAMES how many are: the quick refusal holds only while every registered host is
--- (a host registered before the count existed is not, until it registers again).
+-- Counts host hk's GPU models and labels into PREFIX..'names' (keys.names): 'm:<model>' once per
+-- GPU, 'l:<label>=<value>' once per label, and 'hosts' once (by = 1); or takes out what was
+-- counted for it (by = -1). The host's field 'named' lists what was counted, so what is taken
+-- out is exactly that, whatever its fields say by then (a release without the count may have
+-- changed them), and a registration heals the host's part of the count. A request for a model or
+-- label no registered host has is then refused without a walk (absent_name in placement.lua),
+-- while 'hosts' equals the number of registered hosts (a host registered before the count
+-- existed is not counted until it registers again; recount_names.lua rebuilds the count).
 local function count_names(hk, by)
-  if (rcall('HGET', hk, 'named') == '1') == (by > 0) then return end
-  local counts = {}
-  for _, name in ipairs(host_names(hk)) do counts[name] = (counts[name] or 0) + 1 end
-  for name, n in pairs(counts) do
-    if tonumber(rcall('HINCRBY', K_NAMES, name, by * n)) <= 0 then rcall('HDEL', K_NAMES, name) end
+  local k = PREFIX .. 'names'
+  local counted = rcall('HGET', hk, 'named')
+  if (counted ~= false) == (by > 0) then return end
+  local names = {}
+  if by > 0 then
+    local f = rcall('HMGET', hk, 'labels', 'ngpu')
+    local ok, labels = pcall(cjson.decode, f[1] or '{}')
+    if ok and type(labels) == 'table' then
+      for key, v in pairs(labels) do names[#names + 1] = 'l:' .. key .. '=' .. tostring(v) end
+    end
+    local fields = {}
+    for pos = 0, (tonumber(f[2] or 0) or 0) - 1 do fields[#fields + 1] = 'g' .. pos .. ':model' end
+    if #fields > 0 then
+      for _, m in ipairs(rcall('HMGET', hk, unpack(fields))) do
+        if m then names[#names + 1] = 'm:' .. m end
+      end
+    end
+  else
+    local ok, list = pcall(cjson.decode, counted)
+    if ok and type(list) == 'table' then names = list end
   end
-  rcall('HINCRBY', K_NAMES, 'hosts', by)
-  if by > 0 then rcall('HSET', hk, 'named', '1') else rcall('HDEL', hk, 'named') end
+  local n = {}
+  for _, name in ipairs(names) do n[name] = (n[name] or 0) + 1 end
+  for name, c in pairs(n) do
+    if tonumber(rcall('HINCRBY', k, name, by * c)) <= 0 then rcall('HDEL', k, name) end
+  end
+  rcall('HINCRBY', k, 'hosts', by)
+  if by > 0 then
+    rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]')
+  else
+    rcall('HDEL', hk, 'named')
+  end
 end
 
 local function emit(kind, subject, now, data, extra)

@@ -571,13 +571,14 @@ end
 
 -- A refusal when req names GPU models (for GPUs) no registered host has, or a selector label
 -- whose values no registered host has; nil otherwise, and while some registered host is not in
--- the count (K_NAMES, count_names in ledger.lua). The walk would read every candidate up to the
+-- the count (PREFIX..'names', count_names in ledger.lua). The walk would read every candidate up to the
 -- scan cap before it refused (30-45 ms of Redis time on 5,000 hosts for a model).
 local function absent_name(req)
   if not (req.models and req.gpus > 0) and not req.selector then return nil end
-  if tonumber(rcall('HGET', K_NAMES, 'hosts') or 0) ~= rcall('ZCARD', K_HOSTS) then return nil end
+  local k = PREFIX .. 'names'
+  if tonumber(rcall('HGET', k, 'hosts') or 0) ~= rcall('ZCARD', K_HOSTS) then return nil end
   local function none(fields)
-    for _, v in ipairs(rcall('HMGET', K_NAMES, unpack(fields))) do
+    for _, v in ipairs(rcall('HMGET', k, unpack(fields))) do
       if v and tonumber(v) > 0 then return false end
     end
     return true
