@@ -25,6 +25,7 @@ from rich.table import Table
 
 from . import batch, views
 from .cli_common import AS_JSON, EXIT_OK, EXIT_REFUSED, NAMESPACE, REDIS_URL, err, open_allocator, out, print_json, reporting, settings_url
+from .api.errors import error_body  # (no FastAPI: allocator.api imports nothing itself)
 from .errors import AllocatorError, InvalidRequest
 from .models import Allocation
 
@@ -60,9 +61,7 @@ def _active(x: Allocation | AllocatorError) -> bool:
 def _entry(x: Allocation | AllocatorError) -> dict[str, Any]:
     if isinstance(x, Allocation):
         return {"ok": _active(x), "allocation": x.model_dump(mode="json"), "error": None}
-    e = x.to_dict()
-    e.setdefault("field", getattr(x, "field", None))
-    return {"ok": False, "allocation": None, "error": e}
+    return {"ok": False, "allocation": None, "error": error_body(x)["error"]}
 
 
 def allocate_many(

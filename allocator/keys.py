@@ -164,8 +164,8 @@ class Keys:
     @property
     def names(self) -> str:
         """HASH of what the registered hosts have: ``m:<model>`` -> GPUs of that model,
-        ``l:<label>=<value>`` -> hosts with that label, ``hosts`` -> hosts counted (each has the
-        field ``named``). A request for a model or label none has is refused without a walk
+        ``l:<label>=<value>`` -> hosts with that label, ``hosts`` -> hosts counted (each lists in
+        its field ``named`` what was counted for it). A request for a model or label none has is refused without a walk
         (the scripts build it from the prefix; it is not among their KEYS)."""
         return self._k("names")
 

@@ -28,13 +28,4 @@ Returns JSON {ok=true, alloc{...}} | {ok=true, dry_run=true, host, gpus, cores}
 --- @include "queue"
 --- @lazy finish_alloc refusal take_services services_fit reindex_host schedule_pass place_beside_line
 
-local req = cjson.decode(ARGV[3])
-req.request, req.metadata = ARGV[4], ARGV[5]
-local now = now_ms()
-
-if rcall('EXISTS', alloc_key(req.id)) == 1 then
-  return cjson.encode({ok = true, existing = true, alloc = read_alloc(req.id)})
-end
-local refused = before_placing(req, now)
-if refused then return cjson.encode(refused) end
-return cjson.encode(place_now(req, now))
+return cjson.encode(place_request(ARGV[3], ARGV[4], ARGV[5], now_ms()))

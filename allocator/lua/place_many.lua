@@ -34,13 +34,7 @@ local now = now_ms()
 local deadline = server_us() + tonumber(ARGV[3]) * 1000
 local results = {}
 for i = 4, #ARGV - 2, 3 do
-  local req = cjson.decode(ARGV[i])
-  req.request, req.metadata = ARGV[i + 1], ARGV[i + 2]
-  if rcall('EXISTS', alloc_key(req.id)) == 1 then
-    results[#results + 1] = {ok = true, existing = true, alloc = read_alloc(req.id)}
-  else
-    results[#results + 1] = before_placing(req, now) or place_now(req, now)
-  end
+  results[#results + 1] = place_request(ARGV[i], ARGV[i + 1], ARGV[i + 2], now)
   if server_us() >= deadline then break end
 end
 return cjson.encode({ok = true, results = results})

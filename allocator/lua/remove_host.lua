@@ -12,8 +12,9 @@ yet claimed by a worker follow their on_host_lost policy (back to the front of t
 failed), as on a lost host (see mark_lost.lua): no worker there will run them now. A run already
 claimed is only released: its worker, which may still be alive, stops it (rerunning it elsewhere
 at once could run it twice). Preempted function tasks
-whose run there was being stopped do the same. Its service catalog and instances are dropped, its
-GPU models and labels leave the count in PREFIX..'names' (count_names), and so are its heartbeat, reclaim entry and published inventory: a host registered again under
+whose run there was being stopped do the same. Its service catalog and instances are dropped,
+its GPU models and labels leave the count in PREFIX..'names' (count_names), and so are its
+heartbeat, reclaim entry and published inventory: a host registered again under
 the same id without an agent must not be declared lost for the old agent's silence. A host not
 registered that allocator recover left work for is removed the same way: allocations restored on
 it (deferred until it registers) count as its allocations, and a drain waiting for it

@@ -74,7 +74,6 @@ local K_GPU_FFC = PREFIX .. 'gpu_ffc'
 local K_GPU_IDLE_ORD = PREFIX .. 'gpu_idle_ord'
 local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_register
 
--- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 -- Counts host hk's GPU models and labels into PREFIX..'names' (keys.names): 'm:<model>' once per
 -- GPU, 'l:<label>=<value>' once per label, and 'hosts' once (by = 1); or takes out what was
 -- counted for it (by = -1). The host's field 'named' lists what was counted, so what is taken
@@ -118,6 +117,7 @@ local function count_names(hk, by)
   end
 end
 
+-- Appends one outbox event; extra is an optional flat list of more fields (raw JSON texts).
 local function emit(kind, subject, now, data, extra)
   if extra and #extra > 0 then
     rcall('XADD', K_EVENTS, '*', 'type', kind, 'id', subject, 'ts', tostring(now), 'data', data, unpack(extra))

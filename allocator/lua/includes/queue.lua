@@ -557,23 +557,25 @@ local function place_beside_line(req, now)
   return nil, refused
 end
 
--- What place.lua and place_many.lua do before each placement: refuse while the ledger is being
--- rebuilt (allocator recover), and end up to 8 leases past their TTL, whose capacity goes to the
--- tasks in line first (a scheduling pass), as after any release. Returns the refusal, or nil.
-local function before_placing(req, now)
+-- One direct request placed now, from place.lua's three arguments (payload, request JSON,
+-- metadata JSON): the reply of place.lua for it, and of place_many.lua for each of its requests.
+-- An id that exists gets its record; while the ledger is being rebuilt (allocator recover) the
+-- request is refused; up to 8 leases past their TTL are ended first, their capacity going to the
+-- tasks in line (a scheduling pass), as after any release. While tasks wait, the first of them
+-- keeps the room its reservation counts on (EASY backfill rules, as for the tasks behind it): a
+-- stream of direct requests must not starve it. Returns an allocation, a dry run's answer or a
+-- refusal.
+local function place_request(payload, request, metadata, now)
+  local req = cjson.decode(payload)
+  req.request, req.metadata = request, metadata
+  if rcall('EXISTS', alloc_key(req.id)) == 1 then
+    return {ok = true, existing = true, alloc = read_alloc(req.id)}
+  end
   if rcall('HGET', K_SEQ, 'recovering') == '1' then
     return {ok = false, code = 'RECOVERING', details = {},
       message = 'the ledger is being rebuilt after a loss of Redis data; no placements until it is consistent'}
   end
   if #reap_expired(now, 8) > 0 then schedule_pass(now, tonumber(req.pass_depth or 0), req.scan_cap) end
-  return nil
-end
-
--- One direct request placed now (after before_placing): the reply of place.lua, an allocation,
--- a dry run's answer or a refusal. While tasks wait, the first of them keeps the room its
--- reservation counts on (EASY backfill rules, as for the tasks behind it): a stream of direct
--- requests must not starve it.
-local function place_now(req, now)
   local p, refused
   if rcall('ZCARD', K_PENDING) > 0 then p, refused = place_beside_line(req, now) else p, refused = try_place(req, now) end
   if not p then return refused end
