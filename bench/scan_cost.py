@@ -54,7 +54,7 @@ except ImportError:  # python bench/scan_cost.py
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 WINDOW_LINE = "local BEST_WINDOW = 8"
-BODY_MARK = "local req = cjson.decode(ARGV[3])"  # place.lua's first statement after the includes
+BODY_MARK = "return cjson.encode(place_request("  # place.lua's first statement after the includes
 SHAPES = ("1 GPU shared", "2 GPUs shared", "1 whole GPU", "CPU only")
 CASES = (("first", 1), ("worst", 1), ("best", 1), ("best", 2), ("best", 4), ("best", 8))
 
