@@ -17,6 +17,13 @@ raised. Every allocation of one script call carries that call's time as ``alloca
 Only input that cannot be placed at all raises, before anything is sent (``InvalidRequest``
 naming ``requests.<i>.<field>``), and so does a Redis error, as for ``allocate``: give each
 request an ``allocation_id`` to retry such a call without placing anything twice.
+
+``Allocator.release_many`` is the same for releases (Slurm's ``scancel`` of several jobs): one
+``release_many.lua`` call ends up to ``chunk_size`` allocations, each as ``release`` would, and an
+id that does not exist gets ``AllocationNotFound`` without stopping the others. What a call
+frees goes to the tasks in line after its releases, in as many scheduling passes as place
+something (at most one per allocation freed, as releasing them one by one would run), so the
+line sees one freed fleet rather than a release at a time.
 """
 
 from __future__ import annotations
@@ -51,15 +58,43 @@ def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: in
                   progress: Callable[[int, int], None] | None = None) -> list[BatchResult]:
     """``Allocator.allocate_many``: see the module's docstring. ``progress(done, total)`` is
     called after each script call (the command line's progress bar)."""
+    _check_chunk(chunk_size)
+    prepared = prepare(a, requests)
+    return _in_chunks(prepared, chunk_size, lambda start, chunk: _place_chunk(a, chunk, start), progress)
+
+
+def release_many(a: Allocator, allocation_ids: Iterable[str], *, reason: str = "released",
+                 chunk_size: int = DEFAULT_CHUNK, progress: Callable[[int, int], None] | None = None) -> list[BatchResult]:
+    """``Allocator.release_many``: see the module's docstring. Every id is checked before any
+    allocation is released."""
+    from .client import check_id
+
+    _check_chunk(chunk_size)
+    if isinstance(allocation_ids, (str, bytes, Mapping)) or not isinstance(allocation_ids, Iterable):
+        raise InvalidRequest("allocation_ids", f"expected a list of allocation ids, got {type(allocation_ids).__name__}")
+    ids = list(allocation_ids)
+    for i, aid in enumerate(ids):
+        check_id(aid, f"allocation_ids.{i}")
+    check_id(reason, "reason", 64)
+    return _in_chunks(ids, chunk_size, lambda start, chunk: _release_chunk(a, chunk, reason), progress)
+
+
+def _check_chunk(chunk_size: Any) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
         raise InvalidRequest("chunk_size", f"expected a whole number from 1 to {MAX_CHUNK}, got {short_repr(chunk_size)}")
-    prepared = prepare(a, requests)
+
+
+def _in_chunks(items: list[Any], chunk_size: int, call: Callable[[int, list[Any]], list[BatchResult]],
+               progress: Callable[[int, int], None] | None) -> list[BatchResult]:
+    """``call(start, chunk)`` over ``items``, ``chunk_size`` at a time: each call answers the
+    items it got to before its time budget ran out (at least the first), and the next call
+    starts after them."""
     results: list[BatchResult] = []
-    while len(results) < len(prepared):
+    while len(results) < len(items):
         start = len(results)
-        results.extend(_place_chunk(a, prepared[start:start + chunk_size], start))
+        results.extend(call(start, items[start:start + chunk_size]))
         if progress is not None:
-            progress(len(results), len(prepared))
+            progress(len(results), len(items))
     return results
 
 
@@ -122,4 +157,17 @@ def _place_chunk(a: Allocator, chunk: list[Prepared], start: int) -> list[BatchR
             continue
         alloc.allocation_time_ms = ms
         out.append(alloc)
+    return out
+
+
+def _release_chunk(a: Allocator, chunk: list[str], reason: str) -> list[BatchResult]:
+    """One ``release_many`` call: the record or error of each id it got to before its time
+    budget ran out (at least the first)."""
+    res = a._raise_unless_ok(a._call("release_many", BUDGET_MS, reason, a.pass_depth, a.scan_cap, *chunk))
+    out: list[BatchResult] = []
+    for aid, reply in zip(chunk, res["results"]):
+        try:
+            out.append(a.released(aid, reply))
+        except AllocatorError as exc:
+            out.append(exc)
     return out

@@ -415,8 +415,24 @@ class Allocator:
         """
         check_id(allocation_id, "allocation_id")
         check_id(reason, "reason", 64)
-        res = self._raise_unless_ok(self._call("release", allocation_id, reason, self.pass_depth, self.scan_cap,
-                                               placement or ""))
+        return self.released(allocation_id, self._call("release", allocation_id, reason, self.pass_depth,
+                                                       self.scan_cap, placement or ""))
+
+    def release_many(self, allocation_ids: Iterable[str], *, reason: str = "released",
+                     chunk_size: int = _batch.DEFAULT_CHUNK) -> list[Allocation | AllocatorError]:
+        """Releases several allocations, each on its own and in order, ``chunk_size`` per script
+        call: one entry per id, what ``release`` would have returned for it, or the error it would
+        have raised (``AllocationNotFound``; it does not stop the others). What they free goes to
+        waiting tasks once the call's releases are done. ``InvalidRequest`` (field
+        ``allocation_ids.<i>``) before anything is released when an id is malformed. See
+        ``allocator.batch``."""
+        return _batch.release_many(self, allocation_ids, reason=reason, chunk_size=chunk_size)
+
+    def released(self, allocation_id: str, reply: dict[str, Any]) -> Allocation:
+        """``release``'s result from its script's reply (release.lua, or one entry of
+        release_many.lua): a running function task's run is stopped, and a queued allocation is
+        withdrawn from the line (``cancel``)."""
+        res = self._raise_unless_ok(reply)
         if res.get("job"):  # a running function task, released by a user: its run stops too
             queue.stop_job(self, allocation_id, res.get("worker"))
         alloc = Allocation.from_record(res["alloc"])

@@ -53,6 +53,7 @@ SCRIPT_NAMES = (
     "place",
     "place_many",
     "release",
+    "release_many",
     "expire",
     "snapshot",
     "recount_names",

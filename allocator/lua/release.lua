@@ -22,34 +22,9 @@ Returns JSON {ok=true, changed, stale?, job?, worker?, alloc{...}}
 --- @lazy run_pass drop_services
 
 local now = now_ms()
-local id = ARGV[3]
-local want = ARGV[7]
-if want ~= nil and want ~= '' then
-  local f = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'requeues')
-  local token = (f[2] or '') .. '|' .. (f[3] or '1') .. '|' .. (f[4] or '') .. '|' .. (f[5] or '0')
-  if f[1] == 'pending' or (f[1] == 'active' and token ~= want) then
-    return cjson.encode({ok = true, changed = false, stale = true, alloc = read_alloc(id), placed = {}})
-  end
+local r = release_one(ARGV[3], ARGV[4], now, ARGV[7])
+if r.ok then
+  r.placed = {}
+  if r.changed then r.placed = schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
 end
-local a, changed = finish_alloc(id, ARGV[4], now)
-if not a then
-  return cjson.encode({ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'})
-end
-local job, worker = false, nil
-if (want == nil or want == '') and a.kind == 'job' then
-  local t = read_task(id)
-  if t and t.kind == 'job' then
-    if changed then
-      job, worker = true, end_task_run(id, a, t)
-    elseif t.state == 'preempting' then
-      -- Preempted, its worker still stopping the run: released by a user, it must not go back
-      -- in line when the worker reports (as cancel.lua).
-      job, worker = true, job_runner(id, nil, t)
-      end_preempting(id, 'cancelled')
-      changed = true
-    end
-  end
-end
-local placed = {}
-if changed then placed = schedule_pass(now, tonumber(ARGV[5] or 0), tonumber(ARGV[6] or 2048)) end
-return cjson.encode({ok = true, changed = changed, job = job, worker = worker, alloc = a, placed = placed})
+return cjson.encode(r)

@@ -352,6 +352,39 @@ local function end_task_run(id, a, t)
   return worker
 end
 
+-- One allocation ended by release.lua or release_many.lua (their reply for it, the scheduling
+-- pass left to the caller): given a placement token (want, see claim_grant.lua), only that
+-- placement is released, and an allocation placed again since, or back in line, is left as it
+-- is (stale). A running function task released without a token, by a user, is stopped too: its
+-- task is marked cancelled and the reply names its worker; one preempted and still being
+-- stopped is marked cancelled instead, so that it does not go back in line.
+local function release_one(id, reason, now, want)
+  if want ~= nil and want ~= '' then
+    local f = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'requeues')
+    if f[1] == 'pending' or (f[1] == 'active' and placement_token(f[2], f[3], f[4], f[5]) ~= want) then
+      return {ok = true, changed = false, stale = true, alloc = read_alloc(id)}
+    end
+  end
+  local a, changed = finish_alloc(id, reason, now)
+  if not a then
+    return {ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'}
+  end
+  local job, worker = false, nil
+  if (want == nil or want == '') and a.kind == 'job' then
+    local t = read_task(id)
+    if t and t.kind == 'job' then
+      if changed then
+        job, worker = true, end_task_run(id, a, t)
+      elseif t.state == 'preempting' then
+        job, worker = true, job_runner(id, nil, t)
+        end_preempting(id, 'cancelled')
+        changed = true
+      end
+    end
+  end
+  return {ok = true, changed = changed, job = job, worker = worker, alloc = a}
+end
+
 -- Priority preemption: lower-priority allocations, newest first, until req fits on one host.
 -- Returns the host, and whether a victim went back in line at once (an unclaimed job).
 local function preempt_for(req, now, limit)
