@@ -9,6 +9,11 @@ idempotent: both entries show, and count, the one allocation. Every request is c
 Exit codes as in ``cli_common``: 0 every request holds an active allocation, 1 some do not (a
 refusal, or a repeated id whose allocation waits in line or has ended; the table or the JSON says
 which), 2 the file or a request is invalid (nothing placed).
+
+``allocator release ID ID ...`` (or ``-``: the ids from standard input, separated by spaces or
+new lines) releases several allocations the same way (``Allocator.release_many``): 0 when every
+id names an allocation (released now, or ended before: a release is idempotent), 1 when some id
+names none, 2 when an id is malformed (nothing released).
 """
 
 from __future__ import annotations
@@ -100,6 +105,45 @@ def allocate_many(
                 t.add_row(str(i), f"[red]{escape(x.code.lower())}[/]", "-", escape(x.message))
         out.print(t)
     raise typer.Exit(EXIT_OK if placed == len(results) else EXIT_REFUSED)
+
+
+def release_many(ids: list[str], *, chunk_size: int, as_json: bool, redis_url: Optional[str],
+                 namespace: Optional[str]) -> None:
+    """``allocator release`` of several ids, or of ``-``: see the module's docstring."""
+    with reporting(as_json, settings_url(redis_url), options={"chunk_size": "--chunk-size"}):
+        if ids == ["-"]:
+            ids = sys.stdin.read().split()
+        elif "-" in ids:
+            raise InvalidRequest("allocation_ids", "'-' (read the ids from standard input) must be the only id given")
+        a = open_allocator(redis_url, namespace, as_json=as_json)
+        with Progress(TextColumn("releasing"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("release", total=len(ids))
+            results = batch.release_many(a, ids, chunk_size=chunk_size,
+                                         progress=lambda done, total: bar.update(task, completed=done))
+    found = sum(isinstance(x, Allocation) for x in results)
+    released = sum(isinstance(x, Allocation) and bool(x.released_now) for x in results)
+    if as_json:
+        print_json({"results": [_release_entry(x) for x in results], "released": released,
+                    "not_found": len(results) - found})
+    else:
+        t = Table(title=f"{released} of {len(results)} released now")
+        for col in ("allocation", "result", "state or reason"):
+            t.add_column(col)
+        for aid, x in zip(ids, results):
+            if isinstance(x, Allocation):
+                done = "[green]withdrawn[/]" if x.state == "cancelled" else "[green]released[/]"
+                t.add_row(escape(aid), done if x.released_now else f"already {escape(x.state)}",
+                          escape(x.state if x.release_reason in (None, x.state) else f"{x.state} ({x.release_reason})"))
+            else:
+                t.add_row(escape(aid), f"[red]{escape(x.code.lower())}[/]", escape(x.message))
+        out.print(t)
+    raise typer.Exit(EXIT_OK if found == len(results) else EXIT_REFUSED)
+
+
+def _release_entry(x: Allocation | AllocatorError) -> dict[str, Any]:
+    if isinstance(x, Allocation):
+        return {"ok": True, "allocation": x.model_dump(mode="json", exclude={"allocation_time_ms"}), "error": None}
+    return {"ok": False, "allocation": None, "error": error_body(x)["error"]}
 
 
 def register(app: typer.Typer) -> None:

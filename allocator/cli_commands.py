@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import seeds, views
+from . import batch, cli_batch, seeds, views
 from .cli_common import (
     AS_JSON,
     EXIT_INVALID,
@@ -159,15 +159,22 @@ def _dump(x: Allocation, a: Allocator) -> dict[str, Any]:
 
 
 def release(
-    allocation_id: str = typer.Argument(..., help="Allocation id."),
+    allocation_ids: list[str] = typer.Argument(..., help="Allocation ids; '-' reads them from standard input "
+                                                         "(separated by spaces or new lines)."),
+    chunk_size: int = typer.Option(batch.DEFAULT_CHUNK, "--chunk-size",
+                                   help=f"With several ids: releases per script call (1-{batch.MAX_CHUNK})."),
     as_json: bool = AS_JSON,
     redis_url: Optional[str] = REDIS_URL,
     namespace: Optional[str] = NAMESPACE,
 ) -> None:
-    """Release an allocation (a queued one is withdrawn); releasing twice is harmless."""
+    """Release allocations (a queued one is withdrawn); releasing twice is harmless."""
+    if len(allocation_ids) > 1 or allocation_ids == ["-"]:
+        cli_batch.release_many(allocation_ids, chunk_size=chunk_size, as_json=as_json, redis_url=redis_url,
+                               namespace=namespace)
+        return
     a = open_allocator(redis_url, namespace, as_json=as_json)
     with reporting(as_json, settings_url(redis_url)):
-        x = a.release(allocation_id)
+        x = a.release(allocation_ids[0])
     if as_json:
         print_json(x.model_dump(mode="json", exclude={"allocation_time_ms"}))
     elif x.released_now is False:

@@ -78,3 +78,40 @@ def test_a_missing_file_exits_2(cli, tmp_path):
 def test_a_chunk_size_out_of_range_exits_2_naming_the_option(cli):
     res = cli("allocate-many", "-", "--chunk-size", "0", input=json.dumps([REQ]))
     assert res.exit_code == 2 and "--chunk-size" in res.stderr
+
+
+# -- allocator release ID ID ... ------------------------------------------------------------------
+
+def test_several_ids_are_released_in_one_command_and_an_unknown_one_exits_1(cli, real):
+    held = [real.allocate(REQ["resources"]).allocation_id for _ in range(2)]
+    res = cli("release", held[0], "alloc-nope", held[1], "--json")
+    assert res.exit_code == 1, res.output
+    doc = as_json(res)
+    assert (doc["released"], doc["not_found"]) == (2, 1)
+    assert [x["ok"] for x in doc["results"]] == [True, False, True]
+    assert doc["results"][1]["error"]["code"] == "ALLOCATION_NOT_FOUND"
+    assert real.list(state="active") == []
+
+
+def test_ids_on_stdin_are_released_and_a_repeat_is_harmless(cli, real):
+    held = [real.allocate(REQ["resources"]).allocation_id for _ in range(2)]
+    real.release(held[0])
+    res = cli("release", "-", input=f"{held[0]}\n{held[1]} \n")
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 released now" in res.stdout and "already released" in res.stdout
+
+
+def test_a_malformed_id_among_several_releases_nothing_and_exits_2(cli, real):
+    aid = real.allocate(REQ["resources"]).allocation_id
+    before = ledger_dump(real)
+    res = cli("release", aid, "", "--json")
+    assert res.exit_code == 2, res.output
+    assert as_json(res)["error"]["field"] == "allocation_ids.1"
+    assert cli("release", aid, "-").exit_code == 2
+    assert ledger_dump(real) == before
+
+
+def test_one_id_keeps_the_single_release_output(cli, real):
+    aid = real.allocate(REQ["resources"]).allocation_id
+    doc = as_json(cli("release", aid, "--json"))
+    assert doc["allocation_id"] == aid and doc["released_now"] is True

@@ -38,6 +38,8 @@ from .schemas import (
     HostIn,
     HostView,
     QueueEntry,
+    ReleaseManyBody,
+    ReleaseResults,
     RegistryEntry,
     TaskStatus,
     TaskSubmitBody,
@@ -226,6 +228,20 @@ def allocate_many(body: AllocateManyBody, st: ApiState = Depends(api_state)) -> 
             results.append(BatchResult(status=status_of(x), error=error_body(x)["error"]))
     count_refusals(a, [x.code for x in outcomes if isinstance(x, AllocatorError)])
     return BatchResults(results=results, allocated=sum(1 for r in results if r.status == 201))
+
+
+@v1.post("/allocations/batch/release", response_model=ReleaseResults, tags=["allocations"])
+def release_many(body: ReleaseManyBody, st: ApiState = Depends(api_state)) -> ReleaseResults:
+    """Releases (or, while pending, cancels) several allocations, in order, each on its own,
+    ``chunk_size`` per script call: one result per id, with the status ``DELETE
+    /v1/allocations/{id}`` would have answered (200 and the record, ``released_now`` false for a
+    repeat; 404 unknown). An unknown id does not stop the others; what they free goes to the
+    tasks in line. A malformed id answers 422 for the whole batch (field ``allocation_ids.<i>``),
+    and nothing is released."""
+    outcomes = st.allocator.release_many(body.allocation_ids, chunk_size=body.chunk_size)
+    results = [BatchResult(status=200, allocation=x) if isinstance(x, Allocation)
+               else BatchResult(status=status_of(x), error=error_body(x)["error"]) for x in outcomes]
+    return ReleaseResults(results=results, released=sum(1 for x in outcomes if isinstance(x, Allocation) and x.released_now))
 
 
 @v1.post("/allocations/check", response_model=WouldFit, tags=["allocations"])

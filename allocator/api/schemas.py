@@ -110,6 +110,14 @@ class AllocateManyBody(_In):
     chunk_size: int = Field(32, ge=1, le=256, description="Requests per script call (each call holds Redis while it runs).")
 
 
+class ReleaseManyBody(_In):
+    """Several allocations released in order, each on its own (``Allocator.release_many``)."""
+
+    allocation_ids: list[Annotated[str, Field(pattern=ALLOC_ID)]] = Field(
+        max_length=1000, description="At most 1,000; an empty list releases nothing.")
+    chunk_size: int = Field(32, ge=1, le=256, description="Releases per script call (each call holds Redis while it runs).")
+
+
 class TaskSubmitBody(AllocationFields):
     """A registered function task to queue: its name, JSON arguments, and what it needs."""
 
@@ -179,6 +187,12 @@ class BatchResult(BaseModel):
 class BatchResults(BaseModel):
     results: list[BatchResult]
     allocated: int = Field(description="How many requests hold an active allocation (status 201).")
+
+
+class ReleaseResults(BaseModel):
+    results: list[BatchResult] = Field(description="Per id, in order: status 200 and the record as "
+                                                   "`DELETE /v1/allocations/{id}` would answer it, or 404.")
+    released: int = Field(description="How many allocations this call ended (a repeat, or one ended before, is not counted).")
 
 
 class Health(BaseModel):

@@ -509,6 +509,38 @@ def test_a_malformed_batch_places_nothing_and_names_the_field(api: LiveApi, body
     assert api.ledger() == before
 
 
+def test_a_batch_of_releases_answers_each_id_as_delete_would(api: LiveApi) -> None:
+    c = api.client()
+    for i in range(3):
+        assert c.post("/v1/allocations", json={"resources": {"gpu_memory_mb": "4Gi"}, "allocation_id": f"r-{i}"}).status_code == 201
+    c.delete("/v1/allocations/r-1")
+    r = c.post("/v1/allocations/batch/release", json={"allocation_ids": ["r-0", "r-1", "nowhere", "r-2"], "chunk_size": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["status"] for x in body["results"]] == [200, 200, 404, 200]
+    assert [x["allocation"]["released_now"] for x in body["results"] if x["allocation"]] == [True, False, True]
+    assert body["results"][2]["error"] == err(c.delete("/v1/allocations/nowhere"))
+    assert body["released"] == 2
+    assert api.allocator.list(state="active") == []
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"allocation_ids": ["ok-1", "not ok"]}, "allocation_ids.1"),
+    ({"allocation_ids": "ok-1"}, "allocation_ids"),
+    ({"allocation_ids": ["ok-1"] * 1001}, "allocation_ids"),
+    ({"allocation_ids": ["ok-1"], "chunk_size": 0}, "chunk_size"),
+    ({"allocation_ids": ["ok-1"], "reason": "failed"}, "reason"),
+])
+def test_a_malformed_batch_of_releases_releases_nothing_and_names_the_field(api: LiveApi, body: dict, field: str) -> None:
+    c = api.client()
+    assert c.post("/v1/allocations", json={"resources": {"gpu_memory_mb": "4Gi"}, "allocation_id": "ok-1"}).status_code == 201
+    before = api.ledger()
+    r = c.post("/v1/allocations/batch/release", json=body)
+    assert r.status_code == 422, r.text
+    assert err(r)["field"] == field
+    assert api.ledger() == before
+
+
 def test_a_batch_while_the_ledger_is_recovering_answers_503_for_each_request(api: LiveApi) -> None:
     c = api.client()
     api.allocator.redis.hset(api.allocator.keys.seq, "recovering", "1")
