@@ -16,7 +16,8 @@ a fresh namespace, then for 1 and 4 client processes:
   stops.
 - ``batch`` (``--batch N``, 0 skips it): the burst phase with ``Allocator.allocate_many``, N
   requests per call (``chunk_size=N``): the allocation rate of a caller with many requests at
-  once. Latencies are per call (N allocations each); releases are single calls as in ``burst``.
+  once. Latencies are per call (N allocations each); the releases go N per
+  ``Allocator.release_many`` call, their latencies per call too.
 - ``script`` (diagnostic, ``--no-script-only`` skips it): the same loop calling the ``place`` and
   ``release`` scripts directly with pre-built ARGV, the same arguments ``Allocator.allocate`` and
   ``Allocator.release`` send (``script_ops``), i.e. without the pydantic validation, the ARGV's
@@ -206,12 +207,14 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
     perf = time.perf_counter
     taken = _Allocs(do_alloc)
     lat_r: list[float] = []
+    released = 0
     spans_a: list[tuple[float, float]] = []
     spans_r: list[tuple[float, float]] = []
+    batch = cfg.kind == "batch"
     for i in range(20):  # warm up: connection, scripts, code paths
-        for aid in do_alloc(i, 1) if cfg.kind == "batch" else [do_alloc(i)]:
+        for aid in do_alloc(i, 1) if batch else [do_alloc(i)]:
             if aid is not None:
-                do_release(aid)
+                do_release([aid] if batch else aid)
     i = 0
     barrier.wait(timeout=120)
     while True:
@@ -220,7 +223,7 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
             break
         held: list[str] = []
         t0 = e = perf()
-        if cfg.kind == "batch":
+        if batch:
             for start in range(0, cfg.window, cfg.batch):
                 n = min(cfg.batch, cfg.window - start)
                 ids, e = taken.take_many(i, n)
@@ -235,13 +238,15 @@ def _run_burst(cfg: PhaseConfig, rounds: Rounds, barrier: Any, do_alloc: Any, do
         spans_a.append((t0, e))
         rounds.barrier.wait(timeout=120)  # everyone has allocated: now release
         t0 = e = perf()
-        for aid in held:
+        step = cfg.batch if batch else 1
+        for start in range(0, len(held), step):
             s = perf()
-            do_release(aid)
+            do_release(held[start:start + step] if batch else held[start])
             e = perf()
             lat_r.append(e - s)
+        released += len(held)
         spans_r.append((t0, e))
-    return {"allocs": taken.allocs, "refusals": taken.refusals, "releases": len(lat_r), "lat_a": taken.lat,
+    return {"allocs": taken.allocs, "refusals": taken.refusals, "releases": released, "lat_a": taken.lat,
             "lat_r": lat_r, "spans_a": spans_a, "spans_r": spans_r}
 
 
@@ -264,9 +269,9 @@ def api_ops(alloc: Allocator, reqs: list[dict[str, Any]],
 
 
 def batch_ops(alloc: Allocator, reqs: list[dict[str, Any]],
-              strategy: str) -> tuple[Callable[[int, int], list[str | None]], Callable[[str], None]]:
+              strategy: str) -> tuple[Callable[[int, int], list[str | None]], Callable[[list[str]], None]]:
     """Allocate and release of the batch phase: ``Allocator.allocate_many`` of requests ``i`` to
-    ``i + n - 1`` in one call (None for each refusal), and ``Allocator.release``."""
+    ``i + n - 1`` in one call (None for each refusal), and ``Allocator.release_many`` of ids."""
     m = len(reqs)
 
     def do_alloc(i: int, n: int) -> list[str | None]:
@@ -274,8 +279,8 @@ def batch_ops(alloc: Allocator, reqs: list[dict[str, Any]],
                                   chunk_size=n)
         return [x.allocation_id if isinstance(x, Allocation) else None for x in res]
 
-    def do_release(aid: str) -> None:
-        alloc.release(aid)
+    def do_release(aids: list[str]) -> None:
+        alloc.release_many(aids, chunk_size=len(aids))
 
     return do_alloc, do_release
 
@@ -520,8 +525,8 @@ def run_phase(cfg: PhaseConfig, clients: int, r: redis.Redis) -> dict[str, Any]:
         summary["r_p50_ms"] = pct(lat_r, 50)
         summary["r_p99_ms"] = pct(lat_r, 99)
         summary["client_calls"] = summary["allocs"] + summary["refusals"] + summary["releases"]
-        if cfg.kind == "batch":  # one script call per batch, not per allocation
-            summary["client_calls"] = len(lat_a) + summary["releases"]
+        if cfg.kind == "batch":  # one script call per batch, not per allocation or release
+            summary["client_calls"] = len(lat_a) + len(lat_r)
     # The Redis server is shared: the EVALSHA counters are ours only if their count matches.
     summary["server_stats_clean"] = bool(d_calls) and abs(d_calls - summary["client_calls"]) <= max(
         50, 0.03 * summary["client_calls"]
@@ -553,7 +558,8 @@ def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redi
         A = row["batch"]
         console.print(f"  {n} client(s), allocate_many of {args.batch}: {A['allocs_per_s']:,.0f} allocs/s (per call: "
                       f"p50 {A['a_p50_ms']:.3f} ms, p99 {A['a_p99_ms']:.3f} ms, {A['refusals']} refused) -> ratio "
-                      f"{row['batch_ratio']:.3f}")
+                      f"{row['batch_ratio']:.3f}; release_many: {A['releases_per_s']:,.0f} releases/s against "
+                      f"{B['releases_per_s']:,.0f} one by one")
     return row
 
 
@@ -769,17 +775,20 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
                    f"{fmt(L['a_p99_ms'], 3)} | {fmt(L['r_p50_ms'], 3)} / {fmt(L['r_p99_ms'], 3)} | "
                    f"{L['refusals']} of {L['allocs'] + L['refusals']:,} | {fmt(row['steady_ratio'], 3)} |")
     if any("batch" in row for row in rows):
-        out += ["", "Batches (`Allocator.allocate_many`, the burst phase's rounds; latency per call):", "",
+        out += ["", "Batches (`Allocator.allocate_many` and `Allocator.release_many`, the burst phase's rounds; "
+                "latency per call):", "",
                 "| fleet | clients | requests per call | allocs/s | call p50 / p99 ms | refused | allocs/s ÷ trivial | "
-                "÷ allocate's allocs/s |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "÷ allocate's allocs/s | releases/s | release call p50 / p99 ms | ÷ release's releases/s |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in rows:
             if "batch" in row:
                 A, B = row["batch"], row["burst"]
                 out.append(f"| {row['fleet']} | {row['clients']} | {A['batch']} | {fmt(A['allocs_per_s'], 0)} | "
                            f"{fmt(A['a_p50_ms'], 3)} / {fmt(A['a_p99_ms'], 3)} | {A['refusals']} of "
                            f"{A['allocs'] + A['refusals']:,} | **{fmt(row['batch_ratio'], 3)}** | "
-                           f"{fmt(A['allocs_per_s'] / B['allocs_per_s'], 2)}x |")
+                           f"{fmt(A['allocs_per_s'] / B['allocs_per_s'], 2)}x | {fmt(A['releases_per_s'], 0)} | "
+                           f"{fmt(A['r_p50_ms'], 3)} / {fmt(A['r_p99_ms'], 3)} | "
+                           f"{fmt(A['releases_per_s'] / B['releases_per_s'], 2)}x |")
     out += ["", "| fleet | clients | (allocate + release calls)/s ÷ trivial | script-only allocs/s | script-only ÷ trivial | "
             f"place script p50 / p99 ms | server µs per EVALSHA: ledger / trivial | of which Redis commands µs | "
             f"ledger calls over {SLOW_US} µs | server µs vs 16 hosts (medians) | Redis CPU %: ledger / trivial |",

@@ -33,6 +33,11 @@ def client(url: str, namespace: str, seed: int, ops: int, out: mp.Queue) -> None
     held: list[str] = []
     stats = {"allocated": 0, "refused": 0, "released": 0, "repeats": 0}
     for _ in range(ops):
+        if len(held) > 2 and rng.random() < 0.1:  # a few releases at once, each on its own
+            some = [held.pop(rng.randrange(len(held))) for _ in range(rng.randint(2, len(held)))]
+            assert all(x.released_now for x in a.release_many(some, chunk_size=rng.choice([1, 2, 32])))
+            stats["released"] += len(some)
+            continue
         if held and (rng.random() < 0.45 or len(held) > 12):
             aid = held.pop(rng.randrange(len(held)))
             a.release(aid)

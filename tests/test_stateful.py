@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 )
 
 from allocator import Allocator, InsufficientResources
-from allocator.errors import HostBusy
+from allocator.errors import AllocationNotFound, HostBusy
 from allocator.invariants import check
 
 from .conftest import FakeClock
@@ -238,6 +238,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self.a.release(aid)
         self.a.release(aid)
         self._free(aid)
+
+    @rule(aids=st.lists(consumes(held), min_size=1, max_size=4, unique=True), chunk_size=st.sampled_from([1, 3, 32]))
+    def release_many(self, aids: list[str], chunk_size: int):
+        """A batch of releases, with a repeat and an unknown id among them, ends each once."""
+        res = self.a.release_many([*aids, aids[0], "alloc-unknown"], chunk_size=chunk_size)
+        assert [x.released_now for x in res[:len(aids)]] == [aids[i] in self.grants for i in range(len(aids))]
+        assert res[len(aids)].released_now is False and isinstance(res[-1], AllocationNotFound)
+        for aid in aids:
+            self._free(aid)
 
     @rule(seconds=st.sampled_from([10, 60, 200]))
     def time_passes(self, seconds: int):
