@@ -23,15 +23,11 @@ sends the rest again.
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
+--- @include "budget"
 --- @lazy finish_alloc refusal take_services services_fit reindex_host schedule_pass place_beside_line
 
-local function server_us()
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
 local now = now_ms()
-local deadline = server_us() + tonumber(ARGV[3]) * 1000
+local deadline = deadline_after(ARGV[3])
 local results = {}
 for i = 4, #ARGV - 2, 3 do
   results[#results + 1] = place_request(ARGV[i], ARGV[i + 1], ARGV[i + 2], now)

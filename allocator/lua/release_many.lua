@@ -20,15 +20,11 @@ got to; the caller sends the rest again.
 --- @include "ledger"
 --- @include "placement"
 --- @include "queue"
+--- @include "budget"
 --- @lazy run_pass drop_services
 
-local function server_us()
-  local t = rcall('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
 local now = now_ms()
-local deadline = server_us() + tonumber(ARGV[3]) * 1000
+local deadline = deadline_after(ARGV[3])
 local reason, depth, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local results, freed = {}, 0
 for i = 7, #ARGV do
