@@ -58,7 +58,7 @@ def allocate_many(a: Allocator, requests: Iterable[BatchItem], *, chunk_size: in
                   progress: Callable[[int, int], None] | None = None) -> list[BatchResult]:
     """``Allocator.allocate_many``: see the module's docstring. ``progress(done, total)`` is
     called after each script call (the command line's progress bar)."""
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     prepared = prepare(a, requests)
     return _in_chunks(prepared, chunk_size, lambda start, chunk: _place_chunk(a, chunk, start), progress)
 
@@ -69,7 +69,7 @@ def release_many(a: Allocator, allocation_ids: Iterable[str], *, reason: str = "
     allocation is released."""
     from .client import check_id
 
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     if isinstance(allocation_ids, (str, bytes, Mapping)) or not isinstance(allocation_ids, Iterable):
         raise InvalidRequest("allocation_ids", f"expected a list of allocation ids, got {type(allocation_ids).__name__}")
     ids = list(allocation_ids)
@@ -79,7 +79,8 @@ def release_many(a: Allocator, allocation_ids: Iterable[str], *, reason: str = "
     return _in_chunks(ids, chunk_size, lambda start, chunk: _release_chunk(a, chunk, reason), progress)
 
 
-def _check_chunk(chunk_size: Any) -> None:
+def check_chunk(chunk_size: Any) -> None:
+    """``InvalidRequest`` unless ``chunk_size`` is a whole number from 1 to ``MAX_CHUNK``."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
         raise InvalidRequest("chunk_size", f"expected a whole number from 1 to {MAX_CHUNK}, got {short_repr(chunk_size)}")
 

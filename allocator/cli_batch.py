@@ -19,6 +19,7 @@ names none, 2 when an id is malformed (nothing released).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -31,8 +32,19 @@ from rich.table import Table
 from . import batch, views
 from .cli_common import AS_JSON, EXIT_OK, EXIT_REFUSED, NAMESPACE, REDIS_URL, err, open_allocator, out, print_json, reporting, settings_url
 from .api.errors import error_body  # (no FastAPI: allocator.api imports nothing itself)
-from .errors import AllocatorError, InvalidRequest
+from .errors import AllocationNotFound, AllocatorError, InvalidRequest
 from .models import Allocation
+
+
+def read_stdin(field: str) -> str:
+    """Standard input as text; ``InvalidRequest`` naming ``field`` when there is none to read (a
+    closed descriptor) or it is not UTF-8."""
+    if sys.stdin is None:
+        raise InvalidRequest(field, "no standard input to read from (it is closed)")
+    try:
+        return sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(field, f"cannot read standard input: {type(exc).__name__}: {exc}") from None
 
 
 def read_requests(text: str) -> list[Any]:
@@ -79,7 +91,7 @@ def allocate_many(
     """Place many requests now, each on its own, in batches (refusals do not stop the others)."""
     with reporting(as_json, settings_url(redis_url), options={"chunk_size": "--chunk-size"}):
         try:
-            text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+            text = read_stdin("file") if file == "-" else Path(file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequest("file", f"cannot read {file!r}: {type(exc).__name__}: {exc}") from None
         items = read_requests(text)
@@ -112,7 +124,9 @@ def release_many(ids: list[str], *, chunk_size: int, as_json: bool, redis_url: O
     """``allocator release`` of several ids, or of ``-``: see the module's docstring."""
     with reporting(as_json, settings_url(redis_url), options={"chunk_size": "--chunk-size"}):
         if ids == ["-"]:
-            ids = sys.stdin.read().split()
+            # Spaces and new lines separate ids; any other character is part of one (and check_id
+            # refuses a control character), as it would be in a single id.
+            ids = [x for x in re.split(r"[ \t\r\n]+", read_stdin("allocation_ids")) if x]
         elif "-" in ids:
             raise InvalidRequest("allocation_ids", "'-' (read the ids from standard input) must be the only id given")
         a = open_allocator(redis_url, namespace, as_json=as_json)
@@ -124,7 +138,7 @@ def release_many(ids: list[str], *, chunk_size: int, as_json: bool, redis_url: O
     released = sum(isinstance(x, Allocation) and bool(x.released_now) for x in results)
     if as_json:
         print_json({"results": [_release_entry(x) for x in results], "released": released,
-                    "not_found": len(results) - found})
+                    "not_found": sum(isinstance(x, AllocationNotFound) for x in results)})
     else:
         t = Table(title=f"{released} of {len(results)} released now")
         for col in ("allocation", "result", "state or reason"):

@@ -168,6 +168,8 @@ def release(
     namespace: Optional[str] = NAMESPACE,
 ) -> None:
     """Release allocations (a queued one is withdrawn); releasing twice is harmless."""
+    with reporting(as_json, settings_url(redis_url), options={"chunk_size": "--chunk-size"}):
+        batch.check_chunk(chunk_size)  # also with one id: an option given is an option checked
     if len(allocation_ids) > 1 or allocation_ids == ["-"]:
         cli_batch.release_many(allocation_ids, chunk_size=chunk_size, as_json=as_json, redis_url=redis_url,
                                namespace=namespace)

@@ -430,18 +430,13 @@ class Allocator:
 
     def released(self, allocation_id: str, reply: dict[str, Any]) -> Allocation:
         """``release``'s result from its script's reply (release.lua, or one entry of
-        release_many.lua): a running function task's run is stopped, and a queued allocation is
-        withdrawn from the line (``cancel``)."""
+        release_many.lua, which withdrew a queued allocation from the line themselves): the RQ
+        job of a function task the script ended is stopped, or cancelled while it waited."""
         res = self._raise_unless_ok(reply)
-        if res.get("job"):  # a running function task, released by a user: its run stops too
+        if res.get("job"):  # a function task, released by a user: its run stops too
             queue.stop_job(self, allocation_id, res.get("worker"))
         alloc = Allocation.from_record(res["alloc"])
-        if res.get("stale"):
-            alloc.released_now = False
-            return alloc
-        if alloc.state == "pending":
-            return self.cancel(allocation_id)
-        alloc.released_now = bool(res.get("changed"))
+        alloc.released_now = bool(res.get("changed")) and not res.get("stale")
         return alloc
 
     def get(self, allocation_id: str) -> Allocation | None:

@@ -115,3 +115,36 @@ def test_one_id_keeps_the_single_release_output(cli, real):
     aid = real.allocate(REQ["resources"]).allocation_id
     doc = as_json(cli("release", aid, "--json"))
     assert doc["allocation_id"] == aid and doc["released_now"] is True
+
+
+def test_a_queued_allocation_among_several_shows_as_withdrawn(cli, real):
+    held = real.allocate({"gpus": 1}).allocation_id
+    waiting = real.allocate({"gpus": 1}, on_busy="queue").allocation_id
+    res = cli("release", waiting, held)
+    assert res.exit_code == 0, res.output
+    assert "withdrawn" in res.stdout and real.get(waiting).activated_at is None
+
+
+def test_chunk_size_is_checked_with_one_id_too(cli, real):
+    aid = real.allocate(REQ["resources"]).allocation_id
+    res = cli("release", aid, "--chunk-size", "0")
+    assert res.exit_code == 2 and "--chunk-size" in res.output
+    assert real.get(aid).state == "active"
+
+
+def test_only_spaces_and_new_lines_separate_ids_on_stdin(cli, real):
+    held = [real.allocate(REQ["resources"]).allocation_id for _ in range(2)]
+    res = cli("release", "-", "--json", input=f"{held[0]}\x1e{held[1]}")
+    assert res.exit_code == 2, res.output
+    assert as_json(res)["error"]["field"] == "allocation_ids.0"
+    assert len(real.list(state="active")) == 2
+
+
+def test_a_closed_stdin_is_invalid_input_not_a_traceback(monkeypatch):
+    from allocator import cli_batch
+    from allocator.errors import InvalidRequest
+
+    monkeypatch.setattr(cli_batch.sys, "stdin", None)
+    with pytest.raises(InvalidRequest) as exc:
+        cli_batch.read_stdin("allocation_ids")
+    assert exc.value.field == "allocation_ids"

@@ -72,6 +72,36 @@ def test_a_queued_allocation_is_withdrawn_from_the_line(alloc):
     assert alloc.redis.zcard(alloc.keys.pending) == 0
 
 
+def test_a_queued_allocation_leaves_the_line_before_what_the_others_free_could_place_it(alloc):
+    two_gpu_host(alloc)
+    held = alloc.allocate({"gpus": 2}).allocation_id
+    waiting = alloc.allocate({"gpus": 1}, on_busy="queue").allocation_id
+    withdrawn, released = alloc.release_many([waiting, held])
+    assert (withdrawn.state, withdrawn.activated_at, withdrawn.released_now) == ("cancelled", None, True)
+    assert released.state == "released"
+    assert alloc.capacity().gpus_idle == 2
+
+
+def test_a_queued_allocation_withdrawn_in_a_batch_preempts_nobody(alloc):
+    two_gpu_host(alloc)
+    mine = alloc.allocate({"gpus": 1}, priority="high").allocation_id
+    other = alloc.allocate({"gpus": 1}, priority="low").allocation_id
+    waiting = alloc.allocate({"gpus": 2}, priority="high", strategy="priority", on_busy="queue").allocation_id
+    alloc.release_many([waiting, mine])
+    assert alloc.get(other).state == "active"
+    assert alloc.get(waiting).state == "cancelled"
+
+
+def test_a_queued_function_task_leaves_the_line_and_its_job_is_cancelled(alloc):
+    two_gpu_host(alloc)
+    held = alloc.allocate({"gpus": 2}).allocation_id
+    task = alloc.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    assert task.state == "pending"
+    withdrawn, _ = alloc.release_many([task.id, held])
+    assert (withdrawn.state, withdrawn.activated_at) == ("cancelled", None)
+    assert task.job.get_status() == "canceled"
+
+
 def test_a_placed_function_task_leaves_its_host_queue_and_is_cancelled(alloc):
     two_gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources={"cpu_cores": 1})

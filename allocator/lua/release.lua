@@ -7,8 +7,9 @@ ARGV[4] reason ("released" | "failed" | "preempted" | ...), ARGV[5] scheduling p
 under another placement (its task was requeued and placed again while an old run went on), the
 call changes nothing and reports stale = true (likewise while it waits in line again).
 Freed capacity goes to waiting tasks in the same call.
-A running function task released without a placement token (by a user, not by its worker) is
-stopped too: its task is marked cancelled, and the reply names the worker running it (the caller
+Without a placement token (by a user, not by a worker), an allocation waiting in line leaves it
+(cancelled, as cancel.lua does; the reply's job is true for a function task, whose RQ job the
+caller cancels), and a running function task is stopped too: its task is marked cancelled, and the reply names the worker running it (the caller
 sends it stop-job), as cancel.lua does.
 A function task preempted and still being stopped by its worker is marked cancelled instead
 (changed = true), so that it does not go back in line.

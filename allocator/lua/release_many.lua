@@ -6,12 +6,13 @@ passed, and returns what it did (at least one allocation is released),
 ARGV[4] reason ("released" | "failed" | ...), ARGV[5] scheduling pass depth (0 = none),
 ARGV[6] scan cap, ARGV[7..] allocation ids.
 Each id gets the reply release.lua gives without a placement token: its record as the release
-left it (changed = false for one ended already, a repeat within the call included; a running
-function task is stopped as release.lua stops it), or ALLOCATION_NOT_FOUND, which does not stop
-the others. The release time is read once: the allocations of a call end at one instant.
+left it (changed = false for one ended already, a repeat within the call included; one waiting
+in line is withdrawn before any pass of the call runs, so what the others free cannot place it;
+a running function task is stopped as release.lua stops it), or ALLOCATION_NOT_FOUND, which does
+not stop the others. The release time is read once: the allocations of a call end at one instant.
 What the call frees goes to waiting tasks after its releases, in scheduling passes: one when
 anything was freed, then another after each pass that placed a task (a placement moves the line
-up, and the next pass reaches further), at most as many passes as releases that freed something,
+up, and the next pass reaches further), at most as many passes as allocations the call ended,
 which is what releasing them one by one would run; the passes after the first stop when the
 budget is spent.
 Returns JSON {ok=true, results=[reply, ...], placed=[task id, ...]} in the order of the ids it
@@ -26,15 +27,15 @@ got to; the caller sends the rest again.
 local now = now_ms()
 local deadline = deadline_after(ARGV[3])
 local reason, depth, cap = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local results, freed = {}, 0
+local results, ended = {}, 0
 for i = 7, #ARGV do
   local r = release_one(ARGV[i], reason, now, nil)
   results[#results + 1] = r
-  if r.changed then freed = freed + 1 end
+  if r.changed then ended = ended + 1 end
   if server_us() >= deadline then break end
 end
 local placed = {}
-for n = 1, freed do
+for n = 1, ended do
   if n > 1 and server_us() >= deadline then break end
   local got = schedule_pass(now, depth, cap)
   for _, id in ipairs(got) do placed[#placed + 1] = id end

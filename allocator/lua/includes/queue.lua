@@ -355,22 +355,29 @@ end
 -- One allocation ended by release.lua or release_many.lua (their reply for it, the scheduling
 -- pass left to the caller): given a placement token (want, see claim_grant.lua), only that
 -- placement is released, and an allocation placed again since, or back in line, is left as it
--- is (stale). A running function task released without a token, by a user, is stopped too: its
--- task is marked cancelled and the reply names its worker; one preempted and still being
--- stopped is marked cancelled instead, so that it does not go back in line.
+-- is (stale). Without a token, by a user: an allocation waiting in line leaves it (cancelled,
+-- as cancel.lua does), before any pass of this call could place it; a running function task is
+-- stopped too: its task is marked cancelled and the reply names its worker; one preempted and
+-- still being stopped is marked cancelled instead, so that it does not go back in line. (job:
+-- the caller stops or cancels the RQ job.)
 local function release_one(id, reason, now, want)
-  if want ~= nil and want ~= '' then
+  local by_user = (want == nil or want == '')
+  if not by_user then
     local f = rcall('HMGET', alloc_key(id), 'state', 'host', 'host_gen', 'activated', 'requeues')
     if f[1] == 'pending' or (f[1] == 'active' and placement_token(f[2], f[3], f[4], f[5]) ~= want) then
       return {ok = true, changed = false, stale = true, alloc = read_alloc(id)}
     end
+  elseif rcall('HGET', alloc_key(id), 'state') == 'pending' then
+    local t = read_task(id)
+    leave_line(id, t, now, 'cancelled')
+    return {ok = true, changed = true, job = (t ~= nil and t.kind == 'job'), alloc = read_alloc(id)}
   end
   local a, changed = finish_alloc(id, reason, now)
   if not a then
     return {ok = false, code = 'ALLOCATION_NOT_FOUND', message = 'allocation ' .. id .. ' not found'}
   end
   local job, worker = false, nil
-  if (want == nil or want == '') and a.kind == 'job' then
+  if by_user and a.kind == 'job' then
     local t = read_task(id)
     if t and t.kind == 'job' then
       if changed then
