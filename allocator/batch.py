@@ -21,9 +21,10 @@ request an ``allocation_id`` to retry such a call without placing anything twice
 ``Allocator.release_many`` is the same for releases (Slurm's ``scancel`` of several jobs): one
 ``release_many.lua`` call ends up to ``chunk_size`` allocations, each as ``release`` would, and an
 id that does not exist gets ``AllocationNotFound`` without stopping the others. What a call
-frees goes to the tasks in line after its releases, in as many scheduling passes as place
-something (at most one per allocation freed, as releasing them one by one would run), so the
-line sees one freed fleet rather than a release at a time.
+frees goes to the tasks in line after its releases, in as many scheduling passes as move the
+line (at most one per allocation ended, as releasing them one by one would run), so the line
+sees one freed fleet rather than a release at a time; an allocation of the call that waits in
+line leaves it before those passes.
 """
 
 from __future__ import annotations

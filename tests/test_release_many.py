@@ -135,6 +135,22 @@ def test_the_line_moves_as_far_as_releasing_one_by_one_would_move_it(redis_url, 
         a.redis.close()
 
 
+def test_a_pass_that_only_dropped_a_task_whose_job_is_gone_is_followed_by_another(redis_url, clock):
+    a = Allocator(redis_url, namespace=f"test-rm-gone-{id(clock)}", clock=clock, pass_depth=1)
+    try:
+        two_gpu_host(a)
+        held = [a.allocate({"gpus": 1}).allocation_id for _ in range(2)]
+        gone = a.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+        behind = a.enqueue(jobs.add, 3, 4, resources={"gpus": 1})
+        gone.job.delete()  # its RQ job deleted (or expired) while it waited: no worker would run it
+        a.release_many(held)
+        assert (a.get(gone.id).state, a.get(gone.id).release_reason) == ("cancelled", "job_gone")
+        assert a.get(behind.id).state == "active"
+    finally:
+        a.destroy()
+        a.redis.close()
+
+
 def test_nothing_is_released_when_an_id_is_malformed_and_the_error_names_its_index(alloc):
     two_gpu_host(alloc)
     aid = alloc.allocate(share(4)).allocation_id

@@ -11,8 +11,9 @@ in line is withdrawn before any pass of the call runs, so what the others free c
 a running function task is stopped as release.lua stops it), or ALLOCATION_NOT_FOUND, which does
 not stop the others. The release time is read once: the allocations of a call end at one instant.
 What the call frees goes to waiting tasks after its releases, in scheduling passes: one when
-anything was freed, then another after each pass that placed a task (a placement moves the line
-up, and the next pass reaches further), at most as many passes as allocations the call ended,
+anything was freed, then another after each pass that placed a task or dropped one from the line
+(a task whose RQ job is gone: see consider in includes/queue.lua), since the line then moved up
+and the next pass reaches further, at most as many passes as allocations the call ended,
 which is what releasing them one by one would run; the passes after the first stop when the
 budget is spent.
 Returns JSON {ok=true, results=[reply, ...], placed=[task id, ...]} in the order of the ids it
@@ -37,8 +38,11 @@ end
 local placed = {}
 for n = 1, ended do
   if n > 1 and server_us() >= deadline then break end
+  local waiting = rcall('ZCARD', K_PENDING)
+  if waiting == 0 then break end
   local got = schedule_pass(now, depth, cap)
   for _, id in ipairs(got) do placed[#placed + 1] = id end
-  if #got == 0 then break end
+  -- A pass that placed nothing and dropped nothing (a task whose job is gone) would be repeated as it was.
+  if #got == 0 and rcall('ZCARD', K_PENDING) == waiting then break end
 end
 return cjson.encode({ok = true, results = results, placed = placed})
