@@ -23,8 +23,9 @@ request an ``allocation_id`` to retry such a call without placing anything twice
 id that does not exist gets ``AllocationNotFound`` without stopping the others. What a call
 frees goes to the tasks in line after its releases, in as many scheduling passes as move the
 line (at most one per allocation ended, as releasing them one by one would run), so the line
-sees one freed fleet rather than a release at a time; an allocation of the call that waits in
-line leaves it before those passes.
+sees one freed fleet rather than a release at a time. The ids of allocations waiting in line are
+sent first, and each call withdraws them before its passes, so no pass of the batch places one
+of them (or preempts for it).
 """
 
 from __future__ import annotations
@@ -77,7 +78,27 @@ def release_many(a: Allocator, allocation_ids: Iterable[str], *, reason: str = "
     for i, aid in enumerate(ids):
         check_id(aid, f"allocation_ids.{i}")
     check_id(reason, "reason", 64)
-    return _in_chunks(ids, chunk_size, lambda start, chunk: _release_chunk(a, chunk, reason), progress)
+    order = _waiting_first(a, ids)
+    done = _in_chunks([ids[i] for i in order], chunk_size, lambda start, chunk: _release_chunk(a, chunk, reason),
+                      progress)
+    results: list[BatchResult] = [None] * len(ids)  # type: ignore[list-item]  (each filled below)
+    for i, x in zip(order, done):
+        results[i] = x
+    return results
+
+
+def _waiting_first(a: Allocator, ids: list[str]) -> list[int]:
+    """The positions of ``ids`` in the order they are sent: those of allocations waiting in line
+    first. A call withdraws its own before its scheduling passes run, but not those of later
+    calls, which its passes could place (and preempt for) before their call comes. Read in one
+    round trip before the first call; one placed meanwhile by another client's pass is released
+    as placed, as one by one."""
+    pipe = a.redis.pipeline(transaction=False)
+    for aid in ids:
+        pipe.hget(a.keys.alloc(aid), "state")
+    states = pipe.execute()
+    return ([i for i, s in enumerate(states) if s == "pending"]
+            + [i for i, s in enumerate(states) if s != "pending"])
 
 
 def check_chunk(chunk_size: Any) -> None:

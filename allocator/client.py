@@ -420,10 +420,11 @@ class Allocator:
 
     def release_many(self, allocation_ids: Iterable[str], *, reason: str = "released",
                      chunk_size: int = _batch.DEFAULT_CHUNK) -> list[Allocation | AllocatorError]:
-        """Releases several allocations, each on its own and in order, ``chunk_size`` per script
-        call: one entry per id, what ``release`` would have returned for it, or the error it would
-        have raised (``AllocationNotFound``; it does not stop the others). What they free goes to
-        waiting tasks once the call's releases are done. ``InvalidRequest`` (field
+        """Releases several allocations, each on its own and in order (those waiting in line
+        withdrawn first), ``chunk_size`` per script call: one entry per id, in the order given,
+        what ``release`` would have returned for it, or the error it would have raised
+        (``AllocationNotFound``; it does not stop the others). What they free goes to waiting
+        tasks once the call's releases are done. ``InvalidRequest`` (field
         ``allocation_ids.<i>``) before anything is released when an id is malformed. See
         ``allocator.batch``."""
         return _batch.release_many(self, allocation_ids, reason=reason, chunk_size=chunk_size)

@@ -92,6 +92,19 @@ def test_a_queued_allocation_withdrawn_in_a_batch_preempts_nobody(alloc):
     assert alloc.get(waiting).state == "cancelled"
 
 
+@pytest.mark.parametrize("budget_ms", [batch.BUDGET_MS, 0])
+def test_a_queued_allocation_sent_after_what_frees_its_room_is_still_withdrawn_first(alloc, monkeypatch, budget_ms):
+    # One id per call: the call that releases `mine` must not place `waiting`, which comes later.
+    monkeypatch.setattr(batch, "BUDGET_MS", budget_ms)
+    two_gpu_host(alloc)
+    mine = alloc.allocate({"gpus": 1}, priority="high").allocation_id
+    other = alloc.allocate({"gpus": 1}, priority="low").allocation_id
+    waiting = alloc.allocate({"gpus": 2}, priority="high", strategy="priority", on_busy="queue").allocation_id
+    res = alloc.release_many([mine, waiting], chunk_size=1)
+    assert [(x.allocation_id, x.state) for x in res] == [(mine, "released"), (waiting, "cancelled")]
+    assert alloc.get(other).state == "active"
+
+
 def test_a_queued_function_task_leaves_the_line_and_its_job_is_cancelled(alloc):
     two_gpu_host(alloc)
     held = alloc.allocate({"gpus": 2}).allocation_id

@@ -232,8 +232,8 @@ def allocate_many(body: AllocateManyBody, st: ApiState = Depends(api_state)) -> 
 
 @v1.post("/allocations/batch/release", response_model=ReleaseResults, tags=["allocations"])
 def release_many(body: ReleaseManyBody, st: ApiState = Depends(api_state)) -> ReleaseResults:
-    """Releases (or, while pending, cancels) several allocations, in order, each on its own,
-    ``chunk_size`` per script call: one result per id, with the status ``DELETE
+    """Releases (or, while pending, cancels: those first) several allocations, in order, each on
+    its own, ``chunk_size`` per script call: one result per id, with the status ``DELETE
     /v1/allocations/{id}`` would have answered (200 and the record, ``released_now`` false for a
     repeat; 404 unknown). An unknown id does not stop the others; what they free goes to the
     tasks in line. A malformed id answers 422 for the whole batch (field ``allocation_ids.<i>``),
