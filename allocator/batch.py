@@ -81,10 +81,8 @@ def release_many(a: Allocator, allocation_ids: Iterable[str], *, reason: str = "
     order = _waiting_first(a, ids)
     done = _in_chunks([ids[i] for i in order], chunk_size, lambda start, chunk: _release_chunk(a, chunk, reason),
                       progress)
-    results: list[BatchResult] = [None] * len(ids)  # type: ignore[list-item]  (each filled below)
-    for i, x in zip(order, done):
-        results[i] = x
-    return results
+    by_position = dict(zip(order, done))
+    return [by_position[i] for i in range(len(ids))]
 
 
 def _waiting_first(a: Allocator, ids: list[str]) -> list[int]:
