@@ -9,8 +9,8 @@ call changes nothing and reports stale = true (likewise while it waits in line a
 Freed capacity goes to waiting tasks in the same call.
 Without a placement token (by a user, not by a worker), an allocation waiting in line leaves it
 (cancelled, as cancel.lua does; the reply's job is true for a function task, whose RQ job the
-caller cancels), and a running function task is stopped too: its task is marked cancelled, and the reply names the worker running it (the caller
-sends it stop-job), as cancel.lua does.
+caller cancels), and a running function task is stopped too: its task is marked cancelled, and
+the reply names the worker running it (the caller sends it stop-job), as cancel.lua does.
 A function task preempted and still being stopped by its worker is marked cancelled instead
 (changed = true), so that it does not go back in line.
 A second release of the same id changes nothing and reports changed = false.
