@@ -6,7 +6,9 @@ For ``--seconds`` (default 60):
   in-process host agent (static inventory file, heartbeat 0.5 s);
 - ``--clients`` client processes (default 6) in a loop of allocate (fail fast), allocate
   (queue when busy), enqueue a function task (a real RQ job), release, cancel, a repeated
-  release or allocate (the retry a lost reply causes), with random priorities, strategies,
+  release or allocate (the retry a lost reply causes), batches of placements
+  (``allocate_many``) and of releases (``release_many``, of held leases, queued requests and
+  tasks alike, with an id repeated), with random priorities, strategies,
   selectors, TTLs (1-8 s for leases, 5-20 s for tasks) and expected durations;
 - simulated workers: placed function tasks are claimed (``claim_grant``, as a worker does before
   it starts a job) and released with the claimed placement after 0.1-1.5 s;
@@ -102,7 +104,13 @@ def client(url: str, ns: str, seed: int, stop_at: float, out: mp.Queue) -> None:
     while time.time() < stop_at:
         r = rng.random()
         try:
-            if held and (r < 0.28 or len(held) > 20):
+            if len(held) > 3 and r < 0.04:
+                some = rng.sample(held, rng.randint(2, min(8, len(held))))
+                for aid in some:
+                    held.remove(aid)
+                a.release_many([*some, some[0]], chunk_size=rng.choice([1, 3, 32]))
+                ops["release_many"] += 1
+            elif held and (r < 0.28 or len(held) > 20):
                 aid = held.pop(rng.randrange(len(held)))
                 a.release(aid)
                 ops["release"] += 1
@@ -112,6 +120,16 @@ def client(url: str, ns: str, seed: int, stop_at: float, out: mp.Queue) -> None:
             elif held and r < 0.36:
                 a.cancel(held.pop(rng.randrange(len(held))))
                 ops["cancel"] += 1
+            elif r < 0.52:
+                batch = [{"resources": random_request(rng), "ttl_seconds": rng.uniform(1, 8), "owner": f"o{seed}",
+                          "allocation_id": f"c{seed}-{uuid.uuid4().hex[:10]}"} for _ in range(rng.randint(2, 5))]
+                for x in a.allocate_many(batch, chunk_size=rng.choice([1, 2, 32])):
+                    if isinstance(x, AllocatorError):
+                        ops["refused"] += 1
+                    else:
+                        held.append(x.allocation_id)
+                        ops["allocate"] += 1
+                ops["allocate_many"] += 1
             elif r < 0.56:
                 aid = f"c{seed}-{uuid.uuid4().hex[:10]}"
                 try:
