@@ -41,13 +41,14 @@ from .models import Allocation, AllocationRequest, Resources, short_repr
 if TYPE_CHECKING:
     from .client import Allocator
 
-#: Requests per script call: a call holds Redis for about this many placements.
+#: Requests (or ids) per script call: a call holds Redis for about this many placements (releases).
 DEFAULT_CHUNK = 32
 #: The most ``chunk_size`` may be (a few hundred placements hold Redis for tens of milliseconds).
 MAX_CHUNK = 256
-#: Server time after which one call stops placing and leaves the rest of its chunk to the next
-#: call: a refused request pays its whole scan (milliseconds on a large fleet), and while a
-#: script runs Redis serves nobody else, so a chunk of refusals must not hold it for seconds.
+#: Server time after which one call stops placing (releasing) and leaves the rest of its chunk to
+#: the next call: a refused request pays its whole scan (milliseconds on a large fleet), a release
+#: may run scheduling passes, and while a script runs Redis serves nobody else, so a chunk must
+#: not hold it for seconds.
 BUDGET_MS = 20
 
 BatchItem = AllocationRequest | Mapping[str, Any]
@@ -188,7 +189,7 @@ def _release_chunk(a: Allocator, chunk: list[str], reason: str) -> list[BatchRes
     out: list[BatchResult] = []
     for aid, reply in zip(chunk, res["results"]):
         try:
-            out.append(a.released(aid, reply))
+            out.append(a._released(aid, reply))
         except AllocatorError as exc:
             out.append(exc)
     return out

@@ -415,7 +415,7 @@ class Allocator:
         """
         check_id(allocation_id, "allocation_id")
         check_id(reason, "reason", 64)
-        return self.released(allocation_id, self._call("release", allocation_id, reason, self.pass_depth,
+        return self._released(allocation_id, self._call("release", allocation_id, reason, self.pass_depth,
                                                        self.scan_cap, placement or ""))
 
     def release_many(self, allocation_ids: Iterable[str], *, reason: str = "released",
@@ -429,7 +429,7 @@ class Allocator:
         ``allocator.batch``."""
         return _batch.release_many(self, allocation_ids, reason=reason, chunk_size=chunk_size)
 
-    def released(self, allocation_id: str, reply: dict[str, Any]) -> Allocation:
+    def _released(self, allocation_id: str, reply: dict[str, Any]) -> Allocation:
         """``release``'s result from its script's reply (release.lua, or one entry of
         release_many.lua, which withdrew a queued allocation from the line themselves): the RQ
         job of a function task the script ended is stopped, or cancelled while it waited."""
@@ -437,7 +437,7 @@ class Allocator:
         if res.get("job"):  # a function task, released by a user: its run stops too
             queue.stop_job(self, allocation_id, res.get("worker"))
         alloc = Allocation.from_record(res["alloc"])
-        alloc.released_now = bool(res.get("changed")) and not res.get("stale")
+        alloc.released_now = bool(res.get("changed"))  # (false for a stale placement token too)
         return alloc
 
     def get(self, allocation_id: str) -> Allocation | None:

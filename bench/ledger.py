@@ -550,6 +550,8 @@ def measure(args: argparse.Namespace, label: str, ns: str, n: int, r: redis.Redi
     row["steady_ratio"] = L["allocs_per_s"] / T["calls_per_s"]
     if "batch" in row:
         row["batch_ratio"] = row["batch"]["allocs_per_s"] / T["calls_per_s"]
+        # release_many's releases/s over release's, both measured in this run
+        row["batch_release_speedup"] = row["batch"]["releases_per_s"] / B["releases_per_s"]
     console.print(f"  {n} client(s): {B['allocs_per_s']:,.0f} allocs/s (p50 {B['a_p50_ms']:.3f} ms, "
                   f"p99 {B['a_p99_ms']:.3f} ms, {B['refusals']} refused), trivial {T['calls_per_s']:,.0f} "
                   f"calls/s (p50 {T['a_p50_ms']:.3f} ms) -> ratio {row['ratio']:.3f}; steady state "
@@ -597,8 +599,10 @@ def summarize_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
     if all("batch" in x for x in reps):
         row["batch_ratio_median"] = median(lambda x: x["batch_ratio"])
         row["batch_p99_median_ms"] = median(lambda x: x["batch"]["a_p99_ms"])
+        row["batch_release_speedup_median"] = median(lambda x: x["batch_release_speedup"])
         for run, x in zip(row["runs"], reps):
             run["batch_ratio"], run["batch_a_p99_ms"] = x["batch_ratio"], x["batch"]["a_p99_ms"]
+            run["batch_release_speedup"] = x["batch_release_speedup"]
     return row
 
 
@@ -820,6 +824,7 @@ def markdown(rows: list[dict[str, Any]], fleet_info: list[dict[str, Any]], overh
                        + "; steady state p99 ms " + ", ".join(f"{x['steady_a_p99_ms']:.3f}" for x in runs)
                        + ("; batch ratio " + ", ".join(f"{x['batch_ratio']:.3f}" for x in runs)
                           + "; batch call p99 ms " + ", ".join(f"{x['batch_a_p99_ms']:.3f}" for x in runs)
+                          + "; release_many ÷ release " + ", ".join(f"{x['batch_release_speedup']:.2f}x" for x in runs)
                           if "batch_ratio" in runs[0] else ""))
     for g in goals:
         out.append(f"- {'MET' if g['met'] else 'MISSED'}: {g['goal']} (measured {g['value']:.3f})")

@@ -120,7 +120,7 @@ def client(url: str, ns: str, seed: int, stop_at: float, out: mp.Queue) -> None:
             elif held and r < 0.36:
                 a.cancel(held.pop(rng.randrange(len(held))))
                 ops["cancel"] += 1
-            elif r < 0.52:
+            elif r < 0.40:
                 batch = [{"resources": random_request(rng), "ttl_seconds": rng.uniform(1, 8), "owner": f"o{seed}",
                           "allocation_id": f"c{seed}-{uuid.uuid4().hex[:10]}"} for _ in range(rng.randint(2, 5))]
                 for x in a.allocate_many(batch, chunk_size=rng.choice([1, 2, 32])):

@@ -175,12 +175,13 @@ class ErrorBody(BaseModel):
 
 
 class BatchResult(BaseModel):
-    """One request's outcome: its allocation, or the error ``POST /v1/allocations`` would have
-    answered (``status``: the HTTP status that route would have used)."""
+    """One item's outcome: its allocation, or the error its single route (``POST
+    /v1/allocations`` for a request of a batch, ``DELETE /v1/allocations/{id}`` for an id of a
+    batch of releases) would have answered (``status``: the HTTP status that route would have used)."""
 
     status: int
     allocation: Allocation | None = None
-    error: dict[str, Any] | None = Field(None, description="What `POST /v1/allocations` would have answered under "
+    error: dict[str, Any] | None = Field(None, description="What the single route would have answered under "
                                                            "`error`: code, message, field (and details when the ledger gave some).")
 
 

@@ -2,7 +2,7 @@
 KEYS: the ledger's fixed keys (see includes/ledger.lua).
 ARGV[1] key prefix, ARGV[2] clock override ms ("" = server TIME),
 ARGV[3] time budget in ms: the call stops after the release during which that much server time
-passed, and returns what it did (at least one allocation is released),
+passed, and returns what it did (it always gets to the first id),
 ARGV[4] reason ("released" | "failed" | ...), ARGV[5] scheduling pass depth (0 = none),
 ARGV[6] scan cap, ARGV[7..] allocation ids.
 Each id gets the reply release.lua gives without a placement token: its record as the release
@@ -11,7 +11,7 @@ in line is withdrawn before any pass of the call runs, so what the others free c
 a running function task is stopped as release.lua stops it), or ALLOCATION_NOT_FOUND, which does
 not stop the others. The release time is read once: the allocations of a call end at one instant.
 What the call frees goes to waiting tasks after its releases, in scheduling passes: one when
-anything was freed, then another after each pass that placed a task or dropped one from the line
+it ended anything (released, or withdrawn from the line, after which release.lua runs one too), then another after each pass that placed a task or dropped one from the line
 (a task whose RQ job is gone: see consider in includes/queue.lua), since the line then moved up
 and the next pass reaches further, at most as many passes as allocations the call ended,
 which is what releasing them one by one would run; the passes after the first stop when the
