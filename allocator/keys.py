@@ -165,9 +165,17 @@ class Keys:
     def names(self) -> str:
         """HASH of what the registered hosts have: ``m:<model>`` -> GPUs of that model,
         ``l:<label>=<value>`` -> hosts with that label, ``hosts`` -> hosts counted (each lists in
-        its field ``named`` what was counted for it). A request for a model or label none has is refused without a walk
-        (the scripts build it from the prefix; it is not among their KEYS)."""
+        its field ``named`` what was counted for it), ``mhosts`` -> hosts in the model sets
+        (``model_hosts``; each marked by its field ``mhosts``). A request for a model or label none
+        has is refused without a walk (the scripts build it from the prefix; it is not among their
+        KEYS)."""
         return self._k("names")
+
+    def model_hosts(self, model: str) -> str:
+        """SET of the registered hosts with a GPU of ``model``, kept with ``names``: a request for
+        a model that few hosts have is refused without a walk when none of them can take it now
+        (the scripts build it from the prefix)."""
+        return self._k(f"mhosts:{model}")
 
     @property
     def delayed(self) -> str:

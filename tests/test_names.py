@@ -52,7 +52,9 @@ def test_the_count_follows_registrations_and_removals(alloc_any):
     alloc_any.remove_host("h0", force=True)
     assert refusal(alloc_any, {"gpus": 1, "gpu_model": "T4"}).message == "no registered host has a GPU of model T4"
     assert alloc_any.redis.hgetall(alloc_any.keys.names) == {
-        "hosts": "1", "m:A100": "1", "l:cluster=gpu": "1"}
+        "hosts": "1", "mhosts": "1", "m:A100": "1", "l:cluster=gpu": "1"}
+    assert alloc_any.redis.smembers(alloc_any.keys.model_hosts("A100")) == {"h1"}
+    assert not alloc_any.redis.exists(alloc_any.keys.model_hosts("T4"))
     assert invariants.check(alloc_any.snapshot()) == []
 
 
@@ -99,5 +101,89 @@ def test_recount_rebuilds_a_count_an_earlier_release_left_behind(alloc):
     alloc.redis.zadd(alloc.keys.hosts, {"h2": 3})
     assert invariants.check(alloc.snapshot()) != []
     assert alloc.recount_names() == 2
-    assert alloc.redis.hgetall(alloc.keys.names) == {"hosts": "2", "m:T4": "2", "m:L4": "1", "l:cluster=lab": "1",
-                                                     "l:cluster=edge": "1"}
+    assert alloc.redis.hgetall(alloc.keys.names) == {"hosts": "2", "mhosts": "2", "m:T4": "2", "m:L4": "1",
+                                                     "l:cluster=lab": "1", "l:cluster=edge": "1"}
+    assert alloc.redis.smembers(alloc.keys.model_hosts("T4")) == {"h1"}
+    assert alloc.redis.smembers(alloc.keys.model_hosts("L4")) == {"h2"}
+    assert not any("names" in v or "model host" in v for v in invariants.check(alloc.snapshot()))
+
+
+# -- a model a few hosts have, none of which can take the request now ----------------------------
+
+def a100_hosts(a, n: int = 2) -> None:
+    for i in range(n):
+        a.register_host(id=f"a{i}", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "40Gi"}])
+
+
+def test_a_model_whose_hosts_are_all_taken_is_refused_without_the_walk(alloc_any):
+    fleet(alloc_any, n=6)  # 12 T4 GPUs with more free memory first in the walk
+    a100_hosts(alloc_any)
+    held = [alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}).allocation_id for _ in range(2)]
+    alloc_any.scan_cap = 2  # a walk would stop at the cap and say so
+    e = refusal(alloc_any, {"gpus": 1, "gpu_memory_mb": "8Gi", "gpu_model": "A100"})
+    assert e.message == "no host has 1 GPU(s) (8192 MiB free), 1 cores, 0 MiB RAM free at once on the requested GPU models"
+    assert not (e.details or {}).get("scan_cap_reached")
+    alloc_any.release(held[0])
+    alloc_any.scan_cap = 2048  # (with 2, the walk meets the T4 GPUs first and stops, as before)
+    assert alloc_any.allocate({"gpus": 1, "gpu_memory_mb": "8Gi", "gpu_model": "A100"}).host_id == "a0"
+
+
+def test_a_model_whose_hosts_are_drained_is_refused_without_the_walk(alloc_any):
+    fleet(alloc_any, n=6)
+    a100_hosts(alloc_any)
+    for h in ("a0", "a1"):
+        alloc_any.drain_host(h)
+    alloc_any.scan_cap = 2
+    e = refusal(alloc_any, {"gpus": 1, "gpu_model": "A100"})
+    assert e.message == "no host has 1 GPU(s) (whole), 1 cores, 0 MiB RAM free at once on the requested GPU models"
+    alloc_any.resume_host("a1")
+    assert alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a1"
+
+
+def test_a_task_waiting_for_a_taken_model_does_not_make_every_release_walk(alloc):
+    fleet(alloc, n=6)
+    a100_hosts(alloc, n=1)
+    alloc.allocate({"gpus": 1, "gpu_model": "A100"})
+    waiting = alloc.allocate({"gpus": 1, "gpu_model": "A100"}, on_busy="queue").allocation_id
+    lease = alloc.allocate({"gpus": 1, "gpu_model": "T4"}).allocation_id
+    alloc.scan_cap = 2
+    calls = []
+    alloc.redis.config_resetstat()
+    alloc.release(lease)  # its pass tries the waiting task first
+    stats = alloc.redis.info("commandstats")
+    calls = {k: v["calls"] for k, v in stats.items() if k in ("cmdstat_zrangebyscore", "cmdstat_zrange", "cmdstat_get")}
+    assert calls.get("cmdstat_get", 0) == 0  # no host summary read: no walk over the T4 GPUs
+    assert alloc.get(waiting).state == "pending"
+
+
+def test_the_quick_test_stays_off_while_a_host_is_not_in_the_model_sets(alloc):
+    fleet(alloc, n=6)
+    a100_hosts(alloc)
+    for h in ("a0", "a1"):
+        alloc.drain_host(h)
+    # As a ledger written before the model sets: a1 counted, but in no set and not marked.
+    alloc.redis.srem(alloc.keys.model_hosts("A100"), "a1")
+    alloc.redis.hdel(alloc.keys.host("a1"), "mhosts")
+    alloc.redis.hincrby(alloc.keys.names, "mhosts", -1)
+    alloc.scan_cap = 2
+    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    alloc.resume_host("a1")
+    assert alloc.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a1"
+    assert alloc.recount_names() == 8
+    assert alloc.redis.smembers(alloc.keys.model_hosts("A100")) == {"a0", "a1"}
+    assert invariants.check(alloc.snapshot()) == []
+
+
+def test_the_checker_reports_a_host_missing_from_its_models_set(alloc):
+    fleet(alloc, n=2)
+    alloc.redis.srem(alloc.keys.model_hosts("T4"), "h1")
+    assert any("model host sets" in v for v in invariants.check(alloc.snapshot()))
+
+
+def test_a_model_more_than_64_hosts_have_is_left_to_the_walk(alloc):
+    for i in range(65):
+        alloc.register_host(id=f"a{i:02d}", cpu_cores=1, ram_mb="1Gi", gpus=[{"index": 0, "model": "A100", "memory_mb": "40Gi"}])
+        alloc.drain_host(f"a{i:02d}")
+    fleet(alloc, n=2)
+    alloc.scan_cap = 2
+    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message

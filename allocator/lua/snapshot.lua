@@ -6,6 +6,7 @@ Returns JSON {hosts{id={field=value}}, summaries{id=[numbers of its scan summary
 allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
 cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, idle_hosts{}, cpu_ord{}, gpu_ffc{}, gpu_idle_ord{},
 pending{id=allocation state}, names{field=count} (the count of GPU models and labels),
+model_hosts{model=[host ids]} (the set of the hosts with each model the count has),
 services{host={name=entry JSON}}, service_ports{host={port=name}}}.
 ]]
 --- @include "ledger"
@@ -42,6 +43,12 @@ out.cpu_idx, out.ram_idx, out.expiry = zmap(K_CPU_IDX), zmap(K_RAM_IDX), zmap(K_
 out.ends, out.byprio, out.idle_hosts = zmap(K_ENDS), zmap(K_BYPRIO), zmap(K_IDLE_HOSTS)
 out.cpu_ord, out.gpu_ffc, out.gpu_idle_ord = zmap(K_CPU_ORD), zmap(K_GPU_FFC), zmap(K_GPU_IDLE_ORD)
 out.names = hmap(PREFIX .. 'names')
+out.model_hosts = {}
+for field in pairs(out.names) do
+  if string.sub(field, 1, 2) == 'm:' then
+    out.model_hosts[string.sub(field, 3)] = rcall('SMEMBERS', PREFIX .. 'mhosts:' .. string.sub(field, 3))
+  end
+end
 out.pending = {}
 for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, -1)) do
   out.pending[id] = rcall('HGET', alloc_key(id), 'state') or 'missing'

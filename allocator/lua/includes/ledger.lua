@@ -82,6 +82,11 @@ local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_regi
 -- label no registered host has is then refused without a walk (absent_name in placement.lua),
 -- while 'hosts' equals the number of registered hosts (a host registered before the count
 -- existed is not counted until it registers again; recount_names.lua rebuilds the count).
+-- It also keeps, per GPU model, the SET PREFIX..'mhosts:'..model of the hosts with that model
+-- (keys.model_hosts), and in the count 'mhosts' the hosts in those sets (each marked by its field
+-- 'mhosts' = '1'): a request for a model only a few hosts have is refused without a walk when
+-- none of them can take it now (absent_name in placement.lua), which a walk over the whole
+-- fleet's GPUs finds only at the scan cap.
 local function count_names(hk, by)
   local k = PREFIX .. 'names'
   local counted = rcall('HGET', hk, 'named')
@@ -106,14 +111,21 @@ local function count_names(hk, by)
   end
   local n = {}
   for _, name in ipairs(names) do n[name] = (n[name] or 0) + 1 end
+  -- A host counted before the model sets existed is in none of them: nothing to take out.
+  local sets = by > 0 or rcall('HGET', hk, 'mhosts') == '1'
+  local h = string.sub(hk, #PREFIX + 6)  -- hk is PREFIX .. 'host:' .. h
   for name, c in pairs(n) do
     if tonumber(rcall('HINCRBY', k, name, by * c)) <= 0 then rcall('HDEL', k, name) end
+    if sets and string.sub(name, 1, 2) == 'm:' then
+      rcall(by > 0 and 'SADD' or 'SREM', PREFIX .. 'mhosts:' .. string.sub(name, 3), h)
+    end
   end
   rcall('HINCRBY', k, 'hosts', by)
+  if sets then rcall('HINCRBY', k, 'mhosts', by) end
   if by > 0 then
-    rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]')
+    rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]', 'mhosts', '1')
   else
-    rcall('HDEL', hk, 'named')
+    rcall('HDEL', hk, 'named', 'mhosts')
   end
 end
 
