@@ -46,7 +46,9 @@ out.names = hmap(PREFIX .. 'names')
 out.model_hosts = {}
 for field in pairs(out.names) do
   if string.sub(field, 1, 2) == 'm:' then
-    out.model_hosts[string.sub(field, 3)] = rcall('SMEMBERS', PREFIX .. 'mhosts:' .. string.sub(field, 3))
+    local members = rcall('SMEMBERS', PREFIX .. 'mhosts:' .. string.sub(field, 3))
+    table.sort(members)  -- a set's order is not its contents: two snapshots of one ledger compare equal
+    out.model_hosts[string.sub(field, 3)] = members
   end
 end
 out.pending = {}
