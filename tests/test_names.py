@@ -116,7 +116,7 @@ def a100_hosts(a, n: int = 2) -> None:
 
 
 def test_a_model_whose_hosts_are_all_taken_is_refused_without_the_walk(alloc_any):
-    fleet(alloc_any, n=6)  # 12 T4 GPUs with more free memory first in the walk
+    fleet(alloc_any, n=33)  # 66 T4 GPUs ahead in the walk: more than the 64 the test needs
     a100_hosts(alloc_any)
     held = [alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}).allocation_id for _ in range(2)]
     alloc_any.scan_cap = 2  # a walk would stop at the cap and say so
@@ -129,7 +129,7 @@ def test_a_model_whose_hosts_are_all_taken_is_refused_without_the_walk(alloc_any
 
 
 def test_a_model_whose_hosts_are_drained_is_refused_without_the_walk(alloc_any):
-    fleet(alloc_any, n=6)
+    fleet(alloc_any, n=33)
     a100_hosts(alloc_any)
     for h in ("a0", "a1"):
         alloc_any.drain_host(h)
@@ -141,7 +141,7 @@ def test_a_model_whose_hosts_are_drained_is_refused_without_the_walk(alloc_any):
 
 
 def test_a_task_waiting_for_a_taken_model_does_not_make_every_release_walk(alloc):
-    fleet(alloc, n=6)
+    fleet(alloc, n=33)
     a100_hosts(alloc, n=1)
     alloc.allocate({"gpus": 1, "gpu_model": "A100"})
     waiting = alloc.allocate({"gpus": 1, "gpu_model": "A100"}, on_busy="queue").allocation_id
@@ -157,7 +157,7 @@ def test_a_task_waiting_for_a_taken_model_does_not_make_every_release_walk(alloc
 
 
 def test_the_quick_test_stays_off_while_a_host_is_not_in_the_model_sets(alloc):
-    fleet(alloc, n=6)
+    fleet(alloc, n=33)
     a100_hosts(alloc)
     for h in ("a0", "a1"):
         alloc.drain_host(h)
@@ -169,7 +169,7 @@ def test_the_quick_test_stays_off_while_a_host_is_not_in_the_model_sets(alloc):
     assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
     alloc.resume_host("a1")
     assert alloc.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a1"
-    assert alloc.recount_names() == 8
+    assert alloc.recount_names() == 35
     assert alloc.redis.smembers(alloc.keys.model_hosts("A100")) == {"a0", "a1"}
     assert invariants.check(alloc.snapshot()) == []
 
@@ -187,3 +187,19 @@ def test_a_model_more_than_64_hosts_have_is_left_to_the_walk(alloc):
     fleet(alloc, n=2)
     alloc.scan_cap = 2
     assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+
+
+def test_on_a_fleet_whose_walk_is_short_the_walk_refuses(alloc):
+    fleet(alloc, n=6)  # 12 GPUs in the walk: fewer to read than the hosts of the model
+    a100_hosts(alloc)
+    for h in ("a0", "a1"):
+        alloc.drain_host(h)
+    alloc.scan_cap = 2
+    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+
+
+def test_a_label_no_host_has_is_named_before_the_model_test(alloc):
+    fleet(alloc, n=33)
+    a100_hosts(alloc)
+    e = refusal(alloc, {"gpus": 1, "gpu_model": "A100"}, selector="zone=a")
+    assert e.message == "no registered host has the label zone=a"

@@ -592,28 +592,6 @@ local function absent_name(req)
       return {ok = false, code = 'NO_FIT', details = {unknown_gpu_models = models},
               message = 'no registered host has a GPU of model ' .. table.concat(models, ' or ')}
     end
-    -- Models a few hosts have (64 at most, every host in the model sets): when none of those
-    -- hosts can take the request now (drained, lost, or its GPUs of the model taken), it is
-    -- refused as the walk would refuse it, without walking the whole fleet's GPUs to the scan cap
-    -- (30-45 ms on 5,000 hosts, paid again by every scheduling pass while such a task heads the
-    -- line). The test is no stricter than the walk's (slots and services are left to it), so it
-    -- refuses only what the walk would refuse.
-    if tonumber(rcall('HGET', k, 'mhosts') or -1) == rcall('ZCARD', K_HOSTS) then
-      local n = 0
-      for _, m in ipairs(models) do n = n + rcall('SCARD', PREFIX .. 'mhosts:' .. m) end
-      if n <= 64 then
-        for _, m in ipairs(models) do
-          for _, h in ipairs(rcall('SMEMBERS', PREFIX .. 'mhosts:' .. m)) do
-            local s = host_state(h)
-            if host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram
-               and pick_on_host(req, h, s, nil, 'first') then
-              return nil
-            end
-          end
-        end
-        return refusal(req, false)
-      end
-    end
   end
   if req.selector then
     local labels = {}
@@ -626,6 +604,34 @@ local function absent_name(req)
         return {ok = false, code = 'NO_FIT', details = {unknown_label = key},
                 message = 'no registered host has the label ' .. key .. '=' .. table.concat(values, '|')}
       end
+    end
+  end
+  -- Models a few hosts have (64 at most, every host in the model sets): when none of those hosts
+  -- can take the request now (drained, lost, short of CPU or RAM, its GPUs of the model taken),
+  -- it is refused without the walk, which meets their GPUs only among the whole fleet's and reads
+  -- up to the scan cap first (28 ms on 5,000 hosts, paid again by every scheduling pass while
+  -- such a task heads the line). The test is no stricter than the walk's (worker slots and
+  -- services are left to it), so it refuses only what the walk would refuse. Only when the walk
+  -- could be long (more than 64 candidates in the index it would walk): on a small fleet the walk
+  -- is shorter than reading the hosts.
+  if req.models and req.gpus > 0 and tonumber(rcall('HGET', k, 'mhosts') or -1) == rcall('ZCARD', K_HOSTS) then
+    local whole = (req.gpu_mem == 0)
+    local idx, lo = K_GPU_IDX, req.gpu_mem
+    if whole then idx, lo = K_GPU_IDLE, 1 end
+    local models, n = {}, 0
+    for m in pairs(req.models) do models[#models + 1] = m end
+    for _, m in ipairs(models) do n = n + rcall('SCARD', PREFIX .. 'mhosts:' .. m) end
+    if n <= 64 and rcall('ZCOUNT', idx, lo, '+inf') > 64 then
+      for _, m in ipairs(models) do
+        for _, h in ipairs(rcall('SMEMBERS', PREFIX .. 'mhosts:' .. m)) do
+          local st = host_state(h)
+          if host_eligible(req, h, st) and st.cpu >= req.cpu_millis and st.ramf >= req.ram
+             and pick_on_host(req, h, st, nil, 'first') then
+            return nil
+          end
+        end
+      end
+      return refusal(req, false)
     end
   end
   return nil
