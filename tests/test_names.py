@@ -203,3 +203,12 @@ def test_a_label_no_host_has_is_named_before_the_model_test(alloc):
     a100_hosts(alloc)
     e = refusal(alloc, {"gpus": 1, "gpu_model": "A100"}, selector="zone=a")
     assert e.message == "no registered host has the label zone=a"
+
+
+def test_recount_rebuilds_a_models_set_the_count_no_longer_names(alloc):
+    fleet(alloc, n=2)
+    alloc.redis.hdel(alloc.keys.names, "m:T4")  # a count out of step: the model's set stays
+    alloc.redis.sadd(alloc.keys.model_hosts("T4"), "gone-host")
+    assert alloc.recount_names() == 2
+    assert alloc.redis.smembers(alloc.keys.model_hosts("T4")) == {"h0", "h1"}
+    assert invariants.check(alloc.snapshot()) == []

@@ -10,12 +10,22 @@ Returns JSON {hosts} (the hosts counted).
 ]]
 --- @include "ledger"
 
-for _, field in ipairs(rcall('HKEYS', PREFIX .. 'names')) do
-  if string.sub(field, 1, 2) == 'm:' then rcall('DEL', PREFIX .. 'mhosts:' .. string.sub(field, 3)) end
+-- The model sets go first, every one the count or a host's counted list names (a count out of
+-- step may lack a model whose set still lists hosts).
+local function drop_set(name)
+  if type(name) == 'string' and string.sub(name, 1, 2) == 'm:' then rcall('DEL', PREFIX .. 'mhosts:' .. string.sub(name, 3)) end
+end
+for _, field in ipairs(rcall('HKEYS', PREFIX .. 'names')) do drop_set(field) end
+local hosts = rcall('ZRANGE', K_HOSTS, 0, -1)
+for _, h in ipairs(hosts) do
+  local ok, listed = pcall(cjson.decode, rcall('HGET', host_key(h), 'named') or '[]')
+  if ok and type(listed) == 'table' then
+    for _, name in ipairs(listed) do drop_set(name) end
+  end
 end
 rcall('DEL', PREFIX .. 'names')
 local n = 0
-for _, h in ipairs(rcall('ZRANGE', K_HOSTS, 0, -1)) do
+for _, h in ipairs(hosts) do
   local hk = host_key(h)
   if rcall('EXISTS', hk) == 1 then
     rcall('HDEL', hk, 'named', 'mhosts')
