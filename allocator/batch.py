@@ -170,7 +170,7 @@ def _place_chunk(a: Allocator, chunk: list[Prepared], start: int) -> list[BatchR
     out: list[BatchResult] = []
     for i, ((req, args), reply) in enumerate(zip(chunk, res["results"]), start):
         try:
-            alloc = a.placed(a._raise_unless_ok(reply), req, args)
+            alloc = a._placed(a._raise_unless_ok(reply), req, args)
         except InvalidRequest as exc:
             out.append(InvalidRequest(f"requests.{i}.{exc.field}", exc.reason))
             continue

@@ -337,11 +337,11 @@ class Allocator:
         t0 = time.perf_counter()
         args = self.place_args(req, allocation_id)
         res = self._raise_unless_ok(self._call("place", *args))
-        alloc = self.placed(res, req, args)
+        alloc = self._placed(res, req, args)
         alloc.allocation_time_ms = round((time.perf_counter() - t0) * 1000, 3)
         return alloc, bool(res.get("existing"))
 
-    def placed(self, res: dict[str, Any], req: AllocationRequest, args: tuple[str, str, str]) -> Allocation:
+    def _placed(self, res: dict[str, Any], req: AllocationRequest, args: tuple[str, str, str]) -> Allocation:
         """The allocation of place's successful reply ``res`` to ``req`` sent with ``args``
         (``place_args``). A repeat of an id must name a direct allocation (``queue.check_lease``)."""
         alloc = Allocation.from_record(res["alloc"])
@@ -698,9 +698,10 @@ class Allocator:
         return json.loads(self.scripts["snapshot"](keys=self.keys.ledger_keys(), args=[self.keys.prefix, ""]))
 
     def recount_names(self) -> int:
-        """Rebuilds the count of the hosts' GPU models and labels (``keys.names``) from the host
-        hashes, for a ledger an earlier release wrote to after this one had counted (the checker
-        reports it); returns the hosts counted. Reads every host, in one script."""
+        """Rebuilds the count of the hosts' GPU models and labels (``keys.names``), and the sets of
+        the hosts with each model (``keys.model_hosts``), from the host hashes, for a ledger an
+        earlier release wrote to after this one had counted (the checker reports it); returns the
+        hosts counted. Reads every host, in one script."""
         return int(self._call("recount_names")["hosts"])
 
     def _own_rq_jobs(self, batch: int = 1000) -> Iterator[str]:

@@ -29,7 +29,7 @@ for _, h in ipairs(hosts) do
   local hk = host_key(h)
   if rcall('EXISTS', hk) == 1 then
     rcall('HDEL', hk, 'named', 'mhosts')
-    count_names(hk, 1)
+    count_names(h, 1)
     n = n + 1
   end
 end

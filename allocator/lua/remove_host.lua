@@ -68,7 +68,7 @@ for _, id in ipairs(ids) do
   end
 end
 if registered then
-  count_names(hk, -1)
+  count_names(h, -1)
   local ngpu = tonumber(rcall('HGET', hk, 'ngpu'))
   for pos = 0, ngpu - 1 do
     local m = gpu_member(h, pos)

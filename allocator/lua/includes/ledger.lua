@@ -74,7 +74,7 @@ local K_GPU_FFC = PREFIX .. 'gpu_ffc'
 local K_GPU_IDLE_ORD = PREFIX .. 'gpu_idle_ord'
 local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_register
 
--- Counts host hk's GPU models and labels into PREFIX..'names' (keys.names): 'm:<model>' once per
+-- Counts host h's GPU models and labels into PREFIX..'names' (keys.names): 'm:<model>' once per
 -- GPU, 'l:<label>=<value>' once per label, and 'hosts' once (by = 1); or takes out what was
 -- counted for it (by = -1). The host's field 'named' lists what was counted, so what is taken
 -- out is exactly that, whatever its fields say by then (a release without the count may have
@@ -87,9 +87,10 @@ local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_regi
 -- 'mhosts' = '1'): a request for a model only a few hosts have is refused without a walk when
 -- none of them can take it now (absent_name in placement.lua), which a walk over the whole
 -- fleet's GPUs finds only at the scan cap.
-local function count_names(hk, by)
-  local k = PREFIX .. 'names'
-  local counted = rcall('HGET', hk, 'named')
+local function count_names(h, by)
+  local k, hk = PREFIX .. 'names', host_key(h)
+  local mark = rcall('HMGET', hk, 'named', 'mhosts')
+  local counted = mark[1]
   if (counted ~= false) == (by > 0) then return end
   local names = {}
   if by > 0 then
@@ -112,8 +113,7 @@ local function count_names(hk, by)
   local n = {}
   for _, name in ipairs(names) do n[name] = (n[name] or 0) + 1 end
   -- A host counted before the model sets existed is in none of them: nothing to take out.
-  local sets = by > 0 or rcall('HGET', hk, 'mhosts') == '1'
-  local h = string.sub(hk, #PREFIX + 6)  -- hk is PREFIX .. 'host:' .. h
+  local sets = by > 0 or mark[2] == '1'
   for name, c in pairs(n) do
     if tonumber(rcall('HINCRBY', k, name, by * c)) <= 0 then rcall('HDEL', k, name) end
     if sets and string.sub(name, 1, 2) == 'm:' then

@@ -574,17 +574,20 @@ end
 -- the count (PREFIX..'names', count_names in ledger.lua). The walk would read every candidate up to the
 -- scan cap before it refused (30-45 ms of Redis time on 5,000 hosts for a model).
 local function absent_name(req)
-  if not (req.models and req.gpus > 0) and not req.selector then return nil end
+  local by_model = req.models and req.gpus > 0
+  if not by_model and not req.selector then return nil end
   local k = PREFIX .. 'names'
-  if tonumber(rcall('HGET', k, 'hosts') or 0) ~= rcall('ZCARD', K_HOSTS) then return nil end
+  local counted, nhosts = rcall('HMGET', k, 'hosts', 'mhosts'), rcall('ZCARD', K_HOSTS)
+  if tonumber(counted[1] or 0) ~= nhosts then return nil end
   local function none(fields)
     for _, v in ipairs(rcall('HMGET', k, unpack(fields))) do
       if v and tonumber(v) > 0 then return false end
     end
     return true
   end
-  if req.models and req.gpus > 0 then
-    local models, fields = {}, {}
+  local models = {}
+  if by_model then
+    local fields = {}
     for m in pairs(req.models) do models[#models + 1] = m end
     table.sort(models)
     for i, m in ipairs(models) do fields[i] = 'm:' .. m end
@@ -614,12 +617,10 @@ local function absent_name(req)
   -- services are left to it), so it refuses only what the walk would refuse. Only when the walk
   -- could be long (more than 64 candidates in the index it would walk): on a small fleet the walk
   -- is shorter than reading the hosts.
-  if req.models and req.gpus > 0 and tonumber(rcall('HGET', k, 'mhosts') or -1) == rcall('ZCARD', K_HOSTS) then
-    local whole = (req.gpu_mem == 0)
+  if by_model and tonumber(counted[2] or -1) == nhosts then
     local idx, lo = K_GPU_IDX, req.gpu_mem
-    if whole then idx, lo = K_GPU_IDLE, 1 end
-    local models, n = {}, 0
-    for m in pairs(req.models) do models[#models + 1] = m end
+    if req.gpu_mem == 0 then idx, lo = K_GPU_IDLE, 1 end
+    local n = 0
     for _, m in ipairs(models) do n = n + rcall('SCARD', PREFIX .. 'mhosts:' .. m) end
     if n <= 64 and rcall('ZCOUNT', idx, lo, '+inf') > 64 then
       for _, m in ipairs(models) do
