@@ -699,7 +699,8 @@ class Allocator:
 
     def recount_names(self) -> int:
         """Rebuilds the count of the hosts' GPU models and labels (``keys.names``), and the sets of
-        the hosts with each model (``keys.model_hosts``), from the host hashes, for a ledger an
+        the hosts with each model and label (``keys.model_hosts``, ``keys.label_hosts``), from the
+        host hashes, for a ledger an
         earlier release wrote to after this one had counted (the checker reports it); returns the
         hosts counted. Reads every host, in one script."""
         return int(self._call("recount_names")["hosts"])

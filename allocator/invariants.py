@@ -133,16 +133,20 @@ def check(snap: dict[str, Any]) -> list[str]:
         if held != on_host[h]:
             bad.append(f"{h}: host allocation set {sorted(held)} != active allocations {sorted(on_host[h])}")
     bad.extend(_check_names(hosts, snap.get("names") or {}))
-    bad.extend(_check_model_hosts(hosts, snap.get("names") or {}, snap.get("model_hosts") or {}))
+    bad.extend(_check_name_sets(hosts, snap.get("names") or {}, snap.get("model_hosts") or {}, "m"))
+    bad.extend(_check_name_sets(hosts, snap.get("names") or {}, snap.get("label_hosts") or {}, "l"))
     return bad
 
 
-def _check_model_hosts(hosts: dict[str, dict[str, str]], names: dict[str, str],
-                       model_hosts: dict[str, Any]) -> list[str]:
-    """Each model's set of hosts (``keys.model_hosts``) is the hosts marked ``mhosts`` whose
-    counted list has that model, and the count's ``mhosts`` their number: a host missing from its
-    model's set would let a request for that model be refused while the host could take it."""
-    marked = {h: f for h, f in hosts.items() if f.get("mhosts") == "1"}
+def _check_name_sets(hosts: dict[str, dict[str, str]], names: dict[str, str], sets: dict[str, Any],
+                     kind: str) -> list[str]:
+    """Each model's (kind ``m``) or label's (kind ``l``) set of hosts (``keys.model_hosts``,
+    ``keys.label_hosts``) is the hosts marked ``mhosts`` (``lhosts``) whose counted list names
+    it, and the count's ``mhosts`` (``lhosts``) their number: a host missing from its model's set
+    would let a request for that model be refused while the host could take it, and one missing
+    from a label's set would be passed over by a walk for that label."""
+    mark, what = f"{kind}hosts", {"m": "model", "l": "label"}[kind]
+    marked = {h: f for h, f in hosts.items() if f.get(mark) == "1"}
     want: dict[str, set[str]] = {}
     for h, f in marked.items():
         try:
@@ -150,17 +154,17 @@ def _check_model_hosts(hosts: dict[str, dict[str, str]], names: dict[str, str],
         except ValueError:
             continue  # reported by _check_names
         for name in listed if isinstance(listed, list) else []:
-            if isinstance(name, str) and name.startswith("m:"):
+            if isinstance(name, str) and name.startswith(f"{kind}:"):
                 want.setdefault(name[2:], set()).add(h)
-    got = {m: set(v) for m, v in model_hosts.items() if isinstance(v, list) and v}
+    got = {m: set(v) for m, v in sets.items() if isinstance(v, list) and v}
     bad = []
     if got != want:
         diff = sorted((m, sorted(got.get(m, set()) ^ want.get(m, set()))) for m in set(got) | set(want)
                       if got.get(m, set()) != want.get(m, set()))[:5]
-        bad.append(f"model host sets differ from what the hosts list: {diff} (Allocator.recount_names() rebuilds them)")
-    if int(names.get("mhosts") or 0) != len(marked):
-        bad.append(f"names count has {names.get('mhosts') or 0} hosts in the model sets, {len(marked)} are marked "
-                   "mhosts (Allocator.recount_names() rebuilds it)")
+        bad.append(f"{what} host sets differ from what the hosts list: {diff} (Allocator.recount_names() rebuilds them)")
+    if int(names.get(mark) or 0) != len(marked):
+        bad.append(f"names count has {names.get(mark) or 0} hosts in the {what} sets, {len(marked)} are marked "
+                   f"{mark} (Allocator.recount_names() rebuilds it)")
     return bad
 
 
@@ -188,7 +192,7 @@ def _check_names(hosts: dict[str, dict[str, str]], names: dict[str, str]) -> lis
             bad.append(f"{h}: counted models and labels {listed} are not its own {sorted(now)} "
                        "(Allocator.recount_names() rebuilds the count)")
         want.update(map(str, listed) if isinstance(listed, list) else [])
-    got = {k: int(v) for k, v in names.items() if k not in ("hosts", "mhosts")}
+    got = {k: int(v) for k, v in names.items() if k not in ("hosts", "mhosts", "lhosts")}
     if got != dict(want):
         diff = sorted(set(got.items()) ^ set(want.items()))[:5]
         bad.append(f"names count differs from what the hosts list: {diff} (Allocator.recount_names() rebuilds it)")

@@ -166,9 +166,10 @@ class Keys:
         """HASH of what the registered hosts have: ``m:<model>`` -> GPUs of that model,
         ``l:<label>=<value>`` -> hosts with that label, ``hosts`` -> hosts counted (each lists in
         its field ``named`` what was counted for it), ``mhosts`` -> hosts in the model sets
-        (``model_hosts``; each marked by its field ``mhosts``). A request for a model or label none
-        has is refused without a walk (the scripts build it from the prefix; it is not among their
-        KEYS)."""
+        (``model_hosts``; each marked by its field ``mhosts``), ``lhosts`` -> hosts in the label
+        sets (``label_hosts``; each marked by its field ``lhosts``). A request for a model or label
+        none has is refused without a walk (the scripts build it from the prefix; it is not among
+        their KEYS)."""
         return self._k("names")
 
     def model_hosts(self, model: str) -> str:
@@ -176,6 +177,12 @@ class Keys:
         a model that few hosts have is refused without a walk when none of them can take it now
         (the scripts build it from the prefix)."""
         return self._k(f"mhosts:{model}")
+
+    def label_hosts(self, label: str, value: str) -> str:
+        """SET of the registered hosts with ``label=value``, kept with ``names``: a walk for a
+        request with a selector passes over the hosts it rules out by a lookup in these sets
+        (the scripts build it from the prefix)."""
+        return self._k(f"lhosts:{label}={value}")
 
     @property
     def delayed(self) -> str:

@@ -18,6 +18,13 @@ def refusal(a, resources: dict, **fields) -> InsufficientResources:
     return exc.value
 
 
+def summary_reads(a, resources: dict) -> int:
+    """Host summaries read (GETs) while resources is refused: a walk reads the hosts it meets."""
+    before = a.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    refusal(a, resources)
+    return a.redis.info("commandstats").get("cmdstat_get", {}).get("calls", 0) - before
+
+
 def test_a_gpu_model_no_host_has_is_refused_at_once_naming_it(alloc_any):
     fleet(alloc_any)
     alloc_any.scan_cap = 2  # a walk would stop at the cap and say so
@@ -52,7 +59,7 @@ def test_the_count_follows_registrations_and_removals(alloc_any):
     alloc_any.remove_host("h0", force=True)
     assert refusal(alloc_any, {"gpus": 1, "gpu_model": "T4"}).message == "no registered host has a GPU of model T4"
     assert alloc_any.redis.hgetall(alloc_any.keys.names) == {
-        "hosts": "1", "mhosts": "1", "m:A100": "1", "l:cluster=gpu": "1"}
+        "hosts": "1", "mhosts": "1", "lhosts": "1", "m:A100": "1", "l:cluster=gpu": "1"}
     assert alloc_any.redis.smembers(alloc_any.keys.model_hosts("A100")) == {"h1"}
     assert not alloc_any.redis.exists(alloc_any.keys.model_hosts("T4"))
     assert invariants.check(alloc_any.snapshot()) == []
@@ -65,10 +72,10 @@ def test_a_host_registered_before_the_count_existed_turns_the_quick_refusal_off_
     for h in ("h0", "h1"):
         alloc.redis.hdel(alloc.keys.host(h), "named")
     alloc.scan_cap = 2
-    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    assert "no registered host" not in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message  # the walk's
     alloc.register_host(id="h0", labels={"cluster": "lab"}, cpu_cores=4, ram_mb="16Gi",
                         gpus=[{"index": 0, "model": "T4", "memory_mb": "16Gi"}])
-    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message  # h1 not counted yet
+    assert "no registered host" not in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message  # h1 not counted yet
     alloc.register_host(id="h1", labels={"cluster": "lab"}, cpu_cores=4, ram_mb="16Gi",
                         gpus=[{"index": 0, "model": "T4", "memory_mb": "16Gi"}])
     assert refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message == "no registered host has a GPU of model A100"
@@ -101,7 +108,7 @@ def test_recount_rebuilds_a_count_an_earlier_release_left_behind(alloc):
     alloc.redis.zadd(alloc.keys.hosts, {"h2": 3})
     assert invariants.check(alloc.snapshot()) != []
     assert alloc.recount_names() == 2
-    assert alloc.redis.hgetall(alloc.keys.names) == {"hosts": "2", "mhosts": "2", "m:T4": "2", "m:L4": "1",
+    assert alloc.redis.hgetall(alloc.keys.names) == {"hosts": "2", "mhosts": "2", "lhosts": "2", "m:T4": "2", "m:L4": "1",
                                                      "l:cluster=lab": "1", "l:cluster=edge": "1"}
     assert alloc.redis.smembers(alloc.keys.model_hosts("T4")) == {"h1"}
     assert alloc.redis.smembers(alloc.keys.model_hosts("L4")) == {"h2"}
@@ -124,7 +131,6 @@ def test_a_model_whose_hosts_are_all_taken_is_refused_without_the_walk(alloc_any
     assert e.message == "no host has 1 GPU(s) (8192 MiB free), 1 cores, 0 MiB RAM free at once on the requested GPU models"
     assert not (e.details or {}).get("scan_cap_reached")
     alloc_any.release(held[0])
-    alloc_any.scan_cap = 2048  # (with 2, the walk meets the T4 GPUs first and stops, as before)
     assert alloc_any.allocate({"gpus": 1, "gpu_memory_mb": "8Gi", "gpu_model": "A100"}).host_id == "a0"
 
 
@@ -166,7 +172,7 @@ def test_the_quick_test_stays_off_while_a_host_is_not_in_the_model_sets(alloc):
     alloc.redis.hdel(alloc.keys.host("a1"), "mhosts")
     alloc.redis.hincrby(alloc.keys.names, "mhosts", -1)
     alloc.scan_cap = 2
-    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    assert summary_reads(alloc, {"gpus": 1, "gpu_model": "A100"}) >= 33  # the walk read the T4 hosts
     alloc.resume_host("a1")
     assert alloc.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a1"
     assert alloc.recount_names() == 35
@@ -186,7 +192,7 @@ def test_a_model_more_than_64_hosts_have_is_left_to_the_walk(alloc):
         alloc.drain_host(f"a{i:02d}")
     fleet(alloc, n=2)
     alloc.scan_cap = 2
-    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    assert summary_reads(alloc, {"gpus": 1, "gpu_model": "A100"}) == 2  # the walk's: the T4 hosts, not the 65
 
 
 def test_on_a_fleet_whose_walk_is_short_the_walk_refuses(alloc):
@@ -195,7 +201,7 @@ def test_on_a_fleet_whose_walk_is_short_the_walk_refuses(alloc):
     for h in ("a0", "a1"):
         alloc.drain_host(h)
     alloc.scan_cap = 2
-    assert "stopped after" in refusal(alloc, {"gpus": 1, "gpu_model": "A100"}).message
+    assert summary_reads(alloc, {"gpus": 1, "gpu_model": "A100"}) == 6  # the walk's: the T4 hosts, not the model's
 
 
 def test_a_label_no_host_has_is_named_before_the_model_test(alloc):

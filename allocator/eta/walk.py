@@ -138,9 +138,20 @@ class Walk:
                     return out
         return None
 
+    def _foreign(self, req: _Req, hid: str) -> bool:
+        """Whether req's GPU models or selector rule host hid out: a walk passes over such a
+        host's candidates without counting them toward the cap (scan() in placement.lua)."""
+        h = self.hosts.get(hid)
+        if h is None:
+            return False
+        if req.selector and not self._labels_match(req.selector, h.labels):
+            return True
+        return bool(req.gpus and req.models is not None and not any(g.model in req.models for g in h.gpus))
+
     def _window(self, req: _Req, mode: str, only: str | None) -> tuple[list[str], list[int | None]]:
         """The candidates a walk looks at, in its order, at most ``scan_cap`` of them: hosts and
-        GPU positions (None for CPU-only requests)."""
+        GPU positions (None for CPU-only requests). Candidates on hosts the request's GPU models
+        or selector rule out are passed over and not counted."""
         k = req.gpus
         cap = self.cap
         if only is not None:
@@ -149,6 +160,8 @@ class Walk:
             h = self.hosts.get(only)
             poss: list[int | None] = [g.pos for g in h.gpus][:cap] if h else []
             return [only] * len(poss), poss
+        if req.selector or (k and req.models is not None):
+            return self._screened_window(req, mode)
         if k > 0:
             if req.gpu_mem == 0 and mode == "best":
                 # Whole GPUs, best fit: hosts by idle GPU count, from k up (the idle_hosts ZSET).
@@ -182,6 +195,48 @@ class Walk:
             else:
                 hosts = [e[1] for e in self.cpu_idx.islice(max(i, n - cap), n)]
                 hosts.reverse()
+        return hosts, [None] * len(hosts)
+
+    def _screened_window(self, req: _Req, mode: str) -> tuple[list[str], list[int | None]]:
+        """_window for a request with GPU models or a selector: the same orders, less the
+        candidates on hosts they rule out, which do not count toward the cap."""
+        k, cap = req.gpus, self.cap
+        ruled: dict[str, bool] = {}
+
+        def keep(hid: str) -> bool:
+            v = ruled.get(hid)
+            if v is None:
+                v = ruled[hid] = self._foreign(req, hid)
+            return not v
+
+        if k > 0:
+            if req.gpu_mem == 0 and mode == "best":
+                ents = list(islice((e for e in self.idle_hosts.irange((k,)) if keep(_ID(e))), cap))
+                return list(map(_ID, ents)), [None] * len(ents)
+            if req.gpu_mem == 0:
+                idx, lo = self.gpu_idle, 1
+            else:
+                idx, lo = self.gpu_idx, req.gpu_mem
+            i = idx.bisect_left((lo,))
+            if mode == "best":
+                win = list(islice((e for e in idx.islice(i, len(idx)) if keep(_HOST(e))), cap))
+            elif mode == "worst":
+                win = list(islice((e for e in idx.islice(i, len(idx), reverse=True) if keep(_HOST(e))), cap))
+            elif req.gpu_mem == 0:
+                win = list(islice((e for e in self.gpu_idle_ord if keep(_HOST(e))), cap))
+            elif lo < 1024:
+                win = list(islice((e for e in self.gpu_ord if keep(_HOST(e))), cap))
+            else:
+                win = [e for e in self.gpu_ord.islice(0, FIRST_PAGE) if keep(_HOST(e))][:cap]
+                win += islice((e for e in heapq.merge(*self.gpu_ffc[ff_class(lo):]) if keep(_HOST(e))),
+                              cap - len(win))
+            return list(map(_HOST, win)), list(map(_POS, win))
+        if mode == "first":
+            hosts = list(islice((h.id for h in self.by_ord if h.indexed and keep(h.id)), cap))
+        else:
+            i, n = self.cpu_idx.bisect_left((req.cpu_millis,)), len(self.cpu_idx)
+            rev = mode != "best"
+            hosts = list(islice((e[1] for e in self.cpu_idx.islice(i, n, reverse=rev) if keep(e[1])), cap))
         return hosts, [None] * len(hosts)
 
     def _host_ok(self, req: _Req, hid: str, exclude: str | None, only: str | None) -> _Host | None:

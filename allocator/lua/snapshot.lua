@@ -7,6 +7,7 @@ allocs{id={field=value}}, gpu_idx{}, gpu_idle{}, gpu_ord{},
 cpu_idx{}, ram_idx{}, expiry{}, ends{}, byprio{}, idle_hosts{}, cpu_ord{}, gpu_ffc{}, gpu_idle_ord{},
 pending{id=allocation state}, names{field=count} (the count of GPU models and labels),
 model_hosts{model=[host ids]} (the set of the hosts with each model the count has),
+label_hosts{label=value: [host ids]} (likewise per label),
 services{host={name=entry JSON}}, service_ports{host={port=name}}}.
 ]]
 --- @include "ledger"
@@ -43,12 +44,13 @@ out.cpu_idx, out.ram_idx, out.expiry = zmap(K_CPU_IDX), zmap(K_RAM_IDX), zmap(K_
 out.ends, out.byprio, out.idle_hosts = zmap(K_ENDS), zmap(K_BYPRIO), zmap(K_IDLE_HOSTS)
 out.cpu_ord, out.gpu_ffc, out.gpu_idle_ord = zmap(K_CPU_ORD), zmap(K_GPU_FFC), zmap(K_GPU_IDLE_ORD)
 out.names = hmap(PREFIX .. 'names')
-out.model_hosts = {}
+out.model_hosts, out.label_hosts = {}, {}
 for field in pairs(out.names) do
-  if string.sub(field, 1, 2) == 'm:' then
-    local members = rcall('SMEMBERS', PREFIX .. 'mhosts:' .. string.sub(field, 3))
+  local kind, name = string.sub(field, 1, 2), string.sub(field, 3)
+  if kind == 'm:' or kind == 'l:' then
+    local members = rcall('SMEMBERS', PREFIX .. (kind == 'm:' and 'mhosts:' or 'lhosts:') .. name)
     table.sort(members)  -- a set's order is not its contents: two snapshots of one ledger compare equal
-    out.model_hosts[string.sub(field, 3)] = members
+    if kind == 'm:' then out.model_hosts[name] = members else out.label_hosts[name] = members end
   end
 end
 out.pending = {}

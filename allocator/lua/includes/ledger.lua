@@ -84,12 +84,14 @@ local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_regi
 -- existed is not counted until it registers again; recount_names.lua rebuilds the count).
 -- It also keeps, per GPU model, the SET PREFIX..'mhosts:'..model of the hosts with that model
 -- (keys.model_hosts), and in the count 'mhosts' the hosts in those sets (each marked by its field
--- 'mhosts' = '1'): a request for a model only a few hosts have is refused without a walk when
--- none of them can take it now (absent_name in placement.lua), which a walk over the whole
--- fleet's GPUs finds only at the scan cap.
+-- 'mhosts' = '1'); and per label, the SET PREFIX..'lhosts:'..label..'='..value of the hosts with
+-- that label (keys.label_hosts), with the count 'lhosts' and the mark 'lhosts' likewise. A request
+-- for a model only a few hosts have is refused without a walk when none of them can take it now
+-- (absent_name in placement.lua), and a walk passes over the hosts a request's models or
+-- selector rule out by these sets (allowed_hosts in placement.lua).
 local function count_names(h, by)
   local k, hk = PREFIX .. 'names', host_key(h)
-  local mark = rcall('HMGET', hk, 'named', 'mhosts')
+  local mark = rcall('HMGET', hk, 'named', 'mhosts', 'lhosts')
   local counted = mark[1]
   if (counted ~= false) == (by > 0) then return end
   local names = {}
@@ -112,20 +114,22 @@ local function count_names(h, by)
   end
   local n = {}
   for _, name in ipairs(names) do n[name] = (n[name] or 0) + 1 end
-  -- A host counted before the model sets existed is in none of them: nothing to take out.
-  local sets = by > 0 or mark[2] == '1'
+  -- A host counted before the model (label) sets existed is in none of them: nothing to take out.
+  local msets, lsets = by > 0 or mark[2] == '1', by > 0 or mark[3] == '1'
   for name, c in pairs(n) do
     if tonumber(rcall('HINCRBY', k, name, by * c)) <= 0 then rcall('HDEL', k, name) end
-    if sets and string.sub(name, 1, 2) == 'm:' then
-      rcall(by > 0 and 'SADD' or 'SREM', PREFIX .. 'mhosts:' .. string.sub(name, 3), h)
+    local kind = string.sub(name, 1, 2)
+    if (msets and kind == 'm:') or (lsets and kind == 'l:') then
+      rcall(by > 0 and 'SADD' or 'SREM', PREFIX .. (kind == 'm:' and 'mhosts:' or 'lhosts:') .. string.sub(name, 3), h)
     end
   end
   rcall('HINCRBY', k, 'hosts', by)
-  if sets then rcall('HINCRBY', k, 'mhosts', by) end
+  if msets then rcall('HINCRBY', k, 'mhosts', by) end
+  if lsets then rcall('HINCRBY', k, 'lhosts', by) end
   if by > 0 then
-    rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]', 'mhosts', '1')
+    rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]', 'mhosts', '1', 'lhosts', '1')
   else
-    rcall('HDEL', hk, 'named', 'mhosts')
+    rcall('HDEL', hk, 'named', 'mhosts', 'lhosts')
   end
 end
 

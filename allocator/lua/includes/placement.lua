@@ -309,6 +309,13 @@ local function scan(req, mode)
     and not req.gone and not req.only and not req.slots and not req.services)
   local raws, best_raw, best_pos = {}, nil, nil
   local ff = nil  -- first fit's walk over gpu_ffc (ff_walk)
+  -- A request with GPU models or a selector passes over the hosts they rule out without counting
+  -- them toward the cap: a walk that met a whole fleet's hosts of other models or labels first
+  -- (an idle fleet orders equal GPUs by host name) refused at the cap what the hosts it names could
+  -- take.
+  local screen = (req.selector ~= nil or (req.models ~= nil and k > 0)) and not req.only
+  local pre, foreign = nil, nil  -- (see below: only for a request with models or a selector)
+  local rest, rest_done = nil, false  -- the rest of the walk, listed from those hosts (see below)
   local function cheaper(c1, c2, c3)
     return best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3)))
   end
@@ -320,11 +327,191 @@ local function scan(req, mode)
     end
     return best_h, best_s, best_gs
   end
+  -- Whether req's models or selector rule host h out, with a cache per host (ruled). Read from the
+  -- host, whose state then serves host_ok (pre; false: none); once 32 hosts were ruled out, from
+  -- the host sets kept with the count of models and labels (count_names in ledger.lua), read once,
+  -- a lookup per host (allowed; unused while some registered host is not in those sets yet).
+  if screen then
+    local ruled, nruled, allowed = {}, 0, false
+    pre = {}
+    -- The hosts req's GPU models and selector allow, as a set; false while some registered host
+    -- is not in the sets yet.
+    local function allowed_hosts()
+      local f = rcall('HMGET', PREFIX .. 'names', 'hosts', 'mhosts', 'lhosts')
+      local nhosts = rcall('ZCARD', K_HOSTS)
+      local by_model = req.models ~= nil and k > 0
+      if tonumber(f[1] or -1) ~= nhosts or (by_model and tonumber(f[2] or -1) ~= nhosts)
+         or (req.selector and tonumber(f[3] or -1) ~= nhosts) then
+        return false
+      end
+      local out = nil
+      -- Narrows out to the union of the sets named (one constraint: a label's values, the models).
+      local function narrow(kind, names)
+        local u = {}
+        for _, name in ipairs(names) do
+          for _, h in ipairs(rcall('SMEMBERS', PREFIX .. kind .. name)) do u[h] = true end
+        end
+        if out == nil then out = u else
+          for h in pairs(out) do if not u[h] then out[h] = nil end end
+        end
+      end
+      if by_model then
+        local names = {}
+        for m in pairs(req.models) do names[#names + 1] = m end
+        narrow('mhosts:', names)
+      end
+      for key, values in pairs(req.selector or {}) do
+        local names = {}
+        for i, v in ipairs(values) do names[i] = key .. '=' .. tostring(v) end
+        narrow('lhosts:', names)
+      end
+      return out
+    end
+    -- Host ids in byte order, the order Redis gives members of equal score (Lua's own string
+    -- order follows the server's locale): by a number made of the 6 bytes after the prefix they
+    -- share, then byte by byte among the few that share those too.
+    local function bytes_less(a, b)
+      for i = 1, math.min(#a, #b) do
+        local x, y = string.byte(a, i), string.byte(b, i)
+        if x ~= y then return x < y end
+      end
+      return #a < #b
+    end
+    local function in_byte_order(hosts)
+      local l = #(hosts[1] or '')
+      for i = 2, #hosts do
+        local h = hosts[i]
+        if #h < l then l = #h end
+        while l > 0 and string.sub(h, 1, l) ~= string.sub(hosts[1], 1, l) do l = l - 1 end
+      end
+      local nums, by = {}, {}
+      for _, h in ipairs(hosts) do
+        local v = 0
+        for i = l + 1, l + 6 do v = v * 256 + (string.byte(h, i) or 0) end
+        if by[v] then by[v][#by[v] + 1] = h else by[v] = {h}; nums[#nums + 1] = v end
+      end
+      table.sort(nums)
+      local out = {}
+      for _, v in ipairs(nums) do
+        local g = by[v]
+        if #g > 1 then table.sort(g, bytes_less) end
+        for _, h in ipairs(g) do out[#out + 1] = h end
+      end
+      return out
+    end
+    -- The members of the index this walk goes over that are the allowed hosts' (at most 512 hosts),
+    -- in the walk's order, the same list the walk would meet after passing over every other host:
+    -- their scores read in one ZMSCORE per 1,000 members and sorted as numbers; equal scores by
+    -- member name, that is host id in byte order, then position as text ("10" before "2").
+    local function listed()
+      local hosts = {}
+      for h in pairs(allowed) do
+        hosts[#hosts + 1] = h
+        if #hosts > 512 then return nil end
+      end
+      hosts = in_byte_order(hosts)
+      local idx, lo, ties, ffc = nil, nil, true, false
+      if by_host then idx, lo = K_IDLE_HOSTS, k
+      elseif k > 0 and mode ~= 'first' then
+        idx, lo = K_GPU_IDX, req.gpu_mem
+        if whole then idx, lo = K_GPU_IDLE, 1 end
+      elseif k > 0 and whole then idx, ties = K_GPU_IDLE_ORD, false
+      elseif k > 0 and req.gpu_mem < 1024 then idx, ties = K_GPU_ORD, false
+      elseif k > 0 then idx, ties, ffc = K_GPU_FFC, false, true
+      elseif mode == 'first' then idx, ties = K_CPU_ORD, false
+      else idx, lo = K_CPU_IDX, req.cpu_millis end
+      local names, tie = {}, {}
+      for r, h in ipairs(hosts) do
+        if k > 0 and not by_host then
+          for p = 0, tonumber(rcall('HGET', host_key(h), 'ngpu') or 0) - 1 do
+            -- Position p's text in byte order: each digit + 1 in base 11, a missing digit 0.
+            local t, d = 0, tostring(p)
+            for i = 1, 4 do t = t * 11 + (string.byte(d, i) or 47) - 47 end
+            names[#names + 1] = h .. '#' .. p
+            tie[#names] = r * 16384 + t
+          end
+        else
+          names[#names + 1] = h
+          tie[#names] = r * 16384
+        end
+      end
+      local keys, member, c = {}, {}, FF_SHIFT * ff_class(req.gpu_mem)
+      for i = 1, #names, 1000 do
+        local scores = rcall('ZMSCORE', idx, unpack(names, i, math.min(i + 999, #names)))
+        for j, v in ipairs(scores) do
+          v = v and tonumber(v)
+          if ffc then
+            -- First fit's classes from the request's up, merged by what follows the class.
+            if v and v >= c then v = v % FF_SHIFT else v = nil end
+          elseif lo and v and v < lo then v = nil end
+          if v then
+            if ties then v = v * 16777216 + tie[i + j - 1] end
+            keys[#keys + 1] = v
+            member[v] = names[i + j - 1]
+          end
+        end
+      end
+      table.sort(keys)
+      local out = {}
+      if ffc then
+        -- The walk's first page: gpu_ord's first members, however few fit.
+        for _, m in ipairs(rcall('ZRANGE', K_GPU_ORD, 0, FIRST_PAGE - 1)) do
+          if allowed[string.match(m, '^(.*)#%d+$')] then out[#out + 1] = m end
+        end
+      end
+      if mode == 'worst' then
+        for i = #keys, 1, -1 do out[#out + 1] = member[keys[i]] end
+      else
+        for _, v in ipairs(keys) do out[#out + 1] = member[v] end
+      end
+      return out
+    end
+    foreign = function(h, pos)
+      local v = ruled[h]
+      if v ~= nil then return v end
+      if allowed then
+        v = not allowed[h]
+      else
+        if k ~= 1 then pos = nil end
+        local s = host_state_at(h, pos)
+        pre[h] = s or false
+        v = false
+        if s and req.selector and not labels_match(req.selector, host_labels(h, s)) then
+          v = true
+        elseif s and k > 0 and req.models then
+          v = true
+          gpu_models(h, s)
+          if s.models then
+            for p = 1, s.ngpu do if req.models[s.models[p]] then v = false; break end end
+          else
+            for _, g in ipairs(host_gpus(h, s)) do if req.models[g.model] then v = false; break end end
+          end
+        end
+        if v then
+          nruled = nruled + 1
+          if nruled == 32 then
+            -- The walk meets many hosts it passes over: go on from the list of the allowed ones
+            -- when they are few (what the walk would meet of them, less those it has met: each
+            -- counted toward the cap), else look each host up in their set.
+            allowed = allowed_hosts()
+            local all = allowed and listed()
+            if all then
+              rest = {}
+              for i = seen + 1, #all do rest[#rest + 1] = all[i] end
+            end
+          end
+        end
+      end
+      ruled[h] = v
+      return v
+    end
+  end
   local function host_ok(h, pos)
     local c = host_cache[h]
     if c ~= nil then return c end
     if k ~= 1 then pos = nil end
-    local s = host_state_at(h, pos)
+    local s = pre and pre[h]
+    if s == nil then s = host_state_at(h, pos) elseif s == false then s = nil end
     -- No free CPU or RAM: parked, no new work, not even a request for none (a walk over the
     -- indexes never meets such a host; a single-host try, req.only, reads it directly).
     local ok = host_eligible(req, h, s) and s.cpu >= req.cpu_millis and s.ramf >= req.ram and s.cpu > 0 and s.ramf > 0
@@ -347,7 +534,10 @@ local function scan(req, mode)
   end
   while seen < cap do
     local members
-    if req.only then
+    if rest then
+      if rest_done then break end
+      members, rest_done = rest, true
+    elseif req.only then
       -- Only one host allowed: look at it directly.
       if offset > 0 then return nil, false end
       if k == 0 then members = {req.only} else
@@ -387,8 +577,8 @@ local function scan(req, mode)
       end
     end
     if #members == 0 then break end
+    local passed = 0
     for _, m in ipairs(members) do
-      seen = seen + 1
       local h, pos = m, nil
       if k > 0 and not by_host then
         -- "<host>#<pos>": positions 0-9 without a pattern match, since a walk over tied GPUs reads
@@ -400,57 +590,64 @@ local function scan(req, mode)
           pos = tonumber(pos)
         end
       end
-      if not tried[h] then
-        local raw, c1, c2, c3 = false, false, nil, nil
-        if lean then
-          raw = raws[h]
-          if raw == nil then
-            raw = rcall('GET', host_sum_key(h)) or false
-            raws[h] = raw
+      if screen and foreign(h, pos) then
+        passed = passed + 1
+        if rest and not rest_done then break end  -- the walk goes on from the list
+      else
+        seen = seen + 1
+        if not tried[h] then
+          local raw, c1, c2, c3 = false, false, nil, nil
+          if lean then
+            raw = raws[h]
+            if raw == nil then
+              raw = rcall('GET', host_sum_key(h)) or false
+              raws[h] = raw
+            end
+            if raw then c1, c2, c3 = summary_cost(req, raw, pos) end
           end
-          if raw then c1, c2, c3 = summary_cost(req, raw, pos) end
-        end
-        if c1 then
-          if cheaper(c1, c2, c3) then
-            best_h, best_s, best_gs, b1, b2, b3 = h, nil, nil, c1, c2, c3
-            best_raw, best_pos = raw, pos
-          end
-          fits = fits + 1
-          if fits >= window then return chosen() end
-          tried[h] = true
-        elseif c1 == nil then
-          -- The summary settled it: no fit on that GPU, or (c2) none on the host.
-          if c2 then tried[h] = true end
-        else
-          local s = host_ok(h, pos)
-          local gs = nil
-          if s then
-            if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
-            if gs and window == 1 then return h, s, gs end
-          end
-          if gs then
-            c1, c2, c3 = placement_cost(req, h, s, gs)
+          if c1 then
             if cheaper(c1, c2, c3) then
-              best_h, best_s, best_gs, b1, b2, b3 = h, s, gs, c1, c2, c3
-              best_raw = nil
+              best_h, best_s, best_gs, b1, b2, b3 = h, nil, nil, c1, c2, c3
+              best_raw, best_pos = raw, pos
             end
             fits = fits + 1
             if fits >= window then return chosen() end
             tried[h] = true
-          elseif k ~= 1 or not s then
-            tried[h] = true
+          elseif c1 == nil then
+            -- The summary settled it: no fit on that GPU, or (c2) none on the host.
+            if c2 then tried[h] = true end
+          else
+            local s = host_ok(h, pos)
+            local gs = nil
+            if s then
+              if k == 0 then gs = {} else gs = pick_on_host(req, h, s, pos, mode) end
+              if gs and window == 1 then return h, s, gs end
+            end
+            if gs then
+              c1, c2, c3 = placement_cost(req, h, s, gs)
+              if cheaper(c1, c2, c3) then
+                best_h, best_s, best_gs, b1, b2, b3 = h, s, gs, c1, c2, c3
+                best_raw = nil
+              end
+              fits = fits + 1
+              if fits >= window then return chosen() end
+              tried[h] = true
+            elseif k ~= 1 or not s then
+              tried[h] = true
+            end
           end
         end
-      end
-      if seen >= cap then
-        if best_h then return chosen() end
-        return nil, true
+        if seen >= cap then
+          if best_h then return chosen() end
+          return nil, true
+        end
       end
     end
     offset = offset + #members
-    -- Later pages grow: a page read skips the offset from the start of the range again.
+    -- Later pages grow: a page read skips the offset from the start of the range again. Pages
+    -- mostly of hosts passed over grow to 1024 members, since such a member costs a lookup.
     page = page * 2
-    if page > PAGE then page = PAGE end
+    if page > PAGE and passed * 2 <= #members then page = PAGE elseif page > 1024 then page = 1024 end
   end
   if best_h then return chosen() end
   return nil, seen >= cap
