@@ -250,10 +250,11 @@ end
 -- ff_class(m) up (see ff_class in ledger.lua), each over its score range, read in pieces that
 -- start at one member (each piece costs a search of the index and every member its score as text,
 -- and the first member merged usually fits) and double up to PAGE. A cursor is {score range
--- start, members and scores read, next unread at, members read before, piece size, range ended}.
+-- start, members and scores read, next unread at, members read before, piece size, range ended,
+-- rank of the range's start (read once the cursor is deep into its class)}.
 local function ff_walk(m)
   local w = {}
-  for c = ff_class(m), FF_CLASSES - 1 do w[#w + 1] = {c * FF_SHIFT, {}, 1, 0, 1, false} end
+  for c = ff_class(m), FF_CLASSES - 1 do w[#w + 1] = {c * FF_SHIFT, {}, 1, 0, 1, false, nil} end
   return w
 end
 
@@ -267,9 +268,19 @@ local function ff_page(w, n)
       local buf, i = r[2], r[3]
       if i > #buf and not r[6] then
         local size = r[5]
-        buf = rcall('ZRANGEBYSCORE', K_GPU_FFC, r[1], '(' .. (r[1] + FF_SHIFT), 'WITHSCORES', 'LIMIT', r[4], size)
+        if r[4] < 256 then
+          buf = rcall('ZRANGEBYSCORE', K_GPU_FFC, r[1], '(' .. (r[1] + FF_SHIFT), 'WITHSCORES', 'LIMIT', r[4], size)
+        else
+          -- Deep into the class: by rank from the class's start (see in_range in scan).
+          if r[7] == nil then r[7] = rcall('ZCOUNT', K_GPU_FFC, '-inf', '(' .. r[1]) end
+          buf = rcall('ZRANGE', K_GPU_FFC, r[7] + r[4], r[7] + r[4] + size - 1, 'WITHSCORES')
+          -- Members past the class's end belong to the next class: not this cursor's.
+          local j = #buf - 1
+          while j > 0 and tonumber(buf[j + 1]) >= r[1] + FF_SHIFT do buf[j], buf[j + 1] = nil, nil; j = j - 2 end
+        end
         r[2], r[3], r[4], r[6], i = buf, 1, r[4] + #buf / 2, (#buf < 2 * size), 1
-        if size < PAGE then r[5] = size * 2 end
+        -- Pieces double up to a page, or to what is asked (pages of hosts passed over grow large).
+        if size < PAGE or size < n then r[5] = size * 2 end
       end
       if i <= #buf then
         local k = tonumber(buf[i + 1]) - r[1]
@@ -332,13 +343,13 @@ local function scan(req, mode)
   -- the host sets kept with the count of models and labels (count_names in ledger.lua), read once,
   -- a lookup per host (allowed; unused while some registered host is not in those sets yet).
   if screen then
-    local ruled, nruled, allowed = {}, 0, false
+    local ruled, nruled, allowed, nhosts = {}, 0, false, 0
     pre = {}
     -- The hosts req's GPU models and selector allow, as a set; false while some registered host
     -- is not in the sets yet.
     local function allowed_hosts()
       local f = rcall('HMGET', PREFIX .. 'names', 'hosts', 'mhosts', 'lhosts')
-      local nhosts = rcall('ZCARD', K_HOSTS)
+      nhosts = rcall('ZCARD', K_HOSTS)
       local by_model = req.models ~= nil and k > 0
       if tonumber(f[1] or -1) ~= nhosts or (by_model and tonumber(f[2] or -1) ~= nhosts)
          or (req.selector and tonumber(f[3] or -1) ~= nhosts) then
@@ -399,15 +410,17 @@ local function scan(req, mode)
       end
       return out
     end
-    -- The members of the index this walk goes over that are the allowed hosts' (at most 512 hosts),
-    -- in the walk's order, the same list the walk would meet after passing over every other host:
+    -- The members of the index this walk goes over that are the allowed hosts', in the walk's
+    -- order, the same list the walk would meet after passing over every other host (nil when more
+    -- than 512 hosts, and more than an eighth of the fleet, are allowed: listing them would cost
+    -- more than the walk is likely to):
     -- their scores read in one ZMSCORE per 1,000 members and sorted as numbers; equal scores by
     -- member name, that is host id in byte order, then position as text ("10" before "2").
     local function listed()
       local hosts = {}
       for h in pairs(allowed) do
         hosts[#hosts + 1] = h
-        if #hosts > 512 then return nil end
+        if #hosts > 512 and #hosts * 8 > nhosts then return nil end
       end
       hosts = in_byte_order(hosts)
       local idx, lo, ties, ffc = nil, nil, true, false
@@ -420,13 +433,18 @@ local function scan(req, mode)
       elseif k > 0 then idx, ties, ffc = K_GPU_FFC, false, true
       elseif mode == 'first' then idx, ties = K_CPU_ORD, false
       else idx, lo = K_CPU_IDX, req.cpu_millis end
-      local names, tie = {}, {}
+      local names, tie, text = {}, {}, {}
       for r, h in ipairs(hosts) do
         if k > 0 and not by_host then
           for p = 0, tonumber(rcall('HGET', host_key(h), 'ngpu') or 0) - 1 do
-            -- Position p's text in byte order: each digit + 1 in base 11, a missing digit 0.
-            local t, d = 0, tostring(p)
-            for i = 1, 4 do t = t * 11 + (string.byte(d, i) or 47) - 47 end
+            local t = text[p]
+            if t == nil then
+              -- Position p's text in byte order: each digit + 1 in base 11, a missing digit 0.
+              local d = tostring(p)
+              t = 0
+              for i = 1, 4 do t = t * 11 + (string.byte(d, i) or 47) - 47 end
+              text[p] = t
+            end
             names[#names + 1] = h .. '#' .. p
             tie[#names] = r * 16384 + t
           end
@@ -506,6 +524,25 @@ local function scan(req, mode)
       return v
     end
   end
+  -- The next page of idx's members with scores from lo up, in order (rev: from the top down):
+  -- by score and offset while the offset is small, then by rank from where the range starts (one
+  -- ZCOUNT), since a read by score and offset walks the index from the range's start again, which
+  -- for a walk deep into the index (past many hosts it rules out) cost more than the rest.
+  local base = nil
+  local function in_range(idx, lo, rev)
+    if offset < 256 then
+      if rev then return rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page) end
+      return rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, page)
+    end
+    if rev then
+      -- The members from lo up are the first ZCOUNT from the top.
+      if base == nil then base = rcall('ZCOUNT', idx, lo, '+inf') end
+      if offset >= base then return {} end
+      return rcall('ZREVRANGE', idx, offset, math.min(offset + page, base) - 1)
+    end
+    if base == nil then base = rcall('ZCOUNT', idx, '-inf', '(' .. lo) end
+    return rcall('ZRANGE', idx, base + offset, base + offset + page - 1)
+  end
   local function host_ok(h, pos)
     local c = host_cache[h]
     if c ~= nil then return c end
@@ -546,14 +583,12 @@ local function scan(req, mode)
         if s then for p = 0, s.ngpu - 1 do members[#members + 1] = gpu_member(req.only, p) end end
       end
     elseif by_host then
-      members = rcall('ZRANGEBYSCORE', K_IDLE_HOSTS, k, '+inf', 'LIMIT', offset, page)
+      members = in_range(K_IDLE_HOSTS, k, false)
     elseif k > 0 then
       local idx, lo = K_GPU_IDX, req.gpu_mem
       if whole then idx, lo = K_GPU_IDLE, 1 end
-      if mode == 'best' then
-        members = rcall('ZRANGEBYSCORE', idx, lo, '+inf', 'LIMIT', offset, page)
-      elseif mode == 'worst' then
-        members = rcall('ZREVRANGEBYSCORE', idx, '+inf', lo, 'LIMIT', offset, page)
+      if mode == 'best' or mode == 'worst' then
+        members = in_range(idx, lo, mode == 'worst')
       elseif whole then
         -- Whole GPUs: the GPUs with no holder, in order.
         members = rcall('ZRANGE', K_GPU_IDLE_ORD, offset, offset + page - 1)
@@ -568,10 +603,8 @@ local function scan(req, mode)
         if ff == nil then ff = ff_walk(lo); members = ff_page(ff, 1) else members = ff_page(ff, page) end
       end
     else
-      if mode == 'best' then
-        members = rcall('ZRANGEBYSCORE', K_CPU_IDX, req.cpu_millis, '+inf', 'LIMIT', offset, page)
-      elseif mode == 'worst' then
-        members = rcall('ZREVRANGEBYSCORE', K_CPU_IDX, '+inf', req.cpu_millis, 'LIMIT', offset, page)
+      if mode == 'best' or mode == 'worst' then
+        members = in_range(K_CPU_IDX, req.cpu_millis, mode == 'worst')
       else
         members = rcall('ZRANGE', K_CPU_ORD, offset, offset + page - 1)
       end
