@@ -148,8 +148,8 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
         raise InvalidRequest(field, f"expected a mapping of label to value(s), got {type(value).__name__}")
     sel: dict[str, list[str]] = {}
     for k, v in value.items():
-        if not isinstance(k, str) or not k:
-            raise InvalidRequest(field, f"label names must be non-empty strings, got {short_repr(k)}")
+        if not isinstance(k, str) or not k or "=" in k:
+            raise InvalidRequest(field, f"label names must be non-empty strings without '=', got {short_repr(k)}")
         vals = [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
         if not isinstance(vals, list) or not vals or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in vals):
             raise InvalidRequest(f"{field}.{k}", f"expected a value or a non-empty list of values, got {short_repr(v)}")
@@ -528,6 +528,10 @@ class HostSpec(_Strict):
                 if not isinstance(k, str):
                     raise InvalidRequest("labels", f"label names must be strings, got {k!r}")
                 check_printable(k, "labels")
+                if not k or "=" in k:
+                    # A selector names a label as name=value: a name with "=" could not be told apart
+                    # (Kubernetes refuses it too), nor could the set of the hosts with the label.
+                    raise InvalidRequest("labels", f"label names must be non-empty and without '=', got {short_repr(k)}")
                 check_printable(x, f"labels.{k}")
                 # Text, or a number written as text; a list, None or a mapping has no label form.
                 if isinstance(x, bool) or not isinstance(x, (str, int, float)) or (isinstance(x, float) and not math.isfinite(x)):

@@ -301,12 +301,12 @@ def test_estimated_start_is_the_activation_once_placed(alloc, clock):
 # -- the simulation mirrors the ledger ------------------------------------------------------------
 
 def _random_scenario(a, rng, hosts=5, tasks=40, gpu_counts=(1, 2, 4),
-                     strategies=("best_fit", "first_fit", "worst_fit", "priority")):
+                     strategies=("best_fit", "first_fit", "worst_fit", "priority"), zones=("x", "y")):
     models = ["A", "B"]
     for i in range(hosts):
         n = rng.choice(gpu_counts)
         a.register_host(id=f"h{i}", cpu_cores=rng.choice([4, 8, 16]), ram_mb=rng.choice([16384, 65536]),
-                        labels={"zone": rng.choice(["x", "y"])}, worker_slots=rng.choice([None, 3, 6]),
+                        labels={"zone": rng.choice(zones)}, worker_slots=rng.choice([None, 3, 6]),
                         gpus=[{"index": g, "memory_mb": rng.choice([16384, 24576]), "model": models[i % 2]}
                               for g in range(n)])
     hints: dict[str, int] = {}
@@ -339,6 +339,21 @@ def _random_scenario(a, rng, hosts=5, tasks=40, gpu_counts=(1, 2, 4),
 @pytest.mark.parametrize("scan_cap", [2048, 3])
 @pytest.mark.parametrize("seed", range(1, 7))
 def test_simulated_starts_are_what_the_ledger_does_when_durations_are_exact(alloc, clock, seed, scan_cap, fleet):
+    _replay(alloc, clock, seed, scan_cap, fleet)
+
+
+@pytest.mark.parametrize("sets", ["in step", "out of step"])
+@pytest.mark.parametrize("scan_cap", [2048, 3])
+@pytest.mark.parametrize("seed", range(1, 4))
+def test_simulated_starts_match_walks_that_pass_over_many_hosts_a_selector_or_model_rules_out(alloc, clock, seed,
+                                                                                              scan_cap, sets):
+    # 70 hosts, zone=x on about one in eight, the host sets in step or not (the snapshot reads
+    # which): walks for zone=x or a model pass over many hosts. (Each request's walk, list and
+    # bound included, is compared with the ledger's in tests/test_screened_walk.py.)
+    _replay(alloc, clock, seed, scan_cap, "many", break_sets=sets == "out of step")
+
+
+def _replay(alloc, clock, seed, scan_cap, fleet, break_sets=False):
     # scan_cap 3: the bounded walk stops early (first fit falls back to best fit, refusals say
     # "stopped after"), which the simulation must reproduce too. "wide": more hosts than best
     # fit's window of fitting hosts, with up to 8 GPUs, so the comparison of candidates
@@ -350,9 +365,15 @@ def test_simulated_starts_are_what_the_ledger_does_when_durations_are_exact(allo
     rng = random.Random(seed)
     if fleet == "small":
         hints = _random_scenario(alloc, rng)
-    else:
+    elif fleet == "wide":
         strategies = ("best_fit", "first_fit", "worst_fit") + (("priority",) if scan_cap > 100 else ())
         hints = _random_scenario(alloc, rng, hosts=14, tasks=70, gpu_counts=(1, 2, 4, 8), strategies=strategies)
+    else:
+        strategies = ("best_fit", "first_fit", "worst_fit") + (("priority",) if scan_cap > 100 else ())
+        hints = _random_scenario(alloc, rng, hosts=70, tasks=70, gpu_counts=(1, 2, 4, 8), strategies=strategies,
+                                 zones=("x",) + ("y",) * 7)
+        if break_sets:
+            alloc.redis.hset(alloc.keys.names, "stamp", "out of step")  # as after a rollback's registration
     while alloc.schedule():
         pass
     predicted = alloc.estimated_start_times()

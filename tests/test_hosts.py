@@ -100,6 +100,8 @@ def test_a_host_with_more_gpus_than_the_indexes_can_order_is_refused(alloc_any):
         ({"labels": {"cluster": ["a", "b"]}}, "labels.cluster", "text or a number"),
         ({"labels": {"zone": None}}, "labels.zone", "text or a number"),
         ({"labels": {1: "a"}}, "labels", "label names must be strings"),
+        ({"labels": {"k=v": "w"}}, "labels", "without '='"),
+        ({"labels": {"": "w"}}, "labels", "non-empty"),
     ],
 )
 def test_a_bad_inventory_value_is_refused_naming_the_field_and_changes_nothing(alloc, fields, field, reason_part):

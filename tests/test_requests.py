@@ -86,6 +86,7 @@ def test_strategy_spread_is_worst_fit():
         ({"task_id": ""}, "task_id"),
         ({"selector": {"cluster": []}}, "selector.cluster"),
         ({"selector": "cluster"}, "selector"),
+        ({"selector": {"k=v": "w"}}, "selector"),
     ],
 )
 def test_bad_request_fields_name_the_field(data, field):

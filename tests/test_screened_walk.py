@@ -93,14 +93,30 @@ def test_a_long_walk_passes_over_ruled_out_hosts_by_the_label_sets(alloc):
     assert gets < 40
 
 
-def test_without_the_label_sets_the_walk_reads_each_host_and_still_finds_its_host(alloc):
-    others(alloc, n=40)
+def test_without_the_label_sets_the_walk_passes_over_at_most_8_times_the_cap_after_32_hosts(alloc):
+    others(alloc, n=40)  # 80 GPUs ahead of zz's
     target(alloc, "zz", cluster="gpu")
     # As a ledger written before the label sets: one host not marked, the count one short.
     alloc.redis.hdel(alloc.keys.host("a00"), "lhosts")
     alloc.redis.srem(alloc.keys.label_hosts("cluster", "lab"), "a00")
     alloc.redis.hincrby(alloc.keys.names, "lhosts", -1)
+    alloc.scan_cap = 2  # 16 members, and 64 passed by the 32nd host: the walk stops there
+    with pytest.raises(InsufficientResources, match=r"\(stopped after 2 candidates\)"):
+        alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="cluster=gpu")
+    alloc.scan_cap = 10  # 80 members: it reads each host and finds zz
+    assert alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="cluster=gpu").host_id == "zz"
+
+
+def test_a_registration_by_a_release_without_the_label_sets_turns_the_list_off_until_a_recount(alloc):
+    others(alloc, n=40)
+    target(alloc, "zz", cluster="gpu")
+    # What such a release does when it registers a host again: the registration counter moves,
+    # the sets and their stamp stay as they were.
+    alloc.redis.hincrby(alloc.keys.seq, "cver", 1)
     alloc.scan_cap = 2
+    with pytest.raises(InsufficientResources, match="stopped after"):
+        alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="cluster=gpu")
+    alloc.recount_names()
     assert alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="cluster=gpu").host_id == "zz"
 
 
@@ -142,7 +158,7 @@ def test_recount_rebuilds_the_label_sets(alloc):
 
 def _host_ids(rng) -> list[str]:
     """Ids whose byte order differs from their numbers and from a locale's: n1 < n10 < n2, upper
-    case before lower, punctuation."""
+    case before lower, punctuation (56 hosts of at most 12 GPUs: 672 members at most)."""
     pats = ["n{}", "gpu-{:03d}", "A-{}", "a.{}", "x:{}", "r/{}", "u@{}", "Z{}", "n{}-b", "gpu-{:03d}x"]
     ids: set[str] = set()
     while len(ids) < 56:
@@ -206,7 +222,10 @@ def test_the_list_of_the_allowed_hosts_places_as_the_walk_over_every_host(alloc,
             if j < 30:
                 fields.pop("selector", None)  # fill the fleet unevenly first
                 res.pop("gpu_model", None)
-            cap = rng.choice([3, 8, 2048])
+            # (Caps the walk's bound on hosts passed over, 8 x the cap, cannot stop: the walk
+            # compared reads every host, taking no list; tests/test_eta.py's replays of many hosts
+            # cover the list with small caps against the simulation's walk.)
+            cap = rng.choice([100, 2048])
             got = []
             for a in (alloc, walk):
                 a.scan_cap = cap
@@ -243,3 +262,51 @@ def test_first_fit_goes_on_from_the_list_after_its_first_page_of_allowed_gpus_th
     alloc.release(best.allocation_id)
     assert alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="cluster=rare",
                           strategy="first_fit").host_id == "r1"
+
+
+def test_the_list_goes_on_after_the_allowed_candidates_the_walk_counted_already(alloc):
+    # By free CPU: a0 and a1 (3 cores free, short of RAM) first, then the 40 b hosts, then c0.
+    for hid in ("a0", "a1"):
+        target(alloc, hid, cluster="rare")
+        alloc.allocate({"cpu_cores": 1, "ram_mb": "15Gi"}, selector="cluster=rare", strategy="first_fit")
+    for i in range(40):
+        target(alloc, f"b{i:02d}")
+    target(alloc, "c0", cluster="rare")
+    alloc.scan_cap = 3  # a0, a1 and c0: each counted once, the list going on after a0 and a1
+    assert alloc.allocate({"cpu_cores": 2, "ram_mb": "4Gi"}, selector="cluster=rare").host_id == "c0"
+
+
+# -- the start-time simulation's walk against the ledger's -------------------------------------
+
+@pytest.mark.parametrize("sets", ["in step", "out of step"])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_simulations_walk_places_each_request_where_the_ledger_does(alloc, seed, sets):
+    import json
+    import random
+
+    from allocator.eta.fleet import _Req
+    from allocator.eta.simulation import Simulation
+    from allocator.eta.snapshot import read_snapshot
+    _fleet(alloc, seed)
+    if sets == "out of step":  # no list: at most 8 x the cap passed over once 32 hosts were
+        alloc.redis.hset(alloc.keys.names, "stamp", "out of step")
+    rng = random.Random(2000 + seed)
+    listed = 0
+    for j in range(60):
+        res, fields = _request(rng)
+        alloc.scan_cap = rng.choice([2, 3, 8, 2048])
+        req = alloc.build_request(res, **fields)
+        sim = Simulation(read_snapshot(alloc))
+        found = sim.try_place(_Req(f"r{j}", json.loads(alloc.place_args(req, f"r{j}")[0]), "lease", 0))
+        want = (found[0].id, sorted(g.pos for g in found[1])) if found else None
+        before = alloc.redis.info("commandstats").get("cmdstat_zmscore", {}).get("calls", 0)
+        try:
+            x = alloc.allocate(res, allocation_id=f"r{j}", **fields)
+            got = (x.host_id, sorted(g.index for g in x.gpus))
+        except InsufficientResources:
+            got = None
+        listed += alloc.redis.info("commandstats").get("cmdstat_zmscore", {}).get("calls", 0) > before
+        assert got == want, (j, res, fields, alloc.scan_cap)
+        if got and rng.random() < 0.3:
+            alloc.release(f"r{j}")
+    assert listed or sets == "out of step"  # the list was taken (with the sets in step)

@@ -204,6 +204,9 @@ class Snapshot:
     # Function tasks in line whose RQ job expires (RQ's ``ttl``) -> when (ms): the pass drops such
     # a task (reason job_gone) when it would place it or preempt for it once its job is gone.
     rq_gone: dict[str, int] = field(default_factory=dict)
+    # Whether the model and the label host sets are in step with the hosts (allowed_hosts in
+    # placement.lua): a walk that passes over many hosts then goes on from the list of those it may use.
+    name_sets: tuple[bool, bool] = (True, True)
 
 
 def _hist(durations: dict[str, dict[str, Any]], task_type: str | None, key: str) -> int | None:

@@ -24,6 +24,7 @@ class Simulation(Walk, Line):
         self.now = snap.now
         self.depth = snap.pass_depth
         self.cap = snap.scan_cap
+        self.name_sets = snap.name_sets
         self.durations = snap.durations
         self.stat_key = stat + "_ms"
         self.overdue_factor = overdue_factor

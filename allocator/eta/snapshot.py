@@ -101,6 +101,9 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
             pipe.hget(k.seq, "recovering")
             pipe.time()
             pipe.hkeys(k.preempting)
+            # Whether the walk may take the list of the hosts a request allows (the host sets in step).
+            pipe.hmget(k.names, "hosts", "mhosts", "lhosts", "stamp")
+            pipe.hget(k.seq, "cver")
             res = pipe.execute()
         except redis.WatchError:
             continue
@@ -139,6 +142,9 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
     recovering = res[i + 3] == "1"
     srv = res[i + 4]
     stopping = res[i + 5] or []
+    counted, n_hosts = res[i + 6], len(host_ids)
+    base = int(counted[0] or -1) == n_hosts and counted[3] == (res[i + 7] or "0")
+    name_sets = (base and int(counted[1] or -1) == n_hosts, base and int(counted[2] or -1) == n_hosts)
     if a.clock is not None:
         now = int(a.clock() * 1000)
     else:
@@ -207,6 +213,6 @@ def read_snapshot(a: Allocator, *, cache: _Cache | None = None, attempts: int = 
         catalogs = {h: set(names) for h, names in zip(hosts, pipe.execute())}
     cache.trim({p[0] for p in pend}, {x["id"] for x in allocs})
     return Snapshot(now=now, hosts=hosts, allocs=allocs, pending=pend, durations=durations, catalogs=catalogs,
-                    pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering,
+                    pass_depth=a.pass_depth, scan_cap=a.scan_cap, recovering=recovering, name_sets=name_sets,
                     read_ms=(time.perf_counter() - t0) * 1000,
                     delayed={tid: int(nb) for tid, nb in delayed if nb > now}, jobs=jobs, rq_gone=rq_gone)

@@ -148,25 +148,26 @@ class Walk:
             return True
         return bool(req.gpus and req.models is not None and not any(g.model in req.models for g in h.gpus))
 
-    def _window(self, req: _Req, mode: str, only: str | None) -> tuple[list[str], list[int | None]]:
+    def _window(self, req: _Req, mode: str, only: str | None) -> tuple[list[str], list[int | None], bool]:
         """The candidates a walk looks at, in its order, at most ``scan_cap`` of them: hosts and
-        GPU positions (None for CPU-only requests). Candidates on hosts the request's GPU models
-        or selector rule out are passed over and not counted."""
+        GPU positions (None for CPU-only requests), and whether the walk stopped at the cap.
+        Candidates on hosts the request's GPU models or selector rule out are passed over and not
+        counted (``_screened_window``)."""
         k = req.gpus
         cap = self.cap
         if only is not None:
             if k == 0:
-                return [only], [None]
+                return [only], [None], 1 >= cap
             h = self.hosts.get(only)
             poss: list[int | None] = [g.pos for g in h.gpus][:cap] if h else []
-            return [only] * len(poss), poss
+            return [only] * len(poss), poss, len(poss) >= cap
         if req.selector or (k and req.models is not None):
             return self._screened_window(req, mode)
         if k > 0:
             if req.gpu_mem == 0 and mode == "best":
                 # Whole GPUs, best fit: hosts by idle GPU count, from k up (the idle_hosts ZSET).
                 ents = list(islice(self.idle_hosts.irange((k,)), cap))
-                return list(map(_ID, ents)), [None] * len(ents)
+                return list(map(_ID, ents)), [None] * len(ents), len(ents) >= cap
             if req.gpu_mem == 0:
                 idx, lo = self.gpu_idle, 1
             else:
@@ -185,7 +186,7 @@ class Walk:
             else:  # gpu_ord's first page, then the classes of gpu_ffc that can hold it, merged (ff_page)
                 win = list(self.gpu_ord.islice(0, min(FIRST_PAGE, cap)))
                 win += islice(heapq.merge(*self.gpu_ffc[ff_class(lo):]), cap - len(win))
-            return list(map(_HOST, win)), list(map(_POS, win))
+            return list(map(_HOST, win)), list(map(_POS, win)), len(win) >= cap
         if mode == "first":  # the cpu_ord ZSET: schedulable hosts in registration order
             hosts = list(islice((h.id for h in self.by_ord if h.indexed), cap))
         else:
@@ -195,49 +196,84 @@ class Walk:
             else:
                 hosts = [e[1] for e in self.cpu_idx.islice(max(i, n - cap), n)]
                 hosts.reverse()
-        return hosts, [None] * len(hosts)
+        return hosts, [None] * len(hosts), len(hosts) >= cap
 
-    def _screened_window(self, req: _Req, mode: str) -> tuple[list[str], list[int | None]]:
+    def _listable(self, req: _Req) -> bool:
+        """Whether a walk for req that has passed over 32 hosts goes on from the list of the hosts
+        it may use (listed() in placement.lua): the host sets in step, and at most 512 hosts, or
+        an eighth of the fleet, allowed."""
+        models_ok, labels_ok = self.name_sets
+        if (req.gpus and req.models is not None and not models_ok) or (req.selector and not labels_ok):
+            return False
+        n = sum(1 for hid in self.hosts if not self._foreign(req, hid))
+        return n <= 512 or n * 8 <= len(self.hosts)
+
+    def _screened_window(self, req: _Req, mode: str) -> tuple[list[str], list[int | None], bool]:
         """_window for a request with GPU models or a selector: the same orders, less the
-        candidates on hosts they rule out, which do not count toward the cap."""
+        candidates on hosts they rule out, which do not count toward the cap. Once it has met 32
+        such hosts it goes on from the list of the allowed ones (which has no others) when
+        ``_listable``, else it passes over at most 8 x the cap of their members in all, then stops
+        as at the cap."""
         k, cap = req.gpus, self.cap
         ruled: dict[str, bool] = {}
+        st = {"passed": 0, "hosts": 0, "listed": False}
 
-        def keep(hid: str) -> bool:
-            v = ruled.get(hid)
-            if v is None:
-                v = ruled[hid] = self._foreign(req, hid)
-            return not v
+        def take(entries: Iterable[Any], host_of: Any, limit: int) -> tuple[list[Any], bool]:
+            out: list[Any] = []
+            if limit <= 0:
+                return out, True
+            for e in entries:
+                hid = host_of(e)
+                v = ruled.get(hid)
+                new = v is None
+                if new:
+                    v = ruled[hid] = self._foreign(req, hid)
+                if v:
+                    if st["listed"]:
+                        continue  # (the list holds none of them)
+                    if new:
+                        st["hosts"] += 1
+                        if st["hosts"] == 32 and self._listable(req):
+                            st["listed"] = True
+                    st["passed"] += 1
+                    if st["passed"] > 8 * cap and st["hosts"] >= 32 and not st["listed"]:
+                        return out, True
+                    continue
+                out.append(e)
+                if len(out) >= limit:
+                    return out, True
+            return out, False
 
         if k > 0:
             if req.gpu_mem == 0 and mode == "best":
-                ents = list(islice((e for e in self.idle_hosts.irange((k,)) if keep(_ID(e))), cap))
-                return list(map(_ID, ents)), [None] * len(ents)
+                ents, capped = take(self.idle_hosts.irange((k,)), _ID, cap)
+                return list(map(_ID, ents)), [None] * len(ents), capped
             if req.gpu_mem == 0:
                 idx, lo = self.gpu_idle, 1
             else:
                 idx, lo = self.gpu_idx, req.gpu_mem
             i = idx.bisect_left((lo,))
             if mode == "best":
-                win = list(islice((e for e in idx.islice(i, len(idx)) if keep(_HOST(e))), cap))
+                win, capped = take(idx.islice(i, len(idx)), _HOST, cap)
             elif mode == "worst":
-                win = list(islice((e for e in idx.islice(i, len(idx), reverse=True) if keep(_HOST(e))), cap))
+                win, capped = take(idx.islice(i, len(idx), reverse=True), _HOST, cap)
             elif req.gpu_mem == 0:
-                win = list(islice((e for e in self.gpu_idle_ord if keep(_HOST(e))), cap))
+                win, capped = take(self.gpu_idle_ord, _HOST, cap)
             elif lo < 1024:
-                win = list(islice((e for e in self.gpu_ord if keep(_HOST(e))), cap))
+                win, capped = take(self.gpu_ord, _HOST, cap)
             else:
-                win = [e for e in self.gpu_ord.islice(0, FIRST_PAGE) if keep(_HOST(e))][:cap]
-                win += islice((e for e in heapq.merge(*self.gpu_ffc[ff_class(lo):]) if keep(_HOST(e))),
-                              cap - len(win))
-            return list(map(_HOST, win)), list(map(_POS, win))
+                win, capped = take(self.gpu_ord.islice(0, FIRST_PAGE), _HOST, cap)
+                if not capped:
+                    more, capped = take(heapq.merge(*self.gpu_ffc[ff_class(lo):]), _HOST, cap - len(win))
+                    win += more
+            return list(map(_HOST, win)), list(map(_POS, win)), capped
         if mode == "first":
-            hosts = list(islice((h.id for h in self.by_ord if h.indexed and keep(h.id)), cap))
+            hosts, capped = take((h.id for h in self.by_ord if h.indexed), lambda x: x, cap)
         else:
             i, n = self.cpu_idx.bisect_left((req.cpu_millis,)), len(self.cpu_idx)
-            rev = mode != "best"
-            hosts = list(islice((e[1] for e in self.cpu_idx.islice(i, n, reverse=rev) if keep(e[1])), cap))
-        return hosts, [None] * len(hosts)
+            ents, capped = take(self.cpu_idx.islice(i, n, reverse=mode != "best"), lambda e: e[1], cap)
+            hosts = [e[1] for e in ents]
+        return hosts, [None] * len(hosts), capped
 
     def _host_ok(self, req: _Req, hid: str, exclude: str | None, only: str | None) -> _Host | None:
         h = self.hosts.get(hid)
@@ -272,8 +308,7 @@ class Walk:
         fit the cheapest (``_cost``, the earliest on a tie) of the first ``BEST_WINDOW`` hosts
         that fit. None and whether the walk stopped at the cap (it then looked at exactly
         ``scan_cap`` candidates) when nothing fits."""
-        hosts, poss = self._window(req, mode, only)
-        capped = len(hosts) >= self.cap
+        hosts, poss, capped = self._window(req, mode, only)
         window = BEST_WINDOW if mode == "best" and only is None else 1
         best: tuple[_Host, list[_Gpu]] | None = None
         best_cost = (0, 0, 0)

@@ -126,6 +126,8 @@ local function count_names(h, by)
   rcall('HINCRBY', k, 'hosts', by)
   if msets then rcall('HINCRBY', k, 'mhosts', by) end
   if lsets then rcall('HINCRBY', k, 'lhosts', by) end
+  -- The registration counter the sets are in step with (see allowed_hosts in placement.lua).
+  rcall('HSET', k, 'stamp', rcall('HGET', K_SEQ, 'cver') or '0')
   if by > 0 then
     rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]', 'mhosts', '1', 'lhosts', '1')
   else

@@ -327,6 +327,7 @@ local function scan(req, mode)
   local screen = (req.selector ~= nil or (req.models ~= nil and k > 0)) and not req.only
   local pre, foreign = nil, nil  -- (see below: only for a request with models or a selector)
   local rest, rest_done = nil, false  -- the rest of the walk, listed from those hosts (see below)
+  local npassed, nruled = 0, 0  -- members of hosts ruled out passed over, hosts ruled out read
   local function cheaper(c1, c2, c3)
     return best_h == nil or c1 < b1 or (c1 == b1 and (c2 < b2 or (c2 == b2 and c3 < b3)))
   end
@@ -343,16 +344,18 @@ local function scan(req, mode)
   -- the host sets kept with the count of models and labels (count_names in ledger.lua), read once,
   -- a lookup per host (allowed; unused while some registered host is not in those sets yet).
   if screen then
-    local ruled, nruled, allowed, nhosts = {}, 0, false, 0
+    local ruled, allowed, nhosts = {}, false, 0
     pre = {}
     -- The hosts req's GPU models and selector allow, as a set; false while some registered host
     -- is not in the sets yet.
     local function allowed_hosts()
-      local f = rcall('HMGET', PREFIX .. 'names', 'hosts', 'mhosts', 'lhosts')
+      local f = rcall('HMGET', PREFIX .. 'names', 'hosts', 'mhosts', 'lhosts', 'stamp')
       nhosts = rcall('ZCARD', K_HOSTS)
       local by_model = req.models ~= nil and k > 0
+      -- (The stamp: the registration counter when the sets last changed. A release without the
+      -- label sets registers hosts without it, so a rollback's registrations turn the sets off.)
       if tonumber(f[1] or -1) ~= nhosts or (by_model and tonumber(f[2] or -1) ~= nhosts)
-         or (req.selector and tonumber(f[3] or -1) ~= nhosts) then
+         or (req.selector and tonumber(f[3] or -1) ~= nhosts) or f[4] ~= (rcall('HGET', K_SEQ, 'cver') or '0') then
         return false
       end
       local out = nil
@@ -453,7 +456,7 @@ local function scan(req, mode)
           tie[#names] = r * 16384
         end
       end
-      local keys, member, c = {}, {}, FF_SHIFT * ff_class(req.gpu_mem)
+      local sc, tb, mem, c, big = {}, {}, {}, FF_SHIFT * ff_class(req.gpu_mem), false
       for i = 1, #names, 1000 do
         local scores = rcall('ZMSCORE', idx, unpack(names, i, math.min(i + 999, #names)))
         for j, v in ipairs(scores) do
@@ -463,13 +466,30 @@ local function scan(req, mode)
             if v and v >= c then v = v % FF_SHIFT else v = nil end
           elseif lo and v and v < lo then v = nil end
           if v then
-            if ties then v = v * 16777216 + tie[i + j - 1] end
-            keys[#keys + 1] = v
-            member[v] = names[i + j - 1]
+            local n = #sc + 1
+            sc[n], tb[n], mem[n] = v, ties and tie[i + j - 1] or 0, names[i + j - 1]
+            if ties and v >= 268435456 then big = true end
           end
         end
       end
-      table.sort(keys)
+      -- Sorted as one number per member: the score, unique where the index orders by ordinal, else
+      -- score x 2^24 + tie while that is exact (scores below 2^28: GPU MiB, millicores, counts),
+      -- and in pairs beyond.
+      local order = {}
+      if big then
+        for n = 1, #sc do order[n] = n end
+        table.sort(order, function(x, y) if sc[x] ~= sc[y] then return sc[x] < sc[y] end return tb[x] < tb[y] end)
+        for n, at in ipairs(order) do order[n] = mem[at] end
+      else
+        local keys, member = {}, {}
+        for n = 1, #sc do
+          local v = sc[n]
+          if ties then v = v * 16777216 + tb[n] end
+          keys[n], member[v] = v, mem[n]
+        end
+        table.sort(keys)
+        for n, v in ipairs(keys) do order[n] = member[v] end
+      end
       local out = {}
       if ffc then
         -- The walk's first page: gpu_ord's first members, however few fit.
@@ -478,9 +498,9 @@ local function scan(req, mode)
         end
       end
       if mode == 'worst' then
-        for i = #keys, 1, -1 do out[#out + 1] = member[keys[i]] end
+        for n = #order, 1, -1 do out[#out + 1] = order[n] end
       else
-        for _, v in ipairs(keys) do out[#out + 1] = member[v] end
+        for _, m in ipairs(order) do out[#out + 1] = m end
       end
       return out
     end
@@ -624,7 +644,14 @@ local function scan(req, mode)
         end
       end
       if screen and foreign(h, pos) then
-        passed = passed + 1
+        passed, npassed = passed + 1, npassed + 1
+        -- Once 32 hosts were passed over without a list to go on from (more hosts allowed, or the
+        -- sets not in step), at most 8 x the cap members in all: then the walk stops as at the cap,
+        -- so that its cost stays bounded.
+        if npassed > 8 * cap and nruled >= 32 and not rest then
+          if best_h then return chosen() end
+          return nil, true
+        end
         if rest and not rest_done then break end  -- the walk goes on from the list
       else
         seen = seen + 1
