@@ -18,6 +18,9 @@ plus ``--rare-hosts`` hosts of model B100 with label ``zone=rare`` and ``--mid-h
   with ``zone=mid`` (more hosts than the list takes); with ``cluster=synthetic`` (a label every
   ``syn-*`` host has: nothing to pass over). Each placed allocation is released outside the
   measurement; a refusal is counted;
+- ``allocate`` of one GPU with ``zone=rare`` while the host sets are out of step (as after a
+  registration by a release without them): no list, the walk passes over at most 8 x the scan cap
+  of other hosts' members once it has met 32, and stops (a refusal);
 - the refusal of ``zone=rare`` once its hosts are taken, and a release while a task waiting for
   them heads the line.
 
@@ -124,6 +127,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 us, n = placements_us(a, res, fields, args.rounds)
                 rows.setdefault(f"place: {name}", []).append(us)
                 refused[f"place: {name}"] = refused.get(f"place: {name}", 0) + n
+        stamp = r.hget(a.keys.names, "stamp")
+        r.hset(a.keys.names, "stamp", "out of step")
+        for _ in range(args.repeat):
+            us, n = placements_us(a, GPU, {"selector": "zone=rare"}, args.rounds)
+            rows.setdefault("place: zone=rare, host sets out of step", []).append(us)
+            refused["place: zone=rare, host sets out of step"] = refused.get("place: zone=rare, host sets out of step", 0) + n
+        r.hset(a.keys.names, "stamp", stamp or "0")
         taken = [a.allocate({"gpus": args.gpus, "cpu_cores": 1}, selector="zone=rare").allocation_id
                  for _ in range(args.rare_hosts)]
         lease = {"gpus": 1, "gpu_memory_mb": "10Gi", "cpu_cores": 1}
