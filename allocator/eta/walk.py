@@ -212,7 +212,7 @@ class Walk:
         """_window for a request with GPU models or a selector: the same orders, less the
         candidates on hosts they rule out, which do not count toward the cap. Once it has met 32
         such hosts it goes on from the list of the allowed ones (which has no others) when
-        ``_listable``, else it passes over at most 8 x the cap of their members in all, then stops
+        ``_listable``, else it passes over at most 4 x the cap of their members in all, then stops
         as at the cap."""
         k, cap = req.gpus, self.cap
         ruled: dict[str, bool] = {}
@@ -236,7 +236,7 @@ class Walk:
                         if st["hosts"] == 32 and self._listable(req):
                             st["listed"] = True
                     st["passed"] += 1
-                    if st["passed"] > 8 * cap and st["hosts"] >= 32 and not st["listed"]:
+                    if st["passed"] > 4 * cap and st["hosts"] >= 32 and not st["listed"]:
                         return out, True
                     continue
                 out.append(e)

@@ -646,9 +646,9 @@ local function scan(req, mode)
       if screen and foreign(h, pos) then
         passed, npassed = passed + 1, npassed + 1
         -- Once 32 hosts were passed over without a list to go on from (more hosts allowed, or the
-        -- sets not in step), at most 8 x the cap members in all: then the walk stops as at the cap,
+        -- sets not in step), at most 4 x the cap members in all: then the walk stops as at the cap,
         -- so that its cost stays bounded.
-        if npassed > 8 * cap and nruled >= 32 and not rest then
+        if npassed > 4 * cap and nruled >= 32 and not rest then
           if best_h then return chosen() end
           return nil, true
         end
