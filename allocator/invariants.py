@@ -199,6 +199,9 @@ def _check_names(hosts: dict[str, dict[str, str]], names: dict[str, str]) -> lis
     if int(names.get("hosts") or 0) != counted:
         bad.append(f"names count covers {names.get('hosts') or 0} hosts, {counted} are marked named "
                    "(Allocator.recount_names() rebuilds it)")
+    if names.get("stamp") == "stale":
+        bad.append("the label and model host sets are stale since a registration by a release that does not keep "
+                   "them; walks do not use them (Allocator.recount_names() rebuilds them)")
     return bad
 
 

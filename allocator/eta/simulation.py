@@ -25,6 +25,7 @@ class Simulation(Walk, Line):
         self.depth = snap.pass_depth
         self.cap = snap.scan_cap
         self.name_sets = snap.name_sets
+        self._allowed_n: dict[tuple[Any, str], int] = {}  # hosts a request's models and selector allow
         self.durations = snap.durations
         self.stat_key = stat + "_ms"
         self.overdue_factor = overdue_factor

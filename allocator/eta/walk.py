@@ -198,25 +198,28 @@ class Walk:
                 hosts.reverse()
         return hosts, [None] * len(hosts), len(hosts) >= cap
 
-    def _listable(self, req: _Req) -> bool:
-        """Whether a walk for req that has passed over 32 hosts goes on from the list of the hosts
-        it may use (listed() in placement.lua): the host sets in step, and at most 512 hosts, or
-        an eighth of the fleet, allowed."""
+    def _listable(self, req: _Req, seen: int) -> bool:
+        """Whether a walk for req that has passed over 32 hosts, having counted ``seen``
+        candidates, goes on from the list of the hosts it may use (listed() in placement.lua):
+        the host sets in step, and at most 64 hosts allowed, or at most 512 and none counted yet."""
         models_ok, labels_ok = self.name_sets
         if (req.gpus and req.models is not None and not models_ok) or (req.selector and not labels_ok):
             return False
-        n = sum(1 for hid in self.hosts if not self._foreign(req, hid))
-        return n <= 512 or n * 8 <= len(self.hosts)
+        key = (req.models if req.gpus else None, repr(req.selector))
+        n = self._allowed_n.get(key)
+        if n is None:  # (the hosts and their labels and models do not change in a simulation)
+            n = self._allowed_n[key] = sum(1 for hid in self.hosts if not self._foreign(req, hid))
+        return n <= 64 or (n <= 512 and seen == 0)
 
     def _screened_window(self, req: _Req, mode: str) -> tuple[list[str], list[int | None], bool]:
         """_window for a request with GPU models or a selector: the same orders, less the
         candidates on hosts they rule out, which do not count toward the cap. Once it has met 32
         such hosts it goes on from the list of the allowed ones (which has no others) when
-        ``_listable``, else it passes over at most 4 x the cap of their members in all, then stops
+        ``_listable``, else it passes over at most 2 x the cap of their members in all, then stops
         as at the cap."""
         k, cap = req.gpus, self.cap
         ruled: dict[str, bool] = {}
-        st = {"passed": 0, "hosts": 0, "listed": False}
+        st = {"passed": 0, "hosts": 0, "listed": False, "seen": 0}
 
         def take(entries: Iterable[Any], host_of: Any, limit: int) -> tuple[list[Any], bool]:
             out: list[Any] = []
@@ -233,13 +236,14 @@ class Walk:
                         continue  # (the list holds none of them)
                     if new:
                         st["hosts"] += 1
-                        if st["hosts"] == 32 and self._listable(req):
+                        if st["hosts"] == 32 and self._listable(req, st["seen"]):
                             st["listed"] = True
                     st["passed"] += 1
-                    if st["passed"] > 4 * cap and st["hosts"] >= 32 and not st["listed"]:
+                    if st["passed"] > 2 * cap and st["hosts"] >= 32 and not st["listed"]:
                         return out, True
                     continue
                 out.append(e)
+                st["seen"] += 1
                 if len(out) >= limit:
                     return out, True
             return out, False

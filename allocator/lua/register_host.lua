@@ -150,7 +150,7 @@ for pos0, g in ipairs(spec.gpus or {}) do
   end
 end
 -- The host's old models and labels leave the count before its fields change (counted again below).
-if not created then count_names(h, -1) end
+if not created then count_names(h, -1, true) end
 -- Drop the fields and index members of GPUs beyond the new count.
 for pos = #(spec.gpus or {}), old_ngpu - 1 do
   local p = 'g' .. pos .. ':'
@@ -160,7 +160,7 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
 rcall('HSET', hk, unpack(fields))
-count_names(h, 1)
+count_names(h, 1, true)
 if over then rcall('HSET', hk, 'overcommitted', '1') else rcall('HDEL', hk, 'overcommitted') end
 -- Service references follow the active allocations too.
 local svc = rcall('HGETALL', svc_key(h))

@@ -88,8 +88,13 @@ local K_DRAIN_ON_REGISTER = PREFIX .. 'drain_on_register'  -- keys.drain_on_regi
 -- that label (keys.label_hosts), with the count 'lhosts' and the mark 'lhosts' likewise. A request
 -- for a model only a few hosts have is refused without a walk when none of them can take it now
 -- (absent_name in placement.lua), and a walk passes over the hosts a request's models or
--- selector rule out by these sets (allowed_hosts in placement.lua).
-local function count_names(h, by)
+-- selector rule out by these sets (allowed_hosts in placement.lua). The count's 'stamp' is the
+-- registration counter (PREFIX..'seq' field 'cver') as of the sets' last change: a registration
+-- (moved: it moved the counter, by one, before counting) finds it at the counter or one less, a
+-- removal at the counter. Anything else means a registration by a release that does not keep the
+-- label sets (a rollback): the stamp becomes 'stale', and the sets are not trusted until
+-- recount_names.lua rebuilds them.
+local function count_names(h, by, moved)
   local k, hk = PREFIX .. 'names', host_key(h)
   local mark = rcall('HMGET', hk, 'named', 'mhosts', 'lhosts')
   local counted = mark[1]
@@ -126,8 +131,12 @@ local function count_names(h, by)
   rcall('HINCRBY', k, 'hosts', by)
   if msets then rcall('HINCRBY', k, 'mhosts', by) end
   if lsets then rcall('HINCRBY', k, 'lhosts', by) end
-  -- The registration counter the sets are in step with (see allowed_hosts in placement.lua).
-  rcall('HSET', k, 'stamp', rcall('HGET', K_SEQ, 'cver') or '0')
+  local stamp, cver = rcall('HGET', k, 'stamp'), tonumber(rcall('HGET', K_SEQ, 'cver') or 0)
+  if stamp ~= 'stale' then
+    local v = tonumber(stamp)
+    if stamp and not (v == cver or (moved and v == cver - 1)) then stamp = 'stale' else stamp = cver end
+    rcall('HSET', k, 'stamp', stamp)
+  end
   if by > 0 then
     rcall('HSET', hk, 'named', #names > 0 and cjson.encode(names) or '[]', 'mhosts', '1', 'lhosts', '1')
   else

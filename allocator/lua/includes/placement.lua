@@ -414,17 +414,19 @@ local function scan(req, mode)
       return out
     end
     -- The members of the index this walk goes over that are the allowed hosts', in the walk's
-    -- order, the same list the walk would meet after passing over every other host (nil when more
-    -- than 512 hosts, and more than an eighth of the fleet, are allowed: listing them would cost
-    -- more than the walk is likely to):
+    -- order, the same list the walk would meet after passing over every other host. Its cost grows
+    -- with the hosts allowed (about 3 us a member), the walk's with those it passes over: nil
+    -- when more than 512 hosts are allowed, or more than 64 and the walk has met some of them
+    -- already (they are spread among the others, and the walk is likely to meet more soon):
     -- their scores read in one ZMSCORE per 1,000 members and sorted as numbers; equal scores by
     -- member name, that is host id in byte order, then position as text ("10" before "2").
     local function listed()
       local hosts = {}
       for h in pairs(allowed) do
         hosts[#hosts + 1] = h
-        if #hosts > 512 and #hosts * 8 > nhosts then return nil end
+        if #hosts > 512 then return nil end
       end
+      if #hosts > 64 and seen > 0 then return nil end
       hosts = in_byte_order(hosts)
       local idx, lo, ties, ffc = nil, nil, true, false
       if by_host then idx, lo = K_IDLE_HOSTS, k
@@ -646,11 +648,11 @@ local function scan(req, mode)
       if screen and foreign(h, pos) then
         passed, npassed = passed + 1, npassed + 1
         -- Once 32 hosts were passed over without a list to go on from (more hosts allowed, or the
-        -- sets not in step), at most 4 x the cap members in all: then the walk stops as at the cap,
-        -- so that its cost stays bounded.
-        if npassed > 4 * cap and nruled >= 32 and not rest then
+        -- sets not in step), at most 2 x the cap members in all: then the walk stops as at the cap,
+        -- so that its cost stays bounded ('passed': the refusal says so).
+        if npassed > 2 * cap and nruled >= 32 and not rest then
           if best_h then return chosen() end
-          return nil, true
+          return nil, 'passed'
         end
         if rest and not rest_done then break end  -- the walk goes on from the list
       else
@@ -762,7 +764,10 @@ local function refusal(req, capped)
     if req.models then msg = msg .. ' on the requested GPU models' end
     if req.selector then msg = msg .. ' among hosts matching the selector' end
   end
-  if capped then
+  if capped == 'passed' then
+    details.scan_cap_reached = true
+    msg = msg .. ' (stopped after passing over ' .. (2 * req.scan_cap) .. ' GPUs or hosts the request rules out)'
+  elseif capped then
     details.scan_cap_reached = true
     msg = msg .. ' (stopped after ' .. req.scan_cap .. ' candidates)'
   end
