@@ -4,8 +4,9 @@ of the fleet first.
 The walk by free GPU memory (or free CPU) meets GPUs of equal free memory in host-name order, so on
 an idle fleet the hosts of a rarer model or label may come after every other host. It passes over
 the hosts a request's models or selector rule out without counting them toward the scan cap; after
-32 of them it reads the allowed hosts from the label and model host sets and, when at most 512 are
-allowed, goes on from a list of their members in the walk's order (docs/architecture.md,
+32 of them it reads the allowed hosts from the label and model host sets and, when at most 64 are
+allowed (or 512 and it met none of them yet), goes on from a list of their members in the walk's
+order, else passes over at most 2 x the cap of other hosts' members (docs/architecture.md,
 "Placement").
 
 On ``--hosts`` hosts of ``--gpus`` GPUs (the ledger benchmark's synthetic fleet, named ``syn-*``),
@@ -15,11 +16,11 @@ plus ``--rare-hosts`` hosts of model B100 with label ``zone=rare`` and ``--mid-h
 
 - the trivial script (the baseline, in the same run);
 - ``allocate`` of one shared GPU: without constraints; with ``zone=rare``; with the B100 model;
-  with ``zone=mid`` (more hosts than the list takes); with ``cluster=synthetic`` (a label every
+  with ``zone=mid`` (a list of 400 hosts); with ``cluster=synthetic`` (a label every
   ``syn-*`` host has: nothing to pass over). Each placed allocation is released outside the
   measurement; a refusal is counted;
 - ``allocate`` of one GPU with ``zone=rare`` while the host sets are out of step (as after a
-  registration by a release without them): no list, the walk passes over at most 4 x the scan cap
+  registration by a release without them): no list, the walk passes over at most 2 x the scan cap
   of other hosts' members once it has met 32, and stops (a refusal);
 - the refusal of ``zone=rare`` once its hosts are taken, and a release while a task waiting for
   them heads the line.
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=5000)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--rare-hosts", type=int, default=10, help="hosts of model B100 with zone=rare")
-    ap.add_argument("--mid-hosts", type=int, default=600, help="hosts with zone=mid (more than the list takes)")
+    ap.add_argument("--mid-hosts", type=int, default=400, help="hosts with zone=mid")
     ap.add_argument("--rounds", type=int, default=20, help="calls per measurement")
     ap.add_argument("--repeat", type=int, default=3, help="measurements per figure (the median is shown)")
     ap.add_argument("--redis-url", default=os.environ.get("ALLOCATOR_REDIS_URL", "redis://127.0.0.1:6379/0"))
