@@ -67,7 +67,8 @@ local function host_eligible(req, h, s)
   if req.exclude and h == req.exclude then return false end
   if req.gone and req.gone[h] then return false end
   if req.only and h ~= req.only then return false end
-  if req.selector and not labels_match(req.selector, host_labels(h, s)) then return false end
+  -- (s.matched: the walk checked the selector on this state already, see foreign in scan.)
+  if req.selector and not s.matched and not labels_match(req.selector, host_labels(h, s)) then return false end
   return true
 end
 
@@ -527,6 +528,7 @@ local function scan(req, mode)
             for _, g in ipairs(host_gpus(h, s)) do if req.models[g.model] then v = false; break end end
           end
         end
+        if s and not v then s.matched = true end
         if v then
           nruled = nruled + 1
           if nruled == 32 then
