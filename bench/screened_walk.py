@@ -55,8 +55,10 @@ from allocator.errors import InsufficientResources  # noqa: E402
 
 try:
     from bench import fleets  # python -m bench.screened_walk
+    from bench.refusal_cost import server_us
 except ImportError:  # python bench/screened_walk.py
     import fleets  # type: ignore[no-redef]
+    from refusal_cost import server_us  # type: ignore[no-redef]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -68,21 +70,6 @@ PLACEMENTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "zone=mid": (GPU, {"selector": "zone=mid"}),
     "cluster=synthetic": (GPU, {"selector": "cluster=synthetic"}),
 }
-
-
-def _evalsha(r: redis.Redis) -> tuple[int, int]:
-    stats = r.info("commandstats").get("cmdstat_evalsha") or {}
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
-
-
-def server_us(r: redis.Redis, call: Callable[[], Any], n: int) -> float:
-    """Server µs per EVALSHA over ``n`` calls of ``call``, from the counters' change (use a server
-    of its own for figures: a shared server's other clients count too)."""
-    calls0, usec0 = _evalsha(r)
-    for _ in range(n):
-        call()
-    calls1, usec1 = _evalsha(r)
-    return (usec1 - usec0) / max(1, calls1 - calls0)
 
 
 def placements_us(a: Allocator, resources: dict[str, Any], fields: dict[str, Any], n: int) -> tuple[float, int]:
