@@ -335,15 +335,45 @@ def _zmscores(a) -> int:
 
 
 @pytest.mark.parametrize("spread", [True, False])
-def test_more_than_64_allowed_hosts_are_listed_only_when_the_walk_met_none_of_them(alloc, spread):
-    # 75 hosts with zone=e among 525 others: spread (every 8th by name) the walk meets some among
-    # the first 32 it passes over, and goes on by lookups (a list would cost it more); all last
-    # by name, it met none and goes on from the list.
+def test_more_than_64_allowed_hosts_are_listed_only_where_the_walk_would_stop(alloc, spread):
+    # 75 hosts with zone=e among 525 others: spread (every 8th by name) the walk meets them as it
+    # goes; all last by name, it passes over 2 x the cap of other hosts' GPUs (128) and goes on
+    # from the list rather than stopping there.
     for i in range(600):
         e = i % 8 == 0 if spread else i >= 525
         alloc.register_host(id=f"h{i:03d}", labels={"zone": "e" if e else "o"}, cpu_cores=4, ram_mb="16Gi",
                             gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.scan_cap = 64
+    assert _simulated(alloc, {"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e") == ("h000" if spread else "h525")
     before = _zmscores(alloc)
     host = alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e").host_id
     assert host == ("h000" if spread else "h525")
     assert (_zmscores(alloc) > before) == (not spread)
+
+
+def _simulated(a, resources: dict, **fields) -> str | None:
+    """Where the start-time simulation's walk places the request now (its host, or None)."""
+    import json
+
+    from allocator.eta.fleet import _Req
+    from allocator.eta.simulation import Simulation
+    from allocator.eta.snapshot import read_snapshot
+    req = a.build_request(resources, **fields)
+    found = Simulation(read_snapshot(a)).try_place(_Req("x", json.loads(a.place_args(req, "x")[0]), "lease", 0))
+    return found[0].id if found else None
+
+
+def test_a_list_of_more_than_512_allowed_hosts_is_not_taken_and_the_walk_stops(alloc):
+    for i in range(40):
+        alloc.register_host(id=f"a{i:02d}", labels={"zone": "o"}, cpu_cores=4, ram_mb="16Gi",
+                            gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    for i in range(513):
+        alloc.register_host(id=f"z{i:03d}", labels={"zone": "e"}, cpu_cores=4, ram_mb="16Gi",
+                            gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.scan_cap = 2  # 4 GPUs passed over after the 32nd host: stopped, no list of 513 hosts
+    assert _simulated(alloc, {"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e") is None
+    with pytest.raises(InsufficientResources, match="stopped after passing over 4 GPUs"):
+        alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e")
+    alloc.scan_cap = 20  # 40: the walk reaches them
+    assert _simulated(alloc, {"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e") == "z000"
+    assert alloc.allocate({"gpus": 1, "gpu_memory_mb": "8Gi"}, selector="zone=e").host_id == "z000"

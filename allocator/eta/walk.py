@@ -198,28 +198,40 @@ class Walk:
                 hosts.reverse()
         return hosts, [None] * len(hosts), len(hosts) >= cap
 
-    def _listable(self, req: _Req, seen: int) -> bool:
-        """Whether a walk for req that has passed over 32 hosts, having counted ``seen``
-        candidates, goes on from the list of the hosts it may use (listed() in placement.lua):
-        the host sets in step, and at most 64 hosts allowed, or at most 512 and none counted yet."""
+    def _listable(self, req: _Req, limit: int, mode: str) -> bool:
+        """Whether the walk goes on from the list of the hosts req may use (allowed_hosts and
+        listed() in placement.lua): the host sets in step, at most ``limit`` hosts allowed as
+        bounded by the sets' sizes (each constraint's, the smallest: the sum over a label's values,
+        or over the models), and at most 4,096 members to list."""
         models_ok, labels_ok = self.name_sets
-        if (req.gpus and req.models is not None and not models_ok) or (req.selector and not labels_ok):
+        by_model = bool(req.gpus and req.models is not None)
+        if (by_model and not models_ok) or (req.selector and not labels_ok):
             return False
-        key = (req.models if req.gpus else None, repr(req.selector))
-        n = self._allowed_n.get(key)
-        if n is None:  # (the hosts and their labels and models do not change in a simulation)
-            n = self._allowed_n[key] = sum(1 for hid in self.hosts if not self._foreign(req, hid))
-        return n <= 64 or (n <= 512 and seen == 0)
+        key = (req.models if by_model else None, repr(req.selector))
+        got = self._allowed_n.get(key)
+        if got is None:  # (the hosts and their labels and models do not change in a simulation)
+            hosts = self.hosts.values()
+            sizes = [sum(sum(1 for h in hosts if k in h.labels and str(h.labels[k]) == v) for v in vals)
+                     for k, vals in (req.selector or {}).items()]
+            if by_model:
+                sizes.append(sum(sum(1 for h in hosts if any(g.model == m for g in h.gpus)) for m in req.models))
+            allowed = [h for h in hosts if not self._foreign(req, h.id)]
+            got = self._allowed_n[key] = (min(sizes), len(allowed), sum(len(h.gpus) for h in allowed))
+        bound, n_hosts, n_gpus = got
+        if bound > limit:
+            return False
+        return (n_hosts if not req.gpus or (req.gpu_mem == 0 and mode == "best") else n_gpus) <= 4096
 
     def _screened_window(self, req: _Req, mode: str) -> tuple[list[str], list[int | None], bool]:
         """_window for a request with GPU models or a selector: the same orders, less the
         candidates on hosts they rule out, which do not count toward the cap. Once it has met 32
         such hosts it goes on from the list of the allowed ones (which has no others) when
-        ``_listable``, else it passes over at most 2 x the cap of their members in all, then stops
+        ``_listable`` with at most 64 hosts, else it passes over at most 2 x the cap of their
+        members in all, then goes on from the list when ``_listable`` with at most 512, else stops
         as at the cap."""
         k, cap = req.gpus, self.cap
         ruled: dict[str, bool] = {}
-        st = {"passed": 0, "hosts": 0, "listed": False, "seen": 0}
+        st = {"passed": 0, "hosts": 0, "listed": False}
 
         def take(entries: Iterable[Any], host_of: Any, limit: int) -> tuple[list[Any], bool]:
             out: list[Any] = []
@@ -236,14 +248,15 @@ class Walk:
                         continue  # (the list holds none of them)
                     if new:
                         st["hosts"] += 1
-                        if st["hosts"] == 32 and self._listable(req, st["seen"]):
+                        if st["hosts"] == 32 and self._listable(req, 64, mode):
                             st["listed"] = True
                     st["passed"] += 1
                     if st["passed"] > 2 * cap and st["hosts"] >= 32 and not st["listed"]:
-                        return out, True
+                        if not self._listable(req, 512, mode):
+                            return out, True
+                        st["listed"] = True
                     continue
                 out.append(e)
-                st["seen"] += 1
                 if len(out) >= limit:
                     return out, True
             return out, False

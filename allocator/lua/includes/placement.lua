@@ -326,7 +326,8 @@ local function scan(req, mode)
   -- (an idle fleet orders equal GPUs by host name) refused at the cap what the hosts it names could
   -- take.
   local screen = (req.selector ~= nil or (req.models ~= nil and k > 0)) and not req.only
-  local pre, foreign = nil, nil  -- (see below: only for a request with models or a selector)
+  local pre, foreign, go_listed, allowed_hosts = nil, nil, nil, nil  -- (below: for models or a selector)
+  local allowed = false  -- the hosts they allow (allowed_hosts), once read
   local rest, rest_done = nil, false  -- the rest of the walk, listed from those hosts (see below)
   local npassed, nruled = 0, 0  -- members of hosts ruled out passed over, hosts ruled out read
   local function cheaper(c1, c2, c3)
@@ -345,13 +346,15 @@ local function scan(req, mode)
   -- the host sets kept with the count of models and labels (count_names in ledger.lua), read once,
   -- a lookup per host (allowed; unused while some registered host is not in those sets yet).
   if screen then
-    local ruled, allowed, nhosts = {}, false, 0
+    local ruled = {}
     pre = {}
-    -- The hosts req's GPU models and selector allow, as a set; false while some registered host
-    -- is not in the sets yet.
-    local function allowed_hosts()
+    -- The hosts req's GPU models and selector allow, as a set, when the sets are in step and
+    -- hold at most limit of them; false otherwise. The count is bounded from the sets' sizes
+    -- first (each constraint's: a label's values, the models; the smallest), so that a large set
+    -- is never read: its members would cost more than the walk saves.
+    allowed_hosts = function(limit)
       local f = rcall('HMGET', PREFIX .. 'names', 'hosts', 'mhosts', 'lhosts', 'stamp')
-      nhosts = rcall('ZCARD', K_HOSTS)
+      local nhosts = rcall('ZCARD', K_HOSTS)
       local by_model = req.models ~= nil and k > 0
       -- (The stamp: the registration counter when the sets last changed. A release without the
       -- label sets registers hosts without it, so a rollback's registrations turn the sets off.)
@@ -359,26 +362,32 @@ local function scan(req, mode)
          or (req.selector and tonumber(f[3] or -1) ~= nhosts) or f[4] ~= (rcall('HGET', K_SEQ, 'cver') or '0') then
         return false
       end
+      local groups, bound = {}, nil
+      if by_model then
+        local names = {}
+        for m in pairs(req.models) do names[#names + 1] = 'mhosts:' .. m end
+        groups[#groups + 1] = names
+      end
+      for key, values in pairs(req.selector or {}) do
+        local names = {}
+        for i, v in ipairs(values) do names[i] = 'lhosts:' .. key .. '=' .. tostring(v) end
+        groups[#groups + 1] = names
+      end
+      for _, names in ipairs(groups) do
+        local n = 0
+        for _, name in ipairs(names) do n = n + rcall('SCARD', PREFIX .. name) end
+        if bound == nil or n < bound then bound = n end
+      end
+      if bound == nil or bound > limit then return false end
       local out = nil
-      -- Narrows out to the union of the sets named (one constraint: a label's values, the models).
-      local function narrow(kind, names)
+      for _, names in ipairs(groups) do
         local u = {}
         for _, name in ipairs(names) do
-          for _, h in ipairs(rcall('SMEMBERS', PREFIX .. kind .. name)) do u[h] = true end
+          for _, h in ipairs(rcall('SMEMBERS', PREFIX .. name)) do u[h] = true end
         end
         if out == nil then out = u else
           for h in pairs(out) do if not u[h] then out[h] = nil end end
         end
-      end
-      if by_model then
-        local names = {}
-        for m in pairs(req.models) do names[#names + 1] = m end
-        narrow('mhosts:', names)
-      end
-      for key, values in pairs(req.selector or {}) do
-        local names = {}
-        for i, v in ipairs(values) do names[i] = key .. '=' .. tostring(v) end
-        narrow('lhosts:', names)
       end
       return out
     end
@@ -415,19 +424,13 @@ local function scan(req, mode)
       return out
     end
     -- The members of the index this walk goes over that are the allowed hosts', in the walk's
-    -- order, the same list the walk would meet after passing over every other host. Its cost grows
-    -- with the hosts allowed (about 3 us a member), the walk's with those it passes over: nil
-    -- when more than 512 hosts are allowed, or more than 64 and the walk has met some of them
-    -- already (they are spread among the others, and the walk is likely to meet more soon):
+    -- order, the same list the walk would meet after passing over every other host (nil beyond
+    -- 4,096 of them: it costs about 2 us a member):
     -- their scores read in one ZMSCORE per 1,000 members and sorted as numbers; equal scores by
     -- member name, that is host id in byte order, then position as text ("10" before "2").
     local function listed()
       local hosts = {}
-      for h in pairs(allowed) do
-        hosts[#hosts + 1] = h
-        if #hosts > 512 then return nil end
-      end
-      if #hosts > 64 and seen > 0 then return nil end
+      for h in pairs(allowed) do hosts[#hosts + 1] = h end
       hosts = in_byte_order(hosts)
       local idx, lo, ties, ffc = nil, nil, true, false
       if by_host then idx, lo = K_IDLE_HOSTS, k
@@ -459,6 +462,7 @@ local function scan(req, mode)
           tie[#names] = r * 16384
         end
       end
+      if #names > 4096 then return nil end
       local sc, tb, mem, c, big = {}, {}, {}, FF_SHIFT * ff_class(req.gpu_mem), false
       for i = 1, #names, 1000 do
         local scores = rcall('ZMSCORE', idx, unpack(names, i, math.min(i + 999, #names)))
@@ -507,6 +511,15 @@ local function scan(req, mode)
       end
       return out
     end
+    -- Sets rest to the list of the allowed hosts' members, less the ones the walk counted already
+    -- (the list's order is the walk's, so those are its first seen).
+    go_listed = function()
+      local all = listed()
+      if all then
+        rest = {}
+        for i = seen + 1, #all do rest[#rest + 1] = all[i] end
+      end
+    end
     foreign = function(h, pos)
       local v = ruled[h]
       if v ~= nil then return v end
@@ -532,15 +545,10 @@ local function scan(req, mode)
         if v then
           nruled = nruled + 1
           if nruled == 32 then
-            -- The walk meets many hosts it passes over: go on from the list of the allowed ones
-            -- when they are few (what the walk would meet of them, less those it has met: each
-            -- counted toward the cap), else look each host up in their set.
-            allowed = allowed_hosts()
-            local all = allowed and listed()
-            if all then
-              rest = {}
-              for i = seen + 1, #all do rest[#rest + 1] = all[i] end
-            end
+            -- The walk meets many hosts it passes over: when at most 64 are allowed, go on from
+            -- their list (see go_listed), and look each host up in their set from now on.
+            allowed = allowed_hosts(64)
+            if allowed then go_listed() end
           end
         end
       end
@@ -649,12 +657,16 @@ local function scan(req, mode)
       end
       if screen and foreign(h, pos) then
         passed, npassed = passed + 1, npassed + 1
-        -- Once 32 hosts were passed over without a list to go on from (more hosts allowed, or the
-        -- sets not in step), at most 2 x the cap members in all: then the walk stops as at the cap,
-        -- so that its cost stays bounded ('passed': the refusal says so).
+        -- Once 32 hosts were passed over without a list to go on from, at most 2 x the cap members
+        -- in all: then it goes on from the list after all when at most 512 hosts are allowed, else
+        -- it stops as at the cap, so that its cost stays bounded ('passed': the refusal says so).
         if npassed > 2 * cap and nruled >= 32 and not rest then
-          if best_h then return chosen() end
-          return nil, 'passed'
+          local many = allowed_hosts(512)
+          if many then allowed = many; go_listed() end
+          if not rest then
+            if best_h then return chosen() end
+            return nil, 'passed'
+          end
         end
         if rest and not rest_done then break end  -- the walk goes on from the list
       else
