@@ -260,9 +260,10 @@ class Keys:
 
     @staticmethod
     def rq_job_keys(job_id: str) -> list[str]:
-        """RQ's keys for one job: its hash, results, dependents and dependencies."""
+        """RQ's keys for one job: its hash, results, dependents, dependencies and its runs' registry
+        (``rq:executions:<id>``, which RQ itself leaves behind)."""
         job = Keys.rq_job(job_id)
-        return [job, f"rq:results:{job_id}", f"{job}:dependents", f"{job}:dependencies"]
+        return [job, f"rq:results:{job_id}", f"{job}:dependents", f"{job}:dependencies", f"rq:executions:{job_id}"]
 
     #: RQ's set of every queue's key.
     RQ_QUEUES = "rq:queues"

@@ -98,6 +98,17 @@ def test_destroy_also_deletes_rq_keys_of_the_namespace(redis_url, clock):
     assert not [q for q in a.redis.smembers(a.keys.RQ_QUEUES) if q.startswith(a.keys.rq_queue_prefix())]
 
 
+def test_destroy_also_deletes_the_registry_of_a_jobs_runs_that_rq_leaves_behind(redis_url, clock):
+    from allocator import Allocator
+
+    a = Allocator(redis_url, namespace="test-rq-" + uuid.uuid4().hex[:8], clock=clock)
+    gpu_host(a)
+    task = a.enqueue(jobs.add, 1, 2, resources={"gpus": 1})
+    a.rq_connection.zadd(f"rq:executions:{task.id}", {"e1": 1})  # as a worker's run records it
+    a.destroy()
+    assert not a.redis.exists(f"rq:executions:{task.id}")
+
+
 def test_destroy_unregisters_workers_of_the_namespace_only(redis_url, clock):
     from allocator import Allocator
 
