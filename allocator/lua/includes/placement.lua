@@ -661,8 +661,11 @@ local function scan(req, mode)
         -- in all: then it goes on from the list after all when at most 512 hosts are allowed, else
         -- it stops as at the cap, so that its cost stays bounded ('passed': the refusal says so).
         if npassed > 2 * cap and nruled >= 32 and not rest then
-          local many = allowed_hosts(512)
-          if many then allowed = many; go_listed() end
+          -- (A set read at the 32nd host already had its list tried, and refused for its size.)
+          if not allowed then
+            allowed = allowed_hosts(512)
+            if allowed then go_listed() end
+          end
           if not rest then
             if best_h then return chosen() end
             return nil, 'passed'
