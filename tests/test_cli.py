@@ -579,11 +579,12 @@ def test_a_port_out_of_range_is_invalid_input(command):
 
 
 @pytest.mark.parametrize("command, address", [(["reaper", "--metrics-port"], "0.0.0.0"), (["api", "--port"], "127.0.0.1")])
-def test_a_port_in_use_is_refused_in_one_line_with_exit_1(redis_url, command, address):
+def test_a_port_in_use_is_refused_in_one_line_with_exit_1(live, redis_url, command, address):
     with socket.socket() as busy:
         busy.bind((address, 0))
         busy.listen()
-        res = CliRunner().invoke(app, [*command, str(busy.getsockname()[1]), "--redis-url", redis_url])
+        res = CliRunner().invoke(app, [*command, str(busy.getsockname()[1]), "--redis-url", redis_url,
+                                       "--namespace", live.keys.namespace])  # the test's own keys, removed after
     assert res.exit_code == 1 and "cannot listen" in res.stderr and "Traceback" not in res.output
 
 
