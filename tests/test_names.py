@@ -1,6 +1,8 @@
 """A request for a GPU model or a label no registered host has is refused at once, from the
 count of the hosts' models and labels (keys.names), instead of after a walk to the scan cap."""
 
+import json
+
 import pytest
 
 from allocator import InsufficientResources, invariants
@@ -220,3 +222,15 @@ def test_recount_rebuilds_a_models_set_the_count_no_longer_names(alloc):
     assert alloc.recount_names() == 2
     assert alloc.redis.smembers(alloc.keys.model_hosts("T4")) == {"h0", "h1"}
     assert invariants.check(alloc.snapshot()) == []
+
+
+def test_thousands_of_model_names_in_the_script_request_are_refused_by_name_not_by_a_script_error(alloc):
+    # The models accept a few hundred names; the script itself must not fail on more (Lua's
+    # unpack stops at about 8,000 values), or a request in line would make every pass fail.
+    fleet(alloc)
+    payload, request, metadata = alloc.place_args(alloc.build_request({"gpus": 1, "gpu_model": "T4"}), "many-models")
+    data = json.loads(payload)
+    data["models"] = {f"X{i:05d}": True for i in range(9000)}
+    reply = alloc._call("place", json.dumps(data), request, metadata)
+    assert reply["ok"] is False and reply["code"] == "NO_FIT"
+    assert reply["details"]["unknown_gpu_models"][:2] == ["X00000", "X00001"]

@@ -858,9 +858,13 @@ local function absent_name(req)
   local k = PREFIX .. 'names'
   local counted, nhosts = rcall('HMGET', k, 'hosts', 'mhosts'), rcall('ZCARD', K_HOSTS)
   if tonumber(counted[1] or 0) ~= nhosts then return nil end
+  -- In HMGETs of at most 1,000 fields: Lua's unpack fails at about 8,000 values, and a refusal
+  -- here must not become a script error (a request in line would make every pass fail).
   local function none(fields)
-    for _, v in ipairs(rcall('HMGET', k, unpack(fields))) do
-      if v and tonumber(v) > 0 then return false end
+    for i = 1, #fields, 1000 do
+      for _, v in ipairs(rcall('HMGET', k, unpack(fields, i, math.min(i + 999, #fields)))) do
+        if v and tonumber(v) > 0 then return false end
+      end
     end
     return true
   end
