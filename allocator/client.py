@@ -614,9 +614,10 @@ class Allocator:
             pipe.hgetall(self.keys.host(h))
             pipe.scard(self.keys.host_allocs(h))
         replies = pipe.execute() if host_ids else []
-        held = self._cores_held([h for i, h in enumerate(host_ids) if replies[2 * i].get("overcommitted") == "1"])
+        held = self._held_by_grants({h: replies[2 * i] for i, h in enumerate(host_ids)
+                                     if replies[2 * i].get("overcommitted") == "1"})
         hosts = [
-            _host_capacity(h, replies[2 * i], int(replies[2 * i + 1]), held.get(h))
+            _host_capacity(h, replies[2 * i], int(replies[2 * i + 1]), *held.get(h, (None, 0)))
             for i, h in enumerate(host_ids)
             if replies[2 * i]
         ]
@@ -644,13 +645,15 @@ class Allocator:
             worker_slots=fleet("worker_slots"),
         )
 
-    def _cores_held(self, host_ids: list[str]) -> dict[str, int]:
-        """Exclusive cores the active grants on each host hold. Only an overcommitted host needs
-        this read: there a grant may hold cores its host no longer lists, which the host's own
-        count of free cores cannot show. (Read after the hosts, not in their MULTI: such hosts
+    def _held_by_grants(self, hosts: dict[str, dict[str, str]]) -> dict[str, tuple[int, int]]:
+        """For each host (id -> its hash): the exclusive cores its active grants hold, and the
+        GPU memory they hold on GPUs the host no longer lists. Only an overcommitted host needs
+        this read: there a grant may hold cores or a GPU its host no longer lists, which the
+        host's own counts cannot show. (Read after the hosts, not in their MULTI: such hosts
         are rare, and the figure is as of this read.)"""
-        if not host_ids:
+        if not hosts:
             return {}
+        host_ids = list(hosts)
         pipe = self.redis.pipeline(transaction=True)
         for h in host_ids:
             pipe.smembers(self.keys.host_allocs(h))
@@ -658,19 +661,18 @@ class Allocator:
         pipe = self.redis.pipeline(transaction=True)
         for ids in members:
             for i in sorted(ids):
-                pipe.hmget(self.keys.alloc(i), "state", "host", "cores")
+                pipe.hmget(self.keys.alloc(i), "state", "host", "cores", "gpus")
         fields = iter(pipe.execute())
-        out: dict[str, int] = {}
+        out: dict[str, tuple[int, int]] = {}
         for h, ids in zip(host_ids, members):
-            n = 0
-            for state, host, cores in (next(fields) for _ in ids):
+            listed = {hosts[h].get(f"g{pos}:uuid") for pos in range(int(hosts[h].get("ngpu") or 0))}
+            n = unlisted_mb = 0
+            for state, host, cores, gpus in (next(fields) for _ in ids):
                 if state == "active" and host == h:
-                    try:
-                        got = json.loads(cores or "[]")
-                    except ValueError:
-                        got = []
-                    n += len(got) if isinstance(got, list) else 0
-            out[h] = n
+                    n += len(_json_list(cores))
+                    unlisted_mb += sum(int(g.get("memory_mb") or 0) for g in _json_list(gpus)
+                                       if isinstance(g, dict) and g.get("uuid") not in listed)
+            out[h] = (n, unlisted_mb)
         return out
 
     def now_ms(self) -> int:
@@ -742,10 +744,21 @@ class Allocator:
         return n + delete_keys(self.redis, self.redis.scan_iter(match=self.keys.pattern(), count=1000))
 
 
-def _host_capacity(host_id: str, h: dict[str, str], active: int, cores_held: int | None = None) -> HostCapacity:
+def _json_list(text: str | None) -> list[Any]:
+    """A JSON list field of a record; anything else reads as empty (the checker reports it)."""
+    try:
+        got = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return got if isinstance(got, list) else []
+
+
+def _host_capacity(host_id: str, h: dict[str, str], active: int, cores_held: int | None = None,
+                   unlisted_gpu_mb: int = 0) -> HostCapacity:
     """One host's figures from its hash. ``cores_held``: the exclusive cores its grants hold,
-    given for an overcommitted host (see ``Allocator._cores_held``); elsewhere they are the listed
-    cores that are not free."""
+    given for an overcommitted host (see ``Allocator._held_by_grants``); elsewhere they are the
+    listed cores that are not free. ``unlisted_gpu_mb``: GPU memory its grants hold on GPUs it
+    no longer lists (an overcommitted host's), counted as allocated as such cores are."""
     gpus: list[GpuCapacity] = []
     for pos in range(int(h.get("ngpu", 0))):
         p = f"g{pos}:"
@@ -775,7 +788,8 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int, cores_held: int
         labels=json.loads(h.get("labels") or "{}") or {},
         gpus=gpus,
         gpu_memory_mb=Usage.of(
-            sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus), sum(g.memory.available for g in gpus),
+            sum(g.memory.total for g in gpus), sum(g.memory.allocated for g in gpus) + unlisted_gpu_mb,
+            sum(g.memory.available for g in gpus),
             unmanaged=sum(g.memory.unmanaged for g in gpus),
         ),
         gpus_idle=sum(1 for g in gpus if g.holders == 0 and g.memory.available > 0),  # the ledger's idle

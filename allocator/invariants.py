@@ -61,6 +61,7 @@ def check(snap: dict[str, Any]) -> list[str]:
     on_host: dict[str, set[str]] = defaultdict(set)
     slots: dict[str, int] = defaultdict(int)
     svc_refs: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    granted_gpus: dict[str, set[str]] = defaultdict(set)
     for aid, a in allocs.items():
         h = (a or {}).get("host")
         if not h:
@@ -84,6 +85,7 @@ def check(snap: dict[str, Any]) -> list[str]:
         for uuid, mb in grants:
             gpu_mem[(h, uuid)] += mb
             gpu_n[(h, uuid)] += 1
+            granted_gpus[h].add(uuid)
         for c in held:
             if c in cores_by_host[h]:
                 bad.append(f"{h}: core {c} held by {cores_by_host[h][c]} and {aid}")
@@ -125,6 +127,7 @@ def check(snap: dict[str, Any]) -> list[str]:
     for h, f in hosts.items():
         try:
             bad.extend(_check_host(h, f, snap, gpu_mem, gpu_n, cores_by_host[h], shared[h], ram[h]))
+            bad.extend(_check_unlisted_gpus(h, f, granted_gpus[h]))
             bad.extend(_check_slots_and_services(h, f, snap, slots[h], svc_refs[h]))
             bad.extend(_check_summary(h, f, (snap.get("summaries") or {}).get(h)))
         except (KeyError, ValueError, TypeError) as exc:
@@ -272,6 +275,17 @@ def _check_host(h: str, f: dict[str, str], snap: dict[str, Any], gpu_mem: dict[t
     if (snap["ram_idx"] or {}).get(h) != want_ram:
         bad.append(f"{h}: ram_idx has {(snap['ram_idx'] or {}).get(h)}, expected {want_ram}")
     return bad
+
+
+def _check_unlisted_gpus(h: str, f: dict[str, str], granted: set[str]) -> list[str]:
+    """A grant on a GPU its host no longer lists holds memory the host's totals leave out: the
+    registration that dropped the GPU marks the host overcommitted (register_host.lua), and
+    capacity counts that memory as allocated."""
+    listed = {f.get(f"g{pos}:uuid") for pos in range(int(f.get("ngpu") or 0))}
+    unlisted = sorted(granted - listed)
+    if unlisted and not _overcommitted(f):
+        return [f"{h}: grants hold GPUs the host does not list {unlisted[:5]}, and it is not marked overcommitted"]
+    return []
 
 
 def _check_summary(h: str, f: dict[str, str], summary: list[float] | None) -> list[str]:

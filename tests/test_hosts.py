@@ -187,3 +187,47 @@ def test_a_grant_recorded_at_its_gpus_old_position_is_released_where_the_gpu_is_
     alloc_any.release(x.allocation_id)
     assert check(alloc_any.snapshot()) == []
     assert [g.index for g in alloc_any.allocate({"gpus": 2, "cpu_cores": 1}).gpus] == [0, 1]
+
+
+def test_dropping_a_gpu_a_grant_holds_marks_the_host_overcommitted(alloc):
+    g0, g1 = {"index": 0, "uuid": "GPU-0", "memory_mb": 1000}, {"index": 1, "uuid": "GPU-1", "memory_mb": 1000}
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0, g1])
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 800}, strategy="first_fit")  # GPU-0
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 800}, strategy="first_fit")  # GPU-1
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0])  # GPU-1 is gone
+    assert alloc.redis.hget(alloc.keys.host("h1"), "overcommitted") == "1"
+    assert check(alloc.snapshot()) == []
+
+
+def test_capacity_counts_memory_granted_on_a_gpu_the_host_no_longer_lists(alloc):
+    g0, g1 = {"index": 0, "uuid": "GPU-0", "memory_mb": 1000}, {"index": 1, "uuid": "GPU-1", "memory_mb": 1000}
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0, g1])
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 800}, strategy="first_fit")  # GPU-0
+    held = alloc.allocate({"gpus": 1, "gpu_memory_mb": 700}, strategy="first_fit")  # GPU-1
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0])
+    h = alloc.capacity().hosts[0]
+    assert (h.gpu_memory_mb.total, h.gpu_memory_mb.allocated, h.gpu_memory_mb.available) == (1000, 1500, 200)
+    assert alloc.capacity().gpu_memory_mb.allocated == 1500
+    alloc.release(held.allocation_id)
+    assert alloc.capacity().hosts[0].gpu_memory_mb.allocated == 800
+
+
+def test_the_checker_reports_a_grant_on_an_unlisted_gpu_of_a_host_not_marked_overcommitted(alloc):
+    g0, g1 = {"index": 0, "uuid": "GPU-0", "memory_mb": 1000}, {"index": 1, "uuid": "GPU-1", "memory_mb": 1000}
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0, g1])
+    alloc.allocate({"gpus": 2, "gpu_memory_mb": 500})
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=4000, gpus=[g0])
+    alloc.redis.hdel(alloc.keys.host("h1"), "overcommitted")  # as the registration before this fix left it
+    assert check(alloc.snapshot()) == ["h1: grants hold GPUs the host does not list ['GPU-1'], and it is not marked overcommitted"]
+
+
+def test_a_host_with_a_thousand_gpus_registers_whole_and_is_placed_on(alloc):
+    gpus = [{"index": i, "uuid": f"GPU-{i:04d}", "memory_mb": 1024} for i in range(1000)]
+    alloc.register_host(id="big", cpu_cores=8, ram_mb="64Gi", gpus=gpus)
+    alloc.register_host(id="big", cpu_cores=8, ram_mb="64Gi", gpus=gpus[:999])  # an update, as large
+    assert alloc.capacity().gpu_count == 999
+    x = alloc.allocate({"gpus": 64})  # whole GPUs: the most one request takes
+    assert x.host_id == "big" and len(x.gpus) == 64
+    alloc.release(x.allocation_id)
+    assert check(alloc.snapshot()) == []
+    assert alloc.remove_host("big") == []

@@ -13,8 +13,9 @@ Usage (GPU memory, cores, RAM, worker slots, service references held) is recompu
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A grant whose GPU moved to another position is rewritten with the new position; a whole GPU's
 grant grows to all the memory other processes leave it (used_mb down or memory_mb up). Where the new
-totals are below what the host's grants hold (fewer cores or less RAM or GPU memory, or more GPU
-memory used by other processes, used_mb), the field "overcommitted" is "1" until a registration
+totals are below what the host's grants hold (fewer cores or less RAM or GPU memory, a GPU a grant
+holds no longer listed, or more GPU memory used by other processes, used_mb), the field
+"overcommitted" is "1" until a registration
 finds them within it again: a legal state, which the invariants checker then accepts.
 A draining host stays draining, and so does a lost one an operator had drained (drained_by =
 "operator"), and a new host that allocator recover listed in drain_on_register (an operator's
@@ -127,6 +128,11 @@ local over = held_cores > kept or shared > cfree * 1000 or ram_used > tonumber(s
 for _, g in ipairs(spec.gpus or {}) do
   if (gpu_used[g.uuid] or 0) + tonumber(g.used_mb or 0) > tonumber(g.memory_mb) then over = true end
 end
+-- A grant on a GPU the host no longer lists (it fell off the bus, MIG was reconfigured) holds
+-- memory the host's totals do not have: an overcommitment as much as fewer cores are.
+for uuid in pairs(gpu_used) do
+  if pos_of[uuid] == nil then over = true end
+end
 
 local fields = {'state', state, 'ord', ord, 'labels', cjson.encode(spec.labels or {}),
   'cores', cjson.encode(cores), 'cseq', cseq, 'cmap', table.concat(cmap), 'ncores', #cores, 'cfree', cfree, 'shared', shared,
@@ -159,7 +165,9 @@ for pos = #(spec.gpus or {}), old_ngpu - 1 do
   rcall('ZREM', K_GPU_IDX, m); rcall('ZREM', K_GPU_ORD, m); rcall('ZREM', K_GPU_FFC, m)
   rcall('ZREM', K_GPU_IDLE, m); rcall('ZREM', K_GPU_IDLE_ORD, m)
 end
-rcall('HSET', hk, unpack(fields))
+-- In calls of at most 1,000 values: a host of many GPUs has 14 per GPU, and Lua's unpack fails at
+-- about 8,000 (after the writes above: a script's writes are not rolled back).
+for i = 1, #fields, 1000 do rcall('HSET', hk, unpack(fields, i, math.min(i + 999, #fields))) end
 count_names(h, 1, true)
 if over then rcall('HSET', hk, 'overcommitted', '1') else rcall('HDEL', hk, 'overcommitted') end
 -- Service references follow the active allocations too.
