@@ -623,13 +623,14 @@ class Allocator:
         ]
 
         def fleet(attr: str) -> Usage:
-            # What is free on a host that takes no new work (draining, lost) is not available to
-            # the fleet, as Slurm and Ray leave drained and down nodes out of what is idle.
+            # What is free on a host that takes no new work (draining, lost, parked: no free core
+            # or RAM) is not available to the fleet, as Slurm and Ray leave drained and down nodes
+            # out of what is idle.
             return Usage.of(
                 sum(getattr(x, attr).total for x in hosts),
                 sum(getattr(x, attr).allocated for x in hosts),
-                sum(getattr(x, attr).available for x in hosts if x.state == "ready"),
-                sum(getattr(x, attr).available for x in hosts if x.state != "ready"),
+                sum(getattr(x, attr).available for x in hosts if x.takes_new_work),
+                sum(getattr(x, attr).available for x in hosts if not x.takes_new_work),
                 unmanaged=sum(getattr(x, attr).unmanaged for x in hosts),  # each host's, never netted
             )
 
@@ -637,7 +638,7 @@ class Allocator:
             hosts=hosts,
             host_count=len(hosts),
             gpu_count=sum(len(x.gpus) for x in hosts),
-            gpus_idle=sum(x.gpus_idle for x in hosts if x.state == "ready"),
+            gpus_idle=sum(x.gpus_idle for x in hosts if x.takes_new_work),
             gpu_memory_mb=fleet("gpu_memory_mb"),
             cpu_cores=fleet("cpu_cores"),
             ram_mb=fleet("ram_mb"),
@@ -798,4 +799,6 @@ def _host_capacity(host_id: str, h: dict[str, str], active: int, cores_held: int
         active_allocations=active,
         worker_slots=Usage.of(slots, slots_used, max(0, slots - slots_used)),
         reserve_gpus=int(h.get("reserve_gpus") or 0),
+        parked=h.get("parked") == "1",
+        overcommitted=h.get("overcommitted") == "1",
     )

@@ -689,8 +689,8 @@ class Usage(BaseModel):
     allocated: float
     available: float
     unmanaged: float = Field(0, description="Held by processes the allocator does not manage.")
-    unschedulable: float = Field(0, description="Free, but on hosts that take no new work (draining, lost); "
-                                                "fleet totals only.")
+    unschedulable: float = Field(0, description="Free, but on hosts that take no new work (draining, lost, "
+                                                "or parked: no free core or no free RAM); fleet totals only.")
     utilization_pct: float = Field(description="In use (allocated and unmanaged) as a share of the total.")
 
     @classmethod
@@ -727,6 +727,16 @@ class HostCapacity(BaseModel):
     active_allocations: int
     worker_slots: Usage = Field(default_factory=lambda: Usage.of(0, 0, 0))
     reserve_gpus: int = Field(0, description="Idle GPUs kept for critical-priority work only.")
+    parked: bool = Field(False, description="Ready, but with no free core or no free RAM: it takes no new work, "
+                                            "GPU work included, until something is released; what it has free "
+                                            "counts as unschedulable in the fleet figures.")
+    overcommitted: bool = Field(False, description="Its last registration left its grants above its totals "
+                                                   "(fewer cores, less memory, a held GPU gone): legal, until "
+                                                   "releases and a later registration bring them within it.")
+
+    @property
+    def takes_new_work(self) -> bool:
+        return self.state == "ready" and not self.parked
 
 
 class Capacity(BaseModel):

@@ -449,7 +449,7 @@ def _task_type(metadata: dict[str, Any] | None) -> str | None:
 def _host_slots(h: HostCapacity, worker_millis: int, worker_mb: int) -> int:
     """Workers one host can take now: its free worker slots, bounded by worker-sized shares of its
     free CPU/RAM (a request never spans hosts)."""
-    if h.state != "ready":
+    if not h.takes_new_work:
         return 0
     slots = min(int(h.worker_slots.available), round(h.cpu_cores.available * 1000) // worker_millis)
     if worker_mb > 0:

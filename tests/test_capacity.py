@@ -69,3 +69,25 @@ def test_cores_a_host_no_longer_lists_still_count_as_granted(alloc):
     alloc.release(x.allocation_id)
     cpu = alloc.capacity().hosts[0].cpu_cores
     assert (cpu.total, cpu.allocated, cpu.available) == (4, 0, 4)
+
+
+def test_what_is_free_on_a_host_whose_cores_are_all_taken_is_not_available_to_the_fleet(alloc):
+    # A host with no free core takes no new work, GPU work included (it is parked): what it has
+    # free is unschedulable, as on a draining host, so the fleet figures agree with a refusal.
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb=16384, gpus=[{"index": 0, "memory_mb": 16384}])
+    alloc.register_host(id="h2", cpu_cores=2, ram_mb=2048)
+    alloc.allocate({"cpu_cores": 4, "ram_mb": 1024}, selector={"cluster": "default"}, strategy="first_fit")
+    cap = alloc.capacity()
+    h1 = next(h for h in cap.hosts if h.host_id == "h1")
+    assert h1.parked and h1.state == "ready" and not h1.takes_new_work
+    assert (cap.gpu_memory_mb.available, cap.gpu_memory_mb.unschedulable, cap.gpus_idle) == (0, 16384, 0)
+    assert (cap.ram_mb.available, cap.ram_mb.unschedulable) == (2048, 15360)
+    assert h1.gpu_memory_mb.available == 16384  # the host itself still says what is free on it
+
+
+def test_capacity_says_which_hosts_an_update_left_overcommitted(alloc):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")
+    alloc.allocate({"cpu_cores": 1, "ram_mb": "6Gi"})
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="4Gi")
+    alloc.register_host(id="h2", cpu_cores=4, ram_mb="4Gi")
+    assert [(h.host_id, h.overcommitted) for h in alloc.capacity().hosts] == [("h1", True), ("h2", False)]

@@ -145,7 +145,8 @@ def test_a_model_whose_hosts_are_drained_is_refused_without_the_walk(alloc_any):
         alloc_any.drain_host(h)
     alloc_any.scan_cap = 2
     e = refusal(alloc_any, {"gpus": 1, "gpu_model": "A100"})
-    assert e.message == "no host has 1 GPU(s) (whole), 1 cores, 0 MiB RAM free at once on the requested GPU models"
+    assert e.message == ("no host has 1 GPU(s) (whole), 1 cores, 0 MiB RAM free at once on the requested GPU models; "
+                         "2 of 35 host(s) take no new work now (draining, lost, or no free core or RAM)")
     alloc_any.resume_host("a1")
     assert alloc_any.allocate({"gpus": 1, "gpu_model": "A100"}).host_id == "a1"
 

@@ -502,3 +502,15 @@ def test_more_cpu_or_ram_than_any_host_has_free_is_refused_at_once_not_after_the
         alloc_any.allocate(request_)
     assert exc.value.code in ("INSUFFICIENT_RAM", "INSUFFICIENT_CPU")
     assert "stopped after" not in exc.value.message and "scan_cap_reached" not in exc.value.details
+
+
+def test_a_refusal_counts_the_hosts_that_take_no_new_work(alloc):
+    # Every core of h1 is taken: its free GPU memory and RAM are in no index, and the refusal
+    # says why the largest free figure is 0 while capacity shows memory free.
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.allocate({"cpu_cores": 4, "ram_mb": "1Gi"})
+    with pytest.raises(InsufficientResources) as exc:
+        alloc.allocate({"gpus": 1, "gpu_memory_mb": "1Gi"})
+    assert exc.value.message == ("insufficient GPU memory: requested 1024 MiB per GPU, largest free 0 MiB; "
+                                 "1 of 1 host(s) take no new work now (draining, lost, or no free core or RAM)")
+    assert exc.value.details["hosts_taking_no_work"] == 1

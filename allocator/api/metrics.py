@@ -204,7 +204,9 @@ class LedgerCollector(Collector):
             ("allocator_ram_capacity_bytes", "RAM the allocator may grant on the host", lambda h: h.ram_mb.total * MIB),
             ("allocator_ram_allocated_bytes", "RAM granted on the host", lambda h: h.ram_mb.allocated * MIB),
             ("allocator_active_allocations", "Active allocations on the host", lambda h: h.active_allocations),
-            ("allocator_host_ready", "1 when the host takes new work (state ready)", lambda h: 1 if h.state == "ready" else 0),
+            ("allocator_host_ready", "1 when the host's state is ready (it takes new work unless parked)", lambda h: 1 if h.state == "ready" else 0),
+            ("allocator_host_parked", "1 when the host is ready but takes no new work: no free core or no free RAM",
+             lambda h: 1 if h.parked else 0),
         ]
         for name, doc, fn in specs:
             g = GaugeMetricFamily(name, doc, labels=["host"])

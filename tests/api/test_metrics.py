@@ -55,6 +55,7 @@ def test_metrics_read_the_fleet_from_redis(api: LiveApi) -> None:
     assert value(m, "allocator_ram_allocated_bytes", host="gpu-a") == 32 * 1024 * MIB
     assert value(m, "allocator_active_allocations", host="gpu-a") == 2
     assert value(m, "allocator_host_ready", host="gpu-c") == 1
+    assert value(m, "allocator_host_parked", host="gpu-c") == 0
     assert 4.5 <= value(m, "allocator_heartbeat_age_seconds", host="gpu-a") < 60
     assert ("allocator_heartbeat_age_seconds", (("host", "gpu-b"),)) not in m
     assert value(m, "allocator_placements_total", kind="lease", strategy="best_fit") == 2

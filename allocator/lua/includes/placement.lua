@@ -781,6 +781,15 @@ local function refusal(req, capped)
     if req.models then msg = msg .. ' on the requested GPU models' end
     if req.selector then msg = msg .. ' among hosts matching the selector' end
   end
+  -- Hosts that take no new work are in none of the indexes the figures above come from: say how
+  -- many there are, or "largest free 0 MiB" contradicts the free memory capacity shows on a host
+  -- whose cores are all taken.
+  local nhosts = rcall('ZCARD', K_HOSTS)
+  local off = nhosts - rcall('ZCARD', K_CPU_IDX)
+  if off > 0 then
+    details.hosts_taking_no_work = off
+    msg = msg .. '; ' .. off .. ' of ' .. nhosts .. ' host(s) take no new work now (draining, lost, or no free core or RAM)'
+  end
   if capped == 'passed' then
     details.scan_cap_reached = true
     msg = msg .. ' (stopped after passing over ' .. (2 * req.scan_cap) .. ' GPUs or hosts the request rules out)'
