@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -83,8 +82,10 @@ def _num(x: float) -> int | float:
 
 
 def _now(allocator: Allocator) -> float:
-    """Seconds since the epoch on the allocator's clock (the injected one in tests)."""
-    return allocator.clock() if allocator.clock is not None else time.time()
+    """Seconds since the epoch on the ledger's clock (``Allocator.now_ms``: the injected one, else
+    the Redis server's TIME), which stamped the records: ages, expiry and max-age cleanups then
+    agree with the ledger whatever this machine's clock reads."""
+    return allocator.now_ms() / 1000
 
 
 def _seed_info(a: Allocation) -> dict[str, Any]:
@@ -123,8 +124,9 @@ def _user_metadata(a: Allocation) -> dict[str, Any]:
     return {k: v for k, v in a.metadata.items() if k != SEED_KEY}
 
 
-def _age_seconds(a: Allocation, now: float) -> float:
-    return round(max(0.0, now - a.created_at.timestamp()), 3)
+def _age_seconds(a: Allocation, now: float) -> int | float:
+    """Seconds since ``a`` was made, whole ones as int (seed 000 shows 3600)."""
+    return _num(max(0.0, now - a.created_at.timestamp()))
 
 
 def _is_expired(a: Allocation, now: float) -> bool:
@@ -368,9 +370,9 @@ def allocate_resources(
     ``resource_requirements``: gpu_memory_mb (per GPU), cpu_cores, ram_mb, priority (0..3 or
     low/normal/high/critical), and optionally gpus, gpu_model, ttl_seconds (default 3600, the
     core's lease; null = none) and selector. In the result, ``resources.gpu_memory_mb`` is the
-    total granted over all GPUs and ``resources.cpu_cores`` lists the pinned core ids — for a
-    fractional request (e.g. 0.5) it is the amount lent from the host's shared pool instead, as a
-    number, because no core id is dedicated.
+    total granted over all GPUs and ``resources.cpu_cores`` is always the list of pinned core ids:
+    a fractional request (e.g. 0.5) gets no dedicated core, so it is [] and the amount lent from
+    the host's shared pool is ``resources.cpu_shared`` (0.5).
 
     ``on_busy="queue"`` (the seed's behaviour, default here): a request that does not fit now
     waits in line and the result says ``queue_position`` (>= 1) and ``estimated_start_time`` (null
@@ -592,6 +594,8 @@ class AllocationManager:
         priority: str = "normal",
         ttl_seconds: float | None = 3600,
         metadata: dict[str, Any] | None = None,
+        *,
+        allocation_id: str | None = None,
         **resources: Any,
     ) -> dict[str, Any]:
         """Reserves ``workers`` workers (plus explicit gpus/gpu_memory_mb/cpu_cores/ram_mb) for a job.
@@ -601,8 +605,14 @@ class AllocationManager:
         their endpoints returned, waiting up to ``service_wait_s`` (see the class docstring). A
         refused request leaves no record, so its allocation_id is not found afterwards; one whose
         server failed to start stays readable in state "failed".
+
+        ``allocation_id`` (keyword only; default a new id): the caller's id, so that a retry after
+        a lost reply places nothing twice. A request repeating an id gets the allocation made under
+        it, as it stands, whatever else it asks for; one naming an allocation that has ended fails
+        with ``ALLOCATION_ENDED`` (a new request needs a new id). A malformed id fails naming
+        ``allocation_id``.
         """
-        allocation_id = new_allocation_id()
+        allocation_id = new_allocation_id() if allocation_id is None else allocation_id
         try:
             if not isinstance(job_id, str) or not job_id:
                 raise InvalidRequest("job_id", f"required: a non-empty string, got {job_id!r}")
@@ -624,6 +634,9 @@ class AllocationManager:
                 services=run,
             )
             alloc = self.allocator.allocate_request(_with_seed_record(req, self._seed_record(n, servers)))
+            if alloc.ended:  # an allocation_id given again after its allocation ended
+                return self._failed(allocation_id, job_id, f"allocation {allocation_id} has ended ({alloc.state}); "
+                                    "a new request needs a new id", AllocationEnded.code, "allocation_id")
             if run:
                 wait_for_services(self.allocator, alloc.allocation_id, self.service_wait_s)
                 alloc = self.allocator.require(alloc.allocation_id)
@@ -742,7 +755,7 @@ class AllocationManager:
             "memory_freed": a.ram_mb if held else 0,
             "gpu_memory_freed": a.gpu_memory_mb if held else 0,
             "released_at": _iso(released_at),
-            "duration_seconds": round((released_at - a.created_at).total_seconds(), 3),
+            "duration_seconds": _num((released_at - a.created_at).total_seconds()),
             "already_released": repeat,
             "reason": a.release_reason,
         }
@@ -783,8 +796,12 @@ class AllocationManager:
         }
 
     def get_allocation(self, allocation_id: str) -> dict[str, Any] | None:
-        """Seed 000's detail view of one allocation, or None when unknown (or purged)."""
-        a = self.allocator.get(allocation_id)
+        """Seed 000's detail view of one allocation, or None when not found: unknown, purged, or
+        no allocation id at all (None, "", a number, longer than 256 characters)."""
+        try:
+            a = self.allocator.get(allocation_id)
+        except InvalidRequest:  # no id can name an allocation: not found, as the seed says
+            return None
         if a is None:
             return None
         now = _now(self.allocator)
@@ -870,10 +887,16 @@ def _pct(u: float) -> float:
     return round(u, 2)
 
 
+#: Seed 002's default capacity: cores, GiB of RAM.
+RESOURCE_ALLOCATOR_DEFAULTS = (32.0, 128)
+
+
 class ResourceAllocator:
     """Seed 002's allocator for lab instances: async checks, allocations and releases.
 
-    Memory strings follow Kubernetes: Mi/Gi are binary, M/G decimal ("2G" is 1908 MiB, not 2048).
+    Memory strings are read as everywhere in this project (allocator/units.py): Mi/Gi/Ki/Ti are
+    binary and K/M/G/T decimal, as in Kubernetes ("2G" is 1908 MiB, not 2048), but a bare number is
+    MiB, not bytes as in Kubernetes: "512" and 512 are 512 MiB. A lower-case "m" is refused.
     Allocations have no TTL (the seed has none); ``cleanup_expired_allocations`` ends old ones.
     The host registered from ``total_cpu`` gets int(total_cpu) cores, so 2.5 means 2 cores.
     Usage figures cover the whole fleet of the allocator; the allocation listing and the cleanup
@@ -882,22 +905,30 @@ class ResourceAllocator:
 
     def __init__(
         self,
-        total_cpu: float = 32.0,
-        total_memory_gb: int = 128,
+        total_cpu: float | None = None,
+        total_memory_gb: int | None = None,
         *,
         allocator: Allocator | None = None,
         host_id: str = "local",
         register: bool | None = None,
     ) -> None:
-        """``register`` registers ``host_id`` with these totals; by default only when no allocator
-        is passed and the ledger has no host, so the seed's plain ``ResourceAllocator()`` never adds a
-        host beside a fleet (as ``AllocationManager()``)."""
+        """The host, as ``AllocationManager`` does: given ``total_cpu`` or ``total_memory_gb`` (the
+        seed's environment configuration passes both, from TOTAL_CPU_CORES and TOTAL_MEMORY_GB),
+        it registers ``host_id`` with them, or updates that host when it is registered already; a
+        total left out takes the seed's default (32 cores, 128 GiB). Given neither, an ``allocator``
+        is used with the hosts it has; with no allocator either (the seed's plain
+        ``ResourceAllocator()``), the default ledger is used with its hosts, and only a ledger with
+        no host gets ``host_id`` with the seed's defaults, so that call never adds a host beside a
+        fleet. ``register`` overrides the choice: True registers (or updates) ``host_id``, False
+        registers nothing."""
         self.allocator = allocator if allocator is not None else default_allocator()
+        no_totals = total_cpu is None and total_memory_gb is None
         if register is None:
-            register = allocator is None and self.allocator.redis.zcard(self.allocator.keys.hosts) == 0
+            register = not no_totals or (allocator is None and self.allocator.redis.zcard(self.allocator.keys.hosts) == 0)
         if register:
-            cores = _core_count(total_cpu, "total_cpu")
-            ram_mb = _whole(total_memory_gb, "total_memory_gb") * 1024
+            cores = _core_count(RESOURCE_ALLOCATOR_DEFAULTS[0] if total_cpu is None else total_cpu, "total_cpu")
+            gb = RESOURCE_ALLOCATOR_DEFAULTS[1] if total_memory_gb is None else total_memory_gb
+            ram_mb = _whole(gb, "total_memory_gb") * 1024
             try:
                 self.allocator.register_host(id=host_id, cpu_cores=cores, ram_mb=ram_mb)
             except InvalidRequest as exc:
@@ -915,18 +946,31 @@ class ResourceAllocator:
             return False
         return spot is not None
 
-    async def allocate_resources(self, resource_limits: Mapping[str, str]) -> dict[str, str]:
+    async def allocate_resources(self, resource_limits: Mapping[str, str], *,
+                                 allocation_id: str | None = None) -> dict[str, str]:
         """Allocates now; raises ValueError otherwise (InvalidRequest, InsufficientResources, or
-        NotAllocated while the ledger is being rebuilt), as seed 002 documents."""
+        NotAllocated while the ledger is being rebuilt), as seed 002 documents.
+
+        ``allocation_id`` (keyword only; default a new id): the caller's id, so that a retry after
+        a lost reply places nothing twice. A call repeating an id returns the allocation made under
+        it, as it stands, whatever limits it gives; one naming an allocation that has ended raises
+        NotAllocated with code ``ALLOCATION_ENDED`` (a new request needs a new id). A malformed id
+        raises InvalidRequest naming ``allocation_id``."""
         resources = _limits_to_resources(resource_limits)
         seed = {"api": RESOURCE_ALLOCATOR_API, "limits": {k: str(v) for k, v in resource_limits.items()}}
-        req = _with_seed_record(self.allocator.build_request(resources, ttl_seconds=None), seed)
+        req = _with_seed_record(self.allocator.build_request(resources, ttl_seconds=None, allocation_id=allocation_id), seed)
         try:
             a = await asyncio.to_thread(self.allocator.allocate_request, req)
         except Refused as exc:
             if isinstance(exc, ValueError):
                 raise
             raise NotAllocated(exc) from exc
+        if a.ended:  # an allocation_id given again after its allocation ended
+            raise NotAllocated(AllocationEnded(f"allocation {a.allocation_id} has ended ({a.state}); a new request "
+                                               "needs a new id", details={"field": "allocation_id"}))
+        if a.state != "active":  # the id of a request someone queued through another entry point
+            raise InvalidRequest("allocation_id", f"{a.allocation_id!r} names a request waiting in line, "
+                                                  "not an allocation made now")
         return self._allocation_data(a)
 
     @staticmethod

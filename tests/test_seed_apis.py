@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -532,6 +534,62 @@ def test_manager_get_allocation_of_unknown_id_is_none(alloc):
     assert quick_start_manager(alloc).get_allocation("nonexistent-id") is None
 
 
+@pytest.mark.parametrize("bad", [None, "", "x" * 300, 5])
+def test_manager_get_allocation_of_something_that_is_no_allocation_id_is_none(alloc, bad):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    assert manager.get_allocation(bad) is None
+
+
+def test_manager_ages_of_whole_seconds_are_integers(alloc, clock):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-001", workers=1)
+    clock.advance(3600)
+    age = manager.get_allocation(r["allocation_id"])["timestamps"]["age_seconds"]
+    listed = manager.list_allocations()[0]["age_seconds"]
+    assert (age, type(age), listed, type(listed)) == (3600, int, 3600, int)
+
+
+def test_manager_ages_keep_their_fractions(alloc, clock):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-001", workers=1)
+    clock.advance(2.5)
+    assert manager.get_allocation(r["allocation_id"])["timestamps"]["age_seconds"] == 2.5
+
+
+def test_manager_release_duration_of_whole_seconds_is_an_integer(alloc, clock):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-001", workers=1, ttl_seconds=10_000)
+    clock.advance(7200)
+    duration = manager.release_resources(r["allocation_id"])["duration_seconds"]
+    assert (duration, type(duration)) == (7200, int)  # as seed 000 prints it, not 7200.0
+
+
+def test_manager_request_repeated_with_its_allocation_id_returns_the_first_allocation(alloc):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    first = manager.request_resources("job-001", workers=1, allocation_id="lease-1")
+    again = manager.request_resources("job-001", workers=1, allocation_id="lease-1")  # a retry after a lost reply
+    assert (first["status"], first["allocation_id"], again["status"], again["allocation_id"]) == (
+        "active", "lease-1", "active", "lease-1")
+    assert (manager.get_capacity()["active_allocations"], manager.get_capacity()["allocated_workers"]) == (1, 1)
+
+
+@pytest.mark.parametrize("bad", ["", "bad id!", "x" * 300, 5])
+def test_manager_request_with_an_invalid_allocation_id_fails_naming_it(alloc, bad):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-001", workers=1, allocation_id=bad)
+    assert (r["status"], r["error_code"], r["error_field"]) == ("failed", "INVALID_REQUEST", "allocation_id")
+    assert alloc.list() == []
+
+
+def test_manager_request_naming_an_allocation_that_has_ended_fails(alloc):
+    manager = AllocationManager(allocator=alloc, total_cpu=4.0, total_memory=4096, total_workers=2)
+    manager.request_resources("job-001", workers=1, allocation_id="lease-1")
+    manager.release_resources("lease-1")
+    r = manager.request_resources("job-001", workers=1, allocation_id="lease-1")
+    assert (r["status"], r["error_code"], r["error_field"]) == ("failed", "ALLOCATION_ENDED", "allocation_id")
+    assert manager.get_capacity()["allocated_workers"] == 0
+
+
 def test_manager_lists_allocations_by_state_and_job(alloc):
     manager = quick_start_manager(alloc)
     a = manager.request_resources("job-001", ["filesystem"], workers=1)
@@ -564,6 +622,21 @@ def test_manager_cleanup_leaves_allocations_within_their_ttl(alloc, clock):
 def test_manager_without_totals_registers_no_host(alloc):
     AllocationManager(allocator=alloc)
     assert alloc.capacity().host_count == 0
+
+
+def skew_local_clock(monkeypatch, seconds: float) -> None:
+    """This machine's clock runs ``seconds`` ahead of the Redis server's, whose TIME the ledger keeps."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+
+def test_manager_ages_and_expiry_are_read_on_the_ledger_clock_not_this_machines(live, monkeypatch):
+    manager = AllocationManager(allocator=live, total_cpu=4.0, total_memory=4096, total_workers=2)
+    r = manager.request_resources("job-001", workers=1, ttl_seconds=3600)
+    skew_local_clock(monkeypatch, 2 * 86400)
+    d = manager.get_allocation(r["allocation_id"])
+    assert d["timestamps"]["age_seconds"] < 60 and d["is_expired"] is False
+    assert manager.list_allocations()[0]["age_seconds"] < 60 and manager.list_allocations()[0]["is_expired"] is False
 
 
 # -- ResourceAllocator (seed 002) -------------------------------------------------------------------
@@ -740,6 +813,92 @@ def test_resource_allocator_registers_whole_cores_of_a_fractional_total(alloc):
 def test_resource_allocator_with_an_allocator_registers_no_host_by_default(alloc):
     ResourceAllocator(allocator=alloc)
     assert alloc.capacity().host_count == 0
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"total_cpu": 8.0, "total_memory_gb": 16}, (8.0, 16384)),
+    ({"total_cpu": 8.0}, (8.0, 131072)),
+    ({"total_memory_gb": 16}, (32.0, 16384)),
+])
+def test_resource_allocator_with_totals_registers_its_host_taking_the_seed_defaults_for_the_others(alloc, given, expected):
+    ra = ResourceAllocator(allocator=alloc, **given)
+    assert (ra.get_resource_usage()["total_cpu"], ra.get_resource_usage()["total_memory_mb"]) == expected
+
+
+def test_resource_allocator_with_totals_registers_its_host_beside_a_fleet(alloc, monkeypatch):
+    alloc.register_host(id="g1", cpu_cores=8, ram_mb=16384)
+    monkeypatch.setattr(seeds, "_default", alloc)
+    ResourceAllocator(total_cpu=4.0, total_memory_gb=8)
+    assert {h.host_id: (h.cpu_cores.total, h.ram_mb.total) for h in alloc.capacity().hosts} == {
+        "g1": (8, 16384), "local": (4, 8192)}
+
+
+def test_resource_allocator_with_totals_updates_the_host_an_earlier_one_registered(alloc, monkeypatch):
+    monkeypatch.setattr(seeds, "_default", alloc)
+    ResourceAllocator(total_cpu=4.0, total_memory_gb=8)
+    ra = ResourceAllocator(total_cpu=16.0, total_memory_gb=64)  # the operator raised TOTAL_CPU_CORES and TOTAL_MEMORY_GB
+    assert (ra.get_resource_usage()["total_cpu"], ra.get_resource_usage()["total_memory_mb"]) == (16.0, 65536)
+
+
+def test_resource_allocator_without_totals_uses_its_host_as_it_is(alloc, monkeypatch):
+    monkeypatch.setattr(seeds, "_default", alloc)
+    ResourceAllocator(total_cpu=4.0, total_memory_gb=8)
+    ra = ResourceAllocator()
+    assert (ra.get_resource_usage()["total_cpu"], ra.get_resource_usage()["total_memory_mb"]) == (4.0, 8192)
+
+
+def test_resource_allocator_reads_a_bare_memory_number_as_mib_not_bytes(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc)
+    allocation = run(ra.allocate_resources({"cpu": "1", "memory": "512"}))
+    assert allocation["memory_mb"] == "512"  # the project's rule; Kubernetes would read 512 bytes
+
+
+def test_resource_allocator_cleanup_measures_age_on_the_ledger_clock_not_this_machines(live, monkeypatch):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=live)
+    made = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}))
+    skew_local_clock(monkeypatch, 2 * 86400)
+    assert run(ra.cleanup_expired_allocations(max_age_hours=24)) == 0
+    assert list(ra.get_active_allocations()) == [made["allocation_id"]]
+
+
+def test_resource_allocator_allocation_repeated_with_its_allocation_id_returns_the_first(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc)
+    first = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}, allocation_id="lab-1"))
+    again = run(ra.allocate_resources({"cpu": "1", "memory": "1Gi"}, allocation_id="lab-1"))  # a retry after a lost reply
+    assert first == again and first["allocation_id"] == "lab-1"
+    assert ra.get_resource_usage()["allocated_cpu"] == 1.0
+
+
+@pytest.mark.parametrize("bad", ["", "bad id!", "x" * 300, 5])
+def test_resource_allocator_allocation_with_an_invalid_allocation_id_raises_naming_it(alloc, bad):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        run(ra.allocate_resources({"cpu": "1"}, allocation_id=bad))
+    assert exc.value.field == "allocation_id" and isinstance(exc.value, ValueError)
+    assert alloc.list() == []
+
+
+def test_resource_allocator_allocation_naming_one_that_has_ended_raises_value_error(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc)
+    run(ra.release_resources(run(ra.allocate_resources({"cpu": "1"}, allocation_id="lab-1"))))
+    with pytest.raises(ValueError) as exc:
+        run(ra.allocate_resources({"cpu": "1"}, allocation_id="lab-1"))
+    assert exc.value.code == "ALLOCATION_ENDED"
+    assert ra.get_resource_usage()["allocated_cpu"] == 0.0
+
+
+def test_resource_allocator_allocation_naming_a_request_waiting_in_line_raises_naming_allocation_id(alloc):
+    ra = ResourceAllocator(total_cpu=4.0, total_memory_gb=8, allocator=alloc)
+    alloc.allocate({"cpu_cores": 4})
+    alloc.allocate({"cpu_cores": 1}, on_busy="queue", allocation_id="lab-1")  # queued by another entry point
+    with pytest.raises(InvalidRequest) as exc:
+        run(ra.allocate_resources({"cpu": "1"}, allocation_id="lab-1"))
+    assert exc.value.field == "allocation_id"
+
+
+def test_the_seed_signatures_take_allocation_id_by_keyword_only():
+    for method in (AllocationManager.request_resources, ResourceAllocator.allocate_resources):
+        assert inspect.signature(method).parameters["allocation_id"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 # -- agreement, reach and refusals across the seed layers -------------------------------------------
