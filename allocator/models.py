@@ -129,8 +129,17 @@ def check_id_format(value: object, field: str) -> str:
     return value
 
 
+#: Most labels one selector may name, and values one label may offer; most GPU models one request
+#: may allow. The ledger's Lua scripts unpack these lists, and Lua 5.1 unpacks at most about 8,000 values.
+MAX_SELECTOR_LABELS = 64
+MAX_SELECTOR_VALUES = 256
+MAX_GPU_MODELS = 256
+
+
 def parse_selector(value: object, field: str = "selector") -> dict[str, list[str]] | None:
-    """Label selector: {"cluster": "a"}, {"cluster": ["a", "b"]} or "cluster=a|b,zone=z1"."""
+    """Label selector: {"cluster": "a"}, {"cluster": ["a", "b"]} or "cluster=a|b,zone=z1".
+
+    At most ``MAX_SELECTOR_LABELS`` labels, each with at most ``MAX_SELECTOR_VALUES`` values."""
     if value is None or value == {} or value == "":
         return None
     if isinstance(value, str):
@@ -146,6 +155,8 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
         value = out
     if not isinstance(value, dict):
         raise InvalidRequest(field, f"expected a mapping of label to value(s), got {type(value).__name__}")
+    if len(value) > MAX_SELECTOR_LABELS:
+        raise InvalidRequest(field, f"at most {MAX_SELECTOR_LABELS} labels, got {len(value)}")
     sel: dict[str, list[str]] = {}
     for k, v in value.items():
         if not isinstance(k, str) or not k or "=" in k:
@@ -153,6 +164,8 @@ def parse_selector(value: object, field: str = "selector") -> dict[str, list[str
         vals = [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
         if not isinstance(vals, list) or not vals or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in vals):
             raise InvalidRequest(f"{field}.{k}", f"expected a value or a non-empty list of values, got {short_repr(v)}")
+        if len(vals) > MAX_SELECTOR_VALUES:
+            raise InvalidRequest(f"{field}.{k}", f"at most {MAX_SELECTOR_VALUES} values, got {len(vals)}")
         sel[k] = [str(x) for x in vals]
     return sel
 
@@ -237,7 +250,7 @@ class Resources(_Strict):
 
     gpus: int = Field(0, ge=0, le=64, description="Number of GPUs, all on one host.")
     gpu_memory_mb: int | None = Field(None, description="MiB per GPU (number or '20Gi'); omit for whole GPUs.")
-    gpu_model: list[str] | None = Field(None, description="Allowed GPU models, e.g. 'V100M16|V100M32'.")
+    gpu_model: list[str] | None = Field(None, description="Allowed GPU models, e.g. 'V100M16|V100M32' (at most 256).")
     cpu_cores: float = Field(1.0, description="Cores: integers are exclusive core ids, fractions shared (e.g. 0.5 or '500m').")
     ram_mb: int = Field(0, description="RAM in MiB (number or '32Gi').")
     workers: int = Field(0, ge=0, le=100_000, description="Worker slots of the host (counted apart from CPU and RAM).")
@@ -273,7 +286,9 @@ class Resources(_Strict):
             return None
         items = v.split("|") if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
-            raise InvalidRequest("gpu_model", f"expected a model name, 'A|B', or a list of names, got {v!r}")
+            raise InvalidRequest("gpu_model", f"expected a model name, 'A|B', or a list of names, got {short_repr(v)}")
+        if len(items) > MAX_GPU_MODELS:
+            raise InvalidRequest("gpu_model", f"at most {MAX_GPU_MODELS} GPU models, got {len(items)}")
         return [x.strip() for x in items]
 
     @model_validator(mode="after")

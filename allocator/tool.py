@@ -284,6 +284,9 @@ def _schema_error(err: ValidationError, prefix: str = "") -> InvalidRequest:
         missing = [k for k in err.validator_value if k not in err.instance]
         return InvalidRequest(join(missing[0]) if missing else prefix + base, "required field is missing")
     field = prefix + base if base else (prefix.rstrip(".") or "params")
+    if err.validator == "maxItems" and isinstance(err.instance, list):
+        # jsonschema's own words quote the whole list ("[...] is too long"): say the limit instead.
+        return InvalidRequest(field, f"at most {err.validator_value} values, got {len(err.instance)}")
     return InvalidRequest(field, err.message if len(err.message) <= 300 else err.message[:300] + "...")
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .models import JOB_ID_PATTERN, SERVICE_NAME
+from .models import JOB_ID_PATTERN, MAX_GPU_MODELS, MAX_SELECTOR_LABELS, MAX_SELECTOR_VALUES, SERVICE_NAME
 
 Memory = Annotated[int | str, Field(description="MiB as a number, or a size string such as '512Mi', '4Gi', '2G'.")]
 Cpu = Annotated[float | str, Field(description="Cores: 2 pins two exclusive cores; 0.5 or '500m' shares the host's pool.")]
@@ -25,6 +25,8 @@ Text = Annotated[str, Field(min_length=1, max_length=256)]
 Seconds = Annotated[float, Field(gt=0, le=315_360_000)]
 #: Leases of at least a second: the ledger keeps TTLs in whole milliseconds (and 0 means none).
 TtlSeconds = Annotated[float, Field(ge=1, le=315_360_000)]
+#: Allowed GPU models: one name, 'A|B', or a list of names (at most ``MAX_GPU_MODELS`` in all).
+GpuModels = str | Annotated[list[str], Field(max_length=MAX_GPU_MODELS)]
 
 
 class _Params(BaseModel):
@@ -39,9 +41,10 @@ class ResourceRequirements(_Params):
     ram_mb: Memory | None = Field(None, description="RAM (MiB or '8Gi'; default 0).")
     priority: PriorityValue | None = Field(None, description="0..3 or low/normal/high/critical (default normal = 1).")
     gpus: Annotated[int, Field(ge=0, le=64)] | None = Field(None, description="Number of GPUs, all on one host.")
-    gpu_model: str | list[str] | None = Field(None, description="Allowed GPU models, e.g. 'A100' or ['V100M16', 'V100M32'].")
+    gpu_model: GpuModels | None = Field(None, description=f"Allowed GPU models, e.g. 'A100' or ['V100M16', 'V100M32'] (at most {MAX_GPU_MODELS}).")
     ttl_seconds: TtlSeconds | None = Field(None, description="Lease length in seconds (default 3600); the lease is released after it.")
-    selector: str | None = Field(None, description="Host label selector, e.g. 'cluster=lab,zone=z1|z2'.")
+    selector: str | None = Field(None, description="Host label selector, e.g. 'cluster=lab,zone=z1|z2' "
+                                                    f"(at most {MAX_SELECTOR_LABELS} labels, {MAX_SELECTOR_VALUES} values each).")
 
 
 class ResourceAllocatorParams(_Params):
@@ -68,7 +71,7 @@ class RequestResourcesParams(_Params):
     metadata: dict[str, Any] | None = Field(None, description="Free-form JSON object kept with the allocation.")
     gpus: Annotated[int, Field(ge=0, le=64)] | None = Field(None, description="GPUs in addition to the workers.")
     gpu_memory_mb: Memory | None = Field(None, description="GPU memory per GPU in addition to the workers.")
-    gpu_model: str | list[str] | None = Field(None, description="Allowed GPU models.")
+    gpu_model: GpuModels | None = Field(None, description=f"Allowed GPU models (at most {MAX_GPU_MODELS}).")
     cpu_cores: Cpu | None = Field(None, description="Cores in addition to the workers' cores.")
     ram_mb: Memory | None = Field(None, description="RAM in addition to the workers' memory.")
 
@@ -93,7 +96,7 @@ class TaskResources(_Params):
 
     gpus: Annotated[int, Field(ge=0, le=64)] | None = Field(None, description="Number of GPUs, all on one host.")
     gpu_memory_mb: Memory | None = Field(None, description="GPU memory per GPU; omit for whole GPUs.")
-    gpu_model: str | list[str] | None = Field(None, description="Allowed GPU models.")
+    gpu_model: GpuModels | None = Field(None, description=f"Allowed GPU models (at most {MAX_GPU_MODELS}).")
     cpu_cores: Cpu | None = Field(None, description="CPU cores.")
     ram_mb: Memory | None = Field(None, description="RAM.")
 

@@ -218,3 +218,47 @@ def test_metadata_larger_than_64_kib_as_json_is_refused_naming_it(alloc):
     assert ledger_dump(alloc) == before
     alloc.build_request({"cpu_cores": 0}, metadata={"blob": "x" * (MAX_METADATA_BYTES - 20)})  # just under: taken
 
+
+
+@pytest.mark.parametrize("selector", [{f"l{i}": "x" for i in range(65)}, ",".join(f"l{i}=x" for i in range(65))])
+def test_a_selector_of_more_than_64_labels_is_refused_saying_the_limit(selector):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, "selector": selector})
+    assert exc.value.field == "selector" and "at most 64 labels, got 65" in exc.value.reason
+
+
+@pytest.mark.parametrize("values", [[f"c{i}" for i in range(257)], "|".join(f"c{i}" for i in range(257))])
+def test_a_selector_label_of_more_than_256_values_is_refused_naming_the_label(values):
+    selector = {"cluster": values} if isinstance(values, list) else f"cluster={values}"
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, {"resources": {}, "selector": selector})
+    assert exc.value.field == "selector.cluster" and "at most 256 values, got 257" in exc.value.reason
+
+
+def test_a_selector_at_its_limits_is_taken():
+    selector = {f"l{i}": [f"v{j}" for j in range(256)] for i in range(64)}
+    assert parse(AllocationRequest, {"resources": {}, "selector": selector}).selector == selector
+
+
+@pytest.mark.parametrize("models", [[f"M{i}" for i in range(257)], "|".join(f"M{i}" for i in range(257))])
+def test_more_than_256_gpu_models_are_refused_saying_the_limit(models):
+    with pytest.raises(InvalidRequest) as exc:
+        parse(Resources, {"gpus": 1, "gpu_model": models}, "resources.")
+    assert exc.value.field == "resources.gpu_model" and "at most 256 GPU models, got 257" in exc.value.reason
+
+
+def test_256_gpu_models_are_taken():
+    assert len(parse(Resources, {"gpus": 1, "gpu_model": [f"M{i}" for i in range(256)]}).gpu_model) == 256
+
+
+@pytest.mark.parametrize("fields", [
+    {"selector": {"cluster": [f"c{i}" for i in range(8000)]}},
+    {"selector": {f"l{i}": "x" for i in range(8000)}},
+    {"resources": {"gpus": 1, "gpu_model": [f"M{i}" for i in range(8000)]}},
+])
+def test_a_request_with_too_many_selector_or_model_values_is_refused_before_it_waits_in_line(alloc, fields):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb=1024)
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest):
+        alloc.allocate(fields.pop("resources", {"cpu_cores": 1}), on_busy="queue", **fields)
+    assert ledger_dump(alloc) == before

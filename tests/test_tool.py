@@ -131,6 +131,46 @@ def test_seed004_bad_memory_string_names_its_field(alloc):
     assert out.status == INVALID and out.payload["error"]["field"] == "resource_requirements.ram_mb"
 
 
+@pytest.mark.parametrize("requirements, field", [
+    ({"gpus": 1, "gpu_model": [f"M{i}" for i in range(257)]}, "resource_requirements.gpu_model"),
+    ({"gpus": 1, "gpu_model": "|".join(f"M{i}" for i in range(257))}, "resource_requirements.gpu_model"),
+    ({"selector": ",".join(f"l{i}=x" for i in range(65))}, "resource_requirements.selector"),
+    ({"selector": "cluster=" + "|".join(f"c{i}" for i in range(257))}, "resource_requirements.selector.cluster"),
+])
+def test_seed004_too_many_gpu_models_or_selector_values_are_invalid_and_change_nothing(alloc, requirements, field):
+    seed_host(alloc)
+    before = ledger_dump(alloc)
+    out = call(alloc, "resource_allocator", {**EXAMPLES["resource_allocator"], "resource_requirements": requirements})
+    assert out.status == INVALID and out.payload["error"]["field"] == field, out.payload
+    assert "at most" in out.payload["error"]["message"]
+    assert ledger_dump(alloc) == before
+
+
+@pytest.mark.parametrize("tool, params, field", [
+    ("request_resources", {**EXAMPLES["request_resources"], "gpus": 1, "gpu_model": [f"M{i}" for i in range(257)]},
+     "gpu_model"),
+    ("submit_task", {**EXAMPLES["submit_task"], "resources": {"gpus": 1, "gpu_model": [f"M{i}" for i in range(257)]}},
+     "resources.gpu_model"),
+])
+def test_more_than_256_gpu_models_are_invalid_in_every_tool(alloc, tool, params, field):
+    seed_host(alloc)
+    before = ledger_dump(alloc)
+    out = call(alloc, tool, params)
+    assert out.status == INVALID and out.payload["error"]["field"] == field, out.payload
+    assert ledger_dump(alloc) == before
+
+
+def test_the_tool_schemas_publish_the_gpu_model_limit():
+    schemas = {
+        "resource_allocator": TOOLS["resource_allocator"].schema["properties"]["resource_requirements"]["properties"],
+        "request_resources": TOOLS["request_resources"].schema["properties"],
+        "submit_task": TOOLS["submit_task"].schema["properties"]["resources"]["anyOf"][0]["properties"],
+    }
+    for name, props in schemas.items():
+        arrays = [s for s in props["gpu_model"]["anyOf"] if s.get("type") == "array"]
+        assert [a["maxItems"] for a in arrays] == [256], name
+
+
 # -- seed 000 ---------------------------------------------------------------------------------
 
 

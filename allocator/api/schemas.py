@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
-from ..models import JOB_ID_PATTERN, MAX_SECONDS, Allocation, GpuCapacity, HostCapacity, Usage
+from ..models import (
+    JOB_ID_PATTERN, MAX_GPU_MODELS, MAX_SECONDS, MAX_SELECTOR_LABELS, MAX_SELECTOR_VALUES, Allocation, GpuCapacity,
+    HostCapacity, Usage,
+)
 
 ALLOC_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 JOB_ID = JOB_ID_PATTERN.pattern
@@ -25,6 +28,12 @@ PriorityIn = Annotated[
 StrategyIn = Literal["first_fit", "best_fit", "worst_fit", "spread", "priority"]
 MemoryIn = Annotated[int, Field(ge=0, le=1 << 40)] | Annotated[str, Field(min_length=1, max_length=32)]
 Text = Annotated[str, Field(min_length=1, max_length=256)]
+#: A label selector as a mapping (label -> value or values), within the limits every entry point keeps.
+Selector = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=128)],
+         Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_SELECTOR_VALUES)] | Annotated[str, Field(max_length=256)]],
+    Field(max_length=MAX_SELECTOR_LABELS),
+]
 
 
 def _mentions_number(tp: Any) -> bool:
@@ -57,8 +66,8 @@ class ResourcesIn(_In):
 
     gpus: int = Field(0, ge=0, le=64, description="GPUs, all on one host.")
     gpu_memory_mb: MemoryIn | None = Field(None, description="MiB per GPU (or '20Gi'); omit for whole GPUs.")
-    gpu_model: list[Annotated[str, Field(min_length=1, max_length=64)]] | Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
-        None, description="Allowed GPU models: a list or 'A100|H100'.")
+    gpu_model: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=MAX_GPU_MODELS)] | Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description=f"Allowed GPU models: a list or 'A100|H100' (at most {MAX_GPU_MODELS}).")
     cpu_cores: Annotated[float, Field(ge=0, le=4096)] | Annotated[str, Field(min_length=1, max_length=16)] = Field(
         1, description="Integers pin exclusive cores; fractions (0.5, '500m') come from the shared pool.")
     ram_mb: MemoryIn = Field(0, description="RAM in MiB (or '32Gi').")
@@ -72,8 +81,9 @@ class AllocationFields(_In):
     strategy: StrategyIn = "best_fit"
     ttl_seconds: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(3600, description="Lease length; null = no expiry.")
     expected_duration: Annotated[float, Field(gt=0, le=MAX_SECONDS)] | None = Field(None, description="Expected run time in seconds (backfill, ETA).")
-    selector: dict[Annotated[str, Field(min_length=1, max_length=128)], Annotated[str, Field(max_length=256)] | list[Annotated[str, Field(max_length=256)]]] | Annotated[str, Field(max_length=1024)] | None = Field(
-        None, description="Host labels: {'cluster': 'a'}, {'cluster': ['a', 'b']} or 'cluster=a|b,zone=z1'.")
+    selector: Selector | Annotated[str, Field(max_length=1024)] | None = Field(
+        None, description="Host labels: {'cluster': 'a'}, {'cluster': ['a', 'b']} or 'cluster=a|b,zone=z1' "
+                          f"(at most {MAX_SELECTOR_LABELS} labels, {MAX_SELECTOR_VALUES} values each).")
     metadata: dict[str, Any] = Field(default_factory=dict)
     task_id: Text | None = None
     task_type: Text | None = None

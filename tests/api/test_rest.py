@@ -218,6 +218,21 @@ def test_refusal_and_invalid_input_change_nothing(api: LiveApi) -> None:
     assert api.ledger() == before
 
 
+@pytest.mark.parametrize("body, field, limit", [
+    ({"selector": {f"l{i}": "x" for i in range(65)}}, "selector", "64"),
+    ({"selector": ",".join(f"l{i}=x" for i in range(65))}, "selector", "64"),
+    ({"selector": {"cluster": [f"c{i}" for i in range(257)]}}, "selector.cluster", "256"),
+    ({"resources": {"gpus": 1, "gpu_model": [f"M{i}" for i in range(257)]}}, "resources.gpu_model", "256"),
+])
+def test_too_many_selector_or_gpu_model_values_answer_422_naming_the_field(api: LiveApi, body: dict, field: str,
+                                                                            limit: str) -> None:
+    before = api.ledger()
+    r = api.client().post("/v1/allocations", json={**body, "on_busy": "queue"})
+    assert r.status_code == 422, r.text
+    assert err(r)["field"] == field and limit in err(r)["message"], r.json()
+    assert api.ledger() == before
+
+
 def test_allocate_queue_then_placed_on_release(api: LiveApi) -> None:
     c = api.client()
     big = c.post("/v1/allocations", json={"resources": {"gpus": 2, "gpu_model": "A100"}}).json()
