@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import services as _services
 from .errors import AllocatorError, InvalidRequest
-from .models import Allocation, AllocationRequest, Resources, short_repr
+from .models import Allocation, AllocationRequest, given_fields, short_repr
 
 if TYPE_CHECKING:
     from .client import Allocator
@@ -145,9 +145,7 @@ def _build(a: Allocator, item: BatchItem) -> AllocationRequest:
         # assignment) is not checked by pydantic, and a negative size would corrupt the ledger.
         # (So a request takes nothing here that allocate's validation refuses, such as the seed
         # APIs' record in its metadata.)
-        res = item.resources
-        item = {"resources": res.model_dump() if isinstance(res, Resources) else res,
-                **item.model_dump(exclude={"resources"})}
+        item = given_fields(item)
     if not isinstance(item, Mapping):
         raise InvalidRequest("", f"expected a mapping of allocate's fields or an AllocationRequest, got {type(item).__name__}")
     fields = dict(item)

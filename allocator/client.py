@@ -36,6 +36,7 @@ from .models import (
     Strategy,
     Usage,
     check_printable,
+    given_fields,
     parse,
     short_repr,
 )
@@ -236,9 +237,8 @@ class Allocator:
         ``heartbeat``: the host's agent registers it, and the registration counts as a heartbeat
         (the reaper then watches the host from this moment).
         """
-        data = host if host is not None else fields
-        if isinstance(data, HostSpec):
-            data = data.model_dump()  # checked again: a model's fields may have been changed since it was built
+        # A HostSpec is checked again: its fields may have been changed since it was built.
+        data = given_fields(host if host is not None else fields)
         _check_host_input(data)
         spec = parse(HostSpec, data)  # its bounds are the model's (HostSpec._bounds)
         payload = spec.model_dump()
@@ -278,6 +278,7 @@ class Allocator:
     def build_request(self, resources: ResourcesLike | None = None, /, **fields: Any) -> AllocationRequest:
         """Validates a request; ``InvalidRequest`` names the first bad field."""
         data = {k: v for k, v in fields.items() if v is not None or k == "ttl_seconds"}
+        resources = given_fields(resources)  # a Resources instance is checked again, as fields
         # Text that is not valid Unicode (or holds NUL) and nesting deeper than MAX_DEPTH are
         # refused before the models see them: their own error messages would carry the bad text,
         # and thousands of levels exhaust the recursion of json and pydantic.
@@ -371,8 +372,10 @@ class Allocator:
         return self.allocate_request(self.build_request(resources, **fields), on_busy=on_busy)
 
     def allocate_request(self, req: AllocationRequest, *, on_busy: str = "fail") -> Allocation:
-        """``allocate`` of a request ``build_request`` validated: for callers that add to it
-        after validation what no request may bring (the seed APIs' record in its metadata)."""
+        """``allocate`` of a request ``build_request`` validated, sent as it is (not validated
+        again): for callers that add to it after validation what no request may bring (the seed
+        APIs' record in its metadata). Anything else should go through ``allocate`` or
+        ``build_request``, which check an instance changed since it was built."""
         if on_busy not in ("fail", "queue"):
             raise InvalidRequest("on_busy", f"expected 'fail' or 'queue', got {on_busy!r}")
         if req.services:

@@ -196,10 +196,32 @@ def parse_service_names(value: object, field: str = "services") -> list[str] | N
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse(model: type[M], data: object, prefix: str = "") -> M:
-    """Validates ``data`` into ``model``; the first problem becomes an ``InvalidRequest``."""
-    if isinstance(data, model):
+def given_fields(data: object) -> object:
+    """A model instance as the fields to build it again from, for validating it again; anything
+    else as it is. pydantic checks a model when it is built, not what is assigned to it since
+    (``r.ram_mb = -4096``) nor what is changed inside its lists and mappings.
+
+    A field is given when it was set (built with it, or assigned since) or no longer holds its
+    default (a label added to the default ``labels``); the others are left out, so that what
+    depends on a field being left out stays so (``gpus`` left out with ``gpu_memory_mb``: one GPU).
+    Models inside are given the same way; other values are passed as they are."""
+    if not isinstance(data, BaseModel):
         return data
+    out: dict[str, object] = {}
+    for name, info in type(data).model_fields.items():
+        value = getattr(data, name)
+        if name in data.model_fields_set or value != info.get_default(call_default_factory=True):
+            if isinstance(value, list) and any(isinstance(x, BaseModel) for x in value):
+                value = [given_fields(x) for x in value]
+            out[name] = given_fields(value)
+    return out
+
+
+def parse(model: type[M], data: object, prefix: str = "") -> M:
+    """Validates ``data`` into ``model``; the first problem becomes an ``InvalidRequest``. An
+    instance of ``model`` is validated again (``given_fields``) into a new one."""
+    if isinstance(data, model):
+        data = given_fields(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

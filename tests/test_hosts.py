@@ -155,6 +155,15 @@ def test_a_host_model_changed_after_it_was_built_is_checked_again(alloc):
     assert alloc.capacity().host_count == 0
 
 
+def test_a_label_added_to_a_host_models_default_labels_is_kept_when_it_is_checked_again(alloc):
+    from allocator.models import HostSpec
+
+    spec = HostSpec(id="h1", cpu_cores=2, ram_mb=1024)
+    spec.labels["zone"] = "z1"
+    alloc.register_host(spec)
+    assert alloc.capacity().hosts[0].labels == {"cluster": "default", "zone": "z1"}
+
+
 def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):
     alloc_any.register_host(id="h1", cpu_cores=4, ram_mb="16Gi", gpus=[{"index": 1, "memory_mb": "16Gi"}])
     x = alloc_any.allocate({"gpus": 1, "cpu_cores": 1})  # GPU index 1, the host's position 0

@@ -262,3 +262,53 @@ def test_a_request_with_too_many_selector_or_model_values_is_refused_before_it_w
     with pytest.raises(InvalidRequest):
         alloc.allocate(fields.pop("resources", {"cpu_cores": 1}), on_busy="queue", **fields)
     assert ledger_dump(alloc) == before
+
+
+def test_a_resources_instance_changed_after_it_was_built_is_checked_again(alloc):
+    alloc.register_host(id="h1", cpu_cores=2, ram_mb=1024)
+    r = Resources(cpu_cores=1)
+    r.ram_mb = -4096
+    before = ledger_dump(alloc)
+    with pytest.raises(InvalidRequest) as exc:
+        alloc.allocate(r)
+    assert exc.value.field == "resources.ram_mb" and "negative" in exc.value.reason
+    assert ledger_dump(alloc) == before
+
+
+def test_an_allocation_request_changed_after_it_was_built_is_checked_again():
+    req = parse(AllocationRequest, {"resources": {"gpus": 1}, "selector": {"cluster": "a"}})
+    req.selector["cluster"] = []
+    with pytest.raises(InvalidRequest) as exc:
+        parse(AllocationRequest, req)
+    assert exc.value.field == "selector.cluster"
+
+
+def test_a_list_changed_inside_a_resources_instance_is_checked_again():
+    r = Resources(gpus=1, gpu_model=["A100"])
+    r.gpu_model.extend(f"M{i}" for i in range(300))
+    with pytest.raises(InvalidRequest) as exc:
+        parse(Resources, r, "resources.")
+    assert exc.value.field == "resources.gpu_model" and "at most 256" in exc.value.reason
+
+
+def test_gpu_memory_set_on_an_instance_that_left_gpus_out_asks_for_one_gpu():
+    r = Resources(cpu_cores=1)
+    r.gpu_memory_mb = 1024
+    assert (parse(Resources, r).gpus, parse(Resources, r).gpu_memory_mb) == (1, 1024)
+
+
+def test_gpu_memory_set_on_an_instance_that_asked_for_0_gpus_is_refused():
+    r = Resources(gpus=0, cpu_cores=1)
+    r.gpu_memory_mb = 1024
+    with pytest.raises(InvalidRequest) as exc:
+        parse(Resources, r)
+    assert exc.value.field == "gpus"
+
+
+def test_a_valid_instance_checked_again_is_unchanged():
+    req = parse(AllocationRequest, {"resources": {"gpu_memory_mb": "4Gi", "gpu_model": "A100|H100", "cpu_cores": "500m"},
+                                    "priority": "high", "strategy": "spread", "selector": "cluster=a|b",
+                                    "metadata": {"k": [1, {"x": None}]}, "task_id": "t1", "ttl_seconds": None})
+    again = parse(AllocationRequest, req)
+    assert again == req and again is not req
+    assert again.resources.model_fields_set == req.resources.model_fields_set
