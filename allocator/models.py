@@ -122,6 +122,20 @@ def short_repr(value: object, limit: int = 64) -> str:
     return r if len(r) <= limit else r[:limit - 4] + "..."
 
 
+#: A GPU's uuid: NVML's ("GPU-5f2c...", "MIG-GPU-.../1/0", "MIG-5f2c...") or an inventory's own
+#: (the default "<host>-gpu<index>", hence "@" and 256 characters). Jobs get their GPUs as
+#: CUDA_VISIBLE_DEVICES=<uuid>,<uuid>: a comma (or a blank) in one would name other devices.
+GPU_UUID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")
+GPU_UUID_RULE = "1-256 characters: letters, digits and . _ : @ / -, starting with a letter or digit"
+
+
+def check_gpu_uuid(value: object, field: str = "uuid") -> object:
+    """A GPU uuid (``GPU_UUID_PATTERN``) or None, else InvalidRequest naming ``field``."""
+    if value is not None and (not isinstance(value, str) or not GPU_UUID_PATTERN.fullmatch(value)):
+        raise InvalidRequest(field, f"{short_repr(value)} is not a GPU uuid ({GPU_UUID_RULE})")
+    return value
+
+
 def check_id_format(value: object, field: str) -> str:
     """An id as hosts and allocations take it (``ID_RULE``), or InvalidRequest naming ``field``."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
@@ -439,7 +453,7 @@ class GpuSpec(_Strict):
     """One GPU of a host as the inventory reports it."""
 
     index: int = Field(ge=0)
-    uuid: str | None = None
+    uuid: str | None = Field(None, description=f"{GPU_UUID_RULE}; default '<host>-gpu<index>'.")
     model: str = "GPU"
     memory_mb: int = Field(description="Total memory in MiB (number or '16Gi').")
     used_mb: int = Field(0, description="Memory used by processes the allocator does not manage.")
@@ -449,10 +463,15 @@ class GpuSpec(_Strict):
     def _mem(cls, v: object, info: Any) -> object:
         return parse_memory_mb(v, info.field_name)
 
-    @field_validator("uuid", "model", mode="before")
+    @field_validator("uuid", mode="before")
     @classmethod
-    def _printable(cls, v: object, info: Any) -> object:
-        return check_printable(v, info.field_name)
+    def _uuid(cls, v: object) -> object:
+        return check_gpu_uuid(v)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _printable(cls, v: object) -> object:
+        return check_printable(v, "model")
 
     @field_validator("index", mode="before")
     @classmethod

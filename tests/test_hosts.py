@@ -102,6 +102,12 @@ def test_a_host_with_more_gpus_than_the_indexes_can_order_is_refused(alloc_any):
         ({"labels": {1: "a"}}, "labels", "label names must be strings"),
         ({"labels": {"k=v": "w"}}, "labels", "without '='"),
         ({"labels": {"": "w"}}, "labels", "non-empty"),
+        ({"gpus": [{"index": 0, "uuid": "", "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
+        ({"gpus": [{"index": 0, "uuid": "   ", "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
+        ({"gpus": [{"index": 0, "uuid": "GPU-aaaa,GPU-bbbb", "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
+        ({"gpus": [{"index": 0, "uuid": "GPU-aaaa GPU-bbbb", "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
+        ({"gpus": [{"index": 0, "uuid": "-GPU-aaaa", "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
+        ({"gpus": [{"index": 0, "uuid": "GPU-" + "a" * 253, "memory_mb": 1024}]}, "gpus.0.uuid", "not a GPU uuid"),
     ],
 )
 def test_a_bad_inventory_value_is_refused_naming_the_field_and_changes_nothing(alloc, fields, field, reason_part):
@@ -162,6 +168,24 @@ def test_a_label_added_to_a_host_models_default_labels_is_kept_when_it_is_checke
     spec.labels["zone"] = "z1"
     alloc.register_host(spec)
     assert alloc.capacity().hosts[0].labels == {"cluster": "default", "zone": "z1"}
+
+
+@pytest.mark.parametrize("uuid", [
+    "GPU-5f2c1a3e-8b7d-4c2e-9f1a-0123456789ab",  # NVML
+    "MIG-GPU-5f2c1a3e-8b7d-4c2e-9f1a-0123456789ab/1/0",  # MIG before CUDA 11.1's driver
+    "MIG-5f2c1a3e-8b7d-4c2e-9f1a-0123456789ab",  # MIG since
+])
+def test_nvml_gpu_and_mig_uuids_are_taken(alloc, uuid):
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb=1024, gpus=[{"index": 0, "uuid": uuid, "memory_mb": 1024}])
+    assert alloc.capacity().hosts[0].gpus[0].uuid == uuid
+
+
+def test_the_default_gpu_uuid_of_a_host_with_the_longest_id_is_taken_when_checked_again(alloc):
+    from allocator.models import HostSpec, parse
+
+    spec = parse(HostSpec, {"id": "h@" + "x" * 126, "cpu_cores": 1, "gpus": [{"index": 1048575, "memory_mb": 1024}]})
+    alloc.register_host(spec)
+    assert alloc.capacity().hosts[0].gpus[0].uuid == "h@" + "x" * 126 + "-gpu1048575"
 
 
 def test_a_grant_follows_its_gpu_when_an_update_moves_it(alloc_any):

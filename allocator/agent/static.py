@@ -14,7 +14,7 @@ agent runs. File format (YAML shown; JSON is the same structure)::
         ram_mb: 64Gi              # MiB, or a size string
         gpus:
           - index: 0
-            uuid: GPU-0f1e…       # default "<host>-gpu<index>"
+            uuid: GPU-0f1e…       # default "<host>-gpu<index>"; letters, digits, . _ : @ / -
             model: A100
             memory_mb: 40Gi
             used_mb: 1Gi          # in use by nothing listed below (other tenants, the driver)
@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import InvalidRequest
-from ..models import HostSpec, parse
+from ..models import HostSpec, check_gpu_uuid, parse
 from ..units import parse_memory_mb
 from .inventory import MIG_INDEX_BASE, GpuProcess, GpuUnit, HostInventory, InvalidInventory
 
@@ -72,6 +72,10 @@ def _no_bool(v: object) -> object:
     return v
 
 
+def _uuid(v: object) -> object:
+    return check_gpu_uuid(v)
+
+
 class _Proc(_Strict):
     pid: int = Field(ge=1)
     used_mb: int | None = None
@@ -88,6 +92,7 @@ class _Mig(_Strict):
     processes: list[_Proc] = Field(default_factory=list)
     check_memory = field_validator("memory_mb", "used_mb", mode="before")(_mem)
     check_numbers = field_validator("utilization_pct", mode="before")(_no_bool)
+    check_uuid = field_validator("uuid", mode="before")(_uuid)
 
 
 class _Gpu(_Strict):
@@ -101,6 +106,7 @@ class _Gpu(_Strict):
     mig_devices: list[_Mig] = Field(default_factory=list)
     check_memory = field_validator("memory_mb", "used_mb", mode="before")(_mem)
     check_numbers = field_validator("index", "utilization_pct", mode="before")(_no_bool)
+    check_uuid = field_validator("uuid", mode="before")(_uuid)
 
     @model_validator(mode="after")
     def _mig_fits(self) -> _Gpu:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from ..models import (
-    JOB_ID_PATTERN, MAX_GPU_MODELS, MAX_SECONDS, MAX_SELECTOR_LABELS, MAX_SELECTOR_VALUES, Allocation, GpuCapacity,
+    GPU_UUID_PATTERN, JOB_ID_PATTERN, MAX_GPU_MODELS, MAX_SECONDS, MAX_SELECTOR_LABELS, MAX_SELECTOR_VALUES, Allocation, GpuCapacity,
     HostCapacity, Usage,
 )
 
@@ -150,7 +150,8 @@ class TaskSubmitBody(AllocationFields):
 
 class GpuIn(_In):
     index: int = Field(ge=0, le=1023)
-    uuid: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    uuid: Annotated[str, Field(min_length=1, max_length=128, pattern=GPU_UUID_PATTERN.pattern)] | None = Field(
+        None, description="NVML's uuid (GPU-..., MIG-...): letters, digits and . _ : @ / -; default '<host>-gpu<index>'.")
     model: Annotated[str, Field(min_length=1, max_length=64)] = "GPU"
     memory_mb: MemoryIn
     used_mb: MemoryIn = 0

@@ -113,6 +113,9 @@ def test_openb_csv_gives_the_1213_hosts():
     ([host("a", labels={None: "gpu"})], "hosts[0].labels"),
     ([host("a", gpus=[{"index": 0, "memory_mb": "40Gi", "mig_devices": [
         {"memory_mb": "20Gi"}, {"memory_mb": "20Gi"}, {"memory_mb": "10Gi"}]}])], "hosts[0].gpus[0]"),
+    ([host("a", gpus=[{"index": 0, "uuid": "GPU-aaaa,GPU-bbbb", "memory_mb": 100}])], "hosts[0].gpus[0].uuid"),
+    ([host("a", gpus=[{"index": 0, "memory_mb": "40Gi", "mig_devices": [
+        {"memory_mb": "20Gi"}, {"uuid": "MIG-a,MIG-b", "memory_mb": "20Gi"}]}])], "hosts[0].gpus[0].mig_devices[1].uuid"),
 ])
 def test_malformed_inventory_names_the_field(doc, field):
     with pytest.raises(InvalidInventory) as e:

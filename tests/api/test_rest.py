@@ -123,6 +123,14 @@ def test_a_host_put_carries_its_worker_slots_and_service_ports(api: LiveApi) -> 
     assert c.put("/v1/hosts/w", json={"cpu_cores": 2, "service_ports": None}).status_code == 200
 
 
+def test_a_gpu_uuid_holding_a_comma_answers_422_naming_it(api: LiveApi) -> None:
+    before = api.ledger()
+    r = api.client().put("/v1/hosts/gpu-d", json={"cpu_cores": 4, "ram_mb": "8Gi", "gpus": [
+        {"index": 0, "uuid": "GPU-aaaa,GPU-bbbb", "memory_mb": "24Gi"}]})
+    assert r.status_code == 422 and err(r)["field"] == "gpus.0.uuid", r.text
+    assert api.ledger() == before
+
+
 def test_register_drain_resume_remove_host(api: LiveApi) -> None:
     c = api.client()
     r = c.put("/v1/hosts/gpu-d", json={"labels": {"cluster": "edge"}, "cpu_cores": 4, "ram_mb": "8Gi",
