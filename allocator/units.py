@@ -6,18 +6,21 @@ decimal suffixes K/M/G/T (optionally "B") are powers of 1000 bytes, as in Kubern
 "m" alone is refused: in Kubernetes quantities it means "milli", which makes no sense for memory.
 
 CPU is kept in millicores. Numbers and numeric strings are cores ("2", "0.5"); "500m" is
-millicores, as in Kubernetes. The smallest unit is one millicore.
+millicores, as in Kubernetes. Text is plain ASCII decimal digits (no exponent, no "_", no other
+script's digits). The smallest unit is one millicore.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 
 from .errors import InvalidRequest
 
 _MEM = re.compile(r"^\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]*)\s*$")
+#: CPU as text: ASCII decimal digits (a sign and a point allowed), then "m" for millicores.
+_CPU = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*(m?)\s*")
 _MIB = 1024 * 1024
 #: Largest memory amount accepted (1 EiB in MiB). The ledger's Lua scripts hold numbers as
 #: doubles and print them with 14 significant digits, so every amount must stay far below 1e14.
@@ -85,24 +88,23 @@ def parse_cpu_millis(value: object, field: str = "cpu_cores") -> int:
             raise InvalidRequest(field, f"must be a finite number, got {_show(value)}")
         cores = Decimal(str(value))
     elif isinstance(value, str):
-        text = value.strip()
-        try:
-            if text.endswith("m"):
-                cores = Decimal(text[:-1]).scaleb(-3, _EXACT)
-            else:
-                cores = Decimal(text)
-        except InvalidOperation:
-            raise InvalidRequest(field, f"cannot read {_show(value)} as CPU cores; use e.g. 2, '0.5' or '500m'") from None
-        if not cores.is_finite():
-            raise InvalidRequest(field, f"must be a finite number, got {_show(value)}")
+        # Checked before Decimal, which also reads other scripts' digits ('٢', '２'), '_' between
+        # digits and exponents ('1e3'), none of which the memory sizes take either.
+        m = _CPU.fullmatch(value)
+        if not m:
+            raise InvalidRequest(field, f"cannot read {_show(value)} as CPU cores; write plain decimal digits, "
+                                        "e.g. 2, '0.5' or '500m'")
+        cores = Decimal(m.group(1))
+        if m.group(2):
+            cores = cores.scaleb(-3, _EXACT)
     else:
         raise InvalidRequest(field, f"expected a number or a string, got {type(value).__name__}")
     if cores < 0:
         raise InvalidRequest(field, f"must not be negative, got {_show(value)}")
     if cores > Decimal(MAX_CPU_MILLIS) / 1000:  # compared first: 1e999999 * 1000 would overflow
         raise InvalidRequest(field, f"{_show(value)} is more than the largest CPU amount accepted ({MAX_CPU_MILLIS // 1000} cores)")
-    # Exact, whatever the digits and the exponent: the default context would round
-    # 0.0010000000000000000000000000001 cores to 1 millicore and 1e-2000000000 to 0.
+    # Exact, whatever the digits: the default context would round
+    # 0.0010000000000000000000000000001 cores to 1 millicore.
     millis = cores.scaleb(3, _EXACT)
     if millis != millis.to_integral_value(context=_EXACT):
         raise InvalidRequest(field, f"{_show(value)} is finer than one millicore (0.001 cores)")
