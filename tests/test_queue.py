@@ -640,3 +640,37 @@ def test_a_job_timeout_rq_takes_is_given_to_rq_in_seconds(alloc, timeout, second
     one_gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 1, 2, resources=WHOLE, job_timeout=timeout)
     assert Job.fetch(task.id, connection=alloc.rq_connection).timeout == seconds
+
+
+def test_preemption_ends_nothing_on_a_host_with_no_free_port_for_the_requested_service(alloc, clock):
+    from allocator.services import ServiceCatalog, publish_catalog
+
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}],
+                        service_ports=(20000, 20000))
+    publish_catalog(alloc, "h1", ServiceCatalog.load({"a": {"command": ["true"]}, "b": {"command": ["true"]}}))
+    alloc.allocate({"cpu_cores": 1}, priority="high", services=["a"])  # holds the host's only port
+    lows = [alloc.allocate({"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1}, priority="low") for _ in range(4)]
+    urgent = queued(alloc, "high", {"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1}, strategy="priority",
+                    services=["b"])
+    for _ in range(3):
+        clock.advance(1)
+        alloc.schedule()
+    assert alloc.get(urgent.allocation_id).state == "pending"
+    assert [alloc.get(x.allocation_id).state for x in lows] == ["active"] * 4
+
+
+def test_a_task_the_walk_refuses_where_it_would_fit_ends_no_more_work_pass_after_pass(alloc, clock):
+    # scan_cap 1: the walk looks at h0's GPU only and refuses; h1 could take the task at once,
+    # so preempting work there would not let it start.
+    alloc.scan_cap = 1
+    alloc.register_host(id="h0", cpu_cores=4, ram_mb="16Gi", labels={"n": "h0"}, gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", labels={"n": "h1"}, gpus=[{"index": 0, "memory_mb": "16Gi"}])
+    alloc.allocate({"gpus": 1, "gpu_memory_mb": 10384, "cpu_cores": 3}, priority="high", selector="n=h0")
+    lows = [alloc.allocate(r, priority="low", selector="n=h1") for r in
+            ({"cpu_cores": 1}, {"gpus": 1, "gpu_memory_mb": "8Gi", "cpu_cores": 1}, {"cpu_cores": 1})]
+    urgent = queued(alloc, "high", {"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 2}, strategy="priority")
+    for _ in range(3):
+        clock.advance(1)
+        alloc.schedule()
+    assert [alloc.get(x.allocation_id).state for x in lows] == ["active"] * 3
+    assert alloc.get(urgent.allocation_id).state == "pending"

@@ -29,7 +29,7 @@ class Line:
             hid = al.host
             if hid not in sims:
                 h = self.hosts.get(hid)
-                sims[hid] = self._sim_host(req, h)  # None: what sim_fits would never accept on this host
+                sims[hid] = self._sim_host_to_free(req, h)
                 freed[hid] = []
             sim = sims[hid]
             if sim is None:
@@ -53,6 +53,15 @@ class Line:
         # what it holds beyond the excess.
         return [h.cfree * 1000 - h.shared, h.ram - h.ram_used, {g.uuid: [g.cap - g.used, g.n, g.model] for g in h.gpus},
                 h.slots - h.slots_used, h.reserve]
+
+    def _sim_host_to_free(self, req: _Req, h: _Host | None) -> list[Any] | None:
+        """_sim_host, or None also where req fits before anything is freed: first_fit_after of
+        queue.lua passes over such a host (the placement refused req there for what the
+        simulation does not see, such as the scan cap), for reservations and preemption alike."""
+        sim = self._sim_host(req, h)
+        if sim is not None and self._sim_fits(req, sim[4], sim[0], sim[1], sim[3], sim[2].values()):
+            return None
+        return sim
 
     @staticmethod
     def _sim_give(sim: list[Any], al: Any) -> None:
@@ -114,7 +123,7 @@ class Line:
         host's own entries, in order, added back one by one to what it has free now; None when
         it never does (or is not eligible)."""
         h = self.hosts.get(hid)
-        sim = self._sim_host(req, h)
+        sim = self._sim_host_to_free(req, h)
         if sim is None:
             return None
         assert h is not None

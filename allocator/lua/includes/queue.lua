@@ -276,13 +276,26 @@ end
 -- Walks allocations in the order given by walk(offset) (a page of ids), adding each back to a
 -- simulation of its host; returns the host where req first fits, the ids that must go there,
 -- and the last id's score. Bounded by limit allocations.
-local function first_fit_after(req, ids_scores, limit)
+-- A host on which req fits in the simulation before anything is added back is passed over: the
+-- placement has just refused req (preempt_for and reservation run for a task that does not fit)
+-- for what the simulation does not see there (a walk that stopped at the scan cap before it, no
+-- free service port), so ending work there, or reserving it, would not let req start. With
+-- preempting, a host without the free service ports req needs is passed over too: ending work
+-- frees no port at once (a service stops only once idle).
+local function first_fit_after(req, ids_scores, limit, preempting)
   local sims, freed = {}, {}
   for i = 1, math.min(#ids_scores, 2 * limit), 2 do
     local id, score = ids_scores[i], tonumber(ids_scores[i + 1])
     local h = rcall('HGET', alloc_key(id), 'host')
     if h and h ~= '' then
-      if sims[h] == nil then sims[h] = sim_host(req, h) or false; freed[h] = {} end
+      if sims[h] == nil then
+        local sim = sim_host(req, h) or false
+        if sim and (sim_fits(req, sim) or (preempting and req.services and services_fit(req, h) == 'ports')) then
+          sim = false
+        end
+        sims[h] = sim
+        freed[h] = {}
+      end
       local sim = sims[h]
       if sim then
         sim_give(sim, held_by(id, h))
@@ -297,7 +310,8 @@ end
 -- The victims on host h that req needs ended, of those the walk gathered (in its order: lowest
 -- priority, newest first): each, from the last gathered (the costliest to end) to the first, is
 -- spared when the others still make room. A walk adds allocations until req fits, so it can
--- gather one that frees nothing req lacks (a CPU-only task, when req needs a GPU).
+-- gather one that frees nothing req lacks (a CPU-only task, when req needs a GPU). One victim
+-- alone is needed: first_fit_after passes over a host where req fits without any.
 local function fewest_victims(req, h, victims)
   if #victims <= 1 then return victims end
   local base = sim_host(req, h)
@@ -396,7 +410,7 @@ end
 -- Returns the host, and whether a victim went back in line at once (an unclaimed job).
 local function preempt_for(req, now, limit)
   local ids = rcall('ZRANGEBYSCORE', K_BYPRIO, '-inf', '(' .. (req.priority * 1e13), 'WITHSCORES', 'LIMIT', 0, limit)
-  local h, victims = first_fit_after(req, ids, limit)
+  local h, victims = first_fit_after(req, ids, limit, true)
   if not h then return nil end
   victims = fewest_victims(req, h, victims)
   local back = false
