@@ -4,7 +4,7 @@ import pytest
 
 from allocator import InvalidRequest
 
-from .conftest import ledger_dump
+from .conftest import _namespace, ledger_dump
 
 WHOLE = {"gpus": 1, "cpu_cores": 1}
 
@@ -674,3 +674,24 @@ def test_a_task_the_walk_refuses_where_it_would_fit_ends_no_more_work_pass_after
         alloc.schedule()
     assert [alloc.get(x.allocation_id).state for x in lows] == ["active"] * 3
     assert alloc.get(urgent.allocation_id).state == "pending"
+
+
+def test_an_id_submitted_again_after_its_record_was_purged_starts_with_a_new_task_hash(redis_url, clock):
+    from allocator import Allocator
+
+    a = Allocator(redis_url, namespace=_namespace(), clock=clock, record_retention_s=60)
+    try:
+        one_gpu_host(a)
+        holder = a.allocate(WHOLE, ttl_seconds=None)
+        queued(a, allocation_id="nightly", ttl_seconds=None)
+        a.redis.hset(a.keys.task("nightly"), "not_before", int(clock.now * 1000) + 10**9)  # a retry's wait, as finish_job writes
+        a.cancel("nightly")  # its task hash is kept a day, the record only a minute
+        clock.advance(61)
+        a.expire()
+        assert a.get("nightly") is None
+        queued(a, allocation_id="nightly", ttl_seconds=None)
+        assert a.redis.pttl(a.keys.task("nightly")) == -1 and a.redis.hget(a.keys.task("nightly"), "not_before") is None
+        a.release(holder.allocation_id)
+        assert a.get("nightly").state == "active"
+    finally:
+        a.destroy()

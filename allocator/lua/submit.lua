@@ -6,7 +6,8 @@ ARGV[1] key prefix, ARGV[2] clock override ms, ARGV[3] task JSON {kind ("job"|"l
         rq_prefix, rq_queue, host_queue_prefix, on_host_lost ("requeue"|"fail")}, ARGV[4] pass depth,
         ARGV[5] scan cap,
 ARGV[6] the validated request as JSON text, ARGV[7] metadata as JSON text.
-Idempotent by id: an id that exists is not queued again.
+Idempotent by id: an id that exists is not queued again. An id whose record was purged is a
+new task: what is left of the old one's task hash goes first.
 Returns JSON {ok, state, position (0 = placed), placed[]}.
 ]]
 --- @include "ledger"
@@ -23,6 +24,9 @@ local reaped = {}
 if not existing then
   reaped = reap_expired(now, 8)
   local seq = tonumber(rcall('HINCRBY', K_SEQ, 'task_seq', 1))
+  -- An id submitted again once its record was purged: the task hash of its first run may still
+  -- be there (kept a day after it ended), with that run's expiry and retry time.
+  rcall('DEL', task_key(id))
   rcall('HSET', task_key(id), 'kind', t.kind, 'payload', t.payload, 'rq_prefix', t.rq_prefix or '',
         'rq_queue', t.rq_queue or '', 'host_queue_prefix', t.host_queue_prefix or '', 'state', 'pending',
         'seq', seq, 'priority', req.priority, 'front', '0', 'on_host_lost', t.on_host_lost or 'requeue')
