@@ -695,3 +695,29 @@ def test_an_id_submitted_again_after_its_record_was_purged_starts_with_a_new_tas
         assert a.get("nightly").state == "active"
     finally:
         a.destroy()
+
+
+def test_a_task_submitted_after_a_pass_stopped_at_its_depth_does_not_overtake_one_that_moved_up(alloc, clock):
+    alloc.pass_depth = 2
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", gpus=[{"index": i, "memory_mb": "16Gi"} for i in range(3)])
+    big = alloc.allocate({"gpus": 3, "cpu_cores": 3}, ttl_seconds=None)
+    waiting = [queued(alloc, ttl_seconds=None, allocation_id=f"T{i}") for i in (1, 2, 3)]
+    alloc.release(big.allocation_id)  # its pass places T1 and T2, and stops at its depth
+    assert [alloc.get(t.allocation_id).state for t in waiting] == ["active", "active", "pending"]
+    later = queued(alloc, ttl_seconds=None, allocation_id="N")
+    assert alloc.get("T3").state == "active" and later.state == "pending"
+
+
+def test_a_task_waiting_for_a_service_a_host_then_offers_starts_before_a_later_submission(alloc):
+    from allocator.services import ServiceCatalog, publish_catalog
+
+    svc = ServiceCatalog.load({"svc": {"command": ["true"]}})
+    alloc.register_host(id="h1", cpu_cores=1, ram_mb="8Gi")
+    alloc.register_host(id="h2", cpu_cores=4, ram_mb="8Gi")
+    publish_catalog(alloc, "h1", svc)
+    alloc.allocate({"cpu_cores": 1}, selector={"cluster": "default"}, strategy="first_fit")  # h1's only core
+    first = queued(alloc, resources={"cpu_cores": 1}, services=["svc"])  # h2 does not offer svc yet
+    assert first.state == "pending"
+    publish_catalog(alloc, "h2", svc)  # runs no pass
+    queued(alloc, resources={"cpu_cores": 1})
+    assert alloc.get(first.allocation_id).state == "active"

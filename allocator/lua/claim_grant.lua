@@ -97,6 +97,7 @@ local now = now_ms()
 local old = tonumber(a[11] or 0) or 0
 if old > 0 and old <= now then
   finish_alloc(id, 'expired', now)
+  rcall('HSET', K_SEQ, 'line_unsettled', '1')  -- freed without a pass (see schedule_pass in includes/queue.lua)
   out.reason, out.state = 'expired', 'released'
   return cjson.encode(out)
 end

@@ -43,6 +43,11 @@ for name, _ in pairs(old) do
 end
 rcall('DEL', ck)
 if #fields > 0 then rcall('HSET', ck, unpack(fields)) end
+if #added > 0 then
+  -- Tasks in line for a service this host now offers may start: this script runs no pass, so
+  -- the next submit runs a whole one (see schedule_pass in includes/queue.lua).
+  rcall('HSET', K_SEQ, 'line_unsettled', '1')
+end
 if #added > 0 or #removed > 0 then
   table.sort(added)
   table.sort(removed)

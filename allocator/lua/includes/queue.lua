@@ -567,12 +567,25 @@ end
 -- before any task is looked at come first, apart from the pass proper: a script that names
 -- run_pass lazy (see allocator/scripts.py) then builds the placement code only when something
 -- waits.
+-- A pass that placed tasks and reached its depth leaves the line unsettled (K_SEQ field
+-- line_unsettled): tasks that moved up into its reach were never tried, and may fit now, so the
+-- next submit runs a whole pass rather than trying only the new task (submit_pass). A pass that
+-- placed nothing, or saw the whole line, leaves it settled.
 local function schedule_pass(now, depth, scan_cap)
   if depth <= 0 then return {} end
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
   local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
-  if #ids == 0 then return {} end
-  return run_pass(ids, now, depth, scan_cap)
+  if #ids == 0 then
+    rcall('HDEL', K_SEQ, 'line_unsettled')
+    return {}
+  end
+  local placed = run_pass(ids, now, depth, scan_cap)
+  if #placed > 0 and #ids >= depth then
+    rcall('HSET', K_SEQ, 'line_unsettled', '1')
+  else
+    rcall('HDEL', K_SEQ, 'line_unsettled')
+  end
+  return placed
 end
 
 -- The EASY reservation a request placed outside the line (place.lua, place_on.lua) must respect:
@@ -602,11 +615,22 @@ end
 -- no room the head's reservation counts on (line_reservation) unless it is expected to end
 -- before the head's start; with no reservation to respect it is placed as if nobody waited.
 -- Refused with QUEUE_AHEAD when only the reserved room would hold it. Returns try_place's values.
+-- A placement on the reserved host (one that ends before the head's start), or outside any
+-- reservation (req outranks the head, or nothing in sight frees room for it), may move the
+-- head's reservation, and tasks behind it that it held back could then start: the line is
+-- unsettled (see schedule_pass).
 local function place_beside_line(req, now)
   local resv, head = line_reservation(req, now)
-  if not resv then return try_place(req, now) end
+  if not resv then
+    local p, refused = try_place(req, now)
+    if p and not req.dry_run then rcall('HSET', K_SEQ, 'line_unsettled', '1') end
+    return p, refused
+  end
   local p, refused = place_behind(nil, req, resv, now)
-  if p then return p end
+  if p then
+    if p.host == resv.host and not req.dry_run then rcall('HSET', K_SEQ, 'line_unsettled', '1') end
+    return p
+  end
   if try_place(req, now) then return nil, queue_ahead(head, resv) end
   return nil, refused
 end
@@ -640,13 +664,16 @@ end
 -- The pass a submit needs. Nothing was freed since the last pass (unless the submit reaped
 -- expired leases), so the tasks ahead of the new one still do not fit: only the new task can
 -- start, and only where it does not delay the head of the line. One task instead of depth.
+-- Unless the line is unsettled (see schedule_pass: the last pass stopped at its depth after
+-- placing tasks, or something outside a pass may have let a task start): the whole pass runs.
 -- Unless a task's retry interval ended since (K_DELAYED holds it until a pass meets it due):
 -- it comes first, so the whole pass runs.
 local function submit_pass(id, now, depth, scan_cap, reaped)
   if depth <= 0 then return {} end
-  if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
+  local f = rcall('HMGET', K_SEQ, 'recovering', 'line_unsettled')
+  if f[1] == '1' then return {} end
   local head = rcall('ZRANGE', K_PENDING, 0, 0)[1]
-  if reaped or head == nil or head == id or rcall('ZCOUNT', K_DELAYED, '-inf', now) > 0 then
+  if reaped or f[2] == '1' or head == nil or head == id or rcall('ZCOUNT', K_DELAYED, '-inf', now) > 0 then
     return schedule_pass(now, depth, scan_cap)
   end
   local rank = rcall('ZRANK', K_PENDING, id)
