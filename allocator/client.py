@@ -305,7 +305,9 @@ class Allocator:
             "cpu_millis": r.cpu_millis,
             "exclusive": r.exclusive_cores,
             "ram": r.ram_mb,
-            "ttl_ms": max(1, math.ceil(req.ttl_seconds * 1000)) if req.ttl_seconds else 0,
+            # Rounded to a microsecond before the ceiling: 257.083 s is 257083.00000000003 ms as
+            # a float, which is 257083 ms, not 257084.
+            "ttl_ms": max(1, math.ceil(round(req.ttl_seconds * 1000, 3))) if req.ttl_seconds else 0,
             "expected_ms": duration_ms(req.expected_duration),
             "preempt": req.strategy is Strategy.PRIORITY,
             "scan_cap": self.scan_cap,

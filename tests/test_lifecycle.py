@@ -184,3 +184,10 @@ def test_a_negative_list_limit_is_refused_naming_it(alloc):
     with pytest.raises(InvalidRequest) as exc:
         alloc.list(limit=-1)
     assert exc.value.field == "limit"
+
+
+@pytest.mark.parametrize("ttl, ms", [(257.083, 257083), (0.0005, 1), (1.0001, 1001)])
+def test_a_ttl_in_seconds_becomes_whole_milliseconds_rounded_up_but_not_by_float_error(alloc, ttl, ms):
+    alloc.register_host(id="h1", cpu_cores=4, ram_mb="8Gi")
+    x = alloc.allocate({"cpu_cores": 1}, ttl_seconds=ttl)
+    assert int(alloc.redis.hget(alloc.keys.alloc(x.allocation_id), "ttl_ms")) == ms
