@@ -164,6 +164,17 @@ def test_timed_out_job_is_released(alloc):
     assert alloc.get(task.id).state == "failed"
 
 
+def test_a_timed_out_job_is_recorded_as_failed_there_is_no_timeout_outcome(alloc):
+    import json
+
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.sleep_for, 30, resources={"cpu_cores": 1}, job_timeout=1)
+    run_worker(alloc, "h1")
+    finished = [json.loads(f["data"]) for _, f in alloc.redis.xrange(alloc.keys.events)
+                if f["type"] == "finished" and f["id"] == task.id]
+    assert [e["outcome"] for e in finished] == ["failed"]
+
+
 def test_killed_work_horse_is_released(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.kill_own_horse, resources={"gpus": 1})

@@ -79,7 +79,8 @@ class AllocationRow(Base):
     kind: Mapped[str | None] = mapped_column(String(16), doc="lease (direct allocation) or task (queued job)")
     state: Mapped[str] = mapped_column(String(16), doc="pending, active, released, failed, cancelled")
     release_reason: Mapped[str | None] = mapped_column(String(64), doc="released, expired, host_removed, preempted, ...")
-    outcome: Mapped[str | None] = mapped_column(String(32), doc="job outcome: ok, failed, timeout, stopped")
+    outcome: Mapped[str | None] = mapped_column(
+        String(32), doc="job outcome: ok, failed (a timeout too), stopped, retry, lost, or the RQ status left")
     host_id: Mapped[str | None] = mapped_column(String(128))
     host_gen: Mapped[int | None] = mapped_column(Integer)
     gpus: Mapped[Any] = mapped_column(JSONType, doc="grants [{pos, index, uuid, model, memory_mb}]")
