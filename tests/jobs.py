@@ -76,3 +76,23 @@ def log_run(path: str, seconds: float) -> str:
     with open(path, "a") as f:
         f.write("end\n")
     return "done"
+
+
+def report_cpu() -> dict:
+    """The CPU the run got: its scheduling policy (os.SCHED_*), affinity and granted core list."""
+    return {
+        "policy": os.sched_getscheduler(0),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "ALLOCATOR_CPU_CORES": os.environ.get("ALLOCATOR_CPU_CORES"),
+    }
+
+
+def leave_a_detached_child_behind(pid_file: str) -> str:
+    """As ``leave_a_child_behind``, but the subprocess starts a session (and process group) of its own."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
+    return "done"

@@ -63,6 +63,37 @@ def test_job_runs_on_its_host_with_gpus_and_cores_pinned(alloc):
     assert alloc.get(task.id).state == "released"
 
 
+@pytest.mark.skipif(len(CORES) < 2, reason="needs a core to pin and one left over")
+def test_a_job_granted_no_cpu_runs_on_the_cores_nobody_holds(alloc):
+    gpu_host(alloc)
+    pinned = alloc.allocate({"cpu_cores": 1})
+    task = alloc.enqueue(jobs.report_cpu, resources={"gpus": 1, "cpu_cores": 0})
+    run_worker(alloc, "h1")
+    pool = [c for c in CORES if c not in pinned.cpu_cores]
+    assert task.job.return_value() == {"policy": os.SCHED_OTHER, "affinity": pool,
+                                       "ALLOCATOR_CPU_CORES": ",".join(map(str, pool))}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_a_job_granted_no_cpu_runs_at_idle_priority_when_every_core_was_pinned_before_its_claim(alloc):
+    gpu_host(alloc)
+    task = alloc.enqueue(jobs.report_cpu, resources={"gpus": 1, "cpu_cores": 0})
+    assert alloc.get(task.id).state == "active"
+    alloc.allocate({"cpu_cores": len(CORES)})  # between its placement and its claim: no shared pool is left
+    run_worker(alloc, "h1")
+    # Only CPU time nobody else uses; its affinity is the worker's, as there are no cores to keep to.
+    assert task.job.return_value() == {"policy": os.SCHED_IDLE, "affinity": CORES, "ALLOCATOR_CPU_CORES": ""}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize(("shared_pool", "policy"), [(True, "SCHED_IDLE"), (False, "SCHED_OTHER")])
+def test_an_empty_core_list_means_idle_priority_only_for_a_grant_on_the_shared_pool(shared_pool, policy):
+    code = ("import os; from workers.pinning import Grant, apply; "
+            f"apply(Grant('a1', 'h1', cores=[], shared_pool={shared_pool})); print(os.sched_getscheduler(0))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert int(out) == getattr(os, policy)
+
+
 def test_plain_rq_worker_with_the_worker_class_works(alloc):
     gpu_host(alloc)
     task = alloc.enqueue(jobs.add, 2, 3, resources={"cpu_cores": 1})
@@ -132,6 +163,40 @@ def test_a_subprocess_a_job_left_behind_is_stopped_before_its_grant_is_handed_on
     assert alloc.get(task.id).state == "released"
     child = int(pid_file.read_text())
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_subprocess_a_job_started_in_a_session_of_its_own_is_stopped_before_its_grant_is_handed_on(alloc, tmp_path):
+    import psutil
+
+    gpu_host(alloc)
+    pid_file = tmp_path / "child"
+    task = alloc.enqueue(jobs.leave_a_detached_child_behind, str(pid_file), resources={"gpus": 1, "cpu_cores": 1})
+    try:
+        run_worker(alloc, "h1")
+        assert alloc.get(task.id).state == "released"
+        child = int(pid_file.read_text())
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if pid_file.exists() and psutil.pid_exists(int(pid_file.read_text())):
+            psutil.Process(int(pid_file.read_text())).kill()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds processes through /proc")
+def test_the_processes_of_a_run_are_told_from_those_of_a_later_placement_of_its_task():
+    import uuid
+
+    from workers.pinning import kill_processes_of
+
+    allocation_id = uuid.uuid4().hex
+    env = {**os.environ, "ALLOCATOR_ALLOCATION_ID": allocation_id, "ALLOCATOR_PLACEMENT": "h1|2|1000|0"}
+    later_run = subprocess.Popen(["sleep", "300"], env=env)  # the task placed again on h1 after a loss of h1
+    try:
+        assert kill_processes_of(allocation_id, "h1|1|500|0") == []
+        assert later_run.poll() is None
+        assert kill_processes_of(allocation_id, "h1|2|1000|0") == [later_run.pid]
+        assert later_run.wait(10) == -9
+    finally:
+        later_run.kill()
 
 
 def test_a_worker_refuses_more_than_one_queue(alloc):
@@ -312,6 +377,84 @@ def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_e
     assert alloc.get(urgent[0].allocation_id).state == "active"
     assert low.state == "pending"
     assert alloc.get(low.id).requeues == 1
+
+
+def test_a_warm_shutdown_during_the_claim_lets_the_claimed_job_run_then_stops_the_worker(alloc, monkeypatch):
+    import signal
+
+    import workers.worker
+
+    gpu_host(alloc)
+    first = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 1}, job_timeout=-1)
+    second = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 1})
+    claim = workers.worker.claim_grant
+
+    def claim_then_sigterm(*args, **kwargs):
+        claimed = claim(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # the operator's stop, as the claim's reply comes back
+        return claimed
+
+    monkeypatch.setattr(workers.worker, "claim_grant", claim_then_sigterm)
+    work_in_process(in_process_worker(alloc, "h1"))
+    assert first.job.return_value() == 5
+    assert alloc.get(first.id).release_reason == "released"
+    assert second.job.get_status() == "queued"  # the worker stopped after the job in hand
+    assert (alloc.get(second.id).state, alloc.redis.hget(alloc.keys.alloc(second.id), "claim")) == ("active", None)
+
+
+def test_a_warm_shutdown_during_the_release_lets_the_release_finish_then_stops_the_worker(alloc, monkeypatch):
+    import signal
+
+    import workers.worker
+
+    gpu_host(alloc)
+    first = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 1}, job_timeout=-1)
+    second = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 1})
+    finish = workers.worker.finish_job
+
+    def sigterm_then_finish(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # the operator's stop, as the worker starts the release
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(workers.worker, "finish_job", sigterm_then_finish)
+    work_in_process(in_process_worker(alloc, "h1"))
+    assert first.job.return_value() == 5
+    assert alloc.get(first.id).release_reason == "released"
+    assert second.job.get_status() == "queued"  # the worker stopped after the job in hand
+
+
+def run_rq_intermediate_list_maintenance(a, host: str) -> None:
+    """RQ's maintenance of the host queue's intermediate list, twice, as a minute apart: a job id
+    found there both times that is not running is failed ("stuck in intermediate queue")."""
+    from rq import Queue
+
+    queue = Queue(host_queue_name(a.keys.namespace, host), connection=a.rq_connection)
+    worker = in_process_worker(a, host)
+    queue.intermediate_queue.cleanup(worker, queue)
+    for job_id in queue.intermediate_queue.get_job_ids():
+        a.rq_connection.set(queue.intermediate_queue.get_first_seen_key(job_id), time.time() - 120)
+    queue.intermediate_queue.cleanup(worker, queue)
+
+
+def test_a_job_stopped_before_its_horse_ran_leaves_nothing_in_rqs_intermediate_list(alloc):
+    gpu_host(alloc)
+    low = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 2}, priority="low")
+    worker = in_process_worker(alloc, "h1")
+    prepare, urgent = worker.prepare_execution, []
+
+    def preempt_then_prepare(job):
+        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
+        wait_until(lambda: worker._kill_pending is not None, timeout=10)
+        return prepare(job)
+
+    worker.prepare_execution = preempt_then_prepare
+    work_in_process(worker)  # stopped before its horse took the job from the intermediate list
+    assert low.state == "pending"
+    alloc.release(urgent[0].allocation_id)  # placed again on h1, where it runs to its end
+    work_in_process(in_process_worker(alloc, "h1"))
+    assert low.job.return_value() == 5
+    run_rq_intermediate_list_maintenance(alloc, "h1")
+    assert low.job.get_status() == "finished"  # not failed as "stuck in intermediate queue"
 
 
 def test_a_stop_that_came_after_a_run_ended_does_not_mark_the_next_run_stopped(alloc):

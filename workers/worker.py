@@ -14,7 +14,11 @@ pid map (for the GPU memory watchdog). In the parent after the job, on every out
 exception, timeout, stop, killed horse), one call (``finish_job``): the pid leaves the map, and
 the allocation is released (with its ``finished`` event) or the task requeued when it was
 preempted. The release names the placement it claimed, so a run that outlived its grant (host
-declared lost meanwhile, task placed again) frees nothing it no longer holds. Each script call is
+declared lost meanwhile, task placed again) frees nothing it no longer holds. Before it, what the
+run left behind is killed: the horse's process group, and processes in a session of their own
+whose environment names the run. From before the claim to the end of the release the worker
+counts as busy, so RQ's warm shutdown (SIGINT, SIGTERM) lets both complete and stops the worker
+after them. Each script call is
 one round trip, and per-job round trips are what separates this worker's throughput from plain
 RQ's on trivial jobs: three per job, where one call per step took fourteen.
 
@@ -39,12 +43,13 @@ import redis
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
+from rq.worker import WorkerStatus
 
 from allocator.agent.fencing import ClaimedGrant, GrantStatus, claim_grant, finish_job, signal_run
 from allocator.client import Allocator
 from allocator.queue import parse_host_queue, run_lease_s
 
-from .pinning import Grant, apply
+from .pinning import Grant, apply, kill_processes_of
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +79,12 @@ class ResourceWorker(Worker):
         self._job_in_hand: str | None = None
         self._kill_pending: int | None = None
         self._horse_lock = threading.Lock()
-        # One byte the horse writes and the parent reads (an anonymous mapping is shared across the
-        # fork): how the run ended, for the release when RQ has already deleted the job's hash.
-        self._outcome_cell = mmap.mmap(-1, 1)
+        # Bytes the horse writes and the parent reads (an anonymous mapping is shared across the
+        # fork): [0] how the run ended, for the release when RQ has already deleted the job's hash;
+        # [1] whether the horse took the job id off the queue's intermediate list.
+        self._outcome_cell = mmap.mmap(-1, 2)
+        # A job in hand, from before its claim to the end of its release (see get_state).
+        self._holding = False
 
     # -- command channel -------------------------------------------------------------------------
 
@@ -103,21 +111,23 @@ class ResourceWorker(Worker):
         # One round trip before the fork: the claim also returns the grant and records "started".
         # From then on a preemption may send stop-job for this job (see get_current_job_id).
         self._job_in_hand = job.id
+        self._holding = True
         try:
             claim = claim_grant(self.allocator, job.id, self.name, self.host_id, start=True,
                                 run_lease_s=self.run_lease_s(job))
             if not claim.current or claim.grant is None:
                 self._refuse(job, queue, claim)
                 return
-            self._grant = self._grant_for(job.id, claim.grant)
+            self._grant = self._grant_for(job.id, claim.grant, claim.token or "")
             self._claimed = claim.token or ""
-            self._outcome_cell[0] = _UNKNOWN
+            self._outcome_cell[0], self._outcome_cell[1] = _UNKNOWN, 0
             try:
                 super().execute_job(job, queue)
             finally:
                 self._grant = None
                 self._after(job, claim.token, queue)
         finally:
+            self._holding = False
             self._claimed = ""
             with self._horse_lock:
                 self._job_in_hand, self._kill_pending = None, None
@@ -126,6 +136,17 @@ class ResourceWorker(Worker):
                 # next run of this job (a retry, the task placed again) count as stopped.
                 if self._stopped_job_id == job.id:
                     self._stopped_job_id = None
+
+    def get_state(self) -> str:
+        """RQ's, but busy while a job is in hand, from before its claim to the end of its release.
+        RQ's warm shutdown (SIGINT, SIGTERM) lets a busy worker finish and stop at its next loop,
+        and raises StopRequested wherever an idle one is; RQ counts a worker busy only from the
+        execution it sets up after the claim until the horse ends, before the release. A stop
+        raised in the claim would leave a claimed job that never runs and holds its grant (for
+        ever without a time limit); in the release, an allocation never released."""
+        if self._holding:
+            return WorkerStatus.BUSY
+        return super().get_state()
 
     def run_lease_s(self, job: Job) -> float:
         """How long the job's run may hold its grant (``allocator.queue.run_lease_s`` with this
@@ -161,17 +182,20 @@ class ResourceWorker(Worker):
             except Exception:  # noqa: BLE001 - the scheduler's tick places them anyway
                 log.exception("scheduling pass after the expired allocation %s failed", job.id)
 
-    def _grant_for(self, allocation_id: str, g: ClaimedGrant) -> Grant:
+    def _grant_for(self, allocation_id: str, g: ClaimedGrant, placement: str) -> Grant:
         """The grant as the work horse applies it; a grant without exclusive cores (a share of
-        the CPU, or none) runs only on the host's cores nobody held exclusively at the claim."""
+        the CPU, or none) runs only on the host's cores nobody held exclusively at the claim, and
+        at idle priority when there were none (see ``workers.pinning.apply``)."""
         return Grant(
             allocation_id=allocation_id,
             host_id=self.host_id,
             gpu_uuids=[x["uuid"] for x in g.gpus],
             gpu_indexes=[int(x["index"]) for x in g.gpus],
             gpu_memory_mb=[int(x["memory_mb"]) for x in g.gpus],
-            cores=list(g.cores) or list(g.pool),
+            cores=list(g.cores or g.pool),
             cpu_amount=g.cpu_amount,
+            shared_pool=not g.cores,
+            placement=placement,
         )
 
     def _after(self, job: Job, placement: str | None = None, queue: Queue | None = None) -> None:
@@ -185,12 +209,16 @@ class ResourceWorker(Worker):
         if pid:
             # Whatever the run started and left behind (a subprocess after a timeout or a killed
             # horse) still runs pinned to the grant: it goes before the grant is handed on. The
-            # horse led its own process group; its children are in it.
+            # horse led its own process group; its children are in it, unless they started one
+            # of their own (a new session): those are found by the grant in their environment.
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            kill_processes_of(job.id, placement or "")
         if queue is not None:
+            if not self._outcome_cell[1]:
+                self._leave_intermediate_list(job, queue)
             self._fail_abandoned(job, queue)
         outcome = _OUTCOMES.get(self._outcome_cell[0])
         end = finish_job(self.allocator, job.id, self.host_id, placement, horse_pid=pid, outcome=outcome,
@@ -198,6 +226,16 @@ class ResourceWorker(Worker):
         if end.stale:
             log.warning("job %s: its host was declared lost while it ran and the task was placed again; "
                         "this run releases nothing", job.id)
+
+    def _leave_intermediate_list(self, job: Job, queue: Queue) -> None:
+        """A run stopped before its horse took the job id off the queue's intermediate list (a
+        preemption or cancel right after the claim kills it sooner): RQ's maintenance would fail
+        the job it finds there later, a run of it that succeeded meanwhile included. (One more
+        round trip, for such a run only; removing an id that is gone does nothing.)"""
+        try:
+            queue.intermediate_queue.remove(job.id)
+        except redis.RedisError:  # the release below must still be tried
+            log.exception("job %s: could not remove it from %s's intermediate list", job.id, queue.name)
 
     def _fail_abandoned(self, job: Job, queue: Queue) -> None:
         """A run still "started" once its horse is gone was ended by no one: a cold shutdown
@@ -325,6 +363,12 @@ class ResourceWorker(Worker):
         if self._grant is not None:
             apply(self._grant)
         super().main_work_horse(job, queue)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ's (in the horse), which tells the parent when it took the id off the intermediate list."""
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        if remove_from_intermediate_queue:
+            self._outcome_cell[1] = 1
 
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
         """RQ's perform_job (in the horse), which tells the parent how it ended (see ``_after``)."""
