@@ -235,7 +235,10 @@ class Allocator:
         Accepts a ``HostSpec``, a mapping, or keyword fields (id, labels, cpu_cores, ram_mb, gpus).
         ``only_new``: a host registered already is left as it is (the reply says ``skipped``).
         ``heartbeat``: the host's agent registers it, and the registration counts as a heartbeat
-        (the reaper then watches the host from this moment).
+        (the reaper then watches the host from this moment). A host the reaper declared lost comes
+        back watched whoever registers it (an operator's update included): only a watched host is
+        declared lost, and one brought back with no agent beating for it is declared lost again
+        once the grace passes, rather than taking work no one watches.
         """
         # A HostSpec is checked again: its fields may have been changed since it was built.
         data = given_fields(host if host is not None else fields)
@@ -245,7 +248,7 @@ class Allocator:
         payload["service_ports"] = list(spec.service_ports)
         payload["cores"] = payload.pop("cpu_cores")
         return self._call("register_host", json.dumps(payload), self.pass_depth, self.scan_cap, "1" if only_new else "0",
-                          "1" if heartbeat else "0", extra_keys=[self.keys.heartbeats] if heartbeat else ())
+                          "1" if heartbeat else "0", extra_keys=[self.keys.heartbeats])
 
     def drain_host(self, host_id: str, *, by_agent: bool = False) -> None:
         """No new placements on the host; what runs there keeps its resources. ``by_agent``: the

@@ -7,8 +7,9 @@ ARGV[4] scheduling pass depth afterwards (0 = none), ARGV[5] scan cap, ARGV[6] "
 host: one registered already is left as it is (allocator recover restoring the history's
 inventory must not overwrite an agent's newer registration; checked here, not before the call),
 ARGV[7] "1" = the host's agent registers it: the registration is also its first heartbeat (ZADD
-into the heartbeats ZSET, then KEYS[#KEYS]), so a host whose agent dies before its first
-heartbeat is still declared lost once the grace passes (no entry: nothing ever watched it).
+into the heartbeats ZSET, KEYS[#KEYS]), so a host whose agent dies before its first
+heartbeat is still declared lost once the grace passes (no entry: nothing ever watched it). A
+host that was lost gets that entry whoever registers it.
 Usage (GPU memory, cores, RAM, worker slots, service references held) is recomputed from the host's active allocations, so an update
 can change totals, reorder or drop GPUs and cores: grants stay valid and free never goes below 0.
 A grant whose GPU moved to another position is rewritten with the new position; a whole GPU's
@@ -196,6 +197,9 @@ else
   -- ledger keeps an operator's).
   if agent_drain_ended then emit('host_resumed', h, now, '{}') end
 end
-if ARGV[7] == '1' then rcall('ZADD', KEYS[#KEYS], now, h) end
+-- A host that was lost comes back watched too, whoever registers it: only a host the reaper
+-- watched is declared lost, and one an operator's update brought back with no agent beating for
+-- it must be declared lost again, not take work no one watches.
+if ARGV[7] == '1' or lost_before then rcall('ZADD', KEYS[#KEYS], now, h) end
 schedule_pass(now, tonumber(ARGV[4] or 0), tonumber(ARGV[5] or 2048))
 return cjson.encode({created = created, ord = ord, state = state, gen = gen, was_lost = lost_before})

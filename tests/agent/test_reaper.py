@@ -43,6 +43,18 @@ def test_a_host_whose_agent_died_before_its_first_heartbeat_is_still_declared_lo
     assert lost.declared and alloc.capacity().hosts[0].state == "lost"
 
 
+def test_a_lost_host_an_operator_updates_is_watched_again_and_declared_lost_without_its_agent(alloc, make_agent, clock):
+    make_agent([host("h1")]).run_once()
+    clock.advance(GRACE)
+    reap_lost_hosts(alloc, GRACE)  # the agent died
+    alloc.register_host(id="h1", labels={"team": "ml"}, cpu_cores=4, ram_mb="8Gi")  # an operator's update, no agent
+    assert alloc.capacity().hosts[0].state == "ready"
+    assert alloc.redis.zscore(alloc.keys.heartbeats, "h1") == int(clock() * 1000)
+    clock.advance(GRACE)
+    (lost,) = reap_lost_hosts(alloc, GRACE)
+    assert lost.declared and alloc.capacity().hosts[0].state == "lost"
+
+
 def test_host_is_not_lost_before_the_grace(alloc, make_agent, clock):
     make_agent([host("h1")]).run_once()
     clock.advance(GRACE - 0.001)
