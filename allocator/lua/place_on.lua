@@ -62,8 +62,10 @@ if yield_to_line then
   end
 end
 
+local resv, outranks
 if not yield_to_line and rcall('ZCARD', K_PENDING) > 0 then
-  local resv, head = line_reservation(req, now)
+  local head
+  resv, head, outranks = line_reservation(req, now)
   if resv and delays_head(req, h, resv, now) then return cjson.encode(queue_ahead(head, resv)) end
 end
 
@@ -144,4 +146,7 @@ if chosen then
   for i, g in ipairs(chosen) do grants[i] = gpu_grant(req, g) end
   p.gpus, p.free = grants, chosen
 end
+-- As place_beside_line in includes/queue.lua: a placement that may move the head's reservation
+-- unsettles the line.
+if outranks or (resv and resv.host == h) then rcall('HSET', K_SEQ, 'line_unsettled', '1') end
 return cjson.encode({ok = true, alloc = grant(req, p, now)})

@@ -33,7 +33,9 @@ elseif action == 'lost' then
 elseif action == 'end' then
   if not was then return cjson.encode({ok = true, recovering = false, changed = false}) end
   rcall('HDEL', K_SEQ, 'recovering')
-  rcall('HSET', K_SEQ, 'recovered_at', now)
+  -- Passes ran none while the ledger was rebuilt: the next submit runs a whole one (see
+  -- schedule_pass in includes/queue.lua).
+  rcall('HSET', K_SEQ, 'recovered_at', now, 'line_unsettled', '1')
   emit('recovery_finished', 'ledger', now, details)
   return cjson.encode({ok = true, recovering = false, changed = true})
 end

@@ -276,13 +276,13 @@ end
 -- Walks allocations in the order given by walk(offset) (a page of ids), adding each back to a
 -- simulation of its host; returns the host where req first fits, the ids that must go there,
 -- and the last id's score. Bounded by limit allocations.
--- A host on which req fits in the simulation before anything is added back is passed over: the
--- placement has just refused req (preempt_for and reservation run for a task that does not fit)
--- for what the simulation does not see there (a walk that stopped at the scan cap before it, no
--- free service port), so ending work there, or reserving it, would not let req start. With
--- preempting, a host without the free service ports req needs is passed over too: ending work
--- frees no port at once (a service stops only once idle).
-local function first_fit_after(req, ids_scores, limit, preempting)
+-- With refused (the placement has just refused req: preemption, and the reservation of a pass's
+-- blocked task), a host on which req fits in the simulation before anything is added back is
+-- passed over: the placement refused req there for what the simulation does not see (a walk that
+-- stopped at the scan cap before it, no free service port), so ending work there, or reserving
+-- it, would not let req start. Without it (the head's reservation that a request placed outside
+-- the line must respect, the head untried), such a host is where the head fits now: it is reserved.
+local function first_fit_after(req, ids_scores, limit, refused)
   local sims, freed = {}, {}
   for i = 1, math.min(#ids_scores, 2 * limit), 2 do
     local id, score = ids_scores[i], tonumber(ids_scores[i + 1])
@@ -290,9 +290,7 @@ local function first_fit_after(req, ids_scores, limit, preempting)
     if h and h ~= '' then
       if sims[h] == nil then
         local sim = sim_host(req, h) or false
-        if sim and (sim_fits(req, sim) or (preempting and req.services and services_fit(req, h) == 'ports')) then
-          sim = false
-        end
+        if sim and refused and sim_fits(req, sim) then sim = false end
         sims[h] = sim
         freed[h] = {}
       end
@@ -330,10 +328,11 @@ end
 
 -- EASY reservation for the first blocked task: the host and the time (shadow) at which it will
 -- fit, from the expected ends of running allocations. (Not named reserve: host states carry a
--- field of that name, and the script loader goes by names, see allocator/scripts.py.)
-local function reservation(req, now, limit)
+-- field of that name, and the script loader goes by names, see allocator/scripts.py.) refused: see
+-- first_fit_after.
+local function reservation(req, now, limit, refused)
   local ids = rcall('ZRANGE', K_ENDS, 0, limit - 1, 'WITHSCORES')
-  local h, _, shadow = first_fit_after(req, ids, limit)
+  local h, _, shadow = first_fit_after(req, ids, limit, refused)
   if not h then return nil end
   if shadow < now then shadow = now end
   return {host = h, shadow = shadow}
@@ -518,7 +517,7 @@ local function consider(st, id, t, now, scan_cap)
     end
     if not p then
       st.blocked = true
-      st.resv = reservation(req, now, 256)
+      st.resv = reservation(req, now, 256, true)
     end
   elseif st.resv then
     p = place_behind(st, req, st.resv, now)
@@ -591,12 +590,13 @@ end
 -- The EASY reservation a request placed outside the line (place.lua, place_on.lua) must respect:
 -- that of the line's head, the first task that may start now (one waiting out a retry interval
 -- is skipped, as the pass skips it), when it has the same or a higher priority than req. nil
--- when no such task waits or nothing in sight frees room for it. Also its id.
+-- when no such task waits or nothing in sight frees room for it. Also its id, and true as a
+-- third value when req outranks that task (whose reservation is then not computed).
 local function line_reservation(req, now)
   for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, 63)) do
     local t = read_task(id)
     if t and not (t.not_before and t.not_before > now) then
-      if (t.priority or 0) < req.priority then return nil end
+      if (t.priority or 0) < req.priority then return nil, id, true end
       local hreq = cjson.decode(t.payload)
       hreq.id, hreq.scan_cap, hreq.kind = id, req.scan_cap, t.kind
       return reservation(hreq, now, 256), id
@@ -604,6 +604,7 @@ local function line_reservation(req, now)
   end
   return nil
 end
+
 
 local function queue_ahead(head, resv)
   return {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
@@ -615,15 +616,15 @@ end
 -- no room the head's reservation counts on (line_reservation) unless it is expected to end
 -- before the head's start; with no reservation to respect it is placed as if nobody waited.
 -- Refused with QUEUE_AHEAD when only the reserved room would hold it. Returns try_place's values.
--- A placement on the reserved host (one that ends before the head's start), or outside any
--- reservation (req outranks the head, or nothing in sight frees room for it), may move the
--- head's reservation, and tasks behind it that it held back could then start: the line is
--- unsettled (see schedule_pass).
+-- A placement on the reserved host (one that ends before the head's start), or by a request
+-- that outranks the head, may move the head's reservation, and tasks behind it that it held back
+-- could then start: the line is unsettled (see schedule_pass; place_on.lua does the same). Where
+-- the head has no reservation, nothing was held back.
 local function place_beside_line(req, now)
-  local resv, head = line_reservation(req, now)
+  local resv, head, outranks = line_reservation(req, now)
   if not resv then
     local p, refused = try_place(req, now)
-    if p and not req.dry_run then rcall('HSET', K_SEQ, 'line_unsettled', '1') end
+    if p and outranks and not req.dry_run then rcall('HSET', K_SEQ, 'line_unsettled', '1') end
     return p, refused
   end
   local p, refused = place_behind(nil, req, resv, now)
