@@ -18,6 +18,7 @@ original k8s strings); it is stripped from the metadata these layers return.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -433,6 +434,36 @@ def _core_count(value: object, field: str) -> int:
     return int(value)
 
 
+def _seed_host(allocator: Allocator, host_id: str, cores: int, ram_mb: int, **fields: Any) -> dict[str, Any]:
+    """The host a seed constructor registers from its totals: ``cores`` cores, ``ram_mb`` RAM and
+    ``fields`` (worker slots, service ports), on top of what the ledger has for ``host_id``
+    already, whose GPUs, labels, critical reserve, ports and other fields stay (an agent or an
+    operator may have registered it: totals given to a seed constructor are its CPU and RAM, not
+    the whole inventory). A host whose core count is unchanged keeps its core ids."""
+    h = allocator.redis.hgetall(allocator.keys.host(host_id))
+    spec: dict[str, Any] = {"id": host_id}
+    if h:
+        labels = json.loads(h.get("labels") or "{}") or {}
+        listed = json.loads(h.get("cores") or "[]") or []
+        spec["labels"] = labels
+        spec["reserve_gpus"] = int(h.get("reserve_gpus") or 0)
+        spec["gpus"] = [{"index": int(h[f"g{p}:idx"]), "uuid": h[f"g{p}:uuid"], "model": h[f"g{p}:model"],
+                         "memory_mb": int(h[f"g{p}:total"]), "used_mb": int(h[f"g{p}:ext"])}
+                        for p in range(int(h.get("ngpu") or 0))]
+        if h.get("port_lo") and h.get("port_hi"):
+            spec["service_ports"] = [int(h["port_lo"]), int(h["port_hi"])]
+        if isinstance(listed, list) and len(listed) == cores:
+            cores_given: Any = listed
+        else:
+            cores_given = cores
+        if "worker_slots" not in fields and int(h.get("slots") or 0) != len(listed):
+            spec["worker_slots"] = int(h.get("slots") or 0)  # set on purpose: kept
+    else:
+        cores_given = cores
+    spec.update(cpu_cores=cores_given, ram_mb=ram_mb, **fields)
+    return spec
+
+
 def _check_workers(workers: object) -> int:
     if workers is None:
         return 0
@@ -532,12 +563,12 @@ class AllocationManager:
         if self.worker_millis <= 0:
             raise InvalidRequest("worker_cpu", "a worker needs some CPU")
         if total_cpu is not None:
-            host: dict[str, Any] = {"id": host_id, "cpu_cores": _core_count(total_cpu, "total_cpu"),
-                                    "ram_mb": parse_memory_mb(total_memory, "total_memory"),
-                                    "worker_slots": _whole(total_workers, "total_workers")}
+            extra: dict[str, Any] = {"worker_slots": _whole(total_workers, "total_workers")}
             if service_ports is not None:
-                host["service_ports"] = service_ports
+                extra["service_ports"] = service_ports
             try:
+                host = _seed_host(self.allocator, host_id, _core_count(total_cpu, "total_cpu"),
+                                  parse_memory_mb(total_memory, "total_memory"), **extra)
                 self.allocator.register_host(host)
             except InvalidRequest as exc:
                 raise exc.renamed({"worker_slots": "total_workers", "ram_mb": "total_memory",
@@ -930,7 +961,7 @@ class ResourceAllocator:
             gb = RESOURCE_ALLOCATOR_DEFAULTS[1] if total_memory_gb is None else total_memory_gb
             ram_mb = _whole(gb, "total_memory_gb") * 1024
             try:
-                self.allocator.register_host(id=host_id, cpu_cores=cores, ram_mb=ram_mb)
+                self.allocator.register_host(_seed_host(self.allocator, host_id, cores, ram_mb))
             except InvalidRequest as exc:
                 raise exc.renamed({"ram_mb": "total_memory_gb", "cpu_cores": "total_cpu"}) from None
 

@@ -1004,3 +1004,21 @@ def test_a_request_only_hosts_without_cpu_or_ram_could_take_is_refused_not_left_
     assert r["success"] is False and "no host has CPU cores and RAM" in r["error"]["message"], r
     assert alloc.list() == []
 
+
+
+def test_resource_allocator_totals_change_the_cpu_and_ram_of_a_host_and_keep_its_gpus_labels_and_slots(alloc):
+    alloc.register_host(id="local", labels={"zone": "z1"}, cpu_cores=4, ram_mb="8Gi", worker_slots=3,
+                        service_ports=(20000, 20010), gpus=[{"index": 0, "uuid": "GPU-a", "memory_mb": "16Gi"}])
+    ResourceAllocator(8, 16, allocator=alloc)
+    h = alloc.capacity().hosts[0]
+    assert (h.cpu_cores.total, h.ram_mb.total) == (8, 16384)
+    assert [g.uuid for g in h.gpus] == ["GPU-a"] and h.labels["zone"] == "z1" and h.worker_slots.total == 3
+    assert alloc.redis.hmget(alloc.keys.host("local"), "port_lo", "port_hi") == ["20000", "20010"]
+
+
+def test_manager_totals_change_the_cpu_ram_and_slots_of_a_host_and_keep_its_gpus(alloc):
+    alloc.register_host(id="local", cpu_cores=4, ram_mb="8Gi", gpus=[{"index": 0, "uuid": "GPU-a", "memory_mb": "16Gi"}])
+    AllocationManager(total_cpu=8.0, total_memory=4096, total_workers=2, allocator=alloc)
+    h = alloc.capacity().hosts[0]
+    assert (h.cpu_cores.total, h.ram_mb.total, h.worker_slots.total) == (8, 4096, 2)
+    assert [g.uuid for g in h.gpus] == ["GPU-a"]
