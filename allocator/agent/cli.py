@@ -6,7 +6,6 @@ the CLI: 2 for invalid input (a malformed inventory file, a bad label), 1 for ot
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -20,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..cli_common import log_level as check_log_level
-from ..cli_common import open_allocator, reporting, require_positive
+from ..cli_common import open_allocator, print_json, reporting, require_positive
 from ..client import Allocator
 from ..config import Settings
 from ..errors import InvalidRequest
@@ -215,7 +214,7 @@ def agent_command(
     if once:
         with reporting(url=redis_url or Settings.from_env().redis_url):
             rep = agent.run_once()
-        console.print_json(json.dumps(rep.__dict__))
+        print_json(rep.__dict__)
         return
     _serve_metrics(metrics_port)
     stop, abort = threading.Event(), threading.Event()
@@ -243,7 +242,7 @@ def hosts_command(
     with reporting(as_json, url=redis_url or Settings.from_env().redis_url):  # (as every command words it)
         rows = host_rows(a)
     if as_json:
-        console.print_json(json.dumps([r.to_dict() for r in rows]))
+        print_json([r.to_dict() for r in rows])
         return
     t = Table("host", "state", "gen", "heartbeat", "GPUs", "GPU MiB free/total", "cores free/total",
               "RAM MiB free/total", "allocs", title=f"{len(rows)} host(s)")

@@ -92,3 +92,23 @@ def test_the_agent_applies_the_operators_pass_depth_to_the_pass_its_registration
                       env={"ALLOCATOR_PASS_DEPTH": "1"})
     assert r.exit_code == 0, r.output
     assert [live_alloc.get(i).state for i in waiting] == ["active", "pending", "pending"]
+
+
+def test_json_of_hosts_and_of_an_agent_round_stays_plain_json_where_colour_is_forced(live_alloc, inventory, redis_url):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    inventory.write([host("c1")])
+    env = {**os.environ, "FORCE_COLOR": "1", "TERM": "xterm-256color",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def run(*args: str) -> object:
+        out = subprocess.run([sys.executable, "-m", "allocator", *args, *_args(live_alloc, redis_url)],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert run("agent", "--once", "--inventory", str(inventory.path))["registered"] == ["c1"]
+    assert run("hosts", "--json")[0]["host_id"] == "c1"
