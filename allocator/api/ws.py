@@ -255,7 +255,9 @@ class Session:
                     if json.loads(msg.get("text") or "{}").get("type") == "cancel":
                         self.asked_cancel = True
                         break
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
+                    # RecursionError (JSON nested thousands deep) is a RuntimeError, which below
+                    # means the socket is gone: a junk frame must not cancel the request.
                     continue
         except (WebSocketDisconnect, RuntimeError):
             pass

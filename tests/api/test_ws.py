@@ -144,6 +144,18 @@ def test_cancel_message_cancels(api: LiveApi) -> None:
         assert info.value.rcvd is not None and info.value.rcvd.code == 1000
 
 
+def test_a_frame_nested_too_deep_after_the_request_is_ignored_not_taken_as_a_disconnect(api: LiveApi) -> None:
+    holder = fill_a100s(api)
+    with open_ws(api) as ws:
+        ws.send(json.dumps(message("best_fit", {"resources": {"gpus": 1, "gpu_model": "A100"}})))
+        accepted = recv(ws)
+        assert recv(ws)["type"] == "queued"
+        ws.send("[" * 100_000)
+        api.allocator.release(holder)
+        placed, _ = until(ws, "placed")  # the session went on waiting
+        assert placed["allocation"]["allocation_id"] == accepted["allocation_id"]
+
+
 def test_fail_when_busy_and_timeout_settings(api: LiveApi) -> None:
     fill_a100s(api)
     before = api.ledger()
