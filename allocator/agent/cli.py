@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 from typing import Optional
@@ -172,6 +173,7 @@ def agent_command(
     """Host agent: publish inventory and heartbeats, keep capacity truthful, watch GPU memory grants."""
     logging.basicConfig(level=check_log_level(log_level, "--log-level"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_positive(interval, "--interval")
+    _check_interval_against_grace(interval)
     require_positive(kill_grace, "--kill-grace", zero_means="SIGKILL at once")
     require_positive(orphan_check, "--orphan-check", zero_means="no checks")
     if math.isnan(drain_timeout) or drain_timeout > MAX_SECONDS:  # nan: a deadline never reached
@@ -259,6 +261,23 @@ def hosts_command(
                   f"{r.gpu_memory_free_mb:.0f}/{r.gpu_memory_total_mb:.0f}", f"{r.cpu_free:g}/{r.cpu_total:g}",
                   f"{r.ram_free_mb:.0f}/{r.ram_total_mb:.0f}", str(r.allocations))
     console.print(t)
+
+
+def _check_interval_against_grace(interval: float) -> None:
+    """Refuses a heartbeat interval above half the reaper's grace, as this machine's settings give
+    it (``ALLOCATOR_HOST_GRACE_S``, the variable the reaper and the scheduler read; 20 s unset):
+    the reaper would declare the host lost between two heartbeats and free its grants, round after
+    round. A reaper started with another ``--grace`` is not seen from here (docs/agent.md)."""
+    raw = os.environ.get("ALLOCATOR_HOST_GRACE_S")
+    try:
+        grace = float(raw) if raw else DEFAULT_GRACE_S
+    except ValueError:
+        return  # the reaper refuses it where it reads it
+    if math.isfinite(grace) and grace > 0 and interval * 2 > grace:
+        raise typer.BadParameter(
+            f"{interval:g} s is more than half the reaper's grace ({grace:g} s, ALLOCATOR_HOST_GRACE_S): a "
+            "healthy host would be declared lost between two heartbeats; keep it at most a quarter of the grace "
+            "(the defaults: 5 s and 20 s)", param_hint="--interval")
 
 
 def reaper_command(

@@ -112,3 +112,20 @@ def test_json_of_hosts_and_of_an_agent_round_stays_plain_json_where_colour_is_fo
 
     assert run("agent", "--once", "--inventory", str(inventory.path))["registered"] == ["c1"]
     assert run("hosts", "--json")[0]["host_id"] == "c1"
+
+
+@pytest.mark.parametrize("grace, interval, ok", [(None, 10, True), (None, 11, False), ("60", 30, True), ("60", 31, False)])
+def test_an_agent_interval_above_half_the_reapers_grace_is_invalid_input(grace, interval, ok, monkeypatch):
+    from allocator.agent import cli as agent_cli
+
+    if grace is None:
+        monkeypatch.delenv("ALLOCATOR_HOST_GRACE_S", raising=False)
+    else:
+        monkeypatch.setenv("ALLOCATOR_HOST_GRACE_S", grace)
+    if ok:
+        agent_cli._check_interval_against_grace(interval)
+    else:
+        with pytest.raises(Exception, match="more than half the reaper's grace"):
+            agent_cli._check_interval_against_grace(interval)
+        r = runner.invoke(app, ["agent", "--once", "--interval", str(interval), "--redis-url", "redis://127.0.0.1:1/0"])
+        assert r.exit_code == 2 and "--interval" in r.output
