@@ -439,7 +439,8 @@ def _seed_host(allocator: Allocator, host_id: str, cores: int, ram_mb: int, **fi
     ``fields`` (worker slots, service ports), on top of what the ledger has for ``host_id``
     already, whose GPUs, labels, critical reserve, ports and other fields stay (an agent or an
     operator may have registered it: totals given to a seed constructor are its CPU and RAM, not
-    the whole inventory). A host whose core count is unchanged keeps its core ids."""
+    the whole inventory). Its core ids stay, trimmed from the end or extended with ids it does not
+    list (an agent's cpuset need not start at 0)."""
     h = allocator.redis.hgetall(allocator.keys.host(host_id))
     spec: dict[str, Any] = {"id": host_id}
     if h:
@@ -447,15 +448,23 @@ def _seed_host(allocator: Allocator, host_id: str, cores: int, ram_mb: int, **fi
         listed = json.loads(h.get("cores") or "[]") or []
         spec["labels"] = labels
         spec["reserve_gpus"] = int(h.get("reserve_gpus") or 0)
-        spec["gpus"] = [{"index": int(h[f"g{p}:idx"]), "uuid": h[f"g{p}:uuid"], "model": h[f"g{p}:model"],
-                         "memory_mb": int(h[f"g{p}:total"]), "used_mb": int(h[f"g{p}:ext"])}
+        spec["gpus"] = [{"index": int(h.get(f"g{p}:idx") or p), "uuid": h.get(f"g{p}:uuid") or f"{host_id}-gpu{p}",
+                         "model": h.get(f"g{p}:model") or "GPU", "memory_mb": int(h.get(f"g{p}:total") or 0),
+                         "used_mb": int(h.get(f"g{p}:ext") or 0)}
                         for p in range(int(h.get("ngpu") or 0))]
         if h.get("port_lo") and h.get("port_hi"):
             spec["service_ports"] = [int(h["port_lo"]), int(h["port_hi"])]
-        if isinstance(listed, list) and len(listed) == cores:
-            cores_given: Any = listed
-        else:
-            cores_given = cores
+        if not isinstance(listed, list):
+            listed = []
+        # The listed core ids (an agent's cpuset, say) stay: trimmed from the end, or extended
+        # with the next ids not listed.
+        cores_given: Any = list(listed[:cores])
+        nxt = 0
+        while len(cores_given) < cores:
+            while nxt in listed:
+                nxt += 1
+            cores_given.append(nxt)
+            nxt += 1
         if "worker_slots" not in fields and int(h.get("slots") or 0) != len(listed):
             spec["worker_slots"] = int(h.get("slots") or 0)  # set on purpose: kept
     else:

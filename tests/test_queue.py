@@ -2,7 +2,7 @@
 
 import pytest
 
-from allocator import InvalidRequest
+from allocator import InsufficientResources, InvalidRequest
 
 from .conftest import _namespace, ledger_dump
 
@@ -747,8 +747,36 @@ def test_a_direct_request_does_not_take_the_room_of_a_head_that_fits_untried(all
 def test_the_end_of_a_recovery_leaves_the_line_unsettled_until_the_next_pass(alloc):
     from allocator.history import recover
 
+    one_gpu_host(alloc)
     recover.begin(alloc)  # passes run none until it ends
     recover.finish(alloc)
     assert alloc.redis.hget(alloc.keys.seq, "line_unsettled") == "1"
-    alloc.schedule()
+    assert queued(alloc).state == "active"  # the whole pass, which saw the whole line
     assert alloc.redis.hget(alloc.keys.seq, "line_unsettled") is None
+
+
+@pytest.mark.parametrize("on_busy", ["queue", "fail"])
+def test_a_later_request_keeps_off_the_room_a_refused_heads_reservation_counts_on(alloc, clock, on_busy):
+    # H is refused on h1 (no free port there) and reserves h0, whose lease ends at 100. A later
+    # request, queued or direct, must not take h0 in the meantime.
+    from allocator.services import ServiceCatalog, publish_catalog
+
+    svc = ServiceCatalog.load({"a": {"command": ["true"]}, "b": {"command": ["true"]}})
+    alloc.register_host(id="h0", cpu_cores=4, ram_mb="16Gi", labels={"n": "h0"}, service_ports=(21000, 21000))
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", labels={"n": "h1"}, service_ports=(20000, 20000))
+    publish_catalog(alloc, "h0", svc)
+    publish_catalog(alloc, "h1", svc)
+    alloc.allocate({"cpu_cores": 3}, selector="n=h0", ttl_seconds=100)
+    alloc.allocate({"cpu_cores": 1}, selector="n=h1", services=["a"], priority="high", ttl_seconds=None)  # h1's port
+    alloc.allocate({"cpu_cores": 1}, selector="n=h1", ttl_seconds=50)
+    head = queued(alloc, "high", {"cpu_cores": 4}, services=["b"], ttl_seconds=1000)
+    clock.advance(1)
+    alloc.schedule()
+    try:
+        later = alloc.allocate({"cpu_cores": 1}, on_busy=on_busy, ttl_seconds=7200)
+        assert later.host_id != "h0"
+    except InsufficientResources:
+        assert on_busy == "fail"
+    clock.advance(99)
+    alloc.expire()
+    assert alloc.get(head.allocation_id).host_id == "h0"

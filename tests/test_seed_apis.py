@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import inspect
 import time
 from datetime import datetime, timezone
@@ -1022,3 +1023,11 @@ def test_manager_totals_change_the_cpu_ram_and_slots_of_a_host_and_keep_its_gpus
     h = alloc.capacity().hosts[0]
     assert (h.cpu_cores.total, h.ram_mb.total, h.worker_slots.total) == (8, 4096, 2)
     assert [g.uuid for g in h.gpus] == ["GPU-a"]
+
+
+def test_seed_totals_keep_a_hosts_own_core_ids_as_its_core_count_changes(alloc):
+    alloc.register_host(id="local", cpu_cores=[8, 9, 10, 11], ram_mb="8Gi")
+    ResourceAllocator(6, 8, allocator=alloc)
+    assert json.loads(alloc.redis.hget(alloc.keys.host("local"), "cores")) == [8, 9, 10, 11, 0, 1]
+    ResourceAllocator(3, 8, allocator=alloc)
+    assert json.loads(alloc.redis.hget(alloc.keys.host("local"), "cores")) == [8, 9, 10]

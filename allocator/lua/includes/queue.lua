@@ -574,10 +574,9 @@ local function schedule_pass(now, depth, scan_cap)
   if depth <= 0 then return {} end
   if rcall('HGET', K_SEQ, 'recovering') == '1' then return {} end
   local ids = rcall('ZRANGE', K_PENDING, 0, depth - 1)
-  if #ids == 0 then
-    rcall('HDEL', K_SEQ, 'line_unsettled')
-    return {}
-  end
+  -- (An empty line leaves the field as it is: a submit into it runs the whole pass anyway, and a
+  -- release with nobody waiting pays no write for it.)
+  if #ids == 0 then return {} end
   local placed = run_pass(ids, now, depth, scan_cap)
   if #placed > 0 and #ids >= depth then
     rcall('HSET', K_SEQ, 'line_unsettled', '1')
@@ -592,6 +591,9 @@ end
 -- is skipped, as the pass skips it), when it has the same or a higher priority than req. nil
 -- when no such task waits or nothing in sight frees room for it. Also its id, and true as a
 -- third value when req outranks that task (whose reservation is then not computed).
+-- While the line is settled (no line_unsettled, no task whose retry interval has ended unmet by
+-- a pass), the last pass refused the head as things stand: its reservation is the one that pass
+-- made (first_fit_after with refused). Otherwise the head may fit now, where it is reserved.
 local function line_reservation(req, now)
   for _, id in ipairs(rcall('ZRANGE', K_PENDING, 0, 63)) do
     local t = read_task(id)
@@ -599,7 +601,9 @@ local function line_reservation(req, now)
       if (t.priority or 0) < req.priority then return nil, id, true end
       local hreq = cjson.decode(t.payload)
       hreq.id, hreq.scan_cap, hreq.kind = id, req.scan_cap, t.kind
-      return reservation(hreq, now, 256), id
+      local settled = rcall('HGET', K_SEQ, 'line_unsettled') ~= '1'
+        and rcall('ZCOUNT', K_DELAYED, '-inf', now) == 0
+      return reservation(hreq, now, 256, settled), id
     end
   end
   return nil
@@ -686,7 +690,8 @@ local function submit_pass(id, now, depth, scan_cap, reaped)
   local st = new_pass()
   local hreq = cjson.decode(ht.payload)
   hreq.id, hreq.scan_cap = head, scan_cap
-  st.blocked, st.resv = true, reservation(hreq, now, 256)
+  -- (The line is settled here: the last pass refused the head, and made this reservation.)
+  st.blocked, st.resv = true, reservation(hreq, now, 256, true)
   if consider(st, id, t, now, scan_cap) then return {id} end
   return {}
 end
