@@ -29,7 +29,7 @@ from ..client import Allocator
 from ..errors import InvalidRequest, Recovering, from_code
 from ..models import Allocation, AllocationRequest, GpuCapacity, parse_selector
 from .errors import NoCandidates, PolicyConflict, PolicyError
-from .policies import PolicyChoice, check_output
+from .policies import BUILTINS, PolicyChoice, check_output
 from .schemas import Placement
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,20 @@ def timed_eval(executor: Executor, policy: Any, parameters: dict[str, Any], cont
                timeout_s: float) -> Callable[[dict[str, Any]], Any]:
     """``evaluate`` for ``PolicyRun``: the policy's eval in a worker thread with a time limit.
     A policy that raises or overruns becomes ``PolicyError`` and nothing is committed (an
-    overrunning eval keeps its thread until it returns; its answer is dropped)."""
+    overrunning eval keeps its thread until it returns; its answer is dropped). A built-in
+    strategy is called directly."""
+
+    if type(policy) in BUILTINS.values():
+        # The built-in strategies answer at once and cannot hang: they run in the caller's thread,
+        # so policies that overrun their timeout (each keeps a thread of the pool until it
+        # returns) never hold up placements that name a built-in.
+        def inline(data: dict[str, Any]) -> Any:
+            try:
+                return policy.eval(parameters, data, context)
+            except Exception as exc:
+                raise PolicyError(f"the policy raised {type(exc).__name__}: {exc}") from None
+
+        return inline
 
     def evaluate(data: dict[str, Any]) -> Any:
         fut = executor.submit(policy.eval, parameters, data, context)

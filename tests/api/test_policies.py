@@ -95,6 +95,20 @@ def test_slow_policy_times_out(api_factory) -> None:
     assert code == 4422 and api.ledger() == before
 
 
+def test_a_built_in_strategy_places_while_overrunning_policies_hold_every_policy_thread(api_factory) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = api_factory(policy_timeout_s=0.2)
+    api.register_fleet()
+    state = api.app.state.api
+    state.policy_threads.shutdown(wait=False)
+    state.policy_threads = ThreadPoolExecutor(max_workers=1)  # one thread, as if all 16 were held
+    last, _, _ = run(api, message(f"{PLUGINS}:Slow", parameters={"seconds": 1.0}))
+    assert last["error"]["code"] == "POLICY_ERROR"  # it overran, and keeps the thread for a while
+    placed, _, code = run(api, message("best_fit", {"resources": {"gpus": 1, "gpu_memory_mb": "10Gi"}}))
+    assert placed["type"] == "placed" and code == 1000
+
+
 def test_conflict_is_retried_with_fresh_capacity(api: LiveApi, redis_url: str) -> None:
     params = {"node": "gpu-a", "redis_url": redis_url, "namespace": api.allocator.keys.namespace, "rival_id": "rival-1"}
     last, _, code = run(api, message(f"{PLUGINS}:Racing", {"resources": {"gpus": 1, "gpu_model": "A100"}}, parameters=params))
