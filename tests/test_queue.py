@@ -642,7 +642,7 @@ def test_a_job_timeout_rq_takes_is_given_to_rq_in_seconds(alloc, timeout, second
     assert Job.fetch(task.id, connection=alloc.rq_connection).timeout == seconds
 
 
-def test_a_task_short_of_a_service_port_ends_no_more_work_pass_after_pass(alloc, clock):
+def test_preemption_ends_nothing_for_a_task_short_of_a_port_that_higher_priority_work_holds(alloc, clock):
     from allocator.services import ServiceCatalog, publish_catalog
 
     alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", gpus=[{"index": 0, "memory_mb": "16Gi"}],
@@ -652,13 +652,23 @@ def test_a_task_short_of_a_service_port_ends_no_more_work_pass_after_pass(alloc,
     lows = [alloc.allocate({"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1}, priority="low") for _ in range(4)]
     urgent = queued(alloc, "high", {"gpus": 1, "gpu_memory_mb": "4Gi", "cpu_cores": 1}, strategy="priority",
                     services=["b"])
-    # Ports are not simulated: the first preemption makes room on the GPU and the port stays taken.
-    # From then on the task fits the simulation before anything ends, and nothing more is ended.
     for _ in range(3):
         clock.advance(1)
         alloc.schedule()
     assert alloc.get(urgent.allocation_id).state == "pending"
-    assert sorted(alloc.get(x.allocation_id).state for x in lows) == ["active", "active", "active", "released"]
+    assert [alloc.get(x.allocation_id).state for x in lows] == ["active"] * 4
+
+
+def test_preemption_ends_the_lower_priority_work_whose_service_holds_the_port_a_task_needs(alloc):
+    from allocator.services import ServiceCatalog, publish_catalog
+
+    alloc.register_host(id="h1", cpu_cores=8, ram_mb="16Gi", service_ports=(20000, 20000))
+    publish_catalog(alloc, "h1", ServiceCatalog.load({"a": {"command": ["true"]}, "b": {"command": ["true"]}}))
+    low = alloc.allocate({"cpu_cores": 1}, priority="low", services=["a"], ttl_seconds=None)  # service a's only holder
+    other = alloc.allocate({"cpu_cores": 1}, priority="low", ttl_seconds=None)  # newer: walked first, holds no port
+    queued(alloc, "high", {"cpu_cores": 1}, strategy="priority", services=["b"])
+    assert alloc.get(low.allocation_id).release_reason == "preempted"  # a stops once idle, freeing the port
+    assert alloc.get(other.allocation_id).state == "active"
 
 
 def test_a_task_the_walk_refuses_where_it_would_fit_ends_no_more_work_pass_after_pass(alloc, clock):

@@ -197,15 +197,39 @@ end
 
 -- Per-host what-if state for reservation and preemption: free CPU, RAM and per-GPU free memory
 -- and holders, starting from now and adding back what given allocations would free.
--- A host whose catalog lacks a service the request names is no candidate (free service ports
--- are not simulated: the ETA does not model them either).
+-- A host whose catalog lacks a service the request names is no candidate. On a host short of
+-- free service ports for the services the request would start (short > 0), the ports that ending
+-- allocations would give back are counted: a service whose every holder ends stops once idle
+-- (the ETA does not model ports).
 -- The free amounts are not floored at 0: on a host an update left overcommitted (less RAM or GPU
 -- memory than its grants hold), ending a grant frees only what it holds beyond the excess, and
 -- preemption must not end work that frees nothing usable.
 local function sim_host(req, h)
   local s = host_state(h)
   if not host_eligible(req, h, s) then return nil end
-  if req.services and services_fit(req, h) == 'catalog' then return nil end
+  local short, svc = 0, nil
+  if req.services then
+    local why, free = services_fit(req, h)
+    if why == 'catalog' then return nil end
+    if why == 'ports' then
+      -- Short of ports: each service of the host whose last holder ends stops once idle and
+      -- gives its port back (sim_give counts them), unless the request needs it itself.
+      svc = {}
+      local want = {}
+      for _, name in ipairs(req.services) do want[name] = true end
+      local flat = rcall('HGETALL', svc_key(h))
+      local new = #req.services
+      for i = 1, #flat, 2 do
+        if want[flat[i]] then
+          new = new - 1
+        else
+          local ok, e = pcall(cjson.decode, flat[i + 1])
+          svc[flat[i]] = ok and type(e) == 'table' and tonumber(e.refs) or 0
+        end
+      end
+      short = new - free
+    end
+  end
   local gpus = {}
   for p = 0, s.ngpu - 1 do
     local g = gpu_state(h, p)
@@ -213,14 +237,16 @@ local function sim_host(req, h)
   end
   local slots = rcall('HMGET', host_key(h), 'slots', 'slots_used')
   return {cpu = s.cfree * 1000 - s.shared, ram = s.ram - s.ram_used, gpus = gpus,
-          slots = tonumber(slots[1] or 0) - tonumber(slots[2] or 0), reserve = s.reserve}
+          slots = tonumber(slots[1] or 0) - tonumber(slots[2] or 0), reserve = s.reserve,
+          short = short, svc = svc}
 end
 
 -- What allocation id, held on host h, would give back: {gpus = [{uuid, memory_mb}], cpu
 -- (millicores), ram, slots}. Its exclusive cores count only where return_grant gives them back:
 -- cores the host still lists (an update may have removed some) and marks taken.
 local function held_by(id, h)
-  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots', 'cver', 'cpos')
+  local f = rcall('HMGET', alloc_key(id), 'gpus', 'cores', 'shared_millis', 'ram_mb', 'slots', 'cver', 'cpos',
+    'services')
   local cores, back = decode_list(f[2]), 0
   if #cores > 0 then
     local hk = host_key(h)
@@ -231,10 +257,19 @@ local function held_by(id, h)
     end
   end
   return {gpus = decode_list(f[1]), cpu = back * 1000 + tonumber(f[3] or 0),
-          ram = tonumber(f[4] or 0), slots = tonumber(f[5] or 0)}
+          ram = tonumber(f[4] or 0), slots = tonumber(f[5] or 0), services = decode_list(f[8])}
 end
 
 local function sim_give(sim, held)
+  if sim.svc then
+    for _, name in ipairs(held.services) do
+      local refs = sim.svc[name]
+      if refs and refs > 0 then
+        sim.svc[name] = refs - 1
+        if refs == 1 then sim.short = sim.short - 1 end
+      end
+    end
+  end
   for _, g in ipairs(held.gpus) do
     local sg = sim.gpus[g.uuid]
     if sg then sg.free = sg.free + tonumber(g.memory_mb); sg.n = sg.n - 1 end
@@ -247,7 +282,13 @@ end
 local function sim_copy(sim)
   local gpus = {}
   for u, g in pairs(sim.gpus) do gpus[u] = {free = g.free, n = g.n, model = g.model} end
-  return {cpu = sim.cpu, ram = sim.ram, gpus = gpus, slots = sim.slots, reserve = sim.reserve}
+  local svc = nil
+  if sim.svc then
+    svc = {}
+    for name, refs in pairs(sim.svc) do svc[name] = refs end
+  end
+  return {cpu = sim.cpu, ram = sim.ram, gpus = gpus, slots = sim.slots, reserve = sim.reserve,
+          short = sim.short, svc = svc}
 end
 
 -- Whether req would be placed on the simulated host: what try_place checks of a host, CPU, RAM
@@ -257,6 +298,7 @@ end
 -- host the placement would refuse: preemption would end work for a task that still cannot start.
 local function sim_fits(req, sim)
   if sim.cpu < req.cpu_millis or sim.ram < req.ram or sim.cpu <= 0 or sim.ram <= 0 then return false end
+  if sim.short > 0 then return false end
   if req.slots and sim.slots < req.slots then return false end
   local busy, idle_fit, idle = 0, 0, 0
   for _, g in pairs(sim.gpus) do
