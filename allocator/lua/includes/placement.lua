@@ -168,8 +168,8 @@ local function pick_on_host(req, h, s, pos, mode)
 end
 
 -- Whether host h can serve req.services: every name in its catalog, and a free port of its pool
--- for each one not running there yet. Returns nil when it can, else 'catalog' or 'ports' and the
--- number of free ports.
+-- for each one not running there yet. Returns nil when it can, else 'catalog' or 'ports'; then
+-- the number of free ports, and of the services it names that do not run there yet.
 local function services_fit(req, h)
   local names = req.services
   local cat = rcall('HMGET', svc_catalog_key(h), unpack(names))
@@ -177,7 +177,7 @@ local function services_fit(req, h)
   local cur = rcall('HMGET', svc_key(h), unpack(names))
   local new = 0
   for i = 1, #names do if not cur[i] then new = new + 1 end end
-  if new == 0 then return nil, 0 end
+  if new == 0 then return nil, 0, 0 end
   local f = rcall('HMGET', host_key(h), 'port_lo', 'port_hi')
   local lo, hi = tonumber(f[1] or 9000), tonumber(f[2] or 9099)
   local free = hi - lo + 1
@@ -185,8 +185,8 @@ local function services_fit(req, h)
     local n = tonumber(port)
     if n and n >= lo and n <= hi then free = free - 1 end
   end
-  if free < new then return 'ports', free end
-  return nil, free
+  if free < new then return 'ports', free, new end
+  return nil, free, new
 end
 
 -- The GPU totals of host h (state s): the host hash's gfree and gidle, computed from its GPUs on a

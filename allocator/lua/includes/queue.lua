@@ -209,25 +209,21 @@ local function sim_host(req, h)
   if not host_eligible(req, h, s) then return nil end
   local short, svc = 0, nil
   if req.services then
-    local why, free = services_fit(req, h)
+    local why, free, new = services_fit(req, h)
     if why == 'catalog' then return nil end
     if why == 'ports' then
       -- Short of ports: each service of the host whose last holder ends stops once idle and
       -- gives its port back (sim_give counts them), unless the request needs it itself.
-      svc = {}
+      short, svc = new - free, {}
       local want = {}
       for _, name in ipairs(req.services) do want[name] = true end
       local flat = rcall('HGETALL', svc_key(h))
-      local new = #req.services
       for i = 1, #flat, 2 do
-        if want[flat[i]] then
-          new = new - 1
-        else
+        if not want[flat[i]] then
           local ok, e = pcall(cjson.decode, flat[i + 1])
           svc[flat[i]] = ok and type(e) == 'table' and tonumber(e.refs) or 0
         end
       end
-      short = new - free
     end
   end
   local gpus = {}
@@ -321,8 +317,8 @@ end
 -- With refused (the placement has just refused req: preemption, and the reservation of a pass's
 -- blocked task), a host on which req fits in the simulation before anything is added back is
 -- passed over: the placement refused req there for what the simulation does not see (a walk that
--- stopped at the scan cap before it, no free service port), so ending work there, or reserving
--- it, would not let req start. Without it (the head's reservation that a request placed outside
+-- stopped at the scan cap before it), so ending work there, or reserving it, would not let req
+-- start. Without it (the head's reservation that a request placed outside
 -- the line must respect, the head untried), such a host is where the head fits now: it is reserved.
 local function first_fit_after(req, ids_scores, limit, refused)
   local sims, freed = {}, {}
@@ -650,7 +646,6 @@ local function line_reservation(req, now)
   end
   return nil
 end
-
 
 local function queue_ahead(head, resv)
   return {ok = false, code = 'QUEUE_AHEAD', details = {waiting_task = head, reserved_host = resv.host},
