@@ -459,9 +459,9 @@ def _seed_host(allocator: Allocator, host_id: str, cores: int, ram_mb: int, **fi
         # The listed core ids (an agent's cpuset, say) stay: trimmed from the end, or extended
         # with the next ids not listed.
         cores_given: Any = list(listed[:cores])
-        nxt = 0
+        taken, nxt = set(listed), 0
         while len(cores_given) < cores:
-            while nxt in listed:
+            while nxt in taken:
                 nxt += 1
             cores_given.append(nxt)
             nxt += 1

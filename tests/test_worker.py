@@ -379,7 +379,10 @@ def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_e
     assert alloc.get(low.id).requeues == 1
 
 
-def test_a_warm_shutdown_during_the_claim_lets_the_claimed_job_run_then_stops_the_worker(alloc, monkeypatch):
+@pytest.mark.parametrize("step, stop_first", [("claim_grant", False), ("finish_job", True)],
+                         ids=["as-the-claim-returns", "as-the-release-starts"])
+def test_a_warm_shutdown_during_the_claim_or_the_release_lets_it_complete_then_stops_the_worker(
+        alloc, monkeypatch, step, stop_first):
     import signal
 
     import workers.worker
@@ -387,40 +390,22 @@ def test_a_warm_shutdown_during_the_claim_lets_the_claimed_job_run_then_stops_th
     gpu_host(alloc)
     first = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 1}, job_timeout=-1)
     second = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 1})
-    claim = workers.worker.claim_grant
+    call = getattr(workers.worker, step)
 
-    def claim_then_sigterm(*args, **kwargs):
-        claimed = claim(*args, **kwargs)
-        signal.raise_signal(signal.SIGTERM)  # the operator's stop, as the claim's reply comes back
-        return claimed
+    def with_sigterm(*args, **kwargs):  # the operator's stop, as the script call is made
+        if stop_first:
+            signal.raise_signal(signal.SIGTERM)
+        out = call(*args, **kwargs)
+        if not stop_first:
+            signal.raise_signal(signal.SIGTERM)
+        return out
 
-    monkeypatch.setattr(workers.worker, "claim_grant", claim_then_sigterm)
+    monkeypatch.setattr(workers.worker, step, with_sigterm)
     work_in_process(in_process_worker(alloc, "h1"))
-    assert first.job.return_value() == 5
-    assert alloc.get(first.id).release_reason == "released"
+    assert first.job.return_value() == 5  # the claimed job ran
+    assert alloc.get(first.id).release_reason == "released"  # and its release completed
     assert second.job.get_status() == "queued"  # the worker stopped after the job in hand
     assert (alloc.get(second.id).state, alloc.redis.hget(alloc.keys.alloc(second.id), "claim")) == ("active", None)
-
-
-def test_a_warm_shutdown_during_the_release_lets_the_release_finish_then_stops_the_worker(alloc, monkeypatch):
-    import signal
-
-    import workers.worker
-
-    gpu_host(alloc)
-    first = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 1}, job_timeout=-1)
-    second = alloc.enqueue(jobs.add, 1, 1, resources={"gpus": 1})
-    finish = workers.worker.finish_job
-
-    def sigterm_then_finish(*args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)  # the operator's stop, as the worker starts the release
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(workers.worker, "finish_job", sigterm_then_finish)
-    work_in_process(in_process_worker(alloc, "h1"))
-    assert first.job.return_value() == 5
-    assert alloc.get(first.id).release_reason == "released"
-    assert second.job.get_status() == "queued"  # the worker stopped after the job in hand
 
 
 def run_rq_intermediate_list_maintenance(a, host: str) -> None:

@@ -326,22 +326,16 @@ def timed_eval(executor: Executor, policy: Any, parameters: dict[str, Any], cont
     overrunning eval keeps its thread until it returns; its answer is dropped). A built-in
     strategy is called directly."""
 
-    if type(policy) in BUILTINS.values():
-        # The built-in strategies answer at once and cannot hang: they run in the caller's thread,
-        # so policies that overrun their timeout (each keeps a thread of the pool until it
-        # returns) never hold up placements that name a built-in.
-        def inline(data: dict[str, Any]) -> Any:
-            try:
-                return policy.eval(parameters, data, context)
-            except Exception as exc:
-                raise PolicyError(f"the policy raised {type(exc).__name__}: {exc}") from None
-
-        return inline
+    # The built-in strategies answer at once and cannot hang: they run in the caller's thread, so
+    # policies that overrun their timeout (each keeps a thread of the pool until it returns) never
+    # hold up placements that name a built-in.
+    inline = type(policy) in BUILTINS.values()
 
     def evaluate(data: dict[str, Any]) -> Any:
-        fut = executor.submit(policy.eval, parameters, data, context)
         try:
-            return fut.result(timeout=timeout_s)
+            if inline:
+                return policy.eval(parameters, data, context)
+            return executor.submit(policy.eval, parameters, data, context).result(timeout=timeout_s)
         except FutureTimeout:
             raise PolicyError(f"the policy did not answer within {timeout_s:g} s") from None
         except Exception as exc:

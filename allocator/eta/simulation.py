@@ -25,7 +25,8 @@ class Simulation(Walk, Line):
         self.depth = snap.pass_depth
         self.cap = snap.scan_cap
         self.name_sets = snap.name_sets
-        self._allowed_n: dict[tuple[Any, str], int] = {}  # hosts a request's models and selector allow
+        # Per request's models and selector: the bound from the sets' sizes, the hosts and GPUs they allow.
+        self._allowed_n: dict[tuple[Any, str], tuple[int, int, int]] = {}
         self.durations = snap.durations
         self.stat_key = stat + "_ms"
         self.overdue_factor = overdue_factor
