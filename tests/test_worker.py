@@ -357,21 +357,27 @@ def work_in_process(worker) -> None:
             signal.signal(s, h)
 
 
-def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):
-    gpu_host(alloc)
-    done = tmp_path / "done"
-    low = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 2}, priority="low")
-    worker = in_process_worker(alloc, "h1")
+def preempt_right_after_the_claim(alloc, worker) -> list:
+    """Has a critical request for 2 GPUs preempt the worker's job once its claim has recorded
+    "started", before RQ sets up the execution or forks the horse (RQ alone would ignore the
+    stop-job command, and the job would run on). Returns the list its allocation goes into."""
     prepare, urgent = worker.prepare_execution, []
 
     def preempt_then_prepare(job):
-        # The claim has recorded "started": the preemption's stop-job command comes before RQ has
-        # set up the execution or forked the horse (RQ alone would ignore it, and the job would run on).
         urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
         wait_until(lambda: worker._kill_pending is not None, timeout=10)
         return prepare(job)
 
     worker.prepare_execution = preempt_then_prepare
+    return urgent
+
+
+def test_a_preemption_right_after_the_claim_stops_the_job_as_soon_as_its_horse_exists(alloc, tmp_path):
+    gpu_host(alloc)
+    done = tmp_path / "done"
+    low = alloc.enqueue(jobs.sleep_then_touch, 8.0, str(done), resources={"gpus": 2}, priority="low")
+    worker = in_process_worker(alloc, "h1")
+    urgent = preempt_right_after_the_claim(alloc, worker)
     work_in_process(worker)
     assert not done.exists()  # stopped, not run to its end
     assert alloc.get(urgent[0].allocation_id).state == "active"
@@ -425,14 +431,7 @@ def test_a_job_stopped_before_its_horse_ran_leaves_nothing_in_rqs_intermediate_l
     gpu_host(alloc)
     low = alloc.enqueue(jobs.add, 2, 3, resources={"gpus": 2}, priority="low")
     worker = in_process_worker(alloc, "h1")
-    prepare, urgent = worker.prepare_execution, []
-
-    def preempt_then_prepare(job):
-        urgent.append(alloc.allocate({"gpus": 2}, priority="critical", strategy="priority", on_busy="queue"))
-        wait_until(lambda: worker._kill_pending is not None, timeout=10)
-        return prepare(job)
-
-    worker.prepare_execution = preempt_then_prepare
+    urgent = preempt_right_after_the_claim(alloc, worker)
     work_in_process(worker)  # stopped before its horse took the job from the intermediate list
     assert low.state == "pending"
     alloc.release(urgent[0].allocation_id)  # placed again on h1, where it runs to its end
